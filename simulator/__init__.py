@@ -1,0 +1,1 @@
+"""Emulated terminals, brokers, fleets and the reference hub."""
