@@ -4,20 +4,105 @@ A point of a device is a :class:`PointSpec`: where it lives (register space and
 address), how its registers turn into a value (type, byte/word order, scale and
 offset). :func:`decode` and :func:`encode` convert between register words and
 values; :func:`plan` merges the points of a device into the fewest read
-requests the device accepts.
+requests the device accepts; :func:`decode_response` turns the answer to one
+request back into values, point by point; :func:`write_request` builds the
+write for one writable point.
+
+Nothing here does IO: the bus scheduler (``agent``) sends the requests.
+
+Byte and word order
+-------------------
+A value's bytes in big-endian order are named A B C D ... (A = most
+significant). A register (word) carries two bytes, high byte first on the
+wire. One rule covers every width:
+
+* ``CDAB`` and ``DCBA`` reverse the order of the words;
+* ``BADC`` and ``DCBA`` swap the two bytes inside each word.
+
+Where the bytes land, register by register (``reg0`` is at the point's
+address)::
+
+    width   order  reg0  reg1  reg2  reg3
+    16 bit  ABCD   A B
+            BADC   B A
+            CDAB   A B                       (one word: nothing to reverse)
+            DCBA   B A
+    32 bit  ABCD   A B   C D
+            BADC   B A   D C
+            CDAB   C D   A B
+            DCBA   D C   B A
+    64 bit  ABCD   A B   C D   E F   G H
+            BADC   B A   D C   F E   H G
+            CDAB   G H   E F   C D   A B
+            DCBA   H G   F E   D C   B A
+
+So f32 123.456 (bytes 42 F6 E9 79) reads ``[0x42F6, 0xE979]`` in ABCD,
+``[0xE979, 0x42F6]`` in CDAB, ``[0xF642, 0x79E9]`` in BADC and
+``[0x79E9, 0xF642]`` in DCBA.
+
+Other types:
+
+* ``string``: ``length`` registers, two ASCII characters each. ABCD and CDAB
+  put the first character in the high byte, BADC and DCBA in the low byte
+  (a string is a sequence, not a number: its words are never reversed).
+  Decoding stops at the first NUL (devices often leave garbage after the
+  terminator) and strips trailing spaces; a byte above 0x7F is a
+  :class:`DecodeError`. Encoding pads with NULs and refuses a NUL inside the
+  value (it could not be read back).
+* ``bool`` on a register: non-zero is True (encoded as 0 / 1). In the bit
+  spaces (coil, discrete) a point is one bit and must be ``bool``.
+* ``bit``: ``(word >> bit) & 1`` on the register as received; the order does
+  not apply. :func:`encode` yields the word with only that bit set, so
+  :func:`write_request` refuses ``bit`` points (it would clear the others;
+  that needs a read-modify-write).
+
+Scale and offset
+----------------
+``value = raw * scale + offset``. An integer point with scale 1 and offset 0
+decodes to an ``int``; otherwise to a ``float``, rounded to the number of
+decimals of scale and offset (at most 12): with scale 0.1, raw 523 gives
+52.3, not 52.300000000000004. That keeps values short and exact on the wire;
+since raw is an integer the exact result has no more decimals than that, so
+the rounding only removes binary noise. Float points (f32, f64) are scaled
+without rounding; NaN and infinities pass through (the scheduler flags them).
+:func:`encode` inverts the scaling and raises :class:`LocalError` when the raw
+value does not fit the type (70000 into a u16) or is not an integer at the
+point's resolution (52.35 into a 0.1-scaled point).
+
+Request planning
+----------------
+See :func:`plan` for the algorithm and the proof that it is optimal.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import math
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
+
+from protocols.errors import DecodeError, LocalError
 
 __all__ = [
     "DataType",
     "Order",
     "PointSpec",
+    "PointValue",
+    "ReadRequest",
     "Space",
+    "decode",
+    "decode_response",
+    "encode",
+    "plan",
+    "register_count",
+    "write_request",
 ]
+
+PointValue = float | int | bool | str
+"""What a point decodes to."""
 
 
 class Space(enum.StrEnum):
@@ -76,3 +161,430 @@ class PointSpec:
     bit: int = 0  # for BIT only
     scale: float = 1.0
     offset: float = 0.0
+
+
+# --------------------------------------------------------------------------- codecs
+
+_MAX_WORD = 0xFFFF
+_MAX_DECIMALS = 12
+_READ_REGISTERS_LIMIT = 125  # Modbus application protocol, functions 3 and 4
+_READ_BITS_LIMIT = 2000  # functions 1 and 2
+_ADDRESS_SPACE = 0x10000
+
+# struct format and register count of the fixed-width numeric types
+_NUMERIC: dict[DataType, tuple[struct.Struct, int]] = {
+    DataType.U16: (struct.Struct(">H"), 1),
+    DataType.I16: (struct.Struct(">h"), 1),
+    DataType.U32: (struct.Struct(">I"), 2),
+    DataType.I32: (struct.Struct(">i"), 2),
+    DataType.U64: (struct.Struct(">Q"), 4),
+    DataType.I64: (struct.Struct(">q"), 4),
+    DataType.F32: (struct.Struct(">f"), 2),
+    DataType.F64: (struct.Struct(">d"), 4),
+}
+_FLOATS = frozenset({DataType.F32, DataType.F64})
+_INT_RANGE: dict[DataType, tuple[int, int]] = {
+    DataType.U16: (0, 2**16 - 1),
+    DataType.I16: (-(2**15), 2**15 - 1),
+    DataType.U32: (0, 2**32 - 1),
+    DataType.I32: (-(2**31), 2**31 - 1),
+    DataType.U64: (0, 2**64 - 1),
+    DataType.I64: (-(2**63), 2**63 - 1),
+}
+_SWAPS_BYTES = frozenset({Order.BADC, Order.DCBA})
+_REVERSES_WORDS = frozenset({Order.CDAB, Order.DCBA})
+
+
+def register_count(spec: PointSpec) -> int:
+    """How many registers (or bits, in the coil and discrete spaces) ``spec`` spans.
+
+    Raises :class:`LocalError` for a spec no device could serve (a non-bool
+    point in a bit space, a string of no registers, a bit outside 0..15).
+    """
+    if spec.space.is_bits:
+        if spec.type is not DataType.BOOL:
+            raise LocalError(
+                f"point {spec.name!r}: a {spec.space} point is one bit and must be bool, "
+                f"not {spec.type}"
+            )
+        return 1
+    if spec.type is DataType.STRING:
+        if spec.length < 1:
+            raise LocalError(f"point {spec.name!r}: string length must be >= 1")
+        return spec.length
+    if spec.type is DataType.BIT:
+        if not 0 <= spec.bit <= 15:
+            raise LocalError(f"point {spec.name!r}: bit must be 0..15, not {spec.bit}")
+        return 1
+    if spec.type is DataType.BOOL:
+        return 1
+    return _NUMERIC[spec.type][1]
+
+
+def _swap(word: int) -> int:
+    return ((word & 0xFF) << 8) | (word >> 8)
+
+
+def _bytes_to_words(data: bytes, order: Order) -> list[int]:
+    words = [(data[i] << 8) | data[i + 1] for i in range(0, len(data), 2)]
+    if order in _SWAPS_BYTES:
+        words = [_swap(w) for w in words]
+    if order in _REVERSES_WORDS:
+        words.reverse()
+    return words
+
+
+def _words_to_bytes(words: Sequence[int], order: Order) -> bytes:
+    ws = list(words)
+    if order in _REVERSES_WORDS:
+        ws.reverse()
+    if order in _SWAPS_BYTES:
+        ws = [_swap(w) for w in ws]
+    return b"".join(w.to_bytes(2, "big") for w in ws)
+
+
+@functools.lru_cache(maxsize=256)
+def _decimals(scale: float, offset: float) -> int | None:
+    """Decimals of the exact result of ``int * scale + offset``, or None if too many."""
+    places = 0
+    for x in (scale, offset):
+        if not math.isfinite(x):
+            return None
+        exponent = Decimal(repr(x)).normalize().as_tuple().exponent
+        assert isinstance(exponent, int)  # finite, so not 'n', 'N' or 'F'
+        places = max(places, -exponent)
+    return places if places <= _MAX_DECIMALS else None
+
+
+def _is_identity(spec: PointSpec) -> bool:
+    return spec.scale == 1 and spec.offset == 0
+
+
+def _check_words(spec: PointSpec, words: Sequence[int], count: int) -> None:
+    if len(words) != count:
+        raise DecodeError(
+            f"point {spec.name!r}: {spec.type} needs {count} "
+            f"{'bit' if spec.space.is_bits else 'register'}(s), got {len(words)}"
+        )
+    for w in words:
+        if not isinstance(w, int) or not 0 <= w <= _MAX_WORD:
+            raise DecodeError(f"point {spec.name!r}: {w!r} is not a 16-bit register value")
+
+
+def decode(spec: PointSpec, words: Sequence[int]) -> PointValue:
+    """The value of ``spec`` from exactly its :func:`register_count` words.
+
+    For the bit spaces ``words`` holds one bit (``bool`` or 0 / 1). Raises
+    :class:`DecodeError` for the wrong number of words, a word outside
+    0..65535 or a string byte above 0x7F; :class:`LocalError` for an
+    impossible spec.
+    """
+    count = register_count(spec)
+    _check_words(spec, words, count)
+    if spec.space.is_bits:
+        if words[0] not in (0, 1):
+            raise DecodeError(f"point {spec.name!r}: {words[0]!r} is not a bit")
+        return bool(words[0])
+    kind = spec.type
+    if kind is DataType.BOOL:
+        return words[0] != 0
+    if kind is DataType.BIT:
+        return bool((words[0] >> spec.bit) & 1)
+    if kind is DataType.STRING:
+        return _decode_string(spec, words)
+    fmt, _ = _NUMERIC[kind]
+    raw: int | float = fmt.unpack(_words_to_bytes(words, spec.order))[0]
+    if _is_identity(spec):
+        return raw
+    value = raw * spec.scale + spec.offset
+    if kind in _FLOATS:
+        return value
+    places = _decimals(spec.scale, spec.offset)
+    return value if places is None else round(value, places)
+
+
+def _decode_string(spec: PointSpec, words: Sequence[int]) -> str:
+    swapped = spec.order in _SWAPS_BYTES
+    data = b"".join((_swap(w) if swapped else w).to_bytes(2, "big") for w in words)
+    data = data.split(b"\x00", 1)[0].rstrip(b" ")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"point {spec.name!r}: string is not ASCII: {data!r}") from exc
+
+
+def encode(spec: PointSpec, value: PointValue) -> list[int]:
+    """The words that make ``spec`` read ``value``; the inverse of :func:`decode`.
+
+    For the bit spaces the result is one bit, ``[0]`` or ``[1]``. Raises
+    :class:`LocalError` when ``value`` has the wrong type, does not fit the
+    point's type, or is not a whole raw value at the point's resolution.
+    """
+    count = register_count(spec)
+    kind = spec.type
+    if spec.space.is_bits or kind in (DataType.BOOL, DataType.BIT):
+        bit = _as_bit(spec, value)
+        return [bit << spec.bit] if kind is DataType.BIT else [bit]
+    if kind is DataType.STRING:
+        return _encode_string(spec, value, count)
+    if isinstance(value, str):
+        raise LocalError(f"point {spec.name!r}: {spec.type} cannot hold the string {value!r}")
+    fmt, _ = _NUMERIC[kind]
+    raw: int | float
+    if kind in _FLOATS:
+        raw = value if _is_identity(spec) else (value - spec.offset) / _scale(spec)
+    else:
+        raw = _raw_int(spec, value)
+    try:
+        data = fmt.pack(raw)
+    except (struct.error, OverflowError) as exc:
+        raise LocalError(f"point {spec.name!r}: {value!r} does not fit a {spec.type}") from exc
+    return _bytes_to_words(data, spec.order)
+
+
+def _as_bit(spec: PointSpec, value: PointValue) -> int:
+    if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
+        return int(value)
+    raise LocalError(f"point {spec.name!r}: {value!r} is not a bool")
+
+
+def _scale(spec: PointSpec) -> float:
+    if spec.scale == 0 or not math.isfinite(spec.scale):
+        raise LocalError(f"point {spec.name!r}: cannot invert scale {spec.scale!r}")
+    return spec.scale
+
+
+def _raw_int(spec: PointSpec, value: int | float) -> int:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LocalError(f"point {spec.name!r}: {value!r} does not fit a {spec.type}")
+    if _is_identity(spec):
+        if isinstance(value, float) and not value.is_integer():
+            raise LocalError(f"point {spec.name!r}: {value!r} is not an integer")
+        raw = int(value)
+    else:
+        exact = (value - spec.offset) / _scale(spec)
+        if not math.isfinite(exact):
+            raise LocalError(f"point {spec.name!r}: {value!r} does not fit a {spec.type}")
+        raw = round(exact)
+        if abs(exact - raw) > 1e-6 * max(1.0, abs(exact)):
+            raise LocalError(
+                f"point {spec.name!r}: {value!r} is not a multiple of the resolution "
+                f"{spec.scale!r} (offset {spec.offset!r})"
+            )
+    low, high = _INT_RANGE[spec.type]
+    if not low <= raw <= high:
+        raise LocalError(
+            f"point {spec.name!r}: raw value {raw} for {value!r} is outside "
+            f"{spec.type} range {low}..{high}"
+        )
+    return raw
+
+
+def _encode_string(spec: PointSpec, value: PointValue, count: int) -> list[int]:
+    if not isinstance(value, str):
+        raise LocalError(f"point {spec.name!r}: {value!r} is not a string")
+    try:
+        data = value.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise LocalError(f"point {spec.name!r}: {value!r} is not ASCII") from exc
+    if b"\x00" in data:
+        raise LocalError(f"point {spec.name!r}: a NUL inside {value!r} could not be read back")
+    if len(data) > 2 * count:
+        raise LocalError(f"point {spec.name!r}: {value!r} is longer than {2 * count} characters")
+    data = data.ljust(2 * count, b"\x00")
+    words = [(data[i] << 8) | data[i + 1] for i in range(0, len(data), 2)]
+    if spec.order in _SWAPS_BYTES:
+        words = [_swap(w) for w in words]
+    return words
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """One read of ``count`` registers (or bits) of ``space`` from ``address``.
+
+    ``points`` are the points it serves, by address; each lies inside
+    ``[address, address + count)``. The function code is :attr:`function`.
+    """
+
+    space: Space
+    address: int
+    count: int
+    points: tuple[PointSpec, ...]
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.address < 0 or self.end > _ADDRESS_SPACE:
+            raise LocalError(f"bad read request: address {self.address}, count {self.count}")
+        for p in self.points:
+            if p.space is not self.space:
+                raise LocalError(f"point {p.name!r} is in {p.space}, not {self.space}")
+            if p.address < self.address or p.address + register_count(p) > self.end:
+                raise LocalError(
+                    f"point {p.name!r} lies outside the request "
+                    f"{self.address}..{self.end - 1} of {self.space}"
+                )
+
+    @property
+    def function(self) -> int:
+        """The Modbus read function code: 1 coils, 2 discrete, 3 holding, 4 input."""
+        return self.space.read_function
+
+    @property
+    def end(self) -> int:
+        """The first address after the request."""
+        return self.address + self.count
+
+
+def _sort_key(p: PointSpec) -> tuple[int, int, str, str, str, int, int, float, float]:
+    # total over the fields, so the plan does not depend on the input order
+    return (
+        p.address,
+        p.address + register_count(p),
+        p.name,
+        p.type.value,
+        p.order.value,
+        p.length,
+        p.bit,
+        p.scale,
+        p.offset,
+    )
+
+
+def plan(
+    points: Iterable[PointSpec],
+    *,
+    max_registers: int = _READ_REGISTERS_LIMIT,
+    max_bits: int = _READ_BITS_LIMIT,
+    max_gap: int = 0,
+) -> list[ReadRequest]:
+    """The fewest read requests that serve every point; each point in exactly one.
+
+    A request spans from its first point's address to the last register of
+    its points (the hull), covers at most ``max_registers`` registers
+    (``max_bits`` bits for coils and discrete inputs), and leaves no run of
+    more than ``max_gap`` registers in it that no point of it uses (reading a
+    hole may make a device answer "illegal data address", so the default is
+    0). Points may overlap. Requests never mix spaces; they come ordered by
+    function code, then address; the result does not depend on the order of
+    ``points``.
+
+    Algorithm: sort the points of a space by (address, end) and sweep; the
+    current request takes the next point unless that would open a hole of
+    more than ``max_gap`` (its address minus the largest end so far) or stretch
+    the request past the limit (its end minus the request's address); then a
+    new request starts at that point.
+
+    Why greedy is optimal: let ``q1 .. qm`` be the points where the sweep
+    starts its m requests. No two of them can share a request in any valid
+    plan, so every plan needs at least m requests. Take ``j < k``. If the
+    sweep cut before ``qk`` for the limit, then ``qk.end - q(k-1).address >
+    limit``, and ``qj.address <= q(k-1).address``, so a request holding ``qj``
+    and ``qk`` is too long. If it cut for a hole, then every point sorted
+    before ``qk`` ends at or before ``E`` (the running largest end, which only
+    grows across cuts) and every point sorted after it starts at or after
+    ``qk.address > E + max_gap``; so ``[E, qk.address)`` is a hole longer than
+    ``max_gap`` in any request holding ``qk`` and ``qj`` (whose address is
+    below E). Hence m is the minimum. (The test suite checks this against a
+    brute-force planner.)
+
+    Raises :class:`LocalError` for limits outside the protocol's (1..125
+    registers, 1..2000 bits), a negative ``max_gap``, a point wider than the
+    limit or past address 65535, or an impossible spec.
+    """
+    if not 1 <= max_registers <= _READ_REGISTERS_LIMIT:
+        raise LocalError(f"max_registers must be 1..{_READ_REGISTERS_LIMIT}, not {max_registers}")
+    if not 1 <= max_bits <= _READ_BITS_LIMIT:
+        raise LocalError(f"max_bits must be 1..{_READ_BITS_LIMIT}, not {max_bits}")
+    if max_gap < 0:
+        raise LocalError(f"max_gap must be >= 0, not {max_gap}")
+
+    by_space: dict[Space, list[PointSpec]] = {}
+    for p in points:
+        by_space.setdefault(p.space, []).append(p)
+
+    requests: list[ReadRequest] = []
+    for space in sorted(by_space, key=lambda s: s.read_function):
+        limit = max_bits if space.is_bits else max_registers
+        unit = "bits" if space.is_bits else "registers"
+        group = sorted(by_space[space], key=_sort_key)
+        start = end = -1
+        members: list[PointSpec] = []
+        for p in group:
+            n = register_count(p)
+            if p.address < 0 or p.address + n > _ADDRESS_SPACE:
+                raise LocalError(f"point {p.name!r}: address {p.address} (+{n}) out of 0..65535")
+            if n > limit:
+                raise LocalError(f"point {p.name!r} spans {n} {unit}, more than the limit {limit}")
+            p_end = p.address + n
+            if members and p.address - end <= max_gap and max(end, p_end) - start <= limit:
+                members.append(p)
+                end = max(end, p_end)
+                continue
+            if members:
+                requests.append(ReadRequest(space, start, end - start, tuple(members)))
+            start, end, members = p.address, p_end, [p]
+        if members:
+            requests.append(ReadRequest(space, start, end - start, tuple(members)))
+    return requests
+
+
+def decode_response(
+    request: ReadRequest, words_or_bits: Sequence[int] | Sequence[bool]
+) -> list[tuple[PointSpec, PointValue | DecodeError]]:
+    """Each point of ``request`` with its value, or the :class:`DecodeError` it gave.
+
+    One bad point (a string with a byte above 0x7F, an out-of-range word)
+    does not lose the others: its error stands in place of its value, in the
+    order of ``request.points``. The response as a whole must hold
+    ``request.count`` words, or for bit spaces ``request.count`` bits possibly
+    padded to a whole number of bytes (as function 1 and 2 answers carry and
+    pymodbus returns them); otherwise it raises :class:`DecodeError`.
+    """
+    n = len(words_or_bits)
+    # function 1 and 2 answers carry whole bytes: accept the padding bits too
+    padded = -(-request.count // 8) * 8 if request.space.is_bits else request.count
+    if n not in (request.count, padded):
+        raise DecodeError(
+            f"response to {request.space} {request.address}+{request.count} holds {n} "
+            f"{'bits' if request.space.is_bits else 'registers'}"
+        )
+    out: list[tuple[PointSpec, PointValue | DecodeError]] = []
+    for p in request.points:
+        at = p.address - request.address
+        chunk = words_or_bits[at : at + register_count(p)]
+        try:
+            out.append((p, decode(p, chunk)))
+        except DecodeError as exc:
+            out.append((p, exc))
+    return out
+
+
+def write_request(
+    spec: PointSpec, value: PointValue, *, multiple: bool = False
+) -> tuple[int, int, list[int] | bool]:
+    """``(function, address, payload)`` that writes ``value`` to ``spec``.
+
+    A coil is written with function 5 and a ``bool`` payload; a one-register
+    holding point with function 6 and a one-word list; a wider one with
+    function 16. ``multiple=True`` forces the "multiple" functions for
+    devices that only implement those: 15 (payload ``[0]`` or ``[1]``, one bit)
+    and 16. Raises :class:`LocalError` for read-only spaces (discrete, input),
+    ``bit`` points (writing the word would clear its other bits) and values
+    :func:`encode` refuses.
+    """
+    if spec.space is Space.COIL:
+        (bit,) = encode(spec, value)
+        return (15, spec.address, [bit]) if multiple else (5, spec.address, bool(bit))
+    if spec.space is not Space.HOLDING:
+        raise LocalError(f"point {spec.name!r}: {spec.space} is read only")
+    if spec.type is DataType.BIT:
+        raise LocalError(
+            f"point {spec.name!r}: a bit point cannot be written alone "
+            "(it needs a read-modify-write of its register)"
+        )
+    words = encode(spec, value)
+    if len(words) == 1 and not multiple:
+        return 6, spec.address, words
+    return 16, spec.address, words
