@@ -1,0 +1,608 @@
+"""The gateway configuration: one TOML file per gateway.
+
+:func:`load_config` parses it with :mod:`tomllib` into frozen dataclasses and
+raises :class:`~protocols.errors.ConfigError` listing *every* problem of the
+file, each naming the file and the key path (``gw.toml: devices[3].slave``).
+Every key is documented in ``docs/configuration.md``.
+
+The configuration also numbers the points: every point of every enabled
+device gets a gateway-wide integer id (devices in file order, then the points
+in profile order, from 0). Only that integer travels on the wire;
+:attr:`Config.points` maps it back to its device and point.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from drivers._schema import Problems, Table, did_you_mean, read_toml
+from drivers.profiles import Point, Profile, available_profiles, load_profile
+from protocols.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_PATH",
+    "BatchConfig",
+    "BusConfig",
+    "Config",
+    "DeviceConfig",
+    "GatewayConfig",
+    "LogConfig",
+    "SpoolConfig",
+    "TlsConfig",
+    "UplinkConfig",
+    "check",
+    "load_config",
+]
+
+DEFAULT_PATH = Path("/etc/vitals/gateway.toml")
+
+_GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_NAME_HELP = "use a-z, 0-9, '.', '_' and '-', starting with a letter or digit, at most 63"
+_TOPIC = re.compile(r"[^/#+\s][^#+\s]*(?<!/)")
+
+BUS_KINDS = ("rtu", "tcp", "rtu-over-tcp")
+_SERIAL_KEYS = ("port", "baud", "parity", "stopbits", "bytesize", "discard_echo")
+_NET_KEYS = ("host", "tcp_port")
+# keys each bus kind accepts beyond the common ones
+_KIND_KEYS = {
+    "rtu": set(_SERIAL_KEYS),
+    "tcp": set(_NET_KEYS),
+    # baud: of the serial side behind the converter, only to time t3.5
+    "rtu-over-tcp": {*_NET_KEYS, "baud"},
+}
+SECRET = "***"
+
+
+# -- the sections --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    id: str
+    state_dir: Path = Path("/var/lib/vitals")
+    profile_dirs: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """``[uplink.tls]``: placeholder until TLS is implemented (off by default)."""
+
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False  # skip hostname and chain checks: for a bench only
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""  # resolved: "vitals-<gateway id>" when left empty
+    keepalive_s: int = 30
+    topic_prefix: str = "vitals/v1"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    tls: TlsConfig = TlsConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    max_readings: int = 500
+    max_age_s: float = 5.0
+    encoding: str = "msgpack+zlib"  # or "msgpack"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    max_bytes: int = 256 * 1024 * 1024
+    max_age_h: float = 168.0
+    durability: str = "full"  # full | normal | off
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class BusConfig:
+    name: str
+    kind: str  # rtu | tcp | rtu-over-tcp
+    port: str = ""  # rtu
+    baud: int = 9600  # rtu (and rtu-over-tcp, for t3.5 only)
+    parity: str = "E"  # rtu: N E O
+    stopbits: int = 1
+    bytesize: int = 8
+    host: str = ""  # tcp, rtu-over-tcp
+    tcp_port: int = 502
+    timeout_s: float = 1.0
+    inter_frame_ms: float = 0.0  # 0 = t3.5 character times at ``baud``
+    retries: int = 1
+    discard_echo: bool = False
+
+    @property
+    def is_serial(self) -> bool:
+        return self.kind == "rtu"
+
+    @property
+    def frame_gap_s(self) -> float:
+        """Silence to keep between transactions: ``inter_frame_ms`` or t3.5.
+
+        Modbus over serial line v1.02 §2.5.1.1: 3.5 character times (11 bits
+        each), fixed at 1.75 ms above 19200 baud. Modbus TCP needs none.
+        """
+        if self.inter_frame_ms > 0:
+            return self.inter_frame_ms / 1000.0
+        if self.kind == "tcp":
+            return 0.0
+        if self.baud > 19200:
+            return 0.00175
+        return 3.5 * 11 / self.baud
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    name: str
+    bus: str
+    profile_name: str
+    profile: Profile
+    slave: int
+    interval_s: float  # resolved: the device's override or the profile's default
+    enabled: bool = True
+
+    def interval_of(self, point: Point) -> float:
+        """Poll interval of ``point`` on this device."""
+        return point.interval_s if point.interval_s is not None else self.interval_s
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A validated gateway configuration."""
+
+    source: Path
+    gateway: GatewayConfig
+    uplink: UplinkConfig
+    batch: BatchConfig
+    spool: SpoolConfig
+    log: LogConfig
+    buses: tuple[BusConfig, ...]
+    devices: tuple[DeviceConfig, ...]
+    # point id -> (device, point), enabled devices only
+    points: Mapping[int, tuple[DeviceConfig, Point]]
+    # (device name, point name) -> point id
+    point_ids: Mapping[tuple[str, str], int]
+
+    def bus(self, name: str) -> BusConfig:
+        for b in self.buses:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def device(self, name: str) -> DeviceConfig:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def devices_on(self, bus: str) -> tuple[DeviceConfig, ...]:
+        """The enabled devices of bus ``bus``, in file order."""
+        return tuple(d for d in self.devices if d.bus == bus and d.enabled)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data, secrets replaced by ``***``."""
+        tls = self.uplink.tls
+        return {
+            "source": str(self.source),
+            "gateway": {
+                "id": self.gateway.id,
+                "state_dir": str(self.gateway.state_dir),
+                "profile_dirs": [str(p) for p in self.gateway.profile_dirs],
+            },
+            "uplink": {
+                "host": self.uplink.host,
+                "port": self.uplink.port,
+                "client_id": self.uplink.client_id,
+                "keepalive_s": self.uplink.keepalive_s,
+                "topic_prefix": self.uplink.topic_prefix,
+                "username": self.uplink.username,
+                "password": SECRET if self.uplink.password else "",
+                "tls": {
+                    "enabled": tls.enabled,
+                    "ca_file": str(tls.ca_file) if tls.ca_file else "",
+                    "cert_file": str(tls.cert_file) if tls.cert_file else "",
+                    "key_file": str(tls.key_file) if tls.key_file else "",
+                    "insecure": tls.insecure,
+                },
+            },
+            "batch": {
+                "max_readings": self.batch.max_readings,
+                "max_age_s": self.batch.max_age_s,
+                "encoding": self.batch.encoding,
+            },
+            "spool": {
+                "max_bytes": self.spool.max_bytes,
+                "max_age_h": self.spool.max_age_h,
+                "durability": self.spool.durability,
+            },
+            "log": {"level": self.log.level, "format": self.log.format},
+            "buses": [_bus_dict(b) for b in self.buses],
+            "devices": [
+                {
+                    "name": d.name,
+                    "bus": d.bus,
+                    "profile": d.profile_name,
+                    "slave": d.slave,
+                    "interval_s": d.interval_s,
+                    "enabled": d.enabled,
+                    "points": {
+                        p.name: self.point_ids[(d.name, p.name)]
+                        for p in d.profile.points
+                        if (d.name, p.name) in self.point_ids
+                    },
+                }
+                for d in self.devices
+            ],
+        }
+
+
+def _bus_dict(b: BusConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": b.name, "kind": b.kind}
+    if b.kind == "rtu":
+        out.update(
+            port=b.port,
+            baud=b.baud,
+            parity=b.parity,
+            stopbits=b.stopbits,
+            bytesize=b.bytesize,
+            discard_echo=b.discard_echo,
+        )
+    else:
+        out.update(host=b.host, tcp_port=b.tcp_port)
+        if b.kind == "rtu-over-tcp":
+            out["baud"] = b.baud
+    out.update(timeout_s=b.timeout_s, inter_frame_ms=b.inter_frame_ms, retries=b.retries)
+    return out
+
+
+# -- loading -------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and resolve the gateway configuration at ``path``.
+
+    Relative paths inside it are relative to the file's directory. Raises
+    :class:`ConfigError` with every problem found.
+    """
+    path = Path(path)
+    source = str(path)
+    data = read_toml(path, source)
+    return parse_config(data, source=source, base=path.resolve().parent, path=path)
+
+
+def parse_config(
+    data: dict[str, object], *, source: str, base: Path, path: Path | None = None
+) -> Config:
+    """Validate parsed TOML; ``source`` names the file in problems, ``base``
+    anchors relative paths."""
+    problems = Problems(source)
+    root = Table(problems, "", data)
+
+    gateway = _gateway(root.get_table("gateway", required=True), base)
+    uplink = _uplink(root.get_table("uplink"), gateway.id, base)
+    batch = _batch(root.get_table("batch"))
+    spool = _spool(root.get_table("spool"))
+    log = _log(root.get_table("log"))
+
+    buses: list[BusConfig] = []
+    bus_index: dict[str, int] = {}
+    for i, t in enumerate(root.get_tables("buses")):
+        bus = _bus(t)
+        if bus is None:
+            continue
+        if bus.name in bus_index:
+            t.add("name", f"duplicate bus name '{bus.name}' (also buses[{bus_index[bus.name]}])")
+            continue
+        bus_index[bus.name] = i
+        buses.append(bus)
+
+    bus_tables = root.data.get("buses")
+    bus_names = [b.name for b in buses]
+    devices: list[DeviceConfig] = []
+    device_index: dict[str, int] = {}
+    slaves: dict[tuple[str, int], tuple[int, str]] = {}
+    for i, t in enumerate(root.get_tables("devices")):
+        dev = _device(t, gateway.profile_dirs, bus_names, bus_tables, buses)
+        if dev is None:
+            continue
+        if dev.name in device_index:
+            t.add(
+                "name",
+                f"duplicate device name '{dev.name}' (also devices[{device_index[dev.name]}])",
+            )
+            continue
+        device_index[dev.name] = i
+        if dev.enabled:
+            other = slaves.get((dev.bus, dev.slave))
+            if other is not None:
+                t.add(
+                    "slave",
+                    f"slave {dev.slave} on bus '{dev.bus}' is already used by device "
+                    f"'{other[1]}' (devices[{other[0]}])",
+                )
+                continue
+            slaves[(dev.bus, dev.slave)] = (i, dev.name)
+        devices.append(dev)
+    root.finish()
+    problems.raise_if_any()
+
+    points: dict[int, tuple[DeviceConfig, Point]] = {}
+    ids: dict[tuple[str, str], int] = {}
+    for dev in devices:
+        if not dev.enabled:
+            continue
+        for point in dev.profile.points:
+            pid = len(points)
+            points[pid] = (dev, point)
+            ids[(dev.name, point.name)] = pid
+    return Config(
+        source=path if path is not None else Path(source),
+        gateway=gateway,
+        uplink=uplink,
+        batch=batch,
+        spool=spool,
+        log=log,
+        buses=tuple(buses),
+        devices=tuple(devices),
+        points=MappingProxyType(points),
+        point_ids=MappingProxyType(ids),
+    )
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _gateway(t: Table, base: Path) -> GatewayConfig:
+    gid = t.get_str(
+        "id",
+        required=True,
+        pattern=_GATEWAY_ID,
+        pattern_help="use a-z, 0-9 and '-', starting with a letter or digit, at most 63",
+    )
+    state_dir = _path(base, t.get_str("state_dir", "/var/lib/vitals", nonempty=True))
+    dirs: list[Path] = []
+    for key, value in t.get_str_list("profile_dirs"):
+        d = _path(base, value)
+        if not d.is_dir():
+            t.add(key, f"no such directory '{d}'")
+        else:
+            dirs.append(d)
+    t.finish()
+    return GatewayConfig(id=gid, state_dir=state_dir, profile_dirs=tuple(dirs))
+
+
+def _uplink(t: Table, gateway_id: str, base: Path) -> UplinkConfig:
+    host = t.get_str("host", "127.0.0.1", nonempty=True, max_len=253)
+    port = t.get_int("port", 1883, lo=1, hi=65535)
+    client_id = t.get_str("client_id", "", max_len=128)
+    keepalive_s = t.get_int("keepalive_s", 30, lo=5, hi=65535)
+    topic_prefix = t.get_str(
+        "topic_prefix",
+        "vitals/v1",
+        pattern=_TOPIC,
+        pattern_help="a topic without '+', '#', spaces, or a leading or trailing '/'",
+    )
+    username = t.get_str("username")
+    password = t.get_str("password")
+    if password and not username and t.present("password"):
+        t.add("password", "a password needs a username")
+    tls = _tls(t.get_table("tls"), base)
+    t.finish()
+    return UplinkConfig(
+        host=host,
+        port=port,
+        client_id=client_id or f"vitals-{gateway_id}",
+        keepalive_s=keepalive_s,
+        topic_prefix=topic_prefix,
+        username=username,
+        password=password,
+        tls=tls,
+    )
+
+
+def _tls(t: Table, base: Path) -> TlsConfig:
+    enabled = t.get_bool("enabled")
+    files: dict[str, Path | None] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = t.get_str(key)
+        files[key] = _path(base, value) if value else None
+    insecure = t.get_bool("insecure")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        missing = "key_file" if files["key_file"] is None else "cert_file"
+        t.add(missing, "cert_file and key_file go together: set both or neither")
+    t.finish()
+    return TlsConfig(
+        enabled=enabled,
+        ca_file=files["ca_file"],
+        cert_file=files["cert_file"],
+        key_file=files["key_file"],
+        insecure=insecure,
+    )
+
+
+def _batch(t: Table) -> BatchConfig:
+    out = BatchConfig(
+        max_readings=t.get_int("max_readings", 500, lo=1, hi=10000),
+        max_age_s=t.get_float("max_age_s", 5.0, lo=0.05, hi=3600.0),
+        encoding=t.get_str(
+            "encoding", "msgpack+zlib", choices=["msgpack+zlib", "msgpack"], what="encoding"
+        ),
+    )
+    t.finish()
+    return out
+
+
+def _spool(t: Table) -> SpoolConfig:
+    out = SpoolConfig(
+        max_bytes=t.get_int("max_bytes", 256 * 1024 * 1024, lo=1 << 20, hi=1 << 40),
+        max_age_h=t.get_float("max_age_h", 168.0, lo=1.0, hi=8760.0),
+        durability=t.get_str(
+            "durability", "full", choices=["full", "normal", "off"], what="durability"
+        ),
+    )
+    t.finish()
+    return out
+
+
+def _log(t: Table) -> LogConfig:
+    out = LogConfig(
+        level=t.get_str(
+            "level", "info", choices=["debug", "info", "warning", "error"], what="level"
+        ),
+        format=t.get_str("format", "text", choices=["text", "json"], what="format"),
+    )
+    t.finish()
+    return out
+
+
+def _bus(t: Table) -> BusConfig | None:
+    before = len(t.problems.items)
+    name = t.get_str("name", required=True, pattern=_NAME, pattern_help=_NAME_HELP)
+    kind = t.get_str("kind", required=True, choices=BUS_KINDS, what="bus kind")
+    t.known(*_SERIAL_KEYS, *_NET_KEYS)
+    if kind:
+        allowed = _KIND_KEYS[kind]
+        for key in (*_SERIAL_KEYS, *_NET_KEYS):
+            if t.present(key) and key not in allowed:
+                kinds = [k for k in BUS_KINDS if key in _KIND_KEYS[k]]
+                t.add(
+                    key,
+                    f"'{key}' does not apply to a '{kind}' bus (only to {' and '.join(kinds)})",
+                )
+    port = ""
+    if kind == "rtu":
+        port = t.get_str("port", required=True, nonempty=True)
+    host = ""
+    if kind in ("tcp", "rtu-over-tcp"):
+        host = t.get_str("host", required=True, nonempty=True, max_len=253)
+    bus = BusConfig(
+        name=name,
+        kind=kind,
+        port=port,
+        baud=t.get_int("baud", 9600, lo=1200, hi=921600) if kind != "tcp" else 9600,
+        parity=t.get_str("parity", "E", choices=["N", "E", "O"], what="parity")
+        if kind == "rtu"
+        else "E",
+        stopbits=t.get_int("stopbits", 1, choices=[1, 2]) if kind == "rtu" else 1,
+        bytesize=_bytesize(t) if kind == "rtu" else 8,
+        host=host,
+        tcp_port=t.get_int("tcp_port", 502, lo=1, hi=65535) if kind != "rtu" else 502,
+        timeout_s=t.get_float("timeout_s", 1.0, lo=0.01, hi=30.0),
+        inter_frame_ms=t.get_float("inter_frame_ms", 0.0, lo=0.0, hi=10000.0),
+        retries=t.get_int("retries", 1, lo=0, hi=10),
+        discard_echo=t.get_bool("discard_echo") if kind == "rtu" else False,
+    )
+    t.finish()
+    if len(t.problems.items) != before or not name or not kind:
+        return None
+    return bus
+
+
+def _bytesize(t: Table) -> int:
+    value = t.get_int("bytesize", 8)
+    if value != 8 and t.present("bytesize") and isinstance(t.data["bytesize"], int):
+        t.add("bytesize", f"value {value} not allowed: Modbus RTU needs 8 data bits")
+        return 8
+    return value
+
+
+def _device(
+    t: Table,
+    profile_dirs: tuple[Path, ...],
+    bus_names: list[str],
+    bus_tables: object,
+    buses: list[BusConfig],
+) -> DeviceConfig | None:
+    before = len(t.problems.items)
+    name = t.get_str("name", required=True, pattern=_NAME, pattern_help=_NAME_HELP)
+    bus_name = t.get_str("bus", required=True, nonempty=True)
+    declared = (
+        [b.get("name") for b in bus_tables if isinstance(b, dict)]
+        if isinstance(bus_tables, list)
+        else []
+    )
+    if bus_name and bus_name not in bus_names and bus_name not in declared:
+        known = ", ".join(bus_names) or "(none)"
+        t.add(
+            "bus",
+            f"no bus named '{bus_name}'{did_you_mean(bus_name, bus_names)}; buses: {known}",
+        )
+    kind = next((b.kind for b in buses if b.name == bus_name), None)
+    profile_name = t.get_str("profile", required=True, nonempty=True)
+    profile: Profile | None = None
+    if profile_name:
+        try:
+            profile = load_profile(profile_name, search=profile_dirs)
+        except ConfigError as exc:
+            if len(exc.problems) == 1 and exc.problems[0][0] == profile_name:
+                available = available_profiles(profile_dirs)
+                t.add(
+                    "profile",
+                    f"unknown profile '{profile_name}'"
+                    f"{did_you_mean(profile_name, available)}; "
+                    f"available: {', '.join(available) or '(none)'}",
+                )
+            else:
+                t.add("profile", f"profile '{profile_name}' is invalid (its problems follow)")
+                t.problems.extend(exc.problems)
+    slave = t.get_int("slave", required=True)
+    if (
+        t.present("slave")
+        and isinstance(t.data["slave"], int)
+        and not isinstance(t.data["slave"], bool)
+    ):
+        if slave == 0:
+            t.add("slave", "slave 0 is the broadcast address: devices need 1..247")
+        elif slave == 255 and kind not in (None, "tcp"):
+            t.add("slave", "slave 255 is allowed only on a tcp bus; use 1..247")
+        elif not (1 <= slave <= 247 or slave == 255):
+            t.add("slave", f"value {slave} out of range 1..247 (255 on tcp buses)")
+    interval = t.opt_float("interval_s", lo=0.05, hi=86400.0)
+    enabled = t.get_bool("enabled", True)
+    t.finish()
+    if len(t.problems.items) != before or profile is None:
+        return None
+    return DeviceConfig(
+        name=name,
+        bus=bus_name,
+        profile_name=profile_name,
+        profile=profile,
+        slave=slave,
+        interval_s=interval if interval is not None else profile.interval_s,
+        enabled=enabled,
+    )
+
+
+# -- `vitals config check` -----------------------------------------------------
+
+
+def check(path: str | Path) -> tuple[int, str]:
+    """Validate the file for ``vitals config check FILE``.
+
+    Returns ``(0, resolved config as JSON)`` or ``(1, one problem per line)``.
+    """
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return 1, "\n".join(f"{where}: {msg}" for where, msg in exc.problems)
+    return 0, json.dumps(config.to_dict(), indent=2, ensure_ascii=False)
