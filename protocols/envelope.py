@@ -1,0 +1,426 @@
+"""Signed messages, and the signed batch of readings (sans-IO).
+
+Every signed message of vitals has one shape, after COSE_Sign1 (RFC 9052)
+encoded with msgpack; the full specification is ``docs/envelope.md``::
+
+    message   = msgpack [1, protected: bin, payload: bin, signature: bin]
+    protected = msgpack map of str keys, fixed per message kind
+    signature = Ed25519(private key,
+                        msgpack [domain: str, protected: bin, payload: bin])
+
+The ``domain`` string names the message kind and its version
+(``"vitals/batch/v1"``, ``"vitals/meta/v1"``...); it is not sent, the receiver
+knows it from the topic, and it keeps a signature of one kind from ever
+verifying as another. :func:`sign_message` and :func:`parse_message` are the
+generic part; the batch (:func:`seal`, :func:`parse`) and the point table
+(:func:`seal_meta`, :func:`parse_meta`) are its first specialisations.
+
+Parsing checks structure only and never touches a key: the hub first looks the
+key up by ``gw`` and ``kid``, then calls ``verify``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, TypeAlias, cast
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
+from protocols.payload import (
+    ENCODINGS,
+    MAX_PAYLOAD_BYTES,
+    MAX_READINGS,
+    MAX_TS,
+    PointInfo,
+    decode_points,
+    decode_readings,
+    encode_points,
+    encode_readings,
+)
+from protocols.reading import Reading
+
+__all__ = [
+    "BATCH_DOMAIN",
+    "META_DOMAIN",
+    "VERSION",
+    "BatchHeader",
+    "MetaHeader",
+    "PublicKeyLike",
+    "SealedBatch",
+    "SealedMeta",
+    "SignedMessage",
+    "key_id",
+    "parse",
+    "parse_message",
+    "parse_meta",
+    "seal",
+    "seal_meta",
+    "sign_message",
+    "signed_bytes",
+]
+
+VERSION: Final = 1
+BATCH_DOMAIN: Final = "vitals/batch/v1"
+META_DOMAIN: Final = "vitals/meta/v1"
+MAX_GATEWAY_LEN: Final = 64
+MAX_MESSAGE_BYTES: Final = MAX_PAYLOAD_BYTES + 64 * 1024
+
+ProtectedValue: TypeAlias = str | bytes | int
+PublicKeyLike: TypeAlias = Ed25519PublicKey | bytes
+
+_SIGNATURE_LEN: Final = 64
+_KID_LEN: Final = 8
+_U63: Final = 2**63 - 1
+
+
+def _pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _public(public_key: PublicKeyLike) -> Ed25519PublicKey:
+    if isinstance(public_key, Ed25519PublicKey):
+        return public_key
+    if type(public_key) is bytes and len(public_key) == 32:
+        return Ed25519PublicKey.from_public_bytes(public_key)
+    raise LocalError("a public key is an Ed25519PublicKey or its 32 raw bytes")
+
+
+def key_id(public_key: PublicKeyLike | Ed25519PrivateKey) -> bytes:
+    """The 8-byte key id: the first 8 bytes of SHA-256 of the raw 32-byte public key.
+
+    A private key is accepted for its public half (about 3 µs, not worth a cache).
+    """
+    if isinstance(public_key, Ed25519PrivateKey):
+        public_key = public_key.public_key()
+    raw = _public(public_key).public_bytes_raw()
+    return hashlib.sha256(raw).digest()[:_KID_LEN]
+
+
+# --------------------------------------------------------------------------- generic
+
+
+def signed_bytes(domain: str, protected: bytes, payload: bytes) -> bytes:
+    """The bytes the signature covers: msgpack ``[domain, protected, payload]``."""
+    return _pack([domain, protected, payload])
+
+
+def sign_message(
+    domain: str,
+    protected: Mapping[str, ProtectedValue],
+    payload: bytes,
+    key: Ed25519PrivateKey,
+) -> bytes:
+    """The wire bytes of a signed message: ``[1, protected, payload, signature]``.
+
+    ``protected`` is packed as a msgpack map in its iteration order.
+    """
+    if not all(type(k) is str for k in protected):
+        raise LocalError("protected map keys must be str")
+    if not all(type(v) in (str, bytes, int) for v in protected.values()):
+        raise LocalError("protected map values must be str, bytes or int")
+    prot = _pack(dict(protected))
+    signature = key.sign(signed_bytes(domain, prot, payload))
+    return _pack([VERSION, prot, payload, signature])
+
+
+@dataclass(frozen=True, slots=True)
+class SignedMessage:
+    """A parsed ``[1, protected, payload, signature]``: well formed, not yet verified."""
+
+    protected: bytes
+    payload: bytes
+    signature: bytes
+
+    def verify(self, domain: str, public_key: PublicKeyLike) -> None:
+        """Raise :class:`SignatureError` unless the signature verifies for ``domain``."""
+        try:
+            _public(public_key).verify(
+                self.signature, signed_bytes(domain, self.protected, self.payload)
+            )
+        except InvalidSignature as exc:
+            raise SignatureError(f"{domain} signature does not verify") from exc
+
+    def fields(self, schema: Mapping[str, type]) -> dict[str, ProtectedValue]:
+        """The protected map, checked against ``schema`` (key -> exact type).
+
+        Exactly the schema's keys, each once, each of its exact type (a bool is
+        not an int), no trailing bytes: anything else raises :class:`FrameError`.
+        """
+        try:
+            pairs = msgpack.unpackb(
+                self.protected, raw=False, strict_map_key=True, object_pairs_hook=list
+            )
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise FrameError(f"protected header is not valid msgpack: {exc}") from exc
+        if type(pairs) is not list or not all(type(p) is tuple for p in pairs):
+            raise FrameError("protected header must be a msgpack map")
+        out: dict[str, ProtectedValue] = {}
+        for name, value in pairs:
+            if name in out:
+                raise FrameError(f"protected header: key {name!r} appears twice")
+            if name not in schema:
+                raise FrameError(f"protected header: unknown key {name!r}")
+            want = schema[name]
+            if type(value) is not want:
+                raise FrameError(
+                    f"protected header: {name!r} must be {want.__name__}, "
+                    f"got {type(value).__name__}"
+                )
+            out[name] = cast(ProtectedValue, value)
+        missing = [k for k in schema if k not in out]
+        if missing:
+            raise FrameError(f"protected header: missing key(s) {', '.join(missing)}")
+        return out
+
+
+def parse_message(data: bytes) -> SignedMessage:
+    """The parts of a signed message, checked for structure only (no crypto).
+
+    The message must be exactly ``[1, bin, bin, bin(64)]`` in msgpack's
+    shortest encoding, with nothing after it; else :class:`FrameError`.
+    """
+    if type(data) is not bytes:
+        raise FrameError(f"a signed message is bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise FrameError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, max_array_len=4, max_map_len=0, max_ext_len=0)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise FrameError(f"message is not one msgpack value: {exc}") from exc
+    if type(obj) is not list:
+        raise FrameError(f"message must be a msgpack array, got {type(obj).__name__}")
+    if len(obj) != 4:
+        raise FrameError(f"message must be an array of 4 items, got {len(obj)}")
+    version, protected, payload, signature = obj
+    if type(version) is not int:
+        raise FrameError(f"message version must be an int, got {type(version).__name__}")
+    if version != VERSION:
+        raise FrameError(f"unknown message version {version}")
+    for name, part in (("protected", protected), ("payload", payload), ("signature", signature)):
+        if type(part) is not bytes:
+            raise FrameError(f"message {name} must be bin, got {type(part).__name__}")
+    if len(signature) != _SIGNATURE_LEN:
+        raise FrameError(f"signature must be {_SIGNATURE_LEN} bytes, got {len(signature)}")
+    if _pack(obj) != data:
+        raise FrameError("message is not in msgpack's shortest encoding")
+    return SignedMessage(protected, payload, signature)
+
+
+def _check_range(what: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise FrameError(f"protected header: {what} {value} is outside [{low}, {high}]")
+
+
+def _check_common(gw: str, kid: bytes, epoch: int, enc: str) -> None:
+    if not 1 <= len(gw) <= MAX_GATEWAY_LEN:
+        raise FrameError(f"protected header: gw must be 1 to {MAX_GATEWAY_LEN} chars")
+    if len(kid) != _KID_LEN:
+        raise FrameError(f"protected header: kid must be {_KID_LEN} bytes, got {len(kid)}")
+    if enc not in ENCODINGS:
+        raise FrameError(f"protected header: unknown enc {enc!r}")
+    _check_range("epoch", epoch, 0, _U63)
+
+
+def _check_gateway(gateway: str) -> None:
+    if type(gateway) is not str or not 1 <= len(gateway) <= MAX_GATEWAY_LEN:
+        raise LocalError(f"gateway id must be a str of 1 to {MAX_GATEWAY_LEN} chars")
+
+
+def _check_counter(name: str, value: int) -> None:
+    if type(value) is not int or not 0 <= value <= _U63:
+        raise LocalError(f"{name} must be an int in [0, 2**63-1], got {value!r}")
+
+
+# --------------------------------------------------------------------------- batch
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHeader:
+    """The protected header of a batch.
+
+    ``t0``/``t1`` are the earliest and latest reading times (ms, UTC), ``n``
+    the number of readings, ``enc`` the payload encoding.
+    """
+
+    gw: str
+    kid: bytes
+    epoch: int
+    seq: int
+    t0: int
+    t1: int
+    n: int
+    enc: str
+
+
+_BATCH_SCHEMA: Final[Mapping[str, type]] = {
+    "gw": str,
+    "kid": bytes,
+    "epoch": int,
+    "seq": int,
+    "t0": int,
+    "t1": int,
+    "n": int,
+    "enc": str,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SealedBatch:
+    """A parsed batch: header checked, signature and payload not yet."""
+
+    header: BatchHeader
+    protected: bytes
+    payload: bytes
+    signature: bytes
+
+    def verify(self, public_key: PublicKeyLike) -> None:
+        """Raise :class:`SignatureError` unless ``public_key`` (matching ``kid``) signed it."""
+        if key_id(public_key) != self.header.kid:
+            raise SignatureError("batch kid does not match the public key")
+        SignedMessage(self.protected, self.payload, self.signature).verify(BATCH_DOMAIN, public_key)
+
+    def readings(self) -> list[Reading]:
+        """The readings, checked against the header's ``n``, ``t0`` and ``t1``.
+
+        Grouped by point in order of first appearance, each point's readings in
+        their original order. :class:`DecodeError` if anything disagrees.
+        """
+        h = self.header
+        out = decode_readings(self.payload, enc=h.enc)
+        if len(out) != h.n:
+            raise DecodeError(f"batch header says n={h.n}, payload holds {len(out)} readings")
+        ts = [r.ts for r in out]
+        t0, t1 = min(ts), max(ts)
+        if (t0, t1) != (h.t0, h.t1):
+            raise DecodeError(f"batch header says t0={h.t0} t1={h.t1}, readings span {t0} to {t1}")
+        return out
+
+
+def seal(
+    readings: Sequence[Reading],
+    *,
+    gateway: str,
+    key: Ed25519PrivateKey,
+    epoch: int,
+    seq: int,
+    enc: str = "msgpack+zlib",
+) -> bytes:
+    """The wire bytes of a signed batch of ``readings`` (1 to MAX_READINGS of them).
+
+    Raises :class:`LocalError` for arguments or readings that cannot be encoded.
+    """
+    _check_gateway(gateway)
+    _check_counter("epoch", epoch)
+    _check_counter("seq", seq)
+    payload = encode_readings(readings, enc=enc)
+    ts = [r.ts for r in readings]
+    protected: dict[str, ProtectedValue] = {
+        "gw": gateway,
+        "kid": key_id(key),
+        "epoch": epoch,
+        "seq": seq,
+        "t0": min(ts),
+        "t1": max(ts),
+        "n": len(readings),
+        "enc": enc,
+    }
+    return sign_message(BATCH_DOMAIN, protected, payload, key)
+
+
+def parse(data: bytes) -> SealedBatch:
+    """A batch's parts and checked header; no crypto, payload not decoded.
+
+    :class:`FrameError` names what is malformed.
+    """
+    msg = parse_message(data)
+    f = msg.fields(_BATCH_SCHEMA)
+    header = BatchHeader(**f)  # type: ignore[arg-type]  # types checked by fields()
+    _check_common(header.gw, header.kid, header.epoch, header.enc)
+    _check_range("seq", header.seq, 0, _U63)
+    _check_range("n", header.n, 1, MAX_READINGS)
+    _check_range("t0", header.t0, 0, MAX_TS)
+    _check_range("t1", header.t1, header.t0, MAX_TS)
+    return SealedBatch(header, msg.protected, msg.payload, msg.signature)
+
+
+# --------------------------------------------------------------------------- meta
+
+
+@dataclass(frozen=True, slots=True)
+class MetaHeader:
+    """The protected header of a point table: valid for the gateway's ``epoch``."""
+
+    gw: str
+    kid: bytes
+    epoch: int
+    n: int
+    enc: str
+
+
+_META_SCHEMA: Final[Mapping[str, type]] = {
+    "gw": str,
+    "kid": bytes,
+    "epoch": int,
+    "n": int,
+    "enc": str,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SealedMeta:
+    """A parsed point table: header checked, signature and payload not yet."""
+
+    header: MetaHeader
+    protected: bytes
+    payload: bytes
+    signature: bytes
+
+    def verify(self, public_key: PublicKeyLike) -> None:
+        """Raise :class:`SignatureError` unless ``public_key`` (matching ``kid``) signed it."""
+        if key_id(public_key) != self.header.kid:
+            raise SignatureError("meta kid does not match the public key")
+        SignedMessage(self.protected, self.payload, self.signature).verify(META_DOMAIN, public_key)
+
+    def points(self) -> list[PointInfo]:
+        """The point table, checked against the header's ``n``."""
+        out = decode_points(self.payload, enc=self.header.enc)
+        if len(out) != self.header.n:
+            raise DecodeError(f"meta header says n={self.header.n}, payload holds {len(out)}")
+        return out
+
+
+def seal_meta(
+    points: Sequence[PointInfo],
+    *,
+    gateway: str,
+    key: Ed25519PrivateKey,
+    epoch: int,
+    enc: str = "msgpack+zlib",
+) -> bytes:
+    """The wire bytes of the signed point table of ``gateway`` for ``epoch``."""
+    _check_gateway(gateway)
+    _check_counter("epoch", epoch)
+    payload = encode_points(points, enc=enc)
+    protected: dict[str, ProtectedValue] = {
+        "gw": gateway,
+        "kid": key_id(key),
+        "epoch": epoch,
+        "n": len(points),
+        "enc": enc,
+    }
+    return sign_message(META_DOMAIN, protected, payload, key)
+
+
+def parse_meta(data: bytes) -> SealedMeta:
+    """A point table's parts and checked header; no crypto, payload not decoded."""
+    msg = parse_message(data)
+    f = msg.fields(_META_SCHEMA)
+    header = MetaHeader(**f)  # type: ignore[arg-type]  # types checked by fields()
+    _check_common(header.gw, header.kid, header.epoch, header.enc)
+    _check_range("n", header.n, 0, MAX_READINGS)
+    return SealedMeta(header, msg.protected, msg.payload, msg.signature)

@@ -1,0 +1,551 @@
+"""Payload codecs of signed messages: readings of a batch, the point table (sans-IO).
+
+The byte layout is specified in ``docs/envelope.md``; in short, a readings
+payload is the msgpack array ``[base_ts, series...]`` where each series holds
+every reading of one point::
+
+    [point, kind, times, values]                 # every reading GOOD with a value
+    [point, kind, times, values, flags]          # ``flags`` is never empty
+
+* ``times`` is either an array of delta-of-deltas (``t[-1] = base_ts``,
+  ``delta[-1] = 0``) or the integer index of an earlier series that has exactly
+  the same timestamps (all points of one device poll share them).
+* ``values`` holds the values that are not ``None``, in order; its layout is
+  set by ``kind`` (see :class:`Kind`): integer mantissas as deltas for short
+  decimals, ints and decimals of float32; raw booleans; packed IEEE 754
+  big-endian floats; or raw msgpack values.
+* ``flags`` is a flat array ``[index, flag, index, flag...]`` (index strictly
+  increasing) for every reading that is not GOOD or has no value:
+  ``flag = quality | 16 * (value is None)``.
+
+Decoding is bit-exact: floats come back with the same bits (NaN, infinities
+and -0.0 included), ints as ints, bools as bools. Readings come back grouped by
+point, points in order of first appearance, each point's readings in their
+original order.
+
+``enc`` is ``"msgpack"`` (the msgpack bytes as they are) or
+``"msgpack+zlib"`` (zlib, RFC 1950, over them). Decoding caps the decoded size
+at :data:`MAX_PAYLOAD_BYTES` and the number of readings at
+:data:`MAX_READINGS`, so a small hostile message cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, pairwise
+from typing import Any, Final
+
+import msgpack
+
+from protocols.errors import DecodeError, LocalError
+from protocols.reading import Quality, Reading, Value
+
+__all__ = [
+    "ENCODINGS",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_POINT_ID",
+    "MAX_READINGS",
+    "MAX_TS",
+    "Kind",
+    "PointInfo",
+    "decode_points",
+    "decode_readings",
+    "encode_points",
+    "encode_readings",
+]
+
+ENCODINGS: Final = ("msgpack", "msgpack+zlib")
+MAX_READINGS: Final = 100_000
+"""Most readings one payload may hold (encoder and decoder)."""
+MAX_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
+"""Most bytes of a payload, before and after decompression."""
+MAX_POINT_ID: Final = 2**32 - 1
+MAX_TS: Final = 2**53 - 1
+"""Timestamps are ms since the Unix epoch in ``[0, MAX_TS]`` (exact as a double)."""
+
+ZLIB_LEVEL: Final = 9  # measured: 6 and 9 give the same size at 500 readings, 9 never worse
+
+_MAX_MANTISSA: Final = 2**53  # |m| <= 2**53: m is exact as a double, so m / 10**e is portable
+_MAX_E: Final = 6
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1  # msgpack's integer range
+_I64_MAX: Final = 2**63 - 1
+_NO_VALUE: Final = 16
+_POW10: Final = tuple(10**e for e in range(_MAX_E + 1))
+_F32 = struct.Struct(">f")
+_F64 = struct.Struct(">d")
+
+
+class Kind(enum.IntEnum):
+    """How the values of a series are laid out (the integer is on the wire)."""
+
+    DEC = 0  # 0..6: floats, mantissa deltas, value = m / 10**kind (float64 division)
+    INT = 7  # ints, deltas
+    BOOL = 8  # raw msgpack booleans
+    F32 = 9  # one bin: big-endian IEEE 754 binary32, 4 bytes a value
+    F64 = 10  # one bin: big-endian IEEE 754 binary64, 8 bytes a value
+    RAW = 11  # raw msgpack values (str, mixed types, ints beyond int64)
+    DEC32 = 16  # 16..22: floats of float32, mantissa deltas, value = f32(m / 10**(kind-16))
+
+
+_DEC_KINDS: Final = range(Kind.DEC, Kind.DEC + _MAX_E + 1)
+_DEC32_KINDS: Final = range(Kind.DEC32, Kind.DEC32 + _MAX_E + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PointInfo:
+    """What the hub needs to name a point id: one row of the point table."""
+
+    id: int
+    device: str
+    name: str
+    unit: str
+    domain: str
+    cls: str
+    indicator: str
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _compress(raw: bytes, enc: str) -> bytes:
+    if enc == "msgpack":
+        return raw
+    if enc == "msgpack+zlib":
+        return zlib.compress(raw, ZLIB_LEVEL)
+    raise LocalError(f"unknown payload encoding {enc!r}: expected one of {ENCODINGS}")
+
+
+def _plain(value: Value) -> Value:
+    """The value as a plain bool/int/float/str (subclasses such as IntEnum flattened)."""
+    t = type(value)
+    if t is float or t is int or t is bool or t is str or value is None:
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    raise LocalError(f"reading value {value!r} of type {t.__name__} cannot be encoded")
+
+
+def _deltas(ms: Sequence[int]) -> list[int]:
+    out = [ms[0]]
+    out.extend(b - a for a, b in pairwise(ms))
+    return out
+
+
+def _decimal(values: Sequence[float]) -> tuple[int, list[int]] | None:
+    """(e, mantissas) with value == m / 10**e bit for bit and the smallest e, or None."""
+    found: list[tuple[int, int]] = []
+    top = 0
+    for v in values:
+        if not abs(v) <= _MAX_MANTISSA or (v == 0.0 and math.copysign(1.0, v) < 0.0):
+            return None  # NaN, infinities, huge values and -0.0 are not decimals
+        for e in range(top, _MAX_E + 1):
+            p = _POW10[e]
+            m = round(v * p)
+            if m / p == v:
+                break
+        else:
+            return None
+        found.append((e, m))
+        top = e  # a larger e for later values only; earlier ones are rescaled below
+    ms = [m * _POW10[top - e] for e, m in found]
+    if max(map(abs, ms)) > _MAX_MANTISSA:
+        return None
+    return top, ms
+
+
+def _decimal32(values: Sequence[float]) -> tuple[int, list[int]] | None:
+    """Like :func:`_decimal` for values of float32: value == f32(m / 10**e)."""
+    found: list[tuple[int, int]] = []
+    top = 0
+    pack, unpack = _F32.pack, _F32.unpack
+    for v in values:
+        if not abs(v) <= 3.4e38 or (v == 0.0 and math.copysign(1.0, v) < 0.0):
+            return None
+        for e in range(top, _MAX_E + 1):
+            p = _POW10[e]
+            m = round(v * p)
+            if abs(m) <= _MAX_MANTISSA and unpack(pack(m / p))[0] == v:
+                break
+        else:
+            return None
+        found.append((e, m))
+        top = e
+    ms = [m * _POW10[top - e] for e, m in found]
+    if max(map(abs, ms)) > _MAX_MANTISSA:
+        return None
+    return top, ms
+
+
+def _same_bits32(values: Sequence[float]) -> bool:
+    try:
+        packed = struct.pack(f">{len(values)}f", *values)
+    except OverflowError:
+        return False
+    return struct.pack(f">{len(values)}d", *values) == struct.pack(
+        f">{len(values)}d", *struct.unpack(f">{len(values)}f", packed)
+    )
+
+
+def _float_series(values: Sequence[float]) -> tuple[int, object]:
+    candidates: list[tuple[int, object]] = []
+    dec = _decimal(values)
+    if dec is not None:
+        candidates.append((Kind.DEC + dec[0], _deltas(dec[1])))
+    if _same_bits32(values):
+        if dec is None:
+            dec32 = _decimal32(values)
+            if dec32 is not None:
+                candidates.append((Kind.DEC32 + dec32[0], _deltas(dec32[1])))
+        candidates.append((Kind.F32, struct.pack(f">{len(values)}f", *values)))
+    else:
+        candidates.append((Kind.F64, struct.pack(f">{len(values)}d", *values)))
+    if len(candidates) == 1:
+        return candidates[0]
+    return min(candidates, key=lambda c: len(_pack(c[1])))  # first of the smallest
+
+
+def _int_in_range(v: int) -> int:
+    if not _INT_MIN <= v <= _INT_MAX:
+        raise LocalError(f"int value {v} is outside msgpack's range [-2**63, 2**64-1]")
+    return v
+
+
+def _value_series(values: list[Value]) -> tuple[int, object]:
+    if not values:
+        return Kind.RAW, []
+    types = set(map(type, values))
+    if len(types) == 1:
+        t = types.pop()
+        if t is float:
+            return _float_series(values)  # type: ignore[arg-type]
+        if t is bool:
+            return Kind.BOOL, values
+        if t is int:
+            ints: list[int] = values  # type: ignore[assignment]
+            if min(ints) >= _INT_MIN and max(ints) <= _I64_MAX:
+                return Kind.INT, _deltas(ints)  # deltas of int64 stay in msgpack's range
+            return Kind.RAW, [_int_in_range(v) for v in ints]
+    for v in values:
+        if type(v) is int:
+            _int_in_range(v)
+    return Kind.RAW, values
+
+
+def _check_ts(ts: int) -> int:
+    if type(ts) is not int or not 0 <= ts <= MAX_TS:
+        raise LocalError(f"reading timestamp {ts!r} is not an int in [0, 2**53-1] ms")
+    return ts
+
+
+def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -> bytes:
+    """The payload bytes of ``readings`` (1 to :data:`MAX_READINGS` of them).
+
+    Raises :class:`LocalError` for what cannot be encoded: no readings, too
+    many, a timestamp outside ``[0, MAX_TS]``, a point id outside
+    ``[0, MAX_POINT_ID]``, a value that is not bool/int/float/str/None or an
+    int outside msgpack's range, a payload over :data:`MAX_PAYLOAD_BYTES`.
+    """
+    if not readings:
+        raise LocalError("a payload holds at least one reading")
+    if len(readings) > MAX_READINGS:
+        raise LocalError(f"{len(readings)} readings exceed the limit of {MAX_READINGS}")
+    groups: dict[int, list[Reading]] = {}
+    for r in readings:
+        g = groups.get(r.point)
+        if g is None:
+            if type(r.point) is not int or not 0 <= r.point <= MAX_POINT_ID:
+                raise LocalError(f"point id {r.point!r} is not an int in [0, {MAX_POINT_ID}]")
+            groups[r.point] = [r]
+        else:
+            g.append(r)
+    base = min(_check_ts(r.ts) for r in readings)
+    seen_times: dict[tuple[int, ...], int] = {}
+    out: list[object] = [base]
+    for index, (point, rs) in enumerate(groups.items()):
+        ts = tuple(r.ts for r in rs)
+        times: object = seen_times.get(ts)
+        if times is None:
+            seen_times[ts] = index
+            dods: list[int] = []
+            prev_t, prev_d = base, 0
+            for t in ts:
+                d = t - prev_t
+                dods.append(d - prev_d)
+                prev_t, prev_d = t, d
+            times = dods
+        flags: list[int] = []
+        values: list[Value] = []
+        for i, r in enumerate(rs):
+            q = Quality(r.quality)
+            if r.value is None:
+                flags += (i, q | _NO_VALUE)
+            else:
+                values.append(_plain(r.value))
+                if q:
+                    flags += (i, q)
+        kind, packed_values = _value_series(values)
+        series: list[object] = [point, kind, times, packed_values]
+        if flags:
+            series.append(flags)
+        out.append(series)
+    raw = _pack(out)
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise LocalError(f"payload of {len(raw)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return _compress(raw, enc)
+
+
+def encode_points(points: Sequence[PointInfo], *, enc: str = "msgpack+zlib") -> bytes:
+    """The point-table payload: ``[[id, device, name, unit, domain, cls, indicator]...]``."""
+    rows: list[list[object]] = []
+    seen: set[int] = set()
+    for p in points:
+        if type(p.id) is not int or not 0 <= p.id <= MAX_POINT_ID:
+            raise LocalError(f"point id {p.id!r} is not an int in [0, {MAX_POINT_ID}]")
+        if p.id in seen:
+            raise LocalError(f"point id {p.id} appears twice in the point table")
+        seen.add(p.id)
+        row: list[object] = [p.id, p.device, p.name, p.unit, p.domain, p.cls, p.indicator]
+        if not all(type(s) is str for s in row[1:]):
+            raise LocalError(f"point {p.id}: every field but id must be a str")
+        rows.append(row)
+    raw = _pack(rows)
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise LocalError(f"point table of {len(raw)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return _compress(raw, enc)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decompress(data: bytes, enc: str) -> bytes:
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise DecodeError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    if enc == "msgpack":
+        return data
+    if enc != "msgpack+zlib":
+        raise DecodeError(f"unknown payload encoding {enc!r}")
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(data, MAX_PAYLOAD_BYTES)
+        if d.unconsumed_tail:
+            raise DecodeError(f"payload inflates beyond {MAX_PAYLOAD_BYTES} bytes")
+        raw += d.flush()
+    except zlib.error as exc:
+        raise DecodeError(f"payload is not valid zlib data: {exc}") from exc
+    if not d.eof:
+        raise DecodeError("zlib payload is truncated")
+    if d.unused_data:
+        raise DecodeError(f"{len(d.unused_data)} trailing bytes after the zlib payload")
+    return raw
+
+
+class _TooManyArrays(Exception):
+    pass
+
+
+def _unpack(raw: bytes, what: str) -> object:
+    """msgpack.unpackb with every failure as DecodeError, and a cap on arrays.
+
+    The cap keeps a payload of a few MiB of empty arrays (56 bytes of Python
+    object each) from costing gigabytes.
+    """
+    budget = [4 * MAX_READINGS + 8]
+
+    def count(lst: list[Any]) -> list[Any]:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooManyArrays
+        return lst
+
+    try:
+        return msgpack.unpackb(
+            raw,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            list_hook=count,
+            max_array_len=MAX_READINGS + 1,
+        )
+    except _TooManyArrays as exc:
+        raise DecodeError(f"{what} holds too many arrays") from exc
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise DecodeError(f"{what} is not valid msgpack: {exc}") from exc
+
+
+def _int_list(obj: object, where: str) -> list[int]:
+    if type(obj) is not list or not all(type(x) is int for x in obj):
+        raise DecodeError(f"{where} must be an array of ints")
+    return obj
+
+
+def _f_decimal(e: int) -> Callable[[list[int]], list[float]]:
+    p = _POW10[e]
+
+    def conv(ms: list[int]) -> list[float]:
+        return [m / p for m in ms]
+
+    return conv
+
+
+def _f_decimal32(e: int) -> Callable[[list[int]], list[float]]:
+    p = _POW10[e]
+    pack, unpack = _F32.pack, _F32.unpack
+
+    def conv(ms: list[int]) -> list[float]:
+        try:
+            return [unpack(pack(m / p))[0] for m in ms]
+        except OverflowError as exc:
+            raise DecodeError(f"a float32 decimal overflows: {exc}") from exc
+
+    return conv
+
+
+def _mantissas(raw: object, where: str) -> list[int]:
+    ms = list(accumulate(_int_list(raw, where)))
+    if ms and (min(ms) < -_MAX_MANTISSA or max(ms) > _MAX_MANTISSA):
+        raise DecodeError(f"{where}: a mantissa is beyond ±2**53")
+    return ms
+
+
+def _values(kind: object, raw: object, count: int, where: str) -> list[Any]:
+    values: list[Any]
+    if type(kind) is not int:
+        raise DecodeError(f"{where}: kind must be an int, got {type(kind).__name__}")
+    if kind in _DEC_KINDS:
+        values = _f_decimal(kind - Kind.DEC)(_mantissas(raw, f"{where} values"))
+    elif kind in _DEC32_KINDS:
+        values = _f_decimal32(kind - Kind.DEC32)(_mantissas(raw, f"{where} values"))
+    elif kind == Kind.INT:
+        values = list(accumulate(_int_list(raw, f"{where} values")))
+        if values and (min(values) < _INT_MIN or max(values) > _I64_MAX):
+            raise DecodeError(f"{where}: an int value is beyond int64")
+    elif kind == Kind.BOOL:
+        if type(raw) is not list or not all(type(x) is bool for x in raw):
+            raise DecodeError(f"{where} values must be an array of booleans")
+        values = raw
+    elif kind in (Kind.F32, Kind.F64):
+        size = 4 if kind == Kind.F32 else 8
+        if type(raw) is not bytes or len(raw) % size:
+            raise DecodeError(f"{where} values must be a bin of a multiple of {size} bytes")
+        values = list(struct.unpack(f">{len(raw) // size}{'f' if size == 4 else 'd'}", raw))
+    elif kind == Kind.RAW:
+        if type(raw) is not list or not all(type(x) in (bool, int, float, str) for x in raw):
+            raise DecodeError(f"{where} values must be an array of bool/int/float/str")
+        values = raw
+    else:
+        raise DecodeError(f"{where}: unknown kind {kind}")
+    if len(values) != count:
+        raise DecodeError(f"{where}: {len(values)} values for {count} readings with a value")
+    return values
+
+
+_QUALITIES: Final = {int(q): q for q in Quality}
+
+
+def _flags(raw: object, count: int, where: str) -> dict[int, int]:
+    flat = _int_list(raw, f"{where} flags")
+    if not flat or len(flat) % 2:
+        raise DecodeError(f"{where} flags must be a non-empty array of [index, flag] pairs")
+    out: dict[int, int] = {}
+    last = -1
+    for i in range(0, len(flat), 2):
+        index, flag = flat[i], flat[i + 1]
+        if not last < index < count:
+            raise DecodeError(f"{where} flags: index {index} out of order or beyond {count}")
+        if flag & ~_NO_VALUE not in _QUALITIES or flag < 0 or flag == 0:
+            raise DecodeError(f"{where} flags: invalid flag {flag} at index {index}")
+        out[index] = flag
+        last = index
+    return out
+
+
+def decode_readings(data: bytes, *, enc: str = "msgpack+zlib") -> list[Reading]:
+    """The readings of a payload made by :func:`encode_readings`.
+
+    Raises :class:`DecodeError` naming what is wrong, for any input.
+    """
+    obj = _unpack(_decompress(data, enc), "readings payload")
+    if type(obj) is not list or len(obj) < 2:
+        raise DecodeError("readings payload must be an array [base_ts, series...] of 2+ items")
+    base = obj[0]
+    if type(base) is not int or not 0 <= base <= MAX_TS:
+        raise DecodeError(f"readings payload: base_ts {base!r} is not an int in [0, 2**53-1]")
+    out: list[Reading] = []
+    times_of: list[list[int]] = []
+    points: set[int] = set()
+    for index, series in enumerate(obj[1:]):
+        where = f"series {index}"
+        if type(series) is not list or len(series) not in (4, 5):
+            raise DecodeError(f"{where} must be an array of 4 or 5 items")
+        point, kind, times_raw = series[0], series[1], series[2]
+        if type(point) is not int or not 0 <= point <= MAX_POINT_ID:
+            raise DecodeError(f"{where}: point id {point!r} is not an int in [0, {MAX_POINT_ID}]")
+        if point in points:
+            raise DecodeError(f"{where}: point {point} appears in two series")
+        points.add(point)
+        if type(times_raw) is int:
+            if not 0 <= times_raw < index:
+                raise DecodeError(f"{where}: times refer to series {times_raw}, not an earlier one")
+            ts = times_of[times_raw]
+        else:
+            dods = _int_list(times_raw, f"{where} times")
+            if not dods:
+                raise DecodeError(f"{where} times must not be empty")
+            ts = list(accumulate(accumulate(dods), initial=base))[1:]
+            if min(ts) < 0 or max(ts) > MAX_TS:
+                raise DecodeError(f"{where}: a timestamp is outside [0, 2**53-1]")
+        times_of.append(ts)
+        count = len(ts)
+        if len(out) + count > MAX_READINGS:
+            raise DecodeError(f"payload holds more than {MAX_READINGS} readings")
+        flags = _flags(series[4], count, where) if len(series) == 5 else None
+        if flags is None:
+            values = _values(kind, series[3], count, where)
+            out.extend(map(Reading, [point] * count, ts, values))
+            continue
+        missing = sum(1 for f in flags.values() if f & _NO_VALUE)
+        values = _values(kind, series[3], count - missing, where)
+        it = iter(values)
+        for i, t in enumerate(ts):
+            f = flags.get(i, 0)
+            value = None if f & _NO_VALUE else next(it)
+            out.append(Reading(point, t, value, _QUALITIES[f & ~_NO_VALUE]))
+    return out
+
+
+def decode_points(data: bytes, *, enc: str = "msgpack+zlib") -> list[PointInfo]:
+    """The rows of a point-table payload made by :func:`encode_points`."""
+    obj = _unpack(_decompress(data, enc), "point table")
+    if type(obj) is not list:
+        raise DecodeError("point table must be an array of rows")
+    out: list[PointInfo] = []
+    seen: set[int] = set()
+    for i, row in enumerate(obj):
+        if type(row) is not list or len(row) != 7:
+            raise DecodeError(f"point table row {i} must be an array of 7 items")
+        pid = row[0]
+        if type(pid) is not int or not 0 <= pid <= MAX_POINT_ID:
+            raise DecodeError(f"point table row {i}: id {pid!r} is not an int in range")
+        if pid in seen:
+            raise DecodeError(f"point table row {i}: id {pid} appears twice")
+        seen.add(pid)
+        if not all(type(s) is str for s in row[1:]):
+            raise DecodeError(f"point table row {i}: every field but id must be a str")
+        out.append(PointInfo(*row))
+    return out
