@@ -1,0 +1,121 @@
+"""Regenerate the envelope test vectors: ``python tests/vectors/make_vectors.py``.
+
+Deterministic: the key is fixed and Ed25519 signatures are deterministic, so
+running this again must leave ``git diff`` empty (``tests/test_envelope.py``
+checks that the files match what the code produces).
+
+Files (hex files hold one line of lowercase hex):
+  seed.hex       the Ed25519 private key seed (32 bytes) -- a TEST key, public
+  pub.hex        the raw public key (32 bytes)
+  pub.pem        the public key as SubjectPublicKeyInfo PEM (for openssl)
+  kid.hex        the key id: SHA-256(raw public key)[:8]
+  batch.hex      a whole batch as sent on the wire
+  protected.hex  its protected header (msgpack map)
+  payload.hex    its payload (enc "msgpack": plain msgpack)
+  signed.hex     the bytes signed: msgpack ["vitals/batch/v1", protected, payload]
+  sig.hex        the signature (64 bytes)
+  header.json    the protected header, decoded (kid as hex)
+  readings.json  the readings, decoded, in payload order
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocols.envelope import BATCH_DOMAIN, parse, seal, signed_bytes
+from protocols.reading import Quality, Reading
+
+HERE = Path(__file__).resolve().parent
+SEED = hashlib.sha256(b"vitals test vector key v1").digest()
+GATEWAY = "gw-0042"
+EPOCH = 7
+SEQ = 12
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def _f32(x: float) -> float:
+    return float(struct.unpack(">f", struct.pack(">f", x))[0])
+
+
+def vector_readings() -> list[Reading]:
+    """Two devices polled three times: every value kind the payload knows."""
+    out: list[Reading] = []
+    noise = [52.3, 52.9, 61.0]
+    temp = [21.5, 21.5, 21.6]
+    pressure = [_f32(1013.2), _f32(1013.3), _f32(1013.3)]
+    for k in range(3):
+        ta = T0 + 1000 * k + (0, 2, 1)[k]  # device A: a noise meter
+        out.append(Reading(1, ta, noise[k]))
+        out.append(Reading(2, ta, [True, True, False][k]))  # overload flag
+        out.append(Reading(3, ta, 4711 + k))  # sample counter
+        tb = T0 + 40 + 1000 * k  # device B: a weather station
+        out.append(Reading(10, tb, temp[k]))
+        out.append(Reading(11, tb, pressure[k]))  # an f32 register
+        out.append(Reading(12, tb, _f32(0.1 + k / 3)))  # f32, not a short decimal
+        out.append(Reading(13, tb, "NE"))
+    out[-1] = Reading(13, out[-1].ts, None, Quality.COMM_ERROR)
+    out[-4] = Reading(10, out[-4].ts, 21.6, Quality.STALE)
+    return out
+
+
+def build() -> dict[str, bytes]:
+    """File name -> contents, exactly as written to tests/vectors/."""
+    key = Ed25519PrivateKey.from_private_bytes(SEED)
+    pub = key.public_key()
+    wire = seal(vector_readings(), gateway=GATEWAY, key=key, epoch=EPOCH, seq=SEQ, enc="msgpack")
+    batch = parse(wire)
+    h = batch.header
+    header = {
+        "gw": h.gw,
+        "kid": h.kid.hex(),
+        "epoch": h.epoch,
+        "seq": h.seq,
+        "t0": h.t0,
+        "t1": h.t1,
+        "n": h.n,
+        "enc": h.enc,
+    }
+    readings = [
+        {"point": r.point, "ts": r.ts, "value": r.value, "quality": r.quality.name}
+        for r in batch.readings()
+    ]
+
+    def hexline(b: bytes) -> bytes:
+        return b.hex().encode() + b"\n"
+
+    def jsonfile(obj: object) -> bytes:
+        return (json.dumps(obj, indent=1) + "\n").encode()
+
+    return {
+        "seed.hex": hexline(SEED),
+        "pub.hex": hexline(pub.public_bytes_raw()),
+        "pub.pem": pub.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        "kid.hex": hexline(h.kid),
+        "batch.hex": hexline(wire),
+        "protected.hex": hexline(batch.protected),
+        "payload.hex": hexline(batch.payload),
+        "signed.hex": hexline(signed_bytes(BATCH_DOMAIN, batch.protected, batch.payload)),
+        "sig.hex": hexline(batch.signature),
+        "header.json": jsonfile(header),
+        "readings.json": jsonfile(readings),
+    }
+
+
+def main() -> int:
+    for name, content in build().items():
+        (HERE / name).write_bytes(content)
+        print(f"wrote {HERE / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
