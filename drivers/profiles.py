@@ -26,7 +26,6 @@ __all__ = [
     "available_profiles",
     "load_profile",
     "parse_profile",
-    "register_count",
     "resolve_profile",
 ]
 
@@ -63,13 +62,6 @@ _NUMERIC = {
     DataType.F32,
     DataType.F64,
 }
-
-
-def register_count(spec: PointSpec) -> int:
-    """Registers (or bits, in a bit space) that ``spec`` occupies."""
-    if spec.type is DataType.STRING:
-        return spec.length
-    return _WIDTH[spec.type]
 
 
 @dataclass(frozen=True, slots=True)
