@@ -139,10 +139,13 @@ class Table:
     is recorded when the key is required or the value is wrong).
     """
 
-    def __init__(self, problems: Problems, path: str, data: Mapping[str, object]) -> None:
+    def __init__(
+        self, problems: Problems, path: str, data: Mapping[str, object], *, absent: bool = False
+    ) -> None:
         self.problems = problems
         self.path = path
         self.data = data
+        self.absent = absent  # stands in for a missing or broken table: no "missing key"
         self._known: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------
@@ -165,7 +168,7 @@ class Table:
     def _fetch(self, key: str, required: bool) -> object | None:
         self._known.add(key)
         if key not in self.data:
-            if required:
+            if required and not self.absent:
                 self.add(key, "missing required key")
             return None
         return self.data[key]
@@ -308,12 +311,12 @@ class Table:
         """A sub-table; an absent or mistyped one reads as empty."""
         value = self._fetch(key, False)
         if value is None:
-            if required:
+            if required and not self.absent:
                 self.add(key, f"missing required table [{self.key(key)}]")
-            return Table(self.problems, self.key(key), {})
+            return Table(self.problems, self.key(key), {}, absent=required)
         if not isinstance(value, dict):
             self._wrong_type(key, "table", value)
-            return Table(self.problems, self.key(key), {})
+            return Table(self.problems, self.key(key), {}, absent=True)
         return Table(self.problems, self.key(key), value)
 
     def get_tables(self, key: str, *, required: bool = False) -> list[Table]:
