@@ -90,8 +90,10 @@ class Buffer:
         self._pos = 0
 
     def discard(self, n: int) -> int:
-        """Commit, then drop up to ``n`` more bytes at the cursor; return how many went."""
-        self.commit()
+        """Roll back, then drop up to ``n`` bytes at the start: garbage the parser gave up
+        on (typically 1 byte, so a frame starting inside a bad candidate is still found).
+        Return how many were dropped."""
+        self._pos = 0
         n = max(0, min(n, len(self._data)))
         del self._data[:n]
         return n

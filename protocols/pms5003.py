@@ -202,7 +202,14 @@ class Parser(StreamParser[Frame]):
             rest = buf.take(length)
             if rest is None:
                 buf.rollback()  # partial frame: wait, having copied only the header
-                return
+                ahead = self._valid_frame_ahead()
+                if ahead < 0:
+                    return
+                # A complete, valid frame starts inside this unfinished candidate: the
+                # candidate was the head of a frame cut short (an 8-byte ack after a cut
+                # data-frame header would otherwise wait for the next frame to show).
+                self._skip(ahead)
+                continue
             raw = head + rest
             if _sum16(raw[:-2]) != int.from_bytes(raw[-2:], "big"):
                 self._count("checksum_errors")
@@ -210,6 +217,22 @@ class Parser(StreamParser[Frame]):
                 continue
             buf.commit()
             out.append(decode_frame(raw))
+
+    def _valid_frame_ahead(self) -> int:
+        """Offset of the first complete, checksum-valid frame after offset 0, or -1."""
+        buf = self._buf
+        j = buf.find(START, 1)
+        while j > 0:
+            head = buf.peek(4, j)
+            if head is None:
+                return -1
+            length = int.from_bytes(head[2:4], "big")
+            if length in (_DATA_LENGTH, _ACK_LENGTH):
+                raw = buf.peek(4 + length, j)
+                if raw is not None and _sum16(raw[:-2]) == int.from_bytes(raw[-2:], "big"):
+                    return j
+            j = buf.find(START, j + 1)
+        return -1
 
 
 def to_readings(frame: Frame, ts_ms: int, point_ids: Mapping[str, int]) -> list[Reading]:
