@@ -239,7 +239,9 @@ def _value_series(values: list[Value]) -> tuple[int, object]:
         if t is int:
             ints: list[int] = values  # type: ignore[assignment]
             if min(ints) >= _INT_MIN and max(ints) <= _I64_MAX:
-                return Kind.INT, _deltas(ints)  # deltas of int64 stay in msgpack's range
+                deltas = _deltas(ints)
+                if min(deltas) >= _INT_MIN:  # a fall from 2**63-1 to -2**63 does not fit
+                    return Kind.INT, deltas
             return Kind.RAW, [_int_in_range(v) for v in ints]
     for v in values:
         if type(v) is int:
@@ -408,10 +410,7 @@ def _f_decimal32(e: int) -> Callable[[list[int]], list[float]]:
     pack, unpack = _F32.pack, _F32.unpack
 
     def conv(ms: list[int]) -> list[float]:
-        try:
-            return [unpack(pack(m / p))[0] for m in ms]
-        except OverflowError as exc:
-            raise DecodeError(f"a float32 decimal overflows: {exc}") from exc
+        return [unpack(pack(m / p))[0] for m in ms]  # |m| <= 2**53: no float32 overflow
 
     return conv
 

@@ -1,0 +1,484 @@
+"""protocols.payload: readings and point-table codecs."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols.errors import DecodeError, LocalError
+from protocols.payload import (
+    ENCODINGS,
+    MAX_PAYLOAD_BYTES,
+    MAX_READINGS,
+    MAX_TS,
+    Kind,
+    PointInfo,
+    decode_points,
+    decode_readings,
+    encode_points,
+    encode_readings,
+)
+from protocols.reading import Quality, Reading, Value
+
+T = 1_767_225_600_000
+
+
+def pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def bits(v: Value) -> object:
+    """A value as something whose == is bit-exact and type-exact."""
+    if isinstance(v, float):
+        return ("f", struct.pack(">d", v))
+    return (type(v).__name__, v)
+
+
+def key(rs: Sequence[Reading]) -> list[tuple[object, ...]]:
+    return [(r.point, r.ts, bits(r.value), type(r.quality), int(r.quality)) for r in rs]
+
+
+def grouped(rs: Sequence[Reading]) -> list[Reading]:
+    """The order decode_readings promises: by point of first appearance, stable."""
+    first: dict[int, int] = {}
+    for r in rs:
+        first.setdefault(r.point, len(first))
+    return sorted(rs, key=lambda r: first[r.point])
+
+
+def roundtrip(rs: Sequence[Reading], enc: str = "msgpack+zlib") -> list[Reading]:
+    out = decode_readings(encode_readings(rs, enc=enc), enc=enc)
+    assert key(out) == key(grouped(rs))
+    return out
+
+
+def f32(x: float) -> float:
+    return float(struct.unpack(">f", struct.pack(">f", x))[0])
+
+
+# --------------------------------------------------------------------------- golden table
+
+# (case, readings, the payload as msgpack objects)
+GOLDEN: list[tuple[str, list[Reading], list[object]]] = [
+    ("one int", [Reading(5, T, 42)], [T, [5, Kind.INT, [0], [42]]]),
+    (
+        "decimal e=1, deltas",
+        [Reading(1, T, 52.3), Reading(1, T + 1000, 52.9), Reading(1, T + 2001, 61.0)],
+        [T, [1, 1, [0, 1000, 1], [523, 6, 81]]],
+    ),
+    ("whole float is e=0", [Reading(1, T, 3.0)], [T, [1, 0, [0], [3]]]),
+    ("negative decimal e=2", [Reading(1, T, -0.05)], [T, [1, 2, [0], [-5]]]),
+    (
+        "bools and shared times",
+        [Reading(1, T, 1), Reading(2, T, True), Reading(1, T + 5, 2), Reading(2, T + 5, False)],
+        [T, [1, Kind.INT, [0, 5], [1, 1]], [2, Kind.BOOL, 0, [True, False]]],
+    ),
+    (
+        "float32 decimal",
+        [Reading(1, T, f32(1013.2))],
+        [T, [1, Kind.DEC32 + 1, [0], [10132]]],
+    ),
+    (
+        "float32 not decimal",
+        [Reading(1, T, f32(1 / 3))],
+        [T, [1, Kind.F32, [0], struct.pack(">f", 1 / 3)]],
+    ),
+    ("float64", [Reading(1, T, 1 / 3)], [T, [1, Kind.F64, [0], struct.pack(">d", 1 / 3)]]),
+    ("nan is f32", [Reading(1, T, math.nan)], [T, [1, Kind.F32, [0], struct.pack(">f", math.nan)]]),
+    ("-0.0 is f32", [Reading(1, T, -0.0)], [T, [1, Kind.F32, [0], b"\x80\x00\x00\x00"]]),
+    ("str is raw", [Reading(1, T, "NE")], [T, [1, Kind.RAW, [0], ["NE"]]]),
+    ("mixed is raw", [Reading(1, T, 1), Reading(1, T, 1.5)], [T, [1, Kind.RAW, [0, 0], [1, 1.5]]]),
+    ("int beyond int64 is raw", [Reading(1, T, 2**64 - 1)], [T, [1, Kind.RAW, [0], [2**64 - 1]]]),
+    (
+        "no value, comm error",
+        [Reading(1, T, 7), Reading(1, T + 1, None, Quality.COMM_ERROR)],
+        [T, [1, Kind.INT, [0, 1], [7], [1, 3 | 16]]],
+    ),
+    (
+        "stale value, no value with good quality",
+        [Reading(1, T, 7, Quality.STALE), Reading(1, T + 1, None)],
+        [T, [1, Kind.INT, [0, 1], [7], [0, 2, 1, 16]]],
+    ),
+    ("all none is raw []", [Reading(1, T, None)], [T, [1, Kind.RAW, [0], [], [0, 16]]]),
+    (
+        "base is the earliest",
+        [Reading(1, T + 10, 1), Reading(2, T, 1)],
+        [T, [1, Kind.INT, [10], [1]], [2, Kind.INT, [0], [1]]],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "readings", "obj"), GOLDEN, ids=[g[0] for g in GOLDEN])
+def test_golden_encode(case: str, readings: list[Reading], obj: list[object]) -> None:
+    assert encode_readings(readings, enc="msgpack") == pack(obj)
+
+
+@pytest.mark.parametrize(("case", "readings", "obj"), GOLDEN, ids=[g[0] for g in GOLDEN])
+def test_golden_decode(case: str, readings: list[Reading], obj: list[object]) -> None:
+    for enc in ENCODINGS:
+        assert key(decode_readings(encode_readings(readings, enc=enc), enc=enc)) == key(
+            grouped(readings)
+        )
+    assert key(decode_readings(pack(obj), enc="msgpack")) == key(grouped(readings))
+
+
+def test_types_come_back() -> None:
+    out = roundtrip([Reading(1, T, True), Reading(2, T, 1), Reading(3, T, 1.0)])
+    assert [type(r.value) for r in out] == [bool, int, float]
+    assert all(type(r.quality) is Quality for r in out)
+
+
+def test_subclass_values_are_flattened() -> None:
+    out = decode_readings(encode_readings([Reading(1, T, Quality.STALE)]))  # IntEnum is an int
+    assert type(out[0].value) is int and out[0].value == 2
+
+
+def test_zlib_is_smaller_and_capped_decompressor_accepts_it() -> None:
+    rs = realistic_batch()
+    plain, packed = (encode_readings(rs, enc=e) for e in ("msgpack", "msgpack+zlib"))
+    assert len(packed) < len(plain)
+    assert zlib.decompress(packed) == plain
+
+
+# --------------------------------------------------------------------------- size
+
+
+def realistic_batch(seconds: int = 4, seed: int = 1) -> list[Reading]:
+    """16 devices × 8 points at 1 Hz, jittered poll times: 512 readings."""
+    rnd = random.Random(seed)
+    rs: list[Reading] = []
+    for k in range(seconds):
+        for d in range(16):
+            ts = T + k * 1000 + d * 37 + rnd.randint(0, 3)
+            for p in range(8):
+                v: Value
+                if p < 3:
+                    v = round(rnd.uniform(35, 80), 1)  # noise dB(A), LAeq/LAmax/LAmin
+                elif p == 3:
+                    v = round(rnd.uniform(-5, 30), 1)  # temperature °C
+                elif p == 4:
+                    v = round(rnd.uniform(0, 20), 1)  # wind m/s
+                elif p == 5:
+                    v = f32(round(rnd.uniform(900, 1100), 1))  # pressure hPa, f32 register
+                elif p == 6:
+                    v = f32(rnd.uniform(0, 1))  # a raw f32 ratio
+                else:
+                    v = rnd.randint(0, 360)  # wind direction
+                rs.append(Reading(d * 8 + p, ts, v))
+    return rs
+
+
+def test_realistic_batch_is_small() -> None:
+    rs = realistic_batch()
+    size = len(encode_readings(rs))
+    assert size / len(rs) < 4.5  # payload only; the envelope adds ~0.3 byte/reading
+    roundtrip(rs)
+
+
+# --------------------------------------------------------------------------- hypothesis
+
+values_of_one_kind = st.one_of(
+    st.lists(st.integers(-(2**63), 2**64 - 1), min_size=1),
+    st.lists(st.booleans(), min_size=1),
+    st.lists(st.floats(), min_size=1),
+    st.lists(st.floats(width=32), min_size=1),
+    st.lists(st.integers(-(10**9), 10**9).map(lambda m: m / 100), min_size=1),
+    st.lists(st.integers(-(10**7), 10**7).map(lambda m: f32(m / 10)), min_size=1),
+    st.lists(st.text(max_size=5), min_size=1),
+    st.lists(
+        st.one_of(
+            st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text()
+        ),
+        min_size=1,
+    ),
+)
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> list[Reading]:
+    npoints = draw(st.integers(1, 6))
+    base = draw(st.integers(0, MAX_TS))
+    ts_s = st.one_of(st.integers(0, MAX_TS), st.integers(base, min(base + 10_000, MAX_TS)))
+    shared = draw(st.lists(ts_s, min_size=1, max_size=8))
+    rs: list[Reading] = []
+    for point in draw(st.lists(st.integers(0, 2**32 - 1), min_size=npoints, unique=True)):
+        vals = draw(values_of_one_kind)
+        if draw(st.booleans()):
+            vals = (vals * len(shared))[: len(shared)]
+            times = shared
+        else:
+            times = draw(st.lists(ts_s, min_size=len(vals), max_size=len(vals)))
+        for t, v in zip(times, vals, strict=True):
+            q = draw(st.sampled_from(Quality))
+            rs.append(Reading(point, t, None if draw(st.integers(0, 9)) == 0 else v, q))
+    draw(st.randoms()).shuffle(rs)
+    return rs
+
+
+@settings(max_examples=300)
+@given(batches(), st.sampled_from(ENCODINGS))
+def test_roundtrip_any_readings(rs: list[Reading], enc: str) -> None:
+    roundtrip(rs, enc)
+
+
+@given(st.binary(max_size=300), st.sampled_from(ENCODINGS))
+def test_fuzz_bytes_decode_or_decode_error(data: bytes, enc: str) -> None:
+    try:
+        out = decode_readings(data, enc=enc)
+    except DecodeError:
+        return
+    assert all(isinstance(r, Reading) for r in out)
+
+
+msgpack_objects = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**64 - 1),
+        st.floats(),
+        st.text(max_size=4),
+        st.binary(max_size=9),
+        st.sampled_from([0, 1, 7, 8, 9, 10, 11, 16, 17, 19, 23, -1, 2**53]),
+    ),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=2), inner),
+    max_leaves=30,
+)
+
+
+@given(st.integers(0, MAX_TS) | msgpack_objects, st.lists(msgpack_objects, max_size=4))
+def test_fuzz_structure_decode_or_decode_error(base: object, series: list[object]) -> None:
+    """Well-formed msgpack of the wrong shape: only DecodeError, never a stray error."""
+    try:
+        out = decode_readings(pack([base, *series]), enc="msgpack")
+    except DecodeError:
+        return
+    assert all(isinstance(r, Reading) for r in out)
+
+
+@given(batches(), st.data())
+def test_fuzz_mutated_payload(rs: list[Reading], data: st.DataObject) -> None:
+    """Flip one byte of a valid plain payload: a value or DecodeError."""
+    raw = bytearray(encode_readings(rs, enc="msgpack"))
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] = data.draw(st.integers(0, 255))
+    try:
+        out = decode_readings(bytes(raw), enc="msgpack")
+    except DecodeError:
+        return
+    assert len(out) <= MAX_READINGS
+
+
+# --------------------------------------------------------------------------- strict decoder
+
+
+def S(*series: object) -> bytes:
+    return pack([T, *series])
+
+
+BAD: list[tuple[str, bytes, str]] = [
+    ("not msgpack", b"\xc1", "not valid msgpack"),
+    ("trailing bytes", S([1, 7, [0], [1]]) + b"\x00", "not valid msgpack"),
+    ("not an array", pack({"a": 1}), "must be an array"),
+    ("no series", pack([T]), "2+ items"),
+    ("base not int", pack([1.5, [1, 7, [0], [1]]]), "base_ts"),
+    ("base negative", pack([-1, [1, 7, [0], [1]]]), "base_ts"),
+    ("series not array", S(5), "series 0 must be an array of 4 or 5"),
+    ("series too short", S([1, 7, [0]]), "series 0 must be an array of 4 or 5"),
+    ("series too long", S([1, 7, [0], [1], [0, 1], 0]), "series 0 must be an array of 4 or 5"),
+    ("point negative", S([-1, 7, [0], [1]]), "point id -1"),
+    ("point too big", S([2**32, 7, [0], [1]]), "point id"),
+    ("point bool", S([True, 7, [0], [1]]), "point id True"),
+    ("point twice", S([1, 7, [0], [1]], [1, 7, [0], [1]]), "point 1 appears in two series"),
+    ("times empty", S([1, 7, [], []]), "times must not be empty"),
+    ("times of floats", S([1, 7, [0.0], [1]]), "series 0 times must be an array of ints"),
+    ("times forward ref", S([1, 7, 0, [1]]), "not an earlier one"),
+    ("times ref negative", S([1, 7, [0], [1]], [2, 7, -1, [1]]), "not an earlier one"),
+    ("ts negative", S([1, 7, [-T - 1], [1]]), "timestamp is outside"),
+    ("ts too big", S([1, 7, [MAX_TS], [1]]), "timestamp is outside"),
+    ("kind not int", S([1, "int", [0], [1]]), "kind must be an int"),
+    ("kind unknown", S([1, 12, [0], [1]]), "unknown kind 12"),
+    ("kind negative", S([1, -1, [0], [1]]), "unknown kind -1"),
+    ("too few values", S([1, 7, [0, 1], [1]]), "1 values for 2 readings"),
+    ("too many values", S([1, 7, [0], [1, 2]]), "2 values for 1 readings"),
+    ("int values of floats", S([1, 7, [0], [1.0]]), "values must be an array of ints"),
+    ("int beyond int64", S([1, 7, [0, 0], [2**63 - 1, 1]]), "beyond int64"),
+    ("mantissa beyond 2**53", S([1, 1, [0], [2**53 + 1]]), "mantissa is beyond"),
+    ("bool values of ints", S([1, 8, [0], [1]]), "array of booleans"),
+    ("f32 not bin", S([1, 9, [0], [1.0]]), "multiple of 4 bytes"),
+    ("f32 ragged", S([1, 9, [0], b"\x00\x00\x00"]), "multiple of 4 bytes"),
+    ("f64 ragged", S([1, 10, [0], b"\x00" * 4]), "multiple of 8 bytes"),
+    ("raw bin value", S([1, 11, [0], [b"x"]]), "array of bool/int/float/str"),
+    ("raw nil value", S([1, 11, [0], [None]]), "array of bool/int/float/str"),
+    ("dec32 mantissa beyond 2**53", S([1, 16, [0], [-(2**53) - 1]]), "mantissa is beyond"),
+    ("flags empty", S([1, 7, [0], [1], []]), "non-empty array of [index, flag]"),
+    ("flags odd", S([1, 7, [0], [1], [0]]), "non-empty array of [index, flag]"),
+    ("flags not ints", S([1, 7, [0], [1], ["0", 2]]), "flags must be an array of ints"),
+    ("flag index beyond", S([1, 7, [0], [1], [1, 2]]), "index 1 out of order or beyond 1"),
+    ("flag index repeated", S([1, 7, [0, 1], [1], [0, 2, 0, 19]]), "index 0 out of order"),
+    ("flag zero", S([1, 7, [0], [1], [0, 0]]), "invalid flag 0"),
+    ("flag unknown quality", S([1, 7, [0], [1], [0, 5]]), "invalid flag 5"),
+    ("flag unknown bit", S([1, 7, [0], [1], [0, 34]]), "invalid flag 34"),
+    ("flag negative", S([1, 7, [0], [1], [0, -1]]), "invalid flag -1"),
+]
+
+
+@pytest.mark.parametrize(("case", "data", "message"), BAD, ids=[b[0] for b in BAD])
+def test_strict_decoder(case: str, data: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=re.escape(message)):
+        decode_readings(data, enc="msgpack")
+
+
+def test_each_bad_case_has_its_own_message() -> None:
+    seen: dict[str, str] = {}
+    for case, data, _ in BAD:
+        with pytest.raises(DecodeError) as info:
+            decode_readings(data, enc="msgpack")
+        seen.setdefault(str(info.value), case)
+    assert len(seen) >= len(BAD) - 12  # a few cases share one rule (and one message)
+
+
+def test_unknown_encoding() -> None:
+    with pytest.raises(DecodeError, match="unknown payload encoding 'gzip'"):
+        decode_readings(S([1, 7, [0], [1]]), enc="gzip")
+    with pytest.raises(LocalError, match="unknown payload encoding"):
+        encode_readings([Reading(1, T, 1)], enc="gzip")
+
+
+def test_zlib_bomb_is_capped() -> None:
+    bomb = zlib.compress(b"\x00" * (MAX_PAYLOAD_BYTES + 1), 9)
+    assert len(bomb) < 10_000
+    with pytest.raises(DecodeError, match="inflates beyond"):
+        decode_readings(bomb)
+
+
+def test_zlib_damage() -> None:
+    good = encode_readings([Reading(1, T, 1)])
+    with pytest.raises(DecodeError, match="not valid zlib"):
+        decode_readings(b"\x00" + good)
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_readings(good[:-3])
+    with pytest.raises(DecodeError, match="1 trailing bytes after the zlib payload"):
+        decode_readings(good + b"\x00")
+
+
+def test_oversized_payload_refused_before_inflating() -> None:
+    with pytest.raises(DecodeError, match="exceeds"):
+        decode_readings(b"\x00" * (MAX_PAYLOAD_BYTES + 1), enc="msgpack")
+
+
+def test_times_references_cannot_multiply_readings() -> None:
+    times = list(range(MAX_READINGS // 2))
+    ones = [1] * len(times)
+    big = S([0, 7, times, ones], [1, 7, 0, ones], [2, 7, 0, ones])
+    with pytest.raises(DecodeError, match=f"more than {MAX_READINGS} readings"):
+        decode_readings(big, enc="msgpack")
+
+
+def test_many_empty_arrays_are_refused() -> None:
+    data = pack([T, [1, 11, [0], [[]] * (MAX_READINGS + 2)]])
+    with pytest.raises(DecodeError, match="not valid msgpack"):
+        decode_readings(data, enc="msgpack")
+    nested = pack([T, *([[[]] * MAX_READINGS] * 5)])  # 500 005 arrays, each allowed
+    with pytest.raises(DecodeError, match="too many arrays"):
+        decode_readings(nested, enc="msgpack")
+
+
+# --------------------------------------------------------------------------- encoder refusals
+
+REFUSED: list[tuple[str, list[Reading], str]] = [
+    ("empty", [], "at least one reading"),
+    ("ts negative", [Reading(1, -1, 1)], "timestamp -1"),
+    ("ts too big", [Reading(1, MAX_TS + 1, 1)], "timestamp"),
+    ("ts float", [Reading(1, 1.5, 1)], "timestamp 1.5"),  # type: ignore[arg-type]
+    ("point negative", [Reading(-1, T, 1)], "point id -1"),
+    ("point str", [Reading("a", T, 1)], "point id 'a'"),  # type: ignore[arg-type]
+    ("int too big", [Reading(1, T, 2**64)], "outside msgpack's range"),
+    ("int too big mixed", [Reading(1, T, 2**64), Reading(1, T, "x")], "outside msgpack"),
+    ("bytes value", [Reading(1, T, b"x")], "cannot be encoded"),  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize(("case", "readings", "message"), REFUSED, ids=[r[0] for r in REFUSED])
+def test_encoder_refuses(case: str, readings: list[Reading], message: str) -> None:
+    with pytest.raises(LocalError, match=message.replace("'", ".")):
+        encode_readings(readings)
+
+
+def test_encoder_refuses_too_many() -> None:
+    with pytest.raises(LocalError, match="exceed the limit"):
+        encode_readings([Reading(1, T, 1)] * (MAX_READINGS + 1))
+
+
+def test_encoder_refuses_unknown_quality() -> None:
+    with pytest.raises(ValueError, match="is not a valid Quality"):
+        encode_readings([Reading(1, T, 1, 9)])  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- point table
+
+POINTS = [
+    PointInfo(1, "nm-01", "LAeq", "dB(A)", "noise", "sound_level_meter", "laeq_1s"),
+    PointInfo(10, "ws-02", "temperature", "°C", "weather", "weather_station", "air_temp"),
+]
+
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_points_roundtrip(enc: str) -> None:
+    data = encode_points(POINTS, enc=enc)
+    assert decode_points(data, enc=enc) == POINTS
+    if enc == "msgpack":
+        assert msgpack.unpackb(data) == [
+            [1, "nm-01", "LAeq", "dB(A)", "noise", "sound_level_meter", "laeq_1s"],
+            [10, "ws-02", "temperature", "°C", "weather", "weather_station", "air_temp"],
+        ]
+
+
+@given(
+    st.lists(
+        st.builds(PointInfo, st.integers(0, 2**32 - 1), *[st.text(max_size=8)] * 6),
+        unique_by=lambda p: p.id,
+        max_size=10,
+    )
+)
+def test_points_roundtrip_any(points: list[PointInfo]) -> None:
+    assert decode_points(encode_points(points)) == points
+
+
+BAD_POINTS: list[tuple[str, object, str]] = [
+    ("not array", {"a": 1}, "must be an array of rows"),
+    ("row short", [[1, "a"]], "row 0 must be an array of 7"),
+    ("id str", [["1", "a", "b", "c", "d", "e", "f"]], "row 0: id '1'"),
+    ("id twice", [[1, *"abcdef"], [1, *"abcdef"]], "row 1: id 1 appears twice"),
+    ("field int", [[1, "a", "b", 3, "d", "e", "f"]], "every field but id must be a str"),
+]
+
+
+@pytest.mark.parametrize(("case", "obj", "message"), BAD_POINTS, ids=[b[0] for b in BAD_POINTS])
+def test_points_strict(case: str, obj: object, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        decode_points(pack(obj), enc="msgpack")
+
+
+def test_points_encoder_refuses() -> None:
+    with pytest.raises(LocalError, match="appears twice"):
+        encode_points([POINTS[0], POINTS[0]])
+    with pytest.raises(LocalError, match="must be a str"):
+        encode_points([PointInfo(1, "a", "b", None, "d", "e", "f")])  # type: ignore[arg-type]
+
+
+@given(st.binary(max_size=200), st.sampled_from(ENCODINGS))
+def test_points_fuzz(data: bytes, enc: str) -> None:
+    try:
+        out = decode_points(data, enc=enc)
+    except DecodeError:
+        return
+    assert all(isinstance(p, PointInfo) for p in out)
