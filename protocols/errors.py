@@ -9,6 +9,8 @@ exception code, a key path in a config file), and is raised ``from`` its cause.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
     "ConfigError",
     "DecodeError",
@@ -65,7 +67,7 @@ class SignatureError(ProtocolError):
 class DeviceException(RemoteError):
     """A Modbus device answered with an exception response."""
 
-    NAMES = {
+    NAMES: ClassVar[dict[int, str]] = {
         1: "illegal function",
         2: "illegal data address",
         3: "illegal data value",

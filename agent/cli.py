@@ -1,0 +1,297 @@
+"""The ``vitals`` command line.
+
+The only place that configures logging. Commands that need the simulator (the
+demo, the reference hub, emulated terminals) import it lazily, so the agent on
+a gateway never loads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from protocols.errors import ConfigError, VitalsError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="vitals",
+    help="vitals: the gateway agent of a city's vital-signs sensor network.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check gateway configuration files.", no_args_is_help=True)
+hub_app = typer.Typer(
+    help="The reference hub: verify, deduplicate, store.", invoke_without_command=True
+)
+sim_app = typer.Typer(help="Emulated terminals for benches and tests.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(hub_app, name="hub")
+app.add_typer(sim_app, name="sim")
+
+DEFAULT_CONFIG = Path(os.environ.get("VITALS_CONFIG", "/etc/vitals/gateway.toml"))
+DEFAULT_STATE = Path(os.environ.get("VITALS_STATE_DIR", "/var/lib/vitals"))
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Log to stderr; under systemd (JOURNAL_STREAM set) without our own timestamps."""
+    journald = "JOURNAL_STREAM" in os.environ
+    if fmt == "json":
+
+        class _Json(logging.Formatter):
+            def format(self, r: logging.LogRecord) -> str:
+                return json.dumps(
+                    {
+                        "t": r.created,
+                        "level": r.levelname.lower(),
+                        "logger": r.name,
+                        "msg": r.getMessage(),
+                    }
+                )
+
+        formatter: logging.Formatter = _Json()
+    elif journald:
+        formatter = logging.Formatter("<%(levelno)s>%(name)s: %(message)s")
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        typer.echo(f"hint: {hint}", err=True)
+    return typer.Exit(code)
+
+
+# -- the agent ----------------------------------------------------------------
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="gateway configuration (TOML)")
+    ] = DEFAULT_CONFIG,
+    state_dir: Annotated[Path | None, typer.Option(help="override [gateway] state_dir")] = None,
+    log_level: Annotated[str | None, typer.Option(help="override [log] level")] = None,
+) -> None:
+    """Run the gateway agent until SIGTERM or Ctrl-C."""
+    from dataclasses import replace
+
+    from agent.config import load_config
+    from agent.service import Agent
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    if state_dir is not None:
+        cfg = replace(cfg, gateway=replace(cfg.gateway, state_dir=state_dir))
+    setup_logging(log_level or cfg.log.level, cfg.log.format)
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(cfg).run(stop)
+
+    try:
+        asyncio.run(_main())
+    except VitalsError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def keygen(
+    state_dir: Annotated[Path, typer.Option(help="where the key is kept")] = DEFAULT_STATE,
+) -> None:
+    """Create this gateway's Ed25519 identity (mode 0600) and show its key id."""
+    from agent.state import create_identity
+
+    try:
+        ident = create_identity(state_dir)
+    except VitalsError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"key file     {ident.path}")
+    typer.echo(f"public key   {ident.public_raw.hex()}")
+    typer.echo(f"key id       {ident.kid.hex()}")
+    typer.echo(f"fingerprint  {ident.fingerprint}")
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="gateway configuration (TOML)")],
+) -> None:
+    """Print the resolved configuration (exit 0) or every problem in it (exit 1)."""
+    from agent.config import check
+
+    code, text = check(file)
+    if code:
+        typer.secho(text, fg="red", err=True)
+    else:
+        typer.echo(text)
+    raise typer.Exit(code)
+
+
+# -- the hub ----------------------------------------------------------------
+
+
+def _broker_addr(broker: str) -> tuple[str, int]:
+    host, _, port = broker.rpartition(":")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise _fail(f"--broker {broker!r} is not HOST:PORT") from None
+
+
+@hub_app.callback()
+def hub(
+    ctx: typer.Context,
+    db: Annotated[Path, typer.Option(help="hub database (SQLite)")] = Path("hub.sqlite3"),
+    broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
+    trust: Annotated[
+        list[str] | None, typer.Option(help="enroll GATEWAY=PUBKEYHEX before starting (repeatable)")
+    ] = None,
+    no_shared: Annotated[
+        bool, typer.Option("--no-shared", help="plain subscription (brokers without $share)")
+    ] = False,
+) -> None:
+    """Run a hub worker (several share the load through a shared subscription)."""
+    ctx.obj = {"db": db}
+    if ctx.invoked_subcommand is not None:
+        return
+    from simulator.hub import Hub, HubCore
+
+    setup_logging()
+    host, port = _broker_addr(broker)
+    core = HubCore(db)
+    for item in trust or []:
+        gw, _, hexkey = item.partition("=")
+        try:
+            core.enroll(gw, bytes.fromhex(hexkey))
+        except ValueError:
+            raise _fail(f"--trust {item!r}: expected GATEWAY=64 hex digits") from None
+
+    async def _main() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if task:
+                loop.add_signal_handler(sig, task.cancel)
+        await Hub(core, host=host, port=port, shared=not no_shared).run()
+
+    try:
+        asyncio.run(_main())
+    except asyncio.CancelledError:
+        pass
+    finally:
+        core.close()
+
+
+@hub_app.command("stats")
+def hub_stats_cmd(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """Delivered, duplicate, rejected and missing batches, per gateway."""
+    from simulator.hub import hub_stats
+
+    db: Path = ctx.obj["db"]
+    if not db.exists():
+        raise _fail(f"{db}: no hub database here", "pass --db PATH before 'stats'")
+    stats = hub_stats(db)
+    if as_json:
+        typer.echo(json.dumps(stats))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"hub {db}")
+    for col in ("gateway", "batches", "readings", "epochs", "missing ranges"):
+        t.add_column(col)
+    for gw, g in stats["gateways"].items():
+        missing = sum(len(e["missing"]) for e in g["epochs"].values())
+        t.add_row(gw, str(g["batches"]), str(g["readings"]), str(len(g["epochs"])), str(missing))
+    Console().print(t)
+    typer.echo(
+        f"duplicates dropped: {stats['duplicates']}  rejected: {stats['rejected'] or 'none'}"
+    )
+
+
+# -- the demo and the simulators ------------------------------------------------
+
+
+@app.command()
+def demo(
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON summary at the end")
+    ] = False,
+    broker: Annotated[
+        str | None, typer.Option(help="use this MQTT broker HOST:PORT instead of the embedded one")
+    ] = None,
+) -> None:
+    """Agent, emulated terminals, broker and hub, live. Ctrl-C stops it."""
+    from simulator.demo import run_demo
+
+    setup_logging("warning")
+    summary: dict[str, Any] = asyncio.run(
+        run_demo(duration=duration, broker=broker, live=sys.stderr.isatty() or not as_json)
+    )
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(
+            f"polled {summary['readings_polled']} readings, {summary['readings_verified']} verified at the hub, "
+            f"{summary['readings_lost']} lost, {summary['batches_rejected']} batches rejected"
+        )
+    ok = summary["readings_lost"] == 0 and summary["batches_rejected"] == 0
+    raise typer.Exit(0 if ok else 1)
+
+
+@sim_app.command("tcp")
+def sim_tcp(
+    profile: Annotated[list[str], typer.Option(help="profile to serve (repeatable)")],
+    slave: Annotated[int, typer.Option(help="unit id")] = 1,
+) -> None:
+    """Serve emulated Modbus TCP terminals on free loopback ports until Ctrl-C."""
+    from drivers.profiles import load_profile
+    from simulator.tcp import TcpTerminal
+
+    async def _main() -> None:
+        terms = [TcpTerminal(load_profile(p), slave=slave, seed=i) for i, p in enumerate(profile)]
+        for t in terms:
+            await t.start()
+            typer.echo(f"{t.profile.name} 127.0.0.1:{t.port} unit {slave}")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for t in terms:
+                await t.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The agent: buses, batcher, spool and uplink in one TaskGroup.
+
+``Agent(config).run(stop)`` runs until ``stop`` is set, then stops in order:
+the buses stop polling, the open batch is sealed and spooled, the uplink gets
+``drain_timeout_s`` to publish what the spool holds, and everything closes.
+What the broker has not acknowledged by then stays in the spool for the next
+start: nothing is lost on a stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from agent.batch import Batcher
+from agent.bus import BusPoller, PolledDevice
+from agent.clock import Clock, SystemClock
+from agent.config import BusConfig, Config
+from agent.spool import Spool
+from agent.state import Identity, load_identity, next_epoch
+from agent.transport import ModbusLink
+from agent.uplink import Uplink, UplinkSettings
+from protocols import envelope
+from protocols.payload import PointInfo
+
+__all__ = ["Agent", "link_for"]
+
+log = logging.getLogger(__name__)
+
+
+def link_for(bus: BusConfig) -> ModbusLink:
+    """The Modbus link a bus of the configuration describes."""
+    if bus.kind == "tcp":
+        return ModbusLink.tcp(bus.host, bus.tcp_port, timeout_s=bus.timeout_s)
+    if bus.kind == "rtu-over-tcp":
+        return ModbusLink.tcp(bus.host, bus.tcp_port, timeout_s=bus.timeout_s, rtu_framing=True)
+    return ModbusLink.serial(
+        bus.port,
+        baud=bus.baud,
+        parity=bus.parity,
+        stopbits=bus.stopbits,
+        bytesize=bus.bytesize,
+        timeout_s=bus.timeout_s,
+    )
+
+
+class Agent:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        identity: Identity | None = None,
+        links: Mapping[str, ModbusLink] | None = None,
+        drain_timeout_s: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self._identity = identity
+        self._links = dict(links or {})
+        self.drain_timeout_s = drain_timeout_s
+        self.started = time.time()
+        self.epoch = 0
+        self.spool: Spool | None = None
+        self.batcher: Batcher | None = None
+        self.uplink: Uplink | None = None
+        self.pollers: list[BusPoller] = []
+        self.ready = asyncio.Event()
+        self._closing = False
+
+    def _meta(self, identity: Identity, epoch: int) -> bytes:
+        points = [
+            PointInfo(
+                id=pid,
+                device=dev.name,
+                name=p.spec.name,
+                unit=p.unit,
+                domain=p.domain,
+                cls=p.cls,
+                indicator=p.indicator,
+            )
+            for pid, (dev, p) in sorted(self.config.points.items())
+        ]
+        return envelope.seal_meta(
+            points, gateway=self.config.gateway.id, key=identity.private_key, epoch=epoch
+        )
+
+    async def _setup(self) -> None:
+        cfg = self.config
+        state = cfg.gateway.state_dir
+        identity = self._identity
+        if identity is None:
+            identity = await asyncio.to_thread(load_identity, state)
+        self.epoch = await asyncio.to_thread(next_epoch, state)
+        self.spool = await Spool.open(
+            state / "spool.sqlite3", durability=cfg.spool.durability, max_bytes=cfg.spool.max_bytes
+        )
+        self.batcher = Batcher(
+            gateway=cfg.gateway.id,
+            key=identity.private_key,
+            epoch=self.epoch,
+            max_readings=cfg.batch.max_readings,
+            max_age_s=cfg.batch.max_age_s,
+            encoding=cfg.batch.encoding,
+            clock=self.clock,
+        )
+        up = cfg.uplink
+        self.uplink = Uplink(
+            UplinkSettings(
+                gateway=cfg.gateway.id,
+                host=up.host,
+                port=up.port,
+                client_id=up.client_id,
+                keepalive_s=up.keepalive_s,
+                prefix=up.topic_prefix,
+                username=up.username or None,
+                password=up.password or None,
+            ),
+            self.spool,
+            meta=self._meta(identity, self.epoch),
+        )
+        ids = {(dev.name, p.spec.name): pid for pid, (dev, p) in cfg.points.items()}
+        for bus in cfg.buses:
+            devices = [
+                PolledDevice(
+                    name=d.name,
+                    slave=d.slave,
+                    interval_s=d.interval_s,
+                    max_registers=d.profile.max_registers,
+                    max_gap=d.profile.max_gap,
+                    points=[(ids[(d.name, p.spec.name)], p) for p in d.profile.points],
+                )
+                for d in cfg.devices
+                if d.bus == bus.name and d.enabled
+            ]
+            if not devices:
+                continue
+            link = self._links.get(bus.name) or link_for(bus)
+            self.pollers.append(
+                BusPoller(
+                    bus.name,
+                    link,
+                    devices,
+                    self.batcher.add,
+                    self.clock,
+                    retries=bus.retries,
+                    inter_frame_s=bus.frame_gap_s,
+                )
+            )
+        log.info(
+            "agent %s epoch %d: %d buses, %d devices, %d points, kid %s",
+            cfg.gateway.id,
+            self.epoch,
+            len(self.pollers),
+            sum(len(p.devices) for p in self.pollers),
+            len(cfg.points),
+            identity.kid.hex(),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._setup()
+        assert self.batcher is not None and self.spool is not None and self.uplink is not None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                pollers = [
+                    tg.create_task(p.run(), name=f"bus[{p.name}].poll") for p in self.pollers
+                ]
+                aging = tg.create_task(self.batcher.run(), name="batch.age")
+                writer = tg.create_task(self._write_spool(), name="spool.write")
+                uplink = tg.create_task(self.uplink.run(), name="uplink.mqtt")
+                self.ready.set()
+                await stop.wait()
+                log.info("stopping: sealing the open batch and draining the spool")
+                for t in [*pollers, aging]:
+                    t.cancel()
+                await asyncio.wait([*pollers, aging])
+                await self.batcher.flush()
+                self._closing = True
+                self.batcher.has_sealed.set()
+                await writer
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.spool.empty.wait(), self.drain_timeout_s)
+                uplink.cancel()
+        finally:
+            left = self.spool.statistics()["depth_batches"]
+            if left:
+                log.warning("%d batches stay in the spool for the next start", left)
+            await self.spool.close()
+
+    async def _write_spool(self) -> None:
+        assert self.batcher is not None and self.spool is not None
+        b = self.batcher
+        while True:
+            items = b.take(64)  # group commit: one fsync for all that waits
+            if items:
+                await self.spool.append([(s.epoch, s.seq, s.n, s.t0, s.data) for s in items])
+                continue
+            if self._closing:
+                return
+            await b.has_sealed.wait()
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "gateway": self.config.gateway.id,
+            "epoch": self.epoch,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+        if self.batcher:
+            out["batch"] = self.batcher.statistics()
+        if self.spool:
+            out["spool"] = self.spool.statistics()
+        if self.uplink:
+            out["uplink"] = self.uplink.statistics()
+        out["buses"] = {p.name: p.statistics() for p in self.pollers}
+        return out

@@ -1,0 +1,75 @@
+"""MQTT topic names of vitals, in one place.
+
+``{prefix}/{gateway}/batch``       signed reading batches, QoS 1
+``{prefix}/{gateway}/meta``        signed point table (retained): names of point ids
+``{prefix}/{gateway}/status``      retained "online"/"offline" (the MQTT will)
+``{prefix}/{gateway}/cmd``         signed commands to the gateway
+``{prefix}/{gateway}/cmd/result``  signed results of commands
+``{prefix}/enroll/{gateway}``      enrollment requests
+The hub subscribes through a shared subscription (``$share/hub/...``) so that
+several hub workers split the load.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "GATEWAY_ID",
+    "batch",
+    "cmd",
+    "cmd_result",
+    "enroll",
+    "gateway_of",
+    "meta",
+    "shared",
+    "status",
+]
+
+DEFAULT_PREFIX = "vitals/v1"
+GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def _check(gateway: str) -> str:
+    if not GATEWAY_ID.fullmatch(gateway):
+        raise ValueError(f"invalid gateway id {gateway!r}: use a-z, 0-9 and '-', at most 63")
+    return gateway
+
+
+def batch(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/{_check(gateway)}/batch"
+
+
+def meta(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/{_check(gateway)}/meta"
+
+
+def status(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/{_check(gateway)}/status"
+
+
+def cmd(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/{_check(gateway)}/cmd"
+
+
+def cmd_result(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/{_check(gateway)}/cmd/result"
+
+
+def enroll(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/enroll/{_check(gateway)}"
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """A shared-subscription filter: the broker splits messages across the group."""
+    return f"$share/{group}/{topic_filter}"
+
+
+def gateway_of(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+    """The gateway id in a per-gateway topic, or None if the topic is not ours."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    gw = topic[len(head) :].split("/", 1)[0]
+    return gw if GATEWAY_ID.fullmatch(gw) else None

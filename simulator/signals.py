@@ -1,0 +1,118 @@
+"""Signal models: values that move like the real quantity.
+
+Each point of a profile gets a model chosen from its taxonomy, unit and type:
+a daily cycle plus mean-reverting noise inside the point's valid range for
+analogue quantities (noise level, temperature, PM2.5, water level...), a
+monotonic counter for totals (rain tips, energy), rare short events for alarm
+bits, a constant for strings. Values are quantised to the point's register
+resolution, so what the emulator serves is exactly representable.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from drivers.profiles import Point
+from protocols.modbus import DataType, PointSpec, Space
+
+__all__ = ["Signal", "raw_limits", "signal_for"]
+
+_RAW: dict[DataType, tuple[int, int]] = {
+    DataType.U16: (0, 2**16 - 1),
+    DataType.I16: (-(2**15), 2**15 - 1),
+    DataType.U32: (0, 2**32 - 1),
+    DataType.I32: (-(2**31), 2**31 - 1),
+    DataType.U64: (0, 2**53),
+    DataType.I64: (-(2**53), 2**53),
+}
+
+_COUNTER_WORDS = ("total", "count", "energy", "tips", "accum", "uptime", "kwh")
+
+
+def raw_limits(spec: PointSpec) -> tuple[float, float] | None:
+    """The engineering-unit range the point's registers can hold, or None (floats)."""
+    lim = _RAW.get(spec.type)
+    if lim is None:
+        return None
+    a, b = lim[0] * spec.scale + spec.offset, lim[1] * spec.scale + spec.offset
+    return (min(a, b), max(a, b))
+
+
+def _quantise(spec: PointSpec, value: float) -> float | int:
+    if spec.type in (DataType.F32, DataType.F64):
+        return value
+    raw = round((value - spec.offset) / spec.scale)
+    lo, hi = _RAW.get(spec.type, (-(2**31), 2**31 - 1))
+    raw = max(lo, min(hi, raw))
+    if spec.scale == 1 and spec.offset == 0:
+        return int(raw)
+    return raw * spec.scale + spec.offset
+
+
+@dataclass
+class Signal:
+    """One point's value over time. ``value(t)`` with t in seconds since the epoch."""
+
+    point: Point
+    kind: str
+    lo: float
+    hi: float
+    rng: random.Random
+    phase: float
+    state: float = 0.0
+    last_t: float = 0.0
+    stuck: bool = False
+    offset: float = 0.0  # scenario drift, in engineering units
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def value(self, t: float | None = None) -> float | int | bool | str:
+        t = time.time() if t is None else t
+        spec = self.point.spec
+        if spec.type is DataType.STRING:
+            return "VT" + format(abs(hash(self.point.spec.name)) % 10**6, "06d")
+        if spec.type in (DataType.BOOL, DataType.BIT):
+            if self.stuck:
+                return bool(self.state)
+            # rare events: about one second in an hour is "on"
+            self.state = 1.0 if self.rng.random() < 1 / 3600 else 0.0
+            return bool(self.state)
+        dt = max(0.0, t - self.last_t) if self.last_t else 1.0
+        self.last_t = t
+        if self.stuck:
+            return _quantise(spec, self.state)
+        if self.kind == "setting":
+            return _quantise(spec, self.lo + (self.hi - self.lo) * 0.25)
+        span = self.hi - self.lo
+        if self.kind == "counter":
+            rate = self.extra.get("rate", span / 86400 / 50 or 0.01)
+            self.state += rate * dt * (0.5 + self.rng.random())
+            return _quantise(spec, min(self.hi, self.lo + self.state))
+        # Ornstein-Uhlenbeck noise around a daily cycle
+        theta, sigma = 0.05, 0.03 * span
+        self.state += -theta * self.state * dt + sigma * math.sqrt(dt) * self.rng.gauss(0, 1) * 0.3
+        day = math.sin(2 * math.pi * ((t % 86400) / 86400) + self.phase)
+        v = self.lo + span * (0.4 + 0.15 * day) + self.state + self.offset
+        return _quantise(spec, min(self.hi, max(self.lo, v)))
+
+
+def signal_for(point: Point, seed: int = 0) -> Signal:
+    """A plausible signal model for ``point``."""
+    spec = point.spec
+    rng = random.Random(f"{seed}:{spec.name}")
+    lo, hi = point.range if point.range else (0.0, 100.0)
+    lim = raw_limits(spec)
+    if lim is not None:
+        lo, hi = max(lo, lim[0]), min(hi, lim[1])
+    if hi <= lo:
+        hi = lo + 1.0
+    name = (spec.name + " " + point.indicator).lower()
+    if spec.space in (Space.HOLDING, Space.COIL) and spec.type is not DataType.STRING:
+        kind = "setting"  # configuration registers hold still
+    elif any(w in name for w in _COUNTER_WORDS):
+        kind = "counter"
+    else:
+        kind = "analogue"
+    return Signal(point, kind, float(lo), float(hi), rng, rng.uniform(0, 2 * math.pi))
