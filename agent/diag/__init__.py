@@ -1,0 +1,27 @@
+"""``vitals diag``: the installer's diagnostics.
+
+One module per command; each exposes a typer command function registered on
+:data:`diag_app` here. The integrator mounts it with
+``app.add_typer(diag_app, name="diag")``.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from agent.diag.probe import probe_command
+
+__all__ = ["diag_app"]
+
+diag_app = typer.Typer(
+    help="Installer diagnostics: ports, bus scan, live read, word order, uplink, support bundle.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+diag_app.command("probe")(probe_command)
+
+
+@diag_app.callback()
+def _diag() -> None:
+    """Installer diagnostics. Every command takes --json; exit 0 ok, 1 failed, 2 usage, 3 port."""
