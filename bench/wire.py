@@ -35,7 +35,7 @@ def mqtt_publish_len(topic: str, payload_len: int, qos: int = 1) -> int:
     """Size of an MQTT 3.1.1 PUBLISH packet (section 3.3)."""
     remaining = 2 + len(topic.encode()) + (2 if qos else 0) + payload_len
     varint = 1
-    while remaining >= 128 ** varint:
+    while remaining >= 128**varint:
         varint += 1
     return 1 + varint + remaining
 
@@ -67,7 +67,11 @@ def realistic_minute(seconds: float = 60.0, seed: int = 7) -> list[Reading]:
                         point_id, point = ids[spec]
                         value = decode(spec, encode(spec, signals[spec].value(ts / 1000)))
                         q = Quality.GOOD
-                        if point.range and not isinstance(value, (str, bool)) and not point.range[0] <= value <= point.range[1]:
+                        if (
+                            point.range
+                            and not isinstance(value, (str, bool))
+                            and not point.range[0] <= value <= point.range[1]
+                        ):
                             q = Quality.OUT_OF_RANGE
                         events.append((ts, Reading(point_id, ts, value, q)))
                 k += 1
@@ -134,22 +138,41 @@ def main(argv: list[str] | None = None) -> int:
     }
     naive = naive_json_per_poll(readings)
     print(f"one minute of the demo's {len(DEMO_DEVICES)} terminals: {len(readings)} readings")
-    print(f"batch rule: {defaults.max_readings} readings or {defaults.max_age_s:g} s (the defaults)")
+    print(
+        f"batch rule: {defaults.max_readings} readings or {defaults.max_age_s:g} s (the defaults)"
+    )
     print()
-    print(f"{'encoding':<14}{'batches':>8}{'per batch':>11}{'envelope B/r':>14}{'wire B/r':>10}{'PUBACK B/r':>12}")
+    print(
+        f"{'encoding':<14}{'batches':>8}{'per batch':>11}{'envelope B/r':>14}{'wire B/r':>10}{'PUBACK B/r':>12}"
+    )
     for enc, m in rows.items():
         print(
             f"{enc:<14}{m['batches']:>8}{m['readings_per_batch']:>11}"
             f"{m['envelope_bytes_per_reading']:>14}{m['wire_bytes_per_reading']:>10}"
             f"{m['puback_bytes_per_reading']:>12}"
         )
-    print(f"{'JSON per poll':<14}{'':>8}{'':>11}{'':>14}{naive:>10}   (ThingsBoard-style, unsigned, for scale)")
+    print(
+        f"{'JSON per poll':<14}{'':>8}{'':>11}{'':>14}{naive:>10}   (ThingsBoard-style, unsigned, for scale)"
+    )
     default = rows[defaults.encoding]
     ok = default["wire_bytes_per_reading"] <= 6.0
-    print(f"\ndefault encoding {defaults.encoding}: {default['wire_bytes_per_reading']} bytes/reading on the wire "
-          f"({'within' if ok else 'OVER'} the 6-byte budget)")
-    print(json.dumps({"bench": "wire", "encoding": defaults.encoding, **default,
-                      "by_encoding": rows, "json_per_poll_bytes_per_value": naive, "budget": 6.0, "ok": ok}))
+    print(
+        f"\ndefault encoding {defaults.encoding}: {default['wire_bytes_per_reading']} bytes/reading on the wire "
+        f"({'within' if ok else 'OVER'} the 6-byte budget)"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "wire",
+                "encoding": defaults.encoding,
+                **default,
+                "by_encoding": rows,
+                "json_per_poll_bytes_per_value": naive,
+                "budget": 6.0,
+                "ok": ok,
+            }
+        )
+    )
     return 0 if ok else 1
 
 

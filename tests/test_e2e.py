@@ -144,9 +144,16 @@ interval_s = 0.2
 """
     )
     vitals = [sys.executable, "-m", "agent"]
-    keygen = subprocess.run([*vitals, "keygen", "--state-dir", str(state)], capture_output=True, text=True)
+    keygen = await asyncio.to_thread(
+        subprocess.run,
+        [*vitals, "keygen", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+    )
     assert keygen.returncode == 0, keygen.stderr
-    pub = next(line.split()[-1] for line in keygen.stdout.splitlines() if line.startswith("public key"))
+    pub = next(
+        line.split()[-1] for line in keygen.stdout.splitlines() if line.startswith("public key")
+    )
     assert os.stat(state / "identity.key").st_mode & 0o777 == 0o600
 
     core = HubCore(tmp_path / "hub.sqlite3")
