@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from agent.diag.probe import probe_command
+from agent.diag.read import read_command
 
 __all__ = ["diag_app"]
 
@@ -20,6 +21,7 @@ diag_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 diag_app.command("probe")(probe_command)
+diag_app.command("read")(read_command)
 
 
 @diag_app.callback()

@@ -9,8 +9,10 @@ with their errno instead of pymodbus' generic "cannot connect".
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ class LinkSettings:
     stopbits: int = 1
     bytesize: int = 8
     timeout_s: float = 1.0
+    rtu_over_tcp: bool = False
 
     @property
     def describe(self) -> str:
@@ -89,7 +92,8 @@ def _errno_of(exc: BaseException) -> int | None:
 
 async def open_link(s: LinkSettings) -> ModbusLink:
     if s.host:
-        link = ModbusLink.tcp(s.host, s.tcp_port, timeout_s=s.timeout_s)
+        await _check_tcp(s.host, s.tcp_port, s.timeout_s)
+        link = ModbusLink.tcp(s.host, s.tcp_port, timeout_s=s.timeout_s, rtu_framing=s.rtu_over_tcp)
     elif s.port:
         check_serial_port(s.port, baud=s.baud, parity=s.parity, stopbits=s.stopbits)
         link = ModbusLink.serial(
@@ -114,6 +118,29 @@ async def open_link(s: LinkSettings) -> ModbusLink:
             PORT,
         ) from None
     return link
+
+
+async def _check_tcp(host: str, port: int, timeout_s: float) -> None:
+    """Connect once ourselves so a refused or unreachable endpoint says why."""
+    where = f"{host}:{port}"
+    try:
+        async with asyncio.timeout(max(timeout_s, 1.0)):
+            _, writer = await asyncio.open_connection(host, port)
+    except TimeoutError:
+        raise DiagError(
+            f"{where}: no connection within {max(timeout_s, 1.0):g} s",
+            "check the IP address, the cabling and that the device is powered",
+            PORT,
+        ) from None
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            raise DiagError(
+                f"{host}: unknown host", "check the name or use the IP address", PORT
+            ) from None
+        raise explain_os_error(where, exc) from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 @contextlib.contextmanager

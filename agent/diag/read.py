@@ -1,0 +1,375 @@
+"""``vitals diag read``: live decoded values of one device.
+
+The device is named on the command line (``--port``/``--host`` plus
+``--slave`` and ``--profile``) or taken from the gateway configuration
+(``--device NAME --config F``: its bus settings, slave and profile). Each
+sample reads the profile's points with the fewest requests
+(:func:`protocols.modbus.plan`), through the same :class:`ModbusLink` the agent
+polls with, and shows every point with its unit, quality (as the agent would
+flag it) and the response time of its request. ``--json`` prints one JSON
+object per sample on its own line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from agent.diag._common import FAILED, OK, DiagError, console, die, emit_json
+from agent.diag._link import LinkSettings, open_link
+from agent.transport import LinkDown, ModbusLink, TransportError
+from drivers.profiles import Point, Profile, load_profile
+from protocols.errors import ConfigError, DecodeError, DeviceException
+from protocols.modbus import ReadRequest, decode_response, plan
+from protocols.reading import Quality
+
+__all__ = ["PointSample", "Sample", "Target", "read_command", "read_sample", "resolve_target"]
+
+_QUALITY = {
+    Quality.GOOD: "good",
+    Quality.OUT_OF_RANGE: "out-of-range",
+    Quality.STALE: "stale",
+    Quality.COMM_ERROR: "comm-error",
+}
+_STYLE = {
+    Quality.GOOD: "green",
+    Quality.OUT_OF_RANGE: "yellow",
+    Quality.STALE: "yellow",
+    Quality.COMM_ERROR: "red",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What to read: a link, a slave and a profile."""
+
+    link: LinkSettings
+    slave: int
+    profile: Profile
+    label: str
+    interval_s: float
+
+
+@dataclass(slots=True)
+class PointSample:
+    point: Point
+    value: float | int | bool | str | None
+    quality: Quality
+    rtt_ms: float | None
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Sample:
+    n: int
+    ts: float
+    points: list[PointSample] = field(default_factory=list)
+
+    @property
+    def answered(self) -> bool:
+        return any(p.quality is not Quality.COMM_ERROR for p in self.points)
+
+    def to_dict(self, target: Target) -> dict[str, Any]:
+        return {
+            "sample": self.n,
+            "ts": round(self.ts, 3),
+            "device": target.label,
+            "slave": target.slave,
+            "profile": target.profile.name,
+            "points": {
+                p.point.name: {
+                    "value": _json_value(p.value),
+                    "unit": p.point.unit,
+                    "quality": _QUALITY[p.quality],
+                    "rtt_ms": None if p.rtt_ms is None else round(p.rtt_ms, 2),
+                    **({"error": p.error} if p.error else {}),
+                }
+                for p in self.points
+            },
+        }
+
+
+def _json_value(v: object) -> object:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _quality(point: Point, value: object) -> Quality:
+    if isinstance(value, float) and not math.isfinite(value):
+        return Quality.OUT_OF_RANGE
+    if point.range is not None and isinstance(value, int | float) and not isinstance(value, bool):
+        return Quality.GOOD if point.in_range(float(value)) else Quality.OUT_OF_RANGE
+    return Quality.GOOD
+
+
+async def read_sample(
+    link: ModbusLink, slave: int, profile: Profile, requests: list[ReadRequest], n: int
+) -> Sample:
+    """One pass over ``requests``; a failed request marks its points comm-error."""
+    by_spec = {p.spec: p for p in profile.points}
+    sample = Sample(n=n, ts=time.time())
+    silent = False
+    for req in requests:
+        if silent:
+            sample.points += [
+                PointSample(by_spec[s], None, Quality.COMM_ERROR, None, "not tried: no answer")
+                for s in req.points
+            ]
+            continue
+        t0 = time.perf_counter()
+        try:
+            regs = await link.read(req.space, req.address, req.count, slave)
+            values = decode_response(req, regs)
+        except (TransportError, DeviceException, DecodeError) as exc:
+            rtt = (time.perf_counter() - t0) * 1000
+            text = "no answer" if not isinstance(exc, DeviceException | DecodeError) else str(exc)
+            if isinstance(exc, LinkDown):
+                text = f"link down: {exc}"
+            silent = isinstance(exc, TransportError)
+            sample.points += [
+                PointSample(
+                    by_spec[s],
+                    None,
+                    Quality.COMM_ERROR,
+                    None if silent else rtt,
+                    text,
+                )
+                for s in req.points
+            ]
+            continue
+        rtt = (time.perf_counter() - t0) * 1000
+        for spec, value in values:
+            point = by_spec[spec]
+            if isinstance(value, DecodeError):
+                sample.points.append(PointSample(point, None, Quality.COMM_ERROR, rtt, str(value)))
+            else:
+                sample.points.append(PointSample(point, value, _quality(point, value), rtt))
+    order = {p.spec: i for i, p in enumerate(profile.points)}
+    sample.points.sort(key=lambda p: order[p.point.spec])
+    return sample
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def render(target: Target, sample: Sample | None, samples: int | None) -> Group:
+    of = f"/{samples}" if samples else ""
+    n = sample.n if sample else 0
+    head = Text.assemble(
+        (f"{target.label}", "bold"),
+        f"  slave {target.slave}  profile {target.profile.name} ({target.profile.model})  ",
+        f"sample {n}{of}",
+    )
+    t = Table(expand=False)
+    t.add_column("point")
+    t.add_column("value", justify="right")
+    t.add_column("unit")
+    t.add_column("quality")
+    t.add_column("rtt ms", justify="right")
+    t.add_column("note")
+    if sample is not None:
+        for p in sample.points:
+            rtt = "" if p.rtt_ms is None else f"{p.rtt_ms:.1f}"
+            rng = p.point.range
+            note = p.error or (f"valid {rng[0]:g}..{rng[1]:g}" if rng else "")
+            t.add_row(
+                p.point.name,
+                _fmt(p.value),
+                p.point.unit,
+                Text(_QUALITY[p.quality], style=_STYLE[p.quality]),
+                rtt,
+                note,
+            )
+    return Group(head, t)
+
+
+def resolve_target(
+    *,
+    device: str | None,
+    config: Path | None,
+    port: str | None,
+    host: str | None,
+    tcp_port: int,
+    slave: int | None,
+    profile: str | None,
+    baud: int | None,
+    parity: str | None,
+    stopbits: int | None,
+    timeout: float | None,
+    interval: float | None,
+) -> Target:
+    """The device to read, from the command line or the gateway configuration."""
+    if device:
+        from agent.config import load_config
+
+        cfg_path = config or Path("/etc/vitals/gateway.toml")
+        try:
+            cfg = load_config(cfg_path)
+        except ConfigError as exc:
+            first = exc.problems[0] if exc.problems else (str(cfg_path), "invalid")
+            raise DiagError(
+                f"{first[0]}: {first[1]}",
+                f"see every problem with 'vitals config check {cfg_path}'",
+            ) from None
+        dev = next((d for d in cfg.devices if d.name == device), None)
+        if dev is None:
+            names = ", ".join(d.name for d in cfg.devices) or "(none)"
+            raise DiagError(f"no device named {device!r} in {cfg_path}", f"devices: {names}", 2)
+        bus = next(b for b in cfg.buses if b.name == dev.bus)
+        link = LinkSettings(
+            port=bus.port or None,
+            host=bus.host or None,
+            tcp_port=bus.tcp_port,
+            baud=baud or bus.baud,
+            parity=(parity or bus.parity).upper(),
+            stopbits=stopbits or bus.stopbits,
+            bytesize=bus.bytesize,
+            timeout_s=timeout or bus.timeout_s,
+            rtu_over_tcp=bus.kind == "rtu-over-tcp",
+        )
+        return Target(
+            link=link,
+            slave=slave or dev.slave,
+            profile=dev.profile,
+            label=f"{dev.name} on {link.describe}",
+            interval_s=interval or dev.interval_s,
+        )
+    if not profile:
+        raise DiagError("which profile?", "pass --profile NAME (or --device NAME --config F)", 2)
+    if not port and not host:
+        raise DiagError("which port?", "pass --port /dev/ttyUSB0 or --host H --tcp-port P", 2)
+    try:
+        prof = load_profile(profile)
+    except ConfigError as exc:
+        raise DiagError(str(exc).splitlines()[0], "list them in drivers/profiles/", 2) from None
+    p = (parity or "E").upper()
+    if p not in ("N", "E", "O"):
+        raise DiagError(f"--parity {parity}: expected N, E or O", "", 2)
+    link = LinkSettings(
+        port=port,
+        host=host,
+        tcp_port=tcp_port,
+        baud=baud or 9600,
+        parity=p,
+        stopbits=stopbits or 1,
+        timeout_s=timeout or 1.0,
+    )
+    return Target(
+        link=link,
+        slave=slave or 1,
+        profile=prof,
+        label=link.describe,
+        interval_s=interval or prof.interval_s,
+    )
+
+
+async def _run(target: Target, samples: int | None, as_json: bool) -> int:
+    prof = target.profile
+    requests = plan(prof.specs, max_registers=prof.max_registers, max_gap=prof.max_gap)
+    link = await open_link(target.link)
+    answered = 0
+    n = 0
+    live: Live | None = None
+    try:
+        if not as_json:
+            live = Live(
+                render(target, None, samples),
+                console=console(),
+                refresh_per_second=8,
+                transient=False,
+                auto_refresh=False,
+            )
+            live.start()
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while samples is None or n < samples:
+            n += 1
+            sample = await read_sample(link, target.slave, prof, requests, n)
+            answered += sample.answered
+            if live is not None:
+                live.update(render(target, sample, samples), refresh=True)
+            else:
+                emit_json(sample.to_dict(target))
+            if samples is not None and n >= samples:
+                break
+            next_at += target.interval_s
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+    finally:
+        if live is not None:
+            live.stop()
+        link.close()
+    if answered == 0:
+        if not as_json:
+            console(stderr=True).print(
+                f"[red]slave {target.slave} did not answer[/]; hint: check the slave address, "
+                "baud and parity ('vitals diag scan' finds them) and the A/B wiring"
+            )
+        return FAILED
+    return OK
+
+
+def read_command(
+    port: Annotated[str | None, typer.Option(help="serial port, e.g. /dev/ttyUSB0")] = None,
+    host: Annotated[str | None, typer.Option(help="Modbus TCP host")] = None,
+    tcp_port: Annotated[int, typer.Option(help="Modbus TCP port")] = 502,
+    slave: Annotated[int | None, typer.Option(help="slave address / unit id (default 1)")] = None,
+    profile: Annotated[str | None, typer.Option(help="device profile name or file")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="a device of the gateway configuration")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="gateway configuration (with --device)")
+    ] = None,
+    baud: Annotated[int | None, typer.Option(help="baud rate (default 9600)")] = None,
+    parity: Annotated[str | None, typer.Option(help="N, E or O (default E)")] = None,
+    stopbits: Annotated[int | None, typer.Option(help="1 or 2")] = None,
+    timeout: Annotated[float | None, typer.Option(help="response timeout, seconds")] = None,
+    interval: Annotated[
+        float | None, typer.Option(help="seconds between samples (default: the profile's)")
+    ] = None,
+    samples: Annotated[int | None, typer.Option(help="stop after this many samples")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object per sample per line")
+    ] = False,
+) -> None:
+    """Live table of a device's decoded points: value, unit, quality, response time."""
+    try:
+        target = resolve_target(
+            device=device,
+            config=config,
+            port=port,
+            host=host,
+            tcp_port=tcp_port,
+            slave=slave,
+            profile=profile,
+            baud=baud,
+            parity=parity,
+            stopbits=stopbits,
+            timeout=timeout,
+            interval=interval,
+        )
+        code = OK
+        with contextlib.suppress(KeyboardInterrupt):
+            code = asyncio.run(_run(target, samples, as_json))
+    except DiagError as exc:
+        die(exc, as_json=as_json)
+    raise typer.Exit(code)
