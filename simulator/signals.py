@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from drivers.profiles import Point
-from protocols.modbus import DataType, PointSpec, Space
+from drivers.profiles import Point, Profile
+from protocols.modbus import DataType, PointSpec, Space, encode, register_count
 
-__all__ = ["Signal", "raw_limits", "signal_for"]
+__all__ = ["IllegalAddress", "ProfileRegisters", "Signal", "raw_limits", "signal_for"]
 
 _RAW: dict[DataType, tuple[int, int]] = {
     DataType.U16: (0, 2**16 - 1),
@@ -116,3 +117,80 @@ def signal_for(point: Point, seed: int = 0) -> Signal:
     else:
         kind = "analogue"
     return Signal(point, kind, float(lo), float(hi), rng, rng.uniform(0, 2 * math.pi))
+
+
+class ProfileRegisters:
+    """The four register spaces of one emulated terminal, served live.
+
+    ``read(space, address, count)`` returns the words (or bits) a device of
+    ``profile`` would answer, each point's registers encoded from its signal
+    at that instant; registers inside the device's map that no point uses
+    read 0 (a planner may read through such holes). A read that leaves the
+    map raises :class:`IllegalAddress` (exception 02), as real devices do.
+    Writes land in the registers and hold until overwritten.
+    """
+
+    def __init__(self, profile: Profile, *, seed: int = 0) -> None:
+        self.profile = profile
+        self.signals: dict[str, Signal] = {p.spec.name: signal_for(p, seed) for p in profile.points}
+        self._points: dict[Space, list[tuple[int, int, Point, Signal]]] = {s: [] for s in Space}
+        self._span: dict[Space, tuple[int, int]] = {}
+        for p in profile.points:
+            n = register_count(p.spec)
+            self._points[p.spec.space].append((p.spec.address, n, p, self.signals[p.spec.name]))
+        for space, pts in self._points.items():
+            pts.sort(key=lambda x: x[0])
+            if pts:
+                self._span[space] = (pts[0][0], max(a + n for a, n, _, _ in pts))
+        self.written: dict[tuple[Space, int], int] = {}
+        self.reads = 0
+
+    def span(self, space: Space) -> tuple[int, int] | None:
+        """``(first, end)`` addresses of ``space`` in the map, or None if unused."""
+        return self._span.get(space)
+
+    def read(self, space: Space, address: int, count: int, t: float | None = None) -> list[int]:
+        span = self._span.get(space)
+        if span is None or address < span[0] or address + count > span[1]:
+            raise IllegalAddress(space, address, count)
+        self.reads += 1
+        t = time.time() if t is None else t
+        out = [0] * count
+        end = address + count
+        for a, n, p, sig in self._points[space]:
+            if a >= end:
+                break
+            if a + n <= address:
+                continue
+            words = encode(p.spec, sig.value(t))
+            if space.is_bits:
+                words = [int(bool(words[0]))]
+            for i, w in enumerate(words):
+                j = a + i - address
+                if 0 <= j < count:
+                    out[j] = w | out[j] if p.spec.type is DataType.BIT else w
+        if self.written:
+            for i in range(count):
+                held = self.written.get((space, address + i))
+                if held is not None:
+                    out[i] = held
+        return out
+
+    def write(self, space: Space, address: int, words: Sequence[int]) -> None:
+        span = self._span.get(space)
+        if (
+            space not in (Space.HOLDING, Space.COIL)
+            or span is None
+            or address < span[0]
+            or address + len(words) > span[1]
+        ):
+            raise IllegalAddress(space, address, len(words))
+        for i, w in enumerate(words):
+            self.written[(space, address + i)] = w
+
+
+class IllegalAddress(Exception):
+    """A request outside the emulated device's map: answer exception 02."""
+
+    def __init__(self, space: Space, address: int, count: int) -> None:
+        super().__init__(f"{space} {address}+{count} is outside the map")
