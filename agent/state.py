@@ -22,18 +22,28 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from protocols.errors import LocalError
 
 __all__ = [
+    "HUB_KEY_FILE",
     "KEY_FILE",
+    "PENDING_KEY_FILE",
     "Identity",
     "IdentityError",
+    "commit_pending_key",
     "create_identity",
+    "create_pending_key",
+    "discard_pending_key",
+    "load_hub_key",
     "load_identity",
+    "load_pending_key",
     "next_epoch",
     "public_key_raw",
+    "save_hub_key",
 ]
 
 log = logging.getLogger(__name__)
 
 KEY_FILE = "identity.key"
+PENDING_KEY_FILE = "identity.key.new"  # a rotation in progress: enrolled, not yet in use
+HUB_KEY_FILE = "hub.pub"  # the hub's public key (hex), learnt at enrollment
 EPOCH_FILE = "epoch"
 
 
@@ -71,18 +81,23 @@ class Identity:
         h = hashlib.sha256(self.public_raw).hexdigest()
         return ":".join(h[i : i + 4] for i in range(0, 32, 4))
 
+    @property
+    def default_gateway_id(self) -> str:
+        """A gateway id derived from the key, for a gateway provisioned without one."""
+        return f"gw-{self.kid.hex()[:12]}"
+
     def __repr__(self) -> str:  # never print key material
         return f"Identity(path={str(self.path)!r}, kid={self.kid.hex()})"
 
+    __str__ = __repr__
 
-def create_identity(state_dir: Path, *, exist_ok: bool = False) -> Identity:
-    """Create a new identity key in ``state_dir`` with mode 0600.
+    def __reduce__(self) -> str | tuple[object, ...]:  # no pickling a private key by accident
+        raise TypeError("an Identity holds a private key and is not picklable")
 
-    Refuses to overwrite an existing key unless ``exist_ok``, in which case the
-    existing key is loaded and returned.
-    """
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / KEY_FILE
+
+def _write_new_key(path: Path) -> Ed25519PrivateKey | None:
+    """A new key written to ``path`` (mode 0600, fsynced); None if ``path`` exists."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -92,28 +107,41 @@ def create_identity(state_dir: Path, *, exist_ok: bool = False) -> Identity:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        if exist_ok:
-            return load_identity(state_dir)
-        raise IdentityError(
-            f"{path}: an identity key exists already; remove it first if you really "
-            "mean to replace this gateway's identity (the hub will not know the new one)"
-        ) from None
+        return None
     try:
         os.write(fd, pem)
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(state_dir)
-    log.info(
-        "created identity key %s (kid %s)",
-        path,
-        hashlib.sha256(public_key_raw(key.public_key())).hexdigest()[:16],
-    )
-    return Identity(key, path)
+    _fsync_dir(path.parent)
+    return key
+
+
+def create_identity(state_dir: Path, *, exist_ok: bool = False) -> Identity:
+    """Create a new identity key in ``state_dir`` with mode 0600.
+
+    Refuses to overwrite an existing key unless ``exist_ok``, in which case the
+    existing key is loaded and returned.
+    """
+    path = state_dir / KEY_FILE
+    key = _write_new_key(path)
+    if key is None:
+        if exist_ok:
+            return load_identity(state_dir)
+        raise IdentityError(
+            f"{path}: an identity key exists already; remove it first if you really "
+            "mean to replace this gateway's identity (the hub will not know the new one)"
+        )
+    ident = Identity(key, path)
+    log.info("created identity key %s (kid %s)", path, ident.kid.hex())
+    return ident
 
 
 def load_identity(state_dir: Path) -> Identity:
-    path = state_dir / KEY_FILE
+    return _load_key(state_dir / KEY_FILE, state_dir)
+
+
+def _load_key(path: Path, state_dir: Path) -> Identity:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -136,6 +164,80 @@ def load_identity(state_dir: Path) -> Identity:
     if not isinstance(key, Ed25519PrivateKey):
         raise IdentityError(f"{path}: the key is not an Ed25519 key")
     return Identity(key, path)
+
+
+# -- key rotation: identity.key.new is enrolled first, then replaces identity.key
+
+
+def create_pending_key(state_dir: Path) -> Identity:
+    """The key a rotation enrolls: created (0600) once, reused on a retry."""
+    path = state_dir / PENDING_KEY_FILE
+    key = _write_new_key(path)
+    if key is None:
+        return _load_key(path, state_dir)
+    ident = Identity(key, path)
+    log.info("created the next identity key %s (kid %s)", path, ident.kid.hex())
+    return ident
+
+
+def load_pending_key(state_dir: Path) -> Identity | None:
+    path = state_dir / PENDING_KEY_FILE
+    return _load_key(path, state_dir) if path.exists() else None
+
+
+def commit_pending_key(state_dir: Path) -> Identity:
+    """Make the pending key the identity (atomic rename); the old key is gone."""
+    pending = state_dir / PENDING_KEY_FILE
+    ident = _load_key(pending, state_dir)  # the same checks before it is trusted
+    os.replace(pending, state_dir / KEY_FILE)
+    _fsync_dir(state_dir)
+    log.info("identity key rotated: kid %s is now in use", ident.kid.hex())
+    return Identity(ident.private_key, state_dir / KEY_FILE)
+
+
+def discard_pending_key(state_dir: Path) -> None:
+    (state_dir / PENDING_KEY_FILE).unlink(missing_ok=True)
+
+
+# -- the hub's public key: learnt from a signed enrollment result
+
+
+def save_hub_key(state_dir: Path, public_raw: bytes) -> Path:
+    """Keep the hub's raw public key (hex, one line); it verifies commands."""
+    if len(public_raw) != 32:
+        raise IdentityError("a hub public key is 32 raw bytes")
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / HUB_KEY_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, public_raw.hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(state_dir)
+    return path
+
+
+def load_hub_key(state_dir: Path) -> bytes | None:
+    """The hub's raw public key, or None before enrollment."""
+    path = state_dir / HUB_KEY_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise IdentityError(f"{path}: not a hub public key (64 hex digits)")
+    if os.stat(path).st_mode & stat.S_IWOTH or (
+        hasattr(os, "geteuid") and os.stat(path).st_uid != os.geteuid()
+    ):
+        raise IdentityError(f"{path}: writable by others or owned by another user; refusing")
+    return raw
 
 
 def next_epoch(state_dir: Path) -> int:

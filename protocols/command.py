@@ -1,0 +1,214 @@
+"""Signed commands from the hub, and the gateway's signed results (sans-IO).
+
+Two message kinds on the envelope of :mod:`protocols.envelope` (specified in
+``docs/security.md``, section "Commands").
+
+``vitals/cmd/v1`` — signed by the hub key, on ``{prefix}/{gw}/cmd``::
+
+    gw   str    the target gateway
+    kid  bin 8  the hub key's id
+    id   bin 16 command id (random, unique)
+    op   str    ping | read | write | reload | log_level
+    t    int    hub time at issue, ms
+    exp  int    expiry, ms: the gateway refuses the command from then on
+
+The payload is a msgpack map of the operation's arguments (``{}`` for none).
+
+``vitals/cmd-result/v1`` — signed by the gateway key, on ``{prefix}/{gw}/cmd/result``::
+
+    gw      str    the gateway
+    kid     bin 8  the gateway key's id
+    id      bin    the command id ("" when the command could not be parsed)
+    status  str    "ok", or "refused" (never executed), or "failed" (executed, went wrong)
+    reason  str    why ("" when ok): malformed, unknown_key, bad_signature,
+                   misaddressed, expired, replayed, too_long, unknown_op,
+                   bad_args, not_writable, out_of_range, ...
+    t       int    gateway time, ms
+
+The payload is the msgpack encoding of the operation's answer (``nil`` when none).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocols.envelope import (
+    MAX_GATEWAY_LEN,
+    PublicKeyLike,
+    SignedMessage,
+    key_id,
+    parse_message,
+    sign_message,
+)
+from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
+
+__all__ = [
+    "CMD_DOMAIN",
+    "OPS",
+    "RESULT_DOMAIN",
+    "Command",
+    "CommandResult",
+    "command",
+    "parse_command",
+    "parse_result",
+    "result",
+]
+
+CMD_DOMAIN: Final = "vitals/cmd/v1"
+RESULT_DOMAIN: Final = "vitals/cmd-result/v1"
+OPS: Final = ("ping", "read", "write", "reload", "log_level")
+STATUSES: Final = ("ok", "refused", "failed")
+MAX_ARGS_BYTES: Final = 64 * 1024
+_ID_LEN: Final = 16
+
+_CMD_SCHEMA: Final = {"gw": str, "kid": bytes, "id": bytes, "op": str, "t": int, "exp": int}
+_RESULT_SCHEMA: Final = {
+    "gw": str,
+    "kid": bytes,
+    "id": bytes,
+    "status": str,
+    "reason": str,
+    "t": int,
+}
+
+
+def _pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A parsed command: well formed, signature not yet verified, args not yet decoded."""
+
+    gw: str
+    kid: bytes
+    id: bytes
+    op: str
+    t: int
+    exp: int
+    message: SignedMessage
+
+    def verify(self, hub_public: PublicKeyLike) -> None:
+        if key_id(hub_public) != self.kid:
+            raise SignatureError("command kid is not the hub key's")
+        self.message.verify(CMD_DOMAIN, hub_public)
+
+    def args(self) -> dict[str, Any]:
+        """The argument map (str keys); :class:`DecodeError` if it is not one."""
+        try:
+            obj = msgpack.unpackb(
+                self.message.payload, raw=False, strict_map_key=True, max_ext_len=0
+            )
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise DecodeError(f"command arguments are not msgpack: {exc}") from exc
+        if type(obj) is not dict:
+            raise DecodeError("command arguments must be a msgpack map")
+        return obj
+
+
+def command(
+    op: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    gateway: str,
+    hub_key: Ed25519PrivateKey,
+    now_ms: int,
+    ttl_ms: int = 60_000,
+    command_id: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """``(wire bytes, command id)`` of a signed command for ``gateway``."""
+    if op not in OPS:
+        raise LocalError(f"unknown command {op!r}; one of {', '.join(OPS)}")
+    cid = command_id if command_id is not None else secrets.token_bytes(_ID_LEN)
+    payload = _pack(dict(args or {}))
+    if len(payload) > MAX_ARGS_BYTES:
+        raise LocalError(f"command arguments exceed {MAX_ARGS_BYTES} bytes")
+    protected: dict[str, str | bytes | int] = {
+        "gw": gateway,
+        "kid": key_id(hub_key),
+        "id": cid,
+        "op": op,
+        "t": now_ms,
+        "exp": now_ms + ttl_ms,
+    }
+    return sign_message(CMD_DOMAIN, protected, payload, hub_key), cid
+
+
+def parse_command(data: bytes) -> Command:
+    """Structure only; :class:`FrameError` names what is malformed."""
+    msg = parse_message(data)
+    f = msg.fields(_CMD_SCHEMA)
+    cmd = Command(message=msg, **f)  # type: ignore[arg-type]  # types checked by fields()
+    if not 1 <= len(cmd.gw) <= MAX_GATEWAY_LEN:
+        raise FrameError(f"protected header: gw must be 1 to {MAX_GATEWAY_LEN} chars")
+    if len(cmd.kid) != 8:
+        raise FrameError("protected header: kid must be 8 bytes")
+    if len(cmd.id) != _ID_LEN:
+        raise FrameError(f"protected header: id must be {_ID_LEN} bytes")
+    if len(msg.payload) > MAX_ARGS_BYTES:
+        raise FrameError(f"command arguments exceed {MAX_ARGS_BYTES} bytes")
+    return cmd
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    gw: str
+    kid: bytes
+    id: bytes
+    status: str
+    reason: str
+    t: int
+    message: SignedMessage
+
+    def verify(self, gateway_public: PublicKeyLike) -> None:
+        if key_id(gateway_public) != self.kid:
+            raise SignatureError("result kid is not the gateway key's")
+        self.message.verify(RESULT_DOMAIN, gateway_public)
+
+    def value(self) -> Any:
+        """The operation's answer, decoded."""
+        try:
+            return msgpack.unpackb(self.message.payload, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise DecodeError(f"result value is not msgpack: {exc}") from exc
+
+
+def result(
+    *,
+    gateway: str,
+    key: Ed25519PrivateKey,
+    command_id: bytes,
+    status: str,
+    reason: str = "",
+    value: object = None,
+    now_ms: int,
+) -> bytes:
+    """The gateway's signed result of a command."""
+    if status not in STATUSES:
+        raise LocalError(f"status must be one of {', '.join(STATUSES)}")
+    protected: dict[str, str | bytes | int] = {
+        "gw": gateway,
+        "kid": key_id(key),
+        "id": command_id,
+        "status": status,
+        "reason": reason[:512],
+        "t": now_ms,
+    }
+    return sign_message(RESULT_DOMAIN, protected, _pack(value), key)
+
+
+def parse_result(data: bytes) -> CommandResult:
+    msg = parse_message(data)
+    f = msg.fields(_RESULT_SCHEMA)
+    res = CommandResult(message=msg, **f)  # type: ignore[arg-type]  # types checked by fields()
+    if res.status not in STATUSES:
+        raise FrameError(f"protected header: unknown status {res.status!r}")
+    if len(res.kid) != 8:
+        raise FrameError("protected header: kid must be 8 bytes")
+    return res
