@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from agent.batch import Batcher
@@ -23,8 +24,9 @@ from agent.config import BusConfig, Config
 from agent.spool import Spool
 from agent.state import Identity, load_identity, next_epoch
 from agent.transport import ModbusLink
-from agent.uplink import Uplink, UplinkSettings
+from agent.uplink import GapSigner, Uplink, UplinkSettings
 from protocols import envelope
+from protocols.gap import GapRange, seal_gap
 from protocols.payload import PointInfo
 
 __all__ = ["Agent", "link_for"]
@@ -57,12 +59,16 @@ class Agent:
         identity: Identity | None = None,
         links: Mapping[str, ModbusLink] | None = None,
         drain_timeout_s: float = 10.0,
+        uplink_overrides: Mapping[str, Any] | None = None,
+        spool_max_pages: int | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self._identity = identity
         self._links = dict(links or {})
         self.drain_timeout_s = drain_timeout_s
+        self._uplink_overrides = dict(uplink_overrides or {})
+        self._spool_max_pages = spool_max_pages
         self.started = time.time()
         self.epoch = 0
         self.spool: Spool | None = None
@@ -89,6 +95,14 @@ class Agent:
             points, gateway=self.config.gateway.id, key=identity.private_key, epoch=epoch
         )
 
+    def _gap_signer(self, identity: Identity, epoch: int) -> GapSigner:
+        gateway, key = self.config.gateway.id, identity.private_key
+
+        def sign(ranges: Sequence[GapRange]) -> bytes:
+            return seal_gap(ranges, gateway=gateway, key=key, epoch=epoch)
+
+        return sign
+
     async def _setup(self) -> None:
         cfg = self.config
         state = cfg.gateway.state_dir
@@ -96,8 +110,13 @@ class Agent:
         if identity is None:
             identity = await asyncio.to_thread(load_identity, state)
         self.epoch = await asyncio.to_thread(next_epoch, state)
+        # the epoch is durable before the batcher exists: no (epoch, seq) is ever reused
         self.spool = await Spool.open(
-            state / "spool.sqlite3", durability=cfg.spool.durability, max_bytes=cfg.spool.max_bytes
+            state / "spool.sqlite3",
+            durability=cfg.spool.durability,
+            max_bytes=cfg.spool.max_bytes,
+            max_age_s=cfg.spool.max_age_h * 3600.0,
+            max_page_count=self._spool_max_pages,
         )
         self.batcher = Batcher(
             gateway=cfg.gateway.id,
@@ -109,19 +128,26 @@ class Agent:
             clock=self.clock,
         )
         up = cfg.uplink
+        settings = UplinkSettings(
+            gateway=cfg.gateway.id,
+            host=up.host,
+            port=up.port,
+            client_id=up.client_id,
+            keepalive_s=up.keepalive_s,
+            prefix=up.topic_prefix,
+            username=up.username or None,
+            password=up.password or None,
+            # keys proposed for [uplink]; defaults until agent/config.py has them
+            window=int(getattr(up, "window", 32)),
+            backlog_share=float(getattr(up, "backlog_share", 0.5)),
+            backoff_min_s=float(getattr(up, "backoff_min_s", 0.5)),
+            backoff_max_s=float(getattr(up, "backoff_max_s", 30.0)),
+        )
         self.uplink = Uplink(
-            UplinkSettings(
-                gateway=cfg.gateway.id,
-                host=up.host,
-                port=up.port,
-                client_id=up.client_id,
-                keepalive_s=up.keepalive_s,
-                prefix=up.topic_prefix,
-                username=up.username or None,
-                password=up.password or None,
-            ),
+            replace(settings, **self._uplink_overrides),
             self.spool,
             meta=self._meta(identity, self.epoch),
+            gap_signer=self._gap_signer(identity, self.epoch),
         )
         ids = {(dev.name, p.spec.name): pid for pid, (dev, p) in cfg.points.items()}
         for bus in cfg.buses:
@@ -171,6 +197,7 @@ class Agent:
                 ]
                 aging = tg.create_task(self.batcher.run(), name="batch.age")
                 writer = tg.create_task(self._write_spool(), name="spool.write")
+                acks = tg.create_task(self.spool.run_acks(), name="spool.ack")
                 uplink = tg.create_task(self.uplink.run(), name="uplink.mqtt")
                 self.ready.set()
                 await stop.wait()
@@ -185,6 +212,7 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.spool.empty.wait(), self.drain_timeout_s)
                 uplink.cancel()
+                acks.cancel()
         finally:
             left = self.spool.statistics()["depth_batches"]
             if left:
@@ -197,7 +225,13 @@ class Agent:
         while True:
             items = b.take(64)  # group commit: one fsync for all that waits
             if items:
-                await self.spool.append([(s.epoch, s.seq, s.n, s.t0, s.data) for s in items])
+                stored = await self.spool.append(
+                    [(s.epoch, s.seq, s.n, s.t0, s.data) for s in items]
+                )
+                if log.isEnabledFor(logging.DEBUG):
+                    # the crash test's record of what was reported as spooled
+                    for epoch, seq, n, t0, _ in stored:
+                        log.debug("spooled epoch=%d seq=%d n=%d t0=%d", epoch, seq, n, t0)
                 continue
             if self._closing:
                 return

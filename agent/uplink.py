@@ -1,10 +1,22 @@
 """The uplink: spooled batches to the broker over MQTT QoS 1.
 
-The uplink reads the spool oldest first and keeps up to ``window`` batches in
-flight. A batch leaves the spool only when its PUBACK arrives; a lost
-connection simply restarts the read from the oldest unacknowledged batch (the
-hub drops the duplicates by (gateway, epoch, seq)). Reconnects back off with
-full jitter up to a cap; a broker that is unreachable at start is normal.
+A batch leaves the spool only when its PUBACK arrives; a lost connection
+simply restarts from the oldest unacknowledged batch (the hub drops the
+duplicates by (gateway, epoch, seq)).
+
+Draining. At each connect the spool is cut in two at its newest batch: what is
+older is the *backlog* (read oldest first), what is appended later is *live*.
+Up to ``window`` batches are in flight; when both have batches waiting, the
+backlog gets ``backlog_share`` of the publish slots and live data the rest, so
+after an outage fresh readings go out at once while the backlog drains; when
+either is idle the other takes every slot.
+
+Gap notices (:mod:`protocols.gap`) for batches the spool had to drop are sent
+on ``{prefix}/{gateway}/gap`` before anything else, and their rows deleted on
+PUBACK.
+
+Reconnects back off with full jitter up to a cap; a broker that is unreachable
+at start is normal (one log line, then quiet retries).
 """
 
 from __future__ import annotations
@@ -13,16 +25,27 @@ import asyncio
 import logging
 import random
 import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiomqtt
 
 from agent.spool import Spool, SpoolRow
 from protocols import topics
+from protocols.gap import GapRange
 
-__all__ = ["Uplink", "UplinkSettings"]
+__all__ = ["GapSigner", "Uplink", "UplinkSettings", "gap_topic"]
 
 log = logging.getLogger(__name__)
+
+GapSigner = Callable[[Sequence[GapRange]], bytes]
+
+
+def gap_topic(gateway: str, prefix: str = topics.DEFAULT_PREFIX) -> str:
+    """``{prefix}/{gateway}/gap``: signed gap notices, QoS 1."""
+    return topics.batch(gateway, prefix).rsplit("/", 1)[0] + "/gap"
 
 
 @dataclass(frozen=True)
@@ -34,9 +57,10 @@ class UplinkSettings:
     keepalive_s: int = 30
     prefix: str = topics.DEFAULT_PREFIX
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: ssl.SSLContext | None = field(default=None, repr=False)
-    window: int = 16
+    window: int = 32
+    backlog_share: float = 0.5
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
     publish_timeout_s: float = 30.0
@@ -44,18 +68,31 @@ class UplinkSettings:
 
 class Uplink:
     def __init__(
-        self, settings: UplinkSettings, spool: Spool, *, meta: bytes | None = None
+        self,
+        settings: UplinkSettings,
+        spool: Spool,
+        *,
+        meta: bytes | None = None,
+        gap_signer: GapSigner | None = None,
     ) -> None:
+        if not 0.0 <= settings.backlog_share <= 1.0:
+            raise ValueError("backlog_share must be within [0, 1]")
         self._s = settings
         self._spool = spool
         self._meta = meta
+        self._gap_signer = gap_signer
         self.connected = asyncio.Event()
         self.connects = 0
         self.connect_failures = 0
         self.published = 0
         self.readings_acked = 0
+        self.backlog_published = 0
+        self.live_published = 0
+        self.gap_notices = 0
+        self.in_flight = 0
         self.last_acked: tuple[int, int] | None = None
         self.last_error = ""
+        self._gap_busy = False
 
     def statistics(self) -> dict[str, object]:
         return {
@@ -64,6 +101,10 @@ class Uplink:
             "connect_failures": self.connect_failures,
             "batches_acked": self.published,
             "readings_acked": self.readings_acked,
+            "backlog_batches_sent": self.backlog_published,
+            "live_batches_sent": self.live_published,
+            "gap_notices_acked": self.gap_notices,
+            "in_flight": self.in_flight,
             "last_acked": list(self.last_acked) if self.last_acked else None,
             "last_error": self.last_error,
         }
@@ -79,7 +120,7 @@ class Uplink:
             keepalive=s.keepalive_s,
             tls_context=s.tls,
             will=aiomqtt.Will(topics.status(s.gateway, s.prefix), b"offline", qos=1, retain=True),
-            max_inflight_messages=s.window,
+            max_inflight_messages=s.window + 4,
             timeout=s.publish_timeout_s,
         )
         client.pending_calls_threshold = s.window * 2 + 8
@@ -87,63 +128,142 @@ class Uplink:
 
     async def run(self) -> None:
         """Publish forever, reconnecting as needed. Cancel to stop."""
+        s = self._s
         attempt = 0
+        down_since = time.monotonic()
         while True:
             try:
                 async with self._client() as client:
                     attempt = 0
                     self.connects += 1
                     self.connected.set()
-                    log.info("uplink connected to %s:%d", self._s.host, self._s.port)
+                    log.info(
+                        "uplink connected to %s:%d (%.1f s after losing it); %d batches to send",
+                        s.host,
+                        s.port,
+                        time.monotonic() - down_since,
+                        self._spool.statistics()["depth_batches"],
+                    )
                     await self._session(client)
             except* aiomqtt.MqttError as group:
                 self.last_error = str(group.exceptions[0])
             if self.connected.is_set():
-                log.warning("uplink to %s:%d lost: %s", self._s.host, self._s.port, self.last_error)
+                down_since = time.monotonic()
+                log.warning("uplink to %s:%d lost: %s", s.host, s.port, self.last_error)
             else:
                 self.connect_failures += 1
-                if attempt == 0:
-                    log.warning(
-                        "uplink cannot reach %s:%d: %s (will retry)",
-                        self._s.host,
-                        self._s.port,
+                if self.connects == 0 and attempt == 0:
+                    # normal at boot (the cabinet's modem may still be dialling)
+                    log.info(
+                        "broker %s:%d not reachable yet (%s); spooling, will keep trying",
+                        s.host,
+                        s.port,
                         self.last_error,
                     )
+                elif attempt == 0:
+                    log.warning("uplink cannot reach %s:%d: %s", s.host, s.port, self.last_error)
             self.connected.clear()
+            self.in_flight = 0
             attempt += 1
-            cap = min(self._s.backoff_max_s, self._s.backoff_min_s * 2 ** min(attempt, 16))
-            await asyncio.sleep(random.uniform(self._s.backoff_min_s / 2, cap))
+            cap = min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 16))
+            await asyncio.sleep(random.uniform(s.backoff_min_s / 2, cap))
 
     async def _session(self, client: aiomqtt.Client) -> None:
         s = self._s
+        spool = self._spool
         await client.publish(topics.status(s.gateway, s.prefix), b"online", qos=1, retain=True)
         if self._meta is not None:
             await client.publish(topics.meta(s.gateway, s.prefix), self._meta, qos=1, retain=True)
+        await spool.flush_acks()
         topic = topics.batch(s.gateway, s.prefix)
         room = asyncio.Semaphore(s.window)
-        cursor = 0
+        mark = spool.last_id  # older: backlog; newer: live
+        back_cursor, live_cursor = 0, mark
+        back: deque[SpoolRow] = deque()
+        live: deque[SpoolRow] = deque()
+        back_done = False
+        back_sent = live_sent = 0
+        read = s.window * 4
+        spool.added.set()
+        if spool.has_gaps:
+            spool.gaps_added.set()
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch(client), name="uplink.watch")
             while True:
-                self._spool.added.clear()
-                rows = await self._spool.pending(cursor, s.window)
-                if not rows:
-                    await self._spool.added.wait()
-                    continue
-                for row in rows:
+                if spool.gaps_added.is_set() and self._gap_signer and not self._gap_busy:
+                    spool.gaps_added.clear()
+                    self._gap_busy = True
                     await room.acquire()
-                    cursor = row.id
-                    tg.create_task(
-                        self._publish(client, topic, row, room), name=f"uplink.publish[{row.seq}]"
-                    )
+                    tg.create_task(self._send_gaps(client, room), name="uplink.gap")
+                if not live and spool.added.is_set():
+                    spool.added.clear()
+                    rows = await spool.pending(live_cursor, read)
+                    if rows:
+                        live.extend(rows)
+                        live_cursor = rows[-1].id
+                    if len(rows) == read:
+                        spool.added.set()  # more where these came from
+                if not back and not back_done:
+                    rows = await spool.pending(back_cursor, read, upto_id=mark)
+                    if rows:
+                        back.extend(rows)
+                        back_cursor = rows[-1].id
+                    else:
+                        back_done = True
+                        if back_sent:
+                            log.info("uplink: backlog of %d batches sent", back_sent)
+                if not live and not back:
+                    await spool.added.wait()
+                    continue
+                await room.acquire()
+                take_back = bool(back) and (
+                    not live or back_sent <= s.backlog_share * (back_sent + live_sent)
+                )
+                if take_back:
+                    row = back.popleft()
+                    back_sent += 1
+                    self.backlog_published += 1
+                else:
+                    row = live.popleft()
+                    live_sent += 1
+                    self.live_published += 1
+                self.in_flight += 1
+                tg.create_task(
+                    self._publish(client, topic, row, room), name=f"uplink.publish[{row.seq}]"
+                )
+
+    async def _watch(self, client: aiomqtt.Client) -> None:
+        """Raise MqttError as soon as the connection drops (in-flight publishes would wait)."""
+        async for _ in client.messages:
+            pass
 
     async def _publish(
         self, client: aiomqtt.Client, topic: str, row: SpoolRow, room: asyncio.Semaphore
     ) -> None:
         try:
             await client.publish(topic, row.data, qos=1)
-            await self._spool.ack([row.id])
         finally:
             room.release()
+            self.in_flight -= 1
+        self._spool.ack([row.id])
         self.published += 1
         self.readings_acked += row.n
         self.last_acked = (row.epoch, row.seq)
+
+    async def _send_gaps(self, client: aiomqtt.Client, room: asyncio.Semaphore) -> None:
+        assert self._gap_signer is not None
+        try:
+            rows = await self._spool.gaps()
+            if not rows:
+                return
+            data = self._gap_signer([g for _, g in rows])
+            await client.publish(gap_topic(self._s.gateway, self._s.prefix), data, qos=1)
+            await self._spool.gaps_sent([i for i, _ in rows])
+            self.gap_notices += 1
+            log.info("uplink: gap notice for %d dropped ranges acknowledged", len(rows))
+            if self._spool.has_gaps:
+                self._spool.gaps_added.set()
+                self._spool.added.set()
+        finally:
+            self._gap_busy = False
+            room.release()

@@ -28,6 +28,7 @@ import aiomqtt
 
 from protocols import envelope, topics
 from protocols.errors import ProtocolError, SignatureError
+from protocols.gap import parse_gap
 
 __all__ = ["Hub", "HubCore", "hub_stats"]
 
@@ -54,15 +55,28 @@ CREATE TABLE IF NOT EXISTS points (
     domain TEXT, cls TEXT, indicator TEXT, epoch INTEGER NOT NULL,
     PRIMARY KEY (gw, id)
 );
+CREATE TABLE IF NOT EXISTS gaps (
+    gw TEXT NOT NULL, epoch INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    readings INTEGER NOT NULL, reason TEXT NOT NULL, received_ms INTEGER NOT NULL,
+    PRIMARY KEY (gw, epoch, first, last)
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
 @dataclass
 class HubCore:
-    """Verification, dedup and storage; no network."""
+    """Verification, dedup and storage; no network.
+
+    Duplicates are found in memory (a set of seqs per (gateway, epoch), loaded
+    from ``batches`` at start), never by a SELECT per message. Stored rows are
+    buffered and written in one transaction per ``flush_readings`` readings or
+    per :meth:`flush` call (the :class:`Hub` calls it every ``flush_interval_s``
+    and whenever the broker has nothing more queued).
+    """
 
     db_path: Path
+    flush_readings: int = 50_000
     counters: Counter[str] = field(default_factory=Counter)
     _logged: set[tuple[str, str]] = field(default_factory=set)
 
@@ -79,6 +93,12 @@ class HubCore:
             self._keys[(gw, bytes(kid))] = (bytes(pub), bool(revoked))
         for name, value in self.db.execute("SELECT name, value FROM counters"):
             self.counters[name] = int(value)
+        self._seen: dict[tuple[str, int], set[int]] = {}
+        for gw, epoch, seq in self.db.execute("SELECT gw, epoch, seq FROM batches"):
+            self._seen.setdefault((gw, epoch), set()).add(seq)
+        self.closed = False
+        self._batch_rows: list[tuple[str, int, int, int, int, int, int]] = []
+        self._reading_rows: list[tuple[str, int, int, object, int, int, int]] = []
 
     # -- keys -----------------------------------------------------------------
 
@@ -119,11 +139,16 @@ class HubCore:
         return "revoked_key" if revoked else pub
 
     def handle(self, topic: str, data: bytes) -> str:
-        """Process one message; returns "stored", "duplicate", "meta" or the refusal reason."""
+        """Process one message; returns "stored", "duplicate", "meta", "gap" or the refusal reason."""
+        if topic.endswith("/batch"):
+            return self._handle_batch(topic, data)
         if topic.endswith("/meta"):
             return self._handle_meta(topic, data)
-        if not topic.endswith("/batch"):
-            return "ignored"
+        if topic.endswith("/gap"):
+            return self._handle_gap(topic, data)
+        return "ignored"
+
+    def _handle_batch(self, topic: str, data: bytes) -> str:
         topic_gw = topics.gateway_of(topic) or ""
         try:
             batch = envelope.parse(data)
@@ -139,9 +164,8 @@ class HubCore:
             batch.verify(key)
         except SignatureError as exc:
             return self._refuse("bad_signature", h.gw, str(exc))
-        if self.db.execute(
-            "SELECT 1 FROM batches WHERE gw = ? AND epoch = ? AND seq = ?", (h.gw, h.epoch, h.seq)
-        ).fetchone():
+        seen = self._seen.setdefault((h.gw, h.epoch), set())
+        if h.seq in seen:
             self.counters["duplicates"] += 1
             self.counters["duplicate_readings"] += h.n
             return "duplicate"
@@ -149,22 +173,73 @@ class HubCore:
             readings = batch.readings()
         except ProtocolError as exc:
             return self._refuse("bad_payload", h.gw, str(exc))
-        now = time.time_ns() // 1_000_000
-        db = self.db
-        db.execute("BEGIN")
-        db.execute(
-            "INSERT INTO batches (gw, epoch, seq, n, t0, t1, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (h.gw, h.epoch, h.seq, h.n, h.t0, h.t1, now),
-        )
-        db.executemany(
-            "INSERT INTO readings (gw, point, ts, value, quality, epoch, seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(h.gw, r.point, r.ts, r.value, int(r.quality), h.epoch, h.seq) for r in readings],
+        seen.add(h.seq)
+        gw, epoch, seq = h.gw, h.epoch, h.seq
+        self._batch_rows.append((gw, epoch, seq, h.n, h.t0, h.t1, time.time_ns() // 1_000_000))
+        self._reading_rows.extend(
+            [(gw, r.point, r.ts, r.value, int(r.quality), epoch, seq) for r in readings]
         )
         self.counters["batches"] += 1
         self.counters["readings"] += len(readings)
+        if len(self._reading_rows) >= self.flush_readings:
+            self.flush()
+        return "stored"
+
+    def flush(self) -> None:
+        """Write the buffered batches and readings, and the counters, in one transaction."""
+        if self.closed:
+            return
+        db = self.db
+        batches, self._batch_rows = self._batch_rows, []
+        readings, self._reading_rows = self._reading_rows, []
+        db.execute("BEGIN")
+        if batches:
+            db.executemany(
+                "INSERT INTO batches (gw, epoch, seq, n, t0, t1, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                batches,
+            )
+            db.executemany(
+                "INSERT INTO readings (gw, point, ts, value, quality, epoch, seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                readings,
+            )
         self._save_counters()
         db.execute("COMMIT")
-        return "stored"
+
+    @property
+    def buffered(self) -> int:
+        """Batches verified but not yet written."""
+        return len(self._batch_rows)
+
+    def _handle_gap(self, topic: str, data: bytes) -> str:
+        topic_gw = topics.gateway_of(topic) or ""
+        try:
+            notice = parse_gap(data)
+            if notice.header.gw != topic_gw:
+                return self._refuse("topic_mismatch", topic_gw, "gap")
+            key = self._key(notice.header.gw, notice.header.kid)
+            if isinstance(key, str):
+                return self._refuse(key, topic_gw, "gap")
+            notice.verify(key)
+            ranges = notice.ranges()
+        except SignatureError as exc:
+            return self._refuse("bad_signature", topic_gw, str(exc))
+        except ProtocolError as exc:
+            return self._refuse("malformed_gap", topic_gw, str(exc))
+        self.flush()
+        self.db.execute("BEGIN")
+        cur = self.db.executemany(
+            "INSERT OR IGNORE INTO gaps (gw, epoch, first, last, readings, reason, received_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (topic_gw, g.epoch, g.first, g.last, g.readings, g.reason, time.time_ns() // 10**6)
+                for g in ranges
+            ],
+        )
+        self.counters["gap_notices"] += 1
+        self.counters["gap_ranges"] += max(0, cur.rowcount)
+        self._save_counters()
+        self.db.execute("COMMIT")
+        return "gap"
 
     def _handle_meta(self, topic: str, data: bytes) -> str:
         topic_gw = topics.gateway_of(topic) or ""
@@ -209,49 +284,97 @@ class HubCore:
         )
 
     def close(self) -> None:
-        self.db.execute("BEGIN")
-        self._save_counters()
-        self.db.execute("COMMIT")
-        self.db.close()
+        if not self.closed:
+            self.flush()
+            self.db.close()
+            self.closed = True
 
 
-def _ranges(seqs: Iterable[int]) -> list[list[int]]:
-    """Missing [first, last] ranges below the highest seq seen."""
-    s = sorted(seqs)
+def _holes(seqs: Iterable[int], covered: list[tuple[int, int]]) -> list[list[int]]:
+    """[first, last] ranges below the highest seq known that are neither delivered nor covered."""
+    marks = sorted(set(seqs))
+    top = max([*marks[-1:], *(last for _, last in covered)], default=-1)
+    cov = sorted(covered)
     out: list[list[int]] = []
     expected = 0
-    for q in s:
+    it = iter([*marks, top + 1])
+    for q in it:
         if q > expected:
-            out.append([expected, q - 1])
+            out.extend(_minus([expected, q - 1], cov))
         expected = q + 1
     return out
 
 
+def _minus(span: list[int], cov: list[tuple[int, int]]) -> list[list[int]]:
+    """``span`` without the (sorted) ranges ``cov``."""
+    lo, hi = span
+    out: list[list[int]] = []
+    for first, last in cov:
+        if last < lo or first > hi:
+            continue
+        if first > lo:
+            out.append([lo, first - 1])
+        lo = max(lo, last + 1)
+        if lo > hi:
+            return out
+    if lo <= hi:
+        out.append([lo, hi])
+    return out
+
+
 def hub_stats(db_path: Path) -> dict[str, Any]:
-    """What the hub has: counters, and per gateway the delivered and missing batches."""
+    """What the hub has: counters, and per gateway and epoch the delivered batches, the
+    ranges the gateway said it dropped (signed gap notices) and the ranges still missing."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         counters = {name: int(v) for name, v in db.execute("SELECT name, value FROM counters")}
-        gateways: dict[str, Any] = {}
-        rows = db.execute(
-            "SELECT gw, epoch, seq, n FROM batches ORDER BY gw, epoch, seq"
-        ).fetchall()
         per: dict[tuple[str, int], list[int]] = {}
-        for gw, epoch, seq, n in rows:
-            g = gateways.setdefault(gw, {"batches": 0, "readings": 0, "epochs": {}})
-            g["batches"] += 1
-            g["readings"] += n
+        readings: Counter[str] = Counter()
+        for gw, epoch, seq, n in db.execute("SELECT gw, epoch, seq, n FROM batches"):
             per.setdefault((gw, epoch), []).append(seq)
-        for (gw, epoch), seqs in per.items():
-            gateways[gw]["epochs"][str(epoch)] = {
+            readings[gw] += n
+        dropped: dict[tuple[str, int], list[tuple[int, int, int, str]]] = {}
+        has_gaps = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gaps'"
+        ).fetchone()
+        if has_gaps:
+            for gw, epoch, first, last, n, reason in db.execute(
+                "SELECT gw, epoch, first, last, readings, reason FROM gaps"
+            ):
+                dropped.setdefault((gw, epoch), []).append((first, last, n, reason))
+        gateways: dict[str, Any] = {}
+        for gw, epoch in sorted({*per, *dropped}):
+            seqs = per.get((gw, epoch), [])
+            drops = sorted(dropped.get((gw, epoch), []))
+            g = gateways.setdefault(
+                gw,
+                {
+                    "batches": 0,
+                    "readings": readings[gw],
+                    "missing_batches": 0,
+                    "dropped_batches": 0,
+                    "epochs": {},
+                },
+            )
+            missing = _holes(seqs, [(f, last) for f, last, _, _ in drops])
+            g["batches"] += len(seqs)
+            g["missing_batches"] += sum(b - a + 1 for a, b in missing)
+            g["dropped_batches"] += sum(last - f + 1 for f, last, _, _ in drops)
+            g["epochs"][str(epoch)] = {
                 "batches": len(seqs),
-                "last_seq": max(seqs),
-                "missing": _ranges(seqs),
+                "last_seq": max([*seqs, *(last for _, last, _, _ in drops)], default=-1),
+                "missing": missing,
+                "dropped_by_gateway": [
+                    {"first": f, "last": last, "readings": n, "reason": r}
+                    for f, last, n, r in drops
+                ],
             }
         return {
             "batches": counters.get("batches", 0),
             "readings": counters.get("readings", 0),
             "duplicates": counters.get("duplicates", 0),
+            "duplicate_readings": counters.get("duplicate_readings", 0),
+            "gap_notices": counters.get("gap_notices", 0),
             "rejected": {
                 k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("rejected.")
             },
@@ -262,7 +385,13 @@ def hub_stats(db_path: Path) -> dict[str, Any]:
 
 
 class Hub:
-    """A hub worker: :class:`HubCore` fed from MQTT through a shared subscription."""
+    """A hub worker: :class:`HubCore` fed from MQTT through a shared subscription.
+
+    With ``persistent=True`` the hub keeps a broker session (clean session off,
+    fixed client id): what gateways publish while the hub is away is queued
+    for it by the broker. Without it, a batch the broker acknowledged while no
+    hub was subscribed is gone, whatever the gateway does.
+    """
 
     def __init__(
         self,
@@ -274,37 +403,65 @@ class Hub:
         group: str = "hub",
         shared: bool = True,
         client_id: str = "",
+        persistent: bool = False,
+        flush_interval_s: float = 0.2,
     ) -> None:
         self.core = core
         self.host, self.port, self.prefix, self.group = host, port, prefix, group
         self.shared = shared  # amqtt (the demo's embedded broker) has no shared subscriptions
         self.client_id = client_id or f"vitals-hub-{id(self):x}"
+        self.persistent = persistent
+        self.flush_interval_s = flush_interval_s
         self.subscribed = asyncio.Event()
         self.results: Counter[str] = Counter()
 
+    def _filters(self) -> list[str]:
+        out = []
+        for kind in ("batch", "gap"):
+            f = f"{self.prefix}/+/{kind}"
+            out.append(topics.shared(self.group, f) if self.shared else f)
+        out.append(f"{self.prefix}/+/meta")
+        return out
+
     async def run(self) -> None:
         """Receive until cancelled, reconnecting when the broker goes away."""
-        batch_filter = f"{self.prefix}/+/batch"
-        if self.shared:
-            batch_filter = topics.shared(self.group, batch_filter)
-        meta_filter = f"{self.prefix}/+/meta"
+        try:
+            while True:
+                try:
+                    async with aiomqtt.Client(
+                        self.host,
+                        self.port,
+                        identifier=self.client_id,
+                        clean_session=not self.persistent,
+                        max_queued_incoming_messages=100_000,
+                    ) as client:
+                        for f in self._filters():
+                            await client.subscribe(f, qos=1)
+                        self.subscribed.set()
+                        async with asyncio.TaskGroup() as tg:
+                            tg.create_task(self._flusher(), name="hub.flush")
+                            tg.create_task(self._receive(client), name="hub.receive")
+                except* aiomqtt.MqttError as group:
+                    self.subscribed.clear()
+                    self.core.flush()
+                    log.warning(
+                        "hub lost the broker %s:%d: %s; retrying",
+                        self.host,
+                        self.port,
+                        group.exceptions[0],
+                    )
+                    await asyncio.sleep(0.5)
+        finally:
+            self.core.flush()
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            payload = msg.payload
+            if isinstance(payload, (bytes, bytearray)):
+                self.results[self.core.handle(str(msg.topic), bytes(payload))] += 1
+
+    async def _flusher(self) -> None:
         while True:
-            try:
-                async with aiomqtt.Client(
-                    self.host,
-                    self.port,
-                    identifier=self.client_id,
-                    clean_session=True,
-                    max_queued_incoming_messages=100_000,
-                ) as client:
-                    await client.subscribe(batch_filter, qos=1)
-                    await client.subscribe(meta_filter, qos=1)
-                    self.subscribed.set()
-                    async for msg in client.messages:
-                        payload = msg.payload
-                        if isinstance(payload, (bytes, bytearray)):
-                            self.results[self.core.handle(str(msg.topic), bytes(payload))] += 1
-            except aiomqtt.MqttError as exc:
-                self.subscribed.clear()
-                log.warning("hub lost the broker %s:%d: %s; retrying", self.host, self.port, exc)
-                await asyncio.sleep(1.0)
+            await asyncio.sleep(self.flush_interval_s)
+            if self.core.buffered:
+                self.core.flush()

@@ -1,0 +1,143 @@
+"""The signed gap notice: "I dropped these batches, do not wait for them" (sans-IO).
+
+When a gateway's spool drops batches (over its byte or age bound, or because
+the disk is full), it tells the hub which ones, so the hub can tell a hole the
+gateway knows about from a batch lost on the way. The notice is a signed
+message of the common envelope (:func:`protocols.envelope.sign_message`) with
+domain ``vitals/gap/v1``, published QoS 1 on ``{prefix}/{gateway}/gap``::
+
+    protected = {"gw": str, "kid": bin(8), "epoch": int, "n": int, "enc": "msgpack"}
+    payload   = msgpack [[epoch, first_seq, last_seq, readings, reason], ...]
+
+``epoch`` in the header is the sender's current boot epoch (the notice may
+name ranges of earlier epochs); ``n`` is the number of ranges; ``reason`` is
+``"spool_full"``, ``"too_old"`` or ``"disk_full"``. Notices are idempotent:
+receiving one twice changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocols.envelope import (
+    PublicKeyLike,
+    SignedMessage,
+    key_id,
+    parse_message,
+    sign_message,
+)
+from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
+
+__all__ = [
+    "GAP_DOMAIN",
+    "MAX_RANGES",
+    "REASONS",
+    "GapHeader",
+    "GapRange",
+    "SealedGap",
+    "parse_gap",
+    "seal_gap",
+]
+
+GAP_DOMAIN: Final = "vitals/gap/v1"
+MAX_RANGES: Final = 4096
+REASONS: Final = ("spool_full", "too_old", "disk_full")
+_U63: Final = 2**63 - 1
+
+_SCHEMA: Final = {"gw": str, "kid": bytes, "epoch": int, "n": int, "enc": str}
+
+
+@dataclass(frozen=True, slots=True)
+class GapRange:
+    """Batches ``first..last`` (inclusive) of ``epoch``, ``readings`` readings in all."""
+
+    epoch: int
+    first: int
+    last: int
+    readings: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GapHeader:
+    gw: str
+    kid: bytes
+    epoch: int
+    n: int
+    enc: str
+
+
+@dataclass(frozen=True, slots=True)
+class SealedGap:
+    """A parsed gap notice: header checked, signature not yet."""
+
+    header: GapHeader
+    message: SignedMessage
+
+    def verify(self, public_key: PublicKeyLike) -> None:
+        if key_id(public_key) != self.header.kid:
+            raise SignatureError("gap notice kid does not match the public key")
+        self.message.verify(GAP_DOMAIN, public_key)
+
+    def ranges(self) -> list[GapRange]:
+        """The dropped ranges, each checked; :class:`DecodeError` if anything is off."""
+        try:
+            obj = msgpack.unpackb(self.message.payload, raw=False, max_array_len=MAX_RANGES)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise DecodeError(f"gap payload is not msgpack: {exc}") from exc
+        if type(obj) is not list or len(obj) != self.header.n:
+            raise DecodeError(f"gap payload must be an array of n={self.header.n} ranges")
+        out: list[GapRange] = []
+        for i, item in enumerate(obj):
+            if type(item) is not list or len(item) != 5:
+                raise DecodeError(f"gap range {i} must be [epoch, first, last, readings, reason]")
+            epoch, first, last, readings, reason = item
+            if not all(type(v) is int for v in (epoch, first, last, readings)):
+                raise DecodeError(f"gap range {i}: epoch, first, last, readings are ints")
+            if not (0 <= epoch <= _U63 and 0 <= first <= last <= _U63 and 0 <= readings <= _U63):
+                raise DecodeError(f"gap range {i}: values out of range or first > last")
+            if reason not in REASONS:
+                raise DecodeError(f"gap range {i}: unknown reason {reason!r}")
+            out.append(GapRange(epoch, first, last, readings, reason))
+        return out
+
+
+def seal_gap(
+    ranges: Sequence[GapRange], *, gateway: str, key: Ed25519PrivateKey, epoch: int
+) -> bytes:
+    """The wire bytes of a signed gap notice naming ``ranges`` (1 to MAX_RANGES)."""
+    if not 1 <= len(ranges) <= MAX_RANGES:
+        raise LocalError(f"a gap notice names 1 to {MAX_RANGES} ranges, got {len(ranges)}")
+    for g in ranges:
+        if g.reason not in REASONS or not 0 <= g.first <= g.last:
+            raise LocalError(f"bad gap range {g!r}")
+    payload = msgpack.packb(
+        [[g.epoch, g.first, g.last, g.readings, g.reason] for g in ranges], use_bin_type=True
+    )
+    protected: dict[str, str | bytes | int] = {
+        "gw": gateway,
+        "kid": key_id(key),
+        "epoch": epoch,
+        "n": len(ranges),
+        "enc": "msgpack",
+    }
+    return sign_message(GAP_DOMAIN, protected, payload, key)
+
+
+def parse_gap(data: bytes) -> SealedGap:
+    """A gap notice's parts and checked header; no crypto. :class:`FrameError` if malformed."""
+    msg = parse_message(data)
+    f = msg.fields(_SCHEMA)
+    header = GapHeader(**f)  # type: ignore[arg-type]  # types checked by fields()
+    if not 1 <= len(header.gw) <= 64 or len(header.kid) != 8:
+        raise FrameError("gap header: bad gw or kid")
+    if header.enc != "msgpack":
+        raise FrameError(f"gap header: unknown enc {header.enc!r}")
+    if not 1 <= header.n <= MAX_RANGES or not 0 <= header.epoch <= _U63:
+        raise FrameError("gap header: n or epoch out of range")
+    return SealedGap(header, msg)
