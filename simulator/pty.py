@@ -1,0 +1,87 @@
+"""Pseudo-terminal plumbing shared by the emulated serial buses.
+
+An emulated device holds the *master* end of a pty; the code under test (our
+agent, pymodbus, pyserial, mbpoll) opens the *slave* end by its path, like
+``/dev/ttyUSB0``. The creator also keeps its own descriptor of the slave end
+open for the pty's whole life: without it, the master reads EIO / polls POLLHUP
+every time the last client closes the port between two connections.
+
+Both ends are put in raw mode, 8N1: pseudo terminals refuse parity (``tcsetattr``
+with ``PARENB`` fails with EINVAL), so emulated buses run with parity none.
+A pty delivers bytes as fast as they are written; :func:`paced_write` spreads
+them at the line rate for emulators that care about wire timing.
+"""
+
+from __future__ import annotations
+
+import os
+import termios
+import time
+import tty
+from dataclasses import dataclass, field
+
+from protocols.rtu import frame_time
+
+__all__ = ["PtyPair", "open_pty", "paced_write"]
+
+
+@dataclass(slots=True)
+class PtyPair:
+    """An open pty: ``master`` (the device's side), ``slave_fd`` (held open by
+    us) and ``path`` (what a master of the bus opens)."""
+
+    master: int
+    slave_fd: int
+    path: str
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        """Close both descriptors we hold; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for fd in (self.master, self.slave_fd):
+            try:
+                os.close(fd)
+            except OSError:  # already closed by a child that inherited it: fine
+                pass
+
+    def __enter__(self) -> PtyPair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_pty() -> PtyPair:
+    """A new pty in raw mode, 8N1, no echo, descriptors not inheritable."""
+    master, slave = os.openpty()
+    try:
+        for fd in (master, slave):
+            tty.setraw(fd)
+        attrs = termios.tcgetattr(slave)
+        attrs[2] = (attrs[2] & ~(termios.PARENB | termios.CSTOPB | termios.CSIZE)) | (
+            termios.CS8 | termios.CLOCAL | termios.CREAD
+        )
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        path = os.ttyname(slave)
+    except BaseException:
+        os.close(master)
+        os.close(slave)
+        raise
+    return PtyPair(master=master, slave_fd=slave, path=path)
+
+
+def paced_write(fd: int, data: bytes, baud: int, *, bits_per_char: int = 10) -> None:
+    """Write ``data`` to ``fd`` one character time at a time, as a UART would.
+
+    Blocking: for emulators running in their own thread or process. The delay
+    is computed from the start, so scheduling jitter does not accumulate.
+    """
+    start = time.monotonic()
+    for i in range(len(data)):
+        due = start + frame_time(i, baud, bits_per_char)
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        os.write(fd, data[i : i + 1])
