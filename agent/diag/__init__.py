@@ -11,6 +11,7 @@ import typer
 
 from agent.diag.probe import probe_command
 from agent.diag.read import read_command
+from agent.diag.scan import scan_command
 
 __all__ = ["diag_app"]
 
@@ -22,6 +23,7 @@ diag_app = typer.Typer(
 )
 diag_app.command("probe")(probe_command)
 diag_app.command("read")(read_command)
+diag_app.command("scan")(scan_command)
 
 
 @diag_app.callback()

@@ -28,7 +28,7 @@ from rich.text import Text
 
 from agent.diag._common import FAILED, OK, DiagError, console, die, emit_json
 from agent.diag._link import LinkSettings, open_link
-from agent.transport import LinkDown, ModbusLink, TransportError
+from agent.transport import LinkDown, ModbusLink, NoResponse, TransportError
 from drivers.profiles import Point, Profile, load_profile
 from protocols.errors import ConfigError, DecodeError, DeviceException
 from protocols.modbus import ReadRequest, decode_response, plan
@@ -134,18 +134,16 @@ async def read_sample(
             values = decode_response(req, regs)
         except (TransportError, DeviceException, DecodeError) as exc:
             rtt = (time.perf_counter() - t0) * 1000
-            text = "no answer" if not isinstance(exc, DeviceException | DecodeError) else str(exc)
-            if isinstance(exc, LinkDown):
+            # a silent device or a dead link will not answer the next request either
+            silent = isinstance(exc, NoResponse | LinkDown)
+            if isinstance(exc, NoResponse):
+                text = "no answer"
+            elif isinstance(exc, LinkDown):
                 text = f"link down: {exc}"
-            silent = isinstance(exc, TransportError)
+            else:
+                text = str(exc)
             sample.points += [
-                PointSample(
-                    by_spec[s],
-                    None,
-                    Quality.COMM_ERROR,
-                    None if silent else rtt,
-                    text,
-                )
+                PointSample(by_spec[s], None, Quality.COMM_ERROR, None if silent else rtt, text)
                 for s in req.points
             ]
             continue

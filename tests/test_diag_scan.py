@@ -1,0 +1,364 @@
+"""``vitals diag scan``: finds every terminal on a bus with its settings.
+
+Two buses: a fake one (pure logic, no IO) and an emulated RTU bus on a real
+pseudo terminal, whose terminals answer only when the master's baud (read from
+the pty's termios, as the wire would enforce it) matches theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pty
+import select
+import termios
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.diag import diag_app
+from agent.diag._serial import LineSettings, RawSerialPort, SettingRefused
+from agent.diag.scan import (
+    ScanPlan,
+    attempt_timeout,
+    make_plan,
+    parse_slaves,
+    scan,
+)
+from protocols import rtu
+from protocols.errors import ProtocolError
+from protocols.rtu import Response, ResponseParser
+
+runner = CliRunner()
+
+
+@dataclass
+class Terminal:
+    slave: int
+    baud: int
+    parity: str = "N"
+    register0: int | None = 1234  # None: register 0 does not exist (exception 02)
+    ident: dict[int, bytes] = field(default_factory=dict)  # empty: no 43/14 (exception 01)
+
+    def answer(self, frame: bytes) -> bytes:
+        req = rtu.decode_request(frame)
+        if isinstance(req, rtu.ReadRequest) and req.function == 3:
+            if self.register0 is None:
+                return rtu.exception_response(self.slave, 3, 2)
+            return rtu.encode_response(rtu.ReadRegistersResponse(self.slave, 3, (self.register0,)))
+        if isinstance(req, rtu.DeviceIdRequest):
+            if not self.ident:
+                return rtu.exception_response(self.slave, 43, 1)
+            return rtu.encode_response(
+                rtu.DeviceIdResponse(self.slave, 1, 0x01, False, 0, dict(self.ident))
+            )
+        return rtu.exception_response(self.slave, req.function, 1)
+
+
+# -- a fake port: the scanner's logic alone --------------------------------------------
+
+
+class FakePort:
+    def __init__(self, terminals: list[Terminal], *, refuse_parity: bool = False) -> None:
+        self.terminals = {t.slave: t for t in terminals}
+        self.refuse_parity = refuse_parity
+        self.settings: LineSettings | None = None
+        self.timeouts: list[float] = []
+        self.garble_at: LineSettings | None = None
+
+    def configure(self, settings: LineSettings) -> None:
+        if self.refuse_parity and settings.parity != "N":
+            raise SettingRefused("the port drops parity (a pseudo terminal?)")
+        self.settings = settings
+
+    async def transact(
+        self, frame: bytes, parser: ResponseParser, timeout_s: float
+    ) -> Response | None:
+        assert self.settings is not None
+        self.timeouts.append(timeout_s)
+        if self.settings == self.garble_at:
+            parser.feed(bytes([frame[0] ^ 0x55, 0x83, 0]))  # raises FrameError
+        t = self.terminals.get(frame[0])
+        if t is None or (t.baud, t.parity) != (self.settings.baud, self.settings.parity):
+            return None
+        return parser.feed(t.answer(frame))
+
+    def close(self) -> None:
+        pass
+
+
+BUS = [
+    Terminal(3, 19200, ident={0: b"Acme", 1: b"SLM-1", 2: b"1.4"}),
+    Terminal(17, 19200),
+    Terminal(42, 19200, register0=None),
+    Terminal(200, 19200, ident={0: b"Hydro", 1: b"RLG-9", 2: b"2.0"}),
+]
+
+
+async def test_fake_bus_every_terminal_with_its_settings() -> None:
+    port = FakePort(BUS)
+    plan = make_plan(port, [9600, 19200], ["E", "N"], list(range(1, 248)), 0.05)
+    assert len(plan.settings) == 4 and plan.refused == ()
+    result = await scan(port, plan)
+    assert [(f.slave, f.settings) for f in result.found] == [
+        (t.slave, LineSettings(19200, "N")) for t in BUS
+    ]
+    by = {f.slave: f for f in result.found}
+    assert by[3].ident == {"vendor": "Acme", "product_code": "SLM-1", "revision": "1.4"}
+    assert by[17].ident == {} and "exception 01" in by[17].ident_error
+    assert by[42].exception == 2 and by[42].answer == "exception 02 (illegal data address)"
+    assert by[200].ident["product_code"] == "RLG-9"
+    # every address of every setting was tried once (plus one 43/14 per terminal found)
+    assert len(port.timeouts) == 4 * 247 + len(BUS)
+
+
+async def test_refused_parities_are_skipped_and_said() -> None:
+    port = FakePort(BUS, refuse_parity=True)
+    plan = make_plan(port, [9600, 19200], ["E", "N", "O"], [3, 17], 0.05)
+    assert [str(s) for s in plan.settings] == ["9600 8N1", "19200 8N1"]
+    assert len(plan.refused) == 4
+    assert all("parity" in why for _, why in plan.refused)
+
+
+async def test_first_stops_after_the_setting_that_answered() -> None:
+    port = FakePort(BUS)
+    plan = make_plan(port, [19200, 9600], ["N", "E"], [3, 17], 0.05)
+    result = await scan(port, plan, first=True, identify=False)
+    assert result.stopped_early
+    assert {f.settings for f in result.found} == {LineSettings(19200, "N")}
+    assert len(port.timeouts) == 2
+
+
+async def test_garbled_answers_are_counted_not_found() -> None:
+    port = FakePort([])
+    port.garble_at = LineSettings(9600, "N")
+    plan = make_plan(port, [9600], ["N"], [1, 2, 3], 0.05)
+    result = await scan(port, plan)
+    assert result.found == []
+    assert result.garbled == {LineSettings(9600, "N"): 3}
+
+
+def test_timeout_is_frame_times_plus_turnaround() -> None:
+    # 9600 baud: 11 bits per character, 8 request + 7 reply characters, t3.5
+    expected = (8 + 7 + 3.5) * 11 / 9600 + 0.05
+    assert attempt_timeout(9600, 0.05) == pytest.approx(expected)
+    # above 19200 baud t3.5 is fixed at 1.75 ms
+    assert attempt_timeout(115200, 0.0) == pytest.approx(15 * 11 / 115200 + 0.00175)
+    assert attempt_timeout(2400) > attempt_timeout(9600) > attempt_timeout(115200)
+
+
+def test_expected_duration_is_the_sum_of_timeouts() -> None:
+    settings = (LineSettings(9600, "N"), LineSettings(19200, "E"))
+    plan = ScanPlan(settings, (), tuple(range(1, 21)), 0.05)
+    assert plan.attempts == 40
+    assert plan.expected_s == pytest.approx(
+        20 * (attempt_timeout(9600, 0.05) + attempt_timeout(19200, 0.05))
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "out"),
+    [("1-3", [1, 2, 3]), ("5,1-2,5", [1, 2, 5]), ("247", [247]), ("1-247", list(range(1, 248)))],
+)
+def test_parse_slaves(text: str, out: list[int]) -> None:
+    assert parse_slaves(text) == out
+
+
+# -- an emulated RTU bus on a real pty ------------------------------------------------
+
+_SPEEDS = {getattr(termios, f"B{b}"): b for b in (2400, 4800, 9600, 19200, 38400, 115200)}
+
+
+class PtyBus:
+    """Terminals behind the master end of a pty; the scanner opens the slave end.
+
+    A terminal answers only when the line runs at its baud: the emulator reads
+    the speed the scanner set from the pty's termios (as a UART at another
+    baud would see only garbage and stay silent).
+    """
+
+    def __init__(self, terminals: list[Terminal]) -> None:
+        self.terminals = {t.slave: t for t in terminals}
+        self.master, self._slave_fd = pty.openpty()
+        self.path = os.ttyname(self._slave_fd)
+        self.requests = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> PtyBus:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join(5)
+        os.close(self.master)
+        os.close(self._slave_fd)
+
+    def _serve(self) -> None:
+        buf = b""
+        while not self._stop:
+            r, _, _ = select.select([self.master], [], [], 0.05)
+            if not r:
+                buf = b""  # silence ends a frame
+                continue
+            try:
+                buf += os.read(self.master, 512)
+            except OSError:
+                continue
+            while (n := rtu.request_length(buf)) is not None and len(buf) >= n:
+                frame, buf = buf[:n], buf[n:]
+                self.requests += 1
+                attrs = termios.tcgetattr(self.master)
+                baud = _SPEEDS.get(attrs[4], 0)
+                t = self.terminals.get(frame[0])
+                if t is None or t.baud != baud:
+                    continue
+                with contextlib.suppress(OSError, ProtocolError):  # RequestRejected
+                    os.write(self.master, t.answer(frame))
+
+
+@pytest.fixture
+def bus() -> Iterator[PtyBus]:
+    with PtyBus(
+        [
+            Terminal(2, 38400, ident={0: b"vitals", 1: b"VX-SLM-1", 2: b"0.25"}),
+            Terminal(9, 38400),
+            Terminal(13, 38400, register0=None),
+        ]
+    ) as b:
+        yield b
+
+
+async def test_pty_bus_every_terminal_with_its_settings(bus: PtyBus) -> None:
+    port = RawSerialPort(bus.path)
+    plan = make_plan(port, [9600, 38400], ["E", "N", "O"], list(range(1, 16)), 0.03)
+    # a pty takes no parity: E and O are skipped, N is scanned at both bauds
+    assert [str(s) for s in plan.settings] == ["9600 8N1", "38400 8N1"]
+    assert {s.parity for s, _ in plan.refused} == {"E", "O"}
+    result = await scan(port, plan, name=bus.path)
+    assert [(f.slave, str(f.settings)) for f in result.found] == [
+        (2, "38400 8N1"),
+        (9, "38400 8N1"),
+        (13, "38400 8N1"),
+    ]
+    by = {f.slave: f for f in result.found}
+    assert by[2].ident == {"vendor": "vitals", "product_code": "VX-SLM-1", "revision": "0.25"}
+    assert by[9].exception is None and by[13].exception == 2
+    assert bus.requests >= 30
+
+
+def test_cli_reports_expected_duration_first_then_finds_all(bus: PtyBus) -> None:
+    r = runner.invoke(
+        diag_app,
+        [
+            "scan",
+            "--port",
+            bus.path,
+            "--slaves",
+            "1-15",
+            "--baud",
+            "9600,38400",
+            "--turnaround",
+            "0.03",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    out = r.output
+    expected_line = out.index("expected duration at most")
+    assert out.index("skipping 9600 8E1") < expected_line
+    assert "2 setting(s) x 15 address(es)" in out
+    assert expected_line < out.index("terminals on")
+    for slave in ("2", "9", "13"):
+        assert any(line.split("│")[1].strip() == slave for line in out.splitlines() if "│" in line)
+    assert "VX-SLM-1" in out
+    assert "bus settings: 38400 8N1" in out
+
+
+def test_cli_json(bus: PtyBus) -> None:
+    r = runner.invoke(
+        diag_app,
+        [
+            "scan",
+            "--port",
+            bus.path,
+            "--slaves",
+            "1-10",
+            "--baud",
+            "38400",
+            "--parity",
+            "N",
+            "--turnaround",
+            "0.03",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert [(f["slave"], f["baud"], f["parity"]) for f in out["found"]] == [
+        (2, 38400, "N"),
+        (9, 38400, "N"),
+    ]
+    assert out["expected_s"] > 0 and out["duration_s"] > 0
+
+
+def test_cli_nothing_answers_exit_1(bus: PtyBus) -> None:
+    r = runner.invoke(
+        diag_app,
+        [
+            "scan",
+            "--port",
+            bus.path,
+            "--slaves",
+            "100-103",
+            "--baud",
+            "9600",
+            "--parity",
+            "N",
+            "--turnaround",
+            "0.01",
+        ],
+    )
+    assert r.exit_code == 1
+    assert "nothing answered" in r.output and "hint:" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--port", "/dev/ttyNOPE-7"], 3, "no such port"),
+        (["--port", "/dev/null", "--slaves", "0-3"], 2, "outside 1..247"),
+        (["--port", "/dev/null", "--parity", "X"], 2, "is not valid"),
+    ],
+)
+def test_cli_technician_errors(args: list[str], code: int, message: str) -> None:
+    r = runner.invoke(diag_app, ["scan", *args])
+    assert r.exit_code == code, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_pty_refuses_parity_even_only(bus: PtyBus) -> None:
+    r = runner.invoke(diag_app, ["scan", "--port", bus.path, "--parity", "E", "--baud", "9600"])
+    assert r.exit_code == 3
+    assert "refuses every setting" in r.output and "--parity N" in r.output
+
+
+def test_busy_port_is_explained(bus: PtyBus) -> None:
+    import serial
+
+    holder = serial.Serial(bus.path, 9600, exclusive=True)
+    try:
+        r = runner.invoke(diag_app, ["scan", "--port", bus.path, "--parity", "N", "--baud", "9600"])
+    finally:
+        holder.close()
+    assert r.exit_code == 3
+    assert "busy" in r.output and "vitals diag ports" in r.output
+
+
+_ = asyncio  # asyncio_mode=auto runs the async tests
