@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from agent.diag.ports import ports_command
 from agent.diag.probe import probe_command
 from agent.diag.read import read_command
 from agent.diag.scan import scan_command
@@ -21,6 +22,7 @@ diag_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+diag_app.command("ports")(ports_command)
 diag_app.command("probe")(probe_command)
 diag_app.command("read")(read_command)
 diag_app.command("scan")(scan_command)

@@ -1,0 +1,51 @@
+"""``vitals diag ports``: ports and the processes holding them."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.diag import diag_app
+from agent.diag.ports import holders
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def pty_path() -> Iterator[tuple[str, int]]:
+    master, slave = pty.openpty()
+    try:
+        yield os.ttyname(slave), slave
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_holders_finds_this_process(pty_path: tuple[str, int]) -> None:
+    path, _ = pty_path
+    found, _hidden = holders([path])
+    comm = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+    assert (os.getpid(), comm) in found[path]
+
+
+def test_cli_json_lists_the_given_port_with_its_holder(pty_path: tuple[str, int]) -> None:
+    path, _ = pty_path
+    r = runner.invoke(diag_app, ["ports", "--port", path, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    mine = next(p for p in out["ports"] if p["device"] == path)
+    assert mine["exists"] and mine["access"]
+    assert os.getpid() in [h["pid"] for h in mine["held_by"]]
+
+
+def test_cli_table_and_missing_port() -> None:
+    r = runner.invoke(diag_app, ["ports", "--port", "/dev/ttyNOPE-3"])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if "/dev/ttyNOPE-3" in line)
+    assert "missing" in row
