@@ -1,0 +1,219 @@
+"""The signed edge event: "rule R fired (or cleared) on point P" (sans-IO).
+
+A gateway evaluates rules on every reading (``agent.rules``); when one fires
+or clears it sends an event at once, ahead of the batch backlog. An event is a
+signed message of the common envelope (:func:`protocols.envelope.sign_message`)
+with domain ``vitals/event/v1``, published QoS 1 on ``{prefix}/{gateway}/event``
+(:func:`event_topic`)::
+
+    protected = {"gw": str, "kid": bin(8), "epoch": int, "seq": int, "enc": "msgpack"}
+    payload   = msgpack [rule, kind, state, device, point, pid, value, ts, since, detail]
+
+``seq`` numbers the events of one boot ``epoch`` from 0, apart from the batch
+seqs (the hub deduplicates events on (gw, epoch, seq) as it does batches).
+In the payload: ``rule`` is the rule id of the gateway configuration, ``kind``
+one of :data:`KINDS`, ``state`` ``"fired"`` or ``"cleared"``, ``device`` and
+``point`` the names of the point (``point`` is ``""`` for a device-offline
+rule), ``pid`` its gateway point id (-1 for a whole device), ``value`` the
+value that decided (int, float, bool or nil), ``ts`` the time of the decision
+and ``since`` the time the condition began (both ms, UTC; ``since <= ts``),
+``detail`` one human sentence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocols import topics
+from protocols.envelope import (
+    MAX_GATEWAY_LEN,
+    PublicKeyLike,
+    SignedMessage,
+    key_id,
+    parse_message,
+    sign_message,
+)
+from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
+from protocols.payload import MAX_TS
+
+__all__ = [
+    "EVENT_DOMAIN",
+    "KINDS",
+    "STATES",
+    "Event",
+    "EventHeader",
+    "SealedEvent",
+    "event_topic",
+    "parse_event",
+    "seal_event",
+]
+
+EVENT_DOMAIN: Final = "vitals/event/v1"
+KINDS: Final = ("threshold", "rate", "stuck", "offline")
+STATES: Final = ("fired", "cleared")
+MAX_TEXT: Final = 256  # rule ids, names and details
+_U63: Final = 2**63 - 1
+_SCHEMA: Final = {"gw": str, "kid": bytes, "epoch": int, "seq": int, "enc": str}
+
+EventValue = int | float | bool | None
+
+
+def event_topic(gateway: str, prefix: str = topics.DEFAULT_PREFIX) -> str:
+    """``{prefix}/{gateway}/event``: signed edge events, QoS 1."""
+    return topics.batch(gateway, prefix).rsplit("/", 1)[0] + "/event"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One edge event, as the rule engine makes it and the hub reads it."""
+
+    rule: str
+    kind: str
+    state: str
+    device: str
+    point: str
+    pid: int
+    value: EventValue
+    ts: int
+    since: int
+    detail: str = ""
+
+    @property
+    def fired(self) -> bool:
+        return self.state == "fired"
+
+
+@dataclass(frozen=True, slots=True)
+class EventHeader:
+    gw: str
+    kid: bytes
+    epoch: int
+    seq: int
+    enc: str
+
+
+def _check_event(e: Event, err: type[Exception]) -> None:
+    for name in ("rule", "device"):
+        text = getattr(e, name)
+        if type(text) is not str or not 1 <= len(text) <= MAX_TEXT:
+            raise err(f"event {name} must be a str of 1 to {MAX_TEXT} chars")
+    for name in ("point", "detail"):
+        text = getattr(e, name)
+        if type(text) is not str or len(text) > MAX_TEXT:
+            raise err(f"event {name} must be a str of at most {MAX_TEXT} chars")
+    if e.kind not in KINDS:
+        raise err(f"event kind {e.kind!r} is not one of {', '.join(KINDS)}")
+    if e.state not in STATES:
+        raise err(f"event state {e.state!r} is not 'fired' or 'cleared'")
+    if type(e.pid) is not int or not -1 <= e.pid <= _U63:
+        raise err(f"event pid must be an int >= -1, got {e.pid!r}")
+    if e.value is not None and type(e.value) not in (int, float, bool):
+        raise err(f"event value must be int, float, bool or nil, got {type(e.value).__name__}")
+    if type(e.value) is float and not math.isfinite(e.value):
+        raise err("event value must be finite")
+    if type(e.value) is int and not -(2**63) <= e.value <= _U63:
+        raise err("event value out of int64 range")
+    for name in ("ts", "since"):
+        v = getattr(e, name)
+        if type(v) is not int or not 0 <= v <= MAX_TS:
+            raise err(f"event {name} must be an int in [0, {MAX_TS}]")
+    if e.since > e.ts:
+        raise err("event since must not be after ts")
+
+
+@dataclass(frozen=True, slots=True)
+class SealedEvent:
+    """A parsed event: header checked, signature not yet verified."""
+
+    header: EventHeader
+    message: SignedMessage
+
+    def verify(self, public_key: PublicKeyLike) -> None:
+        """Raise :class:`SignatureError` unless ``public_key`` (matching ``kid``) signed it."""
+        if key_id(public_key) != self.header.kid:
+            raise SignatureError("event kid does not match the public key")
+        self.message.verify(EVENT_DOMAIN, public_key)
+
+    def event(self) -> Event:
+        """The event, every field checked; :class:`DecodeError` if anything is off."""
+        try:
+            obj = msgpack.unpackb(
+                self.message.payload, raw=False, max_array_len=10, max_map_len=0, max_ext_len=0
+            )
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise DecodeError(f"event payload is not one msgpack value: {exc}") from exc
+        if type(obj) is not list or len(obj) != 10:
+            raise DecodeError("event payload must be an array of 10 items")
+        rule, kind, state, device, point, pid, value, ts, since, detail = obj
+        for name, v in (
+            ("rule", rule),
+            ("kind", kind),
+            ("state", state),
+            ("device", device),
+            ("point", point),
+            ("detail", detail),
+        ):
+            if type(v) is not str:
+                raise DecodeError(f"event {name} must be str, got {type(v).__name__}")
+        for name, v in (("pid", pid), ("ts", ts), ("since", since)):
+            if type(v) is not int:
+                raise DecodeError(f"event {name} must be int, got {type(v).__name__}")
+        event = Event(rule, kind, state, device, point, pid, value, ts, since, detail)
+        _check_event(event, DecodeError)
+        return event
+
+
+def seal_event(
+    event: Event, *, gateway: str, key: Ed25519PrivateKey, epoch: int, seq: int
+) -> bytes:
+    """The wire bytes of ``event``, signed by ``key`` as event ``seq`` of ``epoch``."""
+    if type(gateway) is not str or not 1 <= len(gateway) <= MAX_GATEWAY_LEN:
+        raise LocalError(f"gateway id must be a str of 1 to {MAX_GATEWAY_LEN} chars")
+    for name, v in (("epoch", epoch), ("seq", seq)):
+        if type(v) is not int or not 0 <= v <= _U63:
+            raise LocalError(f"{name} must be an int in [0, 2**63-1], got {v!r}")
+    _check_event(event, LocalError)
+    payload = msgpack.packb(
+        [
+            event.rule,
+            event.kind,
+            event.state,
+            event.device,
+            event.point,
+            event.pid,
+            event.value,
+            event.ts,
+            event.since,
+            event.detail,
+        ],
+        use_bin_type=True,
+    )
+    protected: dict[str, str | bytes | int] = {
+        "gw": gateway,
+        "kid": key_id(key),
+        "epoch": epoch,
+        "seq": seq,
+        "enc": "msgpack",
+    }
+    return sign_message(EVENT_DOMAIN, protected, payload, key)
+
+
+def parse_event(data: bytes) -> SealedEvent:
+    """An event's parts and checked header; no crypto. :class:`FrameError` if malformed."""
+    msg = parse_message(data)
+    f = msg.fields(_SCHEMA)
+    header = EventHeader(**f)  # type: ignore[arg-type]  # types checked by fields()
+    if not 1 <= len(header.gw) <= MAX_GATEWAY_LEN:
+        raise FrameError(f"event header: gw must be 1 to {MAX_GATEWAY_LEN} chars")
+    if len(header.kid) != 8:
+        raise FrameError(f"event header: kid must be 8 bytes, got {len(header.kid)}")
+    if header.enc != "msgpack":
+        raise FrameError(f"event header: unknown enc {header.enc!r}")
+    if not 0 <= header.epoch <= _U63 or not 0 <= header.seq <= _U63:
+        raise FrameError("event header: epoch or seq out of range")
+    return SealedEvent(header, msg)
