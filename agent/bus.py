@@ -1,19 +1,48 @@
 """One task per bus: the poll scheduler.
 
 A bus is half-duplex: one transaction at a time, in the order the schedule
-says. Every device's points are planned once (``protocols.modbus.plan``) into
-the fewest read requests, grouped by poll interval. Each group is a *job* with
-a due time on the monotonic clock; the loop runs the earliest due job, then
-moves its due time on by exactly one interval (no drift), skipping whole
-intervals when it fell behind (counted as ``overruns``).
+says (the task awaits each transaction before it starts the next, so on a
+serial line two requests are never in flight). Every device's points are
+grouped by poll interval and each group planned once (``protocols.modbus.plan``)
+into the fewest read requests: a *job* with a due time on the monotonic clock.
+The loop runs the earliest due job, then moves its due time on by exactly one
+interval, so intervals do not drift however long a transaction took; when it
+fell behind by whole intervals it skips them (counted as ``overruns``) rather
+than bursting to catch up.
 
-A device that stops answering goes ``degraded`` after one failed poll and
-``offline`` after ``offline_after`` failed polls in a row; an offline device is
-tried again after a back-off that doubles up to ``max_backoff_s``, so a dead
-device costs its bus at most one timeout per back-off period. Every failed poll
-still yields readings, flagged ``COMM_ERROR`` with no value, so the hub can see
-the hole; values outside a point's valid range are flagged ``OUT_OF_RANGE``,
-never dropped.
+Device states (transitions counted per kind in ``PolledDevice.transitions``):
+
+* ``online``: the last poll was answered in full.
+* ``degraded``: the last poll was answered in part (an exception response, a
+  point that did not decode) or the device has been silent fewer than
+  ``offline_after`` polls in a row.
+* ``offline``: silent ``offline_after`` polls in a row. An offline device is
+  probed once per back-off period (twice its interval, doubling up to
+  ``max_backoff_s``), with a single request and no retry; its jobs that fall
+  due meanwhile are skipped without touching the bus. So a dead device costs
+  its bus at most one timeout per back-off period, and its neighbours keep
+  their intervals. The first answer brings it back ``online``.
+
+"Silent" means :class:`~agent.transport.TransportError`: no reply, a garbled
+reply, or the link down; each such request is retried ``retries`` times
+before the poll counts as failed (not for an offline device).
+
+Quality of readings:
+
+* ``GOOD``: decoded and inside the point's valid range;
+* ``OUT_OF_RANGE``: decoded but outside the valid range (the value is kept,
+  never dropped), or a float that is NaN or infinite (sent without value);
+* ``STALE``: this poll failed but the device is only ``degraded``: the last
+  good value is repeated, flagged;
+* ``COMM_ERROR``: no value: the device is offline, never answered this point,
+  answered it with an exception, or sent registers that do not decode.
+
+One bad point does not lose the others: each point of a reply is decoded on
+its own.
+
+A late reply never answers the next request: the link flushes its input
+before each request and accepts a reply only from the addressed slave with
+the request's function (RTU; a matching transaction id on TCP).
 """
 
 from __future__ import annotations
@@ -22,14 +51,25 @@ import enum
 import heapq
 import logging
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.clock import Clock
 from agent.transport import LinkDown, ModbusLink, TransportError
 from drivers.profiles import Point
-from protocols.errors import DecodeError, DeviceException, RemoteError
-from protocols.modbus import PointSpec, ReadRequest, decode_response, plan
+from protocols.errors import DecodeError, DeviceException
+from protocols.modbus import (
+    DataType,
+    Order,
+    PointSpec,
+    PointValue,
+    ReadRequest,
+    _decimals,
+    decode,
+    plan,
+    register_count,
+)
 from protocols.reading import Quality, Reading
 
 __all__ = ["BusPoller", "DeviceState", "PolledDevice"]
@@ -37,6 +77,11 @@ __all__ = ["BusPoller", "DeviceState", "PolledDevice"]
 log = logging.getLogger(__name__)
 
 Sink = Callable[[list[Reading]], Awaitable[None]]
+
+_GOOD = Quality.GOOD
+_OUT = Quality.OUT_OF_RANGE
+_STALE = Quality.STALE
+_COMM = Quality.COMM_ERROR
 
 
 class DeviceState(enum.StrEnum):
@@ -57,10 +102,11 @@ class PolledDevice:
     max_gap: int
     points: Sequence[tuple[int, Point]]  # (gateway point id, point)
     state: DeviceState = DeviceState.UNKNOWN
-    transitions: int = 0
+    transitions: Counter[str] = field(default_factory=Counter)  # "online->degraded": n
     failures_in_row: int = 0
     polls: int = 0
     polls_failed: int = 0
+    polls_skipped: int = 0  # jobs skipped while offline, in back-off
     last_error: str = ""
     last_values: dict[str, object] = field(default_factory=dict)
     last_rtt_ms: float = 0.0
@@ -71,23 +117,72 @@ class PolledDevice:
         if state is not self.state:
             if self.state is not DeviceState.UNKNOWN:
                 log.info("device %s: %s -> %s", self.name, self.state, state)
+            self.transitions[f"{self.state}->{state}"] += 1
             self.state = state
-            self.transitions += 1
+
+
+# --------------------------------------------------------------------------- decoding
+
+# A compiled point: (point id, point, offset in the reply, fast decoder or None, lo, hi).
+# The fast decoders cover the common register types and give exactly what
+# protocols.modbus.decode gives (tests/test_bus.py checks it); others use decode.
+_Item = tuple[int, Point, int, "Callable[[Sequence[int], int], PointValue] | None", float, float]
+
+
+def _fast(spec: PointSpec) -> Callable[[Sequence[int], int], PointValue] | None:
+    if spec.space.is_bits:
+        return None
+    kind = spec.type
+    if kind is DataType.BIT:
+        bit = spec.bit
+        return lambda w, o: bool(w[o] >> bit & 1)
+    if kind is DataType.BOOL:
+        return lambda w, o: w[o] != 0
+    if kind not in (DataType.U16, DataType.I16) or spec.order not in (Order.ABCD, Order.CDAB):
+        return None  # byte-swapped words and wider types: the codec
+    signed = kind is DataType.I16
+    if spec.scale == 1 and spec.offset == 0:
+        if signed:
+            return lambda w, o: w[o] - 0x10000 if w[o] & 0x8000 else w[o]
+        return lambda w, o: w[o]
+    scale, offset = spec.scale, spec.offset
+    # the same rounding as protocols.modbus.decode: to the decimals of scale and offset
+    places = _decimals(scale, offset)
+    if places is None:
+        if signed:
+            return lambda w, o: (w[o] - 0x10000 if w[o] & 0x8000 else w[o]) * scale + offset
+        return lambda w, o: w[o] * scale + offset
+    if signed:
+        return lambda w, o: round(
+            (w[o] - 0x10000 if w[o] & 0x8000 else w[o]) * scale + offset, places
+        )
+    return lambda w, o: round(w[o] * scale + offset, places)
+
+
+@dataclass
+class _Request:
+    request: ReadRequest
+    items: list[_Item]
 
 
 @dataclass
 class _Job:
     device: PolledDevice
     interval_s: float
-    requests: list[ReadRequest]
+    requests: list[_Request]
     due: float = 0.0
+    order: int = 0
 
     def __lt__(self, other: _Job) -> bool:
-        return self.due < other.due
+        return (self.due, self.order) < (other.due, other.order)
 
 
 class BusPoller:
-    """Polls the devices of one bus, forever, through one :class:`ModbusLink`."""
+    """Polls the devices of one bus, forever, through one :class:`ModbusLink`.
+
+    ``inter_frame_s`` is the silence to keep between transactions (t3.5 on
+    RTU): handed to the link, which counts it from the last byte on the line.
+    """
 
     def __init__(
         self,
@@ -108,23 +203,34 @@ class BusPoller:
         self._sink = sink
         self._clock = clock
         self._retries = retries
-        self._gap = inter_frame_s
-        self._offline_after = offline_after
+        if inter_frame_s > link.inter_frame_s:
+            link.inter_frame_s = inter_frame_s
+        self._offline_after = max(1, offline_after)
         self._max_backoff = max_backoff_s
-        self._ids: dict[tuple[str, PointSpec], tuple[int, Point]] = {}
         self._jobs: list[_Job] = []
+        self._last: dict[int, PointValue] = {}  # point id -> last good value
         self.transactions = 0
         self.timeouts = 0
         self.overruns = 0
         self.readings = 0
         for dev in self.devices:
-            groups: dict[float, list[PointSpec]] = {}
+            groups: dict[float, list[tuple[int, Point]]] = {}
             for pid, point in dev.points:
-                self._ids[(dev.name, point.spec)] = (pid, point)
-                groups.setdefault(point.interval_s or dev.interval_s, []).append(point.spec)
-            for interval, specs in sorted(groups.items()):
-                reqs = plan(specs, max_registers=dev.max_registers, max_gap=dev.max_gap)
-                self._jobs.append(_Job(dev, interval, reqs))
+                groups.setdefault(point.interval_s or dev.interval_s, []).append((pid, point))
+            for interval, members in sorted(groups.items()):
+                by_spec = {p.spec: (pid, p) for pid, p in members}
+                reqs = plan(by_spec, max_registers=dev.max_registers, max_gap=dev.max_gap)
+                compiled = [_Request(r, self._compile(r, by_spec)) for r in reqs]
+                self._jobs.append(_Job(dev, interval, compiled, order=len(self._jobs)))
+
+    @staticmethod
+    def _compile(req: ReadRequest, by_spec: dict[PointSpec, tuple[int, Point]]) -> list[_Item]:
+        items: list[_Item] = []
+        for spec in req.points:
+            pid, point = by_spec[spec]
+            lo, hi = point.range if point.range is not None else (-math.inf, math.inf)
+            items.append((pid, point, spec.address - req.address, _fast(spec), lo, hi))
+        return items
 
     def statistics(self) -> dict[str, object]:
         return {
@@ -132,12 +238,15 @@ class BusPoller:
             "timeouts": self.timeouts,
             "overruns": self.overruns,
             "readings": self.readings,
+            "link": self.link.statistics(),
             "devices": {
                 d.name: {
                     "state": str(d.state),
                     "polls": d.polls,
                     "polls_failed": d.polls_failed,
-                    "transitions": d.transitions,
+                    "polls_skipped": d.polls_skipped,
+                    "transitions": dict(d.transitions),
+                    "backoff_s": d.backoff_s,
                     "last_error": d.last_error,
                     "rtt_ms": round(d.last_rtt_ms, 2),
                 }
@@ -146,7 +255,8 @@ class BusPoller:
         }
 
     async def run(self) -> None:
-        start = self._clock.monotonic()
+        clock = self._clock
+        start = clock.monotonic()
         heap = list(self._jobs)
         for job in heap:
             job.due = start
@@ -154,20 +264,25 @@ class BusPoller:
         try:
             while heap:
                 job = heap[0]
-                now = self._clock.monotonic()
+                now = clock.monotonic()
                 if job.due > now:
-                    await self._clock.sleep(job.due - now)
+                    await clock.sleep(job.due - now)
+                    continue
+                dev = job.device
+                if dev.state is DeviceState.OFFLINE and now < dev.retry_at:
+                    # in back-off: stay on the job's grid, first slot at or after retry_at
+                    skip = math.ceil((dev.retry_at - job.due) / job.interval_s)
+                    dev.polls_skipped += skip
+                    job.due += skip * job.interval_s
+                    heapq.heapreplace(heap, job)
                     continue
                 await self._run_job(job)
-                now = self._clock.monotonic()
+                now = clock.monotonic()
                 job.due += job.interval_s
                 if job.due <= now:
                     missed = math.floor((now - job.due) / job.interval_s) + 1
                     self.overruns += missed
                     job.due += missed * job.interval_s
-                dev = job.device
-                if dev.state is DeviceState.OFFLINE and dev.retry_at > job.due:
-                    job.due = dev.retry_at
                 heapq.heapreplace(heap, job)
         finally:
             self.link.close()
@@ -175,47 +290,110 @@ class BusPoller:
     async def _run_job(self, job: _Job) -> None:
         dev = job.device
         out: list[Reading] = []
-        ok = True
-        for req in job.requests:
-            t_start = self._clock.monotonic()
+        silent = False  # a transport failure: the device did not answer
+        partial = False  # it answered, but not all of it
+        clock = self._clock
+        for n, creq in enumerate(job.requests):
+            req = creq.request
+            t_start = clock.monotonic()
             try:
-                values = await self._transact(dev, req)
-            except (TransportError, DeviceException, DecodeError) as exc:
-                ok = False
+                regs = await self._transact(dev, req)
+            except TransportError as exc:
+                silent = True
                 dev.last_error = str(exc)
-                ts = self._clock.now_ms()
-                for spec in req.points:
-                    pid, _ = self._ids[(dev.name, spec)]
-                    out.append(Reading(pid, ts, None, Quality.COMM_ERROR))
-                if isinstance(exc, TransportError):
-                    # a silent device will not answer the next request either
-                    for rest in job.requests[job.requests.index(req) + 1 :]:
-                        for spec in rest.points:
-                            pid, _ = self._ids[(dev.name, spec)]
-                            out.append(Reading(pid, ts, None, Quality.COMM_ERROR))
-                    break
+                # a silent device will not answer the next request either
+                self._failed(dev, job.requests[n:], out, clock.now_ms(), silent=True)
+                break
+            except DeviceException as exc:
+                partial = True
+                dev.last_error = str(exc)
+                self._failed(dev, [creq], out, clock.now_ms(), silent=False)
                 continue
-            dev.last_rtt_ms = (self._clock.monotonic() - t_start) * 1000
-            ts = self._clock.now_ms()
-            for spec, value in values:
-                pid, point = self._ids[(dev.name, spec)]
-                out.append(self._reading(pid, point, ts, value, dev))
-        self._account(dev, ok)
+            dev.last_rtt_ms = (clock.monotonic() - t_start) * 1000
+            if not self._decode(creq, regs, clock.now_ms(), out, dev):
+                partial = True
+        self._account(dev, silent, partial)
         self.readings += len(out)
         if out:
             await self._sink(out)
 
+    def _decode(
+        self,
+        creq: _Request,
+        regs: Sequence[int] | Sequence[bool],
+        ts: int,
+        out: list[Reading],
+        dev: PolledDevice,
+    ) -> bool:
+        """Readings of one reply into ``out``; False if a point did not decode."""
+        req = creq.request
+        # function 1/2 replies carry whole bytes: a link may hand the padding too
+        if len(regs) != req.count and not (
+            req.space.is_bits and len(regs) == -(-req.count // 8) * 8
+        ):
+            for pid, _, _, _, _, _ in creq.items:
+                out.append(Reading(pid, ts, None, _COMM))
+            dev.last_error = f"reply of {len(regs)} items to a read of {req.count}"
+            return False
+        last = self._last
+        names = dev.last_values
+        ok = True
+        for pid, point, off, fast, lo, hi in creq.items:
+            try:
+                if fast is not None:
+                    value = fast(regs, off)
+                else:
+                    value = decode(point.spec, regs[off : off + register_count(point.spec)])
+            except DecodeError:
+                ok = False
+                out.append(Reading(pid, ts, None, _COMM))
+                continue
+            names[point.spec.name] = value
+            if isinstance(value, float) and not math.isfinite(value):
+                out.append(Reading(pid, ts, None, _OUT))
+                continue
+            last[pid] = value
+            if isinstance(value, (str, bool)) or lo <= value <= hi:
+                out.append(Reading(pid, ts, value, _GOOD))
+            else:
+                out.append(Reading(pid, ts, value, _OUT))
+        return ok
+
+    def _failed(
+        self,
+        dev: PolledDevice,
+        reqs: Sequence[_Request],
+        out: list[Reading],
+        ts: int,
+        *,
+        silent: bool,
+    ) -> None:
+        """Readings for requests that got no usable reply.
+
+        A silent device that is only degraded (this failure will not make it
+        offline) repeats each point's last good value as STALE; otherwise, and
+        for exception replies, COMM_ERROR without a value.
+        """
+        stale = silent and (
+            dev.state is not DeviceState.OFFLINE and dev.failures_in_row + 1 < self._offline_after
+        )
+        last = self._last
+        for creq in reqs:
+            for pid, _, _, _, _, _ in creq.items:
+                value = last.get(pid) if stale else None
+                if value is None:
+                    out.append(Reading(pid, ts, None, _COMM))
+                else:
+                    out.append(Reading(pid, ts, value, _STALE))
+
     async def _transact(
         self, dev: PolledDevice, req: ReadRequest
-    ) -> list[tuple[PointSpec, object]]:
+    ) -> Sequence[int] | Sequence[bool]:
         attempt = 0
         while True:
-            if self._gap:
-                await self._clock.sleep(self._gap)
             self.transactions += 1
             try:
-                regs = await self.link.read(req.space, req.address, req.count, dev.slave)
-                return list(decode_response(req, regs))
+                return await self.link.read(req.space, req.address, req.count, dev.slave)
             except LinkDown:
                 raise
             except TransportError:
@@ -224,33 +402,20 @@ class BusPoller:
                 if attempt > self._retries or dev.state is DeviceState.OFFLINE:
                     raise
 
-    def _reading(
-        self, pid: int, point: Point, ts: int, value: object, dev: PolledDevice
-    ) -> Reading:
-        if isinstance(value, RemoteError):
-            return Reading(pid, ts, None, Quality.COMM_ERROR)
-        assert isinstance(value, (int, float, bool, str))
-        dev.last_values[point.spec.name] = value
-        if isinstance(value, float) and not math.isfinite(value):
-            return Reading(pid, ts, None, Quality.OUT_OF_RANGE)
-        if point.range is not None and not isinstance(value, (str, bool)):
-            lo, hi = point.range
-            if not lo <= value <= hi:
-                return Reading(pid, ts, value, Quality.OUT_OF_RANGE)
-        return Reading(pid, ts, value, Quality.GOOD)
-
-    def _account(self, dev: PolledDevice, ok: bool) -> None:
+    def _account(self, dev: PolledDevice, silent: bool, partial: bool) -> None:
         dev.polls += 1
-        if ok:
+        if not silent:
             dev.failures_in_row = 0
             dev.backoff_s = 0.0
-            dev._set(DeviceState.ONLINE)
+            if partial:
+                dev.polls_failed += 1
+            dev._set(DeviceState.DEGRADED if partial else DeviceState.ONLINE)
             return
         dev.polls_failed += 1
         dev.failures_in_row += 1
         if dev.failures_in_row >= self._offline_after:
             dev.backoff_s = min(
-                self._max_backoff, max(1.0, dev.backoff_s * 2 or dev.interval_s * 2)
+                self._max_backoff, dev.backoff_s * 2 or max(1.0, dev.interval_s * 2)
             )
             dev.retry_at = self._clock.monotonic() + dev.backoff_s
             dev._set(DeviceState.OFFLINE)

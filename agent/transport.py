@@ -1,33 +1,68 @@
-"""One small interface to a Modbus link, over pymodbus, raising our own errors.
+"""Modbus links: RTU on a serial port, Modbus TCP, RTU over TCP.
 
-pymodbus returns errors as values (``.isError()``), mixes client kinds with
-mode flags and retries on its own; this module hides all of that behind
-:class:`ModbusLink`: ``connect``, ``read``, ``write``, ``close``, each raising
-:class:`NoResponse` (the device was silent), :class:`LinkDown` (the port or
-connection is gone) or :class:`protocols.errors.DeviceException` (the device
-answered with an exception code). Retries are the scheduler's business, so
-pymodbus is told never to retry or reconnect by itself.
+:class:`ModbusLink` is the one small interface the bus scheduler talks to:
+``connect``, ``read``, ``write``, ``close``, each raising :class:`NoResponse`
+(the device was silent), :class:`BadResponse` (something answered, but not a
+valid reply to this request: bad CRC, wrong length, garbage, a broken echo),
+:class:`LinkDown` (the port or connection is gone) or
+:class:`protocols.errors.DeviceException` (the device answered with an
+exception code). Retries are the scheduler's business: a link never retries.
+
+These are our own small masters, not pymodbus's clients, for what a street
+cabinet needs and pymodbus's serial client cannot give (see
+``docs/field-buses.md``):
+
+* **RTU on a serial port**: the line is opened with pyserial (baud, parity,
+  stop bits; parity ``N`` on pseudo terminals, which refuse parity bits) and
+  then driven from the event loop (``add_reader`` on its descriptor). A
+  request goes out only after the line has been silent for the inter-frame
+  delay (t3.5 by default) counted from the last byte seen, timed to the
+  microsecond by a ``timerfd`` instead of the loop's millisecond timeouts; the
+  input is flushed right before the request; the local echo of 2-wire
+  adapters can be discarded; a reply is accepted only from the addressed slave
+  with the request's function and a good CRC, anything else is skipped, so a
+  reply that arrives after its timeout never answers the next request.
+* **Modbus TCP**: one connection per bus (devices behind a gateway share it by
+  unit id; devices that accept one connection only get exactly one); every
+  request carries a fresh transaction id and a reply with another id is
+  dropped.
+* **RTU over TCP** (serial device servers): the RTU master above on a TCP
+  stream.
+
+A link that cannot connect backs off (0.5 s doubling to 30 s) and raises
+:class:`LinkDown` at once meanwhile, so a dead converter costs its bus one
+connect timeout per back-off period, not one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import errno
 import logging
+import os
+import struct
+import termios
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.framer import FramerType
+import serial
 
 from protocols.errors import DeviceException, RemoteError
 from protocols.modbus import Space
+from protocols.rtu import crc16, frame_time, t35
 
-__all__ = ["LinkDown", "ModbusLink", "NoResponse", "TransportError"]
+__all__ = [
+    "BadResponse",
+    "LinkDown",
+    "ModbusLink",
+    "NoResponse",
+    "TransportError",
+]
 
 log = logging.getLogger(__name__)
-
-# pymodbus attaches its own handlers to its loggers; keep them quiet unless asked
-logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
 class TransportError(RemoteError):
@@ -38,31 +73,159 @@ class NoResponse(TransportError):
     """The device did not answer within the response timeout."""
 
 
+class BadResponse(TransportError):
+    """Something answered, but not a valid reply (CRC, length, header, echo)."""
+
+
 class LinkDown(TransportError):
     """The serial port or TCP connection is not usable."""
 
 
-class ModbusLink:
-    """A Modbus master on one bus: TCP, RTU over a serial port, or RTU over TCP."""
+# --------------------------------------------------------------------------- PDUs
 
-    def __init__(self, client: Any, describe: str) -> None:
-        self._client = client
+_READ_FC = {Space.COIL: 1, Space.DISCRETE: 2, Space.HOLDING: 3, Space.INPUT: 4}
+_REGS: dict[int, struct.Struct] = {}
+
+
+def _regs_struct(n: int) -> struct.Struct:
+    s = _REGS.get(n)
+    if s is None:
+        s = _REGS[n] = struct.Struct(f">{n}H")
+    return s
+
+
+def _read_pdu(fc: int, address: int, count: int) -> bytes:
+    return struct.pack(">BHH", fc, address, count)
+
+
+def _reply_len(fc: int, count: int) -> int:
+    """Length of the normal reply PDU (function code included) to a request."""
+    if fc in (3, 4):
+        return 2 + 2 * count
+    if fc in (1, 2):
+        return 2 + (count + 7) // 8
+    return 5  # 5, 6, 15, 16 echo address and value / quantity
+
+
+# --------------------------------------------------------------------------- precise timer
+
+
+class _Timer:
+    """Sleep until a ``time.monotonic()`` instant with microsecond precision.
+
+    The event loop waits in ``epoll_wait`` with a timeout in whole
+    milliseconds (rounded up), so ``asyncio.sleep(0.00175)`` wakes 2-3 ms
+    later: at 115200 baud that alone would cost a tenth of the bus. A Linux
+    ``timerfd`` armed on CLOCK_MONOTONIC (the clock of ``time.monotonic``)
+    wakes the loop on time. Falls back to ``asyncio.sleep`` elsewhere.
+    """
+
+    _CLOCK_MONOTONIC = 1
+    _TFD_CLOEXEC = 0o2000000
+    _TFD_NONBLOCK = 0o4000
+    _TFD_TIMER_ABSTIME = 1
+
+    class _Spec(ctypes.Structure):
+        _fields_ = [
+            ("i_sec", ctypes.c_long),
+            ("i_nsec", ctypes.c_long),
+            ("v_sec", ctypes.c_long),
+            ("v_nsec", ctypes.c_long),
+        ]
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._libc: Any = None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.timerfd_create(self._CLOCK_MONOTONIC, self._TFD_CLOEXEC | self._TFD_NONBLOCK)
+        except (OSError, AttributeError):
+            return
+        if fd >= 0:
+            self._fd, self._libc = fd, libc
+
+    async def sleep_until(self, when: float) -> None:
+        delay = when - time.monotonic()
+        if delay <= 0:
+            return
+        if self._fd < 0 or delay > 0.05:
+            await asyncio.sleep(delay)
+            return
+        sec = int(when)
+        spec = self._Spec(0, 0, sec, int((when - sec) * 1e9))
+        if self._libc.timerfd_settime(self._fd, self._TFD_TIMER_ABSTIME, ctypes.byref(spec), None):
+            await asyncio.sleep(delay)
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(self._fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(self._fd)
+            with contextlib.suppress(OSError):
+                os.read(self._fd, 8)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# --------------------------------------------------------------------------- the link
+
+
+class ModbusLink:
+    """A Modbus master on one bus. Build one with :meth:`tcp` or :meth:`serial`.
+
+    ``inter_frame_s`` is the silence kept before every request, counted from
+    the last byte on the line (RTU) or the last reply (TCP, usually 0); the
+    bus scheduler may raise it (``BusPoller(inter_frame_s=...)``).
+    """
+
+    describe: str
+    inter_frame_s: float
+
+    def __init__(self, describe: str, *, timeout_s: float, inter_frame_s: float = 0.0) -> None:
         self.describe = describe
+        self.timeout_s = timeout_s
+        self.inter_frame_s = inter_frame_s
+        self.requests = 0
+        self.replies = 0
+        self.timeouts = 0
+        self.bad_frames = 0
+        self.stray_bytes = 0
+        self.connects = 0
+        self._retry_at = 0.0
+        self._backoff = 0.0
+
+    # -- constructors
 
     @classmethod
     def tcp(
-        cls, host: str, port: int, *, timeout_s: float, rtu_framing: bool = False
+        cls,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float,
+        rtu_framing: bool = False,
+        baud: int = 9600,
+        inter_frame_s: float | None = None,
     ) -> ModbusLink:
-        client = AsyncModbusTcpClient(
-            host,
-            port=port,
-            framer=FramerType.RTU if rtu_framing else FramerType.SOCKET,
-            timeout=timeout_s,
-            retries=0,
-            reconnect_delay=0,
-        )
-        kind = "rtu-over-tcp" if rtu_framing else "tcp"
-        return cls(client, f"{kind}://{host}:{port}")
+        """Modbus TCP to ``host:port``, or with ``rtu_framing`` RTU over TCP.
+
+        For RTU over TCP, ``baud`` is the serial side's speed (the gap before a
+        request defaults to its t3.5, which the device server may not keep).
+        """
+        if rtu_framing:
+            gap = t35(baud) if inter_frame_s is None else inter_frame_s
+            return _RtuOverTcpLink(host, port, timeout_s=timeout_s, inter_frame_s=gap)
+        return _TcpLink(host, port, timeout_s=timeout_s, inter_frame_s=inter_frame_s or 0.0)
 
     @classmethod
     def serial(
@@ -70,87 +233,530 @@ class ModbusLink:
         port: str,
         *,
         baud: int,
-        parity: str,
-        stopbits: int,
-        bytesize: int,
+        parity: str = "E",
+        stopbits: int = 1,
+        bytesize: int = 8,
         timeout_s: float,
+        inter_frame_s: float | None = None,
+        discard_echo: bool = False,
     ) -> ModbusLink:
-        client = AsyncModbusSerialClient(
+        """Modbus RTU on a serial port (RS-485 adapter, UART, or a pty)."""
+        gap = t35(baud) if inter_frame_s is None else inter_frame_s
+        return _SerialLink(
             port,
-            framer=FramerType.RTU,
-            baudrate=baud,
+            baud=baud,
             parity=parity,
             stopbits=stopbits,
             bytesize=bytesize,
-            timeout=timeout_s,
-            retries=0,
-            reconnect_delay=0,
+            timeout_s=timeout_s,
+            inter_frame_s=gap,
+            discard_echo=discard_echo,
         )
-        return cls(client, f"rtu://{port}@{baud}{parity}{stopbits}")
+
+    # -- the interface
 
     @property
     def connected(self) -> bool:
-        return bool(self._client.connected)
+        raise NotImplementedError
 
     async def connect(self) -> None:
+        """Open the port or connection; :class:`LinkDown` if it cannot be."""
+        if self.connected:
+            return
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise LinkDown(
+                f"{self.describe}: down, next connect attempt in {self._retry_at - now:.1f} s"
+            )
         try:
-            ok = await self._client.connect()
-        except (OSError, ModbusException) as exc:
-            raise LinkDown(f"{self.describe}: cannot connect ({exc})") from exc
-        if not ok:
-            raise LinkDown(f"{self.describe}: cannot connect")
+            await self._open()
+        except LinkDown:
+            self._backoff = min(30.0, self._backoff * 2 or 0.5)
+            self._retry_at = time.monotonic() + self._backoff
+            raise
+        self.connects += 1
+        self._backoff = 0.0
+        self._retry_at = 0.0
 
     async def read(
         self, space: Space, address: int, count: int, slave: int
     ) -> Sequence[int] | Sequence[bool]:
-        c = self._client
-        fn = {
-            Space.HOLDING: c.read_holding_registers,
-            Space.INPUT: c.read_input_registers,
-            Space.COIL: c.read_coils,
-            Space.DISCRETE: c.read_discrete_inputs,
-        }[space]
-        rr = await self._call(fn, address, count=count, device_id=slave)
-        if rr.isError():
-            raise DeviceException(int(getattr(rr, "exception_code", 4)), space.read_function)
-        if space.is_bits:
-            return list(rr.bits)
-        return list(rr.registers)
+        """Registers (function 3, 4) or bits (1, 2) ``address .. address+count-1``."""
+        fc = _READ_FC[space]
+        reply = await self._request(slave, _read_pdu(fc, address, count), _reply_len(fc, count))
+        if fc > 2:
+            return _regs_struct(count).unpack_from(reply, 2)
+        data = reply[2:]
+        return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
 
     async def write(
         self, function: int, address: int, payload: list[int] | bool, slave: int
     ) -> None:
-        c = self._client
+        """Function 5 (``bool``), 6 (one word), 15 (bits as 0/1) or 16 (words)."""
         if function == 5:
-            rr = await self._call(c.write_coil, address, bool(payload), device_id=slave)
-        elif function == 15:
-            assert isinstance(payload, list)
-            rr = await self._call(
-                c.write_coils, address, [bool(b) for b in payload], device_id=slave
-            )
+            pdu = struct.pack(">BHH", 5, address, 0xFF00 if payload else 0)
         elif function == 6:
             assert isinstance(payload, list)
-            rr = await self._call(c.write_register, address, payload[0], device_id=slave)
+            pdu = struct.pack(">BHH", 6, address, payload[0])
+        elif function == 15:
+            assert isinstance(payload, list)
+            packed = bytearray((len(payload) + 7) // 8)
+            for i, b in enumerate(payload):
+                if b:
+                    packed[i >> 3] |= 1 << (i & 7)
+            pdu = struct.pack(">BHHB", 15, address, len(payload), len(packed)) + bytes(packed)
         elif function == 16:
             assert isinstance(payload, list)
-            rr = await self._call(c.write_registers, address, payload, device_id=slave)
+            pdu = struct.pack(
+                f">BHHB{len(payload)}H", 16, address, len(payload), 2 * len(payload), *payload
+            )
         else:
             raise ValueError(f"not a write function: {function}")
-        if rr.isError():
-            raise DeviceException(int(getattr(rr, "exception_code", 4)), function)
-
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self._client.connected:
-            await self.connect()
-        try:
-            return await fn(*args, **kwargs)
-        except ModbusIOException as exc:
-            raise NoResponse(
-                f"{self.describe}: no response from slave {kwargs.get('device_id')}"
-            ) from exc
-        except (ConnectionException, OSError) as exc:
-            self.close()
-            raise LinkDown(f"{self.describe}: link lost ({exc})") from exc
+        reply = await self._request(slave, pdu, 5)
+        if reply[:5] != pdu[:5]:
+            raise BadResponse(f"{self.describe}: slave {slave} echoed {reply.hex()} to a write")
 
     def close(self) -> None:
-        self._client.close()
+        raise NotImplementedError
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "requests": self.requests,
+            "replies": self.replies,
+            "timeouts": self.timeouts,
+            "bad_frames": self.bad_frames,
+            "stray_bytes": self.stray_bytes,
+            "connects": self.connects,
+        }
+
+    # -- for the kinds of link
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _exchange(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
+        """Send ``pdu`` to ``slave``; its reply PDU (normal or exception)."""
+        raise NotImplementedError
+
+    async def _request(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
+        if not self.connected:
+            await self.connect()
+        self.requests += 1
+        reply = await self._exchange(slave, pdu, reply_len)
+        self.replies += 1
+        fc = pdu[0]
+        if reply[0] == fc | 0x80:
+            raise DeviceException(reply[1], fc)
+        if fc <= 4 and reply[1] != reply_len - 2:
+            self.bad_frames += 1
+            raise BadResponse(
+                f"{self.describe}: slave {slave} sent {reply[1]} data bytes, expected {reply_len - 2}"
+            )
+        return reply
+
+
+# --------------------------------------------------------------------------- Modbus TCP
+
+_MBAP = struct.Struct(">HHHB")
+_MBAP_HEAD = struct.Struct(">HHH")
+
+
+class _TcpProtocol(asyncio.Protocol):
+    def __init__(self, link: _TcpLink) -> None:
+        self._link = link
+
+    def data_received(self, data: bytes) -> None:
+        self._link._received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._link._lost(exc)
+
+
+class _TcpLink(ModbusLink):
+    def __init__(self, host: str, port: int, *, timeout_s: float, inter_frame_s: float) -> None:
+        super().__init__(f"tcp://{host}:{port}", timeout_s=timeout_s, inter_frame_s=inter_frame_s)
+        self._host, self._port = host, port
+        self._transport: asyncio.Transport | None = None
+        self._buf = b""
+        self._tid = 0
+        self._waiter: asyncio.Future[bytes] | None = None
+        self._last_reply = 0.0
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _TcpProtocol(self), self._host, self._port),
+                self.timeout_s,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise LinkDown(f"{self.describe}: cannot connect ({exc or 'timeout'})") from exc
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._buf = b""
+
+    def _received(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        while len(buf) >= 8:
+            tid, proto, length = _MBAP_HEAD.unpack_from(buf)
+            if proto != 0 or not 2 <= length <= 254:
+                # not Modbus TCP: the stream cannot be resynchronised
+                self.bad_frames += 1
+                if self._transport is not None:
+                    self._transport.abort()
+                buf = b""
+                break
+            end = 6 + length
+            if len(buf) < end:
+                break
+            w = self._waiter
+            if w is not None and tid == self._tid and not w.done():
+                self._last_reply = time.monotonic() if self.inter_frame_s else 0.0
+                w.set_result(buf[6:end])  # unit id first, then the PDU
+            else:
+                self.stray_bytes += end  # the late reply to an abandoned request
+            buf = buf[end:]
+        self._buf = buf
+
+    def _lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._buf = b""
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(LinkDown(f"{self.describe}: connection lost ({exc or 'closed'})"))
+
+    async def _exchange(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
+        t = self._transport
+        assert t is not None
+        if self.inter_frame_s and self._last_reply:
+            await asyncio.sleep(self._last_reply + self.inter_frame_s - time.monotonic())
+        self._tid = tid = (self._tid + 1) & 0xFFFF
+        loop = asyncio.get_running_loop()
+        w = self._waiter = loop.create_future()
+        t.write(_MBAP.pack(tid, 0, len(pdu) + 1, slave) + pdu)
+        timer = loop.call_later(self.timeout_s, _expire, w)
+        try:
+            got: bytes = await w
+        except TimeoutError:
+            self.timeouts += 1
+            raise NoResponse(f"{self.describe}: no response from unit {slave}") from None
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if got[0] != slave or got[1] & 0x7F != pdu[0]:
+            self.bad_frames += 1
+            raise BadResponse(
+                f"{self.describe}: reply from unit {got[0]} function {got[1]} "
+                f"to unit {slave} function {pdu[0]}"
+            )
+        if len(got) - 1 != (3 if got[1] & 0x80 else reply_len):
+            self.bad_frames += 1
+            raise BadResponse(f"{self.describe}: unit {slave} sent a reply of {len(got) - 1} bytes")
+        return got[1:]
+
+    def close(self) -> None:
+        t, self._transport = self._transport, None
+        if t is not None:
+            t.close()
+
+
+def _expire(w: asyncio.Future[bytes]) -> None:
+    if not w.done():
+        w.set_exception(TimeoutError())
+
+
+# --------------------------------------------------------------------------- RTU
+
+
+class _RtuLink(ModbusLink):
+    """The RTU master: silence, flush, send, then wait for a valid reply.
+
+    Subclasses move bytes (``_send``, ``_drain_input``) and feed what arrives
+    to ``_received``.
+    """
+
+    def __init__(
+        self,
+        describe: str,
+        *,
+        timeout_s: float,
+        inter_frame_s: float,
+        char_s: float,
+        discard_echo: bool = False,
+    ) -> None:
+        super().__init__(describe, timeout_s=timeout_s, inter_frame_s=inter_frame_s)
+        self._char = char_s
+        self._echo = discard_echo
+        self._rx = bytearray()
+        self._last_rx = 0.0  # monotonic time of the last byte seen on the line
+        self._quiet_from = 0.0  # the line is ours from then on (after our last frame)
+        self._want: tuple[int, int, int] | None = None  # slave, function, reply PDU length
+        self._echo_left = b""
+        self._waiter: asyncio.Future[bytes] | None = None
+        self._timer = _Timer()
+        self.echo_errors = 0
+
+    def statistics(self) -> dict[str, int]:
+        return {**super().statistics(), "echo_errors": self.echo_errors}
+
+    def _send(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def _drain_input(self) -> None:
+        """Drop whatever the port holds that we have not read yet."""
+
+    def _received(self, data: bytes) -> None:
+        self._last_rx = time.monotonic()
+        if self._waiter is None:
+            self.stray_bytes += len(data)  # nobody asked: a late reply, noise
+            return
+        if self._echo_left:
+            n = min(len(data), len(self._echo_left))
+            if data[:n] != self._echo_left[:n]:
+                self.echo_errors += 1
+                self._fail(BadResponse(f"{self.describe}: our echo came back garbled (collision?)"))
+                return
+            self._echo_left = self._echo_left[n:]
+            data = data[n:]
+        self._rx += data
+        self._parse()
+
+    def _fail(self, exc: Exception) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(exc)
+
+    def _parse(self) -> None:
+        assert self._want is not None
+        slave, fc, n_pdu = self._want
+        rx = self._rx
+        i = 0
+        while len(rx) - i >= 5:
+            if rx[i] == slave and rx[i + 1] & 0x7F == fc:
+                n = 5 if rx[i + 1] & 0x80 else n_pdu + 3
+                if len(rx) - i < n:
+                    return
+                frame = bytes(rx[i : i + n])
+                if crc16(frame[:-2]) == frame[-2] | frame[-1] << 8:
+                    self.stray_bytes += i
+                    w = self._waiter
+                    if w is not None and not w.done():
+                        w.set_result(frame[1:-2])
+                    return
+                if i == 0:
+                    self.bad_frames += 1
+                    self._fail(
+                        BadResponse(f"{self.describe}: CRC error in the reply of slave {slave}")
+                    )
+                    return
+            i += 1
+
+    async def _exchange(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
+        frame = bytes([slave]) + pdu
+        frame += crc16(frame).to_bytes(2, "little")
+        await self._quiet_line()
+        loop = asyncio.get_running_loop()
+        w = self._waiter = loop.create_future()
+        self._rx.clear()
+        self._want = (slave, pdu[0], reply_len)
+        self._echo_left = frame if self._echo else b""
+        self._send(frame)
+        sent = time.monotonic() + len(frame) * self._char  # the last bit leaves the wire
+        timer = loop.call_at(sent + self.timeout_s, _expire, w)
+        try:
+            reply: bytes = await w
+            return reply
+        except TimeoutError:
+            self.timeouts += 1
+            if self._rx or self._echo_left != (frame if self._echo else b""):
+                self.bad_frames += 1
+                raise BadResponse(
+                    f"{self.describe}: no valid reply from slave {slave} "
+                    f"({len(self._rx)} bytes of garbage)"
+                ) from None
+            raise NoResponse(f"{self.describe}: no response from slave {slave}") from None
+        finally:
+            timer.cancel()
+            self._waiter = None
+            self._want = None
+            self._quiet_from = max(time.monotonic(), sent)
+
+    async def _quiet_line(self) -> None:
+        """Wait for ``inter_frame_s`` of silence since the last byte, then flush input."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            quiet_at = max(self._last_rx, self._quiet_from) + self.inter_frame_s
+            await self._timer.sleep_until(quiet_at)
+            self._drain_input()
+            if max(self._last_rx, self._quiet_from) + self.inter_frame_s <= time.monotonic():
+                return
+            if time.monotonic() > deadline:
+                return  # a babbling device: go ahead, the reply check will sort it out
+
+    def close(self) -> None:
+        self._timer.close()
+        self._timer = _Timer()
+
+
+class _SerialLink(_RtuLink):
+    def __init__(
+        self,
+        port: str,
+        *,
+        baud: int,
+        parity: str,
+        stopbits: int,
+        bytesize: int,
+        timeout_s: float,
+        inter_frame_s: float,
+        discard_echo: bool,
+    ) -> None:
+        super().__init__(
+            f"rtu://{port}@{baud}{bytesize}{parity}{stopbits}",
+            timeout_s=timeout_s,
+            inter_frame_s=inter_frame_s,
+            char_s=frame_time(1, baud, 1 + bytesize + (parity != "N") + stopbits),
+            discard_echo=discard_echo,
+        )
+        self.port = port
+        self._settings = {
+            "baudrate": baud,
+            "parity": parity,
+            "stopbits": stopbits,
+            "bytesize": bytesize,
+        }
+        self._serial: serial.Serial | None = None
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._serial is not None
+
+    async def _open(self) -> None:
+        try:
+            s = serial.Serial(self.port, timeout=0, write_timeout=0, **self._settings)
+        except (serial.SerialException, ValueError, OSError) as exc:
+            hint = ""
+            if self._settings["parity"] != "N" and "Errno 22" in str(exc):
+                hint = " (pseudo terminals refuse parity bits: use parity N)"
+            raise LinkDown(f"{self.describe}: cannot open ({exc}){hint}") from exc
+        self._serial = s
+        self._fd = s.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._readable)
+        self._drain_input()
+        self._last_rx = time.monotonic()
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._down(exc)
+            return
+        if not data:  # the other end of a pty went away, or the adapter was unplugged
+            self._down(None)
+            return
+        self._received(data)
+
+    def _down(self, exc: OSError | None) -> None:
+        self._fail(LinkDown(f"{self.describe}: port lost ({exc or 'hang-up'})"))
+        self.close()
+
+    def _drain_input(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcflush(self._fd, termios.TCIFLUSH)
+        while True:
+            try:
+                data = os.read(self._fd, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            self._last_rx = time.monotonic()
+            self.stray_bytes += len(data)
+
+    def _send(self, frame: bytes) -> None:
+        try:
+            n = os.write(self._fd, frame)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                n = 0
+            else:
+                self._down(exc)
+                raise LinkDown(f"{self.describe}: write failed ({exc})") from exc
+        if n != len(frame):
+            # a frame is at most 256 bytes; a full output queue means a stuck port
+            raise LinkDown(f"{self.describe}: wrote {n} of {len(frame)} bytes")
+
+    def close(self) -> None:
+        s, self._serial = self._serial, None
+        if s is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
+            self._fd = -1
+            with contextlib.suppress(OSError, serial.SerialException):
+                s.close()
+        super().close()
+
+
+class _RtuStream(asyncio.Protocol):
+    def __init__(self, link: _RtuOverTcpLink) -> None:
+        self._link = link
+
+    def data_received(self, data: bytes) -> None:
+        self._link._received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._link._lost(exc)
+
+
+class _RtuOverTcpLink(_RtuLink):
+    def __init__(self, host: str, port: int, *, timeout_s: float, inter_frame_s: float) -> None:
+        super().__init__(
+            f"rtu-over-tcp://{host}:{port}",
+            timeout_s=timeout_s,
+            inter_frame_s=inter_frame_s,
+            char_s=0.0,
+        )
+        self._host, self._port = host, port
+        self._transport: asyncio.Transport | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _RtuStream(self), self._host, self._port),
+                self.timeout_s,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise LinkDown(f"{self.describe}: cannot connect ({exc or 'timeout'})") from exc
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def _lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._fail(LinkDown(f"{self.describe}: connection lost ({exc or 'closed'})"))
+
+    def _send(self, frame: bytes) -> None:
+        if self._transport is None:
+            raise LinkDown(f"{self.describe}: not connected")
+        self._transport.write(frame)
+
+    def close(self) -> None:
+        t, self._transport = self._transport, None
+        if t is not None:
+            t.close()
+        super().close()

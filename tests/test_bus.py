@@ -1,0 +1,513 @@
+"""The bus scheduler on virtual time: a fake link, an autojump event loop.
+
+:class:`VirtualLoop` is an asyncio event loop whose clock only moves when
+every task is waiting: then it jumps straight to the next timer (trio's
+``MockClock(autojump_threshold=0)``). The fake link spends virtual time like
+a wire (a round trip for an answer, the whole timeout for silence), so a
+thousand poll intervals run in milliseconds and every instant is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+import selectors
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import pytest
+
+from agent.bus import BusPoller, DeviceState, PolledDevice, _fast
+from agent.transport import BadResponse, LinkDown, ModbusLink, NoResponse
+from drivers.profiles import Point, load_profile
+from protocols.errors import DecodeError, DeviceException
+from protocols.modbus import DataType, Order, PointSpec, Space, decode, encode
+from protocols.reading import Quality, Reading
+
+# --------------------------------------------------------------------------- doubles
+
+
+class _JumpSelector(selectors.DefaultSelector):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: VirtualLoop | None = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:
+            raise RuntimeError("deadlock: every task waits and no timer is set")
+        assert self.loop is not None
+        self.loop.virtual += timeout  # nothing can happen before the next timer: jump there
+        return []
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time that jumps to the next timer when idle."""
+
+    def __init__(self) -> None:
+        sel = _JumpSelector()
+        super().__init__(sel)
+        sel.loop = self
+        self.virtual = 1000.0
+
+    def time(self) -> float:
+        return self.virtual
+
+
+class VirtualClock:
+    """The agent's Clock protocol on a :class:`VirtualLoop`."""
+
+    def __init__(self, loop: VirtualLoop) -> None:
+        self.loop = loop
+
+    def now_ms(self) -> int:
+        return 1_780_000_000_000 + round(self.loop.time() * 1000)
+
+    def monotonic(self) -> float:
+        return self.loop.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+def run_virtual(factory: Callable[[VirtualClock], Coroutine[Any, Any, None]]) -> None:
+    loop = VirtualLoop()
+    try:
+        loop.run_until_complete(factory(VirtualClock(loop)))
+    finally:
+        loop.close()
+
+
+class FakeLink(ModbusLink):
+    """Registers per slave; each read costs ``rtt`` (or ``timeout`` when silent)."""
+
+    def __init__(self, clock: VirtualClock, *, rtt: float = 0.01, timeout: float = 0.5) -> None:
+        super().__init__("fake://", timeout_s=timeout)
+        self.clock = clock
+        self.rtt = rtt
+        self.regs: dict[int, dict[tuple[Space, int], int]] = {}
+        self.dead: set[int] = set()
+        self.garbled: set[int] = set()
+        self.exceptions: dict[tuple[int, Space], int] = {}
+        self.link_down = False
+        self.log: list[
+            tuple[float, int, Space, int, int, str]
+        ] = []  # t, slave, space, addr, n, outcome
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.closed = False
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def read(
+        self, space: Space, address: int, count: int, slave: int
+    ) -> Sequence[int] | Sequence[bool]:
+        t = self.clock.monotonic()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.link_down:
+                self.log.append((t, slave, space, address, count, "down"))
+                raise LinkDown("fake: down")
+            if slave in self.dead:
+                await asyncio.sleep(self.timeout_s)
+                self.log.append((t, slave, space, address, count, "silent"))
+                raise NoResponse(f"fake: slave {slave} silent")
+            await asyncio.sleep(self.rtt)
+            if slave in self.garbled:
+                self.log.append((t, slave, space, address, count, "garbled"))
+                raise BadResponse("fake: CRC error")
+            code = self.exceptions.get((slave, space))
+            if code is not None:
+                self.log.append((t, slave, space, address, count, "exception"))
+                raise DeviceException(code, space.read_function)
+            self.log.append((t, slave, space, address, count, "ok"))
+            regs = self.regs.get(slave, {})
+            return [regs.get((space, address + i), 0) for i in range(count)]
+        finally:
+            self.in_flight -= 1
+
+    def close(self) -> None:
+        self.closed = True
+
+    def polls_of(self, slave: int) -> list[float]:
+        return [t for t, s, *_ in self.log if s == slave]
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+
+    async def __call__(self, readings: list[Reading]) -> None:
+        self.readings.extend(readings)
+
+    def of(self, pid: int) -> list[Reading]:
+        return [r for r in self.readings if r.point == pid]
+
+
+def _point(
+    name: str,
+    address: int,
+    *,
+    type: DataType = DataType.U16,
+    scale: float = 1.0,
+    range: tuple[float, float] | None = None,
+    interval: float | None = None,
+    space: Space = Space.INPUT,
+) -> Point:
+    return Point(
+        PointSpec(name, space, address, type, scale=scale), range=range, interval_s=interval
+    )
+
+
+def _device(
+    name: str, slave: int, points: Sequence[Point], interval: float = 1.0, first_id: int = 0
+) -> PolledDevice:
+    return PolledDevice(
+        name=name,
+        slave=slave,
+        interval_s=interval,
+        max_registers=125,
+        max_gap=4,
+        points=[(first_id + i, p) for i, p in enumerate(points)],
+    )
+
+
+async def _run_for(poller: BusPoller, seconds: float) -> None:
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+def test_no_drift_over_1000_intervals() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock, rtt=0.0137)  # an awkward round trip, never a whole ms
+        devs = [
+            _device(f"d{i}", i, [_point("a", 0), _point("b", 1)], interval=1.0) for i in (1, 2, 3)
+        ]
+        poller = BusPoller("b", link, devs, Sink(), clock)
+        t0 = clock.monotonic()
+        await _run_for(poller, 1000.5)
+        for i in (1, 2, 3):
+            polls = link.polls_of(i)
+            assert len(polls) == 1001
+            # the k-th poll starts at t0 + k + (its place in the queue), never later
+            offset = polls[0] - t0
+            worst = max(abs(t - (t0 + k + offset)) for k, t in enumerate(polls))
+            assert worst < 1e-6
+        assert poller.overruns == 0
+
+    run_virtual(body)
+
+
+def test_one_transaction_at_a_time_and_jobs_by_interval() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock, rtt=0.02)
+        pts = [_point("fast", 0), _point("slow", 10, interval=10.0)]
+        poller = BusPoller("b", link, [_device("d", 1, pts, interval=1.0)], Sink(), clock)
+        await _run_for(poller, 30.5)
+        assert link.max_in_flight == 1
+        fast = [e for e in link.log if e[3] == 0]
+        slow = [e for e in link.log if e[3] == 10]
+        assert len(fast) == 31 and len(slow) == 4
+        assert link.closed  # the poller closes its link when it stops
+
+    run_virtual(body)
+
+
+def test_overrun_skips_whole_intervals_instead_of_bursting() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock, rtt=0.35)  # 3 requests of 0.35 s per 1 s interval: too slow
+        pts = [_point("a", 0), _point("b", 20), _point("c", 40)]
+        poller = BusPoller("b", link, [_device("d", 1, pts)], Sink(), clock)
+        await _run_for(poller, 20)
+        starts = [t for t, _, _, a, _, _ in link.log if a == 0]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert all(math.isclose(g, 2.0) for g in gaps)  # every other slot, on the grid
+        assert poller.overruns >= 9
+
+    run_virtual(body)
+
+
+# --------------------------------------------------------------------------- dead devices
+
+
+def test_dead_device_costs_at_most_one_timeout_per_backoff_period() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock, rtt=0.01, timeout=0.5)
+        link.dead.add(8)
+        devs = [_device(f"d{i}", i, [_point("a", 0), _point("b", 30)]) for i in range(1, 9)]
+        poller = BusPoller("b", link, devs, Sink(), clock, retries=1, max_backoff_s=16.0)
+        t0 = clock.monotonic()
+        await _run_for(poller, 300)
+        dead = devs[7]
+        assert dead.state is DeviceState.OFFLINE
+        attempts = [t for t, s, *_ in link.log if s == 8]
+        # before offline: 3 polls x (1 try + 1 retry) of the first request only
+        assert len(attempts[:6]) == 6
+        probes = attempts[6:]
+        gaps = [b - a for a, b in itertools.pairwise(probes)]
+        # back-off doubles 2, 4, 8, 16 then stays capped; never two timeouts inside one period
+        assert gaps[:3] == pytest.approx([4.0, 8.0, 16.0], abs=1.01)
+        assert all(g >= 16.0 - 1e-9 for g in gaps[3:])
+        assert min(gaps) >= 2.0
+        # so the dead one spent at most one timeout per back-off period of the bus's time
+        cost = 0.5 * len(probes)
+        assert cost <= 0.5 * (300 / 16 + 4)
+        # and the seven others never missed a beat
+        for i in range(1, 8):
+            polls = [t for t, s, _, a, _, _ in link.log if s == i and a == 0]
+            assert len(polls) == 300
+            offset = polls[0] - t0
+            assert max(abs(t - (t0 + k + offset)) for k, t in enumerate(polls)) < 1.0
+        assert dead.polls_skipped > 0
+
+    run_virtual(body)
+
+
+def test_state_transitions_are_counted() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock)
+        dev = _device("d", 1, [_point("a", 0)])
+        poller = BusPoller("b", link, [dev], Sink(), clock, retries=0, offline_after=3)
+        task = asyncio.create_task(poller.run())
+        await asyncio.sleep(2.5)
+        assert dev.state is DeviceState.ONLINE
+        link.dead.add(1)
+        await asyncio.sleep(1.2)
+        assert dev.state is DeviceState.DEGRADED
+        await asyncio.sleep(2.0)
+        assert dev.state is DeviceState.OFFLINE
+        link.dead.clear()
+        await asyncio.sleep(dev.backoff_s + 1.0)
+        assert dev.state is DeviceState.ONLINE
+        link.exceptions[(1, Space.INPUT)] = 2
+        await asyncio.sleep(1.0)
+        assert dev.state is DeviceState.DEGRADED  # answers, but not all of it
+        assert dev.failures_in_row == 0  # an exception is an answer: no back-off
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert dev.transitions == {
+            "unknown->online": 1,
+            "online->degraded": 2,
+            "degraded->offline": 1,
+            "offline->online": 1,
+        }
+        stats = poller.statistics()
+        assert stats["devices"]["d"]["transitions"]["degraded->offline"] == 1  # type: ignore[index]
+
+    run_virtual(body)
+
+
+def test_link_down_fails_every_device_without_retries() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock)
+        link.link_down = True
+        devs = [_device(f"d{i}", i, [_point("a", 0)], first_id=10 * i) for i in (1, 2)]
+        sink = Sink()
+        poller = BusPoller("b", link, devs, sink, clock, retries=3)
+        await _run_for(poller, 0.5)
+        assert len(link.log) == 2  # one attempt each: retrying a dead link is pointless
+        assert [r.quality for r in sink.readings] == [Quality.COMM_ERROR] * 2
+        assert all(d.state is DeviceState.DEGRADED for d in devs)
+
+    run_virtual(body)
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def test_quality_flags() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock)
+        pts = [
+            _point("level", 0, scale=0.1, range=(20.0, 140.0)),
+            _point("temp", 1, type=DataType.I16, scale=0.1, range=(-40.0, 60.0)),
+            _point("flow", 2, type=DataType.F32),
+        ]
+        link.regs[1] = {(Space.INPUT, 0): 523, (Space.INPUT, 1): encode(pts[1].spec, -45.5)[0]}
+        link.regs[1].update(
+            {(Space.INPUT, 2 + i): w for i, w in enumerate(encode(pts[2].spec, math.nan))}
+        )
+        sink = Sink()
+        dev = _device("d", 1, pts)
+        poller = BusPoller("b", link, [dev], sink, clock, retries=0, offline_after=3)
+        task = asyncio.create_task(poller.run())
+        await asyncio.sleep(0.5)
+        assert sink.of(0)[-1] == Reading(0, sink.of(0)[-1].ts, 52.3, Quality.GOOD)
+        # outside the valid range: kept, flagged
+        assert (sink.of(1)[-1].value, sink.of(1)[-1].quality) == (-45.5, Quality.OUT_OF_RANGE)
+        # NaN: flagged, sent without a value
+        assert (sink.of(2)[-1].value, sink.of(2)[-1].quality) == (None, Quality.OUT_OF_RANGE)
+        link.garbled.add(1)
+        await asyncio.sleep(1.0)
+        # first failure: degraded, the last good value repeats as STALE
+        assert (sink.of(0)[-1].value, sink.of(0)[-1].quality) == (52.3, Quality.STALE)
+        assert (sink.of(2)[-1].value, sink.of(2)[-1].quality) == (None, Quality.COMM_ERROR)
+        await asyncio.sleep(2.0)
+        # third failure in a row: offline, no value
+        assert dev.state is DeviceState.OFFLINE
+        assert (sink.of(0)[-1].value, sink.of(0)[-1].quality) == (None, Quality.COMM_ERROR)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # one reading per point per poll, whatever happened
+        assert len(sink.of(0)) == len(sink.of(1)) == len(sink.of(2)) == dev.polls
+
+    run_virtual(body)
+
+
+def test_one_bad_point_does_not_lose_the_others() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock)
+        pts = [
+            _point("a", 0),
+            Point(PointSpec("name", Space.INPUT, 1, DataType.STRING, length=2)),
+            _point("b", 3),
+        ]
+        link.regs[1] = {
+            (Space.INPUT, 0): 7,
+            (Space.INPUT, 1): 0x41FF,  # 0xFF is not ASCII: this point cannot decode
+            (Space.INPUT, 2): 0x4300,
+            (Space.INPUT, 3): 9,
+        }
+        sink = Sink()
+        dev = _device("d", 1, pts)
+        poller = BusPoller("b", link, [dev], sink, clock)
+        await _run_for(poller, 0.5)
+        assert len(link.log) == 1  # one request for all three
+        got = {r.point: (r.value, r.quality) for r in sink.readings}
+        assert got == {0: (7, Quality.GOOD), 1: (None, Quality.COMM_ERROR), 2: (9, Quality.GOOD)}
+        assert dev.state is DeviceState.DEGRADED
+
+    run_virtual(body)
+
+
+def test_exception_on_one_request_keeps_the_other_requests() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock)
+        pts = [_point("m", 0), _point("cfg", 5, space=Space.HOLDING)]
+        link.regs[1] = {(Space.INPUT, 0): 42}
+        link.exceptions[(1, Space.HOLDING)] = 2
+        sink = Sink()
+        poller = BusPoller("b", link, [_device("d", 1, pts)], sink, clock)
+        await _run_for(poller, 0.5)
+        got = {r.point: (r.value, r.quality) for r in sink.readings}
+        assert got == {0: (42, Quality.GOOD), 1: (None, Quality.COMM_ERROR)}
+        assert "exception 02" in poller.devices[0].last_error
+
+    run_virtual(body)
+
+
+def test_retry_recovers_a_single_lost_reply() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock)
+        link.regs[1] = {(Space.INPUT, 0): 5}
+        real_read = link.read
+        calls = 0
+
+        async def flaky(
+            space: Space, address: int, count: int, slave: int
+        ) -> Sequence[int] | Sequence[bool]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise NoResponse("lost once")
+            return await real_read(space, address, count, slave)
+
+        link.read = flaky  # type: ignore[method-assign]
+        sink = Sink()
+        dev = _device("d", 1, [_point("a", 0)])
+        poller = BusPoller("b", link, [dev], sink, clock, retries=1)
+        await _run_for(poller, 0.5)
+        assert [(r.value, r.quality) for r in sink.readings] == [(5, Quality.GOOD)]
+        assert dev.state is DeviceState.ONLINE and poller.timeouts == 1
+
+    run_virtual(body)
+
+
+def test_poller_hands_its_inter_frame_delay_to_the_link() -> None:
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock)
+        BusPoller(
+            "b", link, [_device("d", 1, [_point("a", 0)])], Sink(), clock, inter_frame_s=0.004
+        )
+        assert link.inter_frame_s == 0.004
+
+    run_virtual(body)
+
+
+# --------------------------------------------------------------------------- fast decoders
+
+
+_FAST_SPECS = [
+    PointSpec("u", Space.INPUT, 0, DataType.U16),
+    PointSpec("i", Space.INPUT, 0, DataType.I16),
+    PointSpec("us", Space.INPUT, 0, DataType.U16, scale=0.1),
+    PointSpec("is", Space.INPUT, 0, DataType.I16, scale=0.01, offset=-40.0),
+    PointSpec("uo", Space.HOLDING, 0, DataType.U16, scale=0.5, offset=3.25),
+    PointSpec("big", Space.INPUT, 0, DataType.I16, scale=1e-15),  # too many decimals: no rounding
+    PointSpec("bool", Space.INPUT, 0, DataType.BOOL),
+    PointSpec("bit", Space.INPUT, 0, DataType.BIT, bit=13),
+    PointSpec("cd", Space.INPUT, 0, DataType.U16, order=Order.BADC),  # byte-swapped: no fast path
+]
+
+
+@pytest.mark.parametrize("spec", _FAST_SPECS, ids=lambda s: s.name)
+def test_fast_decoders_agree_with_the_codec(spec: PointSpec) -> None:
+    fast = _fast(spec)
+    if spec.order is not Order.ABCD:
+        assert fast is None
+        return
+    assert fast is not None
+    rng = random.Random(spec.name)
+    words = [0, 1, 0x7FFF, 0x8000, 0xFFFF, *(rng.randrange(0x10000) for _ in range(2000))]
+    for w in words:
+        want = decode(spec, [w])
+        got = fast([9, w], 1)
+        assert got == want and type(got) is type(want), (spec, w)
+
+
+def test_decode_error_type_is_ours() -> None:
+    # the fallback path raises DecodeError for a non-ASCII string (what the poller catches)
+    spec = PointSpec("s", Space.INPUT, 0, DataType.STRING, length=1)
+    with pytest.raises(DecodeError):
+        decode(spec, [0xFF41])
+
+
+def test_shipped_profiles_poll_cleanly() -> None:
+    """Every shipped profile, on zeroed registers, yields one reading per point."""
+
+    async def body(clock: VirtualClock) -> None:
+        from drivers.profiles import available_profiles
+
+        for i, name in enumerate(available_profiles()):
+            prof = load_profile(name)
+            link = FakeLink(clock)
+            dev = PolledDevice(
+                name=name,
+                slave=1,
+                interval_s=prof.interval_s,
+                max_registers=prof.max_registers,
+                max_gap=prof.max_gap,
+                points=[(j, p) for j, p in enumerate(prof.points)],
+            )
+            sink = Sink()
+            poller = BusPoller(f"b{i}", link, [dev], sink, clock)
+            await _run_for(poller, 0.5)
+            assert sorted(r.point for r in sink.readings) == list(range(len(prof.points))), name
+            assert all(r.quality is not Quality.COMM_ERROR for r in sink.readings), name
+
+    run_virtual(body)
