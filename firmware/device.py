@@ -30,7 +30,7 @@ class Terminal:
         if addr + count > rm.IR_COUNT:
             raise ModbusError(ILLEGAL_ADDRESS)
         m = self.meter
-        if addr < rm.IR_UPTIME_HI and (m.fault or self.test_fault):
+        if addr < rm.IR_STATUS and (m.fault or self.test_fault):
             raise ModbusError(DEVICE_FAILURE)  # no trustworthy measurement to give
         up = self.uptime_s()
         c = self.counters

@@ -14,6 +14,7 @@ them at the line rate for emulators that care about wire timing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import termios
 import time
@@ -41,10 +42,8 @@ class PtyPair:
             return
         self.closed = True
         for fd in (self.master, self.slave_fd):
-            try:
+            with contextlib.suppress(OSError):  # already closed: fine
                 os.close(fd)
-            except OSError:  # already closed by a child that inherited it: fine
-                pass
 
     def __enter__(self) -> PtyPair:
         return self
