@@ -13,8 +13,10 @@ in profile order, from 0). Only that integer travels on the wire;
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ __all__ = [
     "DeviceConfig",
     "GatewayConfig",
     "LogConfig",
+    "RuleConfig",
+    "RuleTarget",
     "SpoolConfig",
     "TlsConfig",
     "UplinkConfig",
@@ -58,6 +62,28 @@ _KIND_KEYS = {
     "rtu-over-tcp": {*_NET_KEYS, "baud"},
 }
 SECRET = "***"
+RULE_KINDS = ("threshold", "rate", "stuck", "offline")
+# keys each rule kind accepts beyond id, kind, device (and point)
+_RULE_KEYS = {
+    "threshold": {"above", "below", "clear", "for_s", "window", "timezone"},
+    "rate": {"rise", "fall", "within_s", "clear"},
+    "stuck": {"for_s", "tolerance"},
+    "offline": {"after_s"},
+}
+_ALL_RULE_KEYS = (
+    "above",
+    "below",
+    "clear",
+    "for_s",
+    "window",
+    "timezone",
+    "rise",
+    "fall",
+    "within_s",
+    "tolerance",
+    "after_s",
+)
+_WINDOW = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])")
 
 
 # -- the sections --------------------------------------------------------------
@@ -165,6 +191,72 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleTarget:
+    """One device (and point) a rule watches: ``pids`` are the gateway point ids
+    whose readings feed it (the point's id; every point of the device for an
+    ``offline`` rule, whose ``point`` is "" and ``pid`` -1)."""
+
+    device: str
+    point: str
+    pid: int
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RuleConfig:
+    """A ``[[rules]]`` block: an edge-event rule, resolved to its targets.
+
+    ``threshold``: fires when the value is above ``above`` (or below
+    ``below``) for at least ``for_s``, inside the local-time ``window`` if one
+    is set; clears at ``clear`` (hysteresis) or when the window ends.
+    ``rate``: fires when the value rose by ``rise`` (or fell by ``fall``)
+    within ``within_s``; clears when the change within ``within_s`` is back
+    under ``clear``. ``stuck``: fires when the value moved by no more than
+    ``tolerance`` for ``for_s``; clears when it moves. ``offline``: fires when
+    the device gave no good reading for ``after_s``; clears at the next one.
+    """
+
+    id: str
+    kind: str
+    device: str  # a device name or a glob over device names ("weather-*")
+    point: str  # "" for offline rules
+    targets: tuple[RuleTarget, ...]
+    above: float | None = None
+    below: float | None = None
+    rise: float | None = None
+    fall: float | None = None
+    clear: float | None = None  # resolved: never None for threshold and rate
+    for_s: float = 0.0
+    within_s: float = 0.0
+    tolerance: float = 0.0
+    after_s: float = 0.0
+    window: tuple[int, int] | None = None  # (start, end) minutes after local midnight
+    timezone: str = ""  # IANA name; "" = the gateway's local time
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "kind": self.kind, "device": self.device}
+        if self.point:
+            out["point"] = self.point
+        for key in ("above", "below", "rise", "fall", "clear"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        keys = sorted(_RULE_KEYS[self.kind] - {"above", "below", "rise", "fall", "clear"})
+        for key in keys:
+            if key == "window":
+                if self.window is not None:
+                    a, b = self.window
+                    out["window"] = f"{a // 60:02d}:{a % 60:02d}-{b // 60:02d}:{b % 60:02d}"
+            elif key == "timezone":
+                if self.timezone:
+                    out["timezone"] = self.timezone
+            else:
+                out[key] = getattr(self, key)
+        out["targets"] = [f"{t.device}.{t.point}" if t.point else t.device for t in self.targets]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A validated gateway configuration."""
 
@@ -180,6 +272,7 @@ class Config:
     points: Mapping[int, tuple[DeviceConfig, Point]]
     # (device name, point name) -> point id
     point_ids: Mapping[tuple[str, str], int]
+    rules: tuple[RuleConfig, ...] = ()
 
     def bus(self, name: str) -> BusConfig:
         for b in self.buses:
@@ -251,6 +344,7 @@ class Config:
                 }
                 for d in self.devices
             ],
+            "rules": [r.to_dict() for r in self.rules],
         }
 
 
@@ -341,9 +435,6 @@ def parse_config(
                 continue
             slaves[(dev.bus, dev.slave)] = (i, dev.name)
         devices.append(dev)
-    root.finish()
-    problems.raise_if_any()
-
     points: dict[int, tuple[DeviceConfig, Point]] = {}
     ids: dict[tuple[str, str], int] = {}
     for dev in devices:
@@ -353,6 +444,21 @@ def parse_config(
             pid = len(points)
             points[pid] = (dev, point)
             ids[(dev.name, point.name)] = pid
+
+    rules: list[RuleConfig] = []
+    rule_index: dict[str, int] = {}
+    device_names = [d.name for d in devices]
+    for i, t in enumerate(root.get_tables("rules")):
+        rule = _rule(t, devices, device_names, ids)
+        if rule is None:
+            continue
+        if rule.id in rule_index:
+            t.add("id", f"duplicate rule id '{rule.id}' (also rules[{rule_index[rule.id]}])")
+            continue
+        rule_index[rule.id] = i
+        rules.append(rule)
+    root.finish()
+    problems.raise_if_any()
     return Config(
         source=path if path is not None else Path(source),
         gateway=gateway,
@@ -364,6 +470,7 @@ def parse_config(
         devices=tuple(devices),
         points=MappingProxyType(points),
         point_ids=MappingProxyType(ids),
+        rules=tuple(rules),
     )
 
 
@@ -590,6 +697,172 @@ def _device(
         slave=slave,
         interval_s=interval if interval is not None else profile.interval_s,
         enabled=enabled,
+    )
+
+
+def _rule(
+    t: Table,
+    devices: list[DeviceConfig],
+    device_names: list[str],
+    ids: Mapping[tuple[str, str], int],
+) -> RuleConfig | None:
+    before = len(t.problems.items)
+    rid = t.get_str("id", required=True, pattern=_NAME, pattern_help=_NAME_HELP)
+    kind = t.get_str("kind", required=True, choices=RULE_KINDS, what="rule kind")
+    device = t.get_str("device", required=True, nonempty=True)
+    t.known("point", *_ALL_RULE_KEYS)
+    if kind:
+        for key in _ALL_RULE_KEYS:
+            if t.present(key) and key not in _RULE_KEYS[kind]:
+                kinds = [k for k in RULE_KINDS if key in _RULE_KEYS[k]]
+                t.add(
+                    key,
+                    f"'{key}' does not apply to a '{kind}' rule (only to {' and '.join(kinds)})",
+                )
+    point = ""
+    if kind == "offline":
+        if t.present("point"):
+            t.add("point", "an 'offline' rule watches a whole device: drop 'point'")
+    elif kind:
+        point = t.get_str("point", required=True, nonempty=True)
+    # the targets: enabled devices matching `device`, having `point`
+    targets: list[RuleTarget] = []
+    if device:
+        glob = any(c in device for c in "*?[")
+        matched = [
+            d
+            for d in devices
+            if d.enabled and (fnmatch.fnmatchcase(d.name, device) if glob else d.name == device)
+        ]
+        if not matched:
+            if glob:
+                t.add("device", f"pattern '{device}' matches no enabled device")
+            elif device in device_names:
+                t.add("device", f"device '{device}' is disabled")
+            else:
+                known = ", ".join(device_names) or "(none)"
+                t.add(
+                    "device",
+                    f"no device named '{device}'{did_you_mean(device, device_names)}; devices: {known}",
+                )
+        for d in matched:
+            if kind == "offline":
+                pids = tuple(ids[(d.name, p.name)] for p in d.profile.points)
+                targets.append(RuleTarget(d.name, "", -1, pids))
+            elif point:
+                pid = ids.get((d.name, point))
+                if pid is not None:
+                    numeric = d.profile.point(point).spec.type.name not in ("STRING",)
+                    if not numeric and kind in ("threshold", "rate"):
+                        t.add(
+                            "point", f"point '{point}' of device '{d.name}' is a string: no {kind}"
+                        )
+                    targets.append(RuleTarget(d.name, point, pid, (pid,)))
+                elif not glob:
+                    names = [p.name for p in d.profile.points]
+                    t.add(
+                        "point",
+                        f"device '{d.name}' ({d.profile_name}) has no point '{point}'"
+                        f"{did_you_mean(point, names)}",
+                    )
+        if glob and matched and point and not targets:
+            t.add("point", f"no device matching '{device}' has a point '{point}'")
+    above = below = rise = fall = clear = None
+    for_s = within_s = tolerance = after_s = 0.0
+    window: tuple[int, int] | None = None
+    timezone = ""
+    if kind == "threshold":
+        above = t.opt_float("above")
+        below = t.opt_float("below")
+        if (above is None) == (below is None) and not (t.present("above") or t.present("below")):
+            t.add("", "a threshold rule needs 'above' or 'below'")
+        elif t.present("above") and t.present("below"):
+            t.add("below", "set 'above' or 'below', not both (use two rules for a band)")
+        level = above if above is not None else below
+        clear = t.opt_float("clear")
+        if clear is None:
+            clear = level
+        elif level is not None:
+            if above is not None and clear > above:
+                t.add(
+                    "clear",
+                    f"value {clear:g} must be at most above ({above:g}): it is the level the value falls back to",
+                )
+            if below is not None and clear < below:
+                t.add(
+                    "clear",
+                    f"value {clear:g} must be at least below ({below:g}): it is the level the value climbs back to",
+                )
+        for_s = t.get_float("for_s", 0.0, lo=0.0, hi=86400.0)
+        text = t.get_str("window")
+        if text:
+            m = _WINDOW.fullmatch(text)
+            if m is None:
+                t.add(
+                    "window",
+                    f"invalid value '{text}': use HH:MM-HH:MM in local time, e.g. '22:00-07:00'",
+                )
+            else:
+                a = int(m[1]) * 60 + int(m[2])
+                b = int(m[3]) * 60 + int(m[4])
+                if a == b:
+                    t.add("window", f"invalid value '{text}': start and end are the same time")
+                else:
+                    window = (a, b)
+        timezone = t.get_str("timezone")
+        if timezone:
+            try:
+                zoneinfo.ZoneInfo(timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                t.add(
+                    "timezone",
+                    f"unknown time zone '{timezone}': use an IANA name like 'Asia/Hong_Kong'",
+                )
+                timezone = ""
+            if not t.present("window"):
+                t.add("timezone", "a timezone only applies with a 'window'")
+    elif kind == "rate":
+        rise = t.opt_float("rise", lo=0.0)
+        fall = t.opt_float("fall", lo=0.0)
+        if not t.present("rise") and not t.present("fall"):
+            t.add("", "a rate rule needs 'rise' or 'fall'")
+        elif t.present("rise") and t.present("fall"):
+            t.add("fall", "set 'rise' or 'fall', not both (use two rules)")
+        step = rise if rise is not None else fall
+        if step is not None and step <= 0:
+            t.add("rise" if rise is not None else "fall", "must be greater than 0")
+        within_s = t.get_float("within_s", 0.0, required=True, lo=1.0, hi=86400.0)
+        clear = t.opt_float("clear", lo=0.0)
+        if clear is None:
+            clear = step / 2 if step is not None else None
+        elif step is not None and clear > step:
+            key = "rise" if rise is not None else "fall"
+            t.add("clear", f"value {clear:g} must be at most {key} ({step:g})")
+    elif kind == "stuck":
+        for_s = t.get_float("for_s", 0.0, required=True, lo=1.0, hi=30 * 86400.0)
+        tolerance = t.get_float("tolerance", 0.0, lo=0.0)
+    elif kind == "offline":
+        after_s = t.get_float("after_s", 0.0, required=True, lo=1.0, hi=30 * 86400.0)
+    t.finish()
+    if len(t.problems.items) != before or not rid or not kind:
+        return None
+    return RuleConfig(
+        id=rid,
+        kind=kind,
+        device=device,
+        point=point,
+        targets=tuple(targets),
+        above=above,
+        below=below,
+        rise=rise,
+        fall=fall,
+        clear=clear,
+        for_s=for_s,
+        within_s=within_s,
+        tolerance=tolerance,
+        after_s=after_s,
+        window=window,
+        timezone=timezone,
     )
 
 
