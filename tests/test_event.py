@@ -148,7 +148,12 @@ def test_fuzz_bytes_give_an_event_or_our_error(data: bytes) -> None:
         parse_event(data).event()
 
 
-@given(st.lists(st.one_of(st.text(max_size=5), st.integers(), st.floats(), st.none()), max_size=11))
+@given(
+    st.lists(
+        st.one_of(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1), st.floats(), st.none()),
+        max_size=11,
+    )
+)
 def test_fuzz_payloads_give_an_event_or_decode_error(payload: list[object]) -> None:
     try:
         e = parse_event(_signed(payload)).event()
