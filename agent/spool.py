@@ -380,6 +380,16 @@ class Spool:
     def _drop_old_sync(self, now: float) -> None:
         self._delete_sync("created < ?", (now - self._max_age_s,), "too_old")
 
+    async def expire(self) -> None:
+        """Drop the batches older than ``max_age_s`` now (appends also do it, at most
+        every 30 s)."""
+        await self._call(self._drop_old_sync, time.time())
+        if self._has_gaps:
+            self.gaps_added.set()
+            self.added.set()
+        if len(self._acked_ids) >= self._count:
+            self.empty.set()
+
     def _lost_sync(self, rows: list[tuple[int, int, int]], reason: str) -> None:
         """Batches that never made it into the spool: a gap row, or in memory if even that fails."""
         assert self._db is not None

@@ -138,10 +138,12 @@ class Uplink:
                     self.connects += 1
                     self.connected.set()
                     log.info(
-                        "uplink connected to %s:%d (%.1f s after losing it); %d batches to send",
+                        "uplink connected to %s:%d (%s); %d batches to send",
                         s.host,
                         s.port,
-                        time.monotonic() - down_since,
+                        f"down {time.monotonic() - down_since:.1f} s"
+                        if self.connects > 1
+                        else "first",
                         self._spool.statistics()["depth_batches"],
                     )
                     await self._session(client)

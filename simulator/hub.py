@@ -205,6 +205,10 @@ class HubCore:
         self._save_counters()
         db.execute("COMMIT")
 
+    def delivered(self, gateway: str) -> set[tuple[int, int]]:
+        """Every (epoch, seq) of ``gateway`` verified so far (stored or buffered)."""
+        return {(e, s) for (gw, e), seqs in self._seen.items() if gw == gateway for s in seqs}
+
     @property
     def buffered(self) -> int:
         """Batches verified but not yet written."""

@@ -1,0 +1,226 @@
+"""The spool: durable FIFO, grouped acks, bounds, gap rows, damage, full disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.spool import Spool, SpoolError
+from protocols.gap import GapRange
+
+
+def _rows(
+    epoch: int, seqs: range, size: int = 1000, n: int = 10
+) -> list[tuple[int, int, int, int, bytes]]:
+    return [(epoch, s, n, 1_700_000_000_000 + s, bytes([s % 256]) * size) for s in seqs]
+
+
+async def test_append_is_read_back_oldest_first_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    spool = await Spool.open(path)
+    stored = await spool.append(_rows(1, range(5)))
+    assert len(stored) == 5
+    await spool.append(_rows(2, range(3)))
+    assert not spool.empty.is_set()
+    await spool.close()
+
+    spool = await Spool.open(path)
+    rows = await spool.pending(0, 100)
+    assert [(r.epoch, r.seq) for r in rows] == [
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (1, 4),
+        (2, 0),
+        (2, 1),
+        (2, 2),
+    ]
+    assert rows[3].data == bytes([3]) * 1000
+    assert spool.statistics()["depth_batches"] == 8
+    # the cursor: after the third row, at most two
+    assert [r.seq for r in await spool.pending(rows[2].id, 2)] == [3, 4]
+    # the backlog bound
+    assert [r.seq for r in await spool.pending(0, 100, upto_id=rows[1].id)] == [0, 1]
+    await spool.close()
+
+
+async def test_acks_are_grouped_and_deleted_on_flush(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    spool = await Spool.open(path)
+    await spool.append(_rows(1, range(4)))
+    rows = await spool.pending(0, 10)
+    spool.ack([rows[0].id, rows[1].id])
+    # acknowledged rows are no longer pending, even before the delete is committed
+    assert [r.seq for r in await spool.pending(0, 10)] == [2, 3]
+    assert spool.statistics()["depth_batches"] == 2
+    assert not spool.empty.is_set()
+    spool.ack([r.id for r in rows[2:]])
+    spool.ack([rows[3].id])  # a second PUBACK for the same batch changes nothing
+    assert spool.empty.is_set()
+    assert spool.statistics()["acked"] == 4
+    await spool.flush_acks()
+    await spool.close()
+    spool = await Spool.open(path)
+    assert await spool.pending(0, 10) == []
+    await spool.close()
+
+
+async def test_close_deletes_what_was_acknowledged(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    spool = await Spool.open(path)
+    await spool.append(_rows(1, range(3)))
+    spool.ack([(await spool.pending(0, 1))[0].id])
+    await spool.close()
+    spool = await Spool.open(path)
+    assert [r.seq for r in await spool.pending(0, 10)] == [1, 2]
+    await spool.close()
+
+
+async def test_over_max_bytes_drops_the_oldest_and_writes_gap_rows(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "s.sqlite3", max_bytes=10_000)
+    await spool.append(_rows(3, range(8)))
+    await spool.append(_rows(4, range(6)))  # 14 000 bytes: the 4 oldest go
+    left = [(r.epoch, r.seq) for r in await spool.pending(0, 100)]
+    assert left == [(3, 4), (3, 5), (3, 6), (3, 7), *[(4, s) for s in range(6)]]
+    st = spool.statistics()
+    assert st["dropped_batches"] == 4
+    assert st["dropped_readings"] == 40
+    assert st["depth_bytes"] <= 10_000
+    gaps = await spool.gaps()
+    assert [g for _, g in gaps] == [GapRange(3, 0, 3, 40, "spool_full")]
+    assert spool.gaps_added.is_set()
+    await spool.gaps_sent([i for i, _ in gaps])
+    assert await spool.gaps() == []
+    assert not spool.has_gaps
+    totals = await spool.totals()
+    assert totals["dropped_batches"] == 4
+    await spool.close()
+
+
+async def test_gap_ranges_split_at_holes_and_epochs(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "s.sqlite3", max_bytes=1 << 20, max_age_s=0.0)
+    await spool.append([*_rows(1, range(0, 3)), *_rows(1, range(5, 7)), *_rows(2, range(2))])
+    # a batch of the spool acknowledged in memory only is delivered, not dropped
+    await spool.expire()
+    gaps = [g for _, g in await spool.gaps()]
+    assert gaps == [
+        GapRange(1, 0, 2, 30, "too_old"),
+        GapRange(1, 5, 6, 20, "too_old"),
+        GapRange(2, 0, 1, 20, "too_old"),
+    ]
+    assert spool.statistics()["depth_batches"] == 0
+    assert spool.empty.is_set()
+    await spool.close()
+
+
+async def test_gap_rows_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    spool = await Spool.open(path, max_bytes=2_000)
+    await spool.append(_rows(1, range(4)))
+    await spool.close()
+    spool = await Spool.open(path, max_bytes=2_000)
+    assert spool.has_gaps and spool.gaps_added.is_set()
+    assert [g for _, g in await spool.gaps()] == [GapRange(1, 0, 1, 20, "spool_full")]
+    await spool.close()
+
+
+async def test_full_disk_drops_the_oldest_instead_of_failing(tmp_path: Path) -> None:
+    # max_page_count stands in for a full file system: SQLite answers SQLITE_FULL
+    spool = await Spool.open(tmp_path / "s.sqlite3", max_page_count=60)
+    stored = 0
+    for i in range(60):
+        stored += len(await spool.append(_rows(1, range(i * 4, i * 4 + 4), size=3000)))
+    st = spool.statistics()
+    assert stored == 240  # every batch went in, the oldest made room
+    assert st["dropped_disk_full"] > 0
+    assert st["depth_batches"] + st["dropped_batches"] == 240
+    gaps = [g for _, g in await spool.gaps(1000)]
+    assert gaps and all(g.reason == "disk_full" for g in gaps)
+    assert gaps[0].first == 0
+    assert sum(g.last - g.first + 1 for g in gaps) == st["dropped_batches"]
+    # what is left is the newest, in order
+    seqs = [r.seq for r in await spool.pending(0, 1000)]
+    assert seqs == list(range(240 - len(seqs), 240))
+    await spool.close()
+
+
+async def test_batch_bigger_than_the_disk_is_reported_lost(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "s.sqlite3", max_page_count=12)
+    stored = await spool.append(_rows(5, range(2), size=200_000))
+    assert stored == []
+    assert spool.statistics()["dropped_disk_full"] == 2
+    gaps = [g for _, g in await spool.gaps()]
+    # given up one by one, each reported
+    assert gaps == [GapRange(5, 0, 0, 10, "disk_full"), GapRange(5, 1, 1, 10, "disk_full")]
+    await spool.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random_bytes", "zeroed_header"])
+async def test_damaged_spool_is_moved_aside_and_a_fresh_one_started(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    spool = await Spool.open(path)
+    await spool.append(_rows(1, range(40), size=2000))
+    await spool.close()
+    size = path.stat().st_size
+    rng = random.Random(7)
+    if damage == "truncated":
+        with path.open("r+b") as f:
+            f.truncate(size // 2)
+    elif damage == "random_bytes":
+        path.write_bytes(rng.randbytes(size))
+    else:
+        with path.open("r+b") as f:
+            f.write(b"\0" * 100)
+    with caplog.at_level(logging.ERROR, logger="agent.spool"):
+        spool = await Spool.open(path)
+    assert spool.statistics()["moved_aside"] == 1
+    assert any(
+        "damaged" in r.getMessage() and "moved it aside" in r.getMessage() for r in caplog.records
+    )
+    aside = [
+        p
+        for p in tmp_path.iterdir()
+        if ".damaged-" in p.name and not p.name.endswith(("-wal", "-shm"))
+    ]
+    assert len(aside) == 1
+    # the fresh spool works and remembers the count
+    assert await spool.pending(0, 10) == []
+    assert len(await spool.append(_rows(2, range(3)))) == 3
+    assert (await spool.totals())["moved_aside"] == 1
+    await spool.close()
+
+
+async def test_a_sound_spool_is_not_moved(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    spool = await Spool.open(path)
+    await spool.append(_rows(1, range(3)))
+    await spool.close()
+    spool = await Spool.open(path)
+    assert spool.statistics()["moved_aside"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if "damaged" in p.name) == []
+    await spool.close()
+
+
+async def test_unknown_durability_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SpoolError, match="durability"):
+        await Spool.open(tmp_path / "s.sqlite3", durability="sometimes")
+
+
+@pytest.mark.parametrize("durability", ["full", "normal", "off"])
+async def test_durability_sets_sqlite_synchronous(tmp_path: Path, durability: str) -> None:
+    path = tmp_path / "s.sqlite3"
+    spool = await Spool.open(path, durability=durability)
+    await spool.append(_rows(1, range(1)))
+    await spool.close()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+    assert os.path.getsize(path) > 0
