@@ -1,0 +1,324 @@
+"""The running agent's status file, and ``vitals status`` that reads it.
+
+:class:`StatusWriter` runs as one task of the agent and replaces
+``status.json`` atomically (write a temporary file beside it, ``os.replace``)
+every ``interval_s`` seconds: uptime, each bus and device with its state and
+last error, spool depth and the age of its oldest batch, the last batch the
+broker acknowledged, counters. It goes to ``$RUNTIME_DIRECTORY`` (systemd's
+``RuntimeDirectory=vitals``: ``/run/vitals``, a tmpfs, so a status written
+every few seconds does not wear the SD card) or else to the state directory.
+It holds no secrets (mode 0644), so ``vitals status`` works for any user in
+the ``vitals`` group.
+
+:func:`read_status` and :func:`status_command` are the reader: a status older
+than three intervals, or written by a process that is gone, means the agent
+is not running (or is hung), and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = [
+    "STATUS_FILE",
+    "StatusWriter",
+    "build_status",
+    "default_status_paths",
+    "read_status",
+    "spool_oldest_age_s",
+    "status_command",
+    "write_status",
+]
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+FORMAT = 1
+
+
+def default_status_paths(state_dir: Path | None = None) -> list[Path]:
+    """Where the status file may be, in the order the reader looks."""
+    out: list[Path] = []
+    rt = os.environ.get("RUNTIME_DIRECTORY")
+    if rt:
+        out.append(Path(rt.split(":")[0]) / STATUS_FILE)
+    out.append(Path("/run/vitals") / STATUS_FILE)
+    if state_dir is not None:
+        out.append(state_dir / STATUS_FILE)
+    out.append(Path(os.environ.get("VITALS_STATE_DIR", "/var/lib/vitals")) / STATUS_FILE)
+    seen: list[Path] = []
+    for p in out:
+        if p not in seen:
+            seen.append(p)
+    return seen
+
+
+def spool_oldest_age_s(db: Path, now: float | None = None) -> float | None:
+    """Age of the oldest batch in the spool database (read only), None if empty."""
+    if not db.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+        try:
+            row = con.execute("SELECT MIN(created) FROM batches").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        log.debug("spool %s: %s", db, exc)
+        return None
+    if not row or row[0] is None:
+        return None
+    return max(0.0, (now or time.time()) - float(row[0]))
+
+
+def build_status(agent: Any, *, state: str = "running", interval_s: float = 5.0) -> dict[str, Any]:
+    """The status document of ``agent`` (an :class:`agent.service.Agent`)."""
+    stats: dict[str, Any] = dict(agent.statistics())
+    cfg = agent.config
+    spool = dict(stats.get("spool") or {})
+    spool["oldest_age_s"] = spool_oldest_age_s(cfg.gateway.state_dir / "spool.sqlite3")
+    stats["spool"] = spool
+    return {
+        "format": FORMAT,
+        "state": state,
+        "written_at": round(time.time(), 3),
+        "interval_s": interval_s,
+        "pid": os.getpid(),
+        "config": str(cfg.source),
+        **stats,
+    }
+
+
+def write_status(path: Path, doc: dict[str, Any]) -> None:
+    """Replace ``path`` atomically with ``doc`` as JSON (readers never see half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps(doc, ensure_ascii=False, default=str, indent=1).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class StatusWriter:
+    """``StatusWriter(agent, path).run()``: one task of the agent's TaskGroup."""
+
+    def __init__(
+        self,
+        agent: Any,
+        path: Path | None = None,
+        *,
+        interval_s: float = 5.0,
+        on_write: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.agent = agent
+        if path is None:
+            rt = os.environ.get("RUNTIME_DIRECTORY")
+            base = Path(rt.split(":")[0]) if rt else agent.config.gateway.state_dir
+            path = base / STATUS_FILE
+        self.path = path
+        self.interval_s = interval_s
+        self.on_write = on_write  # e.g. SdNotifier.status with a one-line summary
+        self.writes = 0
+        self.errors = 0
+
+    async def write_once(self, state: str = "running") -> None:
+        doc = await asyncio.to_thread(
+            build_status, self.agent, state=state, interval_s=self.interval_s
+        )
+        try:
+            await asyncio.to_thread(write_status, self.path, doc)
+        except OSError as exc:
+            self.errors += 1
+            log.warning("status file %s: %s", self.path, exc)
+            return
+        self.writes += 1
+        if self.on_write is not None:
+            self.on_write(doc)
+
+    async def run(self) -> None:
+        """Write every ``interval_s`` until cancelled; then a last 'stopped' status."""
+        try:
+            while True:
+                await self.write_once()
+                await asyncio.sleep(self.interval_s)
+        finally:
+            with contextlib.suppress(Exception):
+                doc = build_status(self.agent, state="stopped", interval_s=self.interval_s)
+                write_status(self.path, doc)
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """One line for ``systemctl status`` (sd_notify STATUS=)."""
+    buses = doc.get("buses") or {}
+    devs = [d for b in buses.values() for d in (b.get("devices") or {}).values()]
+    online = sum(1 for d in devs if d.get("state") == "online")
+    spool = doc.get("spool") or {}
+    up = "up" if (doc.get("uplink") or {}).get("connected") else "down"
+    return f"{online}/{len(devs)} devices online, spool {spool.get('depth_batches', 0)} batches, uplink {up}"
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class StatusUnavailable(Exception):
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def read_status(paths: list[Path], now: float | None = None) -> tuple[Path, dict[str, Any], str]:
+    """The first status file found: ``(path, document, freshness)`` where freshness
+    is ``""`` when the agent is alive, else why the status is not current."""
+    now = time.time() if now is None else now
+    for p in paths:
+        try:
+            doc = json.loads(p.read_text())
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise StatusUnavailable(
+                f"{p}: permission denied", "run as the vitals user or add yourself to its group"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise StatusUnavailable(f"{p}: unreadable ({exc})", "is the disk full?") from None
+        if not isinstance(doc, dict):
+            raise StatusUnavailable(f"{p}: not a status document", "")
+        age = now - float(doc.get("written_at", 0))
+        interval = float(doc.get("interval_s", 5.0))
+        why = ""
+        if doc.get("state") == "stopped":
+            why = "the agent stopped"
+        elif not _alive(int(doc.get("pid", 0))):
+            why = f"the agent (pid {doc.get('pid')}) is gone"
+        elif age > 3 * interval:
+            why = f"the status is {age:.0f} s old: the agent is hung"
+        return p, doc, why
+    where = ", ".join(str(p) for p in paths)
+    raise StatusUnavailable(
+        f"no status file ({where})",
+        "is the agent running? 'systemctl status vitals'; start it with 'sudo systemctl start vitals'",
+    )
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _age(s: float | None) -> str:
+    if s is None:
+        return "—"
+    s = float(s)
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def render(path: Path, doc: dict[str, Any], why: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(highlight=False)
+    head = "[green]running[/]" if not why else f"[red]not running[/]: {why}"
+    con.print(
+        f"gateway [bold]{doc.get('gateway', '?')}[/]  {head}  pid {doc.get('pid')}  "
+        f"up {_age(doc.get('uptime_s'))}  epoch {doc.get('epoch')}  ({path})",
+        soft_wrap=True,
+    )
+    up = doc.get("uplink") or {}
+    last = up.get("last_acked")
+    last_txt = f"epoch {last[0]} seq {last[1]}" if last else "—"
+    con.print(
+        f"uplink  {'connected' if up.get('connected') else '[red]disconnected[/]'}  "
+        f"acked {up.get('batches_acked', 0)} batches / {up.get('readings_acked', 0)} readings  "
+        f"last acked {last_txt}"
+        + (f"  last error: {up['last_error']}" if up.get("last_error") else ""),
+        soft_wrap=True,
+    )
+    sp = doc.get("spool") or {}
+    con.print(
+        f"spool   {sp.get('depth_batches', 0)} batches, {sp.get('depth_bytes', 0)} bytes, "
+        f"oldest {_age(sp.get('oldest_age_s'))}, dropped {sp.get('dropped_batches', 0)}",
+        soft_wrap=True,
+    )
+    t = Table(title="buses and devices")
+    for col in ("bus", "device", "state", "polls", "failed", "rtt ms", "last error"):
+        t.add_column(col, justify="right" if col in ("polls", "failed", "rtt ms") else "left")
+    colors = {"online": "green", "degraded": "yellow", "offline": "red"}
+    for bus, b in (doc.get("buses") or {}).items():
+        for name, d in (b.get("devices") or {}).items():
+            st = str(d.get("state", "?"))
+            t.add_row(
+                bus,
+                name,
+                f"[{colors.get(st, 'white')}]{st}[/]",
+                str(d.get("polls", 0)),
+                str(d.get("polls_failed", 0)),
+                str(d.get("rtt_ms", "")),
+                str(d.get("last_error", "")),
+            )
+    con.print(t)
+    counters = {
+        f"bus {bus}": f"{b.get('transactions', 0)} transactions, {b.get('timeouts', 0)} timeouts, "
+        f"{b.get('overruns', 0)} overruns"
+        for bus, b in (doc.get("buses") or {}).items()
+    }
+    batch = doc.get("batch") or {}
+    if batch:
+        counters["batches"] = (
+            f"{batch.get('readings_in', 0)} readings in, {batch.get('batches_sealed', 0)} sealed"
+        )
+    for k, v in counters.items():
+        con.print(f"{k}: {v}", soft_wrap=True)
+
+
+def status_command(
+    status_file: Annotated[
+        Path | None, typer.Option(help="status file (default: /run/vitals, then the state dir)")
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="the agent's state directory")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the status document as JSON")] = False,
+) -> None:
+    """The running agent's state: buses, devices, spool, uplink, counters."""
+    paths = [status_file] if status_file else default_status_paths(state_dir)
+    try:
+        path, doc, why = read_status(paths)
+    except StatusUnavailable as exc:
+        if as_json:
+            print(json.dumps({"running": False, "error": exc.message, "hint": exc.hint}))
+        else:
+            typer.secho(f"error: {exc.message}", fg="red", err=True)
+            if exc.hint:
+                typer.echo(f"hint: {exc.hint}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps({"running": not why, "why": why, "path": str(path), **doc}, default=str))
+    else:
+        render(path, doc, why)
+    raise typer.Exit(0 if not why else 1)

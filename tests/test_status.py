@@ -1,0 +1,205 @@
+"""The status file: written by the running agent, read by ``vitals status``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from agent.status import StatusWriter, build_status, read_status, status_command, summary
+
+app = typer.Typer()
+app.command()(status_command)
+runner = CliRunner()
+
+
+def _fake_agent(state_dir: Path) -> Any:
+    stats = {
+        "gateway": "gw-7",
+        "epoch": 4,
+        "uptime_s": 3725.0,
+        "batch": {"readings_in": 900, "batches_sealed": 9},
+        "spool": {"depth_batches": 2, "depth_bytes": 4096, "dropped_batches": 0},
+        "uplink": {
+            "connected": True,
+            "batches_acked": 7,
+            "readings_acked": 700,
+            "last_acked": [4, 7],
+            "last_error": "",
+        },
+        "buses": {
+            "rs485-1": {
+                "transactions": 120,
+                "timeouts": 3,
+                "overruns": 0,
+                "readings": 900,
+                "devices": {
+                    "noise-1": {
+                        "state": "online",
+                        "polls": 60,
+                        "polls_failed": 0,
+                        "last_error": "",
+                        "rtt_ms": 12.5,
+                    },
+                    "rain-2": {
+                        "state": "offline",
+                        "polls": 60,
+                        "polls_failed": 60,
+                        "last_error": "rtu:///dev/ttyUSB0: no response from slave 2",
+                        "rtt_ms": 0.0,
+                    },
+                },
+            }
+        },
+    }
+    cfg = SimpleNamespace(
+        source=Path("/etc/vitals/gateway.toml"), gateway=SimpleNamespace(state_dir=state_dir)
+    )
+    return SimpleNamespace(statistics=lambda: stats, config=cfg)
+
+
+async def test_writer_replaces_the_file_atomically_and_marks_stop(tmp_path: Path) -> None:
+    agent = _fake_agent(tmp_path)
+    lines: list[str] = []
+    three = asyncio.Event()
+
+    def on_write(d: dict[str, Any]) -> None:
+        lines.append(summary(d))
+        if len(lines) >= 3:
+            three.set()
+
+    w = StatusWriter(agent, tmp_path / "status.json", interval_s=0.01, on_write=on_write)
+    task = asyncio.create_task(w.run())
+    await three.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    doc = json.loads((tmp_path / "status.json").read_text())
+    assert doc["state"] == "stopped"
+    assert doc["gateway"] == "gw-7" and doc["pid"] == os.getpid()
+    assert doc["spool"]["depth_batches"] == 2 and doc["spool"]["oldest_age_s"] is None
+    assert lines[0] == "1/2 devices online, spool 2 batches, uplink up"
+    # no temporary file left behind
+    assert os.listdir(tmp_path) == ["status.json"]
+
+
+def test_cli_renders_buses_devices_spool_uplink(tmp_path: Path) -> None:
+    doc = build_status(_fake_agent(tmp_path))
+    (tmp_path / "status.json").write_text(json.dumps(doc))
+    r = runner.invoke(app, ["--status-file", str(tmp_path / "status.json")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "gateway gw-7  running" in r.output
+    assert "last acked epoch 4 seq 7" in r.output
+    assert "spool   2 batches, 4096 bytes" in r.output
+    row = next(line for line in r.output.splitlines() if "rain-2" in line)
+    assert "offline" in row and "rtu:///dev/ttyUSB0: no response from slave 2" in row
+    assert "bus rs485-1: 120 transactions, 3 timeouts" in r.output
+
+
+def test_cli_json(tmp_path: Path) -> None:
+    doc = build_status(_fake_agent(tmp_path))
+    (tmp_path / "status.json").write_text(json.dumps(doc))
+    r = runner.invoke(app, ["--status-file", str(tmp_path / "status.json"), "--json"])
+    assert r.exit_code == 0
+    out = json.loads(r.output)
+    assert out["running"] is True
+    assert out["buses"]["rs485-1"]["devices"]["noise-1"]["state"] == "online"
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"state": "stopped"}, "the agent stopped"),
+        ({"pid": 2**22 + 12345}, "is gone"),
+        ({"written_at": time.time() - 60}, "the agent is hung"),
+    ],
+)
+def test_stale_status_says_why_and_exits_1(
+    tmp_path: Path, change: dict[str, Any], why: str
+) -> None:
+    doc = {**build_status(_fake_agent(tmp_path)), **change}
+    (tmp_path / "status.json").write_text(json.dumps(doc))
+    _, _, got = read_status([tmp_path / "status.json"])
+    assert why in got
+    r = runner.invoke(app, ["--status-file", str(tmp_path / "status.json")])
+    assert r.exit_code == 1
+    assert "not running" in r.output
+
+
+def test_no_status_file_is_one_line_and_a_hint(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["--status-file", str(tmp_path / "nope.json")])
+    assert r.exit_code == 1
+    assert "no status file" in r.output and "systemctl status vitals" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_oldest_spool_age_from_the_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from agent.status import spool_oldest_age_s
+
+    db = tmp_path / "spool.sqlite3"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE batches (id INTEGER PRIMARY KEY, created REAL NOT NULL)")
+    con.executemany("INSERT INTO batches (created) VALUES (?)", [(1000.0,), (1500.0,)])
+    con.commit()
+    con.close()
+    assert spool_oldest_age_s(db, now=1600.0) == pytest.approx(600.0)
+    assert spool_oldest_age_s(tmp_path / "missing.sqlite3") is None
+
+
+async def test_with_the_real_agent(tmp_path: Path) -> None:
+    """The writer beside a real Agent polling an emulated TCP terminal."""
+    from agent.config import load_config
+    from agent.service import Agent
+    from agent.state import create_identity
+    from drivers.profiles import load_profile
+    from simulator.broker import free_port
+    from simulator.tcp import TcpTerminal
+
+    term = TcpTerminal(load_profile("sound_level_meter"))
+    await term.start()
+    cfg_file = tmp_path / "gw.toml"
+    cfg_file.write_text(
+        f'[gateway]\nid = "gw-status"\nstate_dir = "{tmp_path / "state"}"\n'
+        f"[uplink]\nport = {free_port()}\n"  # no broker: the uplink keeps retrying
+        f'[[buses]]\nname = "lan"\nkind = "tcp"\nhost = "127.0.0.1"\ntcp_port = {term.port}\n'
+        '[[devices]]\nname = "noise-1"\nbus = "lan"\nprofile = "sound_level_meter"\nslave = 1\n'
+        "interval_s = 0.1\n"
+    )
+    cfg = load_config(cfg_file)
+    create_identity(cfg.gateway.state_dir)
+    agent = Agent(cfg, drain_timeout_s=0.1)
+    stop = asyncio.Event()
+    path = tmp_path / "run" / "status.json"
+    writer = StatusWriter(agent, path, interval_s=0.05)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(agent.run(stop), name="agent")
+            await agent.ready.wait()
+            wtask = tg.create_task(writer.run(), name="status.write")
+            doc: dict[str, Any] = {}
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if path.exists():
+                    doc = json.loads(path.read_text())
+                    dev = doc["buses"]["lan"]["devices"]["noise-1"]
+                    if dev["state"] == "online" and dev["polls"] >= 2:
+                        break
+            wtask.cancel()
+            stop.set()
+    finally:
+        await term.stop()
+    assert doc["gateway"] == "gw-status"
+    assert doc["buses"]["lan"]["devices"]["noise-1"]["state"] == "online"
+    assert doc["uplink"]["connected"] is False
+    assert "depth_batches" in doc["spool"] and "oldest_age_s" in doc["spool"]
+    assert json.loads(path.read_text())["state"] == "stopped"
