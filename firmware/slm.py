@@ -42,7 +42,7 @@ class SimulatedAdc:
         if seed is not None:
             random.seed(seed)
         self._clock = clock or time.time
-        self._burst_until = 0
+        self._burst_until = 0.0
         self._burst_db = 0.0
         self._wander = 0.0
         self.fault = False
