@@ -1,0 +1,299 @@
+"""The hub's enrollment desk: one-time tokens, enrollment and key rotation.
+
+An operator issues a token for a gateway id (:meth:`EnrollmentDesk.issue_token`,
+``vitals hub token``) and hands it to the field technician; the gateway sends a
+signed ``vitals/enroll/v1`` request (:mod:`protocols.enroll`) on
+``{prefix}/enroll/{gw}``; :meth:`EnrollmentDesk.handle_enroll_request` checks
+it and records the key through :meth:`HubCore.enroll`, and the signed answer
+goes back on ``{prefix}/enroll/{gw}/result``.
+
+Rules (``docs/security.md``):
+
+* a token is stored only as its SHA-256, is bound to one gateway id, works
+  once (an atomic ``UPDATE ... WHERE used IS NULL``), and not after its expiry;
+* the request must prove possession of the enrolled key (and, for a rotation,
+  be signed by the gateway's current, unrevoked key);
+* a token enrollment is a new birth of the gateway: every other key of that
+  gateway is revoked at once (a replaced SD card, a stolen unit);
+* a rotation revokes the old key after ``rotation_grace_s`` (default one hour,
+  so batches already spooled under the old key still arrive); 0 revokes it at
+  once, for a rotation after a suspected compromise. One rotation per old key:
+  the first one wins.
+
+:func:`serve` runs the desk on its own MQTT connection beside the hub workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiomqtt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocols import enroll, envelope, topics
+from protocols.errors import ProtocolError, SignatureError
+from simulator.hub import HubCore
+
+__all__ = ["EnrollmentDesk", "load_or_create_hub_key", "result_topic", "serve"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+    hash BLOB PRIMARY KEY, gw TEXT NOT NULL, issued REAL NOT NULL,
+    expires REAL NOT NULL, used REAL, kid BLOB
+);
+CREATE TABLE IF NOT EXISTS key_rotations (
+    gw TEXT NOT NULL, old_kid BLOB NOT NULL, new_kid BLOB NOT NULL,
+    at REAL NOT NULL, revoke_at REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (gw, old_kid)
+);
+"""
+
+
+def result_topic(gateway: str, prefix: str = topics.DEFAULT_PREFIX) -> str:
+    """``{prefix}/enroll/{gw}/result``: the hub's signed answers."""
+    return topics.enroll(gateway, prefix) + "/result"
+
+
+def load_or_create_hub_key(path: Path) -> Ed25519PrivateKey:
+    """The hub's Ed25519 key (PEM, mode 0600), created on first use."""
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return key
+    if path.stat().st_mode & 0o077:
+        raise PermissionError(f"{path}: the hub key must not be readable by others (chmod 600)")
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 key")
+    return loaded
+
+
+def _hash(token: str) -> bytes:
+    return hashlib.sha256(token.strip().encode()).digest()
+
+
+class EnrollmentDesk:
+    """Token issue and enrollment requests, over the hub's database."""
+
+    def __init__(
+        self,
+        core: HubCore,
+        hub_key: Ed25519PrivateKey,
+        *,
+        rotation_grace_s: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+        prefix: str = topics.DEFAULT_PREFIX,
+    ) -> None:
+        self.core = core
+        self.hub_key = hub_key
+        self.hub_public = hub_key.public_key().public_bytes_raw()
+        self.rotation_grace_s = rotation_grace_s
+        self.clock = clock
+        self.prefix = prefix
+        self._logged: set[tuple[str, str]] = set()
+        core.db.executescript(_SCHEMA)
+
+    # -- operator side --------------------------------------------------------
+
+    def issue_token(self, gateway: str, ttl_s: float = 86400.0) -> str:
+        """A one-time token to enroll ``gateway``, valid ``ttl_s`` seconds."""
+        topics.enroll(gateway)  # validates the id
+        token = enroll.new_token(self.hub_public)
+        now = self.clock()
+        self.core.db.execute(
+            "INSERT INTO enroll_tokens (hash, gw, issued, expires) VALUES (?, ?, ?, ?)",
+            (_hash(token), gateway, now, now + ttl_s),
+        )
+        log.info("enrollment token issued for %s, valid %.0f s", gateway, ttl_s)
+        return token
+
+    def retire_due(self) -> int:
+        """Revoke the old keys of rotations whose grace period is over; how many."""
+        now = self.clock()
+        rows = self.core.db.execute(
+            "SELECT gw, old_kid FROM key_rotations WHERE done = 0 AND revoke_at <= ?", (now,)
+        ).fetchall()
+        for gw, kid in rows:
+            self.core.revoke(gw, bytes(kid))
+            self.core.db.execute(
+                "UPDATE key_rotations SET done = 1 WHERE gw = ? AND old_kid = ?", (gw, kid)
+            )
+            log.info("key %s of %s revoked (rotation grace over)", bytes(kid).hex(), gw)
+        return len(rows)
+
+    # -- messages -------------------------------------------------------------
+
+    def handle_enroll_request(self, topic: str, data: bytes) -> tuple[str, bytes] | None:
+        """``(result topic, signed result)`` for a request on ``topic``; None if not ours."""
+        head = f"{self.prefix}/enroll/"
+        if not topic.startswith(head) or "/" in topic[len(head) :]:
+            return None
+        topic_gw = topic[len(head) :]
+        if not topics.GATEWAY_ID.fullmatch(topic_gw):
+            return None
+        self.retire_due()
+        nonce = b""
+        try:
+            req = enroll.parse_request(data)
+            nonce = req.nonce
+            status, enrolled, detail = self._decide(topic_gw, req)
+        except ProtocolError as exc:
+            status, enrolled, detail = "malformed", b"", str(exc)
+        self.core.counters[f"enroll.{status}"] += 1
+        if status != enroll.ENROLLED and (topic_gw, status) not in self._logged:
+            self._logged.add((topic_gw, status))
+            log.warning("enrollment of %s refused: %s (%s)", topic_gw, status, detail)
+        answer = enroll.result(
+            gateway=topic_gw,
+            hub_key=self.hub_key,
+            nonce=nonce,
+            status=status,
+            enrolled=enrolled,
+            detail=detail,
+            now_ms=int(self.clock() * 1000),
+        )
+        return result_topic(topic_gw, self.prefix), answer
+
+    def _decide(self, topic_gw: str, req: enroll.EnrollRequest) -> tuple[str, bytes, str]:
+        if req.gw != topic_gw:
+            return "topic_mismatch", b"", f"request names {req.gw!r}"
+        if req.is_rotation:
+            return self._rotate(req)
+        return self._first(req)
+
+    def _first(self, req: enroll.EnrollRequest) -> tuple[str, bytes, str]:
+        db = self.core.db
+        row = db.execute(
+            "SELECT gw, expires, used FROM enroll_tokens WHERE hash = ?", (_hash(req.token),)
+        ).fetchone()
+        if row is None or row[0] != req.gw:
+            return "bad_token", b"", "no such token for this gateway"
+        if row[2] is not None:
+            return "token_used", b"", "this token was used already"
+        if self.clock() >= row[1]:
+            return "token_expired", b"", "ask the operator for a new token"
+        try:
+            req.verify(req.pub)
+        except SignatureError as exc:
+            return "bad_signature", b"", str(exc)
+        kid = envelope.key_id(req.pub)
+        cur = db.execute(
+            "UPDATE enroll_tokens SET used = ?, kid = ? WHERE hash = ? AND used IS NULL",
+            (self.clock(), kid, _hash(req.token)),
+        )
+        if cur.rowcount != 1:  # another hub worker took it first
+            return "token_used", b"", "this token was used already"
+        others = db.execute(
+            "SELECT kid FROM gateways WHERE gw = ? AND kid != ? AND revoked = 0", (req.gw, kid)
+        ).fetchall()
+        for (old,) in others:
+            self.core.revoke(req.gw, bytes(old))
+        self.core.enroll(req.gw, req.pub)
+        log.info(
+            "gateway %s enrolled with key %s (%d older keys revoked)",
+            req.gw,
+            kid.hex(),
+            len(others),
+        )
+        return enroll.ENROLLED, kid, ""
+
+    def _rotate(self, req: enroll.EnrollRequest) -> tuple[str, bytes, str]:
+        db = self.core.db
+        row = db.execute(
+            "SELECT pubkey, revoked FROM gateways WHERE gw = ? AND kid = ?", (req.gw, req.kid)
+        ).fetchone()
+        if row is None:
+            return "unknown_key", b"", f"kid {req.kid.hex()} is not enrolled for {req.gw}"
+        if row[1]:
+            return "revoked_key", b"", f"kid {req.kid.hex()} is revoked"
+        try:
+            req.verify(bytes(row[0]))
+        except SignatureError as exc:
+            return "bad_signature", b"", str(exc)
+        new_kid = envelope.key_id(req.pub)
+        done = db.execute(
+            "SELECT new_kid FROM key_rotations WHERE gw = ? AND old_kid = ?", (req.gw, req.kid)
+        ).fetchone()
+        if done is not None and bytes(done[0]) != new_kid:
+            return "already_rotated", b"", f"kid {req.kid.hex()} was rotated to another key"
+        if done is None:
+            now = self.clock()
+            self.core.enroll(req.gw, req.pub)
+            db.execute(
+                "INSERT INTO key_rotations (gw, old_kid, new_kid, at, revoke_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (req.gw, req.kid, new_kid, now, now + self.rotation_grace_s),
+            )
+            log.info(
+                "gateway %s rotated key %s -> %s (old one revoked in %.0f s)",
+                req.gw,
+                req.kid.hex(),
+                new_kid.hex(),
+                self.rotation_grace_s,
+            )
+            self.retire_due()
+        return enroll.ENROLLED, new_kid, ""
+
+
+async def serve(
+    desk: EnrollmentDesk,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 1883,
+    tls: ssl.SSLContext | None = None,
+    ready: asyncio.Event | None = None,
+    retire_every_s: float = 60.0,
+) -> None:
+    """Answer enrollment requests from the broker until cancelled."""
+    flt = f"{desk.prefix}/enroll/+"
+    while True:
+        try:
+            async with aiomqtt.Client(
+                host,
+                port,
+                identifier=f"vitals-enroll-desk-{os.getpid()}-{id(desk):x}",
+                tls_context=tls,
+            ) as client:
+                await client.subscribe(flt, qos=1)
+                if ready is not None:
+                    ready.set()
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(_retire(desk, retire_every_s), name="enroll.retire")
+                    async for msg in client.messages:
+                        if not isinstance(msg.payload, bytes | bytearray):
+                            continue
+                        answer = desk.handle_enroll_request(str(msg.topic), bytes(msg.payload))
+                        if answer is not None:
+                            await client.publish(answer[0], answer[1], qos=1)
+        except aiomqtt.MqttError as exc:
+            if ready is not None:
+                ready.clear()
+            log.warning("enrollment desk lost the broker %s:%d: %s; retrying", host, port, exc)
+            await asyncio.sleep(1.0)
+
+
+async def _retire(desk: EnrollmentDesk, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        desk.retire_due()
