@@ -13,6 +13,7 @@ from agent.diag.ports import ports_command
 from agent.diag.probe import probe_command
 from agent.diag.read import read_command
 from agent.diag.scan import scan_command
+from agent.diag.uplink import uplink_command
 
 __all__ = ["diag_app"]
 
@@ -26,6 +27,7 @@ diag_app.command("ports")(ports_command)
 diag_app.command("probe")(probe_command)
 diag_app.command("read")(read_command)
 diag_app.command("scan")(scan_command)
+diag_app.command("uplink")(uplink_command)
 
 
 @diag_app.callback()

@@ -1,0 +1,49 @@
+"""``vitals diag uplink`` against a private Mosquitto."""
+
+from __future__ import annotations
+
+import time
+
+import aiomqtt
+import pytest
+
+from agent.diag.uplink import UplinkTarget, check_uplink
+from simulator.broker import MosquittoBroker, free_port, mosquitto_path
+
+needs_mosquitto = pytest.mark.skipif(
+    mosquitto_path() is None, reason="needs mosquitto (Debian package)"
+)
+
+
+@needs_mosquitto
+async def test_every_step_against_a_broker_then_clock_from_hub_time() -> None:
+    broker = MosquittoBroker()
+    await broker.start()
+    try:
+        target = UplinkTarget(host="127.0.0.1", port=broker.port, client_id="vitals-gw-1")
+        steps = {s.name: s for s in await check_uplink(target, timeout_s=5)}
+        assert [steps[n].status for n in ("dns", "tcp", "mqtt", "round trip")] == ["pass"] * 4
+        assert steps["tls"].status == "skip" and "not enabled" in steps["tls"].detail
+        assert steps["clock"].status == "skip" and "vitals/v1/hub/time" in steps["clock"].detail
+        # the hub publishes its time, retained: the offset is measured against it
+        async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+            await c.publish("vitals/v1/hub/time", f"{time.time() - 100:.3f}", qos=1, retain=True)
+        steps = {s.name: s for s in await check_uplink(target, timeout_s=5)}
+        assert steps["clock"].status == "fail"
+        assert "local clock +10" in steps["clock"].detail  # ~ +100 s
+    finally:
+        await broker.stop()
+
+
+async def test_refused_port_fails_tcp_and_skips_the_rest() -> None:
+    steps = await check_uplink(UplinkTarget(host="127.0.0.1", port=free_port()), timeout_s=2)
+    by = {s.name: s for s in steps}
+    assert by["dns"].status == "pass"
+    assert by["tcp"].status == "fail" and "refused" in by["tcp"].detail.lower()
+    assert [by[n].status for n in ("tls", "mqtt", "round trip", "clock")] == ["skip"] * 4
+
+
+async def test_unknown_host_fails_dns() -> None:
+    steps = await check_uplink(UplinkTarget(host="no-such-host.invalid", port=1883), timeout_s=2)
+    assert steps[0].name == "dns" and steps[0].status == "fail"
+    assert all(s.status == "skip" for s in steps[1:])
