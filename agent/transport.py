@@ -453,7 +453,7 @@ class _TcpLink(ModbusLink):
                 f"{self.describe}: reply from unit {got[0]} function {got[1]} "
                 f"to unit {slave} function {pdu[0]}"
             )
-        if len(got) - 1 != (3 if got[1] & 0x80 else reply_len):
+        if len(got) - 1 != (2 if got[1] & 0x80 else reply_len):
             self.bad_frames += 1
             raise BadResponse(f"{self.describe}: unit {slave} sent a reply of {len(got) - 1} bytes")
         return got[1:]
@@ -645,6 +645,18 @@ class _SerialLink(_RtuLink):
             if self._settings["parity"] != "N" and "Errno 22" in str(exc):
                 hint = " (pseudo terminals refuse parity bits: use parity N)"
             raise LinkDown(f"{self.describe}: cannot open ({exc}){hint}") from exc
+        if self._settings["parity"] != "N":
+            # some drivers (ptys among them) drop PARENB without an error: check it took
+            try:
+                cflag = termios.tcgetattr(s.fileno())[2]
+            except termios.error:
+                cflag = termios.PARENB
+            if not cflag & termios.PARENB:
+                s.close()
+                raise LinkDown(
+                    f"{self.describe}: the port refused parity {self._settings['parity']} "
+                    "(pseudo terminals refuse parity bits: use parity N)"
+                )
         self._serial = s
         self._fd = s.fileno()
         self._loop = asyncio.get_running_loop()

@@ -144,7 +144,9 @@ class RtuBus:
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. Statistics:
     ``requests``, ``replies``, ``bad_frames`` (frames from the master that did
-    not decode), ``busy_s`` (time the line carried bytes).
+    not decode), ``busy_s`` (time the line carried bytes). ``echo=True`` sends
+    the master's own bytes back to it, as a 2-wire adapter without echo
+    suppression does.
     """
 
     def __init__(
@@ -154,8 +156,10 @@ class RtuBus:
         baud: int = 9600,
         stopbits: int = 1,
         turnaround_s: float = 0.001,
+        echo: bool = False,
         rng_seed: int = 0,
     ) -> None:
+        self.echo = echo  # like a 2-wire adapter that hears its own transmission
         self.slaves = {s.slave: s for s in slaves}
         self.baud = baud
         self.char_s = frame_time(1, baud, 10 + (stopbits == 2))  # start + 8 + stop(s), no parity
@@ -244,6 +248,9 @@ class RtuBus:
                 except OSError:  # EIO: no master has the port open; keep serving
                     data = b""
                     time.sleep(0.01)
+                if data and self.echo:
+                    with contextlib.suppress(OSError):
+                        os.write(self._master, data)
                 if data:
                     if not rx:
                         first_at = now

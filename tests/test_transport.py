@@ -1,0 +1,310 @@
+"""The links against real sockets and ptys: emulated TCP terminals and RTU buses.
+
+Every case checks what the scheduler relies on: typed errors, and that no
+reply ever answers a request other than its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from agent.transport import BadResponse, LinkDown, ModbusLink, NoResponse
+from drivers.profiles import load_profile
+from protocols.errors import DeviceException
+from protocols.modbus import Space, decode
+from protocols.rtu import crc16
+from simulator.rtu import RtuBus, RtuSlave
+from simulator.tcp import TcpTerminal
+
+SLM = load_profile("sound_level_meter")
+WEATHER = load_profile("weather_station")
+
+# --------------------------------------------------------------------------- TCP
+
+
+@pytest.fixture
+async def terminal() -> AsyncIterator[TcpTerminal]:
+    t = TcpTerminal(SLM, slave=1)
+    t.add_unit(2, WEATHER, seed=2)
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.stop()
+
+
+async def test_tcp_reads_and_writes_several_units_on_one_connection(terminal: TcpTerminal) -> None:
+    link = ModbusLink.tcp("127.0.0.1", terminal.port, timeout_s=1.0)
+    try:
+        regs = await link.read(Space.INPUT, 0, 10, 1)
+        assert len(regs) == 10
+        laeq = decode(SLM.point("laeq").spec, regs[:1])
+        assert isinstance(laeq, float) and 20.0 <= laeq <= 140.0
+        bits = await link.read(Space.COIL, 0, 1, 2)  # the weather station's coil
+        assert list(bits) in ([False], [True])
+        await link.write(6, 32, [60], 1)
+        assert list(await link.read(Space.HOLDING, 32, 1, 1)) == [60]
+        await link.write(16, 32, [30, 2], 1)
+        assert list(await link.read(Space.HOLDING, 32, 2, 1)) == [30, 2]
+        assert link.statistics()["connects"] == 1  # one connection for both units
+    finally:
+        link.close()
+
+
+async def test_tcp_typed_errors(terminal: TcpTerminal) -> None:
+    link = ModbusLink.tcp("127.0.0.1", terminal.port, timeout_s=0.2)
+    try:
+        with pytest.raises(DeviceException) as exc:
+            await link.read(Space.INPUT, 500, 2, 1)  # outside the map
+        assert exc.value.code == 2 and exc.value.function == 4
+        with pytest.raises(DeviceException) as exc:
+            await link.read(Space.INPUT, 0, 1, 9)  # nobody at unit 9 behind the gateway
+        assert exc.value.code == 11
+        terminal.dead = True
+        with pytest.raises(NoResponse):
+            await link.read(Space.INPUT, 0, 1, 1)
+        assert link.statistics()["timeouts"] == 1
+    finally:
+        link.close()
+
+
+async def test_tcp_late_reply_never_answers_the_next_request() -> None:
+    """A server that answers the first request only after the client gave up."""
+    replies: list[bytes] = []
+    done = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        first = await r.readexactly(12)
+        second = await r.readexactly(12)
+        tid1, tid2 = first[:2], second[:2]
+        # the stale reply first (value 111), then the right one (222)
+        for tid, value in ((tid1, 111), (tid2, 222)):
+            frame = tid + struct.pack(">HHBBBH", 0, 5, 1, 3, 2, value)
+            replies.append(frame)
+            w.write(frame)
+        await w.drain()
+        await r.read()  # until the client hangs up
+        w.close()
+        await w.wait_closed()
+        done.set()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    link = ModbusLink.tcp("127.0.0.1", port, timeout_s=0.1)
+    try:
+        with pytest.raises(NoResponse):
+            await link.read(Space.HOLDING, 0, 1, 1)
+        link.timeout_s = 1.0
+        assert list(await link.read(Space.HOLDING, 0, 1, 1)) == [222]
+        assert link.statistics()["stray_bytes"] == len(replies[0])
+    finally:
+        link.close()
+        await asyncio.wait_for(done.wait(), 5)
+        server.close()
+        await server.wait_closed()
+
+
+async def test_tcp_device_that_accepts_one_connection() -> None:
+    t = TcpTerminal(SLM, max_connections=1)
+    await t.start()
+    first = ModbusLink.tcp("127.0.0.1", t.port, timeout_s=0.5)
+    second = ModbusLink.tcp("127.0.0.1", t.port, timeout_s=0.5)
+    try:
+        await first.read(Space.INPUT, 0, 1, 1)
+        with pytest.raises(LinkDown):
+            await second.read(Space.INPUT, 0, 1, 1)
+        assert t.refused == 1
+        # the bus shares its single link: the first keeps working
+        await first.read(Space.INPUT, 0, 1, 1)
+    finally:
+        first.close()
+        second.close()
+        await t.stop()
+
+
+async def test_tcp_connect_failure_backs_off() -> None:
+    link = ModbusLink.tcp("127.0.0.1", 1, timeout_s=0.5)  # nothing listens on port 1
+    with pytest.raises(LinkDown, match="cannot connect"):
+        await link.read(Space.INPUT, 0, 1, 1)
+    # within the back-off the link does not even try: no connect timeout to pay
+    with pytest.raises(LinkDown, match="next connect attempt"):
+        await link.read(Space.INPUT, 0, 1, 1)
+
+
+# --------------------------------------------------------------------------- RTU on a pty
+
+
+@pytest.fixture
+def bus() -> Iterator[RtuBus]:
+    slaves = [RtuSlave(SLM, slave=1), RtuSlave(WEATHER, slave=2, seed=2)]
+    slaves += [RtuSlave(SLM, slave=s, seed=s) for s in (3, 4, 5, 6, 7)]
+    with RtuBus(slaves, baud=115200, turnaround_s=0.0005) as b:
+        yield b
+
+
+def _link(bus: RtuBus, timeout: float = 0.15, **kw: object) -> ModbusLink:
+    return ModbusLink.serial(bus.port, baud=bus.baud, parity="N", timeout_s=timeout, **kw)  # type: ignore[arg-type]
+
+
+async def test_rtu_reads_writes_and_bits(bus: RtuBus) -> None:
+    link = _link(bus)
+    try:
+        regs = await link.read(Space.INPUT, 0, 10, 1)
+        assert len(regs) == 10
+        assert 200 <= regs[0] <= 1400  # laeq x10
+        assert list(await link.read(Space.COIL, 0, 1, 2)) in ([False], [True])
+        await link.write(6, 33, [2], 1)
+        assert list(await link.read(Space.HOLDING, 33, 1, 1)) == [2]
+        await link.write(16, 32, [10, 1], 1)
+        assert list(await link.read(Space.HOLDING, 32, 2, 1)) == [10, 1]
+        await link.write(5, 0, True, 2)
+        assert list(await link.read(Space.COIL, 0, 1, 2)) == [True]
+        await link.write(15, 0, [0], 2)
+        assert list(await link.read(Space.COIL, 0, 1, 2)) == [False]
+    finally:
+        link.close()
+
+
+async def test_rtu_faults_raise_typed_errors(bus: RtuBus) -> None:
+    bus.slaves[3].fault = "silent"
+    bus.slaves[4].fault = "crc"
+    bus.slaves[5].fault = "exception"
+    bus.slaves[5].code = 6
+    bus.slaves[6].fault = "garbage"
+    link = _link(bus)
+    try:
+        with pytest.raises(NoResponse):
+            await link.read(Space.INPUT, 0, 10, 3)
+        with pytest.raises(BadResponse, match="CRC"):
+            await link.read(Space.INPUT, 0, 10, 4)
+        with pytest.raises(DeviceException) as exc:
+            await link.read(Space.INPUT, 0, 10, 5)
+        assert exc.value.code == 6
+        with pytest.raises(BadResponse, match="garbage"):
+            await link.read(Space.INPUT, 0, 10, 6)
+        with pytest.raises(NoResponse):
+            await link.read(Space.INPUT, 0, 10, 42)  # nobody there
+        # after all that, a healthy slave answers the very next request
+        assert len(await link.read(Space.INPUT, 0, 10, 1)) == 10
+    finally:
+        link.close()
+
+
+async def test_rtu_late_reply_never_answers_the_next_request(bus: RtuBus) -> None:
+    """Slave 3 answers 0.3 s late (the timeout is 0.1 s). Its reply lands while
+    the link talks to slave 1 with the same function and count: skipped."""
+    bus.slaves[3].fault = "late"
+    bus.slaves[3].delay_s = 0.3
+    bus.slaves[3].registers.write(Space.HOLDING, 32, [3333])
+    bus.slaves[1].registers.write(Space.HOLDING, 32, [1111])
+    link = _link(bus, timeout=0.1)
+    try:
+        with pytest.raises(NoResponse):
+            await link.read(Space.HOLDING, 32, 1, 3)
+        got = []
+        for _ in range(40):  # 0.3 s and more of requests to slave 1
+            got.append(list(await link.read(Space.HOLDING, 32, 1, 1)))
+        assert got == [[1111]] * 40
+        assert bus.slaves[3].replies == 1  # the late reply did go out on the wire
+        assert link.statistics()["stray_bytes"] > 0  # and was seen, and dropped
+    finally:
+        link.close()
+
+
+async def test_rtu_slow_device_inside_the_timeout(bus: RtuBus) -> None:
+    bus.slaves[1].fault = "slow"
+    bus.slaves[1].delay_s = 0.05
+    link = _link(bus, timeout=0.2)
+    try:
+        assert len(await link.read(Space.INPUT, 0, 10, 1)) == 10
+    finally:
+        link.close()
+
+
+async def test_rtu_discards_the_local_echo_of_a_2_wire_adapter() -> None:
+    with RtuBus([RtuSlave(SLM, slave=1)], baud=115200, echo=True) as b:
+        plain = _link(b)
+        try:
+            # without echo discard, our own request comes back first: never taken as a reply
+            with pytest.raises(BadResponse):
+                await plain.read(Space.INPUT, 0, 10, 1)
+        finally:
+            plain.close()
+        link = _link(b, discard_echo=True)
+        try:
+            for _ in range(5):
+                assert len(await link.read(Space.INPUT, 0, 10, 1)) == 10
+            assert link.statistics()["echo_errors"] == 0
+        finally:
+            link.close()
+
+
+async def test_rtu_input_is_flushed_before_each_request(bus: RtuBus) -> None:
+    """Noise that sits in the input before a request never becomes its reply."""
+    link = _link(bus)
+    try:
+        await link.read(Space.INPUT, 0, 1, 1)
+        # a complete, valid-looking reply from slave 1 dropped onto the line unasked
+        fake = bytes([1, 4, 2, 0x12, 0x34])
+        os.write(bus._master, fake + crc16(fake).to_bytes(2, "little"))
+        await asyncio.sleep(0.05)
+        bus.slaves[1].registers.write(Space.HOLDING, 32, [77])
+        assert list(await link.read(Space.HOLDING, 32, 1, 1)) == [77]
+        assert link.statistics()["stray_bytes"] >= 7
+    finally:
+        link.close()
+
+
+async def test_rtu_parity_on_a_pty_says_why(bus: RtuBus) -> None:
+    link = ModbusLink.serial(bus.port, baud=9600, parity="E", timeout_s=0.1)
+    with pytest.raises(LinkDown, match="parity N"):
+        await link.connect()
+
+
+async def test_rtu_missing_port_is_link_down() -> None:
+    link = ModbusLink.serial("/dev/does-not-exist", baud=9600, parity="N", timeout_s=0.1)
+    with pytest.raises(LinkDown) as exc:
+        await link.read(Space.INPUT, 0, 1, 1)
+    assert isinstance(exc.value.__cause__, OSError | Exception)
+
+
+async def test_rtu_over_tcp() -> None:
+    """A serial device server: RTU frames on a TCP stream (a tiny one, in-process)."""
+    slave = RtuSlave(SLM, slave=4)
+    done = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await r.readexactly(8)
+            except asyncio.IncompleteReadError:
+                w.close()
+                await w.wait_closed()
+                done.set()
+                return
+            if head[1] == 16:
+                head += await r.readexactly(1 + head[6])
+            reply = slave.answer(head)
+            if reply is not None:
+                w.write(b"\x00\x07" + reply)  # line noise first, as converters pass it on
+                await w.drain()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    link = ModbusLink.tcp("127.0.0.1", port, timeout_s=0.5, rtu_framing=True, baud=115200)
+    try:
+        assert len(await link.read(Space.INPUT, 0, 10, 4)) == 10
+        await link.write(16, 32, [5, 1], 4)
+        assert list(await link.read(Space.HOLDING, 32, 2, 4)) == [5, 1]
+        with pytest.raises(DeviceException):
+            await link.read(Space.INPUT, 900, 1, 4)
+    finally:
+        link.close()
+        await asyncio.wait_for(done.wait(), 5)
+        server.close()
+        await server.wait_closed()
