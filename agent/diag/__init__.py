@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from agent.diag.bundle import bundle_command
 from agent.diag.ports import ports_command
 from agent.diag.probe import probe_command
 from agent.diag.read import read_command
@@ -28,6 +29,7 @@ diag_app.command("probe")(probe_command)
 diag_app.command("read")(read_command)
 diag_app.command("scan")(scan_command)
 diag_app.command("uplink")(uplink_command)
+diag_app.command("bundle")(bundle_command)
 
 
 @diag_app.callback()
