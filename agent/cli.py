@@ -289,6 +289,31 @@ def sim_tcp(
         asyncio.run(_main())
 
 
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@sim_app.command("firmware", context_settings=_PASS_THROUGH, add_help_option=False)
+def sim_firmware(ctx: typer.Context) -> None:
+    """The terminal firmware under MicroPython on a pty; prints the port path first.
+
+    Options: --profile, --slave N, --baud B, --state FILE, --seed N (--help for all).
+    """
+    from simulator import firmware
+
+    raise typer.Exit(firmware.main(ctx.args))
+
+
+@sim_app.command("rtu", context_settings=_PASS_THROUGH, add_help_option=False)
+def sim_rtu(ctx: typer.Context) -> None:
+    """An emulated, wire-timed Modbus RTU bus on a pty; prints the port path first.
+
+    --help lists its options (profiles, slaves, baud, faults).
+    """
+    from simulator import rtu
+
+    raise typer.Exit(rtu.main(ctx.args))
+
+
 def main() -> None:
     app()
 
