@@ -84,11 +84,6 @@ def test_json_one_object_per_sample(terminal: TcpTerminal) -> None:
     assert terminal.reads >= 3
 
 
-@pytest.mark.xfail(
-    reason="agent/transport.py (being rewritten, uncommitted) drops Modbus TCP exception "
-    "replies as BadResponse: it wants 3 bytes after the unit id, an exception PDU has 2",
-    strict=False,
-)
 def test_device_exception_is_comm_error_and_exit_1(terminal: TcpTerminal) -> None:
     terminal.exception = 4  # server device failure on every request
     r = runner.invoke(diag_app, _args(terminal, "--samples", "1", "--json"))
