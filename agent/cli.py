@@ -39,6 +39,17 @@ app.add_typer(config_app, name="config")
 app.add_typer(hub_app, name="hub")
 app.add_typer(sim_app, name="sim")
 
+
+def _diag_and_status() -> None:
+    from agent.diag import diag_app
+    from agent.status import status_command
+
+    app.add_typer(diag_app, name="diag")
+    app.command("status")(status_command)
+
+
+_diag_and_status()
+
 DEFAULT_CONFIG = Path(os.environ.get("VITALS_CONFIG", "/etc/vitals/gateway.toml"))
 DEFAULT_STATE = Path(os.environ.get("VITALS_STATE_DIR", "/var/lib/vitals"))
 
