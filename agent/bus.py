@@ -172,6 +172,7 @@ class _Job:
     requests: list[_Request]
     due: float = 0.0
     order: int = 0
+    slot: float | None = None  # the grid slot of a deferred probe (``due`` is then later)
 
     def __lt__(self, other: _Job) -> bool:
         return (self.due, self.order) < (other.due, other.order)
@@ -212,6 +213,7 @@ class BusPoller:
         self.transactions = 0
         self.timeouts = 0
         self.overruns = 0
+        self.deferred = 0  # suspect polls moved into idle time
         self.readings = 0
         for dev in self.devices:
             groups: dict[float, list[tuple[int, Point]]] = {}
@@ -237,6 +239,7 @@ class BusPoller:
             "transactions": self.transactions,
             "timeouts": self.timeouts,
             "overruns": self.overruns,
+            "deferred": self.deferred,
             "readings": self.readings,
             "link": self.link.statistics(),
             "devices": {
@@ -276,8 +279,13 @@ class BusPoller:
                     job.due += skip * job.interval_s
                     heapq.heapreplace(heap, job)
                     continue
+                if dev.failures_in_row and len(heap) > 1 and self._defer(job, heap, now):
+                    heapq.heapreplace(heap, job)
+                    continue
                 await self._run_job(job)
                 now = clock.monotonic()
+                if job.slot is not None:
+                    job.due, job.slot = job.slot, None
                 job.due += job.interval_s
                 if job.due <= now:
                     missed = math.floor((now - job.due) / job.interval_s) + 1
@@ -286,6 +294,26 @@ class BusPoller:
                 heapq.heapreplace(heap, job)
         finally:
             self.link.close()
+
+    def _defer(self, job: _Job, heap: list[_Job], now: float) -> bool:
+        """Move a suspect device's poll into the bus's idle time, if it has some.
+
+        A device that failed its last poll will likely cost a whole timeout;
+        run it only when that fits before the next job of the bus falls due,
+        so its neighbours keep their slots. Never later than one interval (or
+        back-off period) after its slot: on a bus without idle time it takes
+        its turn anyway.
+        """
+        nxt = min(j.due for j in heap[1:3])
+        if nxt - now >= self.link.timeout_s + self.link.inter_frame_s + 0.002:
+            return False
+        slot = job.due if job.slot is None else job.slot
+        if now - slot >= max(job.interval_s, job.device.backoff_s):
+            return False
+        job.slot = slot
+        job.due = max(nxt, now) + 1e-6
+        self.deferred += 1
+        return True
 
     async def _run_job(self, job: _Job) -> None:
         dev = job.device
@@ -399,8 +427,8 @@ class BusPoller:
             except TransportError:
                 self.timeouts += 1
                 attempt += 1
-                if attempt > self._retries or dev.state is DeviceState.OFFLINE:
-                    raise
+                if attempt > self._retries or dev.failures_in_row:
+                    raise  # a device that failed its last poll too gets no retry
 
     def _account(self, dev: PolledDevice, silent: bool, partial: bool) -> None:
         dev.polls += 1
