@@ -4,8 +4,9 @@ A batch leaves the spool only when its PUBACK arrives; a lost connection
 simply restarts from the oldest unacknowledged batch (the hub drops the
 duplicates by (gateway, epoch, seq)).
 
-Draining. At each connect the spool is cut in two at its newest batch: what is
-older is the *backlog* (read oldest first), what is appended later is *live*.
+Draining. Before each connection attempt the spool is cut in two at its newest
+batch: what is older is the *backlog*, what is appended later is *live*; both
+are read oldest first.
 Up to ``window`` batches are in flight; when both have batches waiting, the
 backlog gets ``backlog_share`` of the publish slots and live data the rest, so
 after an outage fresh readings go out at once while the backlog drains; when
@@ -132,6 +133,7 @@ class Uplink:
         attempt = 0
         down_since = time.monotonic()
         while True:
+            mark = self._spool.last_id  # older: backlog; appended from now on: live
             try:
                 async with self._client() as client:
                     attempt = 0
@@ -146,7 +148,7 @@ class Uplink:
                         else "first",
                         self._spool.statistics()["depth_batches"],
                     )
-                    await self._session(client)
+                    await self._session(client, mark)
             except* aiomqtt.MqttError as group:
                 self.last_error = str(group.exceptions[0])
             if self.connected.is_set():
@@ -170,7 +172,7 @@ class Uplink:
             cap = min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 16))
             await asyncio.sleep(random.uniform(s.backoff_min_s / 2, cap))
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _session(self, client: aiomqtt.Client, mark: int) -> None:
         s = self._s
         spool = self._spool
         await client.publish(topics.status(s.gateway, s.prefix), b"online", qos=1, retain=True)
@@ -179,7 +181,6 @@ class Uplink:
         await spool.flush_acks()
         topic = topics.batch(s.gateway, s.prefix)
         room = asyncio.Semaphore(s.window)
-        mark = spool.last_id  # older: backlog; newer: live
         back_cursor, live_cursor = 0, mark
         back: deque[SpoolRow] = deque()
         live: deque[SpoolRow] = deque()

@@ -1,0 +1,152 @@
+"""The reference hub: dedup by (gateway, epoch, seq), gaps, gap notices, stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.uplink import gap_topic
+from protocols import envelope, topics
+from protocols.envelope import sign_message
+from protocols.errors import DecodeError, FrameError, SignatureError
+from protocols.gap import GAP_DOMAIN, GapRange, parse_gap, seal_gap
+from protocols.reading import Reading
+from simulator.hub import HubCore, hub_stats
+
+GW = "gw-hub-1"
+KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+PUB = KEY.public_key().public_bytes_raw()
+
+
+def _batch(epoch: int, seq: int, n: int = 3) -> bytes:
+    rs = [Reading(point=i, ts=1_700_000_000_000 + seq * 1000 + i, value=float(i)) for i in range(n)]
+    return envelope.seal(rs, gateway=GW, key=KEY, epoch=epoch, seq=seq)
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> HubCore:
+    c = HubCore(tmp_path / "hub.sqlite3", flush_readings=10)
+    c.enroll(GW, PUB)
+    return c
+
+
+def test_duplicates_are_dropped_and_counted(core: HubCore, tmp_path: Path) -> None:
+    t = topics.batch(GW)
+    assert core.handle(t, _batch(1, 0)) == "stored"
+    assert core.handle(t, _batch(1, 1)) == "stored"
+    assert core.handle(t, _batch(1, 0)) == "duplicate"
+    assert core.handle(t, _batch(2, 0)) == "stored"  # a new epoch starts its seqs again
+    core.close()
+    s = hub_stats(tmp_path / "hub.sqlite3")
+    assert (s["batches"], s["readings"], s["duplicates"], s["duplicate_readings"]) == (3, 9, 1, 3)
+    assert s["gateways"][GW]["epochs"]["1"]["batches"] == 2
+
+
+def test_dedup_survives_a_hub_restart(core: HubCore, tmp_path: Path) -> None:
+    t = topics.batch(GW)
+    core.handle(t, _batch(4, 7))
+    core.close()
+    again = HubCore(tmp_path / "hub.sqlite3")
+    assert again.handle(t, _batch(4, 7)) == "duplicate"
+    assert again.delivered(GW) == {(4, 7)}
+    again.close()
+
+
+def test_writes_are_buffered_until_flush(core: HubCore, tmp_path: Path) -> None:
+    core.handle(topics.batch(GW), _batch(1, 0))
+    assert core.buffered == 1
+    core.flush()
+    assert core.buffered == 0
+    assert hub_stats(tmp_path / "hub.sqlite3")["gateways"][GW]["readings"] == 3
+    core.close()
+
+
+def test_missing_ranges_and_dropped_by_gateway(core: HubCore, tmp_path: Path) -> None:
+    t = topics.batch(GW)
+    for seq in (0, 1, 4, 5, 9):
+        core.handle(t, _batch(1, seq))
+    notice = seal_gap([GapRange(1, 2, 3, 6, "spool_full")], gateway=GW, key=KEY, epoch=2)
+    assert core.handle(gap_topic(GW), notice) == "gap"
+    assert core.handle(gap_topic(GW), notice) == "gap"  # idempotent
+    core.close()
+    s = hub_stats(tmp_path / "hub.sqlite3")
+    e = s["gateways"][GW]["epochs"]["1"]
+    assert e["missing"] == [[6, 8]]
+    assert e["dropped_by_gateway"] == [
+        {"first": 2, "last": 3, "readings": 6, "reason": "spool_full"}
+    ]
+    assert s["gateways"][GW]["missing_batches"] == 3
+    assert s["gateways"][GW]["dropped_batches"] == 2
+    assert s["gap_notices"] == 2
+
+
+def test_a_dropped_range_of_an_epoch_with_nothing_delivered(core: HubCore, tmp_path: Path) -> None:
+    notice = seal_gap([GapRange(3, 0, 4, 50, "too_old")], gateway=GW, key=KEY, epoch=5)
+    core.handle(gap_topic(GW), notice)
+    core.close()
+    e = hub_stats(tmp_path / "hub.sqlite3")["gateways"][GW]["epochs"]["3"]
+    assert (e["batches"], e["last_seq"], e["missing"]) == (0, 4, [])
+
+
+def test_forged_or_misrouted_gap_notices_are_refused(core: HubCore, tmp_path: Path) -> None:
+    other = Ed25519PrivateKey.generate()
+    forged = seal_gap([GapRange(1, 0, 9, 1, "spool_full")], gateway=GW, key=other, epoch=1)
+    assert core.handle(gap_topic(GW), forged) == "unknown_key"
+    good = seal_gap([GapRange(1, 0, 9, 1, "spool_full")], gateway=GW, key=KEY, epoch=1)
+    assert core.handle(gap_topic("gw-other"), good) == "topic_mismatch"
+    # a batch signature does not verify as a gap notice (domain separation)
+    m = envelope.parse_message(good)
+    swapped = msgpack.packb(
+        [
+            1,
+            m.protected,
+            m.payload,
+            KEY.sign(envelope.signed_bytes("vitals/batch/v1", m.protected, m.payload)),
+        ]
+    )
+    assert core.handle(gap_topic(GW), swapped) == "bad_signature"
+    assert core.handle(gap_topic(GW), b"\x93junk") == "malformed_gap"
+    core.close()
+    s = hub_stats(tmp_path / "hub.sqlite3")
+    assert s["gateways"] == {}
+    assert s["rejected"] == {
+        "unknown_key": 1,
+        "topic_mismatch": 1,
+        "bad_signature": 1,
+        "malformed_gap": 1,
+    }
+
+
+def test_corrupted_batch_is_rejected_not_stored(core: HubCore, tmp_path: Path) -> None:
+    data = bytearray(_batch(1, 0))
+    data[-10] ^= 0x01
+    assert core.handle(topics.batch(GW), bytes(data)) == "bad_signature"
+    assert core.delivered(GW) == set()
+    core.close()
+
+
+def test_gap_codec_round_trip_and_strictness() -> None:
+    ranges = [GapRange(1, 0, 3, 40, "spool_full"), GapRange(2, 5, 5, 10, "disk_full")]
+    data = seal_gap(ranges, gateway=GW, key=KEY, epoch=2)
+    g = parse_gap(data)
+    g.verify(PUB)
+    assert g.ranges() == ranges
+    assert (g.header.gw, g.header.epoch, g.header.n) == (GW, 2, 2)
+    with pytest.raises(SignatureError):
+        g.verify(Ed25519PrivateKey.generate().public_key().public_bytes_raw())
+    # n disagrees with the payload
+    prot = {"gw": GW, "kid": envelope.key_id(KEY), "epoch": 2, "n": 3, "enc": "msgpack"}
+    bad = sign_message(GAP_DOMAIN, prot, msgpack.packb([[1, 0, 3, 40, "spool_full"]]), KEY)
+    with pytest.raises(DecodeError):
+        parse_gap(bad).ranges()
+    # first > last, unknown reason
+    for item in ([1, 5, 3, 0, "spool_full"], [1, 0, 3, 0, "bored"], [1, 0, 3, -1, "too_old"]):
+        prot["n"] = 1
+        bad = sign_message(GAP_DOMAIN, prot, msgpack.packb([item]), KEY)
+        with pytest.raises(DecodeError):
+            parse_gap(bad).ranges()
+    with pytest.raises(FrameError):
+        parse_gap(envelope.seal([Reading(0, 1, 1.0)], gateway=GW, key=KEY, epoch=1, seq=0))
