@@ -31,11 +31,16 @@ OUTAGE_S = float(os.environ.get("VITALS_OUTAGE_S", "30"))
 PROFILES = ("sound_level_meter", "weather_station", "gas_detector")
 
 
+def _persist_dir() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="vitals-mq-persist-"))
+    d.chmod(0o777)  # mosquitto started as root drops to its own user
+    return d
+
+
 async def test_two_30_s_broker_outages_lose_nothing(tmp_path: Path) -> None:
     if not mosquitto_path():
         pytest.skip("needs the mosquitto binary")
-    persist = Path(tempfile.mkdtemp(prefix="vitals-mq-persist-"))
-    persist.chmod(0o777)  # mosquitto drops root privileges to its own user
+    persist = _persist_dir()
     broker = MosquittoBroker(
         extra_config=f"persistence true\npersistence_location {persist}/\nautosave_interval 1\n"
     )

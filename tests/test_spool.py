@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sqlite3
 from pathlib import Path
@@ -12,6 +11,14 @@ import pytest
 
 from agent.spool import Spool, SpoolError
 from protocols.gap import GapRange
+
+
+def _aside(d: Path) -> list[str]:
+    return [
+        p.name
+        for p in d.iterdir()
+        if ".damaged-" in p.name and not p.name.endswith(("-wal", "-shm"))
+    ]
 
 
 def _rows(
@@ -185,12 +192,7 @@ async def test_damaged_spool_is_moved_aside_and_a_fresh_one_started(
     assert any(
         "damaged" in r.getMessage() and "moved it aside" in r.getMessage() for r in caplog.records
     )
-    aside = [
-        p
-        for p in tmp_path.iterdir()
-        if ".damaged-" in p.name and not p.name.endswith(("-wal", "-shm"))
-    ]
-    assert len(aside) == 1
+    assert len(_aside(tmp_path)) == 1
     # the fresh spool works and remembers the count
     assert await spool.pending(0, 10) == []
     assert len(await spool.append(_rows(2, range(3)))) == 3
@@ -205,7 +207,7 @@ async def test_a_sound_spool_is_not_moved(tmp_path: Path) -> None:
     await spool.close()
     spool = await Spool.open(path)
     assert spool.statistics()["moved_aside"] == 0
-    assert sorted(p.name for p in tmp_path.iterdir() if "damaged" in p.name) == []
+    assert _aside(tmp_path) == []
     await spool.close()
 
 
@@ -214,13 +216,18 @@ async def test_unknown_durability_is_refused(tmp_path: Path) -> None:
         await Spool.open(tmp_path / "s.sqlite3", durability="sometimes")
 
 
-@pytest.mark.parametrize("durability", ["full", "normal", "off"])
-async def test_durability_sets_sqlite_synchronous(tmp_path: Path, durability: str) -> None:
+@pytest.mark.parametrize(("durability", "level"), [("full", 2), ("normal", 1), ("off", 0)])
+async def test_durability_sets_sqlite_synchronous(
+    tmp_path: Path, durability: str, level: int
+) -> None:
     path = tmp_path / "s.sqlite3"
     spool = await Spool.open(path, durability=durability)
     await spool.append(_rows(1, range(1)))
+    spool.ack([(await spool.pending(0, 1))[0].id])
+    await spool.flush_acks()  # acks commit with synchronous=OFF, then the policy is back
+    assert spool._db is not None
+    assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == level
     await spool.close()
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
-    assert os.path.getsize(path) > 0
