@@ -1,0 +1,301 @@
+"""Signed commands: the executor refuses what it must and says why, signed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.commands import CommandExecutor, CommandRefused, agent_handlers, on_message
+from agent.config import Config, parse_config
+from agent.transport import ModbusLink
+from drivers.profiles import load_profile
+from protocols import command, envelope, topics
+from protocols.errors import LocalError, SignatureError
+from simulator.broker import MosquittoBroker
+from simulator.commander import Commander
+from simulator.hub import HubCore
+from simulator.tcp import TcpTerminal
+
+GW = "gw-cmd-1"
+T0 = 1_767_225_600.0
+HUB = Ed25519PrivateKey.generate()
+GW_KEY = Ed25519PrivateKey.generate()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def executor(
+    clock: Clock, seen: Path | None = None, handlers: dict[str, Any] | None = None
+) -> CommandExecutor:
+    return CommandExecutor(
+        GW,
+        HUB.public_key().public_bytes_raw(),
+        GW_KEY,
+        handlers,
+        clock=clock,
+        seen_path=seen,
+    )
+
+
+def cmd(op: str = "ping", args: dict[str, Any] | None = None, **kw: Any) -> bytes:
+    kw.setdefault("gateway", GW)
+    kw.setdefault("hub_key", HUB)
+    kw.setdefault("now_ms", int(T0 * 1000))
+    return command.command(op, args, **kw)[0]
+
+
+def answer(data: bytes) -> command.CommandResult:
+    res = command.parse_result(data)
+    res.verify(GW_KEY.public_key())  # every answer is signed by the gateway
+    assert res.gw == GW
+    return res
+
+
+async def test_ping_is_answered_signed() -> None:
+    clock = Clock()
+    wire, cid = command.command("ping", gateway=GW, hub_key=HUB, now_ms=int(T0 * 1000))
+    res = answer(await executor(clock).handle(wire))
+    assert (res.id, res.status, res.reason) == (cid, "ok", "")
+    assert res.value() == {"gw": GW, "t": int(T0 * 1000)}
+    with pytest.raises(SignatureError):
+        res.verify(HUB.public_key())
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("unsigned", "malformed"),
+        ("garbage", "malformed"),
+        ("forged", "bad_signature"),
+        ("other_key", "unknown_key"),
+        ("misaddressed", "misaddressed"),
+        ("expired", "expired"),
+        ("too_long", "too_long"),
+        ("unknown_op", "unknown_op"),
+        ("bad_args", "bad_args"),
+        ("batch_key_domain", "malformed"),
+    ],
+)
+async def test_refusals_say_why(case: str, reason: str) -> None:
+    clock = Clock()
+    now = int(T0 * 1000)
+    if case == "unsigned":
+        good = command.parse_command(cmd())
+        data = envelope._pack([1, good.message.protected, good.message.payload, b""])
+    elif case == "garbage":
+        data = b"\x00\x01\x02"
+    elif case == "forged":
+        flipped = bytearray(cmd())
+        flipped[-3] ^= 0x10
+        data = bytes(flipped)
+    elif case == "other_key":
+        data = cmd(hub_key=Ed25519PrivateKey.generate())
+    elif case == "misaddressed":
+        data = cmd(gateway="gw-other")
+    elif case == "expired":
+        data = cmd(now_ms=now - 120_000, ttl_ms=60_000)
+    elif case == "too_long":
+        data = cmd(ttl_ms=30 * 86_400_000)
+    elif case in ("unknown_op", "bad_args"):
+        protected = {"gw": GW, "kid": envelope.key_id(HUB), "id": b"i" * 16, "op": "ping",
+                     "t": now, "exp": now + 60_000}  # fmt: skip
+        payload = envelope._pack({})
+        if case == "unknown_op":
+            protected["op"] = "format_disk"
+        else:
+            payload = envelope._pack([1, 2, 3])
+        data = envelope.sign_message(command.CMD_DOMAIN, protected, payload, HUB)
+    else:  # a batch signed by the hub key is no command
+        data = envelope.seal([envelope.Reading(1, now, 1.0)], gateway=GW, key=HUB, epoch=1, seq=1)
+    res = answer(await executor(clock).handle(data))
+    assert (res.status, res.reason) == ("refused", reason)
+
+
+async def test_replay_is_refused_even_after_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    seen = tmp_path / "commands.seen"
+    wire = cmd(ttl_ms=60_000)
+    assert answer(await executor(clock, seen).handle(wire)).status == "ok"
+    assert answer(await executor(clock, seen).handle(wire)).reason == "replayed"  # new process
+    clock.now += 61
+    assert answer(await executor(clock, seen).handle(wire)).reason == "expired"
+    # expired ids are forgotten: the memory stays bounded
+    ex = executor(clock, seen)
+    await ex.handle(cmd(now_ms=int(clock.now * 1000)))
+    assert len(ex._seen) == 1
+
+
+async def test_no_hub_key_means_no_commands() -> None:
+    ex = CommandExecutor(GW, None, GW_KEY)
+    assert answer(await ex.handle(cmd())).reason == "no_hub_key"
+
+
+async def test_refusals_are_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.commands")
+    ex = executor(Clock())
+    for _ in range(10):
+        await ex.handle(b"junk")
+    assert ex.statistics()["refused.malformed"] == 10
+    assert len(caplog.records) == 1
+
+
+async def test_handler_refusal_and_failure() -> None:
+    async def refuse(args: dict[str, Any]) -> object:
+        raise CommandRefused("busy", "try later")
+
+    async def crash(args: dict[str, Any]) -> object:
+        raise LocalError("boom")
+
+    ex = executor(Clock(), handlers={"reload": refuse, "log_level": crash})
+    res = answer(await ex.handle(cmd("reload")))
+    assert (res.status, res.reason) == ("refused", "busy")
+    res = answer(await ex.handle(cmd("log_level")))
+    assert (res.status, res.reason, res.value()) == ("failed", "LocalError", "boom")
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_executor_always_answers(data: bytes) -> None:
+    res = answer(asyncio.run(executor(Clock()).handle(data)))
+    assert res.status == "refused"
+
+
+# --------------------------------------------------------------------------- the agent's ops
+
+
+def _config(tmp_path: Path, port: int) -> Config:
+    data: dict[str, Any] = {
+        "gateway": {"id": GW, "state_dir": str(tmp_path)},
+        "buses": [{"name": "tcp-1", "kind": "tcp", "host": "127.0.0.1", "tcp_port": port}],
+        "devices": [
+            {"name": "noise-1", "bus": "tcp-1", "profile": "sound_level_meter", "slave": 1}
+        ],
+    }
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        f'[gateway]\nid = "{GW}"\nstate_dir = "{tmp_path}"\n'
+        f'[[buses]]\nname = "tcp-1"\nkind = "tcp"\nhost = "127.0.0.1"\ntcp_port = {port}\n'
+        '[[devices]]\nname = "noise-1"\nbus = "tcp-1"\nprofile = "sound_level_meter"\nslave = 1\n'
+    )
+    return parse_config(data, source=str(path), base=tmp_path, path=path)
+
+
+@pytest.fixture
+async def terminal() -> AsyncIterator[TcpTerminal]:
+    t = TcpTerminal(load_profile("sound_level_meter"), seed=3)
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.stop()
+
+
+async def test_read_write_reload_log_level(terminal: TcpTerminal, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, terminal.port)
+    link = ModbusLink.tcp("127.0.0.1", terminal.port, timeout_s=1.0)
+    levels: list[tuple[str, str]] = []
+    reloaded: list[bool] = []
+
+    async def reload() -> None:
+        reloaded.append(True)
+
+    ex = executor(
+        Clock(),
+        handlers=agent_handlers(
+            cfg,
+            {"tcp-1": link},
+            locks={"tcp-1": asyncio.Lock()},
+            reload=reload,
+            set_level=lambda lv, lg: levels.append((lv, lg)),
+        ),
+    )
+    try:
+        res = answer(await ex.handle(cmd("read", {"device": "noise-1"})))
+        assert res.status == "ok"
+        values = res.value()
+        assert set(values) == {p.name for p in cfg.device("noise-1").profile.points}
+
+        ok = answer(
+            await ex.handle(
+                cmd("write", {"device": "noise-1", "point": "averaging_s", "value": 60})
+            )
+        )
+        assert (ok.status, ok.value()) == ("ok", {"written": 60})
+        back = answer(
+            await ex.handle(cmd("read", {"device": "noise-1", "points": ["averaging_s"]}))
+        )
+        assert back.value() == {"averaging_s": 60}
+
+        for args, reason in [
+            ({"device": "noise-1", "point": "averaging_s", "value": 5000}, "out_of_range"),
+            ({"device": "noise-1", "point": "calibration_offset", "value": -10.5}, "out_of_range"),
+            ({"device": "noise-1", "point": "laeq", "value": 1}, "not_writable"),
+            ({"device": "noise-1", "point": "nope", "value": 1}, "unknown_point"),
+            ({"device": "ghost", "point": "averaging_s", "value": 1}, "unknown_device"),
+            ({"device": "noise-1", "point": "averaging_s", "value": "60"}, "bad_args"),
+        ]:
+            res = answer(await ex.handle(cmd("write", args)))
+            assert (res.status, res.reason) == ("refused", reason), args
+        assert answer(await ex.handle(cmd("reload"))).status == "ok" and reloaded
+        res = answer(await ex.handle(cmd("log_level", {"level": "debug", "logger": "agent"})))
+        assert res.status == "ok" and levels == [("debug", "agent")]
+        res = answer(await ex.handle(cmd("log_level", {"level": "loud"})))
+        assert res.reason == "bad_args"
+    finally:
+        link.close()
+
+
+# --------------------------------------------------------------------------- over MQTT
+
+
+@pytest.mark.mosquitto
+async def test_commands_over_mqtt(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    core = HubCore(tmp_path / "hub.sqlite3")
+    core.enroll(GW, GW_KEY.public_key().public_bytes_raw())
+    commander = Commander(core, HUB)
+    ex = CommandExecutor(GW, HUB.public_key().public_bytes_raw(), GW_KEY)
+    ready = asyncio.Event()
+
+    async def gateway() -> None:  # what the uplink does with its connection
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="gw") as c:
+            await c.subscribe(topics.cmd(GW), qos=1)
+            ready.set()
+            async for msg in c.messages:
+                await on_message(c, msg, ex)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(gateway())
+            await asyncio.wait_for(ready.wait(), 10)
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="hub") as hub:
+                res = await commander.send(hub, GW, "ping")
+                assert res.status == "ok" and res.value()["gw"] == GW
+                wire, _ = commander.build(GW, "ping")
+                assert (await commander.send(hub, GW, "", data=wire)).status == "ok"
+                again = await commander.send(hub, GW, "", data=wire)
+                assert again.reason == "replayed"
+                junk = await commander.send(hub, GW, "", data=b"not signed")
+                assert (junk.id, junk.reason) == (b"", "malformed")
+            task.cancel()
+        # a result signed by a revoked gateway key is not believed
+        core.revoke(GW, envelope.key_id(GW_KEY))
+        wire = command.result(gateway=GW, key=GW_KEY, command_id=b"x" * 16, status="ok", now_ms=1)
+        with pytest.raises(SignatureError):
+            commander.verify_result(GW, wire)
+    finally:
+        core.close()
