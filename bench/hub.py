@@ -1,0 +1,493 @@
+"""Hub throughput: ``python -m bench.hub``.
+
+Pre-built signed batches (``envelope.seal``, 500 readings each, msgpack+zlib,
+from 50 gateways) are verified and stored:
+
+1. ``core``: one :class:`~simulator.hub.HubCore` in this process, fed directly
+   (parse, key lookup, Ed25519 verify, dedup, decode, buffered SQLite insert,
+   final flush included): the ceiling of one worker.
+2. ``mqtt x1`` and ``mqtt x2``: a private Mosquitto, one or two hub worker
+   processes on the shared subscription ``$share/hub/vitals/v1/+/batch``, one
+   SQLite database; a publisher process sends every batch QoS 1 as fast as
+   the broker takes them. Time runs from the first publish to the moment the
+   database holds every reading.
+3. ``dedup x2``: two workers, every batch published twice: the database must
+   hold each batch exactly once.
+
+The workers use :class:`SharedDbCore`, HubCore with the one change that
+makes a shared database safe (``INSERT OR IGNORE`` on the batch key, readings
+kept only for batches this worker inserted first); ``docs/fleet.md`` has it as
+a patch for ``simulator/hub.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocols import envelope, topics
+from protocols.reading import Quality, Reading
+from simulator.hub import HubCore
+
+T0 = 1_780_000_000_000
+
+
+class SharedDbCore(HubCore):
+    """HubCore whose flush is safe when several workers share one database.
+
+    The in-memory seen-set only knows this worker's batches; a redelivered
+    batch may land on another worker. ``INSERT OR IGNORE`` on the primary key
+    (gw, epoch, seq) lets exactly one worker store it; the others drop its
+    readings and count a duplicate. Counters are saved under this worker's
+    own names so workers never overwrite each other's totals.
+    """
+
+    worker = "w0"
+
+    def flush(self) -> None:
+        db = self.db
+        batches, self._batch_rows = self._batch_rows, []
+        readings, self._reading_rows = self._reading_rows, []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            dup: set[tuple[str, int, int]] = set()
+            for row in batches:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                if cur.rowcount == 0:
+                    dup.add((row[0], row[1], row[2]))
+                    self.counters["batches"] -= 1
+                    self.counters["readings"] -= row[3]
+                    self.counters["duplicates"] += 1
+                    self.counters["duplicate_readings"] += row[3]
+            if dup:
+                readings = [r for r in readings if (r[0], r[5], r[6]) not in dup]
+            db.executemany(
+                "INSERT INTO readings (gw, point, ts, value, quality, epoch, seq)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                readings,
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
+                [(f"{self.worker}.{k}", v) for k, v in self.counters.items()],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+class ShardedCore(SharedDbCore):
+    """SharedDbCore that writes readings to a database file of its own.
+
+    SQLite has one writer per file, so two workers writing one ``readings``
+    table take turns (about a third of a worker's time is that insert). Here
+    the shared file keeps only the small ``batches`` table, the dedup claim,
+    and each worker appends readings to ``<db>.<worker>`` in parallel. A
+    reading counts only where its batch's claim names the same worker
+    (``batches.worker``), so a crash between the two commits leaves no
+    double: the orphan rows of an unclaimed batch are ignored (and removed at
+    start). PostgreSQL has no such limit: one table, concurrent writers.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.shard = sqlite3.connect(
+            f"{self.db_path}.{self.worker}", isolation_level=None, check_same_thread=False
+        )
+        self.shard.execute("PRAGMA journal_mode=WAL")
+        self.shard.execute("PRAGMA synchronous=NORMAL")
+        self.shard.execute(
+            "CREATE TABLE IF NOT EXISTS readings (gw TEXT NOT NULL, point INTEGER NOT NULL,"
+            " ts INTEGER NOT NULL, value, quality INTEGER NOT NULL, epoch INTEGER NOT NULL,"
+            " seq INTEGER NOT NULL)"
+        )
+        add_worker_column(self.db)
+
+    def flush(self) -> None:
+        batches, self._batch_rows = self._batch_rows, []
+        readings, self._reading_rows = self._reading_rows, []
+        # 1. readings into this worker's shard (parallel with other workers)
+        if readings:
+            self.shard.execute("BEGIN")
+            self.shard.executemany(
+                "INSERT INTO readings (gw, point, ts, value, quality, epoch, seq)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                readings,
+            )
+            self.shard.execute("COMMIT")
+        # 2. the claim: small, serialised across workers
+        db = self.db
+        dup: list[tuple[str, int, int]] = []
+        db.execute("BEGIN IMMEDIATE")
+        for row in batches:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms, worker)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*row, self.worker),
+            )
+            if cur.rowcount == 0:
+                dup.append((row[0], row[1], row[2]))
+                self.counters["batches"] -= 1
+                self.counters["readings"] -= row[3]
+                self.counters["duplicates"] += 1
+                self.counters["duplicate_readings"] += row[3]
+        db.executemany(
+            "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
+            [(f"{self.worker}.{k}", v) for k, v in self.counters.items()],
+        )
+        db.execute("COMMIT")
+        if dup:  # another worker had them first: drop our copies
+            self.shard.executemany(
+                "DELETE FROM readings WHERE gw = ? AND epoch = ? AND seq = ?", dup
+            )
+
+    def close(self) -> None:
+        super().close()
+        self.shard.close()
+
+
+def add_worker_column(db: sqlite3.Connection) -> None:
+    """``batches.worker``: which worker's shard holds the batch's readings."""
+    cols = [r[1] for r in db.execute("PRAGMA table_info(batches)")]
+    if "worker" not in cols:
+        try:
+            db.execute("ALTER TABLE batches ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
+        except sqlite3.OperationalError as exc:  # another worker added it first
+            if "duplicate column" not in str(exc):
+                raise
+
+
+def build(gateways: int, batches: int, per_batch: int) -> tuple[list[tuple[str, bytes]], dict]:  # type: ignore[type-arg]
+    """``batches`` signed batches spread over ``gateways``, and their public keys."""
+    rng = random.Random(1)
+    keys = {f"gw-{g:04d}": Ed25519PrivateKey.generate() for g in range(gateways)}
+    names = list(keys)
+    out: list[tuple[str, bytes]] = []
+    seqs = dict.fromkeys(names, 0)
+    for b in range(batches):
+        gw = names[b % gateways]
+        seq = seqs[gw]
+        seqs[gw] += 1
+        base = T0 + seq * 5000
+        readings = [
+            Reading(
+                i % 64,
+                base + (i // 64) * 1000 + rng.randrange(20),
+                round(40 + 20 * rng.random(), 1) if i % 7 else rng.randrange(1000),
+                Quality.GOOD,
+            )
+            for i in range(per_batch)
+        ]
+        data = envelope.seal(readings, gateway=gw, key=keys[gw], epoch=1, seq=seq)
+        out.append((topics.batch(gw), data))
+    pubs = {gw: k.public_key().public_bytes_raw() for gw, k in keys.items()}
+    return out, pubs
+
+
+def bench_core(msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], db: Path) -> dict[str, float]:
+    core = HubCore(db)
+    for gw, pub in pubs.items():
+        core.enroll(gw, pub)
+    t = time.perf_counter()
+    cpu = time.process_time()
+    for topic, data in msgs:
+        core.handle(topic, data)
+    core.flush()
+    wall = time.perf_counter() - t
+    cpu = time.process_time() - cpu
+    n = core.counters["readings"]
+    stored = sqlite3.connect(db).execute("SELECT count(*) FROM readings").fetchone()[0]
+    core.close()
+    assert stored == n, (stored, n)
+    return {"readings": n, "seconds": wall, "per_s": n / wall, "cpu_s": cpu}
+
+
+# -- processes ------------------------------------------------------------------
+
+
+def _worker(db: Path, port: int, name: str) -> None:
+    from simulator.hub import Hub
+
+    core_cls = ShardedCore if os.environ.get("BENCH_HUB_SHARDED") else SharedDbCore
+    core_cls.worker = name
+    core = core_cls(db)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        hub = Hub(core, port=port, client_id=f"bench-hub-{name}", flush_interval_s=0.1)
+        await hub.run()
+
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        pass
+    finally:
+        core.close()
+
+
+def _publisher(port: int, path: Path, copies: int) -> None:
+    import aiomqtt
+    import msgpack
+
+    msgs = msgpack.unpackb(path.read_bytes())
+
+    async def main() -> None:
+        async with aiomqtt.Client("127.0.0.1", port, max_inflight_messages=256) as client:
+            client.pending_calls_threshold = 10_000
+            sem = asyncio.Semaphore(200)
+
+            async def one(topic: str, data: bytes) -> None:
+                async with sem:
+                    await client.publish(topic, data, qos=1)
+
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(copies):
+                    for topic, data in msgs:
+                        tg.create_task(one(topic, data))
+
+    asyncio.run(main())
+
+
+def _count(db: Path) -> tuple[int, int]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        b, n = con.execute("SELECT count(*), coalesce(sum(n), 0) FROM batches").fetchone()
+        return int(b), int(n)
+    finally:
+        con.close()
+
+
+def bench_mqtt(
+    msgs: list[tuple[str, bytes]],
+    pubs: dict[str, bytes],
+    workdir: Path,
+    *,
+    workers: int,
+    copies: int = 1,
+    sharded: bool = False,
+) -> dict[str, float]:
+    from simulator.broker import MosquittoBroker
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    db = workdir / f"hub-{workers}-{copies}-{int(sharded)}.sqlite3"
+    core = HubCore(db)
+    for gw, pub in pubs.items():
+        core.enroll(gw, pub)
+    if sharded:
+        add_worker_column(core.db)
+    core.close()
+    import msgpack
+
+    blob = workdir / "msgs.msgpack"
+    blob.write_bytes(msgpack.packb(msgs, use_bin_type=True))
+    broker = MosquittoBroker()
+    asyncio.run(broker.start())
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("BENCH_HUB_SHARDED", None)
+    if sharded:
+        env["BENCH_HUB_SHARDED"] = "1"
+    try:
+        for w in range(workers):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.hub",
+                        "--worker",
+                        f"w{w}",
+                        "--db",
+                        str(db),
+                        "--port",
+                        str(broker.port),
+                    ],
+                    env=env,
+                )
+            )
+        time.sleep(2.0)  # workers import, connect, subscribe
+        total_batches = len(msgs)
+        total = sum(envelope.parse(d).header.n for _, d in msgs)
+        cpu0 = {p.pid: _cpu(p.pid) for p in procs}
+        t = time.perf_counter()
+        pub = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.hub",
+                "--publish",
+                str(blob),
+                "--port",
+                str(broker.port),
+                "--copies",
+                str(copies),
+            ],
+            env=env,
+        )
+        deadline = t + 120
+        b = n = 0
+        while time.perf_counter() < deadline:
+            time.sleep(0.05)
+            b, n = _count(db)
+            if b >= total_batches and pub.poll() is not None:
+                break
+        wall = time.perf_counter() - t
+        cpu = sum(_cpu(p.pid) - cpu0[p.pid] for p in procs)
+        pub.wait(30)
+        if copies > 1:
+            time.sleep(1.0)  # let the late copies arrive and be refused
+            b, n = _count(db)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
+        asyncio.run(broker.stop())
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT count(*) FROM readings").fetchone()[0]
+    for w in range(workers if sharded else 0):
+        shard = sqlite3.connect(f"{db}.w{w}")
+        rows += shard.execute("SELECT count(*) FROM readings").fetchone()[0]
+        shard.close()
+    dups = sum(
+        v for k, v in con.execute("SELECT name, value FROM counters") if k.endswith(".duplicates")
+    )
+    con.close()
+    return {
+        "workers": workers,
+        "readings": n,
+        "expected": total,
+        "reading_rows": rows,
+        "batches": b,
+        "duplicates_dropped": dups,
+        "seconds": wall,
+        "per_s": n / wall,
+        "worker_cpu_s": cpu,
+    }
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gateways", type=int, default=50)
+    ap.add_argument("--batches", type=int, default=2000)
+    ap.add_argument("--per-batch", type=int, default=500)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per MQTT case (median shown)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--publish", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--copies", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        _worker(args.db, args.port, args.worker)
+        return 0
+    if args.publish:
+        _publisher(args.port, args.publish, args.copies)
+        return 0
+
+    t = time.perf_counter()
+    msgs, pubs = build(args.gateways, args.batches, args.per_batch)
+    print(
+        f"built {len(msgs)} signed batches x {args.per_batch} readings from {args.gateways} "
+        f"gateways in {time.perf_counter() - t:.1f} s",
+        file=sys.stderr,
+    )
+    with tempfile.TemporaryDirectory(prefix="vitals-bench-hub-") as tmp:
+        work = Path(tmp)
+        core = bench_core(msgs, pubs, work / "core.sqlite3")
+        runs: dict[tuple[int, bool], list[dict[str, float]]] = {}
+        for i in range(args.repeat):  # interleaved, so a noisy neighbour hits all alike
+            for workers, sharded in ((1, False), (2, False), (1, True), (2, True)):
+                r = bench_mqtt(msgs, pubs, work / f"r{i}", workers=workers, sharded=sharded)
+                runs.setdefault((workers, sharded), []).append(r)
+
+        def median(key: tuple[int, bool]) -> dict[str, float]:
+            return sorted(runs[key], key=lambda r: r["per_s"])[len(runs[key]) // 2]
+
+        one, two = median((1, False)), median((2, False))
+        one_s, two_s = median((1, True)), median((2, True))
+        quarter = msgs[: len(msgs) // 4]
+        dedup = bench_mqtt(quarter, pubs, work, workers=2, copies=2)
+        dedup_s = bench_mqtt(quarter, pubs, work, workers=2, copies=2, sharded=True)
+    speedup = two["per_s"] / one["per_s"]
+    speedup_s = two_s["per_s"] / one_s["per_s"]
+
+    def exact(r: dict[str, float]) -> bool:
+        return (
+            r["readings"] == r["expected"]
+            and r["reading_rows"] == r["expected"]
+            and r["batches"] == len(quarter)
+        )
+
+    dedup_ok = exact(dedup) and exact(dedup_s)
+    print(f"MQTT cases: median of {args.repeat} interleaved runs")
+    print(f"{'run':<12}{'readings':>10}{'seconds':>9}{'readings/s':>12}{'hub cpu s':>11}")
+    print(
+        f"{'core':<12}{core['readings']:>10}{core['seconds']:>9.2f}{core['per_s']:>12,.0f}{core['cpu_s']:>11.2f}"
+    )
+    for name, r in (
+        ("mqtt x1", one),
+        ("mqtt x2", two),
+        ("sharded x1", one_s),
+        ("sharded x2", two_s),
+    ):
+        print(
+            f"{name:<12}{r['readings']:>10}{r['seconds']:>9.2f}{r['per_s']:>12,.0f}{r['worker_cpu_s']:>11.2f}"
+        )
+    for name, r in (("dedup x2", dedup), ("dedup shard", dedup_s)):
+        print(
+            f"{name:<12}{r['readings']:>10}  every batch sent twice: stored once each "
+            f"{'yes' if exact(r) else 'NO'}, {r['duplicates_dropped']} duplicates dropped"
+        )
+    print(f"two workers / one: {speedup:.2f}x one database, {speedup_s:.2f}x readings sharded")
+    print(
+        json.dumps(
+            {
+                "bench": "hub",
+                "readings_per_batch": args.per_batch,
+                "repeat": args.repeat,
+                "all_runs_readings_per_s": {
+                    f"{'sharded' if sh else 'mqtt'}_{w}": [round(r["per_s"]) for r in rs]
+                    for (w, sh), rs in runs.items()
+                },
+                "core_readings_per_s": round(core["per_s"]),
+                "mqtt_1_worker_readings_per_s": round(one["per_s"]),
+                "mqtt_2_workers_readings_per_s": round(two["per_s"]),
+                "speedup_2_over_1": round(speedup, 2),
+                "sharded_1_worker_readings_per_s": round(one_s["per_s"]),
+                "sharded_2_workers_readings_per_s": round(two_s["per_s"]),
+                "sharded_speedup_2_over_1": round(speedup_s, 2),
+                "dedup_two_workers_ok": dedup_ok,
+                "duplicates_dropped": dedup["duplicates_dropped"],
+                "lost": sum(r["expected"] - r["readings"] for r in (one, two, one_s, two_s)),
+            }
+        )
+    )
+    return 0 if dedup_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
