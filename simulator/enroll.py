@@ -33,8 +33,10 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import aiomqtt
+import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -42,7 +44,14 @@ from protocols import enroll, envelope, topics
 from protocols.errors import ProtocolError, SignatureError
 from simulator.hub import HubCore
 
-__all__ = ["EnrollmentDesk", "load_or_create_hub_key", "result_topic", "serve"]
+__all__ = [
+    "EnrollmentDesk",
+    "hub_key_path",
+    "hub_token_command",
+    "load_or_create_hub_key",
+    "result_topic",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -297,3 +306,32 @@ async def _retire(desk: EnrollmentDesk, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         desk.retire_due()
+
+
+def hub_key_path(db: Path) -> Path:
+    """Where the hub key lives: beside the hub database (``hub.sqlite3`` -> ``hub.key``)."""
+    return db.with_suffix(".key")
+
+
+def hub_token_command(
+    ctx: typer.Context,
+    gateway: Annotated[str, typer.Argument(help="the gateway id the token enrolls")],
+    ttl: Annotated[float, typer.Option(help="validity in hours")] = 24.0,
+) -> None:
+    """Issue a one-time enrollment token for GATEWAY (for `vitals provision --token`)."""
+    db: Path = ctx.obj["db"] if ctx.obj else Path("hub.sqlite3")
+    core = HubCore(db)
+    try:
+        desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
+        token = desk.issue_token(gateway, ttl_s=ttl * 3600.0)
+    except (ValueError, PermissionError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        core.close()
+    typer.echo(token)
+    typer.echo(
+        f"valid {ttl:g} h, once, for {gateway}; pins hub key "
+        f"{envelope.key_id(desk.hub_public).hex()}",
+        err=True,
+    )

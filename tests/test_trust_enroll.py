@@ -360,3 +360,31 @@ def test_hub_key_storage(tmp_path: Path) -> None:
     (tmp_path / state.HUB_KEY_FILE).chmod(0o666)
     with pytest.raises(state.IdentityError, match="writable by others"):
         state.load_hub_key(tmp_path)
+
+
+def test_hub_token_command(tmp_path: Path) -> None:
+    """`vitals hub --db DB token GW`: a token that pins the hub key kept beside DB."""
+    import typer
+    from typer.testing import CliRunner
+
+    from simulator.enroll import hub_key_path, hub_token_command
+
+    app = typer.Typer()
+
+    @app.callback()
+    def hub(ctx: typer.Context, db: Path = Path("hub.sqlite3")) -> None:
+        ctx.obj = {"db": db}
+
+    app.command("token")(hub_token_command)
+    db = tmp_path / "hub.sqlite3"
+    out = CliRunner().invoke(app, ["--db", str(db), "token", GW, "--ttl", "2"])
+    assert out.exit_code == 0, out.output
+    token = out.stdout.strip()
+    hub_key = load_or_create_hub_key(hub_key_path(db))
+    assert enroll.token_hub_kid(token) == envelope.key_id(hub_key.public_key())
+    core = HubCore(db)
+    try:
+        desk = EnrollmentDesk(core, hub_key)
+        assert ask(desk, Ed25519PrivateKey.generate(), token).ok
+    finally:
+        core.close()
