@@ -10,16 +10,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from agent import state
 from protocols import enroll, envelope, topics
 from protocols.errors import FrameError, LocalError, SignatureError
 from protocols.reading import Reading
-from simulator.enroll import EnrollmentDesk, load_or_create_hub_key, result_topic
+from simulator.enroll import (
+    EnrollmentDesk,
+    hub_key_path,
+    hub_token_command,
+    load_or_create_hub_key,
+    result_topic,
+)
 from simulator.hub import HubCore
 
 GW = "gw-enroll-1"
@@ -364,11 +372,6 @@ def test_hub_key_storage(tmp_path: Path) -> None:
 
 def test_hub_token_command(tmp_path: Path) -> None:
     """`vitals hub --db DB token GW`: a token that pins the hub key kept beside DB."""
-    import typer
-    from typer.testing import CliRunner
-
-    from simulator.enroll import hub_key_path, hub_token_command
-
     app = typer.Typer()
 
     @app.callback()
