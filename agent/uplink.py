@@ -89,6 +89,7 @@ class Uplink:
         self.readings_acked = 0
         self.backlog_published = 0
         self.live_published = 0
+        self.backlog_acked = 0
         self.gap_notices = 0
         self.in_flight = 0
         self.last_acked: tuple[int, int] | None = None
@@ -104,6 +105,7 @@ class Uplink:
             "readings_acked": self.readings_acked,
             "backlog_batches_sent": self.backlog_published,
             "live_batches_sent": self.live_published,
+            "backlog_batches_acked": self.backlog_acked,
             "gap_notices_acked": self.gap_notices,
             "in_flight": self.in_flight,
             "last_acked": list(self.last_acked) if self.last_acked else None,
@@ -232,7 +234,8 @@ class Uplink:
                     self.live_published += 1
                 self.in_flight += 1
                 tg.create_task(
-                    self._publish(client, topic, row, room), name=f"uplink.publish[{row.seq}]"
+                    self._publish(client, topic, row, room, take_back),
+                    name=f"uplink.publish[{row.seq}]",
                 )
 
     async def _watch(self, client: aiomqtt.Client) -> None:
@@ -241,7 +244,12 @@ class Uplink:
             pass
 
     async def _publish(
-        self, client: aiomqtt.Client, topic: str, row: SpoolRow, room: asyncio.Semaphore
+        self,
+        client: aiomqtt.Client,
+        topic: str,
+        row: SpoolRow,
+        room: asyncio.Semaphore,
+        backlog: bool,
     ) -> None:
         try:
             await client.publish(topic, row.data, qos=1)
@@ -251,6 +259,8 @@ class Uplink:
         self._spool.ack([row.id])
         self.published += 1
         self.readings_acked += row.n
+        if backlog:
+            self.backlog_acked += 1
         self.last_acked = (row.epoch, row.seq)
 
     async def _send_gaps(self, client: aiomqtt.Client, room: asyncio.Semaphore) -> None:
