@@ -40,15 +40,18 @@ app.add_typer(hub_app, name="hub")
 app.add_typer(sim_app, name="sim")
 
 
-def _diag_and_status() -> None:
+def _sub_apps() -> None:
     from agent.diag import diag_app
+    from agent.provision import key_app, provision_command
     from agent.status import status_command
 
     app.add_typer(diag_app, name="diag")
     app.command("status")(status_command)
+    app.command("provision")(provision_command)
+    app.add_typer(key_app, name="key")
 
 
-_diag_and_status()
+_sub_apps()
 
 DEFAULT_CONFIG = Path(os.environ.get("VITALS_CONFIG", "/etc/vitals/gateway.toml"))
 DEFAULT_STATE = Path(os.environ.get("VITALS_STATE_DIR", "/var/lib/vitals"))
@@ -187,6 +190,8 @@ def hub(
     ctx.obj = {"db": db}
     if ctx.invoked_subcommand is not None:
         return
+    from simulator.enroll import EnrollmentDesk, hub_key_path, load_or_create_hub_key
+    from simulator.enroll import serve as serve_enroll
     from simulator.hub import Hub, HubCore
 
     setup_logging()
@@ -205,7 +210,12 @@ def hub(
         for sig in (signal.SIGINT, signal.SIGTERM):
             if task:
                 loop.add_signal_handler(sig, task.cancel)
-        await Hub(core, host=host, port=port, shared=not no_shared).run()
+        desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(serve_enroll(desk, host=host, port=port), name="hub.enroll")
+            tg.create_task(
+                Hub(core, host=host, port=port, shared=not no_shared).run(), name="hub.worker"
+            )
 
     try:
         asyncio.run(_main())
@@ -213,6 +223,18 @@ def hub(
         pass
     finally:
         core.close()
+
+
+@hub_app.command("token")
+def hub_token(
+    ctx: typer.Context,
+    gateway: Annotated[str, typer.Argument(help="gateway id the token is for")],
+    ttl: Annotated[float, typer.Option(help="validity in hours")] = 24.0,
+) -> None:
+    """Issue a one-time enrollment token for a field technician."""
+    from simulator.enroll import hub_token_command
+
+    hub_token_command(ctx, gateway, ttl)
 
 
 @hub_app.command("stats")

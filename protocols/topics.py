@@ -5,7 +5,8 @@
 ``{prefix}/{gateway}/status``      retained "online"/"offline" (the MQTT will)
 ``{prefix}/{gateway}/cmd``         signed commands to the gateway
 ``{prefix}/{gateway}/cmd/result``  signed results of commands
-``{prefix}/enroll/{gateway}``      enrollment requests
+``{prefix}/enroll/{gateway}``      enrollment requests (signed)
+``{prefix}/enroll/{gateway}/result``  the hub's signed answer
 The hub subscribes through a shared subscription (``$share/hub/...``) so that
 several hub workers split the load.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "cmd",
     "cmd_result",
     "enroll",
+    "enroll_result",
     "gateway_of",
     "meta",
     "shared",
@@ -59,6 +61,11 @@ def cmd_result(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 def enroll(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}/enroll/{_check(gateway)}"
+
+
+def enroll_result(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The hub's signed answer to an enrollment request."""
+    return f"{enroll(gateway, prefix)}/result"
 
 
 def shared(group: str, topic_filter: str) -> str:

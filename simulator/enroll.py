@@ -68,9 +68,7 @@ CREATE TABLE IF NOT EXISTS key_rotations (
 """
 
 
-def result_topic(gateway: str, prefix: str = topics.DEFAULT_PREFIX) -> str:
-    """``{prefix}/enroll/{gw}/result``: the hub's signed answers."""
-    return topics.enroll(gateway, prefix) + "/result"
+result_topic = topics.enroll_result  # the hub's signed answers
 
 
 def load_or_create_hub_key(path: Path) -> Ed25519PrivateKey:
