@@ -480,6 +480,10 @@ _FAST_SPECS = [
     PointSpec("us", Space.INPUT, 0, DataType.U16, scale=0.1),
     PointSpec("is", Space.INPUT, 0, DataType.I16, scale=0.01, offset=-40.0),
     PointSpec("uo", Space.HOLDING, 0, DataType.U16, scale=0.5, offset=3.25),
+    PointSpec("u3", Space.INPUT, 0, DataType.U16, scale=0.3),
+    PointSpec("kelvin", Space.INPUT, 0, DataType.I16, scale=0.01, offset=273.15),
+    PointSpec("milli", Space.INPUT, 0, DataType.U16, scale=0.001, offset=-1.5),
+    PointSpec("ten", Space.INPUT, 0, DataType.I16, scale=10.0, offset=5.0),
     PointSpec("big", Space.INPUT, 0, DataType.I16, scale=1e-15),  # too many decimals: no rounding
     PointSpec("bool", Space.INPUT, 0, DataType.BOOL),
     PointSpec("bit", Space.INPUT, 0, DataType.BIT, bit=13),
