@@ -16,8 +16,10 @@ reports per gateway and in total:
 - ``lost``: sealed batches the hub does not have (exact: by seq);
 - ``duplicated``: readings stored twice after dedup (must be 0), beside the
   duplicates the hub received and dropped;
-- ``unanswered``: served values that became comm-error readings (the reply
-  came after the agent's timeout) or were in flight at stop;
+- ``failed``: readings of failed polls (comm error, or stale: the last good
+  value repeated), delivered like any other;
+- ``unanswered``: served values the hub has no good reading for (the reply
+  came after the agent's timeout, or was in flight at stop);
 - latency from poll to hub (reading ``ts`` to the hub's receive time):
   p50, p99, max; CPU seconds and peak RSS per agent (``wait4``).
 
@@ -113,14 +115,14 @@ def _fc_space(fc: int) -> str:
 
 async def _emulate(spec_path: Path) -> None:
     """Serve the terminals of ``spec_path``; on SIGTERM write served counts and exit."""
-    from pymodbus.constants import ExcCodes
 
     from drivers.profiles import load_profile
     from simulator.tcp import TcpTerminal
 
-    spec = json.loads(spec_path.read_text())
+    spec = json.loads(spec_path.read_text())  # noqa: ASYNC240 - small, at start
     scen = Scenario.from_dict(spec["scenario"])
-    t0: float = spec["t0"]
+    t0_file = Path(spec["t0_file"])
+    t0 = 0.0  # the scenario clock starts when the runner says (every agent is up)
     duration: float = spec["duration"]
     gateways: int = spec["gateways"]
     served: dict[str, Counter[str]] = {}
@@ -180,7 +182,7 @@ async def _emulate(spec_path: Path) -> None:
     terms: list[tuple[TerminalPlan, FleetTerminal, dict[str, ModelSignal]]] = []
     for item in spec["terminals"]:
         tp = TerminalPlan(**item)
-        term = FleetTerminal(load_profile(tp.profile), port=tp.port, seed=tp.seed)
+        term = FleetTerminal(load_profile(tp.profile), port=0, seed=tp.seed)  # the OS picks
         term.key = f"{tp.gateway}:{tp.index}"
         term.rng = random.Random(tp.seed)
         served[term.key] = Counter()
@@ -194,7 +196,8 @@ async def _emulate(spec_path: Path) -> None:
             wrapped[name] = ms
         await term.start()
         terms.append((tp, term, wrapped))
-    print("ready", flush=True)
+    ports = {f"{tp.gateway}:{tp.index}": term.port for tp, term, _ in terms}
+    print("ready " + json.dumps(ports), flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -202,7 +205,10 @@ async def _emulate(spec_path: Path) -> None:
     ty = scen.typhoon
     raised = {r.point: r.peak for r in ty.raises} if ty else {}
     while not stop.is_set():
-        frac = (time.time() - t0) / duration
+        if not t0:
+            with contextlib.suppress(OSError, ValueError):
+                t0 = float(t0_file.read_text())  # noqa: ASYNC240 - a few bytes
+        frac = (time.time() - t0) / duration if t0 else 0.0
         for tp, term, wrapped in terms:
             dead = False
             noisy = 0.0
@@ -227,7 +233,8 @@ async def _emulate(spec_path: Path) -> None:
             term.noisy = noisy
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
-    Path(spec["out"]).write_text(json.dumps({k: dict(v) for k, v in served.items()}))
+    out = json.dumps({k: dict(v) for k, v in served.items()})
+    Path(spec["out"]).write_text(out)  # noqa: ASYNC240 - small, at exit
     for _, term, _ in terms:
         with contextlib.suppress(Exception):
             await term.stop()
@@ -467,7 +474,7 @@ async def run_fleet(
     console = Console(stderr=True)
     say = log or (lambda msg: console.print(msg) if progress else None)
     work = Path(workdir or tempfile.mkdtemp(prefix="vitals-fleet-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
     profiles = scenario.profiles or DEFAULT_PROFILES
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("VITALS_CONFIG", None)
@@ -490,6 +497,7 @@ async def run_fleet(
     emulators: list[subprocess.Popen[bytes]] = []
     runs: list[GatewayRun] = []
     collected: list[dict[str, Any]] = []
+    t0 = time.time()
     try:
         async with asyncio.TaskGroup() as tg:
             hub_task = tg.create_task(hub.run(), name="fleet.hub")
@@ -512,14 +520,14 @@ async def run_fleet(
                 state = work / name
                 runs.append(GatewayRun(g, name, state, work / f"{name}.toml", terms))
             # emulators
-            t0 = time.time() + 5.0 + 0.08 * gateways  # scenario clock: starts when agents are up
             all_terms = [t for gw in runs for t in gw.terminals]
             n_emu = max(1, math.ceil(len(all_terms) / TERMINALS_PER_EMULATOR))
+            ports: dict[str, int] = {}
             for e in range(n_emu):
                 spec = {
                     "terminals": [t.__dict__ for t in all_terms[e::n_emu]],
                     "scenario": scenario.to_dict(),
-                    "t0": t0,
+                    "t0_file": str(work / "t0"),
                     "duration": duration,
                     "gateways": gateways,
                     "out": str(work / f"emulator-{e}.json"),
@@ -537,12 +545,15 @@ async def run_fleet(
             for p in emulators:
                 assert p.stdout is not None
                 line = await asyncio.to_thread(p.stdout.readline)
-                if line.strip() != b"ready":
+                if not line.startswith(b"ready "):
                     raise RuntimeError(f"emulator did not start: {line!r}; see {work}")
+                ports.update(json.loads(line[6:]))
+            for t in all_terms:
+                t.port = ports[f"{t.gateway}:{t.index}"]
             say(f"{len(all_terms)} terminals up in {n_emu} emulator process(es)")
             # agents: identity, enrollment, config, process
-            from protocols.errors import ConfigError
             from agent.config import load_config
+            from protocols.errors import ConfigError
 
             for gw in runs:
                 ident = await asyncio.to_thread(create_identity, gw.state_dir, exist_ok=True)
@@ -559,7 +570,16 @@ async def run_fleet(
                     stdout=subprocess.DEVNULL,
                     stderr=(gw.state_dir / "agent.log").open("wb"),
                 )
-            say(f"{gateways} agents started; scenario '{scenario.name}' for {duration:g} s")
+            # the scenario clock starts once every agent has connected (its meta arrived)
+            deadline = time.monotonic() + 30 + gateways
+            while core.counters["meta"] < gateways and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+            t0 = time.time()
+            (work / "t0").write_text(repr(t0))
+            say(
+                f"{gateways} agents up ({core.counters['meta']} connected); "
+                f"scenario '{scenario.name}' for {duration:g} s"
+            )
             # the run
             await _play(scenario, duration, t0, proxy, core, runs, progress, console, say)
             # measure and stop the agents
@@ -587,6 +607,7 @@ async def run_fleet(
         await broker.stop()
         core.close()
     report = _report(work, runs, scenario, duration, broker.kind, collected)
+    report["t0_ms"] = int(t0 * 1000)
     ok = report["total"]["lost_batches"] == 0 and report["total"]["duplicated"] == 0
     ok = ok and report["total"]["rejected"] == 0 and report["total"]["spool_left"] == 0
     ok = ok and all(g["exit_code"] == 0 for g in report["gateways"])
@@ -745,8 +766,8 @@ def _report(
             for e, s, n in con.execute("SELECT epoch, seq, n FROM batches WHERE gw = ?", (gw.name,))
         }
         rows = con.execute(
-            "SELECT count(*), coalesce(sum(r.value IS NOT NULL), 0),"
-            " coalesce(sum(r.quality = 3), 0) FROM readings r WHERE r.gw = ?",
+            "SELECT count(*), coalesce(sum(r.quality IN (0, 1)), 0),"
+            " coalesce(sum(r.quality IN (2, 3)), 0) FROM readings r WHERE r.gw = ?",
             (gw.name,),
         ).fetchone()
         stored, valued, comm = int(rows[0]), int(rows[1]), int(rows[2])
@@ -773,7 +794,7 @@ def _report(
                 "delivered_batches": len(seqs),
                 "delivered": delivered_n,
                 "delivered_values": valued,
-                "comm_error_readings": comm,
+                "failed_poll_readings": comm,
                 "unanswered": max(0, generated - valued),
                 "lost_batches": lost,
                 "lost_readings_known": left_readings,
@@ -791,9 +812,6 @@ def _report(
     source = "agents" if collected else "replay"
     if not collected and scen.rules:
         events = replay_events(work / "hub.sqlite3", runs)
-    t0s = {}
-    for e in events:
-        t0s.setdefault(e["gateway"], e["ts"])
     total = {
         k: sum(g[k] for g in gateways)
         for k in (
@@ -802,7 +820,7 @@ def _report(
             "delivered_batches",
             "delivered",
             "delivered_values",
-            "comm_error_readings",
+            "failed_poll_readings",
             "unanswered",
             "lost_batches",
             "lost_readings_known",
@@ -888,7 +906,7 @@ def render(report: dict[str, Any]) -> str:
             str(g["delivered"]),
             f"{g['lost_batches']} b" if g["lost_batches"] else "0",
             str(g["duplicated"]),
-            str(g["comm_error_readings"]),
+            str(g["failed_poll_readings"]),
             str(g["unanswered"]),
             f"{lat['p50_ms']:.0f}",
             f"{lat['p99_ms']:.0f}",
@@ -913,7 +931,7 @@ def render(report: dict[str, Any]) -> str:
         et = Table(title=f"edge events ({report['events_source']})")
         for c in ("t", "gateway", "rule", "state", "device", "value", "detail"):
             et.add_column(c)
-        start = min(e["ts"] for e in report["events"])
+        start = report.get("t0_ms") or min(e["ts"] for e in report["events"])
         for e in report["events"]:
             v = e["value"]
             et.add_row(
