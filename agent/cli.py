@@ -85,6 +85,13 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
     typer.secho(f"error: {message}", fg="red", err=True)
     if hint:
@@ -103,10 +110,16 @@ def run(
     state_dir: Annotated[Path | None, typer.Option(help="override [gateway] state_dir")] = None,
     log_level: Annotated[str | None, typer.Option(help="override [log] level")] = None,
 ) -> None:
-    """Run the gateway agent until SIGTERM or Ctrl-C."""
+    """Run the gateway agent until SIGTERM or Ctrl-C; SIGHUP reloads the configuration.
+
+    Under systemd (Type=notify) it reports READY, WATCHDOG, STATUS and STOPPING.
+    A new configuration that does not load is refused and the running one kept.
+    """
     from dataclasses import replace
 
-    from agent.config import load_config
+    from agent.config import Config, load_config
+    from agent.reload import supervise
+    from agent.sdnotify import SdNotifier
     from agent.service import Agent
 
     try:
@@ -114,21 +127,36 @@ def run(
     except ConfigError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
-    if state_dir is not None:
-        cfg = replace(cfg, gateway=replace(cfg.gateway, state_dir=state_dir))
     setup_logging(log_level or cfg.log.level, cfg.log.format)
 
     async def _main() -> None:
-        stop = asyncio.Event()
+        stop, hup = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await Agent(cfg).run(stop)
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+        notifier = SdNotifier.from_env()
+
+        async def run_agent(c: Config, agent_stop: asyncio.Event) -> None:
+            # the override applies to every (re)loaded file, so a reload never sees it as a change
+            if state_dir is not None:
+                c = replace(c, gateway=replace(c.gateway, state_dir=state_dir))
+            await Agent(c, notifier=notifier).run(agent_stop)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                watchdog = tg.create_task(notifier.run_watchdog(), name="sd.watchdog")
+                await supervise(
+                    cfg, config, stop=stop, hup=hup, run_agent=run_agent, notifier=notifier
+                )
+                watchdog.cancel()
+        finally:
+            notifier.close()
 
     try:
         asyncio.run(_main())
-    except VitalsError as exc:
-        raise _fail(str(exc)) from None
+    except* VitalsError as group:
+        raise _fail(str(_leaf(group))) from None
 
 
 @app.command()
@@ -256,14 +284,28 @@ def hub_stats_cmd(
     from rich.table import Table
 
     t = Table(title=f"hub {db}")
-    for col in ("gateway", "batches", "readings", "epochs", "missing ranges"):
-        t.add_column(col)
+    for col in (
+        "gateway",
+        "batches",
+        "readings",
+        "epochs",
+        "missing batches",
+        "dropped by gateway",
+    ):
+        t.add_column(col, justify="right" if col != "gateway" else "left")
     for gw, g in stats["gateways"].items():
-        missing = sum(len(e["missing"]) for e in g["epochs"].values())
-        t.add_row(gw, str(g["batches"]), str(g["readings"]), str(len(g["epochs"])), str(missing))
+        t.add_row(
+            gw,
+            str(g["batches"]),
+            str(g["readings"]),
+            str(len(g["epochs"])),
+            str(g["missing_batches"]),
+            str(g["dropped_batches"]),
+        )
     Console().print(t)
     typer.echo(
-        f"duplicates dropped: {stats['duplicates']}  rejected: {stats['rejected'] or 'none'}"
+        f"duplicates dropped: {stats['duplicates']}  gap notices: {stats['gap_notices']}  "
+        f"rejected: {stats['rejected'] or 'none'}"
     )
 
 

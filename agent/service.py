@@ -20,9 +20,13 @@ from typing import Any
 from agent.batch import Batcher
 from agent.bus import BusPoller, PolledDevice
 from agent.clock import Clock, SystemClock
+from agent.commands import CommandExecutor, agent_handlers
 from agent.config import BusConfig, Config
+from agent.sdnotify import SdNotifier
 from agent.spool import Spool
-from agent.state import Identity, load_identity, next_epoch
+from agent.state import Identity, load_hub_key, load_identity, next_epoch
+from agent.status import StatusWriter, summary
+from agent.tls import tls_context
 from agent.transport import ModbusLink
 from agent.uplink import GapSigner, Uplink, UplinkSettings
 from protocols import envelope
@@ -61,6 +65,7 @@ class Agent:
         drain_timeout_s: float = 10.0,
         uplink_overrides: Mapping[str, Any] | None = None,
         spool_max_pages: int | None = None,
+        notifier: SdNotifier | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
@@ -77,6 +82,8 @@ class Agent:
         self.pollers: list[BusPoller] = []
         self.ready = asyncio.Event()
         self._closing = False
+        self.notifier = notifier or SdNotifier(None)
+        self.commands: CommandExecutor | None = None
 
     def _meta(self, identity: Identity, epoch: int) -> bytes:
         points = [
@@ -137,6 +144,7 @@ class Agent:
             prefix=up.topic_prefix,
             username=up.username or None,
             password=up.password or None,
+            tls=tls_context(up.tls),
             # keys proposed for [uplink]; defaults until agent/config.py has them
             window=int(getattr(up, "window", 32)),
             backlog_share=float(getattr(up, "backlog_share", 0.5)),
@@ -177,6 +185,19 @@ class Agent:
                     inter_frame_s=bus.frame_gap_s,
                 )
             )
+        hub_key = await asyncio.to_thread(load_hub_key, state)
+        self.commands = CommandExecutor(
+            cfg.gateway.id,
+            hub_key,
+            identity.private_key,
+            agent_handlers(
+                cfg,
+                {p.name: p.link for p in self.pollers},
+                locks={p.name: lock for p in self.pollers if (lock := getattr(p, "lock", None))},
+            ),
+            seen_path=state / "commands.seen",
+        )
+        self.uplink.commands = self.commands
         log.info(
             "agent %s epoch %d: %d buses, %d devices, %d points, kid %s",
             cfg.gateway.id,
@@ -199,7 +220,12 @@ class Agent:
                 writer = tg.create_task(self._write_spool(), name="spool.write")
                 acks = tg.create_task(self.spool.run_acks(), name="spool.ack")
                 uplink = tg.create_task(self.uplink.run(), name="uplink.mqtt")
+                status = tg.create_task(
+                    StatusWriter(self, on_write=self._notify_status).run(),
+                    name="status.write",
+                )
                 self.ready.set()
+                self.notifier.ready(f"gateway {self.config.gateway.id}")
                 await stop.wait()
                 log.info("stopping: sealing the open batch and draining the spool")
                 for t in [*pollers, aging]:
@@ -213,11 +239,15 @@ class Agent:
                     await asyncio.wait_for(self.spool.empty.wait(), self.drain_timeout_s)
                 uplink.cancel()
                 acks.cancel()
+                status.cancel()
         finally:
             left = self.spool.statistics()["depth_batches"]
             if left:
                 log.warning("%d batches stay in the spool for the next start", left)
             await self.spool.close()
+
+    def _notify_status(self, doc: dict[str, Any]) -> None:
+        self.notifier.status(summary(doc))
 
     async def _write_spool(self) -> None:
         assert self.batcher is not None and self.spool is not None

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 
+from agent.commands import CommandExecutor, on_message
 from agent.spool import Spool, SpoolRow
 from protocols import topics
 from protocols.gap import GapRange
@@ -44,9 +45,7 @@ log = logging.getLogger(__name__)
 GapSigner = Callable[[Sequence[GapRange]], bytes]
 
 
-def gap_topic(gateway: str, prefix: str = topics.DEFAULT_PREFIX) -> str:
-    """``{prefix}/{gateway}/gap``: signed gap notices, QoS 1."""
-    return topics.batch(gateway, prefix).rsplit("/", 1)[0] + "/gap"
+gap_topic = topics.gap  # signed gap notices, QoS 1
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,7 @@ class Uplink:
         self.backlog_acked = 0
         self.gap_notices = 0
         self.in_flight = 0
+        self.commands: CommandExecutor | None = None  # signed commands from the hub
         self.last_acked: tuple[int, int] | None = None
         self.last_error = ""
         self._gap_busy = False
@@ -178,6 +178,8 @@ class Uplink:
         s = self._s
         spool = self._spool
         await client.publish(topics.status(s.gateway, s.prefix), b"online", qos=1, retain=True)
+        if self.commands is not None:
+            await client.subscribe(topics.cmd(s.gateway, s.prefix), qos=1)
         if self._meta is not None:
             await client.publish(topics.meta(s.gateway, s.prefix), self._meta, qos=1, retain=True)
         await spool.flush_acks()
@@ -240,8 +242,9 @@ class Uplink:
 
     async def _watch(self, client: aiomqtt.Client) -> None:
         """Raise MqttError as soon as the connection drops (in-flight publishes would wait)."""
-        async for _ in client.messages:
-            pass
+        async for msg in client.messages:
+            if self.commands is not None:
+                await on_message(client, msg, self.commands, prefix=self._s.prefix)
 
     async def _publish(
         self,

@@ -2,6 +2,7 @@
 
 ``{prefix}/{gateway}/batch``       signed reading batches, QoS 1
 ``{prefix}/{gateway}/meta``        signed point table (retained): names of point ids
+``{prefix}/{gateway}/gap``         signed gap notices: batches the gateway had to drop
 ``{prefix}/{gateway}/status``      retained "online"/"offline" (the MQTT will)
 ``{prefix}/{gateway}/cmd``         signed commands to the gateway
 ``{prefix}/{gateway}/cmd/result``  signed results of commands
@@ -23,6 +24,7 @@ __all__ = [
     "cmd_result",
     "enroll",
     "enroll_result",
+    "gap",
     "gateway_of",
     "meta",
     "shared",
@@ -49,6 +51,10 @@ def meta(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 def status(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}/{_check(gateway)}/status"
+
+
+def gap(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/{_check(gateway)}/gap"
 
 
 def cmd(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
