@@ -77,6 +77,10 @@ class HubCore:
 
     db_path: Path
     flush_readings: int = 50_000
+    # batches whose last reading is older than this are refused as "too_old": longer
+    # than a gateway's spool keeps anything (168 h by default) plus a margin, so only
+    # a replay of an old capture can be this old
+    window_ms: int | None = 8 * 86_400_000  # None: no window (replaying recorded data)
     counters: Counter[str] = field(default_factory=Counter)
     _logged: set[tuple[str, str]] = field(default_factory=set)
 
@@ -164,6 +168,10 @@ class HubCore:
             batch.verify(key)
         except SignatureError as exc:
             return self._refuse("bad_signature", h.gw, str(exc))
+        if self.window_ms is not None and h.t1 < time.time_ns() // 1_000_000 - self.window_ms:
+            return self._refuse(
+                "too_old", h.gw, f"t1 {h.t1} is behind the {self.window_ms} ms window"
+            )
         seen = self._seen.setdefault((h.gw, h.epoch), set())
         if h.seq in seen:
             self.counters["duplicates"] += 1

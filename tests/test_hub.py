@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import msgpack
@@ -20,9 +21,11 @@ GW = "gw-hub-1"
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 PUB = KEY.public_key().public_bytes_raw()
 
+T0 = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: inside the hub's age window
+
 
 def _batch(epoch: int, seq: int, n: int = 3) -> bytes:
-    rs = [Reading(point=i, ts=1_700_000_000_000 + seq * 1000 + i, value=float(i)) for i in range(n)]
+    rs = [Reading(point=i, ts=T0 + seq * 1000 + i, value=float(i)) for i in range(n)]
     return envelope.seal(rs, gateway=GW, key=KEY, epoch=epoch, seq=seq)
 
 

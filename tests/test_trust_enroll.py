@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def ask(
 
 
 def batch(key: Ed25519PrivateKey, seq: int) -> bytes:
-    return envelope.seal([Reading(1, int(T0 * 1000), 1.5)], gateway=GW, key=key, epoch=1, seq=seq)
+    now_ms = time.time_ns() // 1_000_000  # readings are recent: the hub refuses very old ones
+    return envelope.seal([Reading(1, now_ms, 1.5)], gateway=GW, key=key, epoch=1, seq=seq)
 
 
 # --------------------------------------------------------------------------- protocol
