@@ -4,8 +4,7 @@ device profile, and every point decodes to a value in its profile's range."""
 from __future__ import annotations
 
 import asyncio
-
-import pytest
+from pathlib import Path
 
 from hil.bus import Bus, Target
 from protocols.modbus import Space, decode, register_count
@@ -50,6 +49,87 @@ def test_agent_link_reads_every_profile_point(target: Target, bus: Bus) -> None:
     assert {p.spec.space for p in profile.points} == {Space.INPUT, Space.HOLDING}
 
 
-@pytest.mark.skip(reason="full MQTT path (agent -> broker -> hub) with this terminal: wired later")
-def test_agent_delivers_terminal_readings_to_the_hub() -> None:
-    raise AssertionError("placeholder")
+def test_agent_delivers_terminal_readings_to_the_hub(
+    target: Target, bus: Bus, tmp_path: Path
+) -> None:
+    """The whole path with this terminal: agent -> MQTT broker -> hub, every batch verified.
+
+    A private broker on a free loopback port (Mosquitto when installed, else the
+    embedded one), the reference hub, and the agent polling the terminal on
+    ``--port`` with the sound level meter profile.
+    """
+    from agent.config import parse_config
+    from agent.service import Agent
+    from agent.state import create_identity
+    from simulator.broker import make_broker
+    from simulator.hub import Hub, HubCore
+
+    bus.ser.close()  # the agent is the master on the line now
+
+    async def run() -> tuple[int, HubCore]:
+        broker = make_broker("auto")
+        await broker.start()
+        try:
+            config = parse_config(
+                {
+                    "gateway": {"id": "gw-hil-1", "state_dir": str(tmp_path / "gw")},
+                    "uplink": {"host": broker.host, "port": broker.port},
+                    "batch": {"max_age_s": 0.5},
+                    "spool": {"durability": "normal"},
+                    "buses": [
+                        {
+                            "name": "hil",
+                            "kind": "rtu",
+                            "port": target.port,
+                            "baud": target.baud,
+                            "parity": target.parity,
+                            "timeout_s": target.response_timeout,
+                        }
+                    ],
+                    "devices": [
+                        {
+                            "name": "terminal",
+                            "bus": "hil",
+                            "profile": "sound_level_meter",
+                            "slave": target.slave,
+                            "interval_s": 0.5,
+                        }
+                    ],
+                },
+                source="<hil>",
+                base=tmp_path,
+            )
+            identity = create_identity(config.gateway.state_dir)
+            core = HubCore(tmp_path / "hub.sqlite3")
+            core.enroll(config.gateway.id, identity.public_raw)
+            hub = Hub(core, host=broker.host, port=broker.port, shared=broker.shared_subscriptions)
+            agent = Agent(config, identity=identity)
+            stop = asyncio.Event()
+            async with asyncio.TaskGroup() as tg:
+                hub_task = tg.create_task(hub.run())
+                await asyncio.wait_for(hub.subscribed.wait(), 10)
+                agent_task = tg.create_task(agent.run(stop))
+                await asyncio.sleep(4)
+                stop.set()
+                await agent_task
+                assert agent.batcher is not None
+                polled = agent.batcher.readings_in
+                for _ in range(200):
+                    if core.counters["readings"] >= polled:
+                        break
+                    await asyncio.sleep(0.05)
+                hub_task.cancel()
+            return polled, core
+        finally:
+            await broker.stop()
+
+    try:
+        polled, core = asyncio.run(run())
+    finally:
+        bus.ser.open()
+    assert polled >= 14, "the agent polled less than one round of the profile's points"
+    assert core.counters["readings"] == polled
+    assert not [k for k in core.counters if k.startswith("rejected.")]
+    good = core.db.execute("SELECT count(*) FROM readings WHERE quality = 0").fetchone()[0]
+    assert good > 0, "no reading from the terminal was good"
+    core.close()
