@@ -405,8 +405,14 @@ def _percentiles(values: Sequence[int]) -> dict[str, float]:
     }
 
 
-def replay_events(db_path: Path, gateways: Sequence[GatewayRun]) -> list[dict[str, Any]]:
-    """Run every gateway's rules over its readings stored at the hub, in time order."""
+def replay_events(
+    db_path: Path, gateways: Sequence[GatewayRun], until_ms: int | None = None
+) -> list[dict[str, Any]]:
+    """Run every gateway's rules over its readings stored at the hub, in time order.
+
+    ``until_ms`` ends the replay at the end of the scenario: the stop phase (every
+    agent sealing and draining at once) is not part of the weather.
+    """
     from agent.config import load_config
     from agent.rules import RuleEngine
 
@@ -418,8 +424,9 @@ def replay_events(db_path: Path, gateways: Sequence[GatewayRun]) -> list[dict[st
             if not cfg.rules:
                 continue
             rows = con.execute(
-                "SELECT point, ts, value, quality FROM readings WHERE gw = ? ORDER BY ts",
-                (gw.name,),
+                "SELECT point, ts, value, quality FROM readings WHERE gw = ? AND ts <= ?"
+                " ORDER BY ts",
+                (gw.name, until_ms if until_ms is not None else 2**62),
             ).fetchall()
             if not rows:
                 continue
@@ -606,8 +613,7 @@ async def run_fleet(
             await proxy.stop()
         await broker.stop()
         core.close()
-    report = _report(work, runs, scenario, duration, broker.kind, collected)
-    report["t0_ms"] = int(t0 * 1000)
+    report = _report(work, runs, scenario, duration, broker.kind, collected, t0)
     ok = report["total"]["lost_batches"] == 0 and report["total"]["duplicated"] == 0
     ok = ok and report["total"]["rejected"] == 0 and report["total"]["spool_left"] == 0
     ok = ok and all(g["exit_code"] == 0 for g in report["gateways"])
@@ -751,6 +757,7 @@ def _report(
     duration: float,
     broker_kind: str,
     collected: list[dict[str, Any]],
+    t0: float,
 ) -> dict[str, Any]:
     served: dict[str, dict[str, int]] = {}
     for f in sorted(work.glob("emulator-*.json")):
@@ -780,7 +787,11 @@ def _report(
             )
         ]
         all_lat += lat
-        sealed, left, left_readings = _spool_facts(gw.state_dir / "spool.sqlite3")
+        sealed, left_rows = _spool_facts(gw.state_dir / "spool.sqlite3")
+        # a row left in the spool that the hub has is only a redelivery in waiting
+        left = sum(1 for e, s, _ in left_rows if (e, s) not in seqs)
+        left_readings = sum(n for e, s, n in left_rows if (e, s) not in seqs)
+        left_delivered = len(left_rows) - left
         delivered_n = sum(seqs.values())
         lost = max(0, sealed - len(seqs))
         gen = _served_readings(gw.config_path, served, gw) if served else {}
@@ -799,6 +810,7 @@ def _report(
                 "lost_batches": lost,
                 "lost_readings_known": left_readings,
                 "spool_left": left,
+                "spool_left_delivered": left_delivered,
                 "duplicated": stored - delivered_n,
                 "latency": _percentiles(lat),
                 "cpu_s": round(gw.cpu_s, 2),
@@ -811,7 +823,7 @@ def _report(
     events = collected
     source = "agents" if collected else "replay"
     if not collected and scen.rules:
-        events = replay_events(work / "hub.sqlite3", runs)
+        events = replay_events(work / "hub.sqlite3", runs, int((t0 + duration) * 1000))
     total = {
         k: sum(g[k] for g in gateways)
         for k in (
@@ -825,6 +837,7 @@ def _report(
             "lost_batches",
             "lost_readings_known",
             "spool_left",
+            "spool_left_delivered",
             "duplicated",
         )
     }
@@ -845,21 +858,24 @@ def _report(
         "workdir": str(work),
         "total": total,
         "gateways": gateways,
+        "t0_ms": int(t0 * 1000),
         "events_source": source,
         "events": events,
     }
 
 
-def _spool_facts(path: Path) -> tuple[int, int, int]:
-    """(batches ever appended, batches left, readings left) of an agent's spool."""
+def _spool_facts(path: Path) -> tuple[int, list[tuple[int, int, int]]]:
+    """(batches ever appended, [(epoch, seq, n) still in the spool]) of an agent's spool."""
     if not path.exists():
-        return 0, 0, 0
+        return 0, []
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'batches'").fetchone()
         sealed = int(row[0]) if row else 0
-        left, left_n = con.execute("SELECT count(*), coalesce(sum(n), 0) FROM batches").fetchone()
-        return sealed, int(left), int(left_n)
+        left = [
+            (int(e), int(s), int(n)) for e, s, n in con.execute("SELECT epoch, seq, n FROM batches")
+        ]
+        return sealed, left
     finally:
         con.close()
 
@@ -924,7 +940,8 @@ def render(report: dict[str, Any]) -> str:
     con.print(
         f"lost batches {tot['lost_batches']}, duplicated after dedup {tot['duplicated']}, "
         f"duplicates dropped at the hub {tot['duplicates_dropped_at_hub']}, rejected "
-        f"{tot['rejected']}, left in spools {tot['spool_left']}  ->  "
+        f"{tot['rejected']}, left in spools {tot['spool_left']} (+{tot['spool_left_delivered']} "
+        "the hub has: PUBACK not recorded before exit)  ->  "
         + ("[OK]" if report.get("ok") else "[FAIL]")
     )
     if report["events"]:
