@@ -65,7 +65,7 @@ from protocols.modbus import (
     PointSpec,
     PointValue,
     ReadRequest,
-    _decimals,
+    decimals,
     decode,
     plan,
     register_count,
@@ -149,7 +149,7 @@ def _fast(spec: PointSpec) -> Callable[[Sequence[int], int], PointValue] | None:
         return lambda w, o: w[o]
     scale, offset = spec.scale, spec.offset
     # the same rounding as protocols.modbus.decode: to the decimals of scale and offset
-    places = _decimals(scale, offset)
+    places = decimals(scale, offset)
     if places is None:
         if signed:
             return lambda w, o: (w[o] - 0x10000 if w[o] & 0x8000 else w[o]) * scale + offset
@@ -160,7 +160,7 @@ def _fast(spec: PointSpec) -> Callable[[Sequence[int], int], PointValue] | None:
     p10 = 10**places
     big_s, big_o = round(scale * p10), round(offset * p10)
     if abs(big_s - scale * p10) > 1e-6 or abs(big_o - offset * p10) > 1e-6:
-        return None  # pragma: no cover - _decimals said they are whole
+        return None  # pragma: no cover - decimals said they are whole
     if signed:
         return lambda w, o: ((w[o] - 0x10000 if w[o] & 0x8000 else w[o]) * big_s + big_o) / p10
     return lambda w, o: (w[o] * big_s + big_o) / p10

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
-from protocols.errors import ConfigError, VitalsError
+from agent import runner
+from protocols.errors import VitalsError
 
 __all__ = ["app", "main"]
 
@@ -43,53 +42,16 @@ app.add_typer(sim_app, name="sim")
 def _sub_apps() -> None:
     from agent.diag import diag_app
     from agent.provision import key_app, provision_command
-    from agent.status import status_command
 
     app.add_typer(diag_app, name="diag")
-    app.command("status")(status_command)
     app.command("provision")(provision_command)
     app.add_typer(key_app, name="key")
 
 
 _sub_apps()
 
-DEFAULT_CONFIG = Path(os.environ.get("VITALS_CONFIG", "/etc/vitals/gateway.toml"))
-DEFAULT_STATE = Path(os.environ.get("VITALS_STATE_DIR", "/var/lib/vitals"))
-
-
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Log to stderr; under systemd (JOURNAL_STREAM set) without our own timestamps."""
-    journald = "JOURNAL_STREAM" in os.environ
-    if fmt == "json":
-
-        class _Json(logging.Formatter):
-            def format(self, r: logging.LogRecord) -> str:
-                return json.dumps(
-                    {
-                        "t": r.created,
-                        "level": r.levelname.lower(),
-                        "logger": r.name,
-                        "msg": r.getMessage(),
-                    }
-                )
-
-        formatter: logging.Formatter = _Json()
-    elif journald:
-        formatter = logging.Formatter("<%(levelno)s>%(name)s: %(message)s")
-    else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+DEFAULT_CONFIG, DEFAULT_STATE = runner.DEFAULT_CONFIG, runner.DEFAULT_STATE
+setup_logging = runner.setup_logging
 
 
 def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
@@ -110,53 +72,22 @@ def run(
     state_dir: Annotated[Path | None, typer.Option(help="override [gateway] state_dir")] = None,
     log_level: Annotated[str | None, typer.Option(help="override [log] level")] = None,
 ) -> None:
-    """Run the gateway agent until SIGTERM or Ctrl-C; SIGHUP reloads the configuration.
+    """Run the gateway agent until SIGTERM or Ctrl-C; SIGHUP reloads the configuration."""
+    raise typer.Exit(runner.run(config, state_dir, log_level))
 
-    Under systemd (Type=notify) it reports READY, WATCHDOG, STATUS and STOPPING.
-    A new configuration that does not load is refused and the running one kept.
-    """
-    from dataclasses import replace
 
-    from agent.config import Config, load_config
-    from agent.reload import supervise
-    from agent.sdnotify import SdNotifier
-    from agent.service import Agent
+@app.command()
+def status(
+    status_file: Annotated[
+        Path | None, typer.Option(help="status file (default: /run/vitals, then the state dir)")
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="the agent's state directory")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the status document as JSON")] = False,
+) -> None:
+    """The running agent's state: buses, devices, spool, uplink, counters."""
+    from agent.status import show
 
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(1) from None
-    setup_logging(log_level or cfg.log.level, cfg.log.format)
-
-    async def _main() -> None:
-        stop, hup = asyncio.Event(), asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, hup.set)
-        notifier = SdNotifier.from_env()
-
-        async def run_agent(c: Config, agent_stop: asyncio.Event) -> None:
-            # the override applies to every (re)loaded file, so a reload never sees it as a change
-            if state_dir is not None:
-                c = replace(c, gateway=replace(c.gateway, state_dir=state_dir))
-            await Agent(c, notifier=notifier).run(agent_stop)
-
-        try:
-            async with asyncio.TaskGroup() as tg:
-                watchdog = tg.create_task(notifier.run_watchdog(), name="sd.watchdog")
-                await supervise(
-                    cfg, config, stop=stop, hup=hup, run_agent=run_agent, notifier=notifier
-                )
-                watchdog.cancel()
-        finally:
-            notifier.close()
-
-    try:
-        asyncio.run(_main())
-    except* VitalsError as group:
-        raise _fail(str(_leaf(group))) from None
+    raise typer.Exit(show(status_file, state_dir, as_json))
 
 
 @app.command()

@@ -43,7 +43,14 @@ def link_for(bus: BusConfig) -> ModbusLink:
     if bus.kind == "tcp":
         return ModbusLink.tcp(bus.host, bus.tcp_port, timeout_s=bus.timeout_s)
     if bus.kind == "rtu-over-tcp":
-        return ModbusLink.tcp(bus.host, bus.tcp_port, timeout_s=bus.timeout_s, rtu_framing=True)
+        return ModbusLink.tcp(
+            bus.host,
+            bus.tcp_port,
+            timeout_s=bus.timeout_s,
+            rtu_framing=True,
+            baud=bus.baud,
+            inter_frame_s=bus.frame_gap_s,
+        )
     return ModbusLink.serial(
         bus.port,
         baud=bus.baud,
@@ -51,6 +58,8 @@ def link_for(bus: BusConfig) -> ModbusLink:
         stopbits=bus.stopbits,
         bytesize=bus.bytesize,
         timeout_s=bus.timeout_s,
+        inter_frame_s=bus.frame_gap_s,
+        discard_echo=bus.discard_echo,
     )
 
 
@@ -244,6 +253,14 @@ class Agent:
             left = self.spool.statistics()["depth_batches"]
             if left:
                 log.warning("%d batches stay in the spool for the next start", left)
+            b = self.batcher
+            log.info(
+                "stopped: epoch %d, %d readings polled, %d batches sealed, %d left in the spool",
+                self.epoch,
+                b.readings_in,
+                b.batches_sealed,
+                left,
+            )
             await self.spool.close()
 
     def _notify_status(self, doc: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ every few seconds does not wear the SD card) or else to the state directory.
 It holds no secrets (mode 0644), so ``vitals status`` works for any user in
 the ``vitals`` group.
 
-:func:`read_status` and :func:`status_command` are the reader: a status older
+:func:`read_status` and :func:`show` are the reader: a status older
 than three intervals, or written by a process that is gone, means the agent
 is not running (or is hung), and says so.
 """
@@ -23,12 +23,11 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 __all__ = [
     "STATUS_FILE",
@@ -36,8 +35,8 @@ __all__ = [
     "build_status",
     "default_status_paths",
     "read_status",
+    "show",
     "spool_oldest_age_s",
-    "status_command",
     "write_status",
 ]
 
@@ -298,14 +297,8 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
         con.print(f"{k}: {v}", soft_wrap=True)
 
 
-def status_command(
-    status_file: Annotated[
-        Path | None, typer.Option(help="status file (default: /run/vitals, then the state dir)")
-    ] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="the agent's state directory")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="the status document as JSON")] = False,
-) -> None:
-    """The running agent's state: buses, devices, spool, uplink, counters."""
+def show(status_file: Path | None, state_dir: Path | None, as_json: bool) -> int:
+    """``vitals status``: print the running agent's state; the exit status (0 running)."""
     paths = [status_file] if status_file else default_status_paths(state_dir)
     try:
         path, doc, why = read_status(paths)
@@ -313,12 +306,12 @@ def status_command(
         if as_json:
             print(json.dumps({"running": False, "error": exc.message, "hint": exc.hint}))
         else:
-            typer.secho(f"error: {exc.message}", fg="red", err=True)
+            print(f"error: {exc.message}", file=sys.stderr)
             if exc.hint:
-                typer.echo(f"hint: {exc.hint}", err=True)
-        raise typer.Exit(1) from None
+                print(f"hint: {exc.hint}", file=sys.stderr)
+        return 1
     if as_json:
         print(json.dumps({"running": not why, "why": why, "path": str(path), **doc}, default=str))
     else:
         render(path, doc, why)
-    raise typer.Exit(0 if not why else 1)
+    return 0 if not why else 1

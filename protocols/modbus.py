@@ -93,6 +93,7 @@ __all__ = [
     "PointValue",
     "ReadRequest",
     "Space",
+    "decimals",
     "decode",
     "decode_response",
     "encode",
@@ -244,7 +245,7 @@ def _words_to_bytes(words: Sequence[int], order: Order) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def _decimals(scale: float, offset: float) -> int | None:
+def decimals(scale: float, offset: float) -> int | None:
     """Decimals of the exact result of ``int * scale + offset``, or None if too many."""
     places = 0
     for x in (scale, offset):
@@ -299,7 +300,7 @@ def decode(spec: PointSpec, words: Sequence[int]) -> PointValue:
     value = raw * spec.scale + spec.offset
     if kind in _FLOATS:
         return value
-    places = _decimals(spec.scale, spec.offset)
+    places = decimals(spec.scale, spec.offset)
     return value if places is None else round(value, places)
 
 

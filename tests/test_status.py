@@ -11,13 +11,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from agent.status import StatusWriter, build_status, read_status, status_command, summary
+from agent.cli import app
+from agent.status import StatusWriter, build_status, read_status, summary
 
-app = typer.Typer()
-app.command()(status_command)
 runner = CliRunner()
 
 
@@ -94,7 +92,9 @@ async def test_writer_replaces_the_file_atomically_and_marks_stop(tmp_path: Path
 def test_cli_renders_buses_devices_spool_uplink(tmp_path: Path) -> None:
     doc = build_status(_fake_agent(tmp_path))
     (tmp_path / "status.json").write_text(json.dumps(doc))
-    r = runner.invoke(app, ["--status-file", str(tmp_path / "status.json")], env={"COLUMNS": "200"})
+    r = runner.invoke(
+        app, ["status", "--status-file", str(tmp_path / "status.json")], env={"COLUMNS": "200"}
+    )
     assert r.exit_code == 0, r.output
     assert "gateway gw-7  running" in r.output
     assert "last acked epoch 4 seq 7" in r.output
@@ -107,7 +107,7 @@ def test_cli_renders_buses_devices_spool_uplink(tmp_path: Path) -> None:
 def test_cli_json(tmp_path: Path) -> None:
     doc = build_status(_fake_agent(tmp_path))
     (tmp_path / "status.json").write_text(json.dumps(doc))
-    r = runner.invoke(app, ["--status-file", str(tmp_path / "status.json"), "--json"])
+    r = runner.invoke(app, ["status", "--status-file", str(tmp_path / "status.json"), "--json"])
     assert r.exit_code == 0
     out = json.loads(r.output)
     assert out["running"] is True
@@ -129,13 +129,13 @@ def test_stale_status_says_why_and_exits_1(
     (tmp_path / "status.json").write_text(json.dumps(doc))
     _, _, got = read_status([tmp_path / "status.json"])
     assert why in got
-    r = runner.invoke(app, ["--status-file", str(tmp_path / "status.json")])
+    r = runner.invoke(app, ["status", "--status-file", str(tmp_path / "status.json")])
     assert r.exit_code == 1
     assert "not running" in r.output
 
 
 def test_no_status_file_is_one_line_and_a_hint(tmp_path: Path) -> None:
-    r = runner.invoke(app, ["--status-file", str(tmp_path / "nope.json")])
+    r = runner.invoke(app, ["status", "--status-file", str(tmp_path / "nope.json")])
     assert r.exit_code == 1
     assert "no status file" in r.output and "systemctl status vitals" in r.output
     assert "Traceback" not in r.output
