@@ -253,6 +253,7 @@ class OutageProxy:
         self.port = free_port()
         self.down = False
         self._conns: set[asyncio.StreamWriter] = set()
+        self._all: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -266,6 +267,7 @@ class OutageProxy:
         w.close()
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self._all.append(w)
         if self.down:
             w.close()
             return
@@ -275,6 +277,7 @@ class OutageProxy:
             w.close()
             return
         self._conns.update((w, bw))
+        self._all.append(bw)
         try:
             await asyncio.gather(self._pipe(r, bw), self._pipe(br, w))
         finally:
@@ -295,6 +298,11 @@ class OutageProxy:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+        for w in self._all:
+            w.close()
+            with contextlib.suppress(OSError):
+                await w.wait_closed()
+        self._all.clear()
 
 
 # --------------------------------------------------------------------------- planning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,8 @@ async def test_outage_proxy_cuts_and_restores() -> None:
     assert await r3.read(4) == b"pong"
     for writer in (w, w2, w3):
         writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
     await proxy.stop()
     server.close()
     await server.wait_closed()
