@@ -257,7 +257,9 @@ class OutageProxy:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, reuse_address=True
+        )
 
     async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
@@ -285,19 +287,21 @@ class OutageProxy:
             self._conns.discard(bw)
 
     def cut(self) -> None:
+        """Drop every connection and stop listening: connects are refused, as with a dead broker."""
         self.down = True
         for w in list(self._conns):
             w.close()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
-    def restore(self) -> None:
+    async def restore(self) -> None:
         self.down = False
+        if self._server is None:
+            await self.start()
 
     async def stop(self) -> None:
         self.cut()
-        if self._server:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
         for w in self._all:
             w.close()
             with contextlib.suppress(OSError):
@@ -729,7 +733,7 @@ async def _play(
                     proxy.cut()
                     say(f"[yellow]broker unreachable for the agents at {now - t0:.0f} s[/]")
                 elif not down and proxy.down:
-                    proxy.restore()
+                    await proxy.restore()
                     say(f"[green]broker back at {now - t0:.0f} s[/]")
             if live:
                 alive = sum(1 for g in runs if g.proc and g.proc.poll() is None)
@@ -755,7 +759,7 @@ async def _play(
                 live.update(t)
             await asyncio.sleep(1.0)
         if proxy and proxy.down:
-            proxy.restore()
+            await proxy.restore()
 
 
 def _report(
