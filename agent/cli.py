@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -141,6 +142,9 @@ def hub(
     trust: Annotated[
         list[str] | None, typer.Option(help="enroll GATEWAY=PUBKEYHEX before starting (repeatable)")
     ] = None,
+    worker: Annotated[
+        str | None, typer.Option(help="this worker's name in the counters (default host-pid)")
+    ] = None,
     no_shared: Annotated[
         bool, typer.Option("--no-shared", help="plain subscription (brokers without $share)")
     ] = False,
@@ -155,7 +159,9 @@ def hub(
 
     setup_logging()
     host, port = _broker_addr(broker)
-    core = HubCore(db)
+    import socket
+
+    core = HubCore(db, worker=worker or f"{socket.gethostname()}-{os.getpid()}")
     for item in trust or []:
         gw, _, hexkey = item.partition("=")
         try:
@@ -318,6 +324,17 @@ def sim_rtu(ctx: typer.Context) -> None:
     from simulator import rtu
 
     raise typer.Exit(rtu.main(ctx.args))
+
+
+@sim_app.command("fleet", context_settings=_PASS_THROUGH, add_help_option=False)
+def sim_fleet(ctx: typer.Context) -> None:
+    """G agents, their terminals, a broker and the hub: loss, latency, CPU, events.
+
+    --gateways G --terminals T --duration S --scenario NAME --json (--help for all).
+    """
+    from simulator.fleet import main as fleet_main
+
+    raise typer.Exit(fleet_main(list(ctx.args)))
 
 
 def main() -> None:

@@ -24,10 +24,11 @@ import asyncio
 import datetime
 import logging
 import random
+import ssl
 import zoneinfo
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -367,6 +368,7 @@ class EventLink:
     password: str | None = None
     prefix: str = "vitals/v1"
     keepalive_s: int = 30
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
 
 
 class EdgeEvents:
@@ -461,6 +463,7 @@ class EdgeEvents:
                     username=link.username,
                     password=link.password,
                     keepalive=link.keepalive_s,
+                    tls_context=link.tls,
                 ) as client:
                     attempt = 0
                     while True:

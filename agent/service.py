@@ -22,6 +22,7 @@ from agent.bus import BusPoller, PolledDevice
 from agent.clock import Clock, SystemClock
 from agent.commands import CommandExecutor, agent_handlers
 from agent.config import BusConfig, Config
+from agent.rules import EdgeEvents, EventLink
 from agent.sdnotify import SdNotifier
 from agent.spool import Spool
 from agent.state import Identity, load_hub_key, load_identity, next_epoch
@@ -32,6 +33,7 @@ from agent.uplink import GapSigner, Uplink, UplinkSettings
 from protocols import envelope
 from protocols.gap import GapRange, seal_gap
 from protocols.payload import PointInfo
+from protocols.reading import Reading
 
 __all__ = ["Agent", "link_for"]
 
@@ -93,6 +95,7 @@ class Agent:
         self._closing = False
         self.notifier = notifier or SdNotifier(None)
         self.commands: CommandExecutor | None = None
+        self.events: EdgeEvents | None = None
 
     def _meta(self, identity: Identity, epoch: int) -> bytes:
         points = [
@@ -143,7 +146,16 @@ class Agent:
             encoding=cfg.batch.encoding,
             clock=self.clock,
         )
+        if cfg.rules:
+            self.events = EdgeEvents(
+                cfg.rules,
+                gateway=cfg.gateway.id,
+                key=identity.private_key,
+                epoch=self.epoch,
+                clock=self.clock,
+            )
         up = cfg.uplink
+        self._tls = tls_context(up.tls)
         settings = UplinkSettings(
             gateway=cfg.gateway.id,
             host=up.host,
@@ -153,7 +165,7 @@ class Agent:
             prefix=up.topic_prefix,
             username=up.username or None,
             password=up.password or None,
-            tls=tls_context(up.tls),
+            tls=self._tls,
             # keys proposed for [uplink]; defaults until agent/config.py has them
             window=int(getattr(up, "window", 32)),
             backlog_share=float(getattr(up, "backlog_share", 0.5)),
@@ -188,7 +200,7 @@ class Agent:
                     bus.name,
                     link,
                     devices,
-                    self.batcher.add,
+                    self._sink,
                     self.clock,
                     retries=bus.retries,
                     inter_frame_s=bus.frame_gap_s,
@@ -229,6 +241,21 @@ class Agent:
                 writer = tg.create_task(self._write_spool(), name="spool.write")
                 acks = tg.create_task(self.spool.run_acks(), name="spool.ack")
                 uplink = tg.create_task(self.uplink.run(), name="uplink.mqtt")
+                ticks = events_out = None
+                if self.events is not None:
+                    up = self.config.uplink
+                    link = EventLink(
+                        host=up.host,
+                        port=up.port,
+                        client_id=f"{up.client_id or 'vitals-' + self.config.gateway.id}-events",
+                        username=up.username or None,
+                        password=up.password or None,
+                        prefix=up.topic_prefix,
+                        keepalive_s=up.keepalive_s,
+                        tls=self._tls,
+                    )
+                    ticks = tg.create_task(self.events.run_ticks(), name="rules.tick")
+                    events_out = tg.create_task(self.events.publish(link), name="events.publish")
                 status = tg.create_task(
                     StatusWriter(self, on_write=self._notify_status).run(),
                     name="status.write",
@@ -237,9 +264,10 @@ class Agent:
                 self.notifier.ready(f"gateway {self.config.gateway.id}")
                 await stop.wait()
                 log.info("stopping: sealing the open batch and draining the spool")
-                for t in [*pollers, aging]:
+                stopping = [*pollers, aging, *([ticks] if ticks else [])]
+                for t in stopping:
                     t.cancel()
-                await asyncio.wait([*pollers, aging])
+                await asyncio.wait(stopping)
                 await self.batcher.flush()
                 self._closing = True
                 self.batcher.has_sealed.set()
@@ -247,6 +275,8 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.spool.empty.wait(), self.drain_timeout_s)
                 uplink.cancel()
+                if events_out is not None:
+                    events_out.cancel()
                 acks.cancel()
                 status.cancel()
         finally:
@@ -262,6 +292,13 @@ class Agent:
                 left,
             )
             await self.spool.close()
+
+    async def _sink(self, readings: list[Reading]) -> None:
+        """Where a bus delivers its readings: the edge rules, then the batcher."""
+        if self.events is not None:
+            self.events.observe(readings)
+        assert self.batcher is not None
+        await self.batcher.add(readings)
 
     def _notify_status(self, doc: dict[str, Any]) -> None:
         self.notifier.status(summary(doc))
@@ -297,4 +334,6 @@ class Agent:
         if self.uplink:
             out["uplink"] = self.uplink.statistics()
         out["buses"] = {p.name: p.statistics() for p in self.pollers}
+        if self.events is not None:
+            out["events"] = self.events.statistics()
         return out

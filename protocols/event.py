@@ -63,9 +63,7 @@ _SCHEMA: Final = {"gw": str, "kid": bytes, "epoch": int, "seq": int, "enc": str}
 EventValue = int | float | bool | None
 
 
-def event_topic(gateway: str, prefix: str = topics.DEFAULT_PREFIX) -> str:
-    """``{prefix}/{gateway}/event``: signed edge events, QoS 1."""
-    return topics.batch(gateway, prefix).rsplit("/", 1)[0] + "/event"
+event_topic = topics.event  # signed edge events, QoS 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 ``{prefix}/{gateway}/batch``       signed reading batches, QoS 1
 ``{prefix}/{gateway}/meta``        signed point table (retained): names of point ids
+``{prefix}/{gateway}/event``       signed edge events (threshold, rate, stuck, offline)
 ``{prefix}/{gateway}/gap``         signed gap notices: batches the gateway had to drop
 ``{prefix}/{gateway}/status``      retained "online"/"offline" (the MQTT will)
 ``{prefix}/{gateway}/cmd``         signed commands to the gateway
@@ -24,6 +25,7 @@ __all__ = [
     "cmd_result",
     "enroll",
     "enroll_result",
+    "event",
     "gap",
     "gateway_of",
     "meta",
@@ -51,6 +53,10 @@ def meta(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 def status(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}/{_check(gateway)}/status"
+
+
+def event(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}/{_check(gateway)}/event"
 
 
 def gap(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:

@@ -47,6 +47,28 @@ DEMO_DEVICES: tuple[tuple[str, str, float | None], ...] = (
 )
 
 
+# edge events the demo shows: they fire and clear as the emulated values move
+DEMO_RULES: list[dict[str, Any]] = [
+    {
+        "id": "loud",
+        "kind": "threshold",
+        "device": "noise-1",
+        "point": "laeq",
+        "above": 70.0,
+        "clear": 66.0,
+    },
+    {
+        "id": "gas-alarm",
+        "kind": "threshold",
+        "device": "gas-1",
+        "point": "co",
+        "above": 450.0,
+        "clear": 420.0,
+    },
+    {"id": "terminal-offline", "kind": "offline", "device": "*", "after_s": 10},
+]
+
+
 def demo_config(
     state_dir: Path,
     broker: tuple[str, int],
@@ -55,6 +77,7 @@ def demo_config(
     gateway: str = "demo-gw-1",
     max_age_s: float = 2.0,
     durability: str = "normal",
+    rules: list[dict[str, Any]] | None = None,
 ) -> Config:
     """The configuration of the demo gateway: one TCP bus per emulated terminal."""
     data: dict[str, Any] = {
@@ -73,6 +96,7 @@ def demo_config(
             for name, port in terminals.items()
         ],
         "devices": [],
+        "rules": DEMO_RULES if rules is None else rules,
     }
     for name, profile, interval in DEMO_DEVICES:
         if name not in terminals:
@@ -99,7 +123,8 @@ def _view(agent: Agent, hub: Hub, rate: float, broker_kind: str, elapsed: float)
         f"batches sealed {b.get('batches_sealed', 0)} · spooled {sp.get('appended', 0)} · "
         f"acked {sp.get('acked', 0)} · in spool {sp.get('depth_batches', 0)}",
         f"hub verified [b]{hub_c['batches']}[/] batches / [b]{hub_c['readings']}[/] readings, "
-        f"rejected {sum(v for k, v in hub_c.items() if k.startswith('rejected.'))}",
+        f"rejected {sum(v for k, v in hub_c.items() if k.startswith('rejected.'))}, "
+        f"events {hub_c['events']}",
     )
     t = Table(expand=True, title_justify="left")
     for col in ("device", "profile", "state", "rtt ms", "last values"):
@@ -122,7 +147,16 @@ def _view(agent: Agent, hub: Hub, rate: float, broker_kind: str, elapsed: float)
                 f"{d.last_rtt_ms:.1f}",
                 vals,
             )
-    return Group(head, t)
+    recent = hub.core.db.execute(
+        "SELECT rule, state, device, point, value, detail FROM events ORDER BY received_ms DESC LIMIT 3"
+    ).fetchall()
+    lines = [
+        f"  [{'red' if state == 'fired' else 'green'}]{state:7}[/] {rule} on {device}"
+        f"{'.' + point if point else ''}: {detail}"
+        for rule, state, device, point, _value, detail in recent
+    ]
+    events = "edge events at the hub (newest first):\n" + ("\n".join(lines) or "  none yet")
+    return Group(head, t, events)
 
 
 async def run_demo(
@@ -211,6 +245,7 @@ async def run_demo(
             "batches_sealed": agent.batcher.batches_sealed if agent.batcher else 0,
             "batches_verified": core.counters["batches"],
             "duplicates": core.counters["duplicates"],
+            "events_verified": core.counters["events"],
             "spool_left": spool_left,
             "duration_s": round(time.monotonic() - t_start, 1),
             "broker": kind,

@@ -28,6 +28,7 @@ import aiomqtt
 
 from protocols import envelope, topics
 from protocols.errors import ProtocolError, SignatureError
+from protocols.event import parse_event
 from protocols.gap import parse_gap
 
 __all__ = ["Hub", "HubCore", "hub_stats"]
@@ -60,6 +61,14 @@ CREATE TABLE IF NOT EXISTS gaps (
     readings INTEGER NOT NULL, reason TEXT NOT NULL, received_ms INTEGER NOT NULL,
     PRIMARY KEY (gw, epoch, first, last)
 );
+CREATE TABLE IF NOT EXISTS events (
+    gw TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+    rule TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL, device TEXT NOT NULL,
+    point TEXT NOT NULL, pid INTEGER NOT NULL, value, ts INTEGER NOT NULL,
+    since INTEGER NOT NULL, detail TEXT NOT NULL, received_ms INTEGER NOT NULL,
+    PRIMARY KEY (gw, epoch, seq)
+);
+-- one row per (worker, counter): "<worker>/<name>"; hub_stats sums over workers
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -81,6 +90,9 @@ class HubCore:
     # than a gateway's spool keeps anything (168 h by default) plus a margin, so only
     # a replay of an old capture can be this old
     window_ms: int | None = 8 * 86_400_000  # None: no window (replaying recorded data)
+    # several workers may share one database (shared subscription): each keeps its
+    # own counters; the batches table's primary key decides who stores a batch
+    worker: str = "w0"
     counters: Counter[str] = field(default_factory=Counter)
     _logged: set[tuple[str, str]] = field(default_factory=set)
 
@@ -95,8 +107,11 @@ class HubCore:
             "SELECT gw, kid, pubkey, revoked FROM gateways"
         ):
             self._keys[(gw, bytes(kid))] = (bytes(pub), bool(revoked))
-        for name, value in self.db.execute("SELECT name, value FROM counters"):
-            self.counters[name] = int(value)
+        mine = f"{self.worker}/"
+        for name, value in self.db.execute(
+            "SELECT name, value FROM counters WHERE substr(name, 1, ?) = ?", (len(mine), mine)
+        ):
+            self.counters[name[len(mine) :]] = int(value)
         self._seen: dict[tuple[str, int], set[int]] = {}
         for gw, epoch, seq in self.db.execute("SELECT gw, epoch, seq FROM batches"):
             self._seen.setdefault((gw, epoch), set()).add(seq)
@@ -150,6 +165,8 @@ class HubCore:
             return self._handle_meta(topic, data)
         if topic.endswith("/gap"):
             return self._handle_gap(topic, data)
+        if topic.endswith("/event"):
+            return self._handle_event(topic, data)
         return "ignored"
 
     def _handle_batch(self, topic: str, data: bytes) -> str:
@@ -200,18 +217,36 @@ class HubCore:
         db = self.db
         batches, self._batch_rows = self._batch_rows, []
         readings, self._reading_rows = self._reading_rows, []
-        db.execute("BEGIN")
-        if batches:
-            db.executemany(
-                "INSERT INTO batches (gw, epoch, seq, n, t0, t1, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                batches,
-            )
-            db.executemany(
-                "INSERT INTO readings (gw, point, ts, value, quality, epoch, seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                readings,
-            )
-        self._save_counters()
-        db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # another worker may have stored some of these batches (a redelivery after a
+            # lost PUBACK can land anywhere): the primary key decides, the first insert wins
+            dup: set[tuple[str, int, int]] = set()
+            for row in batches:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                if cur.rowcount == 0:
+                    dup.add((row[0], row[1], row[2]))
+                    self.counters["batches"] -= 1
+                    self.counters["readings"] -= row[3]
+                    self.counters["duplicates"] += 1
+                    self.counters["duplicate_readings"] += row[3]
+            if dup:
+                readings = [r for r in readings if (r[0], r[5], r[6]) not in dup]
+            if readings:
+                db.executemany(
+                    "INSERT INTO readings (gw, point, ts, value, quality, epoch, seq)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    readings,
+                )
+            self._save_counters()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def delivered(self, gateway: str) -> set[tuple[int, int]]:
         """Every (epoch, seq) of ``gateway`` verified so far (stored or buffered)."""
@@ -253,6 +288,49 @@ class HubCore:
         self.db.execute("COMMIT")
         return "gap"
 
+    def _handle_event(self, topic: str, data: bytes) -> str:
+        topic_gw = topics.gateway_of(topic) or ""
+        try:
+            sealed = parse_event(data)
+            if sealed.header.gw != topic_gw:
+                return self._refuse("topic_mismatch", topic_gw, "event")
+            key = self._key(sealed.header.gw, sealed.header.kid)
+            if isinstance(key, str):
+                return self._refuse(key, topic_gw, "event")
+            sealed.verify(key)
+            e = sealed.event()
+        except SignatureError as exc:
+            return self._refuse("bad_signature", topic_gw, str(exc))
+        except ProtocolError as exc:
+            return self._refuse("malformed_event", topic_gw, str(exc))
+        h = sealed.header
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO events (gw, epoch, seq, rule, kind, state, device, point, pid,"
+            " value, ts, since, detail, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                h.gw,
+                h.epoch,
+                h.seq,
+                e.rule,
+                e.kind,
+                e.state,
+                e.device,
+                e.point,
+                e.pid,
+                e.value,
+                e.ts,
+                e.since,
+                e.detail,
+                time.time_ns() // 1_000_000,
+            ),
+        )
+        if cur.rowcount == 0:
+            self.counters["duplicate_events"] += 1
+            return "duplicate"
+        self.counters["events"] += 1
+        log.info("event from %s: %s %s on %s (%s)", h.gw, e.rule, e.state, e.device, e.detail)
+        return "event"
+
     def _handle_meta(self, topic: str, data: bytes) -> str:
         topic_gw = topics.gateway_of(topic) or ""
         try:
@@ -292,7 +370,7 @@ class HubCore:
     def _save_counters(self) -> None:
         self.db.executemany(
             "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
-            list(self.counters.items()),
+            [(f"{self.worker}/{k}", v) for k, v in self.counters.items()],
         )
 
     def close(self) -> None:
@@ -339,7 +417,9 @@ def hub_stats(db_path: Path) -> dict[str, Any]:
     ranges the gateway said it dropped (signed gap notices) and the ranges still missing."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        counters = {name: int(v) for name, v in db.execute("SELECT name, value FROM counters")}
+        counters: Counter[str] = Counter()
+        for name, v in db.execute("SELECT name, value FROM counters"):
+            counters[name.split("/", 1)[-1]] += int(v)  # summed over the hub's workers
         per: dict[tuple[str, int], list[int]] = {}
         readings: Counter[str] = Counter()
         for gw, epoch, seq, n in db.execute("SELECT gw, epoch, seq, n FROM batches"):
@@ -429,7 +509,7 @@ class Hub:
 
     def _filters(self) -> list[str]:
         out = []
-        for kind in ("batch", "gap"):
+        for kind in ("batch", "gap", "event"):
             f = f"{self.prefix}/+/{kind}"
             out.append(topics.shared(self.group, f) if self.shared else f)
         out.append(f"{self.prefix}/+/meta")
