@@ -181,3 +181,54 @@ interval_s = 0.2
     assert core.counters["batches"] >= 2
     assert sum(v for k, v in core.counters.items() if k.startswith("rejected.")) == 0
     core.close()
+
+
+async def test_edge_events_reach_the_hub_signed_ahead_of_the_batches(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A rule that fires on the first reading: its signed event is verified and stored."""
+    term = TcpTerminal(load_profile("sound_level_meter"))
+    await term.start()
+    rules = [
+        {
+            "id": "always-loud",
+            "kind": "threshold",
+            "device": "noise-1",
+            "point": "laeq",
+            "above": 0.0,
+        },
+        {"id": "never", "kind": "threshold", "device": "noise-1", "point": "laeq", "above": 1000.0},
+    ]
+    try:
+        config = demo_config(
+            tmp_path / "gw",
+            (mosquitto.host, mosquitto.port),
+            {"noise-1": term.port},
+            max_age_s=30.0,  # the batch waits: the event must not
+            rules=rules,
+        )
+        identity = create_identity(config.gateway.state_dir)
+        core = HubCore(tmp_path / "hub.sqlite3")
+        core.enroll(config.gateway.id, identity.public_raw)
+        hub = Hub(core, host=mosquitto.host, port=mosquitto.port)
+        agent = Agent(config, identity=identity)
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            hub_task = tg.create_task(hub.run())
+            await asyncio.wait_for(hub.subscribed.wait(), 10)
+            agent_task = tg.create_task(agent.run(stop))
+            for _ in range(200):
+                if core.counters["events"]:
+                    break
+                await asyncio.sleep(0.05)
+            batches_when_event_arrived = core.counters["batches"]
+            stop.set()
+            await agent_task
+            hub_task.cancel()
+    finally:
+        await term.stop()
+    rows = core.db.execute("SELECT rule, state, device, point, value FROM events").fetchall()
+    core.close()
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("always-loud", "fired", "noise-1", "laeq")]
+    assert isinstance(rows[0][4], float) and rows[0][4] > 0
+    assert batches_when_event_arrived == 0, "the event waited for a batch"
