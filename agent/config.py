@@ -26,6 +26,7 @@ from typing import Any
 from drivers._schema import Problems, Table, did_you_mean, read_toml
 from drivers.profiles import Point, Profile, available_profiles, load_profile
 from protocols.errors import ConfigError
+from protocols.rtu import t35
 
 __all__ = [
     "DEFAULT_PATH",
@@ -117,6 +118,10 @@ class UplinkConfig:
     username: str = ""
     password: str = field(default="", repr=False)
     tls: TlsConfig = TlsConfig()
+    window: int = 32  # batches in flight without a PUBACK yet
+    backlog_share: float = 0.5  # share of the window the backlog gets while live data flows
+    backoff_min_s: float = 0.5  # reconnect back-off: jittered, doubling, capped
+    backoff_max_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +175,7 @@ class BusConfig:
             return self.inter_frame_ms / 1000.0
         if self.kind == "tcp":
             return 0.0
-        if self.baud > 19200:
-            return 0.00175
-        return 3.5 * 11 / self.baud
+        return t35(self.baud)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +311,10 @@ class Config:
                 "topic_prefix": self.uplink.topic_prefix,
                 "username": self.uplink.username,
                 "password": SECRET if self.uplink.password else "",
+                "window": self.uplink.window,
+                "backlog_share": self.uplink.backlog_share,
+                "backoff_min_s": self.uplink.backoff_min_s,
+                "backoff_max_s": self.uplink.backoff_max_s,
                 "tls": {
                     "enabled": tls.enabled,
                     "ca_file": str(tls.ca_file) if tls.ca_file else "",
@@ -513,6 +520,12 @@ def _uplink(t: Table, gateway_id: str, base: Path) -> UplinkConfig:
     password = t.get_str("password")
     if password and not username and t.present("password"):
         t.add("password", "a password needs a username")
+    window = t.get_int("window", 32, lo=1, hi=1000)
+    backlog_share = t.get_float("backlog_share", 0.5, lo=0.0, hi=1.0)
+    backoff_min_s = t.get_float("backoff_min_s", 0.5, lo=0.01, hi=60.0)
+    backoff_max_s = t.get_float("backoff_max_s", 30.0, lo=0.1, hi=3600.0)
+    if backoff_max_s < backoff_min_s:
+        t.add("backoff_max_s", f"{backoff_max_s:g} is below backoff_min_s ({backoff_min_s:g})")
     tls = _tls(t.get_table("tls"), base)
     t.finish()
     return UplinkConfig(
@@ -524,6 +537,10 @@ def _uplink(t: Table, gateway_id: str, base: Path) -> UplinkConfig:
         username=username,
         password=password,
         tls=tls,
+        window=window,
+        backlog_share=backlog_share,
+        backoff_min_s=backoff_min_s,
+        backoff_max_s=backoff_max_s,
     )
 
 

@@ -166,11 +166,10 @@ class Agent:
             username=up.username or None,
             password=up.password or None,
             tls=self._tls,
-            # keys proposed for [uplink]; defaults until agent/config.py has them
-            window=int(getattr(up, "window", 32)),
-            backlog_share=float(getattr(up, "backlog_share", 0.5)),
-            backoff_min_s=float(getattr(up, "backoff_min_s", 0.5)),
-            backoff_max_s=float(getattr(up, "backoff_max_s", 30.0)),
+            window=up.window,
+            backlog_share=up.backlog_share,
+            backoff_min_s=up.backoff_min_s,
+            backoff_max_s=up.backoff_max_s,
         )
         self.uplink = Uplink(
             replace(settings, **self._uplink_overrides),
