@@ -99,7 +99,7 @@ class GatewayConfig:
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
-    """``[uplink.tls]``: placeholder until TLS is implemented (off by default)."""
+    """``[uplink.tls]``: MQTT over TLS (off by default; see agent.tls and docs/security.md)."""
 
     enabled: bool = False
     ca_file: Path | None = None
