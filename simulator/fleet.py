@@ -227,7 +227,10 @@ async def _emulate(spec_path: Path) -> None:
                     if name in raised:
                         ms.offset = raised[name] * level
                         has_raised = True
-                if has_raised and frac >= ty.peak_at(tp.gateway, gateways):
+                # failing terminals die just past their gateway's peak, once the storm's
+                # height has been reported: the events a run must show do not hang on the
+                # exact poll at which a terminal goes silent
+                if has_raised and frac >= ty.fail_at(tp.gateway, gateways):
                     dead = dead or ty.fails(tp.gateway, tp.index)
             term.dead = dead
             term.noisy = noisy

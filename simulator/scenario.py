@@ -92,6 +92,10 @@ class Typhoon:
     def peak_at(self, gateway: int, gateways: int) -> float:
         return self.peak + self.sweep * gateway / max(1, gateways - 1)
 
+    def fail_at(self, gateway: int, gateways: int) -> float:
+        """When failing terminals of ``gateway`` die: a third of the way down from the peak."""
+        return self.peak_at(gateway, gateways) + (self.end - self.peak) / 3
+
     def fails(self, gateway: int, terminal: int) -> bool:
         """Whether this terminal dies at its gateway's peak (deterministic by seed)."""
         rng = random.Random(f"{self.seed}:{gateway}:{terminal}")
