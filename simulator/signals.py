@@ -119,6 +119,26 @@ def signal_for(point: Point, seed: int = 0) -> Signal:
     return Signal(point, kind, float(lo), float(hi), rng, rng.uniform(0, 2 * math.pi))
 
 
+# Points of one device whose values must keep this order (lowest first): a sound
+# level meter's LAFmin never above its LAeq, PM2.5 never above PM10, and so on.
+# ``X_min``, ``X_avg`` and ``X_max`` of any profile are chained too.
+ORDERED: tuple[tuple[str, ...], ...] = (
+    ("lafmin", "la90", "la50", "laeq", "la10", "lafmax", "lcpeak"),
+    ("pm1_0", "pm2_5", "pm10"),
+    ("count_10", "count_5_0", "count_2_5", "count_1_0", "count_0_5", "count_0_3"),
+)
+
+
+def _chains(names: Sequence[str]) -> list[list[str]]:
+    have = set(names)
+    chains = [[n for n in chain if n in have] for chain in ORDERED]
+    for n in names:
+        if n.endswith("_avg"):
+            stem = n[: -len("_avg")]
+            chains.append([m for m in (f"{stem}_min", n, f"{stem}_max") if m in have])
+    return [c for c in chains if len(c) > 1]
+
+
 class ProfileRegisters:
     """The four register spaces of one emulated terminal, served live.
 
@@ -144,6 +164,22 @@ class ProfileRegisters:
                 self._span[space] = (pts[0][0], max(a + n for a, n, _, _ in pts))
         self.written: dict[tuple[Space, int], int] = {}
         self.reads = 0
+        self._chain_of: dict[str, list[str]] = {}
+        for chain in _chains([p.spec.name for p in profile.points]):
+            for name in chain:
+                self._chain_of[name] = chain
+
+    def value(self, name: str, t: float, cache: dict[str, object]) -> object:
+        """Point ``name``'s value at ``t``; ordered points are drawn together and sorted."""
+        if name in cache:
+            return cache[name]
+        chain = self._chain_of.get(name)
+        if chain is None:
+            return self.signals[name].value(t)
+        drawn = sorted(float(self.signals[n].value(t)) for n in chain)
+        for n, v in zip(chain, drawn, strict=True):
+            cache[n] = _quantise(self.signals[n].point.spec, v)
+        return cache[name]
 
     def span(self, space: Space) -> tuple[int, int] | None:
         """``(first, end)`` addresses of ``space`` in the map, or None if unused."""
@@ -157,12 +193,13 @@ class ProfileRegisters:
         t = time.time() if t is None else t
         out = [0] * count
         end = address + count
-        for a, n, p, sig in self._points[space]:
+        cache: dict[str, object] = {}
+        for a, n, p, _sig in self._points[space]:
             if a >= end:
                 break
             if a + n <= address:
                 continue
-            words = encode(p.spec, sig.value(t))
+            words = encode(p.spec, self.value(p.spec.name, t, cache))  # type: ignore[arg-type]
             if space.is_bits:
                 words = [int(bool(words[0]))]
             for i, w in enumerate(words):
