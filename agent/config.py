@@ -17,7 +17,7 @@ import fnmatch
 import json
 import re
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -52,7 +52,8 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _NAME_HELP = "use a-z, 0-9, '.', '_' and '-', starting with a letter or digit, at most 63"
 _TOPIC = re.compile(r"[^/#+\s][^#+\s]*(?<!/)")
 
-BUS_KINDS = ("rtu", "tcp", "rtu-over-tcp")
+BUS_KINDS = ("rtu", "tcp", "rtu-over-tcp", "serial-sensor")
+SENSOR_BUS = "serial-sensor"  # one streaming non-Modbus sensor (PMS5003, SDS011, GPS) on a port
 _SERIAL_KEYS = ("port", "baud", "parity", "stopbits", "bytesize", "discard_echo")
 _NET_KEYS = ("host", "tcp_port")
 # keys each bus kind accepts beyond the common ones
@@ -61,7 +62,10 @@ _KIND_KEYS = {
     "tcp": set(_NET_KEYS),
     # baud: of the serial side behind the converter, only to time t3.5
     "rtu-over-tcp": {*_NET_KEYS, "baud"},
+    # 8N1 streaming sensors: a port and its speed; timeout_s is the frame timeout
+    SENSOR_BUS: {"port", "baud"},
 }
+_NET_KINDS = ("tcp", "rtu-over-tcp")
 SECRET = "***"
 RULE_KINDS = ("threshold", "rate", "stuck", "offline")
 # keys each rule kind accepts beyond id, kind, device (and point)
@@ -357,6 +361,9 @@ class Config:
 
 def _bus_dict(b: BusConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"name": b.name, "kind": b.kind}
+    if b.kind == SENSOR_BUS:
+        out.update(port=b.port, baud=b.baud, timeout_s=b.timeout_s)
+        return out
     if b.kind == "rtu":
         out.update(
             port=b.port,
@@ -431,6 +438,15 @@ def parse_config(
             )
             continue
         device_index[dev.name] = i
+        if dev.enabled and dev.profile.is_sensor:
+            other = next(((j, n) for (b, _), (j, n) in slaves.items() if b == dev.bus), None)
+            if other is not None:
+                t.add(
+                    "bus",
+                    f"a '{SENSOR_BUS}' bus carries one sensor: '{dev.bus}' already has "
+                    f"'{other[1]}' (devices[{other[0]}])",
+                )
+                continue
         if dev.enabled:
             other = slaves.get((dev.bus, dev.slave))
             if other is not None:
@@ -611,10 +627,14 @@ def _bus(t: Table) -> BusConfig | None:
                 kinds = [k for k in BUS_KINDS if key in _KIND_KEYS[k]]
                 t.add(
                     key,
-                    f"'{key}' does not apply to a '{kind}' bus (only to {' and '.join(kinds)})",
+                    f"'{key}' does not apply to a '{kind}' bus (only to {_and(kinds)})",
                 )
+    if kind == SENSOR_BUS:
+        for key in ("inter_frame_ms", "retries"):
+            if t.present(key):
+                t.add(key, f"'{key}' does not apply to a '{kind}' bus (nothing is polled)")
     port = ""
-    if kind == "rtu":
+    if kind in ("rtu", SENSOR_BUS):
         port = t.get_str("port", required=True, nonempty=True)
     host = ""
     if kind in ("tcp", "rtu-over-tcp"):
@@ -626,12 +646,13 @@ def _bus(t: Table) -> BusConfig | None:
         baud=t.get_int("baud", 9600, lo=1200, hi=921600) if kind != "tcp" else 9600,
         parity=t.get_str("parity", "E", choices=["N", "E", "O"], what="parity")
         if kind == "rtu"
-        else "E",
+        else ("N" if kind == SENSOR_BUS else "E"),
         stopbits=t.get_int("stopbits", 1, choices=[1, 2]) if kind == "rtu" else 1,
         bytesize=_bytesize(t) if kind == "rtu" else 8,
         host=host,
-        tcp_port=t.get_int("tcp_port", 502, lo=1, hi=65535) if kind != "rtu" else 502,
-        timeout_s=t.get_float("timeout_s", 1.0, lo=0.01, hi=30.0),
+        tcp_port=t.get_int("tcp_port", 502, lo=1, hi=65535) if kind in _NET_KINDS else 502,
+        # for a sensor: how long it may stay silent before its points read comm-error
+        timeout_s=t.get_float("timeout_s", 5.0 if kind == SENSOR_BUS else 1.0, lo=0.01, hi=30.0),
         inter_frame_ms=t.get_float("inter_frame_ms", 0.0, lo=0.0, hi=10000.0),
         retries=t.get_int("retries", 1, lo=0, hi=10),
         discard_echo=t.get_bool("discard_echo") if kind == "rtu" else False,
@@ -642,12 +663,23 @@ def _bus(t: Table) -> BusConfig | None:
     return bus
 
 
+def _and(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def _bytesize(t: Table) -> int:
     value = t.get_int("bytesize", 8)
     if value != 8 and t.present("bytesize") and isinstance(t.data["bytesize"], int):
         t.add("bytesize", f"value {value} not allowed: Modbus RTU needs 8 data bits")
         return 8
     return value
+
+
+def _is_sensor(name: str, profile_dirs: tuple[Path, ...]) -> bool:
+    try:
+        return load_profile(name, search=profile_dirs).is_sensor
+    except ConfigError:
+        return False
 
 
 def _device(
@@ -689,7 +721,24 @@ def _device(
             else:
                 t.add("profile", f"profile '{profile_name}' is invalid (its problems follow)")
                 t.problems.extend(exc.problems)
-    slave = t.get_int("slave", required=True)
+    if profile is not None and kind is not None:
+        sensors = ", ".join(
+            n for n in available_profiles(profile_dirs) if _is_sensor(n, profile_dirs)
+        )
+        if kind == SENSOR_BUS and not profile.is_sensor:
+            t.add(
+                "profile",
+                f"'{profile_name}' is a Modbus register map; a '{SENSOR_BUS}' bus needs a "
+                f"serial-sensor profile ({sensors})",
+            )
+        elif kind != SENSOR_BUS and profile.is_sensor:
+            t.add(
+                "profile",
+                f"'{profile_name}' is a serial sensor ({profile.protocol}): put it on a bus of "
+                f"kind '{SENSOR_BUS}', not '{kind}'",
+            )
+    # a sensor has no address: slave is optional there (and meaningless)
+    slave = t.get_int("slave", 1, required=kind != SENSOR_BUS)
     if (
         t.present("slave")
         and isinstance(t.data["slave"], int)

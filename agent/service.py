@@ -21,9 +21,10 @@ from agent.batch import Batcher
 from agent.bus import BusPoller, PolledDevice
 from agent.clock import Clock, SystemClock
 from agent.commands import CommandExecutor, agent_handlers
-from agent.config import BusConfig, Config
+from agent.config import SENSOR_BUS, BusConfig, Config
 from agent.rules import EdgeEvents, EventLink
 from agent.sdnotify import SdNotifier
+from agent.sensors import SensorReader
 from agent.spool import Spool
 from agent.state import Identity, load_hub_key, load_identity, next_epoch
 from agent.status import StatusWriter, summary
@@ -91,11 +92,17 @@ class Agent:
         self.batcher: Batcher | None = None
         self.uplink: Uplink | None = None
         self.pollers: list[BusPoller] = []
+        self.sensors: list[SensorReader] = []  # serial-sensor buses: nothing to poll
         self.ready = asyncio.Event()
         self._closing = False
         self.notifier = notifier or SdNotifier(None)
         self.commands: CommandExecutor | None = None
         self.events: EdgeEvents | None = None
+
+    @property
+    def buses(self) -> list[BusPoller | SensorReader]:
+        """Every bus task: Modbus pollers and serial-sensor readers."""
+        return [*self.pollers, *self.sensors]
 
     def _meta(self, identity: Identity, epoch: int) -> bytes:
         points = [
@@ -193,6 +200,22 @@ class Agent:
             ]
             if not devices:
                 continue
+            if bus.kind == SENSOR_BUS:
+                (dev,) = devices  # the config allows one sensor per serial-sensor bus
+                protocol = cfg.device(dev.name).profile.protocol
+                self.sensors.append(
+                    SensorReader(
+                        bus.name,
+                        port=bus.port,
+                        baud=bus.baud,
+                        timeout_s=bus.timeout_s,
+                        protocol=protocol,
+                        device=dev,
+                        sink=self._sink,
+                        clock=self.clock,
+                    )
+                )
+                continue
             link = self._links.get(bus.name) or link_for(bus)
             self.pollers.append(
                 BusPoller(
@@ -222,8 +245,8 @@ class Agent:
             "agent %s epoch %d: %d buses, %d devices, %d points, kid %s",
             cfg.gateway.id,
             self.epoch,
-            len(self.pollers),
-            sum(len(p.devices) for p in self.pollers),
+            len(self.pollers) + len(self.sensors),
+            sum(len(p.devices) for p in self.buses),
             len(cfg.points),
             identity.kid.hex(),
         )
@@ -235,7 +258,7 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 pollers = [
                     tg.create_task(p.run(), name=f"bus[{p.name}].poll") for p in self.pollers
-                ]
+                ] + [tg.create_task(s.run(), name=f"bus[{s.name}].sensor") for s in self.sensors]
                 aging = tg.create_task(self.batcher.run(), name="batch.age")
                 writer = tg.create_task(self._write_spool(), name="spool.write")
                 acks = tg.create_task(self.spool.run_acks(), name="spool.ack")
@@ -332,7 +355,7 @@ class Agent:
             out["spool"] = self.spool.statistics()
         if self.uplink:
             out["uplink"] = self.uplink.statistics()
-        out["buses"] = {p.name: p.statistics() for p in self.pollers}
+        out["buses"] = {p.name: p.statistics() for p in self.buses}
         if self.events is not None:
             out["events"] = self.events.statistics()
         return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drivers._schema import Problems, Table, did_you_mean, read_toml
+from protocols import nmea, pms5003, sds011
 from protocols.errors import ConfigError
 from protocols.modbus import DataType, Order, PointSpec, Space
 
@@ -34,6 +35,14 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 _NAME = re.compile(r"[a-z0-9_]+")
 _PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
+# A profile speaks Modbus, or is a serial sensor that streams frames of its own
+# protocol: its points then name the quantities the parser yields, nothing more.
+SENSOR_QUANTITIES: dict[str, frozenset[str]] = {
+    "pms5003": pms5003.QUANTITIES,
+    "sds011": sds011.QUANTITIES,
+    "nmea": nmea.QUANTITIES,
+}
+PROTOCOLS = ("modbus", *SENSOR_QUANTITIES)
 MAX_REGISTERS = 125  # read holding/input registers: at most 125 per request
 MAX_BITS = 2000  # read coils/discrete inputs: at most 2000 per request
 MAX_STRING = 123  # registers of a string point (what one write request carries)
@@ -108,6 +117,14 @@ class Profile:
     order: Order = Order.ABCD
     max_bits: int = MAX_BITS  # coils / discrete inputs per read request
     path: Path | None = None
+    # "modbus", or a streaming serial sensor ("pms5003", "sds011", "nmea"), whose
+    # points are the parser's quantities: their ``spec`` is a placeholder that no
+    # Modbus request is ever planned from
+    protocol: str = "modbus"
+
+    @property
+    def is_sensor(self) -> bool:
+        return self.protocol != "modbus"
 
     def point(self, name: str) -> Point:
         """The point called ``name``; :class:`KeyError` if there is none."""
@@ -208,6 +225,7 @@ def parse_profile(
     max_gap = head.get_int("max_gap", 0, lo=0, hi=MAX_REGISTERS)
     interval_s = head.get_float("interval_s", 1.0, lo=MIN_INTERVAL_S, hi=MAX_INTERVAL_S)
     order = Order(head.get_str("order", "ABCD", choices=[o.value for o in Order], what="order"))
+    protocol = head.get_str("protocol", "modbus", choices=list(PROTOCOLS), what="protocol")
     head.finish()
 
     points: list[Point] = []
@@ -216,7 +234,11 @@ def parse_profile(
     if "points" in data and not tables and isinstance(data["points"], list):
         root.add("points", "a profile needs at least one point")
     for i, t in enumerate(tables):
-        point = _parse_point(t, order)
+        point = (
+            _parse_sensor_point(t, i, protocol)
+            if protocol in SENSOR_QUANTITIES
+            else _parse_point(t, order)
+        )
         if point is None:
             continue
         if point.name in seen:
@@ -239,6 +261,50 @@ def parse_profile(
         order=order,
         max_bits=max_bits,
         path=path,
+        protocol=protocol or "modbus",
+    )
+
+
+def _parse_sensor_point(t: Table, index: int, protocol: str) -> Point | None:
+    """One ``[[points]]`` table of a serial-sensor profile: a quantity of its parser."""
+    before = len(t.problems.items)
+    known = SENSOR_QUANTITIES[protocol]
+    name = t.get_str("name", required=True, pattern=_NAME, pattern_help="a quantity name")
+    if name and name not in known:
+        t.add(
+            "name",
+            f"'{name}' is not a quantity of a {protocol} sensor"
+            f"{did_you_mean(name, sorted(known))}; known: {', '.join(sorted(known))}",
+        )
+    unit = t.get_str("unit", max_len=32)
+    rng: tuple[float, float] | None = None
+    raw = t.get_list("range")
+    if t.present("range") and isinstance(t.data["range"], list):
+        if len(raw) != 2 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in raw
+        ):
+            t.add("range", "expected [low, high], two numbers")
+        elif not float(raw[0]) < float(raw[1]):  # type: ignore[arg-type]
+            t.add("range", f"low {raw[0]} must be below high {raw[1]}")
+        else:
+            rng = (float(raw[0]), float(raw[1]))  # type: ignore[arg-type]
+    domain = t.get_str("domain", max_len=64)
+    cls = t.get_str("class", max_len=64)
+    indicator = t.get_str("indicator", max_len=64)
+    description = t.get_str("description")
+    t.finish()  # space, address, type... are unknown keys here: the sensor has no registers
+    if len(t.problems.items) != before or not name:
+        return None
+    # a placeholder: sensor points are never read through Modbus
+    spec = PointSpec(name=name, space=Space.INPUT, address=index, type=DataType.F64)
+    return Point(
+        spec=spec,
+        unit=unit,
+        range=rng,
+        domain=domain,
+        cls=cls,
+        indicator=indicator,
+        description=description,
     )
 
 

@@ -131,7 +131,7 @@ def _view(agent: Agent, hub: Hub, rate: float, broker_kind: str, elapsed: float)
         t.add_column(col)
     profiles = {d.name: d.profile_name for d in agent.config.devices}
     units = {(dev.name, p.spec.name): p.unit for dev, p in agent.config.points.values()}
-    for poller in agent.pollers:
+    for poller in agent.buses:
         for d in poller.devices:
             colour = {"online": "green", "degraded": "yellow", "offline": "red"}.get(
                 str(d.state), "white"

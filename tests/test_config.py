@@ -201,8 +201,9 @@ BROKEN: list[tuple[str, str, list[tuple[str, str]]]] = [
             (
                 "devices[0].profile",
                 "unknown profile 'sound_meter' (did you mean 'sound_level_meter'?); available: "
-                "gas_detector, manhole_sensor, multi_sensor_air_box, pm_monitor, pump_meter, "
-                "radar_water_level, rain_gauge, sound_level_meter, weather_station",
+                "gas_detector, gps_nmea, manhole_sensor, multi_sensor_air_box, pm_monitor, "
+                "pms5003, pump_meter, radar_water_level, rain_gauge, sds011, sound_level_meter, "
+                "weather_station",
             )
         ],
     ),
@@ -219,7 +220,12 @@ BROKEN: list[tuple[str, str, list[tuple[str, str]]]] = [
     (
         "key of another bus kind",
         GATEWAY + TCP + "baud = 9600\n",
-        [("buses[0].baud", "'baud' does not apply to a 'tcp' bus (only to rtu and rtu-over-tcp)")],
+        [
+            (
+                "buses[0].baud",
+                "'baud' does not apply to a 'tcp' bus (only to rtu, rtu-over-tcp and serial-sensor)",
+            )
+        ],
     ),
     (
         "serial key on rtu-over-tcp",
@@ -233,7 +239,7 @@ BROKEN: list[tuple[str, str, list[tuple[str, str]]]] = [
             (
                 "buses[0].kind",
                 "unknown bus kind 'rtu-tcp' (did you mean 'rtu-over-tcp'?); "
-                "expected one of: rtu, tcp, rtu-over-tcp",
+                "expected one of: rtu, tcp, rtu-over-tcp, serial-sensor",
             )
         ],
     ),

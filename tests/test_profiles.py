@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from drivers.profiles import (
+    SENSOR_QUANTITIES,
     SHIPPED_DIR,
     Point,
     Profile,
@@ -28,11 +29,13 @@ SHIPPED = [
     "sound_level_meter",
     "weather_station",
 ]
+SENSORS = ["gps_nmea", "pms5003", "sds011"]  # serial sensors: no registers, quantities
+ALL = sorted(SHIPPED + SENSORS)
 
 
 def test_available_profiles_lists_every_shipped_file() -> None:
-    assert available_profiles() == SHIPPED
-    assert sorted(p.stem for p in SHIPPED_DIR.glob("*.toml")) == SHIPPED
+    assert available_profiles() == ALL
+    assert sorted(p.stem for p in SHIPPED_DIR.glob("*.toml")) == ALL
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -54,6 +57,47 @@ def test_shipped_profile_loads_and_plans(name: str) -> None:
     assert 1 <= len(requests) <= 5
     for req in requests:
         assert req.count <= profile.max_registers
+
+
+@pytest.mark.parametrize("name", SENSORS)
+def test_sensor_profiles_name_quantities_of_their_parser(name: str) -> None:
+    profile = load_profile(name)
+    assert profile.is_sensor and profile.protocol in SENSOR_QUANTITIES
+    assert {p.name for p in profile.points} <= SENSOR_QUANTITIES[profile.protocol]
+    assert all(p.domain and p.cls and p.indicator for p in profile.points)
+    assert not load_profile("sound_level_meter").is_sensor
+
+
+SENSOR_HEAD = '[profile]\nmodel = "M"\nvendor = "V"\nprotocol = "sds011"\n'
+
+
+@pytest.mark.parametrize(
+    ("points", "message"),
+    [
+        (
+            '[[points]]\nname = "pm25"\n',
+            "points[0].name: 'pm25' is not a quantity of a sds011 sensor "
+            "(did you mean 'pm2_5'?); known: pm10, pm2_5",
+        ),
+        (
+            '[[points]]\nname = "pm10"\nspace = "input"\n',
+            "points[0].space: unknown key",
+        ),
+        (
+            '[[points]]\nname = "pm10"\nrange = [5, 1]\n',
+            "points[0].range: low 5 must be below high 1",
+        ),
+    ],
+)
+def test_broken_sensor_profiles(tmp_path: Path, points: str, message: str) -> None:
+    f = tmp_path / "box.toml"
+    f.write_text(SENSOR_HEAD + points)
+    with pytest.raises(ConfigError) as info:
+        load_profile(f)
+    assert any(
+        msg == message.split(": ", 1)[1] and where.endswith(message.split(": ", 1)[0])
+        for where, msg in info.value.problems
+    ), info.value.problems
 
 
 def test_shipped_profiles_exercise_every_type_and_order() -> None:
@@ -351,7 +395,7 @@ def test_unknown_profile_name_lists_the_available_ones() -> None:
     ((where, msg),) = info.value.problems
     assert where == "sound_meter"
     assert msg == (
-        "no such profile (did you mean 'sound_level_meter'?); available: " + ", ".join(SHIPPED)
+        "no such profile (did you mean 'sound_level_meter'?); available: " + ", ".join(ALL)
     )
 
 

@@ -1,0 +1,173 @@
+"""Serial sensors on a gateway: a `serial-sensor` bus, its profile, and the agent reading it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.batch import Batcher
+from agent.bus import DeviceState
+from agent.config import parse_config
+from agent.service import Agent
+from agent.state import create_identity
+from protocols.errors import ConfigError
+from protocols.reading import Quality, Reading
+from simulator.broker import EmbeddedBroker, MosquittoBroker
+from simulator.hub import Hub, HubCore
+from simulator.serial_sensors import SerialSensorEmulator
+
+
+def config(
+    tmp_path: Path, buses: list[dict[str, Any]], devices: list[dict[str, Any]], port: int = 1
+):
+    return parse_config(
+        {
+            "gateway": {"id": "gw-sensor-1", "state_dir": str(tmp_path / "gw")},
+            "uplink": {"port": port},
+            "batch": {"max_age_s": 0.2},
+            "spool": {"durability": "off"},
+            "buses": buses,
+            "devices": devices,
+        },
+        source="gw.toml",
+        base=tmp_path,
+    )
+
+
+SENSOR_BUS = {"name": "uart-1", "kind": "serial-sensor", "port": "/dev/ttyAMA0"}
+PMS = {"name": "pm-2", "bus": "uart-1", "profile": "pms5003"}
+
+
+def test_a_sensor_bus_and_its_device(tmp_path: Path) -> None:
+    cfg = config(tmp_path, [SENSOR_BUS], [PMS])
+    (bus,) = cfg.buses
+    assert (bus.kind, bus.baud, bus.parity, bus.timeout_s) == ("serial-sensor", 9600, "N", 5.0)
+    names = [p.name for _, p in cfg.points.values()]
+    assert names == ["pm1", "pm2_5", "pm10", "n0_3"]
+    assert cfg.to_dict()["buses"][0] == {
+        "name": "uart-1",
+        "kind": "serial-sensor",
+        "port": "/dev/ttyAMA0",
+        "baud": 9600,
+        "timeout_s": 5.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("buses", "devices", "where", "message"),
+    [
+        (
+            [SENSOR_BUS],
+            [{**PMS, "profile": "sound_level_meter"}],
+            "devices[0].profile",
+            "'sound_level_meter' is a Modbus register map; a 'serial-sensor' bus needs a "
+            "serial-sensor profile (gps_nmea, pms5003, sds011)",
+        ),
+        (
+            [{"name": "rs485-1", "kind": "rtu", "port": "/dev/ttyUSB0"}],
+            [{**PMS, "bus": "rs485-1", "slave": 1}],
+            "devices[0].profile",
+            "'pms5003' is a serial sensor (pms5003): put it on a bus of kind 'serial-sensor', "
+            "not 'rtu'",
+        ),
+        (
+            [SENSOR_BUS],
+            [PMS, {**PMS, "name": "pm-3"}],
+            "devices[1].bus",
+            "a 'serial-sensor' bus carries one sensor: 'uart-1' already has 'pm-2' (devices[0])",
+        ),
+        (
+            [{**SENSOR_BUS, "retries": 2}],
+            [PMS],
+            "buses[0].retries",
+            "'retries' does not apply to a 'serial-sensor' bus (nothing is polled)",
+        ),
+        (
+            [{**SENSOR_BUS, "parity": "E"}],
+            [PMS],
+            "buses[0].parity",
+            "'parity' does not apply to a 'serial-sensor' bus (only to rtu)",
+        ),
+    ],
+)
+def test_broken_sensor_configs(
+    tmp_path: Path,
+    buses: list[dict[str, Any]],
+    devices: list[dict[str, Any]],
+    where: str,
+    message: str,
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config(tmp_path, buses, devices)
+    assert (f"gw.toml: {where}", message) in info.value.problems, info.value.problems
+
+
+async def test_the_agent_reads_a_pms5003_and_notices_when_it_falls_silent(
+    tmp_path: Path, broker: MosquittoBroker | EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Reading] = []
+    real_add = Batcher.add
+
+    async def tap(self: Batcher, readings: list[Reading]) -> None:
+        seen.extend(readings)
+        await real_add(self, readings)
+
+    monkeypatch.setattr(Batcher, "add", tap)
+    async with SerialSensorEmulator("pms5003", period=0.05, seed=4) as emu:
+        cfg = parse_config(
+            {
+                "gateway": {"id": "gw-sensor-1", "state_dir": str(tmp_path / "gw")},
+                "uplink": {"host": broker.host, "port": broker.port},
+                "batch": {"max_age_s": 0.2},
+                "spool": {"durability": "off"},
+                "buses": [{**SENSOR_BUS, "port": emu.port, "timeout_s": 0.5}],
+                "devices": [PMS],
+            },
+            source="gw.toml",
+            base=tmp_path,
+        )
+        identity = create_identity(cfg.gateway.state_dir)
+        core = HubCore(tmp_path / "hub.sqlite3")
+        core.enroll(cfg.gateway.id, identity.public_raw)
+        hub = Hub(core, host=broker.host, port=broker.port, shared=broker.shared_subscriptions)
+        agent = Agent(cfg, identity=identity)
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            hub_task = tg.create_task(hub.run())
+            await asyncio.wait_for(hub.subscribed.wait(), 10)
+            emitting = tg.create_task(emu.run())
+            agent_task = tg.create_task(agent.run(stop))
+            await asyncio.sleep(1.5)
+            (reader,) = agent.sensors
+            state_while_talking = reader.devices[0].state
+            emitting.cancel()  # the sensor falls silent
+            await asyncio.sleep(1.5)
+            state_when_silent = reader.devices[0].state
+            stop.set()
+            await agent_task
+            for _ in range(100):
+                if core.counters["readings"] >= len(seen):
+                    break
+                await asyncio.sleep(0.05)
+            hub_task.cancel()
+    core.close()
+
+    ids = {p.name: pid for pid, (_, p) in cfg.points.items()}
+    good = [r for r in seen if r.quality is Quality.GOOD]
+    sent_pm25 = [f.pm2_5 for f in emu.sent if hasattr(f, "pm2_5")]
+    got_pm25 = [r.value for r in good if r.point == ids["pm2_5"]]
+    assert len(got_pm25) >= 10
+    # frames sent before the agent opened the port are gone: the rest arrive, in order
+    n = len(got_pm25)
+    assert any(sent_pm25[i : i + n] == got_pm25 for i in range(len(sent_pm25) - n + 1)), (
+        got_pm25,
+        sent_pm25,
+    )
+    assert state_while_talking is DeviceState.ONLINE
+    assert state_when_silent is DeviceState.OFFLINE
+    silent = [r for r in seen if r.quality is Quality.COMM_ERROR]
+    assert sorted(r.point for r in silent) == sorted(ids.values()), "one comm-error per point"
+    assert core.counters["readings"] == len(seen)
