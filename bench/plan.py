@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argparse.ArgumentParser(
         prog="python -m bench.plan", description=__doc__.split("\n")[0]
     ).parse_args(argv)
-    rows = [profile_row(n) for n in available_profiles()]
+    # serial-sensor profiles stream frames: nothing to plan
+    rows = [profile_row(n) for n in available_profiles() if not load_profile(n).is_sensor]
     print(
         f"{'profile':<22} {'points':>6} {'groups':>6} {'naive':>6} {'planned':>7} {'ratio':>6} {'naive/h':>8} {'planned/h':>9} {'holes':>6}"
     )

@@ -100,6 +100,15 @@ class Sample:
         }
 
 
+def _not_a_sensor(profile: Profile) -> None:
+    if profile.is_sensor:
+        raise DiagError(
+            f"'{profile.name}' is a serial sensor ({profile.protocol}), not a Modbus device",
+            "it talks on its own: watch it with the agent and 'vitals status'",
+            2,
+        )
+
+
 def _json_value(v: object) -> object:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
@@ -233,6 +242,7 @@ def resolve_target(
             names = ", ".join(d.name for d in cfg.devices) or "(none)"
             raise DiagError(f"no device named {device!r} in {cfg_path}", f"devices: {names}", 2)
         bus = next(b for b in cfg.buses if b.name == dev.bus)
+        _not_a_sensor(dev.profile)
         link = LinkSettings(
             port=bus.port or None,
             host=bus.host or None,
@@ -259,6 +269,7 @@ def resolve_target(
         prof = load_profile(profile)
     except ConfigError as exc:
         raise DiagError(str(exc).splitlines()[0], "list them in drivers/profiles/", 2) from None
+    _not_a_sensor(prof)
     p = (parity or "E").upper()
     if p not in ("N", "E", "O"):
         raise DiagError(f"--parity {parity}: expected N, E or O", "", 2)
