@@ -1,23 +1,26 @@
 """Hub throughput: ``python -m bench.hub``.
 
 Pre-built signed batches (``envelope.seal``, 500 readings each, msgpack+zlib,
-from 50 gateways) are verified and stored:
+from 50 gateways, timestamps an hour old) are verified and stored:
 
 1. ``core``: one :class:`~simulator.hub.HubCore` in this process, fed directly
    (parse, key lookup, Ed25519 verify, dedup, decode, buffered SQLite insert,
    final flush included): the ceiling of one worker.
 2. ``mqtt x1`` and ``mqtt x2``: a private Mosquitto, one or two hub worker
-   processes on the shared subscription ``$share/hub/vitals/v1/+/batch``, one
-   SQLite database; a publisher process sends every batch QoS 1 as fast as
-   the broker takes them. Time runs from the first publish to the moment the
-   database holds every reading.
-3. ``dedup x2``: two workers, every batch published twice: the database must
-   hold each batch exactly once.
-
-The workers use :class:`SharedDbCore`, HubCore with the one change that
-makes a shared database safe (``INSERT OR IGNORE`` on the batch key, readings
-kept only for batches this worker inserted first); ``docs/fleet.md`` has it as
-a patch for ``simulator/hub.py``.
+   processes (:class:`~simulator.hub.Hub`, persistent sessions) on the shared
+   subscription ``$share/hub/vitals/v1/+/batch``, one SQLite database. Every
+   batch is published (QoS 1) into the broker *before* the workers run: their
+   sessions exist, so the broker queues the batches for them, split between
+   the sessions; the publisher has finished and does not compete for the two
+   cores. The workers build their core, say ready, and are started together;
+   time runs from the first message any worker receives to the moment the
+   database holds every batch. CPU of each worker and of Mosquitto over that
+   window comes from ``/proc/<pid>/stat``.
+3. ``sharded``: the same with each worker appending readings to a file of its
+   own; the dedup claim stays in the shared file.
+4. ``dedup``: two workers, every batch published twice in a row (so the
+   copies land on different workers): the database must hold each batch
+   exactly once.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -41,59 +45,11 @@ from protocols import envelope, topics
 from protocols.reading import Quality, Reading
 from simulator.hub import HubCore
 
-T0 = 1_780_000_000_000
+T0 = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: inside the hub's age window
 
 
-class SharedDbCore(HubCore):
-    """HubCore whose flush is safe when several workers share one database.
-
-    The in-memory seen-set only knows this worker's batches; a redelivered
-    batch may land on another worker. ``INSERT OR IGNORE`` on the primary key
-    (gw, epoch, seq) lets exactly one worker store it; the others drop its
-    readings and count a duplicate. Counters are saved under this worker's
-    own names so workers never overwrite each other's totals.
-    """
-
-    worker = "w0"
-
-    def flush(self) -> None:
-        db = self.db
-        batches, self._batch_rows = self._batch_rows, []
-        readings, self._reading_rows = self._reading_rows, []
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            dup: set[tuple[str, int, int]] = set()
-            for row in batches:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    row,
-                )
-                if cur.rowcount == 0:
-                    dup.add((row[0], row[1], row[2]))
-                    self.counters["batches"] -= 1
-                    self.counters["readings"] -= row[3]
-                    self.counters["duplicates"] += 1
-                    self.counters["duplicate_readings"] += row[3]
-            if dup:
-                readings = [r for r in readings if (r[0], r[5], r[6]) not in dup]
-            db.executemany(
-                "INSERT INTO readings (gw, point, ts, value, quality, epoch, seq)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                readings,
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
-                [(f"{self.worker}.{k}", v) for k, v in self.counters.items()],
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-
-class ShardedCore(SharedDbCore):
-    """SharedDbCore that writes readings to a database file of its own.
+class ShardedCore(HubCore):
+    """HubCore that writes readings to a database file of its own.
 
     SQLite has one writer per file, so two workers writing one ``readings``
     table take turns (about a third of a worker's time is that insert). Here
@@ -147,10 +103,7 @@ class ShardedCore(SharedDbCore):
                 self.counters["readings"] -= row[3]
                 self.counters["duplicates"] += 1
                 self.counters["duplicate_readings"] += row[3]
-        db.executemany(
-            "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
-            [(f"{self.worker}.{k}", v) for k, v in self.counters.items()],
-        )
+        self._save_counters()
         db.execute("COMMIT")
         if dup:  # another worker had them first: drop our copies
             self.shard.executemany(
@@ -220,19 +173,44 @@ def bench_core(msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], db: Path) 
 
 # -- processes ------------------------------------------------------------------
 
+GROUP_FILTER = topics.shared("hub", f"{topics.DEFAULT_PREFIX}/+/batch")  # as Hub subscribes
 
-def _worker(db: Path, port: int, name: str) -> None:
+
+def _client_id(worker: str) -> str:
+    return f"bench-hub-{worker}"
+
+
+def _make_core(db: Path, worker: str, sharded: bool) -> HubCore:
+    if sharded:
+        return ShardedCore(db, worker=worker)
+    return HubCore(db, worker=worker)
+
+
+def _worker(db: Path, port: int, name: str, sharded: bool) -> None:
+    """A hub worker: build everything, say ``ready``, wait for ``go`` on stdin, then run.
+
+    Prints the wall-clock time of its first message when it stops.
+    """
     from simulator.hub import Hub
 
-    core_cls = ShardedCore if os.environ.get("BENCH_HUB_SHARDED") else SharedDbCore
-    core_cls.worker = name
-    core = core_cls(db)
+    core = _make_core(db, name, sharded)
+    first: list[float] = []
+    handle = core.handle
+
+    def timed(topic: str, data: bytes) -> str:
+        if not first:
+            first.append(time.time())
+        return handle(topic, data)
+
+    core.handle = timed  # type: ignore[method-assign]
+    print("ready", flush=True)
+    sys.stdin.readline()
 
     async def main() -> None:
         task = asyncio.current_task()
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        hub = Hub(core, port=port, client_id=f"bench-hub-{name}", flush_interval_s=0.1)
+        hub = Hub(core, port=port, client_id=_client_id(name), persistent=True)
         await hub.run()
 
     try:
@@ -241,9 +219,24 @@ def _worker(db: Path, port: int, name: str) -> None:
         pass
     finally:
         core.close()
+        print(json.dumps({"first": first[0] if first else None}), flush=True)
+
+
+async def _prime(port: int, workers: int) -> None:
+    """Give each worker a persistent session on the shared subscription, then leave:
+    the broker queues what is published for them, split between the sessions."""
+    import aiomqtt
+
+    for w in range(workers):
+        async with aiomqtt.Client(
+            "127.0.0.1", port, identifier=_client_id(f"w{w}"), clean_session=False
+        ) as client:
+            await client.subscribe(GROUP_FILTER, qos=1)
 
 
 def _publisher(port: int, path: Path, copies: int) -> None:
+    """Publish every batch QoS 1, ``copies`` times in a row (a redelivery's neighbour
+    lands on the other worker of a shared subscription)."""
     import aiomqtt
     import msgpack
 
@@ -259,8 +252,8 @@ def _publisher(port: int, path: Path, copies: int) -> None:
                     await client.publish(topic, data, qos=1)
 
             async with asyncio.TaskGroup() as tg:
-                for _ in range(copies):
-                    for topic, data in msgs:
+                for topic, data in msgs:
+                    for _ in range(copies):
                         tg.create_task(one(topic, data))
 
     asyncio.run(main())
@@ -275,6 +268,40 @@ def _count(db: Path) -> tuple[int, int]:
         con.close()
 
 
+def _stored_rows(db: Path, workers: int, sharded: bool) -> int:
+    """Reading rows that count: the file's, plus each shard's whose claim names it."""
+    con = sqlite3.connect(db)
+    try:
+        rows = int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
+        for w in range(workers if sharded else 0):
+            con.execute("ATTACH DATABASE ? AS s", (f"{db}.w{w}",))
+            rows += int(
+                con.execute(
+                    "SELECT count(*) FROM s.readings r JOIN batches b ON b.gw = r.gw"
+                    " AND b.epoch = r.epoch AND b.seq = r.seq AND b.worker = ?",
+                    (f"w{w}",),
+                ).fetchone()[0]
+            )
+            con.execute("DETACH DATABASE s")
+        return rows
+    finally:
+        con.close()
+
+
+def _children_named(name: str) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        if comm == name and ppid == os.getpid():
+            out.append(int(stat.parent.name))
+    return out
+
+
 def bench_mqtt(
     msgs: list[tuple[str, bytes]],
     pubs: dict[str, bytes],
@@ -283,7 +310,10 @@ def bench_mqtt(
     workers: int,
     copies: int = 1,
     sharded: bool = False,
-) -> dict[str, float]:
+) -> dict[str, Any]:
+    """Pre-publish into the broker, then time the workers draining it."""
+    import msgpack
+
     from simulator.broker import MosquittoBroker
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -294,82 +324,76 @@ def bench_mqtt(
     if sharded:
         add_worker_column(core.db)
     core.close()
-    import msgpack
-
     blob = workdir / "msgs.msgpack"
     blob.write_bytes(msgpack.packb(msgs, use_bin_type=True))
+    total_batches = len(msgs)
+    total = sum(envelope.parse(d).header.n for _, d in msgs)
     broker = MosquittoBroker()
     asyncio.run(broker.start())
-    procs: list[subprocess.Popen[bytes]] = []
+    (broker_pid,) = _children_named("mosquitto")
+    procs: list[subprocess.Popen[str]] = []
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("BENCH_HUB_SHARDED", None)
-    if sharded:
-        env["BENCH_HUB_SHARDED"] = "1"
+    base = [sys.executable, "-m", "bench.hub", "--port", str(broker.port)]
     try:
+        # 1. sessions, 2. every batch queued in the broker (the publisher is done and gone)
+        asyncio.run(_prime(broker.port, workers))
+        subprocess.run(
+            [*base, "--publish", str(blob), "--copies", str(copies)], env=env, check=True
+        )
+        # 3. workers start, build their core, and wait for the word
         for w in range(workers):
+            cmd = [*base, "--worker", f"w{w}", "--db", str(db)]
             procs.append(
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.hub",
-                        "--worker",
-                        f"w{w}",
-                        "--db",
-                        str(db),
-                        "--port",
-                        str(broker.port),
-                    ],
+                    [*cmd, *(["--sharded"] if sharded else [])],
                     env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
                 )
             )
-        time.sleep(2.0)  # workers import, connect, subscribe
-        total_batches = len(msgs)
-        total = sum(envelope.parse(d).header.n for _, d in msgs)
-        cpu0 = {p.pid: _cpu(p.pid) for p in procs}
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        cpu0 = {pid: _cpu(pid) for pid in (*(p.pid for p in procs), broker_pid)}
         t = time.perf_counter()
-        pub = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.hub",
-                "--publish",
-                str(blob),
-                "--port",
-                str(broker.port),
-                "--copies",
-                str(copies),
-            ],
-            env=env,
-        )
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
         deadline = t + 120
         b = n = 0
         while time.perf_counter() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.01)
             b, n = _count(db)
-            if b >= total_batches and pub.poll() is not None:
+            if b >= total_batches:
                 break
-        wall = time.perf_counter() - t
-        cpu = sum(_cpu(p.pid) - cpu0[p.pid] for p in procs)
-        pub.wait(30)
+        end_wall = time.time()
+        elapsed = time.perf_counter() - t
+        cpu = {pid: _cpu(pid) - c for pid, c in cpu0.items()}
         if copies > 1:
             time.sleep(1.0)  # let the late copies arrive and be refused
             b, n = _count(db)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
+        firsts = []
         for p in procs:
-            p.wait(30)
+            out, _ = p.communicate(timeout=30)
+            firsts.append(json.loads(out.strip().splitlines()[-1])["first"])
         asyncio.run(broker.stop())
+    starts = [f for f in firsts if f is not None]
+    # from the first message any worker received to the last reading stored
+    wall = end_wall - min(starts) if starts else elapsed
+    rows = _stored_rows(db, workers, sharded)
     con = sqlite3.connect(db)
-    rows = con.execute("SELECT count(*) FROM readings").fetchone()[0]
-    for w in range(workers if sharded else 0):
-        shard = sqlite3.connect(f"{db}.w{w}")
-        rows += shard.execute("SELECT count(*) FROM readings").fetchone()[0]
-        shard.close()
-    dups = sum(
-        v for k, v in con.execute("SELECT name, value FROM counters") if k.endswith(".duplicates")
-    )
+    per_worker: dict[str, int] = {}
+    dups = 0
+    for k, v in con.execute("SELECT name, value FROM counters"):
+        w, _, name = k.partition("/")
+        if name == "duplicates":
+            dups += int(v)
+        if name == "batches":
+            per_worker[w] = int(v)
     con.close()
     return {
         "workers": workers,
@@ -377,10 +401,12 @@ def bench_mqtt(
         "expected": total,
         "reading_rows": rows,
         "batches": b,
+        "batches_per_worker": [per_worker.get(f"w{w}", 0) for w in range(workers)],
         "duplicates_dropped": dups,
         "seconds": wall,
         "per_s": n / wall,
-        "worker_cpu_s": cpu,
+        "worker_cpu_s": [round(cpu[p.pid], 2) for p in procs],
+        "broker_cpu_s": round(cpu[broker_pid], 2),
     }
 
 
@@ -400,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copies", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--db", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--sharded", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        _worker(args.db, args.port, args.worker)
+        _worker(args.db, args.port, args.worker, args.sharded)
         return 0
     if args.publish:
         _publisher(args.port, args.publish, args.copies)
@@ -418,13 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vitals-bench-hub-") as tmp:
         work = Path(tmp)
         core = bench_core(msgs, pubs, work / "core.sqlite3")
-        runs: dict[tuple[int, bool], list[dict[str, float]]] = {}
+        runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
         for i in range(args.repeat):  # interleaved, so a noisy neighbour hits all alike
             for workers, sharded in ((1, False), (2, False), (1, True), (2, True)):
                 r = bench_mqtt(msgs, pubs, work / f"r{i}", workers=workers, sharded=sharded)
                 runs.setdefault((workers, sharded), []).append(r)
 
-        def median(key: tuple[int, bool]) -> dict[str, float]:
+        def median(key: tuple[int, bool]) -> dict[str, Any]:
             return sorted(runs[key], key=lambda r: r["per_s"])[len(runs[key]) // 2]
 
         one, two = median((1, False)), median((2, False))
@@ -435,18 +462,22 @@ def main(argv: list[str] | None = None) -> int:
     speedup = two["per_s"] / one["per_s"]
     speedup_s = two_s["per_s"] / one_s["per_s"]
 
-    def exact(r: dict[str, float]) -> bool:
-        return (
+    def exact(r: dict[str, Any]) -> bool:
+        return bool(
             r["readings"] == r["expected"]
             and r["reading_rows"] == r["expected"]
             and r["batches"] == len(quarter)
         )
 
     dedup_ok = exact(dedup) and exact(dedup_s)
-    print(f"MQTT cases: median of {args.repeat} interleaved runs")
-    print(f"{'run':<12}{'readings':>10}{'seconds':>9}{'readings/s':>12}{'hub cpu s':>11}")
+    print(f"MQTT cases: median of {args.repeat} interleaved runs (by readings/s)")
     print(
-        f"{'core':<12}{core['readings']:>10}{core['seconds']:>9.2f}{core['per_s']:>12,.0f}{core['cpu_s']:>11.2f}"
+        f"{'run':<12}{'readings':>10}{'seconds':>9}{'readings/s':>12}"
+        f"{'worker cpu s':>16}{'broker cpu s':>14}{'batches/worker':>16}"
+    )
+    print(
+        f"{'core':<12}{core['readings']:>10}{core['seconds']:>9.2f}{core['per_s']:>12,.0f}"
+        f"{core['cpu_s']:>16.2f}"
     )
     for name, r in (
         ("mqtt x1", one),
@@ -454,8 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         ("sharded x1", one_s),
         ("sharded x2", two_s),
     ):
+        cpus = " + ".join(f"{c:.2f}" for c in r["worker_cpu_s"])
+        split = "/".join(str(b) for b in r["batches_per_worker"])
         print(
-            f"{name:<12}{r['readings']:>10}{r['seconds']:>9.2f}{r['per_s']:>12,.0f}{r['worker_cpu_s']:>11.2f}"
+            f"{name:<12}{r['readings']:>10}{r['seconds']:>9.2f}{r['per_s']:>12,.0f}"
+            f"{cpus:>16}{r['broker_cpu_s']:>14.2f}{split:>16}"
         )
     for name, r in (("dedup x2", dedup), ("dedup shard", dedup_s)):
         print(
