@@ -7,9 +7,10 @@ reply ever answers a request other than its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -107,6 +108,78 @@ async def test_tcp_late_reply_never_answers_the_next_request() -> None:
         await asyncio.wait_for(done.wait(), 5)
         server.close()
         await server.wait_closed()
+
+
+class _Server:
+    """Answers each 12-byte request with ``frames(request)``, written one by one."""
+
+    def __init__(self, frames: Callable[[bytes], list[bytes]]) -> None:
+        self.frames = frames
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for w in self.writers:
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+        await self.server.wait_closed()
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.writers.append(w)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                req = await r.readexactly(12)
+                for chunk in self.frames(req):
+                    w.write(chunk)
+                    await w.drain()
+                    await asyncio.sleep(0.001)  # separate reads on the client
+
+
+def _reply(req: bytes, *values: int) -> bytes:
+    n = len(values)
+    return req[:2] + struct.pack(f">HHBBB{n}H", 0, 3 + 2 * n, 1, 3, 2 * n, *values)
+
+
+async def test_tcp_reply_byte_by_byte_and_replies_back_to_back() -> None:
+    """The receive buffer: a frame in many reads, several frames in one read."""
+    mode = ["bytes"]
+
+    def frames(req: bytes) -> list[bytes]:
+        good = _reply(req, *range(100, 160))  # 60 registers: a frame of 129 bytes
+        if mode[0] == "bytes":
+            return [good[i : i + 1] for i in range(len(good))]
+        stale = _reply(b"\xff\xff", *range(60))  # another transaction id: dropped
+        both = stale + good + stale  # then the start of nothing: a stray tail
+        return [both[:200], both[200:]]
+
+    async with _Server(frames) as port:
+        link = ModbusLink.tcp("127.0.0.1", port, timeout_s=2.0)
+        try:
+            assert list(await link.read(Space.HOLDING, 0, 60, 1)) == list(range(100, 160))
+            mode[0] = "together"
+            for _ in range(20):  # 3 frames a round: the buffer wraps many times
+                assert list(await link.read(Space.HOLDING, 0, 60, 1)) == list(range(100, 160))
+            assert link.statistics()["stray_bytes"] == 20 * 2 * 129
+            assert link.statistics()["connects"] == 1
+        finally:
+            link.close()
+
+
+async def test_tcp_garbage_stream_drops_the_connection() -> None:
+    async with _Server(lambda req: [b"HTTP/1.1 400 Bad Request\r\n\r\n"]) as port:
+        link = ModbusLink.tcp("127.0.0.1", port, timeout_s=1.0)
+        try:
+            with pytest.raises(LinkDown, match="connection lost"):
+                await link.read(Space.HOLDING, 0, 1, 1)
+            assert link.statistics()["bad_frames"] == 1
+            assert not link.connected
+        finally:
+            link.close()
 
 
 async def test_tcp_device_that_accepts_one_connection() -> None:
