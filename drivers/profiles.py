@@ -265,6 +265,29 @@ def parse_profile(
     )
 
 
+def _range(t: Table, *, refuse_for: str | None = None) -> tuple[float, float] | None:
+    """``range = [low, high]``: the valid range of a point, or None.
+
+    ``refuse_for`` names a non-numeric type, for which a range is an error.
+    """
+    raw = t.get_list("range")
+    if not (t.present("range") and isinstance(t.data["range"], list)):
+        return None
+    if refuse_for is not None:
+        t.add("range", f"'range' applies only to numeric types, not '{refuse_for}'")
+        return None
+    if len(raw) != 2 or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in raw
+    ):
+        t.add("range", "expected [low, high], two numbers")
+        return None
+    low, high = float(raw[0]), float(raw[1])  # type: ignore[arg-type]
+    if not low < high:
+        t.add("range", f"low {raw[0]} must be below high {raw[1]}")
+        return None
+    return low, high
+
+
 def _parse_sensor_point(t: Table, index: int, protocol: str) -> Point | None:
     """One ``[[points]]`` table of a serial-sensor profile: a quantity of its parser."""
     before = len(t.problems.items)
@@ -277,17 +300,7 @@ def _parse_sensor_point(t: Table, index: int, protocol: str) -> Point | None:
             f"{did_you_mean(name, sorted(known))}; known: {', '.join(sorted(known))}",
         )
     unit = t.get_str("unit", max_len=32)
-    rng: tuple[float, float] | None = None
-    raw = t.get_list("range")
-    if t.present("range") and isinstance(t.data["range"], list):
-        if len(raw) != 2 or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in raw
-        ):
-            t.add("range", "expected [low, high], two numbers")
-        elif not float(raw[0]) < float(raw[1]):  # type: ignore[arg-type]
-            t.add("range", f"low {raw[0]} must be below high {raw[1]}")
-        else:
-            rng = (float(raw[0]), float(raw[1]))  # type: ignore[arg-type]
+    rng = _range(t)
     domain = t.get_str("domain", max_len=64)
     cls = t.get_str("class", max_len=64)
     indicator = t.get_str("indicator", max_len=64)
@@ -352,21 +365,7 @@ def _parse_point(t: Table, default_order: Order) -> Point | None:
             t.add(key, f"'{key}' applies only to numeric types, not '{dtype.value}'")
 
     unit = t.get_str("unit", max_len=32)
-    rng: tuple[float, float] | None = None
-    raw = t.get_list("range")
-    if t.present("range") and isinstance(t.data["range"], list):
-        if dtype is not None and not numeric:
-            t.add("range", f"'range' applies only to numeric types, not '{dtype.value}'")
-        elif len(raw) != 2 or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in raw
-        ):
-            t.add("range", "expected [low, high], two numbers")
-        else:
-            low, high = float(raw[0]), float(raw[1])  # type: ignore[arg-type]
-            if not low < high:
-                t.add("range", f"low {raw[0]} must be below high {raw[1]}")
-            else:
-                rng = (low, high)
+    rng = _range(t, refuse_for=dtype.value if dtype is not None and not numeric else None)
 
     interval_s = t.opt_float("interval_s", lo=MIN_INTERVAL_S, hi=MAX_INTERVAL_S)
     writable = t.get_bool("writable", False)
