@@ -59,10 +59,10 @@ def test_agent_delivers_terminal_readings_to_the_hub(
     ``--port`` with the sound level meter profile.
     """
     from agent.config import parse_config
-    from agent.service import Agent
     from agent.state import create_identity
     from simulator.broker import make_broker
-    from simulator.hub import Hub, HubCore
+    from simulator.harness import agent_with_hub
+    from simulator.hub import HubCore
 
     bus.ser.close()  # the agent is the master on the line now
 
@@ -100,26 +100,16 @@ def test_agent_delivers_terminal_readings_to_the_hub(
                 base=tmp_path,
             )
             identity = create_identity(config.gateway.state_dir)
-            core = HubCore(tmp_path / "hub.sqlite3")
-            core.enroll(config.gateway.id, identity.public_raw)
-            hub = Hub(core, host=broker.host, port=broker.port, shared=broker.shared_subscriptions)
-            agent = Agent(config, identity=identity)
-            stop = asyncio.Event()
-            async with asyncio.TaskGroup() as tg:
-                hub_task = tg.create_task(hub.run())
-                await asyncio.wait_for(hub.subscribed.wait(), 10)
-                agent_task = tg.create_task(agent.run(stop))
+            async with agent_with_hub(
+                config,
+                identity,
+                broker.host,
+                broker.port,
+                tmp_path / "hub.sqlite3",
+                shared=broker.shared_subscriptions,
+            ) as run:
                 await asyncio.sleep(4)
-                stop.set()
-                await agent_task
-                assert agent.batcher is not None
-                polled = agent.batcher.readings_in
-                for _ in range(200):
-                    if core.counters["readings"] >= polled:
-                        break
-                    await asyncio.sleep(0.05)
-                hub_task.cancel()
-            return polled, core
+            return run.polled, run.core
         finally:
             await broker.stop()
 

@@ -29,7 +29,8 @@ from agent.service import Agent
 from agent.state import create_identity
 from drivers.profiles import load_profile
 from simulator.broker import EmbeddedBroker, make_broker
-from simulator.hub import Hub, HubCore
+from simulator.harness import agent_with_hub
+from simulator.hub import Hub
 from simulator.tcp import TcpTerminal
 
 __all__ = ["DEMO_DEVICES", "demo_config", "run_demo"]
@@ -198,20 +199,17 @@ async def run_demo(
             {n: t.port for (n, _, _), t in zip(DEMO_DEVICES, terminals, strict=True)},
         )
         identity = create_identity(config.gateway.state_dir, exist_ok=True)
-        core = HubCore(tmp / "hub.sqlite3")
-        core.enroll(config.gateway.id, identity.public_raw)
-        hub = Hub(
-            core,
-            host=addr[0],
-            port=addr[1],
-            shared=not isinstance(mqtt, EmbeddedBroker) and broker is None,
-        )
-        agent = Agent(config, identity=identity)
         t_start = time.monotonic()
-        async with asyncio.TaskGroup() as tg:
-            hub_task = tg.create_task(hub.run(), name="hub")
-            await asyncio.wait_for(hub.subscribed.wait(), 15)
-            agent_task = tg.create_task(agent.run(stop), name="agent")
+        async with agent_with_hub(
+            config,
+            identity,
+            addr[0],
+            addr[1],
+            tmp / "hub.sqlite3",
+            shared=not isinstance(mqtt, EmbeddedBroker) and broker is None,
+            stop=stop,
+        ) as run:
+            agent, core = run.agent, run.core
             if duration is not None:
                 loop.call_later(duration, stop.set)
             live_view = (
@@ -219,22 +217,15 @@ async def run_demo(
             )
             with live_view if live_view else contextlib.nullcontext():
                 last_n, last_t, rate = 0, time.monotonic(), 0.0
-                while not agent_task.done():
+                while not run.agent_task.done():
                     await asyncio.sleep(0.5)
                     if live_view and agent.batcher:
                         now = time.monotonic()
                         n = agent.batcher.readings_in
                         rate = (n - last_n) / max(1e-3, now - last_t)
                         last_n, last_t = n, now
-                        live_view.update(_view(agent, hub, rate, kind, now - t_start))
-            await agent_task
-            polled = agent.batcher.readings_in if agent.batcher else 0
-            # the broker has acknowledged everything the agent spooled; let the hub catch up
-            deadline = time.monotonic() + 15
-            # polling a counter the hub task bumps; no event to wait on
-            while core.counters["readings"] < polled and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-            hub_task.cancel()
+                        live_view.update(_view(agent, run.hub, rate, kind, now - t_start))
+        polled = run.polled
         rejected = sum(v for k, v in core.counters.items() if k.startswith("rejected."))
         spool_left = agent.spool.statistics()["depth_batches"] if agent.spool else 0
         summary = {

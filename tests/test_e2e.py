@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from agent.batch import Batcher
-from agent.service import Agent
 from agent.state import create_identity
 from drivers.profiles import load_profile
 from protocols.reading import Reading
 from simulator.broker import MosquittoBroker
 from simulator.demo import demo_config
+from simulator.harness import agent_with_hub
 from simulator.hub import Hub, HubCore, hub_stats
 from simulator.tcp import TcpTerminal
 
@@ -70,29 +70,16 @@ async def test_every_polled_reading_arrives_verified(
             durability="full",
         )
         identity = create_identity(config.gateway.state_dir)
-        core = HubCore(tmp_path / "hub.sqlite3")
-        core.enroll(config.gateway.id, identity.public_raw)
-        hub = Hub(core, host=mosquitto.host, port=mosquitto.port)
-        agent = Agent(config, identity=identity)
-        stop = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            hub_task = tg.create_task(hub.run())
-            await asyncio.wait_for(hub.subscribed.wait(), 10)
-            agent_task = tg.create_task(agent.run(stop))
+        db = tmp_path / "hub.sqlite3"
+        async with agent_with_hub(config, identity, mosquitto.host, mosquitto.port, db) as run:
             await asyncio.sleep(4)
-            stop.set()
-            await agent_task
-            for _ in range(100):
-                if core.counters["readings"] >= len(polled):
-                    break
-                await asyncio.sleep(0.05)
-            hub_task.cancel()
     finally:
         for t in terms.values():
             await t.stop()
-    core.close()
+    run.core.close()
+    agent = run.agent
 
-    assert len(polled) > 100, "the agent polled almost nothing"
+    assert len(polled) == run.polled > 100, "the agent polled almost nothing"
     assert agent.spool is not None and agent.spool.statistics()["depth_batches"] == 0
     sent = Counter((r.point, r.ts, r.value, int(r.quality)) for r in polled)
     got = _hub_rows(tmp_path / "hub.sqlite3")
@@ -208,27 +195,17 @@ async def test_edge_events_reach_the_hub_signed_ahead_of_the_batches(
             rules=rules,
         )
         identity = create_identity(config.gateway.state_dir)
-        core = HubCore(tmp_path / "hub.sqlite3")
-        core.enroll(config.gateway.id, identity.public_raw)
-        hub = Hub(core, host=mosquitto.host, port=mosquitto.port)
-        agent = Agent(config, identity=identity)
-        stop = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            hub_task = tg.create_task(hub.run())
-            await asyncio.wait_for(hub.subscribed.wait(), 10)
-            agent_task = tg.create_task(agent.run(stop))
+        db = tmp_path / "hub.sqlite3"
+        async with agent_with_hub(config, identity, mosquitto.host, mosquitto.port, db) as run:
             for _ in range(200):
-                if core.counters["events"]:
+                if run.core.counters["events"]:
                     break
                 await asyncio.sleep(0.05)
-            batches_when_event_arrived = core.counters["batches"]
-            stop.set()
-            await agent_task
-            hub_task.cancel()
+            batches_when_event_arrived = run.core.counters["batches"]
     finally:
         await term.stop()
-    rows = core.db.execute("SELECT rule, state, device, point, value FROM events").fetchall()
-    core.close()
+    rows = run.core.db.execute("SELECT rule, state, device, point, value FROM events").fetchall()
+    run.core.close()
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("always-loud", "fired", "noise-1", "laeq")]
     assert isinstance(rows[0][4], float) and rows[0][4] > 0
     assert batches_when_event_arrived == 0, "the event waited for a batch"

@@ -11,12 +11,11 @@ import pytest
 from agent.batch import Batcher
 from agent.bus import DeviceState
 from agent.config import parse_config
-from agent.service import Agent
 from agent.state import create_identity
 from protocols.errors import ConfigError
 from protocols.reading import Quality, Reading
 from simulator.broker import EmbeddedBroker, MosquittoBroker
-from simulator.hub import Hub, HubCore
+from simulator.harness import agent_with_hub
 from simulator.serial_sensors import SerialSensorEmulator
 
 
@@ -130,29 +129,22 @@ async def test_the_agent_reads_a_pms5003_and_notices_when_it_falls_silent(
             base=tmp_path,
         )
         identity = create_identity(cfg.gateway.state_dir)
-        core = HubCore(tmp_path / "hub.sqlite3")
-        core.enroll(cfg.gateway.id, identity.public_raw)
-        hub = Hub(core, host=broker.host, port=broker.port, shared=broker.shared_subscriptions)
-        agent = Agent(cfg, identity=identity)
-        stop = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            hub_task = tg.create_task(hub.run())
-            await asyncio.wait_for(hub.subscribed.wait(), 10)
-            emitting = tg.create_task(emu.run())
-            agent_task = tg.create_task(agent.run(stop))
+        emitting = asyncio.create_task(emu.run())
+        async with agent_with_hub(
+            cfg,
+            identity,
+            broker.host,
+            broker.port,
+            tmp_path / "hub.sqlite3",
+            shared=broker.shared_subscriptions,
+        ) as run:
             await asyncio.sleep(1.5)
-            (reader,) = agent.sensors
+            (reader,) = run.agent.sensors
             state_while_talking = reader.devices[0].state
             emitting.cancel()  # the sensor falls silent
             await asyncio.sleep(1.5)
             state_when_silent = reader.devices[0].state
-            stop.set()
-            await agent_task
-            for _ in range(100):
-                if core.counters["readings"] >= len(seen):
-                    break
-                await asyncio.sleep(0.05)
-            hub_task.cancel()
+    core = run.core
     core.close()
 
     ids = {p.name: pid for pid, (_, p) in cfg.points.items()}
