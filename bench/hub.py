@@ -43,87 +43,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocols import envelope, topics
 from protocols.reading import Quality, Reading
-from simulator.hub import HubCore
+from simulator.hub import HubCore, open_readings
 
 T0 = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: inside the hub's age window
-
-
-class ShardedCore(HubCore):
-    """HubCore that writes readings to a database file of its own.
-
-    SQLite has one writer per file, so two workers writing one ``readings``
-    table take turns (about a third of a worker's time is that insert). Here
-    the shared file keeps only the small ``batches`` table, the dedup claim,
-    and each worker appends readings to ``<db>.<worker>`` in parallel. A
-    reading counts only where its batch's claim names the same worker
-    (``batches.worker``), so a crash between the two commits leaves no
-    double: the orphan rows of an unclaimed batch are ignored (and removed at
-    start). PostgreSQL has no such limit: one table, concurrent writers.
-    """
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.shard = sqlite3.connect(
-            f"{self.db_path}.{self.worker}", isolation_level=None, check_same_thread=False
-        )
-        self.shard.execute("PRAGMA journal_mode=WAL")
-        self.shard.execute("PRAGMA synchronous=NORMAL")
-        self.shard.execute(
-            "CREATE TABLE IF NOT EXISTS readings (gw TEXT NOT NULL, point INTEGER NOT NULL,"
-            " ts INTEGER NOT NULL, value, quality INTEGER NOT NULL, epoch INTEGER NOT NULL,"
-            " seq INTEGER NOT NULL)"
-        )
-        add_worker_column(self.db)
-
-    def flush(self) -> None:
-        batches, self._batch_rows = self._batch_rows, []
-        readings, self._reading_rows = self._reading_rows, []
-        # 1. readings into this worker's shard (parallel with other workers)
-        if readings:
-            self.shard.execute("BEGIN")
-            self.shard.executemany(
-                "INSERT INTO readings (gw, point, ts, value, quality, epoch, seq)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                readings,
-            )
-            self.shard.execute("COMMIT")
-        # 2. the claim: small, serialised across workers
-        db = self.db
-        dup: list[tuple[str, int, int]] = []
-        db.execute("BEGIN IMMEDIATE")
-        for row in batches:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms, worker)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*row, self.worker),
-            )
-            if cur.rowcount == 0:
-                dup.append((row[0], row[1], row[2]))
-                self.counters["batches"] -= 1
-                self.counters["readings"] -= row[3]
-                self.counters["duplicates"] += 1
-                self.counters["duplicate_readings"] += row[3]
-        self._save_counters()
-        db.execute("COMMIT")
-        if dup:  # another worker had them first: drop our copies
-            self.shard.executemany(
-                "DELETE FROM readings WHERE gw = ? AND epoch = ? AND seq = ?", dup
-            )
-
-    def close(self) -> None:
-        super().close()
-        self.shard.close()
-
-
-def add_worker_column(db: sqlite3.Connection) -> None:
-    """``batches.worker``: which worker's shard holds the batch's readings."""
-    cols = [r[1] for r in db.execute("PRAGMA table_info(batches)")]
-    if "worker" not in cols:
-        try:
-            db.execute("ALTER TABLE batches ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
-        except sqlite3.OperationalError as exc:  # another worker added it first
-            if "duplicate column" not in str(exc):
-                raise
 
 
 def build(gateways: int, batches: int, per_batch: int) -> tuple[list[tuple[str, bytes]], dict]:  # type: ignore[type-arg]
@@ -180,12 +102,6 @@ def _client_id(worker: str) -> str:
     return f"bench-hub-{worker}"
 
 
-def _make_core(db: Path, worker: str, sharded: bool) -> HubCore:
-    if sharded:
-        return ShardedCore(db, worker=worker)
-    return HubCore(db, worker=worker)
-
-
 def _worker(db: Path, port: int, name: str, sharded: bool) -> None:
     """A hub worker: build everything, say ``ready``, wait for ``go`` on stdin, then run.
 
@@ -193,7 +109,7 @@ def _worker(db: Path, port: int, name: str, sharded: bool) -> None:
     """
     from simulator.hub import Hub
 
-    core = _make_core(db, name, sharded)
+    core = HubCore(db, worker=name, sharded=sharded)
     first: list[float] = []
     handle = core.handle
 
@@ -268,22 +184,11 @@ def _count(db: Path) -> tuple[int, int]:
         con.close()
 
 
-def _stored_rows(db: Path, workers: int, sharded: bool) -> int:
+def _stored_rows(db: Path) -> int:
     """Reading rows that count: the file's, plus each shard's whose claim names it."""
-    con = sqlite3.connect(db)
+    con = open_readings(db)
     try:
-        rows = int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
-        for w in range(workers if sharded else 0):
-            con.execute("ATTACH DATABASE ? AS s", (f"{db}.w{w}",))
-            rows += int(
-                con.execute(
-                    "SELECT count(*) FROM s.readings r JOIN batches b ON b.gw = r.gw"
-                    " AND b.epoch = r.epoch AND b.seq = r.seq AND b.worker = ?",
-                    (f"w{w}",),
-                ).fetchone()[0]
-            )
-            con.execute("DETACH DATABASE s")
-        return rows
+        return int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
     finally:
         con.close()
 
@@ -321,8 +226,6 @@ def bench_mqtt(
     core = HubCore(db)
     for gw, pub in pubs.items():
         core.enroll(gw, pub)
-    if sharded:
-        add_worker_column(core.db)
     core.close()
     blob = workdir / "msgs.msgpack"
     blob.write_bytes(msgpack.packb(msgs, use_bin_type=True))
@@ -384,14 +287,16 @@ def bench_mqtt(
     starts = [f for f in firsts if f is not None]
     # from the first message any worker received to the last reading stored
     wall = end_wall - min(starts) if starts else elapsed
-    rows = _stored_rows(db, workers, sharded)
+    rows = _stored_rows(db)
     con = sqlite3.connect(db)
     per_worker: dict[str, int] = {}
-    dups = 0
+    dups = across = 0
     for k, v in con.execute("SELECT name, value FROM counters"):
         w, _, name = k.partition("/")
         if name == "duplicates":
             dups += int(v)
+        if name == "duplicates_across_workers":
+            across += int(v)
         if name == "batches":
             per_worker[w] = int(v)
     con.close()
@@ -403,6 +308,7 @@ def bench_mqtt(
         "batches": b,
         "batches_per_worker": [per_worker.get(f"w{w}", 0) for w in range(workers)],
         "duplicates_dropped": dups,
+        "duplicates_across_workers": across,
         "seconds": wall,
         "per_s": n / wall,
         "worker_cpu_s": [round(cpu[p.pid], 2) for p in procs],
@@ -494,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in (("dedup x2", dedup), ("dedup shard", dedup_s)):
         print(
             f"{name:<12}{r['readings']:>10}  every batch sent twice: stored once each "
-            f"{'yes' if exact(r) else 'NO'}, {r['duplicates_dropped']} duplicates dropped"
+            f"{'yes' if exact(r) else 'NO'}, {r['duplicates_dropped']} duplicates dropped "
+            f"({r['duplicates_across_workers']} claimed by the other worker first)"
         )
     print(f"two workers / one: {speedup:.2f}x one database, {speedup_s:.2f}x readings sharded")
     print(

@@ -16,22 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from protocols import envelope, topics
-from protocols.errors import ProtocolError, SignatureError
+from protocols.errors import LocalError, ProtocolError, SignatureError
 from protocols.event import parse_event
 from protocols.gap import parse_gap
+from protocols.reading import Reading
 
-__all__ = ["Hub", "HubCore", "hub_stats"]
+__all__ = ["Hub", "HubCore", "hub_stats", "open_readings", "shard_dir", "shards"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,9 @@ CREATE TABLE IF NOT EXISTS batches (
     gw TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     n INTEGER NOT NULL, t0 INTEGER NOT NULL, t1 INTEGER NOT NULL,
     received_ms INTEGER NOT NULL,
+    -- the worker that claimed the batch: with sharded workers, the shard holding its readings
+    worker TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (gw, epoch, seq)
-);
-CREATE TABLE IF NOT EXISTS readings (
-    gw TEXT NOT NULL, point INTEGER NOT NULL, ts INTEGER NOT NULL,
-    value, quality INTEGER NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS points (
     gw TEXT NOT NULL, id INTEGER NOT NULL, device TEXT, name TEXT, unit TEXT,
@@ -72,6 +73,85 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
+_READINGS = """
+CREATE TABLE IF NOT EXISTS {schema}.readings (
+    gw TEXT NOT NULL, point INTEGER NOT NULL, ts INTEGER NOT NULL,
+    value, quality INTEGER NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL
+)
+"""
+_INSERT_READINGS = (
+    "INSERT INTO {schema}.readings (gw, point, ts, value, quality, epoch, seq)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_BATCH = (
+    "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms, worker)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def shard_dir(db_path: Path) -> Path:
+    """Where sharded workers keep their readings: ``<db>.shards/<worker>.sqlite3``."""
+    return db_path.with_name(db_path.name + ".shards")
+
+
+def shards(db_path: Path) -> dict[str, Path]:
+    """The reading shards of the hub database ``db_path``, by worker name."""
+    d = shard_dir(db_path)
+    if not d.is_dir():
+        return {}
+    return {p.name.removesuffix(".sqlite3"): p for p in sorted(d.glob("*.sqlite3"))}
+
+
+def open_readings(db_path: Path) -> sqlite3.Connection:
+    """A read-only connection to the hub database in which ``readings`` is every stored
+    reading: the main file's, and each shard's whose batch claim names that shard.
+
+    A shard row whose claim names another worker (it lost the race for a redelivered
+    batch) or no worker at all (it crashed between its two commits) is not a reading.
+    Shards are attached, so their number is bounded by SQLite's attach limit (10 by
+    default); give workers stable names (``--worker``).
+    """
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    parts = ["SELECT gw, point, ts, value, quality, epoch, seq FROM main.readings"]
+    for i, (worker, path) in enumerate(shards(db_path).items()):
+        con.execute("ATTACH DATABASE ? AS ?", (f"file:{path}?mode=ro", f"s{i}"))
+        name = worker.replace("'", "''")
+        parts.append(
+            f"SELECT r.gw, r.point, r.ts, r.value, r.quality, r.epoch, r.seq FROM s{i}.readings r"
+            " WHERE EXISTS (SELECT 1 FROM main.batches b WHERE b.gw = r.gw"
+            f" AND b.epoch = r.epoch AND b.seq = r.seq AND b.worker = '{name}')"
+        )
+    con.execute("CREATE TEMP VIEW readings AS " + " UNION ALL ".join(parts))
+    return con
+
+
+_BatchRow = tuple[str, int, int, int, int, int, int, str]  # gw, epoch, seq, n, t0, t1, ms, worker
+
+
+def _add_worker_column(db: sqlite3.Connection) -> None:
+    """``batches.worker`` on a database made before it existed."""
+    if "worker" in [r[1] for r in db.execute("PRAGMA table_info(batches)")]:
+        return
+    try:
+        db.execute("ALTER TABLE batches ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
+    except sqlite3.OperationalError as exc:  # another worker added it first
+        if "duplicate column" not in str(exc):
+            raise
+
+
+def _rows(
+    batches: list[_BatchRow], readings: list[list[Reading]], won: list[bool] | None
+) -> Iterator[tuple[object, ...]]:
+    """The ``readings`` rows of the batches (those whose ``won`` is true), built in C:
+    one zip per batch; quality as a plain int (sqlite3 binds an IntEnum much slower)."""
+    return chain.from_iterable(
+        zip(repeat(b[0]), p, t, v, map(int, q), repeat(b[1]), repeat(b[2]))
+        for i, b in enumerate(batches)
+        if won is None or won[i]
+        for p, t, v, q in (zip(*readings[i], strict=True),)
+    )
+
 
 @dataclass
 class HubCore:
@@ -82,6 +162,15 @@ class HubCore:
     buffered and written in one transaction per ``flush_readings`` readings or
     per :meth:`flush` call (the :class:`Hub` calls it every ``flush_interval_s``
     and whenever the broker has nothing more queued).
+
+    Several workers may share one database (a shared subscription): a batch
+    redelivered to another worker is not in that worker's memory, so the
+    ``batches`` primary key (gw, epoch, seq) decides: ``INSERT OR IGNORE``, and
+    only the worker whose claim went in keeps the readings. SQLite has one
+    writer per file, so workers on one file take turns for the whole insert;
+    with ``sharded=True`` a worker appends its readings to a file of its own
+    (:func:`shard_dir`) and only the small claim goes to the shared file. Read
+    readings through :func:`open_readings`.
     """
 
     db_path: Path
@@ -93,6 +182,9 @@ class HubCore:
     # several workers may share one database (shared subscription): each keeps its
     # own counters; the batches table's primary key decides who stores a batch
     worker: str = "w0"
+    # readings into <db>.shards/<worker>.sqlite3 (the worker name must then be stable
+    # and file-safe); the dedup claim and everything else stay in the shared file
+    sharded: bool = False
     counters: Counter[str] = field(default_factory=Counter)
     _logged: set[tuple[str, str]] = field(default_factory=set)
 
@@ -102,6 +194,22 @@ class HubCore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self.db.execute(_READINGS.format(schema="main"))
+        _add_worker_column(self.db)
+        self._readings_schema = "main"
+        if self.sharded:
+            if not _WORKER_NAME.fullmatch(self.worker):
+                raise LocalError(
+                    f"a sharded worker's name is its file name: {self.worker!r} is not"
+                    " 1 to 63 of A-Z a-z 0-9 _ . - (starting with a letter or digit)"
+                )
+            path = shard_dir(self.db_path) / f"{self.worker}.sqlite3"
+            path.parent.mkdir(exist_ok=True)
+            self.db.execute("ATTACH DATABASE ? AS shard", (str(path),))
+            self.db.execute("PRAGMA shard.journal_mode=WAL")
+            self.db.execute("PRAGMA shard.synchronous=NORMAL")
+            self.db.execute(_READINGS.format(schema="shard"))
+            self._readings_schema = "shard"
         self._keys: dict[tuple[str, bytes], tuple[bytes, bool]] = {}
         for gw, kid, pub, revoked in self.db.execute(
             "SELECT gw, kid, pubkey, revoked FROM gateways"
@@ -116,8 +224,10 @@ class HubCore:
         for gw, epoch, seq in self.db.execute("SELECT gw, epoch, seq FROM batches"):
             self._seen.setdefault((gw, epoch), set()).add(seq)
         self.closed = False
-        self._batch_rows: list[tuple[str, int, int, int, int, int, int]] = []
-        self._reading_rows: list[tuple[str, int, int, object, int, int, int]] = []
+        # per buffered batch: its claim row and its readings
+        self._batch_rows: list[_BatchRow] = []
+        self._batch_readings: list[list[Reading]] = []
+        self._buffered_readings = 0
 
     # -- keys -----------------------------------------------------------------
 
@@ -199,54 +309,97 @@ class HubCore:
         except ProtocolError as exc:
             return self._refuse("bad_payload", h.gw, str(exc))
         seen.add(h.seq)
-        gw, epoch, seq = h.gw, h.epoch, h.seq
-        self._batch_rows.append((gw, epoch, seq, h.n, h.t0, h.t1, time.time_ns() // 1_000_000))
-        self._reading_rows.extend(
-            [(gw, r.point, r.ts, r.value, int(r.quality), epoch, seq) for r in readings]
+        self._batch_rows.append(
+            (h.gw, h.epoch, h.seq, h.n, h.t0, h.t1, time.time_ns() // 1_000_000, self.worker)
         )
+        self._batch_readings.append(readings)
+        self._buffered_readings += len(readings)
         self.counters["batches"] += 1
         self.counters["readings"] += len(readings)
-        if len(self._reading_rows) >= self.flush_readings:
+        if self._buffered_readings >= self.flush_readings:
             self.flush()
         return "stored"
 
     def flush(self) -> None:
-        """Write the buffered batches and readings, and the counters, in one transaction."""
+        """Write the buffered batches, their readings and the counters.
+
+        Unsharded: one transaction in the shared file. Sharded: the readings first,
+        in this worker's shard (no lock on the shared file), then the claims and
+        counters in the shared file; a claim another worker made first turns our
+        copy of that batch into orphan rows, deleted at once by rowid (a crash
+        before that leaves them, and :func:`open_readings` ignores them).
+        """
         if self.closed:
             return
-        db = self.db
+        if not self._batch_rows:  # refusals are counted too
+            self.db.execute("BEGIN IMMEDIATE")
+            self._save_counters()
+            self.db.execute("COMMIT")
+            return
         batches, self._batch_rows = self._batch_rows, []
-        readings, self._reading_rows = self._reading_rows, []
+        readings, self._batch_readings = self._batch_readings, []
+        self._buffered_readings = 0
+        if self.sharded:
+            self._flush_sharded(batches, readings)
+            return
+        db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            # another worker may have stored some of these batches (a redelivery after a
-            # lost PUBACK can land anywhere): the primary key decides, the first insert wins
-            dup: set[tuple[str, int, int]] = set()
-            for row in batches:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    row,
-                )
-                if cur.rowcount == 0:
-                    dup.add((row[0], row[1], row[2]))
-                    self.counters["batches"] -= 1
-                    self.counters["readings"] -= row[3]
-                    self.counters["duplicates"] += 1
-                    self.counters["duplicate_readings"] += row[3]
-            if dup:
-                readings = [r for r in readings if (r[0], r[5], r[6]) not in dup]
-            if readings:
-                db.executemany(
-                    "INSERT INTO readings (gw, point, ts, value, quality, epoch, seq)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    readings,
-                )
+            won = self._claim(batches)
+            db.executemany(_INSERT_READINGS.format(schema="main"), _rows(batches, readings, won))
             self._save_counters()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _flush_sharded(self, batches: list[_BatchRow], readings: list[list[Reading]]) -> None:
+        db = self.db
+        # 1. the readings, into this worker's own file: in parallel with the other workers
+        db.execute("BEGIN")
+        try:
+            base = db.execute("SELECT coalesce(max(rowid), 0) FROM shard.readings").fetchone()[0]
+            db.executemany(_INSERT_READINGS.format(schema="shard"), _rows(batches, readings, None))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        # 2. the claims, in the shared file: small, serialised across workers
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            won = self._claim(batches)
+            self._save_counters()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        # 3. the batches another worker had first: our rows of them are orphans. One
+        # transaction inserted them in order, so each batch's rows are a rowid range.
+        lost: list[tuple[int, int]] = []
+        first = int(base) + 1
+        for row, ok in zip(batches, won, strict=True):
+            if not ok:
+                lost.append((first, first + row[3] - 1))
+            first += row[3]
+        if lost:
+            db.execute("BEGIN")
+            db.executemany("DELETE FROM shard.readings WHERE rowid BETWEEN ? AND ?", lost)
+            db.execute("COMMIT")
+
+    def _claim(self, batches: list[_BatchRow]) -> list[bool]:
+        """Insert the batch rows (inside the caller's transaction); for each, whether
+        this worker's row went in. A batch another worker stored first is a duplicate."""
+        won: list[bool] = []
+        for row in batches:
+            ok = self.db.execute(_INSERT_BATCH, row).rowcount == 1
+            won.append(ok)
+            if not ok:
+                self.counters["batches"] -= 1
+                self.counters["readings"] -= row[3]
+                self.counters["duplicates"] += 1
+                self.counters["duplicate_readings"] += row[3]
+                self.counters["duplicates_across_workers"] += 1
+        return won
 
     def delivered(self, gateway: str) -> set[tuple[int, int]]:
         """Every (epoch, seq) of ``gateway`` verified so far (stored or buffered)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.uplink import gap_topic
 from protocols import envelope, topics
 from protocols.envelope import sign_message
-from protocols.errors import DecodeError, FrameError, SignatureError
+from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
 from protocols.gap import GAP_DOMAIN, GapRange, parse_gap, seal_gap
 from protocols.reading import Reading
-from simulator.hub import HubCore, hub_stats
+from simulator.hub import HubCore, hub_stats, open_readings, shard_dir, shards
 
 GW = "gw-hub-1"
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -153,3 +154,64 @@ def test_gap_codec_round_trip_and_strictness() -> None:
             parse_gap(bad).ranges()
     with pytest.raises(FrameError):
         parse_gap(envelope.seal([Reading(0, 1, 1.0)], gateway=GW, key=KEY, epoch=1, seq=0))
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_two_workers_store_overlapping_batches_exactly_once(tmp_path: Path, sharded: bool) -> None:
+    """A redelivered batch can land on the other worker of a shared subscription:
+    the claim in the shared file decides, whichever worker flushes first."""
+    db = tmp_path / "hub.sqlite3"
+    w0 = HubCore(db, worker="w0", sharded=sharded)
+    w0.enroll(GW, PUB)
+    w1 = HubCore(db, worker="w1", sharded=sharded)
+    t = topics.batch(GW)
+    for seq in range(6):  # w0: seqs 0-5, w1: seqs 3-8; both buffer 3-5 before either flushes
+        assert w0.handle(t, _batch(1, seq)) == "stored"
+    for seq in range(3, 9):
+        assert w1.handle(t, _batch(1, seq)) == "stored"
+    w1.flush()  # w1 claims 3-8 first
+    w0.flush()  # w0's 3-5 are duplicates now
+    assert w0.handle(t, _batch(1, 7)) == "stored"  # not in w0's memory: the claim decides
+    w0.close()
+    w1.close()
+    s = hub_stats(db)
+    assert (s["batches"], s["readings"]) == (9, 27)
+    assert (s["duplicates"], s["duplicate_readings"]) == (4, 12)
+    assert s["gateways"][GW]["missing_batches"] == 0
+    con = open_readings(db)
+    try:
+        per_batch = dict(con.execute("SELECT seq, count(*) FROM readings GROUP BY seq"))
+        owners = dict(con.execute("SELECT seq, worker FROM batches"))
+    finally:
+        con.close()
+    assert per_batch == dict.fromkeys(range(9), 3)
+    assert owners == {**dict.fromkeys(range(3), "w0"), **dict.fromkeys(range(3, 9), "w1")}
+    # a restarted worker knows every claim, whoever made it
+    again = HubCore(db, worker="w0", sharded=sharded)
+    assert again.handle(t, _batch(1, 8)) == "duplicate"
+    assert again.delivered(GW) == {(1, s) for s in range(9)}
+    again.close()
+
+
+def test_shard_rows_without_a_claim_are_not_readings(tmp_path: Path) -> None:
+    """A worker that dies between its shard commit and its claim leaves orphans behind."""
+    db = tmp_path / "hub.sqlite3"
+    core = HubCore(db, worker="w0", sharded=True)
+    core.enroll(GW, PUB)
+    core.handle(topics.batch(GW), _batch(1, 0))
+    core.close()
+    shard = sqlite3.connect(shard_dir(db) / "w0.sqlite3")
+    with shard:
+        shard.execute("INSERT INTO readings VALUES (?, 0, ?, 1.0, 0, 1, 1)", (GW, T0))
+    shard.close()
+    assert list(shards(db)) == ["w0"]
+    con = open_readings(db)
+    try:
+        assert con.execute("SELECT count(*) FROM readings").fetchone()[0] == 3
+    finally:
+        con.close()
+
+
+def test_a_sharded_worker_needs_a_file_safe_name(tmp_path: Path) -> None:
+    with pytest.raises(LocalError):
+        HubCore(tmp_path / "hub.sqlite3", worker="../evil", sharded=True)
