@@ -105,7 +105,8 @@ def _client_id(worker: str) -> str:
 def _worker(db: Path, port: int, name: str, sharded: bool) -> None:
     """A hub worker: build everything, say ``ready``, wait for ``go`` on stdin, then run.
 
-    Prints the wall-clock time of its first message when it stops.
+    Prints the wall-clock times of its first message and of its last commit of
+    batches when it stops.
     """
     from simulator.hub import Hub
 
@@ -119,6 +120,16 @@ def _worker(db: Path, port: int, name: str, sharded: bool) -> None:
         return handle(topic, data)
 
     core.handle = timed  # type: ignore[method-assign]
+    last: list[float] = [0.0]
+    flush = core.flush
+
+    def timed_flush() -> None:
+        wrote = core.buffered
+        flush()
+        if wrote:
+            last[0] = time.time()
+
+    core.flush = timed_flush  # type: ignore[method-assign]
     print("ready", flush=True)
     sys.stdin.readline()
 
@@ -135,7 +146,7 @@ def _worker(db: Path, port: int, name: str, sharded: bool) -> None:
         pass
     finally:
         core.close()
-        print(json.dumps({"first": first[0] if first else None}), flush=True)
+        print(json.dumps({"first": first[0] if first else None, "last": last[0]}), flush=True)
 
 
 async def _prime(port: int, workers: int) -> None:
@@ -265,12 +276,13 @@ def bench_mqtt(
             p.stdin.flush()
         deadline = t + 120
         b = n = 0
+        poll = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         while time.perf_counter() < deadline:
-            time.sleep(0.01)
-            b, n = _count(db)
+            time.sleep(0.05)  # the workers report their own times: this is only the stop
+            b, n = poll.execute("SELECT count(*), coalesce(sum(n), 0) FROM batches").fetchone()
             if b >= total_batches:
                 break
-        end_wall = time.time()
+        poll.close()
         elapsed = time.perf_counter() - t
         cpu = {pid: _cpu(pid) - c for pid, c in cpu0.items()}
         if copies > 1:
@@ -279,17 +291,18 @@ def bench_mqtt(
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
-        firsts = []
+        times = []
         for p in procs:
             out, _ = p.communicate(timeout=30)
-            firsts.append(json.loads(out.strip().splitlines()[-1])["first"])
+            times.append(json.loads(out.strip().splitlines()[-1]))
         asyncio.run(broker.stop())
-    starts = [f for f in firsts if f is not None]
-    # from the first message any worker received to the last reading stored
-    wall = end_wall - min(starts) if starts else elapsed
+    starts = [w["first"] for w in times if w["first"] is not None]
+    # from the first message any worker received to the last commit of batches
+    wall = max(w["last"] for w in times) - min(starts) if starts else elapsed
     rows = _stored_rows(db)
     con = sqlite3.connect(db)
     per_worker: dict[str, int] = {}
+    flushes: dict[str, int] = {}
     dups = across = 0
     for k, v in con.execute("SELECT name, value FROM counters"):
         w, _, name = k.partition("/")
@@ -299,6 +312,8 @@ def bench_mqtt(
             across += int(v)
         if name == "batches":
             per_worker[w] = int(v)
+        if name == "flushes":
+            flushes[w] = int(v)
     con.close()
     return {
         "workers": workers,
@@ -307,6 +322,7 @@ def bench_mqtt(
         "reading_rows": rows,
         "batches": b,
         "batches_per_worker": [per_worker.get(f"w{w}", 0) for w in range(workers)],
+        "flushes_per_worker": [flushes.get(f"w{w}", 0) for w in range(workers)],
         "duplicates_dropped": dups,
         "duplicates_across_workers": across,
         "seconds": wall,
@@ -379,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MQTT cases: median of {args.repeat} interleaved runs (by readings/s)")
     print(
         f"{'run':<12}{'readings':>10}{'seconds':>9}{'readings/s':>12}"
-        f"{'worker cpu s':>16}{'broker cpu s':>14}{'batches/worker':>16}"
+        f"{'worker cpu s':>16}{'broker cpu s':>14}{'batches/worker':>16}{'flushes':>10}"
     )
     print(
         f"{'core':<12}{core['readings']:>10}{core['seconds']:>9.2f}{core['per_s']:>12,.0f}"
@@ -396,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:<12}{r['readings']:>10}{r['seconds']:>9.2f}{r['per_s']:>12,.0f}"
             f"{cpus:>16}{r['broker_cpu_s']:>14.2f}{split:>16}"
+            f"{'/'.join(str(f) for f in r['flushes_per_worker']):>10}"
         )
     for name, r in (("dedup x2", dedup), ("dedup shard", dedup_s)):
         print(
