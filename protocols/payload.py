@@ -68,7 +68,11 @@ MAX_POINT_ID: Final = 2**32 - 1
 MAX_TS: Final = 2**53 - 1
 """Timestamps are ms since the Unix epoch in ``[0, MAX_TS]`` (exact as a double)."""
 
-ZLIB_LEVEL: Final = 9  # measured: 6 and 9 give the same size at 500 readings, 9 never worse
+# Measured on 500-reading batches (one poll of 17 devices x 30 points, and
+# tests/test_payload.py::realistic_batch): level 1 is 4.5x faster than 9 (91 vs
+# 417 us) and no bigger (2471 vs 2563 bytes; 1628 vs 1629). The level is the
+# sender's choice: any zlib stream decodes the same.
+ZLIB_LEVEL: Final = 1
 
 _MAX_MANTISSA: Final = 2**53  # |m| <= 2**53: m is exact as a double, so m / 10**e is portable
 _MAX_E: Final = 6
