@@ -15,6 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -25,6 +26,8 @@ from protocols.reading import Reading
 __all__ = ["Batcher", "Sealed"]
 
 log = logging.getLogger(__name__)
+
+_ts = itemgetter(1)  # Reading.ts
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +87,16 @@ class Batcher:
 
     async def add(self, readings: Iterable[Reading]) -> None:
         """Add readings; seals (and waits for room in the spool queue) when full."""
-        for r in readings:
+        items = readings if isinstance(readings, list) else list(readings)
+        done, n = 0, len(items)
+        while done < n:
             if not self._open:
                 self._opened_at = self._clock.monotonic()
                 self._wake.set()
-            self._open.append(r)
-            self.readings_in += 1
+            take = min(n - done, self._max - len(self._open))
+            self._open.extend(items[done : done + take] if take < n else items)
+            self.readings_in += take
+            done += take
             if len(self._open) >= self._max:
                 await self._seal()
 
@@ -133,7 +140,7 @@ class Batcher:
             seq=seq,
             enc=self._enc,
         )
-        t0 = min(r.ts for r in readings)
+        t0 = min(map(_ts, readings))
         self.batches_sealed += 1
         self._sealed.append(Sealed(self._epoch, seq, len(readings), t0, data))
         self.has_sealed.set()
