@@ -339,6 +339,7 @@ class HubCore:
         batches, self._batch_rows = self._batch_rows, []
         readings, self._batch_readings = self._batch_readings, []
         self._buffered_readings = 0
+        self.counters["flushes"] += 1
         if self.sharded:
             self._flush_sharded(batches, readings)
             return
@@ -700,10 +701,18 @@ class Hub:
             self.core.flush()
 
     async def _receive(self, client: aiomqtt.Client) -> None:
+        core, results = self.core, self.results
         async for msg in client.messages:
             payload = msg.payload
             if isinstance(payload, (bytes, bytearray)):
-                self.results[self.core.handle(str(msg.topic), bytes(payload))] += 1
+                results[core.handle(msg.topic.value, bytes(payload))] += 1
+            if core.buffered and not len(client.messages):
+                # one turn of the loop lets the client read what the socket holds; if
+                # nothing came, the broker has nothing more queued: write now rather
+                # than at the flusher's next tick (under load the queue is never empty)
+                await asyncio.sleep(0)
+                if not len(client.messages):
+                    core.flush()
 
     async def _flusher(self) -> None:
         while True:
