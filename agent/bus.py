@@ -48,6 +48,7 @@ the request's function (RTU; a matching transaction id on TCP).
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import logging
 import math
@@ -110,10 +111,23 @@ class PolledDevice:
     polls_failed: int = 0
     polls_skipped: int = 0  # jobs skipped while offline, in back-off
     last_error: str = ""
-    last_values: dict[str, object] = field(default_factory=dict)
     last_rtt_ms: float = 0.0
     retry_at: float = 0.0
     backoff_s: float = 0.0
+    _values: dict[str, object] = field(default_factory=dict, repr=False)
+    # set by the poller: writes the values kept as raw registers into the dict
+    _refresh: Callable[[dict[str, object]], None] | None = field(default=None, repr=False)
+
+    @property
+    def last_values(self) -> dict[str, object]:
+        """The last value read of each point, by name (for status and diagnostics).
+
+        The poller keeps the last good reply of each request rather than 15,000
+        values a second: they are decoded here, when someone asks.
+        """
+        if self._refresh is not None:
+            self._refresh(self._values)
+        return self._values
 
     def _set(self, state: DeviceState) -> None:
         if state is not self.state:
@@ -129,27 +143,33 @@ class PolledDevice:
 # The fast decoders cover the common register types and give exactly what
 # protocols.modbus.decode gives (tests/test_bus.py checks it); others use decode.
 _Item = tuple[int, Point, int, "Callable[[Sequence[int], int], PointValue] | None", float, float]
-# the hot path: (point id, name, offset, fast decoder, lo, hi); never NaN, never a DecodeError
-_FastItem = tuple[int, str, int, "Callable[[Sequence[int], int], PointValue]", float, float]
+# the hot path: (point id, offset, fast decoder, lo, hi); never NaN, never a DecodeError
+_FastItem = tuple[int, int, "Callable[[Sequence[int], int], PointValue]", float, float]
 
 
 def _fast(spec: PointSpec) -> Callable[[Sequence[int], int], PointValue] | None:
-    if spec.space.is_bits:
+    """The fast decoder of a point, or None; one function shared by all points alike."""
+    return _fast_for(spec.space.is_bits, spec.type, spec.bit, spec.order, spec.scale, spec.offset)
+
+
+@functools.lru_cache(maxsize=512, typed=True)
+def _fast_for(
+    bits: bool, kind: DataType, bit: int, order: Order, scale: float, offset: float
+) -> Callable[[Sequence[int], int], PointValue] | None:
+    # cached: 15,000 points of 500 devices of one model need a handful of functions
+    if bits:
         return None
-    kind = spec.type
     if kind is DataType.BIT:
-        bit = spec.bit
         return lambda w, o: bool(w[o] >> bit & 1)
     if kind is DataType.BOOL:
         return lambda w, o: w[o] != 0
-    if kind not in (DataType.U16, DataType.I16) or spec.order not in (Order.ABCD, Order.CDAB):
+    if kind not in (DataType.U16, DataType.I16) or order not in (Order.ABCD, Order.CDAB):
         return None  # byte-swapped words and wider types: the codec
     signed = kind is DataType.I16
-    if spec.scale == 1 and spec.offset == 0:
+    if scale == 1 and offset == 0:
         if signed:
             return lambda w, o: w[o] - 0x10000 if w[o] & 0x8000 else w[o]
         return lambda w, o: w[o]
-    scale, offset = spec.scale, spec.offset
     # the same rounding as protocols.modbus.decode: to the decimals of scale and offset
     places = decimals(scale, offset)
     if places is None:
@@ -168,19 +188,21 @@ def _fast(spec: PointSpec) -> Callable[[Sequence[int], int], PointValue] | None:
     return lambda w, o: (w[o] * big_s + big_o) / p10
 
 
-@dataclass
 class _Request:
-    request: ReadRequest
-    items: list[_Item]  # every point
-    fast: list[_FastItem] = field(default_factory=list)  # those with a fast decoder
-    slow: list[_Item] = field(default_factory=list)  # the others
+    """One planned read request, compiled: what to do with each register of the reply."""
 
-    def __post_init__(self) -> None:
-        for pid, point, off, fast, lo, hi in self.items:
-            if fast is None:
-                self.slow.append((pid, point, off, fast, lo, hi))
-            else:
-                self.fast.append((pid, point.spec.name, off, fast, lo, hi))
+    __slots__ = ("fast", "names", "pids", "regs", "request", "slow")
+
+    def __init__(self, request: ReadRequest, items: list[_Item]) -> None:
+        self.request = request
+        self.pids = tuple(item[0] for item in items)  # every point, in reply order
+        self.fast: tuple[_FastItem, ...] = tuple(
+            (pid, off, fast, lo, hi) for pid, _, off, fast, lo, hi in items if fast is not None
+        )
+        self.names = tuple(point.spec.name for _, point, _, fast, _, _ in items if fast)
+        self.slow: tuple[_Item, ...] = tuple(item for item in items if item[3] is None)
+        # the last good reply: the last values of the fast points, decoded when needed
+        self.regs: Sequence[int] | None = None
 
 
 @dataclass
@@ -242,6 +264,7 @@ class BusPoller:
                 reqs = plan(by_spec, max_registers=dev.max_registers, max_gap=dev.max_gap)
                 compiled = [_Request(r, self._compile(r, by_spec)) for r in reqs]
                 self._jobs.append(_Job(dev, interval, compiled, order=len(self._jobs)))
+            dev._refresh = functools.partial(self._refresh_values, dev)
 
     @staticmethod
     def _compile(req: ReadRequest, by_spec: dict[PointSpec, tuple[int, Point]]) -> list[_Item]:
@@ -251,6 +274,28 @@ class BusPoller:
             lo, hi = point.range if point.range is not None else (-math.inf, math.inf)
             items.append((pid, point, spec.address - req.address, _fast(spec), lo, hi))
         return items
+
+    def _refresh_values(self, dev: PolledDevice, values: dict[str, object]) -> None:
+        for job in self._jobs:
+            if job.device is dev:
+                for creq in job.requests:
+                    regs = creq.regs
+                    if regs is not None:
+                        for (_, off, fast, _, _), name in zip(creq.fast, creq.names, strict=True):
+                            values[name] = fast(regs, off)
+
+    def _last_values(self, creq: _Request) -> dict[int, PointValue]:
+        """Point id -> last good value of a request's points (for STALE readings)."""
+        out: dict[int, PointValue] = {}
+        regs = creq.regs
+        if regs is not None:
+            for pid, off, fast, _, _ in creq.fast:
+                out[pid] = fast(regs, off)
+        last = self._last
+        for pid, *_ in creq.slow:
+            if pid in last:
+                out[pid] = last[pid]
+        return out
 
     def statistics(self) -> dict[str, object]:
         return {
@@ -377,17 +422,19 @@ class BusPoller:
         if len(regs) != req.count and not (
             req.space.is_bits and len(regs) == -(-req.count // 8) * 8
         ):
-            for pid, _, _, _, _, _ in creq.items:
+            for pid in creq.pids:
                 out.append(Reading(pid, ts, None, _COMM))
             dev.last_error = f"reply of {len(regs)} items to a read of {req.count}"
             return False
-        last = self._last
-        names = dev.last_values
         append = out.append
-        for pid, name, off, fast, lo, hi in creq.fast:
-            value = fast(regs, off)
-            names[name] = last[pid] = value
-            append(_new_reading(Reading, (pid, ts, value, _GOOD if lo <= value <= hi else _OUT)))  # type: ignore[operator]
+        if creq.fast:
+            creq.regs = regs  # the fast points are registers
+            for pid, off, fast, lo, hi in creq.fast:
+                value = fast(regs, off)
+                q = _GOOD if lo <= value <= hi else _OUT  # type: ignore[operator]
+                append(_new_reading(Reading, (pid, ts, value, q)))
+        last = self._last
+        names = dev._values
         ok = True
         for pid, point, off, _, lo, hi in creq.slow:
             try:
@@ -425,10 +472,10 @@ class BusPoller:
         stale = silent and (
             dev.state is not DeviceState.OFFLINE and dev.failures_in_row + 1 < self._offline_after
         )
-        last = self._last
         for creq in reqs:
-            for pid, _, _, _, _, _ in creq.items:
-                value = last.get(pid) if stale else None
+            last = self._last_values(creq) if stale else {}
+            for pid in creq.pids:
+                value = last.get(pid)
                 if value is None:
                     out.append(Reading(pid, ts, None, _COMM))
                 else:

@@ -361,9 +361,10 @@ _MBAP = struct.Struct(">HHHB")
 _MBAP_HEAD = struct.Struct(">HHH")
 
 
-# Room for three replies: a Modbus TCP frame is at most 6 + 254 bytes, and the
-# buffer never keeps more than the start of one after a read.
-_RX_SIZE = 1024
+# A Modbus TCP frame is at most 6 + 254 bytes and the buffer never keeps more
+# than the start of one after a read: there is always room for the next read
+# (a long frame behind another may take two). 500 links: 256 KiB.
+_RX_SIZE = 512
 
 
 class _TcpProtocol(asyncio.BufferedProtocol):

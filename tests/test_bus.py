@@ -373,6 +373,15 @@ def test_quality_flags() -> None:
         assert (sink.of(1)[-1].value, sink.of(1)[-1].quality) == (-45.5, Quality.OUT_OF_RANGE)
         # NaN: flagged, sent without a value
         assert (sink.of(2)[-1].value, sink.of(2)[-1].quality) == (None, Quality.OUT_OF_RANGE)
+        # the last values by name, for status and diagnostics (the NaN as read)
+        values = dev.last_values
+        assert (values["level"], values["temp"]) == (52.3, -45.5)
+        assert math.isnan(values["flow"])  # type: ignore[arg-type]
+        link.regs[1][(Space.INPUT, 0)] = 524
+        await asyncio.sleep(1.0)
+        assert dev.last_values["level"] == 52.4 and dev.last_values is values
+        link.regs[1][(Space.INPUT, 0)] = 523
+        await asyncio.sleep(1.0)
         link.garbled.add(1)
         await asyncio.sleep(1.0)
         # first failure: degraded, the last good value repeats as STALE
