@@ -148,6 +148,12 @@ def hub(
     no_shared: Annotated[
         bool, typer.Option("--no-shared", help="plain subscription (brokers without $share)")
     ] = False,
+    sharded: Annotated[
+        bool,
+        typer.Option(
+            "--sharded", help="readings into <db>.shards/<worker>.sqlite3 (needs --worker)"
+        ),
+    ] = False,
 ) -> None:
     """Run a hub worker (several share the load through a shared subscription)."""
     ctx.obj = {"db": db}
@@ -161,7 +167,9 @@ def hub(
     host, port = _broker_addr(broker)
     import socket
 
-    core = HubCore(db, worker=worker or f"{socket.gethostname()}-{os.getpid()}")
+    if sharded and not worker:
+        raise _fail("--sharded needs --worker NAME: the name is the shard's file")
+    core = HubCore(db, worker=worker or f"{socket.gethostname()}-{os.getpid()}", sharded=sharded)
     for item in trust or []:
         gw, _, hexkey = item.partition("=")
         try:
