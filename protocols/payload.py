@@ -374,14 +374,23 @@ def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -
             if value is None:
                 append([point, Kind.RAW, times, [], [0, q | _NO_VALUE]])
                 continue
-            tv = type(value)
             kind: int
             packed: object
-            if tv is float:
-                kind, packed = _one_float(value)  # type: ignore[arg-type]
-            elif tv is bool:
+            if type(value) is float:
+                # inline, what a register scaled by 1 or 0.1 gives (same as _one_float):
+                # not +-0.0, NaN or inf; the mantissa fits int32, so DEC is at most 6 bytes
+                if 1e-300 < abs(value) < 2e8:
+                    if value.is_integer():
+                        kind, packed = Kind.DEC, [int(value)]
+                    elif (m := round(value * 10)) / 10 == value:
+                        kind, packed = Kind.DEC + 1, [m]
+                    else:
+                        kind, packed = _one_float(value)
+                else:
+                    kind, packed = _one_float(value)
+            elif type(value) is bool:
                 kind, packed = Kind.BOOL, [value]
-            elif tv is int and _INT_MIN <= value <= _I64_MAX:  # type: ignore[operator]
+            elif type(value) is int and _INT_MIN <= value <= _I64_MAX:
                 kind, packed = Kind.INT, [value]
             else:
                 kind, packed = _value_series([_plain(value)])
