@@ -42,6 +42,7 @@ import ctypes
 import errno
 import logging
 import os
+import socket
 import struct
 import termios
 import time
@@ -367,34 +368,21 @@ _MBAP_HEAD = struct.Struct(">HHH")
 _RX_SIZE = 512
 
 
-class _TcpProtocol(asyncio.BufferedProtocol):
-    """Reads straight into the link's buffer.
+class _TcpLink(ModbusLink):
+    """Modbus TCP on a non-blocking socket driven by the loop's reader callback.
 
-    A plain :class:`asyncio.Protocol` gets a new ``bytes`` per read, which
-    asyncio allocates at 256 KiB and shrinks: glibc serves that with
-    ``mmap``, ``mremap`` and ``munmap``, three system calls and a page fault
-    for every reply of a few dozen bytes. ``recv_into`` a buffer of our own
-    costs none of that.
+    No asyncio transport: a request is at most 260 bytes, sent whole by one
+    ``send`` (a socket whose send buffer is full has a peer that stopped
+    reading long ago: the link is down), and replies are read with
+    ``recv_into`` into the link's own buffer. A transport would copy each
+    reply into a 256 KiB ``bytes`` first (``mmap``/``mremap``/``munmap`` per
+    read) and keep a kilobyte or two of state per connection.
     """
 
-    def __init__(self, link: _TcpLink) -> None:
-        self._link = link
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._link._rx_free()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._link._received(nbytes)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._link._lost(exc)
-
-
-class _TcpLink(ModbusLink):
     def __init__(self, host: str, port: int, *, timeout_s: float, inter_frame_s: float) -> None:
         super().__init__(f"tcp://{host}:{port}", timeout_s=timeout_s, inter_frame_s=inter_frame_s)
         self._host, self._port = host, port
-        self._transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rx = bytearray(_RX_SIZE)
         self._rx_view = memoryview(self._rx)
@@ -405,24 +393,56 @@ class _TcpLink(ModbusLink):
 
     @property
     def connected(self) -> bool:
-        return self._transport is not None
+        return self._sock is not None
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _TcpProtocol(self), self._host, self._port),
-                self.timeout_s,
-            )
+            sock = await asyncio.wait_for(self._connect(loop), self.timeout_s)
         except (OSError, TimeoutError) as exc:
             raise LinkDown(f"{self.describe}: cannot connect ({exc or 'timeout'})") from exc
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._loop = loop
-        self._rx_len = 0
+        self._sock, self._loop, self._rx_len = sock, loop, 0
+        loop.add_reader(sock.fileno(), self._readable)
 
-    def _rx_free(self) -> memoryview:
-        return self._rx_view[self._rx_len :]
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        try:  # an address needs no resolver (and no thread for it)
+            infos = socket.getaddrinfo(
+                self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        except socket.gaierror:
+            infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        error: OSError = OSError(f"no address for {self._host}")
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        raise error
+
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            n = sock.recv_into(self._rx_view[self._rx_len :])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if not n:
+            self._lost(None)  # the device closed the connection
+            return
+        self._received(n)
 
     def _received(self, nbytes: int) -> None:
         rx = self._rx
@@ -433,10 +453,8 @@ class _TcpLink(ModbusLink):
             if proto != 0 or not 2 <= length <= 254:
                 # not Modbus TCP: the stream cannot be resynchronised
                 self.bad_frames += 1
-                if self._transport is not None:
-                    self._transport.abort()
-                pos = filled
-                break
+                self._lost(BadResponse("not a Modbus TCP stream"))
+                return
             end = pos + 6 + length
             if end > filled:
                 break
@@ -452,21 +470,30 @@ class _TcpLink(ModbusLink):
             rx[:rest] = rx[pos:filled]  # the start of the next frame to the front
         self._rx_len = rest
 
-    def _lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._rx_len = 0
+    def _lost(self, exc: BaseException | None) -> None:
+        self.close()
         w = self._waiter
         if w is not None and not w.done():
             w.set_exception(LinkDown(f"{self.describe}: connection lost ({exc or 'closed'})"))
 
     async def _exchange(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
-        t, loop = self._transport, self._loop
-        assert t is not None and loop is not None
+        sock, loop = self._sock, self._loop
+        assert sock is not None and loop is not None
         if self.inter_frame_s and self._last_reply:
             await asyncio.sleep(self._last_reply + self.inter_frame_s - time.monotonic())
         self._tid = tid = (self._tid + 1) & 0xFFFF
+        frame = _MBAP.pack(tid, 0, len(pdu) + 1, slave) + pdu
+        try:
+            sent = sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            raise LinkDown(f"{self.describe}: send failed ({exc})") from exc
+        if sent != len(frame):
+            self._lost(None)
+            raise LinkDown(f"{self.describe}: sent {sent} of {len(frame)} bytes (peer not reading)")
         w = self._waiter = loop.create_future()
-        t.write(_MBAP.pack(tid, 0, len(pdu) + 1, slave) + pdu)
         timer = loop.call_at(loop.time() + self.timeout_s, _expire, w)
         try:
             got: bytes = await w
@@ -488,9 +515,13 @@ class _TcpLink(ModbusLink):
         return got[1:]
 
     def close(self) -> None:
-        t, self._transport = self._transport, None
-        if t is not None:
-            t.close()
+        sock, self._sock = self._sock, None
+        self._rx_len = 0
+        if sock is not None:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.remove_reader(sock.fileno())
+            sock.close()
 
 
 def _expire(w: asyncio.Future[bytes]) -> None:
@@ -749,12 +780,17 @@ class _SerialLink(_RtuLink):
         super().close()
 
 
-class _RtuStream(asyncio.Protocol):
+class _RtuStream(asyncio.BufferedProtocol):
+    # reads into a small buffer: a plain Protocol gets a 256 KiB bytes per read
     def __init__(self, link: _RtuOverTcpLink) -> None:
         self._link = link
+        self._buf = memoryview(bytearray(_RX_SIZE))
 
-    def data_received(self, data: bytes) -> None:
-        self._link._received(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._link._received(bytes(self._buf[:nbytes]))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._link._lost(exc)
