@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgpack
 
@@ -342,17 +342,23 @@ def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -
         raise LocalError("a payload holds at least one reading")
     if len(readings) > MAX_READINGS:
         raise LocalError(f"{len(readings)} readings exceed the limit of {MAX_READINGS}")
-    groups: dict[int, list[Reading]] = {}
-    get = groups.get
-    for r in readings:
-        g = get(r[0])
-        if g is None:
-            groups[r[0]] = [r]
-        else:
-            g.append(r)
-    for point in groups:
-        if type(point) is not int or not 0 <= point <= MAX_POINT_ID:
-            raise _bad_reading(readings)
+    points = [r[0] for r in readings]
+    series: Sequence[Reading | list[Reading]]
+    if len(set(points)) == len(points):
+        series = readings  # each point once (one poll of many devices): a series each
+    else:
+        groups: dict[int, list[Reading]] = {}
+        get = groups.get
+        for r in readings:
+            g = get(r[0])
+            if g is None:
+                groups[r[0]] = [r]
+            else:
+                g.append(r)
+        points = list(groups)
+        series = [rs[0] if len(rs) == 1 else rs for rs in groups.values()]
+    if not all(type(p) is int for p in points) or min(points) < 0 or max(points) > MAX_POINT_ID:
+        raise _bad_reading(readings)
     stamps = [r[1] for r in readings]
     if not all(type(t) is int for t in stamps):
         raise _bad_reading(readings)
@@ -363,14 +369,17 @@ def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -
     seen_times: dict[tuple[int, ...], int] = {}
     out: list[object] = [base]
     append = out.append
-    for index, (point, rs) in enumerate(groups.items()):
-        if len(rs) == 1:
-            _, t, value, quality = rs[0]
+    for index, item in enumerate(series):
+        if type(item) is Reading:
+            point, t, value, quality = item
             times: object = seen_one.get(t)
             if times is None:
                 seen_one[t] = index
                 times = [t - base]
-            q = _quality(quality)
+            try:
+                q = _QUALITY_INT[quality]
+            except (KeyError, TypeError):
+                q = int(Quality(quality))  # ValueError for what is not a quality
             if value is None:
                 append([point, Kind.RAW, times, [], [0, q | _NO_VALUE]])
                 continue
@@ -396,6 +405,8 @@ def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -
                 kind, packed = _value_series([_plain(value)])
             append([point, kind, times, packed, [0, q]] if q else [point, kind, times, packed])
             continue
+        rs = cast(list[Reading], item)  # not a Reading: a list of them
+        point = rs[0][0]
         ts = tuple(r[1] for r in rs)
         times = seen_times.get(ts)
         if times is None:
