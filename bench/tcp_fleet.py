@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,11 +76,21 @@ def profile_toml() -> str:
     return "\n".join(lines)
 
 
-def gateway_toml(state: Path, profile: Path, ports: list[int], broker: tuple[str, int]) -> str:
+def gateway_toml(
+    state: Path,
+    profile: Path,
+    ports: list[int],
+    broker: tuple[str, int],
+    batch_readings: int | None = None,
+) -> str:
     out = [
         "[gateway]",
         f'id = "{GATEWAY}"',
         f'state_dir = "{state}"',
+    ]
+    if batch_readings:
+        out += ["[batch]", f"max_readings = {batch_readings}"]
+    out += [
         "[uplink]",
         f'host = "{broker[0]}"',
         f"port = {broker[1]}",
@@ -189,7 +200,9 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     cfg = tmp / "gateway.toml"
-    cfg.write_text(gateway_toml(state, profile, ports, (broker.host, broker.port)))
+    cfg.write_text(
+        gateway_toml(state, profile, ports, (broker.host, broker.port), args.batch_readings)
+    )
     await asyncio.sleep(1.0)  # the hub subscribes
     prof = ["-m", "cProfile", "-o", str(args.profile_agent)] if args.profile_agent else []
     agent = subprocess.Popen([py, *prof, "-m", "agent", "run", "--config", str(cfg)])  # noqa: ASYNC220
@@ -251,6 +264,10 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 except subprocess.TimeoutExpired:
                     p.kill()
         await broker.stop()
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)  # the hub database alone is ~25 MB a minute
     return result
 
 
@@ -263,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--terminals", type=int, default=500)
     ap.add_argument(
         "--profile-agent", type=Path, help="run the agent under cProfile, stats to this file"
+    )
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (configs, hub DB)"
+    )
+    ap.add_argument(
+        "--batch-readings",
+        type=int,
+        help="[batch] max_readings of the agent (default: the configuration's default, 500)",
     )
     ap.add_argument(
         "--role", choices=("bench", "emulators"), default="bench", help=argparse.SUPPRESS
