@@ -34,6 +34,7 @@ import errno
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ _AGE_CHECK_S = 30.0
 _FULL_FREE_SHARE = 0.05
 # A row is (epoch, seq, n, t0, data).
 Row = tuple[int, int, int, int, bytes]
+# The newest rows appended by this process, kept for the uplink's live reads
+# (it reads back every batch right after it is appended). 64 batches of 500
+# readings are ~160 KiB; when the uplink falls behind, reads go to SQLite.
+_TAIL_MAX = 64
 
 
 class SpoolError(LocalError):
@@ -138,6 +143,9 @@ class Spool:
         self._next_age_check = 0.0
         self._lost_gaps: list[GapRange] = []  # could not even be written (disk full)
         self._has_gaps = False
+        # the newest rows, contiguous ids: pending() serves live reads from here
+        self._tail: deque[SpoolRow] = deque()
+        self._deletes = 0  # bumped by the spool thread whenever batches are dropped
         self.appended = 0
         self.acked = 0
         self.dropped_batches = 0
@@ -250,7 +258,20 @@ class Spool:
         every older batch (the disk is full): it is counted as dropped and
         reported in a gap notice like any other dropped batch.
         """
-        stored: list[Row] = await self._call(self._append_sync, list(batches))
+        deletes = self._deletes
+        stored: list[Row]
+        stored, last_id = await self._call(self._append_sync, list(batches))
+        if self._deletes != deletes:
+            self._tail.clear()  # batches were dropped: read from SQLite until the next append
+        elif stored:
+            # the tail holds every row still in the spool from tail[0].id on: rows
+            # leave it only when deleted (acknowledged) or all older ones with it
+            first = last_id - len(stored) + 1
+            tail = self._tail
+            for i, (epoch, seq, n, _, data) in enumerate(stored):
+                tail.append(SpoolRow(first + i, epoch, seq, n, data))
+            while len(tail) > _TAIL_MAX:
+                tail.popleft()
         self.appended += len(stored)
         if stored:
             self.empty.clear()
@@ -262,7 +283,7 @@ class Spool:
             self.added.set()
         return stored
 
-    def _append_sync(self, batches: list[Row]) -> list[Row]:
+    def _append_sync(self, batches: list[Row]) -> tuple[list[Row], int]:
         assert self._db is not None
         now = time.time()
         if now >= self._next_age_check:
@@ -291,9 +312,10 @@ class Spool:
                     exc,
                     freed,
                 )
+        last_id = self._last_id  # of the rows just stored: last_id - len(todo) + 1 ...
         if self._bytes > self._max_bytes:
             self._drop_oldest_sync(self._bytes - self._max_bytes, "spool_full")
-        return todo
+        return todo, last_id
 
     def _insert_sync(self, batches: list[Row], now: float) -> None:
         assert self._db is not None
@@ -340,6 +362,7 @@ class Spool:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self._deletes += 1
         ids = [int(r[0]) for r in rows]
         acked_now = self._acked_ids.intersection(ids)
         # acknowledged in memory but not yet deleted: delivered, not dropped
@@ -383,7 +406,10 @@ class Spool:
     async def expire(self) -> None:
         """Drop the batches older than ``max_age_s`` now (appends also do it, at most
         every 30 s)."""
+        deletes = self._deletes
         await self._call(self._drop_old_sync, time.time())
+        if self._deletes != deletes:
+            self._tail.clear()
         if self._has_gaps:
             self.gaps_added.set()
             self.added.set()
@@ -431,6 +457,9 @@ class Spool:
             return
         ids, self._acks = self._acks, []
         await self._call(self._ack_sync, ids)
+        if self._tail:  # deleted now, and no longer in _acked_ids: never hand them out again
+            gone = set(ids)
+            self._tail = deque(r for r in self._tail if r.id not in gone)
 
     async def run_acks(self, interval_s: float = 0.05) -> None:
         """Group acknowledgements: delete what arrived every ``interval_s``. Cancel to stop."""
@@ -522,7 +551,23 @@ class Spool:
     async def pending(
         self, after_id: int, limit: int, *, upto_id: int | None = None
     ) -> list[SpoolRow]:
-        """Up to ``limit`` unacknowledged batches with ``after_id < id <= upto_id``, oldest first."""
+        """Up to ``limit`` unacknowledged batches with ``after_id < id <= upto_id``, oldest first.
+
+        The uplink's live reads (no ``upto_id``, just after an append) come from
+        the rows this process appended last, without a trip to the spool thread.
+        """
+        tail = self._tail
+        if upto_id is None and tail and tail[0].id <= after_id + 1:
+            while tail and tail[0].id <= after_id:
+                tail.popleft()  # read by the live reader already
+            acked = self._acked_ids
+            out: list[SpoolRow] = []
+            for r in tail:
+                if len(out) == limit:
+                    break
+                if r.id not in acked:
+                    out.append(r)
+            return out
         rows: list[tuple[int, int, int, int, bytes]] = await self._call(
             self._pending_sync, after_id, limit, upto_id
         )
@@ -563,6 +608,7 @@ class Spool:
 
     async def close(self) -> None:
         """Delete what was acknowledged, checkpoint, close."""
+        self._tail.clear()
         if self._db is not None:
             await self.flush_acks()
 

@@ -57,6 +57,52 @@ async def test_append_is_read_back_oldest_first_and_survives_reopen(tmp_path: Pa
     await spool.close()
 
 
+async def test_live_reads_come_from_memory_and_agree_with_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The uplink reads each batch right after it is appended: no trip to the
+    spool thread for that, and never a row that SQLite would not give."""
+    spool = await Spool.open(tmp_path / "spool.sqlite3")
+    await spool.append(_rows(1, range(3)))
+    before = await spool._call(spool._pending_sync, 0, 100, None)
+    reads = []
+    real = spool._pending_sync
+
+    def counted(*args: object) -> object:
+        reads.append(args)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spool, "_pending_sync", counted)
+    rows = await spool.pending(0, 100)
+    assert [(r.id, r.seq, r.data) for r in rows] == [(i, s, d) for i, _, s, _, d in before]
+    await spool.append(_rows(1, range(3, 5)))
+    assert [r.seq for r in await spool.pending(rows[-1].id, 1)] == [3]
+    assert reads == []  # all from memory
+    # acknowledged (and then deleted) rows never come back
+    live = await spool.pending(rows[-1].id, 100)
+    spool.ack([live[0].id])
+    assert [r.seq for r in await spool.pending(rows[-1].id, 100)] == [4]
+    await spool.flush_acks()
+    # (memory no longer starts right after the cursor: SQLite says what is there)
+    assert [r.seq for r in await spool.pending(rows[-1].id, 100)] == [4]
+    # older than what memory holds, or the backlog bound: SQLite
+    assert [r.seq for r in await spool.pending(0, 100)] == [0, 1, 2, 4]
+    assert [r.seq for r in await spool.pending(0, 100, upto_id=rows[1].id)] == [0, 1]
+    assert len(reads) == 3
+    await spool.close()
+
+
+async def test_dropped_batches_are_not_served_from_memory(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool.sqlite3", max_bytes=10_000)
+    await spool.append(_rows(1, range(5)))  # 5 kB
+    first = await spool.pending(0, 100)
+    await spool.append(_rows(1, range(5, 13)))  # 13 kB: the oldest go
+    left = [r.seq for r in await spool.pending(first[0].id - 1, 100)]
+    assert left == [r.seq for r in await spool.pending(0, 100, upto_id=10**9)]
+    assert 0 not in left and left[-1] == 12
+    await spool.close()
+
+
 async def test_acks_are_grouped_and_deleted_on_flush(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
     spool = await Spool.open(path)
