@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -253,6 +254,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._setup()
+        gc_thresholds: tuple[int, int, int] | None = None
         assert self.batcher is not None and self.spool is not None and self.uplink is not None
         try:
             async with asyncio.TaskGroup() as tg:
@@ -284,6 +286,13 @@ class Agent:
                 )
                 self.ready.set()
                 self.notifier.ready(f"gateway {self.config.gateway.id}")
+                # start-up objects (configuration, point table, pollers) live as long as
+                # the agent: stop the collector rescanning them (1.2 % of a core at
+                # 15,000 readings/s, collecting nothing)
+                gc.collect()
+                gc.freeze()
+                gc_thresholds = gc.get_threshold()
+                gc.set_threshold(20_000, 20, 100)
                 await stop.wait()
                 log.info("stopping: sealing the open batch and draining the spool")
                 stopping = [*pollers, aging, *([ticks] if ticks else [])]
@@ -313,6 +322,9 @@ class Agent:
                 b.batches_sealed,
                 left,
             )
+            gc.unfreeze()  # a reload starts a new agent: let this one's objects go
+            if gc_thresholds is not None:
+                gc.set_threshold(*gc_thresholds)
             await self.spool.close()
 
     async def _sink(self, readings: list[Reading]) -> None:
