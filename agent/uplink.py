@@ -64,6 +64,9 @@ class UplinkSettings:
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
     publish_timeout_s: float = 30.0
+    # a broker (or a NAT, a proxy) that accepts TCP but never answers CONNECT must
+    # not hold the uplink for the publish timeout: give up and back off sooner
+    connect_timeout_s: float = 10.0
 
 
 class Uplink:
@@ -124,7 +127,7 @@ class Uplink:
             tls_context=s.tls,
             will=aiomqtt.Will(topics.status(s.gateway, s.prefix), b"offline", qos=1, retain=True),
             max_inflight_messages=s.window + 4,
-            timeout=s.publish_timeout_s,
+            timeout=s.connect_timeout_s,  # for CONNECT; publishes get theirs once connected
         )
         client.pending_calls_threshold = s.window * 2 + 8
         return client
@@ -138,6 +141,7 @@ class Uplink:
             mark = self._spool.last_id  # older: backlog; appended from now on: live
             try:
                 async with self._client() as client:
+                    client.timeout = s.publish_timeout_s
                     attempt = 0
                     self.connects += 1
                     self.connected.set()

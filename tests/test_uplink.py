@@ -4,6 +4,7 @@ an unreachable broker at start."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -171,3 +172,41 @@ async def test_dropped_batches_reach_the_hub_as_a_signed_gap_notice(
     assert sorted(_seqs(got)) == [(1, 3), (1, 4), (1, 5)]
     assert not spool.has_gaps
     await spool.close()
+
+
+async def test_a_broker_that_accepts_tcp_but_never_answers_connect_is_retried(
+    tmp_path: Path,
+) -> None:
+    """A NAT, proxy or wedged broker that takes the TCP connection and says nothing
+    must not hold the uplink for the publish timeout: it gives up and backs off."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def mute(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accept, keep open, never send CONNACK
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    settings = UplinkSettings(
+        gateway=GW,
+        port=port,
+        connect_timeout_s=0.3,
+        publish_timeout_s=60.0,
+        backoff_min_s=0.05,
+        backoff_max_s=0.1,
+    )
+    up = Uplink(settings, spool)
+    task = asyncio.create_task(up.run())
+    try:
+        await _until(lambda: up.connect_failures >= 3)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
+        await spool.close()
+    assert len(held) >= 3, "each attempt opened a new connection"
+    assert not up.connected.is_set()
