@@ -687,6 +687,7 @@ class Hub:
                         async with asyncio.TaskGroup() as tg:
                             tg.create_task(self._flusher(), name="hub.flush")
                             tg.create_task(self._receive(client), name="hub.receive")
+                            tg.create_task(self._clock(client), name="hub.time")
                 except* aiomqtt.MqttError as group:
                     self.subscribed.clear()
                     self.core.flush()
@@ -713,6 +714,14 @@ class Hub:
                 await asyncio.sleep(0)
                 if not len(client.messages):
                     core.flush()
+
+    async def _clock(self, client: aiomqtt.Client, every_s: float = 1.0) -> None:
+        """The hub's time, each second, retained: ``vitals diag uplink`` checks a
+        gateway's clock against it (MQTT itself carries no time)."""
+        topic = f"{self.prefix}/hub/time"
+        while True:
+            await client.publish(topic, f"{time.time():.3f}".encode(), qos=0, retain=True)
+            await asyncio.sleep(every_s)
 
     async def _flusher(self) -> None:
         while True:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from pathlib import Path
 
 import aiomqtt
 import pytest
 
 from agent.diag.uplink import UplinkTarget, check_uplink
 from simulator.broker import MosquittoBroker, free_port, mosquitto_path
+from simulator.hub import Hub, HubCore
 
 needs_mosquitto = pytest.mark.skipif(
     mosquitto_path() is None, reason="needs mosquitto (Debian package)"
@@ -47,3 +51,24 @@ async def test_unknown_host_fails_dns() -> None:
     steps = await check_uplink(UplinkTarget(host="no-such-host.invalid", port=1883), timeout_s=2)
     assert steps[0].name == "dns" and steps[0].status == "fail"
     assert all(s.status == "skip" for s in steps[1:])
+
+
+@needs_mosquitto
+async def test_clock_checked_against_a_running_hub(tmp_path: Path) -> None:
+    """The reference hub publishes its time every second: the step passes on this machine."""
+    broker = MosquittoBroker()
+    await broker.start()
+    core = HubCore(tmp_path / "hub.sqlite3")
+    hub = asyncio.create_task(Hub(core, host="127.0.0.1", port=broker.port).run())
+    try:
+        target = UplinkTarget(host="127.0.0.1", port=broker.port, client_id="vitals-gw-2")
+        await asyncio.sleep(0.5)
+        steps = {s.name: s for s in await check_uplink(target, timeout_s=5)}
+    finally:
+        hub.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hub
+        core.close()
+        await broker.stop()
+    assert steps["clock"].status == "pass", steps["clock"].detail
+    assert "(live)" in steps["clock"].detail

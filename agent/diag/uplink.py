@@ -226,9 +226,12 @@ async def _clock_step(client: Any, prefix: str) -> Step:
     import aiomqtt
 
     topic = f"{prefix}/hub/time"
+    # the retained copy comes first but may be up to a second old: wait a little for a
+    # fresh one (the hub publishes every second) and fall back on the retained one
+    fallback: tuple[float, float] | None = None
     try:
         await client.subscribe(topic, qos=0)
-        async with asyncio.timeout(1.0):
+        async with asyncio.timeout(2.5):
             async for m in client.messages:
                 if str(m.topic) != topic:
                     continue
@@ -236,22 +239,26 @@ async def _clock_step(client: Any, prefix: str) -> Step:
                 hub_t = _parse_time(bytes(m.payload))
                 if hub_t is None:
                     return Step("clock", "warn", f"{topic}: cannot read a time in {m.payload!r}")
-                offset = received - hub_t
-                status = "pass" if abs(offset) < 2.0 else ("warn" if abs(offset) < 30 else "fail")
-                return Step(
-                    "clock",
-                    status,
-                    f"local clock {offset:+.2f} s against the hub's {topic} (retained)",
-                )
+                if m.retain:
+                    fallback = (received, hub_t)
+                    continue
+                return _clock_result(received - hub_t, topic, "live")
     except TimeoutError:
         pass
     except aiomqtt.MqttError as exc:
         return Step("clock", "skip", f"cannot subscribe to {topic}: {exc}")
+    if fallback is not None:
+        return _clock_result(fallback[0] - fallback[1], topic, "retained, may be stale")
     return Step(
         "clock",
         "skip",
         f"the hub publishes no retained {topic}: offset unknown (check 'timedatectl')",
     )
+
+
+def _clock_result(offset: float, topic: str, how: str) -> Step:
+    status = "pass" if abs(offset) < 2.0 else ("warn" if abs(offset) < 30 else "fail")
+    return Step("clock", status, f"local clock {offset:+.2f} s against the hub's {topic} ({how})")
 
 
 def _parse_time(payload: bytes) -> float | None:
