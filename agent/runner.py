@@ -92,7 +92,7 @@ def run(config: Path, state_dir: Path | None = None, log_level: str | None = Non
             # the override applies to every (re)loaded file, so a reload never sees it as a change
             if state_dir is not None:
                 c = replace(c, gateway=replace(c.gateway, state_dir=state_dir))
-            await Agent(c, notifier=notifier).run(agent_stop)
+            await Agent(c, notifier=notifier, reload=hup.set).run(agent_stop)
 
         try:
             async with asyncio.TaskGroup() as tg:

@@ -14,7 +14,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -79,6 +79,7 @@ class Agent:
         uplink_overrides: Mapping[str, Any] | None = None,
         spool_max_pages: int | None = None,
         notifier: SdNotifier | None = None,
+        reload: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
@@ -97,6 +98,7 @@ class Agent:
         self.ready = asyncio.Event()
         self._closing = False
         self.notifier = notifier or SdNotifier(None)
+        self._reload = reload  # asks whoever runs the agent to reload (the "reload" command)
         self.commands: CommandExecutor | None = None
         self.events: EdgeEvents | None = None
 
@@ -238,6 +240,7 @@ class Agent:
                 cfg,
                 {p.name: p.link for p in self.pollers},
                 locks={p.name: lock for p in self.pollers if (lock := getattr(p, "lock", None))},
+                reload=self._request_reload if self._reload is not None else None,
             ),
             seen_path=state / "commands.seen",
         )
@@ -326,6 +329,10 @@ class Agent:
             if gc_thresholds is not None:
                 gc.set_threshold(*gc_thresholds)
             await self.spool.close()
+
+    async def _request_reload(self) -> None:
+        assert self._reload is not None
+        self._reload()  # the supervisor re-reads the file: a bad one is refused, this one kept
 
     async def _sink(self, readings: list[Reading]) -> None:
         """Where a bus delivers its readings: the edge rules, then the batcher."""

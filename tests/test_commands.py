@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.commands import CommandExecutor, CommandRefused, agent_handlers, on_message
-from agent.config import Config, parse_config
+from agent.config import Config, load_config, parse_config
 from agent.transport import ModbusLink
 from drivers.profiles import load_profile
 from protocols import command, envelope, topics
@@ -299,3 +299,34 @@ async def test_commands_over_mqtt(mosquitto: MosquittoBroker, tmp_path: Path) ->
             commander.verify_result(GW, wire)
     finally:
         core.close()
+
+
+async def test_the_agents_reload_command_asks_its_supervisor(tmp_path: Path) -> None:
+    """`vitals run` passes SIGHUP's event as the agent's reload: the hub's reload
+    command re-reads the file (refusing a bad one) and sets it."""
+    from agent.service import Agent
+    from agent.state import create_identity
+
+    cfg_file = tmp_path / "gw.toml"
+    cfg_file.write_text(
+        f'[gateway]\nid = "gw-reload"\nstate_dir = "{tmp_path / "state"}"\n'
+        '[[buses]]\nname = "t"\nkind = "tcp"\nhost = "127.0.0.1"\n'
+        '[[devices]]\nname = "n"\nbus = "t"\nprofile = "sound_level_meter"\nslave = 1\n'
+    )
+    config = load_config(cfg_file)
+    create_identity(config.gateway.state_dir)
+    hup = asyncio.Event()
+    agent = Agent(config, reload=hup.set)
+    await agent._setup()
+    assert agent.commands is not None
+    do_reload = agent.commands.handlers["reload"]
+    assert await do_reload({}) == {"devices": 1, "points": len(config.points)}
+    assert hup.is_set()
+    hup.clear()
+    cfg_file.write_text("[gateway]\nid = 'BAD ID'\n")
+    with pytest.raises(CommandRefused) as info:
+        await do_reload({})
+    assert info.value.reason == "config_invalid"
+    assert not hup.is_set(), "a bad file must not restart the agent"
+    assert agent.spool is not None
+    await agent.spool.close()
