@@ -25,7 +25,6 @@ builds the five operations for a running agent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -220,15 +219,14 @@ def agent_handlers(
     config: Config,
     links: Mapping[str, ModbusLink],
     *,
-    locks: Mapping[str, asyncio.Lock] | None = None,
     reload: Callable[[], Awaitable[None]] | None = None,
     set_level: Callable[[str, str], None] = _set_level,
 ) -> dict[str, Handler]:
     """``read``, ``write``, ``reload`` and ``log_level`` for an agent.
 
-    ``links`` are the agent's bus links; ``locks`` (one per bus, shared with
-    the bus poller) keep a command's transaction from interleaving with a
-    poll on a half-duplex bus.
+    ``links`` are the agent's Modbus links, shared with the bus pollers: a link
+    runs one transaction at a time, so a command's read or write waits for the
+    poll on the wire to finish (a bus is half duplex).
     """
 
     def _device_point(args: dict[str, Any], want_point: bool) -> tuple[Any, Any, str]:
@@ -247,11 +245,11 @@ def agent_handlers(
             point = next((p for p in dev.profile.points if p.name == pname), None)
             if point is None:
                 raise CommandRefused("unknown_point", f"{name}.{pname}")
+        if dev.bus not in links:
+            raise CommandRefused(
+                "not_modbus", f"{name} is a serial sensor: it cannot be read or written"
+            )
         return dev, point, dev.bus
-
-    def _lock(bus: str) -> contextlib.AbstractAsyncContextManager[Any]:
-        lock = (locks or {}).get(bus)
-        return lock if lock is not None else contextlib.nullcontext()
 
     async def read(args: dict[str, Any]) -> object:
         dev, _, bus = _device_point(args, want_point=False)
@@ -260,12 +258,11 @@ def agent_handlers(
         if not points:
             raise CommandRefused("unknown_point", f"none of {wanted!r} on {dev.name}")
         out: dict[str, object] = {}
-        async with _lock(bus):
-            for p in points:
-                words = await links[bus].read(
-                    p.spec.space, p.spec.address, register_count(p.spec), dev.slave
-                )
-                out[p.name] = decode(p.spec, words)
+        for p in points:
+            words = await links[bus].read(
+                p.spec.space, p.spec.address, register_count(p.spec), dev.slave
+            )
+            out[p.name] = decode(p.spec, words)
         return out
 
     async def write(args: dict[str, Any]) -> object:
@@ -283,8 +280,7 @@ def agent_handlers(
             fc, address, payload = write_request(point.spec, value)
         except VitalsError as exc:
             raise CommandRefused("bad_value", str(exc)) from exc
-        async with _lock(bus):
-            await links[bus].write(fc, address, payload, dev.slave)
+        await links[bus].write(fc, address, payload, dev.slave)
         return {"written": value}
 
     async def do_reload(args: dict[str, Any]) -> object:

@@ -239,7 +239,6 @@ class Agent:
             agent_handlers(
                 cfg,
                 {p.name: p.link for p in self.pollers},
-                locks={p.name: lock for p in self.pollers if (lock := getattr(p, "lock", None))},
                 reload=self._request_reload if self._reload is not None else None,
             ),
             seen_path=state / "commands.seen",

@@ -204,6 +204,9 @@ class ModbusLink:
         self.connects = 0
         self._retry_at = 0.0
         self._backoff = 0.0
+        # one transaction at a time, whoever asks (the poller, a hub command, diag):
+        # a bus is half duplex, and a reply must never be taken by another request
+        self._turn = asyncio.Lock()
 
     # -- constructors
 
@@ -340,10 +343,11 @@ class ModbusLink:
         raise NotImplementedError
 
     async def _request(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
-        if not self.connected:
-            await self.connect()
-        self.requests += 1
-        reply = await self._exchange(slave, pdu, reply_len)
+        async with self._turn:
+            if not self.connected:
+                await self.connect()
+            self.requests += 1
+            reply = await self._exchange(slave, pdu, reply_len)
         self.replies += 1
         fc = pdu[0]
         if reply[0] == fc | 0x80:

@@ -219,7 +219,6 @@ async def test_read_write_reload_log_level(terminal: TcpTerminal, tmp_path: Path
         handlers=agent_handlers(
             cfg,
             {"tcp-1": link},
-            locks={"tcp-1": asyncio.Lock()},
             reload=reload,
             set_level=lambda lv, lg: levels.append((lv, lg)),
         ),

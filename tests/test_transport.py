@@ -243,6 +243,22 @@ async def test_rtu_reads_writes_and_bits(bus: RtuBus) -> None:
         link.close()
 
 
+async def test_rtu_concurrent_callers_take_turns_on_the_wire(bus: RtuBus) -> None:
+    """A poll and a hub command on the same bus at once: the link runs one
+    transaction at a time, so each caller gets its own slave's answer."""
+    link = _link(bus)
+    try:
+        await link.write(6, 33, [1], 3)  # slave 3's weighting, a value we know
+        await link.write(6, 33, [2], 4)
+        results = await asyncio.gather(
+            *(link.read(Space.HOLDING, 33, 1, slave) for slave in (3, 4, 3, 4, 3, 4))
+        )
+        assert [list(r) for r in results] == [[1], [2], [1], [2], [1], [2]]
+        assert link.statistics()["timeouts"] == 0
+    finally:
+        link.close()
+
+
 async def test_rtu_faults_raise_typed_errors(bus: RtuBus) -> None:
     bus.slaves[3].fault = "silent"
     bus.slaves[4].fault = "crc"
