@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from drivers.profiles import Point, Profile
@@ -91,11 +91,15 @@ class Signal:
             rate = self.extra.get("rate", span / 86400 / 50 or 0.01)
             self.state += rate * dt * (0.5 + self.rng.random())
             return _quantise(spec, min(self.hi, self.lo + self.state))
-        # Ornstein-Uhlenbeck noise around a daily cycle
-        theta, sigma = 0.05, 0.03 * span
+        # Ornstein-Uhlenbeck noise around a daily cycle; a tilt rests near 0 and
+        # barely moves (a manhole cover lies flat until something lifts it)
+        level, swing, scale = 0.4, 0.15, 0.03
+        if self.lo == -self.hi and "tilt" in spec.name:
+            level, swing, scale = 0.5, 0.005, 0.002
+        theta, sigma = 0.05, scale * span
         self.state += -theta * self.state * dt + sigma * math.sqrt(dt) * self.rng.gauss(0, 1) * 0.3
         day = math.sin(2 * math.pi * ((t % 86400) / 86400) + self.phase)
-        v = self.lo + span * (0.4 + 0.15 * day) + self.state + self.offset
+        v = self.lo + span * (level + swing * day) + self.state + self.offset
         return _quantise(spec, min(self.hi, max(self.lo, v)))
 
 
@@ -127,6 +131,18 @@ ORDERED: tuple[tuple[str, ...], ...] = (
     ("pm1_0", "pm2_5", "pm10"),
     ("count_10", "count_5_0", "count_2_5", "count_1_0", "count_0_5", "count_0_3"),
 )
+
+
+# Points computed from others of the same device: a manhole sensor's tilt is the
+# angle of its two axes together.
+DERIVED: dict[str, tuple[tuple[str, ...], Callable[..., float]]] = {
+    "tilt": (
+        ("tilt_x", "tilt_y"),
+        lambda x, y: math.degrees(
+            math.acos(min(1.0, math.cos(math.radians(x)) * math.cos(math.radians(y))))
+        ),
+    ),
+}
 
 
 def _chains(names: Sequence[str]) -> list[list[str]]:
@@ -172,6 +188,12 @@ class ProfileRegisters:
     def value(self, name: str, t: float, cache: dict[str, object]) -> object:
         """Point ``name``'s value at ``t``; ordered points are drawn together and sorted."""
         if name in cache:
+            return cache[name]
+        derived = DERIVED.get(name)
+        if derived is not None and all(d in self.signals for d in derived[0]):
+            deps, fn = derived
+            args = [float(self.value(d, t, cache)) for d in deps]  # type: ignore[arg-type]
+            cache[name] = _quantise(self.signals[name].point.spec, fn(*args))
             return cache[name]
         chain = self._chain_of.get(name)
         if chain is None:
