@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -144,8 +142,11 @@ def test_parser_refuses_bad_headers(prot: dict[str, object], word: str) -> None:
 
 @given(st.binary(max_size=300))
 def test_fuzz_bytes_give_an_event_or_our_error(data: bytes) -> None:
-    with contextlib.suppress(ProtocolError):
-        parse_event(data).event()
+    try:
+        event = parse_event(data).event()
+    except ProtocolError:
+        return
+    assert isinstance(event, Event)
 
 
 @given(

@@ -228,7 +228,8 @@ def batches(draw: st.DrawFn) -> list[Reading]:
 @settings(max_examples=300)
 @given(batches(), st.sampled_from(ENCODINGS))
 def test_roundtrip_any_readings(rs: list[Reading], enc: str) -> None:
-    roundtrip(rs, enc)
+    out = roundtrip(rs, enc)  # checks every reading bit for bit
+    assert len(out) == len(rs)
 
 
 @given(st.binary(max_size=300), st.sampled_from(ENCODINGS))

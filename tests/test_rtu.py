@@ -4,7 +4,6 @@ too; the parsers never fail with anything but our own errors."""
 from __future__ import annotations
 
 import ast
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -326,29 +325,41 @@ ANY_REQUEST = st.one_of(
 @given(ANY_REQUEST, st.binary(max_size=300), st.integers(1, 17))
 def test_fuzz_response_parser(req: Request, data: bytes, chunk: int) -> None:
     parser = ResponseParser(req)
+    got = None
     try:
         for i in range(0, len(data), chunk):
-            if parser.feed(data[i : i + chunk]) is not None:
+            if (got := parser.feed(data[i : i + chunk])) is not None:
                 break
-    except ProtocolError:
-        pass
+    except (ProtocolError, DeviceException):  # our errors: garbage, or an exception answer
+        return
+    # no error: still waiting for bytes, or the answer of the slave and function asked
+    assert got is None or (got.slave, got.function) == (req.slave, req.function)
 
 
 @given(ANY_REQUEST, st.binary(max_size=40))
 def test_fuzz_response_parser_with_right_header(req: Request, tail: bytes) -> None:
     """Bytes that start like the right answer get deeper into the parser."""
     parser = ResponseParser(req)
-    with contextlib.suppress(ProtocolError):
-        parser.feed(bytes([req.slave, req.function]) + tail)
+    try:
+        got = parser.feed(bytes([req.slave, req.function]) + tail)
+    except ProtocolError:
+        return
+    assert got is None or (got.slave, got.function) == (req.slave, req.function)
 
 
 @given(st.binary(max_size=300))
 def test_fuzz_decode_request(data: bytes) -> None:
     try:
-        rtu.decode_request(data)
-        rtu.request_length(data)
+        req = rtu.decode_request(data)
     except ProtocolError:
-        pass
+        req = None
+    if req is not None:
+        assert rtu.decode_request(rtu.encode_request(req)) == req
+    try:
+        n = rtu.request_length(data)
+    except ProtocolError:
+        return
+    assert n is None or n >= 4
 
 
 @given(st.binary(min_size=2, max_size=250))
