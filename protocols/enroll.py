@@ -148,9 +148,7 @@ class EnrollRequest:
 
     def verify(self, signer: PublicKeyLike) -> None:
         """Check the request signature (by ``signer``) and the proof of possession of ``pub``."""
-        if key_id(signer) != self.kid:
-            raise SignatureError("enrollment request kid does not match the signing key")
-        self.message.verify(ENROLL_DOMAIN, signer)
+        self.message.verify(ENROLL_DOMAIN, signer, kid=self.kid)
         pop = SignedMessage(self.message.protected, b"", self.message.payload)
         try:
             pop.verify(POP_DOMAIN, self.pub)

@@ -136,8 +136,14 @@ class SignedMessage:
     payload: bytes
     signature: bytes
 
-    def verify(self, domain: str, public_key: PublicKeyLike) -> None:
-        """Raise :class:`SignatureError` unless the signature verifies for ``domain``."""
+    def verify(self, domain: str, public_key: PublicKeyLike, *, kid: bytes | None = None) -> None:
+        """Raise :class:`SignatureError` unless the signature verifies for ``domain``.
+
+        With ``kid`` (the key id the message names), a key with another id is
+        refused first: a message must be checked with the key it says signed it.
+        """
+        if kid is not None and key_id(public_key) != kid:
+            raise SignatureError(f"{domain}: kid {kid.hex()} does not match the public key")
         try:
             _public(public_key).verify(
                 self.signature, signed_bytes(domain, self.protected, self.payload)
@@ -280,9 +286,9 @@ class SealedBatch:
 
     def verify(self, public_key: PublicKeyLike) -> None:
         """Raise :class:`SignatureError` unless ``public_key`` (matching ``kid``) signed it."""
-        if key_id(public_key) != self.header.kid:
-            raise SignatureError("batch kid does not match the public key")
-        SignedMessage(self.protected, self.payload, self.signature).verify(BATCH_DOMAIN, public_key)
+        SignedMessage(self.protected, self.payload, self.signature).verify(
+            BATCH_DOMAIN, public_key, kid=self.header.kid
+        )
 
     def readings(self) -> list[Reading]:
         """The readings, checked against the header's ``n``, ``t0`` and ``t1``.
@@ -382,9 +388,9 @@ class SealedMeta:
 
     def verify(self, public_key: PublicKeyLike) -> None:
         """Raise :class:`SignatureError` unless ``public_key`` (matching ``kid``) signed it."""
-        if key_id(public_key) != self.header.kid:
-            raise SignatureError("meta kid does not match the public key")
-        SignedMessage(self.protected, self.payload, self.signature).verify(META_DOMAIN, public_key)
+        SignedMessage(self.protected, self.payload, self.signature).verify(
+            META_DOMAIN, public_key, kid=self.header.kid
+        )
 
     def points(self) -> list[PointInfo]:
         """The point table, checked against the header's ``n``."""

@@ -38,7 +38,7 @@ from protocols.envelope import (
     parse_message,
     sign_message,
 )
-from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
+from protocols.errors import DecodeError, FrameError, LocalError
 from protocols.payload import MAX_TS
 
 __all__ = [
@@ -133,9 +133,7 @@ class SealedEvent:
 
     def verify(self, public_key: PublicKeyLike) -> None:
         """Raise :class:`SignatureError` unless ``public_key`` (matching ``kid``) signed it."""
-        if key_id(public_key) != self.header.kid:
-            raise SignatureError("event kid does not match the public key")
-        self.message.verify(EVENT_DOMAIN, public_key)
+        self.message.verify(EVENT_DOMAIN, public_key, kid=self.header.kid)
 
     def event(self) -> Event:
         """The event, every field checked; :class:`DecodeError` if anything is off."""

@@ -31,7 +31,7 @@ from protocols.envelope import (
     parse_message,
     sign_message,
 )
-from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
+from protocols.errors import DecodeError, FrameError, LocalError
 
 __all__ = [
     "GAP_DOMAIN",
@@ -80,9 +80,7 @@ class SealedGap:
     message: SignedMessage
 
     def verify(self, public_key: PublicKeyLike) -> None:
-        if key_id(public_key) != self.header.kid:
-            raise SignatureError("gap notice kid does not match the public key")
-        self.message.verify(GAP_DOMAIN, public_key)
+        self.message.verify(GAP_DOMAIN, public_key, kid=self.header.kid)
 
     def ranges(self) -> list[GapRange]:
         """The dropped ranges, each checked; :class:`DecodeError` if anything is off."""
