@@ -122,7 +122,7 @@ def test_key_id() -> None:
 
 def test_wrong_key_or_kid_is_refused() -> None:
     batch = parse(sealed())
-    with pytest.raises(SignatureError, match="kid [0-9a-f]{16} does not match"):
+    with pytest.raises(SignatureError, match=r"kid [0-9a-f]{16} does not match"):
         batch.verify(OTHER.public_key())
     forged = parse(hand_made(key=OTHER))  # kid names KEY, signed by OTHER
     with pytest.raises(SignatureError, match="signature does not verify"):
@@ -326,7 +326,7 @@ def test_meta_and_batch_do_not_cross() -> None:
         parse(meta_wire)
     with pytest.raises(FrameError, match="unknown key 'seq'"):
         parse_meta(sealed())
-    with pytest.raises(SignatureError, match="kid [0-9a-f]{16} does not match"):
+    with pytest.raises(SignatureError, match=r"kid [0-9a-f]{16} does not match"):
         parse_meta(meta_wire).verify(OTHER.public_key())
 
 
