@@ -279,7 +279,8 @@ def demo(
     else:
         typer.echo(
             f"polled {summary['readings_polled']} readings, {summary['readings_verified']} verified at the hub, "
-            f"{summary['readings_lost']} lost, {summary['batches_rejected']} batches rejected"
+            f"{summary['readings_lost']} lost, {summary['batches_rejected']} batches rejected, "
+            f"{summary['events_verified']} edge events"
         )
     ok = summary["readings_lost"] == 0 and summary["batches_rejected"] == 0
     raise typer.Exit(0 if ok else 1)

@@ -225,6 +225,8 @@ async def run_demo(
                         rate = (n - last_n) / max(1e-3, now - last_t)
                         last_n, last_t = n, now
                         live_view.update(_view(agent, run.hub, rate, kind, now - t_start))
+            if live_view and not console.is_terminal:
+                console.line()  # a log file gets the last view ended by a newline
         polled = run.polled
         rejected = sum(v for k, v in core.counters.items() if k.startswith("rejected."))
         spool_left = agent.spool.statistics()["depth_batches"] if agent.spool else 0
