@@ -411,19 +411,34 @@ class HubCore:
         """Batches verified but not yet written."""
         return len(self._batch_rows)
 
-    def _handle_gap(self, topic: str, data: bytes) -> str:
+    def _open(self, topic: str, data: bytes, parse: Any, what: str) -> Any:
+        """Parse a signed message, check it names the topic's gateway, look up its
+        key and verify it: the parsed message, or the refusal reason (a str).
+
+        One path for every kind but batches (which add dedup and the age window).
+        """
         topic_gw = topics.gateway_of(topic) or ""
         try:
-            notice = parse_gap(data)
-            if notice.header.gw != topic_gw:
-                return self._refuse("topic_mismatch", topic_gw, "gap")
-            key = self._key(notice.header.gw, notice.header.kid)
+            sealed = parse(data)
+            if sealed.header.gw != topic_gw:
+                return self._refuse("topic_mismatch", topic_gw, what)
+            key = self._key(sealed.header.gw, sealed.header.kid)
             if isinstance(key, str):
-                return self._refuse(key, topic_gw, "gap")
-            notice.verify(key)
-            ranges = notice.ranges()
+                return self._refuse(key, topic_gw, what)
+            sealed.verify(key)
         except SignatureError as exc:
             return self._refuse("bad_signature", topic_gw, str(exc))
+        except ProtocolError as exc:
+            return self._refuse(f"malformed_{what}", topic_gw, str(exc))
+        return sealed
+
+    def _handle_gap(self, topic: str, data: bytes) -> str:
+        notice = self._open(topic, data, parse_gap, "gap")
+        if isinstance(notice, str):
+            return notice
+        topic_gw = notice.header.gw
+        try:
+            ranges = notice.ranges()
         except ProtocolError as exc:
             return self._refuse("malformed_gap", topic_gw, str(exc))
         self.flush()
@@ -443,20 +458,13 @@ class HubCore:
         return "gap"
 
     def _handle_event(self, topic: str, data: bytes) -> str:
-        topic_gw = topics.gateway_of(topic) or ""
+        sealed = self._open(topic, data, parse_event, "event")
+        if isinstance(sealed, str):
+            return sealed
         try:
-            sealed = parse_event(data)
-            if sealed.header.gw != topic_gw:
-                return self._refuse("topic_mismatch", topic_gw, "event")
-            key = self._key(sealed.header.gw, sealed.header.kid)
-            if isinstance(key, str):
-                return self._refuse(key, topic_gw, "event")
-            sealed.verify(key)
             e = sealed.event()
-        except SignatureError as exc:
-            return self._refuse("bad_signature", topic_gw, str(exc))
         except ProtocolError as exc:
-            return self._refuse("malformed_event", topic_gw, str(exc))
+            return self._refuse("malformed_event", sealed.header.gw, str(exc))
         h = sealed.header
         cur = self.db.execute(
             "INSERT OR IGNORE INTO events (gw, epoch, seq, rule, kind, state, device, point, pid,"
@@ -486,15 +494,11 @@ class HubCore:
         return "event"
 
     def _handle_meta(self, topic: str, data: bytes) -> str:
-        topic_gw = topics.gateway_of(topic) or ""
+        meta = self._open(topic, data, envelope.parse_meta, "meta")
+        if isinstance(meta, str):
+            return meta
+        topic_gw = meta.header.gw
         try:
-            meta = envelope.parse_meta(data)
-            key = self._key(meta.header.gw, meta.header.kid)
-            if isinstance(key, str):
-                return self._refuse(key, meta.header.gw, "meta")
-            if meta.header.gw != topic_gw:
-                return self._refuse("topic_mismatch", topic_gw, "meta")
-            meta.verify(key)
             points = meta.points()
         except ProtocolError as exc:
             return self._refuse("malformed_meta", topic_gw, str(exc))

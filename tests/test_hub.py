@@ -215,3 +215,31 @@ def test_shard_rows_without_a_claim_are_not_readings(tmp_path: Path) -> None:
 def test_a_sharded_worker_needs_a_file_safe_name(tmp_path: Path) -> None:
     with pytest.raises(LocalError):
         HubCore(tmp_path / "hub.sqlite3", worker="../evil", sharded=True)
+
+
+def test_every_signed_kind_is_refused_the_same_way(core: HubCore) -> None:
+    """Meta, gap notices and events go through one check: a forged signature is
+    bad_signature for each, a stranger's key unknown_key, another gateway's topic
+    topic_mismatch."""
+    from protocols.event import Event, seal_event
+    from protocols.payload import PointInfo
+
+    stranger = Ed25519PrivateKey.generate()
+    point = PointInfo(0, "noise-1", "laeq", "dB(A)", "environment", "noise", "LAeq")
+    event = Event("loud", "threshold", "fired", "noise-1", "laeq", 0, 71.0, T0, T0, "above 70")
+    kinds = {
+        "meta": lambda key: envelope.seal_meta([point], gateway=GW, key=key, epoch=1),
+        "gap": lambda key: seal_gap(
+            [GapRange(1, 0, 3, 40, "spool_full")], gateway=GW, key=key, epoch=1
+        ),
+        "event": lambda key: seal_event(event, gateway=GW, key=key, epoch=1, seq=0),
+    }
+    core.enroll(GW, KEY.public_key().public_bytes_raw())
+    for kind, seal in kinds.items():
+        topic = f"{topics.DEFAULT_PREFIX}/{GW}/{kind}"
+        good = seal(KEY)
+        forged = good[:-1] + bytes([good[-1] ^ 1])
+        assert core.handle(topic, forged) == "bad_signature", kind
+        assert core.handle(topic, seal(stranger)) == "unknown_key", kind
+        assert core.handle(f"{topics.DEFAULT_PREFIX}/gw-other/{kind}", good) == "topic_mismatch"
+        assert core.handle(topic, good) == kind, kind
