@@ -85,6 +85,7 @@ _new_reading = tuple.__new__
 _OUT = Quality.OUT_OF_RANGE
 _STALE = Quality.STALE
 _COMM = Quality.COMM_ERROR
+_PHASE_GRID_S = 0.1
 
 
 class DeviceState(enum.StrEnum):
@@ -322,7 +323,9 @@ class BusPoller:
 
     async def run(self) -> None:
         clock = self._clock
-        start = clock.monotonic()
+        # every bus starts on a common 100 ms grid, so the polls of many buses at
+        # the same interval fall due at the same instants and share wake-ups
+        start = math.ceil(clock.monotonic() / _PHASE_GRID_S) * _PHASE_GRID_S
         heap = list(self._jobs)
         for job in heap:
             job.due = start
@@ -332,7 +335,7 @@ class BusPoller:
                 job = heap[0]
                 now = clock.monotonic()
                 if job.due > now:
-                    await clock.sleep(job.due - now)
+                    await clock.sleep_until(job.due)
                     continue
                 dev = job.device
                 if dev.state is DeviceState.OFFLINE and now < dev.retry_at:

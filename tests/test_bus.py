@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from agent.bus import BusPoller, DeviceState, PolledDevice, _fast
+from agent.clock import SystemClock
 from agent.transport import BadResponse, LinkDown, ModbusLink, NoResponse
 from drivers.profiles import Point, load_profile
 from protocols.errors import DecodeError, DeviceException
@@ -72,6 +73,9 @@ class VirtualClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+    async def sleep_until(self, when: float) -> None:
+        await asyncio.sleep(max(0.0, when - self.loop.time()))
 
 
 def run_virtual(factory: Callable[[VirtualClock], Coroutine[Any, Any, None]]) -> None:
@@ -546,3 +550,18 @@ def test_shipped_profiles_poll_cleanly() -> None:
             assert all(r.quality is not Quality.COMM_ERROR for r in sink.readings), name
 
     run_virtual(body)
+
+
+async def test_sleepers_of_one_instant_share_one_timer_and_are_cancelled_alone() -> None:
+    clock = SystemClock()
+    loop = asyncio.get_running_loop()
+    when = loop.time() + 0.05
+    sleepers = [asyncio.create_task(clock.sleep_until(when)) for _ in range(50)]
+    await asyncio.sleep(0)
+    assert [len(group) for group in clock._sleepers.values()] == [50]  # one timer for all
+    sleepers[0].cancel()
+    await asyncio.gather(*sleepers[1:])
+    assert loop.time() >= when
+    assert sleepers[0].cancelled() and not any(t.cancelled() for t in sleepers[1:])
+    assert clock._sleepers == {}
+    await clock.sleep_until(loop.time() - 1)  # the past: returns at once

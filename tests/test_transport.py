@@ -182,6 +182,32 @@ async def test_tcp_garbage_stream_drops_the_connection() -> None:
             link.close()
 
 
+async def test_tcp_idle_connection_closed_by_the_device_is_reopened_not_a_failure() -> None:
+    """Many devices drop a connection idle for a while: the next request reconnects."""
+    served: list[int] = []
+
+    async def one_answer_then_close(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await r.readexactly(12)
+        w.write(_reply(req, len(served)))
+        served.append(1)
+        await w.drain()
+        w.close()  # the device's idle timeout, right after its answer
+
+    server = await asyncio.start_server(one_answer_then_close, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    link = ModbusLink.tcp("127.0.0.1", port, timeout_s=1.0)
+    try:
+        assert list(await link.read(Space.HOLDING, 0, 1, 1)) == [0]
+        await asyncio.sleep(0.05)  # the close reaches us while the link is idle
+        assert list(await link.read(Space.HOLDING, 0, 1, 1)) == [1]
+        stats = link.statistics()
+        assert stats["connects"] == 2 and stats["timeouts"] == 0
+    finally:
+        link.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_tcp_device_that_accepts_one_connection() -> None:
     t = TcpTerminal(SLM, max_connections=1)
     await t.start()
