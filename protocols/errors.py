@@ -16,6 +16,8 @@ __all__ = [
     "DecodeError",
     "DeviceException",
     "FrameError",
+    "InvalidSignature",
+    "KeyFormatError",
     "LocalError",
     "ProtocolError",
     "RemoteError",
@@ -34,6 +36,10 @@ class LocalError(VitalsError):
 
 class RemoteError(VitalsError):
     """The world is wrong: a device, a link, a broker or a peer misbehaved."""
+
+
+class KeyFormatError(LocalError):
+    """Key material we were handed is malformed: a wrong length, not Ed25519, not PKCS#8 PEM."""
 
 
 class ConfigError(LocalError):
@@ -62,6 +68,10 @@ class DecodeError(ProtocolError):
 
 class SignatureError(ProtocolError):
     """A signed message does not verify against the key it names."""
+
+
+class InvalidSignature(SignatureError):
+    """An Ed25519 signature does not verify (``protocols.ed25519.PublicKey.verify``)."""
 
 
 class DeviceException(RemoteError):
