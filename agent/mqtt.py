@@ -265,6 +265,9 @@ class MqttClient:
         except BaseException:  # cancelled: leave no socket behind
             self._fail(MqttError(f"connect to {where} cancelled"))
             raise
+        finally:
+            if self._connack.done() and not self._connack.cancelled():
+                self._connack.exception()  # retrieved: connect raises the failure itself
         if not ack.accepted:
             err = MqttError(
                 f"broker {where} refused the connection: {ack.reason} "

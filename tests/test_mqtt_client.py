@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -29,6 +30,20 @@ from simulator.broker import HOST, MosquittoBroker, free_port, mosquitto_path
 needs_mosquitto = pytest.mark.skipif(
     mosquitto_path() is None, reason="needs the mosquitto binary (apt-get install mosquitto)"
 )
+
+
+@pytest.fixture(autouse=True)
+async def _every_failure_is_retrieved() -> AsyncIterator[None]:
+    """No Future the client made is left with an exception nobody retrieved (asyncio would
+    log "Future exception was never retrieved" when it is collected)."""
+    loop = asyncio.get_running_loop()
+    reports: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reports.append(context))
+    yield
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert not reports, reports
 
 
 async def _take(client: MqttClient, n: int, within: float = 5.0) -> list[mqtt.Publish]:
