@@ -17,10 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import itemgetter
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from agent.clock import Clock
 from protocols import envelope
+from protocols.ed25519 import PrivateKey
 from protocols.reading import Reading
 
 __all__ = ["Batcher", "Sealed"]
@@ -46,7 +45,7 @@ class Batcher:
         self,
         *,
         gateway: str,
-        key: Ed25519PrivateKey,
+        key: PrivateKey,
         epoch: int,
         max_readings: int,
         max_age_s: float,

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import Config, load_config
 from agent.transport import ModbusLink
 from protocols import command as cmdproto
 from protocols import topics
+from protocols.ed25519 import PrivateKey
 from protocols.envelope import key_id
 from protocols.errors import ConfigError, ProtocolError, SignatureError, VitalsError
 from protocols.modbus import decode, register_count, write_request
@@ -72,7 +72,7 @@ class CommandExecutor:
         self,
         gateway_id: str,
         hub_public_key: bytes | None,
-        key: Ed25519PrivateKey,
+        key: PrivateKey,
         handlers: Mapping[str, Handler] | None = None,
         *,
         clock: Callable[[], float] = time.time,

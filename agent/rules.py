@@ -30,10 +30,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from agent.clock import Clock, SystemClock
 from agent.config import RuleConfig, RuleTarget
+from protocols.ed25519 import PrivateKey
 from protocols.event import Event, event_topic, seal_event
 from protocols.reading import Quality, Reading
 
@@ -385,7 +384,7 @@ class EdgeEvents:
         rules: Sequence[RuleConfig],
         *,
         gateway: str,
-        key: Ed25519PrivateKey,
+        key: PrivateKey,
         epoch: int,
         clock: Clock | None = None,
         max_outbox: int = 1024,

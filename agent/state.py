@@ -16,10 +16,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
-from protocols.errors import LocalError
+from protocols import ed25519
+from protocols.errors import KeyFormatError, LocalError
 
 __all__ = [
     "HUB_KEY_FILE",
@@ -51,19 +49,19 @@ class IdentityError(LocalError):
     """The identity key is missing, unreadable, or unsafe to use."""
 
 
-def public_key_raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def public_key_raw(key: ed25519.PublicKey) -> bytes:
+    return key.public_bytes_raw()
 
 
 @dataclass(frozen=True)
 class Identity:
     """A gateway's Ed25519 key pair and the names derived from it."""
 
-    private_key: Ed25519PrivateKey
+    private_key: ed25519.PrivateKey
     path: Path
 
     @property
-    def public_key(self) -> Ed25519PublicKey:
+    def public_key(self) -> ed25519.PublicKey:
         return self.private_key.public_key()
 
     @property
@@ -95,15 +93,11 @@ class Identity:
         raise TypeError("an Identity holds a private key and is not picklable")
 
 
-def _write_new_key(path: Path) -> Ed25519PrivateKey | None:
-    """A new key written to ``path`` (mode 0600, fsynced); None if ``path`` exists."""
+def _write_new_key(path: Path) -> ed25519.PrivateKey | None:
+    """A new key written to ``path`` (PKCS#8 PEM, mode 0600, fsynced); None if ``path`` exists."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    key = ed25519.PrivateKey.generate()
+    pem = key.private_pem()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -156,13 +150,11 @@ def _load_key(path: Path, state_dir: Path) -> Identity:
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
         raise IdentityError(f"{path}: owned by uid {st.st_uid}, not by this user ({os.geteuid()})")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError, OSError) as exc:
-        raise IdentityError(
-            f"{path}: not a readable PEM private key ({type(exc).__name__})"
-        ) from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise IdentityError(f"{path}: the key is not an Ed25519 key")
+        key = ed25519.PrivateKey.from_pem(path.read_bytes())
+    except OSError as exc:
+        raise IdentityError(f"{path}: not a readable PEM private key ({exc})") from exc
+    except KeyFormatError as exc:  # names what is wrong, never key material
+        raise IdentityError(f"{path}: not a readable PEM private key: {exc}") from exc
     return Identity(key, path)
 
 

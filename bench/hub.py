@@ -39,9 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from protocols import envelope, topics
+from protocols import ed25519, envelope, topics
 from protocols.reading import Quality, Reading
 from simulator.hub import HubCore, open_readings
 
@@ -51,7 +49,7 @@ T0 = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: inside the hub's ag
 def build(gateways: int, batches: int, per_batch: int) -> tuple[list[tuple[str, bytes]], dict]:  # type: ignore[type-arg]
     """``batches`` signed batches spread over ``gateways``, and their public keys."""
     rng = random.Random(1)
-    keys = {f"gw-{g:04d}": Ed25519PrivateKey.generate() for g in range(gateways)}
+    keys = {f"gw-{g:04d}": ed25519.PrivateKey.generate() for g in range(gateways)}
     names = list(keys)
     out: list[tuple[str, bytes]] = []
     seqs = dict.fromkeys(names, 0)

@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import parse_config
 from agent.service import Agent
 from agent.spool import Spool
 from agent.state import create_identity, next_epoch
 from drivers.profiles import load_profile
-from protocols import envelope
+from protocols import ed25519, envelope
 from protocols.reading import Reading
 from simulator.broker import MosquittoBroker
 from simulator.tcp import TcpTerminal
@@ -59,7 +58,7 @@ def _write_bytes() -> int:
 
 
 def backlog(
-    key: Ed25519PrivateKey, epoch: int, readings: int
+    key: ed25519.PrivateKey, epoch: int, readings: int
 ) -> list[tuple[int, int, int, int, bytes]]:
     """Signed batches of ``readings`` realistic readings: 50 points at 1 Hz, random walks."""
     rng = random.Random(1)
@@ -203,7 +202,7 @@ async def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="vitals-bench-spool-", dir="/var/tmp") as tmp:
         where = Path(tmp)
-        key = Ed25519PrivateKey.from_private_bytes(bytes(32))
+        key = ed25519.PrivateKey.from_private_bytes(bytes(32))
         rows = backlog(key, 1, args.readings)
         amp = [await amplification(rows, d, where) for d in ("full", "normal", "off")]
         dr = await drain(args.readings, where, args.durability)

@@ -18,11 +18,9 @@ import json
 import random
 from collections.abc import Iterator
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from agent.config import BatchConfig
 from drivers.profiles import load_profile
-from protocols import envelope, topics
+from protocols import ed25519, envelope, topics
 from protocols.modbus import decode, encode, plan
 from protocols.reading import Quality, Reading
 from simulator.demo import DEMO_DEVICES
@@ -94,7 +92,7 @@ def batches(readings: list[Reading], max_n: int, max_age_ms: int) -> Iterator[li
 
 
 def measure(readings: list[Reading], enc: str, max_n: int, max_age_ms: int) -> dict[str, float]:
-    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    key = ed25519.PrivateKey.from_private_bytes(bytes(range(32)))
     topic = topics.batch(GATEWAY)
     n_batches = wire = payload = 0
     for seq, b in enumerate(batches(readings, max_n, max_age_ms)):

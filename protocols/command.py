@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from protocols import ed25519
 from protocols.envelope import (
     MAX_GATEWAY_LEN,
     PublicKeyLike,
@@ -117,7 +117,7 @@ def command(
     args: Mapping[str, Any] | None = None,
     *,
     gateway: str,
-    hub_key: Ed25519PrivateKey,
+    hub_key: ed25519.PrivateKey,
     now_ms: int,
     ttl_ms: int = 60_000,
     command_id: bytes | None = None,
@@ -182,7 +182,7 @@ class CommandResult:
 def result(
     *,
     gateway: str,
-    key: Ed25519PrivateKey,
+    key: ed25519.PrivateKey,
     command_id: bytes,
     status: str,
     reason: str = "",

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import msgpack
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from protocols import ed25519
 from protocols.envelope import (
     MAX_GATEWAY_LEN,
     PublicKeyLike,
@@ -159,9 +159,9 @@ class EnrollRequest:
 def request(
     *,
     gateway: str,
-    new_key: Ed25519PrivateKey,
+    new_key: ed25519.PrivateKey,
     token: str = "",
-    signer: Ed25519PrivateKey | None = None,
+    signer: ed25519.PrivateKey | None = None,
     now_ms: int,
     nonce: bytes | None = None,
 ) -> tuple[bytes, bytes]:
@@ -241,7 +241,7 @@ class EnrollResult:
 def result(
     *,
     gateway: str,
-    hub_key: Ed25519PrivateKey,
+    hub_key: ed25519.PrivateKey,
     nonce: bytes,
     status: str,
     enrolled: bytes = b"",

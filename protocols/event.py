@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import msgpack
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocols import topics
+from protocols import ed25519, topics
 from protocols.envelope import (
     MAX_GATEWAY_LEN,
     PublicKeyLike,
@@ -165,7 +164,7 @@ class SealedEvent:
 
 
 def seal_event(
-    event: Event, *, gateway: str, key: Ed25519PrivateKey, epoch: int, seq: int
+    event: Event, *, gateway: str, key: ed25519.PrivateKey, epoch: int, seq: int
 ) -> bytes:
     """The wire bytes of ``event``, signed by ``key`` as event ``seq`` of ``epoch``."""
     if type(gateway) is not str or not 1 <= len(gateway) <= MAX_GATEWAY_LEN:

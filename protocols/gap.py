@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import msgpack
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from protocols import ed25519
 from protocols.envelope import (
     PublicKeyLike,
     SignedMessage,
@@ -106,7 +106,7 @@ class SealedGap:
 
 
 def seal_gap(
-    ranges: Sequence[GapRange], *, gateway: str, key: Ed25519PrivateKey, epoch: int
+    ranges: Sequence[GapRange], *, gateway: str, key: ed25519.PrivateKey, epoch: int
 ) -> bytes:
     """The wire bytes of a signed gap notice naming ``ranges`` (1 to MAX_RANGES)."""
     if not 1 <= len(ranges) <= MAX_RANGES:

@@ -13,9 +13,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiomqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocols import command, topics
+from protocols import command, ed25519, topics
 from protocols.errors import ProtocolError, SignatureError
 from simulator.hub import HubCore
 
@@ -26,7 +25,7 @@ class Commander:
     def __init__(
         self,
         core: HubCore,
-        hub_key: Ed25519PrivateKey,
+        hub_key: ed25519.PrivateKey,
         *,
         clock: Callable[[], float] = time.time,
         prefix: str = topics.DEFAULT_PREFIX,

@@ -37,11 +37,9 @@ from typing import Annotated
 
 import aiomqtt
 import typer
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocols import enroll, envelope, topics
-from protocols.errors import ProtocolError, SignatureError
+from protocols import ed25519, enroll, envelope, topics
+from protocols.errors import KeyFormatError, ProtocolError, SignatureError
 from simulator.hub import HubCore
 
 __all__ = [
@@ -71,15 +69,11 @@ CREATE TABLE IF NOT EXISTS key_rotations (
 result_topic = topics.enroll_result  # the hub's signed answers
 
 
-def load_or_create_hub_key(path: Path) -> Ed25519PrivateKey:
+def load_or_create_hub_key(path: Path) -> ed25519.PrivateKey:
     """The hub's Ed25519 key (PEM, mode 0600), created on first use."""
     if not path.exists():
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        key = ed25519.PrivateKey.generate()
+        pem = key.private_pem()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -90,10 +84,10 @@ def load_or_create_hub_key(path: Path) -> Ed25519PrivateKey:
         return key
     if path.stat().st_mode & 0o077:
         raise PermissionError(f"{path}: the hub key must not be readable by others (chmod 600)")
-    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise ValueError(f"{path}: not an Ed25519 key")
-    return loaded
+    try:
+        return ed25519.PrivateKey.from_pem(path.read_bytes())
+    except KeyFormatError as exc:
+        raise ValueError(f"{path}: not an Ed25519 PKCS#8 PEM key: {exc}") from exc
 
 
 def _hash(token: str) -> bytes:
@@ -106,7 +100,7 @@ class EnrollmentDesk:
     def __init__(
         self,
         core: HubCore,
-        hub_key: Ed25519PrivateKey,
+        hub_key: ed25519.PrivateKey,
         *,
         rotation_grace_s: float = 3600.0,
         clock: Callable[[], float] = time.time,

@@ -10,7 +10,6 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,7 @@ from agent.config import Config, load_config, parse_config
 from agent.transport import ModbusLink
 from drivers.profiles import load_profile
 from protocols import command, envelope, topics
+from protocols.ed25519 import PrivateKey
 from protocols.errors import LocalError, SignatureError
 from simulator.broker import MosquittoBroker
 from simulator.commander import Commander
@@ -27,8 +27,8 @@ from simulator.tcp import TcpTerminal
 
 GW = "gw-cmd-1"
 T0 = 1_767_225_600.0
-HUB = Ed25519PrivateKey.generate()
-GW_KEY = Ed25519PrivateKey.generate()
+HUB = PrivateKey.generate()
+GW_KEY = PrivateKey.generate()
 
 
 class Clock:
@@ -104,7 +104,7 @@ async def test_refusals_say_why(case: str, reason: str) -> None:
         flipped[-3] ^= 0x10
         data = bytes(flipped)
     elif case == "other_key":
-        data = cmd(hub_key=Ed25519PrivateKey.generate())
+        data = cmd(hub_key=PrivateKey.generate())
     elif case == "misaddressed":
         data = cmd(gateway="gw-other")
     elif case == "expired":

@@ -467,8 +467,9 @@ def _run(code: str, **env: str) -> str:
     return res.stdout.strip()
 
 
+# the import chain of `vitals run` (agent.runner -> agent.service), then a key used
 _PROBE = (
-    "import sys, asyncio; from protocols import ed25519; "
+    "import sys, agent.runner, agent.service; from protocols import ed25519; "
     "k = ed25519.PrivateKey.generate(); k.public_key().verify(k.sign(b'x'), b'x'); "
     "print(ed25519.backend_name(), 'cryptography' in sys.modules)"
 )

@@ -17,11 +17,11 @@ from types import ModuleType
 
 import msgpack
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import protocols
+from protocols.ed25519 import PrivateKey
 from protocols.envelope import (
     BATCH_DOMAIN,
     META_DOMAIN,
@@ -40,8 +40,8 @@ from protocols.payload import PointInfo, encode_readings
 from protocols.reading import Quality, Reading
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
-KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+KEY = PrivateKey.from_private_bytes(bytes(range(32)))
+OTHER = PrivateKey.from_private_bytes(bytes(range(1, 33)))
 T = 1_767_225_600_000
 READINGS = [
     Reading(1, T, 52.3),
@@ -77,7 +77,7 @@ def header_map(**changes: object) -> dict[str, object]:
 
 
 def hand_made(
-    protected: bytes | None = None, payload: bytes | None = None, *, key: Ed25519PrivateKey = KEY
+    protected: bytes | None = None, payload: bytes | None = None, *, key: PrivateKey = KEY
 ) -> bytes:
     """A batch with hand-made parts, correctly signed."""
     prot = pack(header_map()) if protected is None else protected
@@ -393,7 +393,7 @@ def test_vector_verifies_and_decodes() -> None:
     assert batch.signature == vector("sig.hex")
     assert signed_bytes(BATCH_DOMAIN, batch.protected, batch.payload) == vector("signed.hex")
     batch.verify(vector("pub.hex"))
-    key = Ed25519PrivateKey.from_private_bytes(vector("seed.hex"))
+    key = PrivateKey.from_private_bytes(vector("seed.hex"))
     assert key_id(key) == vector("kid.hex") == batch.header.kid
     expected = json.loads((VECTORS / "readings.json").read_text())
     got = [

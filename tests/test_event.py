@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols import envelope
+from protocols.ed25519 import PrivateKey
 from protocols.errors import DecodeError, FrameError, LocalError, ProtocolError, SignatureError
 from protocols.event import EVENT_DOMAIN, Event, event_topic, parse_event, seal_event
 
-KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+KEY = PrivateKey.from_private_bytes(bytes(range(32)))
+OTHER = PrivateKey.from_private_bytes(bytes(range(1, 33)))
 EV = Event(
     rule="night-noise",
     kind="threshold",

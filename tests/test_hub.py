@@ -8,10 +8,10 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.uplink import gap_topic
 from protocols import envelope, topics
+from protocols.ed25519 import PrivateKey
 from protocols.envelope import sign_message
 from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
 from protocols.gap import GAP_DOMAIN, GapRange, parse_gap, seal_gap
@@ -19,7 +19,7 @@ from protocols.reading import Reading
 from simulator.hub import HubCore, hub_stats, open_readings, shard_dir, shards
 
 GW = "gw-hub-1"
-KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+KEY = PrivateKey.from_private_bytes(bytes(range(32)))
 PUB = KEY.public_key().public_bytes_raw()
 
 T0 = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: inside the hub's age window
@@ -96,7 +96,7 @@ def test_a_dropped_range_of_an_epoch_with_nothing_delivered(core: HubCore, tmp_p
 
 
 def test_forged_or_misrouted_gap_notices_are_refused(core: HubCore, tmp_path: Path) -> None:
-    other = Ed25519PrivateKey.generate()
+    other = PrivateKey.generate()
     forged = seal_gap([GapRange(1, 0, 9, 1, "spool_full")], gateway=GW, key=other, epoch=1)
     assert core.handle(gap_topic(GW), forged) == "unknown_key"
     good = seal_gap([GapRange(1, 0, 9, 1, "spool_full")], gateway=GW, key=KEY, epoch=1)
@@ -140,7 +140,7 @@ def test_gap_codec_round_trip_and_strictness() -> None:
     assert g.ranges() == ranges
     assert (g.header.gw, g.header.epoch, g.header.n) == (GW, 2, 2)
     with pytest.raises(SignatureError):
-        g.verify(Ed25519PrivateKey.generate().public_key().public_bytes_raw())
+        g.verify(PrivateKey.generate().public_key().public_bytes_raw())
     # n disagrees with the payload
     prot = {"gw": GW, "kid": envelope.key_id(KEY), "epoch": 2, "n": 3, "enc": "msgpack"}
     bad = sign_message(GAP_DOMAIN, prot, msgpack.packb([[1, 0, 3, 40, "spool_full"]]), KEY)
@@ -224,7 +224,7 @@ def test_every_signed_kind_is_refused_the_same_way(core: HubCore) -> None:
     from protocols.event import Event, seal_event
     from protocols.payload import PointInfo
 
-    stranger = Ed25519PrivateKey.generate()
+    stranger = PrivateKey.generate()
     point = PointInfo(0, "noise-1", "laeq", "dB(A)", "environment", "noise", "LAeq")
     event = Event("loud", "threshold", "fired", "noise-1", "laeq", 0, 71.0, T0, T0, "above 70")
     kinds = {

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import state
 from agent.config import TlsConfig, load_config
 from agent.provision import DEFAULT_TEMPLATE, render_config, write_config
 from agent.service import Agent
 from drivers.profiles import load_profile
+from protocols.ed25519 import PrivateKey
 from protocols.enroll import new_token
 from protocols.errors import ConfigError, LocalError
 from simulator.broker import MosquittoBroker
@@ -93,7 +93,7 @@ class HubSide:
 @pytest.fixture
 async def hub_side(mosquitto: MosquittoBroker, tmp_path: Path) -> AsyncIterator[HubSide]:
     core = HubCore(tmp_path / "hub" / "hub.sqlite3")
-    desk = EnrollmentDesk(core, Ed25519PrivateKey.generate(), rotation_grace_s=0)
+    desk = EnrollmentDesk(core, PrivateKey.generate(), rotation_grace_s=0)
     hub = Hub(core, host=mosquitto.host, port=mosquitto.port)
     desk_ready = asyncio.Event()
     async with asyncio.TaskGroup() as tg:
@@ -225,7 +225,7 @@ async def test_from_nothing_to_a_verified_batch_with_one_command(
 async def test_no_answer_from_the_hub_is_a_clear_error(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
-    token = new_token(Ed25519PrivateKey.generate().public_key())
+    token = new_token(PrivateKey.generate().public_key())
     code, _, err = await vitals(
         "provision",
         "--token",
@@ -303,7 +303,7 @@ def test_existing_config_needs_force(tmp_path: Path) -> None:
 def test_hub_db_is_plain_sqlite(tmp_path: Path) -> None:
     """Tokens and rotations live in the hub database, beside the keys."""
     core = HubCore(tmp_path / "hub.sqlite3")
-    EnrollmentDesk(core, Ed25519PrivateKey.generate()).issue_token("gw-1")
+    EnrollmentDesk(core, PrivateKey.generate()).issue_token("gw-1")
     core.close()
     con = sqlite3.connect(tmp_path / "hub.sqlite3")
     try:

@@ -7,10 +7,10 @@ import datetime
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import load_config, parse_config
 from agent.rules import EdgeEvents, RuleEngine
+from protocols.ed25519 import PrivateKey
 from protocols.errors import ConfigError
 from protocols.event import Event, parse_event
 from protocols.reading import Quality, Reading
@@ -321,7 +321,7 @@ def test_shipped_example_rules() -> None:
 
 
 async def test_edge_events_seal_in_order_and_tick() -> None:
-    key = Ed25519PrivateKey.generate()
+    key = PrivateKey.generate()
     clock = FakeClock()
     cfg = config(
         {"id": "gas", "kind": "threshold", "device": "gas-1", "point": "co", "above": 35},

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import typer
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric import ed25519 as pyca_ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from agent import state
 from protocols import enroll, envelope, topics
+from protocols.ed25519 import PrivateKey
 from protocols.errors import FrameError, LocalError, SignatureError
 from protocols.reading import Reading
 from simulator.enroll import (
@@ -51,15 +52,15 @@ def clock() -> Clock:
 @pytest.fixture
 def desk(tmp_path: Path, clock: Clock) -> Iterator[EnrollmentDesk]:
     core = HubCore(tmp_path / "hub.sqlite3")
-    yield EnrollmentDesk(core, Ed25519PrivateKey.generate(), clock=clock, rotation_grace_s=600.0)
+    yield EnrollmentDesk(core, PrivateKey.generate(), clock=clock, rotation_grace_s=600.0)
     core.close()
 
 
 def ask(
     desk: EnrollmentDesk,
-    key: Ed25519PrivateKey,
+    key: PrivateKey,
     token: str = "",
-    signer: Ed25519PrivateKey | None = None,
+    signer: PrivateKey | None = None,
     gw: str = GW,
     topic_gw: str = GW,
 ) -> enroll.EnrollResult:
@@ -75,7 +76,7 @@ def ask(
     return res
 
 
-def batch(key: Ed25519PrivateKey, seq: int) -> bytes:
+def batch(key: PrivateKey, seq: int) -> bytes:
     now_ms = time.time_ns() // 1_000_000  # readings are recent: the hub refuses very old ones
     return envelope.seal([Reading(1, now_ms, 1.5)], gateway=GW, key=key, epoch=1, seq=seq)
 
@@ -84,7 +85,7 @@ def batch(key: Ed25519PrivateKey, seq: int) -> bytes:
 
 
 def test_token_pins_the_hub_key() -> None:
-    hub = Ed25519PrivateKey.generate()
+    hub = PrivateKey.generate()
     token = enroll.new_token(hub.public_key())
     assert enroll.token_hub_kid(token) == envelope.key_id(hub.public_key())
     assert len(token.split(".")[0]) >= 26  # 128 random bits
@@ -95,19 +96,19 @@ def test_token_pins_the_hub_key() -> None:
 
 
 def test_request_round_trip_and_proof_of_possession() -> None:
-    key = Ed25519PrivateKey.generate()
+    key = PrivateKey.generate()
     data, nonce = enroll.request(gateway=GW, new_key=key, token="t.00", now_ms=5)
     req = enroll.parse_request(data)
     assert (req.gw, req.token, req.t, req.nonce) == (GW, "t.00", 5, nonce)
     assert req.pub == key.public_key().public_bytes_raw() and not req.is_rotation
     req.verify(key.public_key())
     with pytest.raises(SignatureError):
-        req.verify(Ed25519PrivateKey.generate().public_key())
+        req.verify(PrivateKey.generate().public_key())
 
 
 def test_a_request_without_the_new_keys_proof_is_refused() -> None:
     """A rotation signed by the old key but enrolling someone else's public key."""
-    old, new, victim = (Ed25519PrivateKey.generate() for _ in range(3))
+    old, new, victim = (PrivateKey.generate() for _ in range(3))
     data, _ = enroll.request(gateway=GW, new_key=new, signer=old, now_ms=1)
     msg = envelope.parse_message(data)
     fields = msg.fields(enroll._REQUEST_SCHEMA)
@@ -119,11 +120,11 @@ def test_a_request_without_the_new_keys_proof_is_refused() -> None:
 
 def test_first_enrollment_needs_a_token() -> None:
     with pytest.raises(LocalError):
-        enroll.request(gateway=GW, new_key=Ed25519PrivateKey.generate(), now_ms=1)
+        enroll.request(gateway=GW, new_key=PrivateKey.generate(), now_ms=1)
 
 
 def test_enrollment_domains_do_not_cross_with_batches() -> None:
-    key = Ed25519PrivateKey.generate()
+    key = PrivateKey.generate()
     data, _ = enroll.request(gateway=GW, new_key=key, token="x.00", now_ms=1)
     msg = envelope.parse_message(data)
     with pytest.raises(SignatureError):
@@ -147,7 +148,7 @@ def test_fuzz_parsers_raise_only_protocol_errors(data: bytes) -> None:
 
 
 def test_token_enrolls_once_and_the_batch_then_verifies(desk: EnrollmentDesk) -> None:
-    key = Ed25519PrivateKey.generate()
+    key = PrivateKey.generate()
     token = desk.issue_token(GW)
     res = ask(desk, key, token)
     assert res.ok and res.enrolled == envelope.key_id(key.public_key())
@@ -169,26 +170,26 @@ def test_tokens_are_stored_hashed(desk: EnrollmentDesk) -> None:
 def test_expired_token_is_refused(desk: EnrollmentDesk, clock: Clock) -> None:
     token = desk.issue_token(GW, ttl_s=3600)
     clock.now += 3600
-    assert ask(desk, Ed25519PrivateKey.generate(), token).status == "token_expired"
+    assert ask(desk, PrivateKey.generate(), token).status == "token_expired"
 
 
 def test_token_of_another_gateway_is_refused(desk: EnrollmentDesk) -> None:
     token = desk.issue_token("gw-other")
-    assert ask(desk, Ed25519PrivateKey.generate(), token).status == "bad_token"
-    assert ask(desk, Ed25519PrivateKey.generate(), "nope.0011").status == "bad_token"
+    assert ask(desk, PrivateKey.generate(), token).status == "bad_token"
+    assert ask(desk, PrivateKey.generate(), "nope.0011").status == "bad_token"
 
 
 def test_topic_and_request_must_agree(desk: EnrollmentDesk) -> None:
     token = desk.issue_token(GW)
-    res = ask(desk, Ed25519PrivateKey.generate(), token, topic_gw="gw-elsewhere")
+    res = ask(desk, PrivateKey.generate(), token, topic_gw="gw-elsewhere")
     assert res.status == "topic_mismatch"
     # and the token was not spent by the refused request
-    assert ask(desk, Ed25519PrivateKey.generate(), token).ok
+    assert ask(desk, PrivateKey.generate(), token).ok
 
 
 def test_forged_request_does_not_spend_the_token(desk: EnrollmentDesk) -> None:
     token = desk.issue_token(GW)
-    key = Ed25519PrivateKey.generate()
+    key = PrivateKey.generate()
     data, _ = enroll.request(gateway=GW, new_key=key, token=token, now_ms=1)
     forged = bytearray(data)
     forged[-1] ^= 1  # the request signature
@@ -215,7 +216,7 @@ def test_malformed_request_gets_a_signed_refusal(
 
 def test_a_new_token_enrollment_revokes_the_old_keys(desk: EnrollmentDesk) -> None:
     """A replaced SD card, a stolen unit: the gateway is born again."""
-    first, second = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    first, second = PrivateKey.generate(), PrivateKey.generate()
     assert ask(desk, first, desk.issue_token(GW)).ok
     assert ask(desk, second, desk.issue_token(GW)).ok
     assert desk.core.handle(topics.batch(GW), batch(first, 0)) == "revoked_key"
@@ -225,7 +226,7 @@ def test_a_new_token_enrollment_revokes_the_old_keys(desk: EnrollmentDesk) -> No
 def test_rotation_keeps_the_old_key_for_the_grace_period(
     desk: EnrollmentDesk, clock: Clock
 ) -> None:
-    old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    old, new = PrivateKey.generate(), PrivateKey.generate()
     assert ask(desk, old, desk.issue_token(GW)).ok
     res = ask(desk, new, signer=old)
     assert res.ok and res.enrolled == envelope.key_id(new.public_key())
@@ -237,19 +238,19 @@ def test_rotation_keeps_the_old_key_for_the_grace_period(
     assert handle(topics.batch(GW), batch(old, 2)) == "revoked_key"
     assert handle(topics.batch(GW), batch(new, 3)) == "stored"
     # the retired key can rotate no more
-    assert ask(desk, Ed25519PrivateKey.generate(), signer=old).status == "revoked_key"
+    assert ask(desk, PrivateKey.generate(), signer=old).status == "revoked_key"
 
 
 def test_rotation_with_no_grace_revokes_at_once(desk: EnrollmentDesk) -> None:
     desk.rotation_grace_s = 0
-    old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    old, new = PrivateKey.generate(), PrivateKey.generate()
     assert ask(desk, old, desk.issue_token(GW)).ok
     assert ask(desk, new, signer=old).ok
     assert desk.core.handle(topics.batch(GW), batch(old, 0)) == "revoked_key"
 
 
 def test_one_rotation_per_key_and_a_retry_is_idempotent(desk: EnrollmentDesk) -> None:
-    old, new, thief = (Ed25519PrivateKey.generate() for _ in range(3))
+    old, new, thief = (PrivateKey.generate() for _ in range(3))
     assert ask(desk, old, desk.issue_token(GW)).ok
     assert ask(desk, new, signer=old).ok
     assert ask(desk, new, signer=old).ok  # the answer was lost: the same request again
@@ -258,17 +259,17 @@ def test_one_rotation_per_key_and_a_retry_is_idempotent(desk: EnrollmentDesk) ->
 
 
 def test_rotation_by_an_unknown_key_is_refused(desk: EnrollmentDesk) -> None:
-    res = ask(desk, Ed25519PrivateKey.generate(), signer=Ed25519PrivateKey.generate())
+    res = ask(desk, PrivateKey.generate(), signer=PrivateKey.generate())
     assert res.status == "unknown_key"
 
 
 def test_result_from_another_hub_key_is_refused(desk: EnrollmentDesk) -> None:
     token = desk.issue_token(GW)
-    key = Ed25519PrivateKey.generate()
+    key = PrivateKey.generate()
     data, nonce = enroll.request(gateway=GW, new_key=key, token=token, now_ms=1)
     impostor = enroll.result(
         gateway=GW,
-        hub_key=Ed25519PrivateKey.generate(),
+        hub_key=PrivateKey.generate(),
         nonce=nonce,
         status="enrolled",
         enrolled=envelope.key_id(key.public_key()),
@@ -335,7 +336,7 @@ def test_key_file_checks(tmp_path: Path) -> None:
             state.load_identity(tmp_path)
         os.chown(ident.path, 0, -1)
     ident.path.write_bytes(
-        Ed25519PrivateKey.generate().private_bytes(
+        pyca_ed25519.Ed25519PrivateKey.generate().private_bytes(  # a real OpenSSH key file
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
@@ -390,6 +391,6 @@ def test_hub_token_command(tmp_path: Path) -> None:
     core = HubCore(db)
     try:
         desk = EnrollmentDesk(core, hub_key)
-        assert ask(desk, Ed25519PrivateKey.generate(), token).ok
+        assert ask(desk, PrivateKey.generate(), token).ok
     finally:
         core.close()

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocols import envelope, topics
+from protocols.ed25519 import PrivateKey
 from protocols.reading import Quality, Reading
 from simulator.hub import HubCore, hub_stats
 
@@ -40,7 +40,7 @@ ANSWERS = REFUSALS | {"stored", "duplicate", "ignored", "meta", "malformed_meta"
 NOW_MS = (time.time_ns() // 1_000_000 // 60_000) * 60_000 - 3_600_000  # within the hub's age window
 
 
-def random_batch(rng: random.Random, key: Ed25519PrivateKey, seq: int, epoch: int = 1) -> bytes:
+def random_batch(rng: random.Random, key: PrivateKey, seq: int, epoch: int = 1) -> bytes:
     readings = []
     for _ in range(rng.randint(1, 40)):
         kind = rng.randrange(4)
@@ -76,7 +76,7 @@ def core(tmp_path: Path) -> Iterator[HubCore]:
     c.close()
 
 
-KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+KEY = PrivateKey.from_private_bytes(bytes(range(32)))
 
 
 def test_one_flipped_bit_in_each_of_1000_random_batches_is_refused(core: HubCore) -> None:
@@ -141,14 +141,14 @@ def test_a_batch_far_behind_the_window_is_refused(core: HubCore) -> None:
 
 
 def test_unknown_key_is_refused(core: HubCore) -> None:
-    stranger = Ed25519PrivateKey.generate()
+    stranger = PrivateKey.generate()
     assert core.handle(TOPIC, random_batch(random.Random(1), stranger, 0)) == "unknown_key"
     assert core.counters["rejected.unknown_key"] == 1
 
 
 def test_a_key_of_another_gateway_is_refused(core: HubCore) -> None:
     """A key enrolled for gw-other cannot speak for GW, even with its kid."""
-    other = Ed25519PrivateKey.generate()
+    other = PrivateKey.generate()
     core.enroll("gw-other", other.public_key().public_bytes_raw())
     assert core.handle(TOPIC, random_batch(random.Random(2), other, 0)) == "unknown_key"
 
@@ -165,7 +165,7 @@ def test_revoked_key_is_refused_and_a_new_key_works(core: HubCore) -> None:
     assert core.handle(TOPIC, random_batch(rng, KEY, 0)) == "stored"
     core.revoke(GW, kid)
     assert core.handle(TOPIC, random_batch(rng, KEY, 1)) == "revoked_key"
-    new = Ed25519PrivateKey.generate()
+    new = PrivateKey.generate()
     core.enroll(GW, new.public_key().public_bytes_raw())
     assert core.handle(TOPIC, random_batch(rng, new, 2)) == "stored"
     assert core.handle(TOPIC, random_batch(rng, KEY, 3)) == "revoked_key"
@@ -191,7 +191,7 @@ def test_each_reason_is_logged_once_per_gateway(
     for _ in range(50):
         core.handle(TOPIC, b"\x94garbage")
     for _ in range(50):
-        core.handle(TOPIC, random_batch(random.Random(6), Ed25519PrivateKey.generate(), 0))
+        core.handle(TOPIC, random_batch(random.Random(6), PrivateKey.generate(), 0))
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2
     assert "malformed" in warnings[0] and "unknown_key" in warnings[1]

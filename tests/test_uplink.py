@@ -10,11 +10,11 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.spool import Spool
 from agent.uplink import Uplink, UplinkSettings, gap_topic
 from protocols import envelope, topics
+from protocols.ed25519 import PrivateKey
 from protocols.gap import parse_gap, seal_gap
 from protocols.reading import Reading
 from simulator.broker import MosquittoBroker, free_port, mosquitto_path
@@ -22,7 +22,7 @@ from simulator.broker import MosquittoBroker, free_port, mosquitto_path
 pytestmark = pytest.mark.mosquitto
 
 GW = "gw-up-1"
-KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+KEY = PrivateKey.from_private_bytes(bytes(range(1, 33)))
 
 
 def _row(epoch: int, seq: int) -> tuple[int, int, int, int, bytes]:

@@ -26,9 +26,7 @@ import struct
 import sys
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+from protocols.ed25519 import PrivateKey
 from protocols.envelope import BATCH_DOMAIN, parse, seal, signed_bytes
 from protocols.reading import Quality, Reading
 
@@ -67,7 +65,7 @@ def vector_readings() -> list[Reading]:
 
 def build() -> dict[str, bytes]:
     """File name -> contents, exactly as written to tests/vectors/."""
-    key = Ed25519PrivateKey.from_private_bytes(SEED)
+    key = PrivateKey.from_private_bytes(SEED)
     pub = key.public_key()
     wire = seal(vector_readings(), gateway=GATEWAY, key=key, epoch=EPOCH, seq=SEQ, enc="msgpack")
     batch = parse(wire)
@@ -96,9 +94,7 @@ def build() -> dict[str, bytes]:
     return {
         "seed.hex": hexline(SEED),
         "pub.hex": hexline(pub.public_bytes_raw()),
-        "pub.pem": pub.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
+        "pub.pem": pub.public_pem(),
         "kid.hex": hexline(h.kid),
         "batch.hex": hexline(wire),
         "protected.hex": hexline(batch.protected),
