@@ -24,7 +24,9 @@ systems); the ``backend=`` argument of the constructors does the same per key.
 Both give the same bytes: Ed25519 signatures are deterministic.
 
 A key object holds the library's key (an ``EVP_PKEY``, freed with the object),
-never a Python copy of the private seed. Each sign or verify uses its own
+never a Python copy of the private seed; the buffers this module fills with a
+seed are zeroed after use, but the ``bytes`` a caller passes in, ``os.urandom``
+returns or base64 decodes to cannot be, and are only dropped. Each sign or verify uses its own
 ``EVP_MD_CTX``, so keys may be used from several threads at once (the calls
 release the GIL). Verification failures raise
 :class:`~protocols.errors.InvalidSignature`, a
@@ -538,7 +540,8 @@ class PrivateKey:
             der[len(PKCS8_PREFIX) :] = seed
             return _pem(_PEM_PRIVATE, der)
         finally:
-            seed[:] = der[:] = bytes(len(der))
+            seed[:] = bytes(SEED_LEN)
+            der[:] = bytes(len(der))
 
     def private_bytes_raw(self) -> bytes:
         """The 32-byte seed."""
