@@ -140,11 +140,12 @@ class PolledDevice:
 
 # --------------------------------------------------------------------------- decoding
 
-# A compiled point: (point id, point, offset in the reply, fast decoder or None, lo, hi).
+# A compiled point: (its index k among the device's points, point, offset in the
+# reply, fast decoder or None, lo, hi); the device's job maps k to the point id.
 # The fast decoders cover the common register types and give exactly what
 # protocols.modbus.decode gives (tests/test_bus.py checks it); others use decode.
 _Item = tuple[int, Point, int, "Callable[[Sequence[int], int], PointValue] | None", float, float]
-# the hot path: (point id, offset, fast decoder, lo, hi); never NaN, never a DecodeError
+# the hot path: (k, offset, fast decoder, lo, hi); never NaN, never a DecodeError
 _FastItem = tuple[int, int, "Callable[[Sequence[int], int], PointValue]", float, float]
 
 
@@ -190,27 +191,58 @@ def _fast_for(
 
 
 class _Request:
-    """One planned read request, compiled: what to do with each register of the reply."""
+    """One planned read request, compiled: what to do with each register of the reply.
 
-    __slots__ = ("fast", "names", "pids", "regs", "request", "slow")
+    Immutable and shared by every device of the same model on the gateway
+    (:func:`_compiled`): 500 devices of one profile hold one plan, not 500.
+    """
+
+    __slots__ = ("fast", "idx", "names", "request", "slow")
 
     def __init__(self, request: ReadRequest, items: list[_Item]) -> None:
         self.request = request
-        self.pids = tuple(item[0] for item in items)  # every point, in reply order
+        self.idx = tuple(item[0] for item in items)  # every point, in reply order
         self.fast: tuple[_FastItem, ...] = tuple(
-            (pid, off, fast, lo, hi) for pid, _, off, fast, lo, hi in items if fast is not None
+            (k, off, fast, lo, hi) for k, _, off, fast, lo, hi in items if fast is not None
         )
         self.names = tuple(point.spec.name for _, point, _, fast, _, _ in items if fast)
         self.slow: tuple[_Item, ...] = tuple(item for item in items if item[3] is None)
-        # the last good reply: the last values of the fast points, decoded when needed
-        self.regs: Sequence[int] | None = None
 
 
-@dataclass
+@functools.lru_cache(maxsize=256)
+def _compiled(
+    members: tuple[tuple[int, Point], ...], max_registers: int, max_gap: int
+) -> tuple[_Request, ...]:
+    """The planned and compiled requests of a group of points ``(k, point)``."""
+    by_spec = {p.spec: (k, p) for k, p in members}
+    out = []
+    for req in plan(by_spec, max_registers=max_registers, max_gap=max_gap):
+        items: list[_Item] = []
+        for spec in req.points:
+            k, point = by_spec[spec]
+            lo, hi = point.range if point.range is not None else (-math.inf, math.inf)
+            items.append((k, point, spec.address - req.address, _fast(spec), lo, hi))
+        out.append(_Request(req, items))
+    return tuple(out)
+
+
+def _point_ids(points: Sequence[tuple[int, Point]]) -> Sequence[int]:
+    """k -> point id: a ``range`` when the ids are consecutive (as the config gives them)."""
+    ids = [pid for pid, _ in points]
+    if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+        return range(ids[0], ids[0] + len(ids))
+    return tuple(ids)
+
+
+@dataclass(slots=True)
 class _Job:
     device: PolledDevice
     interval_s: float
-    requests: list[_Request]
+    requests: tuple[_Request, ...]
+    pids: Sequence[int]  # k -> point id
+    # the last good reply of each request: the last values of its fast points,
+    # decoded only when someone asks
+    regs: list[Sequence[int] | None]
     due: float = 0.0
     order: int = 0
     slot: float | None = None  # the grid slot of a deferred probe (``due`` is then later)
@@ -257,43 +289,37 @@ class BusPoller:
         self.deferred = 0  # suspect polls moved into idle time
         self.readings = 0
         for dev in self.devices:
+            pids = _point_ids(dev.points)
             groups: dict[float, list[tuple[int, Point]]] = {}
-            for pid, point in dev.points:
-                groups.setdefault(point.interval_s or dev.interval_s, []).append((pid, point))
+            for k, (_, point) in enumerate(dev.points):
+                groups.setdefault(point.interval_s or dev.interval_s, []).append((k, point))
             for interval, members in sorted(groups.items()):
-                by_spec = {p.spec: (pid, p) for pid, p in members}
-                reqs = plan(by_spec, max_registers=dev.max_registers, max_gap=dev.max_gap)
-                compiled = [_Request(r, self._compile(r, by_spec)) for r in reqs]
-                self._jobs.append(_Job(dev, interval, compiled, order=len(self._jobs)))
+                try:
+                    reqs = _compiled(tuple(members), dev.max_registers, dev.max_gap)
+                except TypeError:  # pragma: no cover - a point that cannot be hashed
+                    reqs = _compiled.__wrapped__(tuple(members), dev.max_registers, dev.max_gap)
+                job = _Job(dev, interval, reqs, pids, [None] * len(reqs), order=len(self._jobs))
+                self._jobs.append(job)
             dev._refresh = functools.partial(self._refresh_values, dev)
-
-    @staticmethod
-    def _compile(req: ReadRequest, by_spec: dict[PointSpec, tuple[int, Point]]) -> list[_Item]:
-        items: list[_Item] = []
-        for spec in req.points:
-            pid, point = by_spec[spec]
-            lo, hi = point.range if point.range is not None else (-math.inf, math.inf)
-            items.append((pid, point, spec.address - req.address, _fast(spec), lo, hi))
-        return items
 
     def _refresh_values(self, dev: PolledDevice, values: dict[str, object]) -> None:
         for job in self._jobs:
             if job.device is dev:
-                for creq in job.requests:
-                    regs = creq.regs
+                for creq, regs in zip(job.requests, job.regs, strict=True):
                     if regs is not None:
                         for (_, off, fast, _, _), name in zip(creq.fast, creq.names, strict=True):
                             values[name] = fast(regs, off)
 
-    def _last_values(self, creq: _Request) -> dict[int, PointValue]:
-        """Point id -> last good value of a request's points (for STALE readings)."""
+    def _last_values(self, job: _Job, n: int) -> dict[int, PointValue]:
+        """Point id -> last good value of the points of request ``n`` (for STALE readings)."""
         out: dict[int, PointValue] = {}
-        regs = creq.regs
+        creq, regs, pids = job.requests[n], job.regs[n], job.pids
         if regs is not None:
-            for pid, off, fast, _, _ in creq.fast:
-                out[pid] = fast(regs, off)
+            for k, off, fast, _, _ in creq.fast:
+                out[pids[k]] = fast(regs, off)
         last = self._last
-        for pid, *_ in creq.slow:
+        for k, *_ in creq.slow:
+            pid = pids[k]
             if pid in last:
                 out[pid] = last[pid]
         return out
@@ -396,15 +422,17 @@ class BusPoller:
                 silent = True
                 dev.last_error = str(exc)
                 # a silent device will not answer the next request either
-                self._failed(dev, job.requests[n:], out, clock.now_ms(), silent=True)
+                self._failed(
+                    dev, job, range(n, len(job.requests)), out, clock.now_ms(), silent=True
+                )
                 break
             except DeviceException as exc:
                 partial = True
                 dev.last_error = str(exc)
-                self._failed(dev, [creq], out, clock.now_ms(), silent=False)
+                self._failed(dev, job, (n,), out, clock.now_ms(), silent=False)
                 continue
             dev.last_rtt_ms = (clock.monotonic() - t_start) * 1000
-            if not self._decode(creq, regs, clock.now_ms(), out, dev):
+            if not self._decode(job, n, regs, clock.now_ms(), out):
                 partial = True
         self._account(dev, silent, partial)
         self.readings += len(out)
@@ -413,33 +441,35 @@ class BusPoller:
 
     def _decode(
         self,
-        creq: _Request,
+        job: _Job,
+        n: int,
         regs: Sequence[int] | Sequence[bool],
         ts: int,
         out: list[Reading],
-        dev: PolledDevice,
     ) -> bool:
-        """Readings of one reply into ``out``; False if a point did not decode."""
+        """Readings of the reply to request ``n`` into ``out``; False if a point did not decode."""
+        creq, pids, dev = job.requests[n], job.pids, job.device
         req = creq.request
         # function 1/2 replies carry whole bytes: a link may hand the padding too
         if len(regs) != req.count and not (
             req.space.is_bits and len(regs) == -(-req.count // 8) * 8
         ):
-            for pid in creq.pids:
-                out.append(Reading(pid, ts, None, _COMM))
+            for k in creq.idx:
+                out.append(Reading(pids[k], ts, None, _COMM))
             dev.last_error = f"reply of {len(regs)} items to a read of {req.count}"
             return False
         append = out.append
         if creq.fast:
-            creq.regs = regs  # the fast points are registers
-            for pid, off, fast, lo, hi in creq.fast:
+            job.regs[n] = regs  # the fast points are registers
+            for k, off, fast, lo, hi in creq.fast:
                 value = fast(regs, off)
                 q = _GOOD if lo <= value <= hi else _OUT  # type: ignore[operator]
-                append(_new_reading(Reading, (pid, ts, value, q)))
+                append(_new_reading(Reading, (pids[k], ts, value, q)))
         last = self._last
         names = dev._values
         ok = True
-        for pid, point, off, _, lo, hi in creq.slow:
+        for k, point, off, _, lo, hi in creq.slow:
+            pid = pids[k]
             try:
                 value = decode(point.spec, regs[off : off + register_count(point.spec)])
             except DecodeError:
@@ -460,7 +490,8 @@ class BusPoller:
     def _failed(
         self,
         dev: PolledDevice,
-        reqs: Sequence[_Request],
+        job: _Job,
+        ns: Sequence[int],
         out: list[Reading],
         ts: int,
         *,
@@ -475,9 +506,11 @@ class BusPoller:
         stale = silent and (
             dev.state is not DeviceState.OFFLINE and dev.failures_in_row + 1 < self._offline_after
         )
-        for creq in reqs:
-            last = self._last_values(creq) if stale else {}
-            for pid in creq.pids:
+        pids = job.pids
+        for n in ns:
+            last = self._last_values(job, n) if stale else {}
+            for k in job.requests[n].idx:
+                pid = pids[k]
                 value = last.get(pid)
                 if value is None:
                     out.append(Reading(pid, ts, None, _COMM))

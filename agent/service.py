@@ -187,7 +187,6 @@ class Agent:
             meta=self._meta(identity, self.epoch),
             gap_signer=self._gap_signer(identity, self.epoch),
         )
-        ids = {(dev.name, p.spec.name): pid for pid, (dev, p) in cfg.points.items()}
         for bus in cfg.buses:
             devices = [
                 PolledDevice(
@@ -196,7 +195,7 @@ class Agent:
                     interval_s=d.interval_s,
                     max_registers=d.profile.max_registers,
                     max_gap=d.profile.max_gap,
-                    points=[(ids[(d.name, p.spec.name)], p) for p in d.profile.points],
+                    points=cfg.points.of(d),
                 )
                 for d in cfg.devices
                 if d.bus == bus.name and d.enabled

@@ -446,6 +446,38 @@ def test_exception_on_one_request_keeps_the_other_requests() -> None:
     run_virtual(body)
 
 
+def test_devices_of_one_model_share_a_plan_and_keep_their_own_ids() -> None:
+    """One compiled plan for all devices of a model; each reading has its device's id."""
+
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock)
+        pts = [_point("a", 0, range=(0, 50)), _point("b", 1), _point("c", 7, type=DataType.I32)]
+        first = _device("d1", 1, pts, first_id=100)
+        # ids need not be consecutive: any mapping from a device's points to ids holds
+        second = _device("d2", 2, pts)
+        second.points = [(7, pts[0]), (3, pts[1]), (900, pts[2])]
+        link.regs[1] = {(Space.INPUT, 0): 60, (Space.INPUT, 1): 2, (Space.INPUT, 8): 5}
+        link.regs[2] = {(Space.INPUT, 0): 10, (Space.INPUT, 1): 4, (Space.INPUT, 8): 6}
+        sink = Sink()
+        poller = BusPoller("b", link, [first, second], sink, clock)
+        jobs = poller._jobs
+        assert len(jobs) == 2 and jobs[0].requests is jobs[1].requests
+        await _run_for(poller, 0.5)
+        got = {r.point: (r.value, r.quality) for r in sink.readings}
+        assert got == {
+            100: (60, Quality.OUT_OF_RANGE),
+            101: (2, Quality.GOOD),
+            102: (5, Quality.GOOD),
+            7: (10, Quality.GOOD),
+            3: (4, Quality.GOOD),
+            900: (6, Quality.GOOD),
+        }
+        assert first.last_values == {"a": 60, "b": 2, "c": 5}
+        assert second.last_values == {"a": 10, "b": 4, "c": 6}
+
+    run_virtual(body)
+
+
 def test_retry_recovers_a_single_lost_reply() -> None:
     async def body(clock: VirtualClock) -> None:
         link = FakeLink(clock)

@@ -64,6 +64,21 @@ def test_point_ids_follow_device_then_profile_order(tmp_path: Path) -> None:
     assert (dev.name, point.name) == ("noise-2", "laeq")
     assert config.point_ids[("noise-2", "la10")] == n + 4
     assert ("off", "laeq") not in config.point_ids
+    # the table is computed, not stored: it must agree with the naive one everywhere
+    naive = [(d, p) for d in config.devices if d.enabled for p in d.profile.points]
+    assert [config.points[i] for i in range(len(naive))] == naive
+    assert dict(config.point_ids) == {(d.name, p.name): i for i, (d, p) in enumerate(naive)}
+    assert len(config.point_ids) == len(naive)
+    for bad in (-1, 2 * n, "0", 1.0, None):
+        assert bad not in config.points
+        with pytest.raises(KeyError):
+            config.points[bad]  # type: ignore[index]
+    for missing in (("noise-2", "nope"), ("nope", "laeq"), ("noise-2",), "noise-2"):
+        assert missing not in config.point_ids
+    of = config.points.of(config.device("noise-2"))
+    assert list(of) == [(n + i, p) for i, p in enumerate(config.device("noise-2").profile.points)]
+    assert of[-1] == (2 * n - 1, config.device("noise-2").profile.points[-1])
+    assert list(of[1:3]) == list(of)[1:3]
 
 
 def test_intervals_resolve_device_then_profile(tmp_path: Path) -> None:
