@@ -34,9 +34,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from agent.config import Config, load_config
+from agent.mqtt import MqttClient
 from agent.transport import ModbusLink
 from protocols import command as cmdproto
 from protocols import topics
@@ -44,6 +43,7 @@ from protocols.ed25519 import PrivateKey
 from protocols.envelope import key_id
 from protocols.errors import ConfigError, ProtocolError, SignatureError, VitalsError
 from protocols.modbus import decode, register_count, write_request
+from protocols.mqtt import Publish, topic_matches
 
 __all__ = [
     "CommandExecutor",
@@ -188,8 +188,8 @@ class CommandExecutor:
 
 
 async def on_message(
-    client: aiomqtt.Client,
-    message: aiomqtt.Message,
+    client: MqttClient,
+    message: Publish,
     executor: CommandExecutor,
     *,
     prefix: str = topics.DEFAULT_PREFIX,
@@ -199,11 +199,9 @@ async def on_message(
     The uplink subscribes to ``topics.cmd(gateway)`` (QoS 1) and hands every
     message here; the signed result goes to ``topics.cmd_result(gateway)``, QoS 1.
     """
-    if not message.topic.matches(topics.cmd(executor.gateway_id, prefix)):
+    if not topic_matches(topics.cmd(executor.gateway_id, prefix), message.topic):
         return False
-    payload = message.payload
-    data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
-    answer = await executor.handle(data)
+    answer = await executor.handle(message.payload)
     await client.publish(topics.cmd_result(executor.gateway_id, prefix), answer, qos=1)
     return True
 

@@ -1,6 +1,6 @@
 """The agent's MQTT 3.1.1 client: asyncio plumbing around :mod:`protocols.mqtt`.
 
-What a gateway needs and nothing more (docs/decisions.md, 16): connect with
+What a gateway needs and nothing more (docs/decisions.md, 17): connect with
 credentials, TLS and a will; publish at QoS 0 or 1 with many QoS 1 messages in
 flight; subscribe; receive messages; keep the connection alive; disconnect.
 One connection per instance: reconnecting is the caller's loop (the uplink's

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, TextIO
 
-import aiomqtt
 import segno
 import typer
 
 from agent.config import Config, TlsConfig, load_config, parse_config
+from agent.mqtt import MqttClient, MqttError
 from agent.state import (
     Identity,
     commit_pending_key,
@@ -200,23 +200,22 @@ async def enroll_key(
     request_topic = topics.enroll(gateway, prefix)
     answer_topic = request_topic + "/result"
     try:
-        async with aiomqtt.Client(
+        async with MqttClient(
             host,
             port,
-            identifier=f"vitals-{gateway}-enroll",
+            client_id=f"vitals-{gateway}-enroll",
             username=username,
             password=password,
-            tls_context=tls,
-            timeout=timeout_s,
+            tls=tls,
+            connect_timeout=timeout_s,
+            ack_timeout=timeout_s,
         ) as client:
             await client.subscribe(answer_topic, qos=1)
             await client.publish(request_topic, data, qos=1)
             async with asyncio.timeout(timeout_s):
                 async for msg in client.messages:
-                    if not isinstance(msg.payload, bytes | bytearray):
-                        continue
                     try:
-                        res = enroll.parse_result(bytes(msg.payload))
+                        res = enroll.parse_result(msg.payload)
                         res.verify(nonce=nonce, pinned_hub_kid=pinned_hub_kid)
                     except ProtocolError as exc:
                         # someone else's answer, or a forgery: keep waiting for ours
@@ -232,7 +231,7 @@ async def enroll_key(
             f"no answer from the hub within {timeout_s:.0f} s on {answer_topic} "
             "(is the hub's enrollment desk running?)"
         ) from None
-    except aiomqtt.MqttError as exc:
+    except MqttError as exc:
         raise EnrollError(f"cannot reach the broker {host}:{port}: {exc}") from exc
     raise EnrollError("the broker closed the connection before the hub answered")
 

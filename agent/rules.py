@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from agent.clock import Clock, SystemClock
 from agent.config import RuleConfig, RuleTarget
+from agent.mqtt import MqttClient, MqttError
 from protocols.ed25519 import PrivateKey
 from protocols.event import Event, event_topic, seal_event
 from protocols.reading import Quality, Reading
@@ -449,20 +450,19 @@ class EdgeEvents:
 
     async def publish(self, link: EventLink) -> None:
         """Send the outbox forever on a connection of its own. Cancel to stop."""
-        import aiomqtt  # only agents with rules need it here
-
         topic = event_topic(self.gateway, link.prefix)
         attempt = 0
         while True:
             try:
-                async with aiomqtt.Client(
+                async with MqttClient(
                     link.host,
                     link.port,
-                    identifier=link.client_id or f"vitals-{self.gateway}-events",
+                    client_id=link.client_id or f"vitals-{self.gateway}-events",
                     username=link.username,
                     password=link.password,
                     keepalive=link.keepalive_s,
-                    tls_context=link.tls,
+                    tls=link.tls,
+                    ack_timeout=10.0,  # a PUBACK that late: reconnect and resend
                 ) as client:
                     attempt = 0
                     while True:
@@ -474,7 +474,7 @@ class EdgeEvents:
                         await client.publish(topic, data, qos=1)
                         self.outbox.popleft()  # only after its PUBACK
                         self.published += 1
-            except aiomqtt.MqttError as exc:
+            except MqttError as exc:
                 if attempt == 0:
                     log.warning("event uplink to %s:%d: %s", link.host, link.port, exc)
             attempt += 1

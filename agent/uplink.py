@@ -17,12 +17,17 @@ on ``{prefix}/{gateway}/gap`` before anything else, and their rows deleted on
 PUBACK.
 
 Reconnects back off with full jitter up to a cap; a broker that is unreachable
-at start is normal (one log line, then quiet retries).
+at start is normal (one log line, then quiet retries). A connection that
+fails (lost, refused, a broker silent for 1.5 keepalives, a PUBACK later than
+``publish_timeout_s``) fails every publish in flight at once: the session ends
+and the next one resends them. The connection is :class:`agent.mqtt.MqttClient`
+(docs/decisions.md, 17): a publish is a Future and a done-callback, no task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import ssl
@@ -31,9 +36,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import aiomqtt
-
 from agent.commands import CommandExecutor, on_message
+from agent.mqtt import MqttClient, MqttError
 from agent.spool import Spool, SpoolRow
 from protocols import topics
 from protocols.gap import GapRange
@@ -115,22 +119,20 @@ class Uplink:
             "last_error": self.last_error,
         }
 
-    def _client(self) -> aiomqtt.Client:
+    def _client(self) -> MqttClient:
         s = self._s
-        client = aiomqtt.Client(
+        return MqttClient(
             s.host,
             s.port,
-            identifier=s.client_id or f"vitals-{s.gateway}",
+            client_id=s.client_id or f"vitals-{s.gateway}",
             username=s.username,
             password=s.password,
             keepalive=s.keepalive_s,
-            tls_context=s.tls,
-            will=aiomqtt.Will(topics.status(s.gateway, s.prefix), b"offline", qos=1, retain=True),
-            max_inflight_messages=s.window + 4,
-            timeout=s.connect_timeout_s,  # for CONNECT; publishes get theirs once connected
+            tls=s.tls,
+            will=(topics.status(s.gateway, s.prefix), b"offline", 1, True),
+            connect_timeout=s.connect_timeout_s,
+            ack_timeout=s.publish_timeout_s,
         )
-        client.pending_calls_threshold = s.window * 2 + 8
-        return client
 
     async def run(self) -> None:
         """Publish forever, reconnecting as needed. Cancel to stop."""
@@ -141,7 +143,6 @@ class Uplink:
             mark = self._spool.last_id  # older: backlog; appended from now on: live
             try:
                 async with self._client() as client:
-                    client.timeout = s.publish_timeout_s
                     attempt = 0
                     self.connects += 1
                     self.connected.set()
@@ -155,7 +156,7 @@ class Uplink:
                         self._spool.statistics()["depth_batches"],
                     )
                     await self._session(client, mark)
-            except* aiomqtt.MqttError as group:
+            except* MqttError as group:
                 self.last_error = str(group.exceptions[0])
             if self.connected.is_set():
                 down_since = time.monotonic()
@@ -173,12 +174,11 @@ class Uplink:
                 elif attempt == 0:
                     log.warning("uplink cannot reach %s:%d: %s", s.host, s.port, self.last_error)
             self.connected.clear()
-            self.in_flight = 0
             attempt += 1
             cap = min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 16))
             await asyncio.sleep(random.uniform(s.backoff_min_s / 2, cap))
 
-    async def _session(self, client: aiomqtt.Client, mark: int) -> None:
+    async def _session(self, client: MqttClient, mark: int) -> None:
         s = self._s
         spool = self._spool
         await client.publish(topics.status(s.gateway, s.prefix), b"online", qos=1, retain=True)
@@ -227,42 +227,41 @@ class Uplink:
                     await spool.added.wait()
                     continue
                 await room.acquire()
+                await client.drain()  # the socket's buffer is over its mark: wait
                 take_back = bool(back) and (
                     not live or back_sent <= s.backlog_share * (back_sent + live_sent)
                 )
+                row = back.popleft() if take_back else live.popleft()
+                try:
+                    acked = client.publish_nowait(topic, row.data, qos=1)
+                except MqttError:
+                    room.release()
+                    raise
+                acked.add_done_callback(functools.partial(self._acked, row, room, take_back))
+                self.in_flight += 1
                 if take_back:
-                    row = back.popleft()
                     back_sent += 1
                     self.backlog_published += 1
                 else:
-                    row = live.popleft()
                     live_sent += 1
                     self.live_published += 1
-                self.in_flight += 1
-                tg.create_task(
-                    self._publish(client, topic, row, room, take_back),
-                    name=f"uplink.publish[{row.seq}]",
-                )
 
-    async def _watch(self, client: aiomqtt.Client) -> None:
-        """Raise MqttError as soon as the connection drops (in-flight publishes would wait)."""
+    async def _watch(self, client: MqttClient) -> None:
+        """Hand commands to the executor; raise MqttError when the connection fails, which
+        ends the session even when the publishing loop is idle."""
         async for msg in client.messages:
             if self.commands is not None:
                 await on_message(client, msg, self.commands, prefix=self._s.prefix)
 
-    async def _publish(
-        self,
-        client: aiomqtt.Client,
-        topic: str,
-        row: SpoolRow,
-        room: asyncio.Semaphore,
-        backlog: bool,
+    def _acked(
+        self, row: SpoolRow, room: asyncio.Semaphore, backlog: bool, fut: asyncio.Future[None]
     ) -> None:
-        try:
-            await client.publish(topic, row.data, qos=1)
-        finally:
-            room.release()
-            self.in_flight -= 1
+        """Done-callback of a batch's publish: its PUBACK came, or the connection failed
+        (every publish in flight then fails at once; the batch stays in the spool)."""
+        room.release()
+        self.in_flight -= 1
+        if fut.cancelled() or fut.exception() is not None:
+            return
         self._spool.ack([row.id])
         self.published += 1
         self.readings_acked += row.n
@@ -270,7 +269,7 @@ class Uplink:
             self.backlog_acked += 1
         self.last_acked = (row.epoch, row.seq)
 
-    async def _send_gaps(self, client: aiomqtt.Client, room: asyncio.Semaphore) -> None:
+    async def _send_gaps(self, client: MqttClient, room: asyncio.Semaphore) -> None:
         assert self._gap_signer is not None
         try:
             rows = await self._spool.gaps()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from agent.commands import CommandExecutor, CommandRefused, agent_handlers, on_message
 from agent.config import Config, load_config, parse_config
+from agent.mqtt import MqttClient
 from agent.transport import ModbusLink
 from drivers.profiles import load_profile
 from protocols import command, envelope, topics
@@ -271,7 +272,7 @@ async def test_commands_over_mqtt(mosquitto: MosquittoBroker, tmp_path: Path) ->
     ready = asyncio.Event()
 
     async def gateway() -> None:  # what the uplink does with its connection
-        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="gw") as c:
+        async with MqttClient(mosquitto.host, mosquitto.port, client_id="gw") as c:
             await c.subscribe(topics.cmd(GW), qos=1)
             ready.set()
             async for msg in c.messages:

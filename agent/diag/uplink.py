@@ -36,6 +36,7 @@ import typer
 from rich.table import Table
 
 from agent.diag._common import FAILED, OK, DiagError, console, die, emit_json
+from agent.mqtt import MqttClient, MqttError
 
 __all__ = ["Step", "UplinkTarget", "check_uplink", "uplink_command"]
 
@@ -164,20 +165,19 @@ def _cert_detail(cert: dict[str, Any] | None, sslobj: Any) -> tuple[str, str]:
 
 
 async def _mqtt_steps(t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: float) -> list[Step]:
-    import aiomqtt
-
     steps: list[Step] = []
     client_id = f"{t.client_id or 'vitals'}-diag-{uuid.uuid4().hex[:6]}"
     t0 = time.perf_counter()
     try:
-        client = aiomqtt.Client(
+        client = MqttClient(
             t.host,
             t.port,
-            identifier=client_id,
+            client_id=client_id,
             username=t.username or None,
             password=t.password or None,
-            tls_context=ctx,
-            timeout=timeout_s,
+            tls=ctx,
+            connect_timeout=timeout_s,
+            ack_timeout=timeout_s,
         )
         async with client:
             steps.append(
@@ -192,7 +192,7 @@ async def _mqtt_steps(t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: fl
                     await client.subscribe(topic, qos=1)
                     await client.publish(topic, token, qos=1)
                     async for m in client.messages:
-                        if str(m.topic) == topic and m.payload == token:
+                        if m.topic == topic and m.payload == token:
                             break
                 steps.append(
                     Step(
@@ -210,10 +210,10 @@ async def _mqtt_steps(t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: fl
                         f"no message back on {topic} within {timeout_s:g} s (ACL?)",
                     )
                 )
-            except aiomqtt.MqttError as exc:
+            except MqttError as exc:
                 steps.append(Step("round trip", "fail", f"{exc}"))
             steps.append(await _clock_step(client, t.prefix))
-    except aiomqtt.MqttError as exc:
+    except MqttError as exc:
         steps.append(Step("mqtt", "fail", f"broker refused or dropped the connection: {exc}"))
         steps += [
             Step("round trip", "skip", "an earlier step failed"),
@@ -222,9 +222,7 @@ async def _mqtt_steps(t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: fl
     return steps
 
 
-async def _clock_step(client: Any, prefix: str) -> Step:
-    import aiomqtt
-
+async def _clock_step(client: MqttClient, prefix: str) -> Step:
     topic = f"{prefix}/hub/time"
     # the retained copy comes first but may be up to a second old: wait a little for a
     # fresh one (the hub publishes every second) and fall back on the retained one
@@ -233,10 +231,10 @@ async def _clock_step(client: Any, prefix: str) -> Step:
         await client.subscribe(topic, qos=0)
         async with asyncio.timeout(2.5):
             async for m in client.messages:
-                if str(m.topic) != topic:
+                if m.topic != topic:
                     continue
                 received = time.time()
-                hub_t = _parse_time(bytes(m.payload))
+                hub_t = _parse_time(m.payload)
                 if hub_t is None:
                     return Step("clock", "warn", f"{topic}: cannot read a time in {m.payload!r}")
                 if m.retain:
@@ -245,7 +243,7 @@ async def _clock_step(client: Any, prefix: str) -> Step:
                 return _clock_result(received - hub_t, topic, "live")
     except TimeoutError:
         pass
-    except aiomqtt.MqttError as exc:
+    except MqttError as exc:
         return Step("clock", "skip", f"cannot subscribe to {topic}: {exc}")
     if fallback is not None:
         return _clock_result(fallback[0] - fallback[1], topic, "retained, may be stale")
