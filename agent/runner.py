@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -115,8 +116,27 @@ def run(config: Path, state_dir: Path | None = None, log_level: str | None = Non
     return 0
 
 
+def one_malloc_arena() -> None:
+    """Have glibc serve every thread from one malloc arena.
+
+    By default each thread that allocates (the spool's, the executor's) gets
+    an arena of its own, and its free memory stays resident in it: ~1.4 MB
+    for this agent's few threads, which allocate little and rarely at once.
+    Anywhere but glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_ARENA_MAX = -8  # <malloc.h>
+
+
 def main(argv: list[str] | None = None) -> int:
     """``vitals run [--config F] [--state-dir D] [--log-level L]``."""
+    one_malloc_arena()  # before any thread starts
     ap = argparse.ArgumentParser(
         prog="vitals run", description=run.__doc__.splitlines()[0] if run.__doc__ else None
     )

@@ -48,6 +48,7 @@ __all__ = ["Spool", "SpoolError", "SpoolRow"]
 
 log = logging.getLogger(__name__)
 
+_CACHE_KIB = 256
 _SYNC = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
 
 _SCHEMA = """
@@ -219,6 +220,9 @@ class Spool:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={_SYNC[self._durability]}")
+            # batches are written once and read once, in order: SQLite's default 2 MB
+            # page cache would only hold pages that are never read again
+            db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             ok = db.execute("PRAGMA quick_check").fetchone()
             if ok is None or ok[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {ok[0] if ok else 'no answer'}")
