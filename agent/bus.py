@@ -251,6 +251,74 @@ class _Job:
         return (self.due, self.order) < (other.due, other.order)
 
 
+class _Poll:
+    """One poll of a job in progress: its requests in turn, with retries, and its readings.
+
+    The same steps whoever carries the transactions: :meth:`BusPoller._run_job`
+    awaits them one by one, :class:`TcpEngine` gets them back from the reactor.
+    """
+
+    __slots__ = ("attempt", "job", "n", "out", "partial", "poller", "silent", "t_start")
+
+    def __init__(self, poller: BusPoller, job: _Job) -> None:
+        self.poller, self.job = poller, job
+        self.n = 0  # the request in turn
+        self.attempt = 0  # retries of it so far
+        self.out: list[Reading] = []
+        self.silent = False  # a transport failure: the device did not answer
+        self.partial = False  # it answered, but not all of it
+        self.t_start = 0.0
+
+    @property
+    def request(self) -> ReadRequest | None:
+        """The request to send now; None when the poll is over."""
+        reqs = self.job.requests
+        return reqs[self.n].request if self.n < len(reqs) else None
+
+    def sent(self, now: float) -> None:
+        self.poller.transactions += 1
+        if not self.attempt:
+            self.t_start = now
+
+    def replied(self, regs: Sequence[int] | Sequence[bool], now: float, ts: int) -> None:
+        self.job.device.last_rtt_ms = (now - self.t_start) * 1000
+        if not self.poller._decode(self.job, self.n, regs, ts, self.out):
+            self.partial = True
+        self.n += 1
+        self.attempt = 0
+
+    def refused(self, exc: DeviceException, ts: int) -> None:
+        """An exception reply: this request's points fail, the next requests go on."""
+        dev = self.job.device
+        self.partial = True
+        dev.last_error = str(exc)
+        self.poller._failed(dev, self.job, (self.n,), self.out, ts, silent=False)
+        self.n += 1
+        self.attempt = 0
+
+    def failed(self, exc: TransportError, ts: int) -> None:
+        """No usable reply: retry the request, or fail it and every one after it."""
+        p, dev = self.poller, self.job.device
+        if not isinstance(exc, LinkDown):
+            p.timeouts += 1
+            self.attempt += 1
+            # a device that failed its last poll too gets no retry
+            if self.attempt <= p._retries and not dev.failures_in_row:
+                return
+        self.silent = True
+        dev.last_error = str(exc)
+        # a silent device will not answer the next request either
+        end = len(self.job.requests)
+        p._failed(dev, self.job, range(self.n, end), self.out, ts, silent=True)
+        self.n = end
+
+    def finish(self) -> list[Reading]:
+        p = self.poller
+        p._account(self.job.device, self.silent, self.partial)
+        p.readings += len(self.out)
+        return self.out
+
+
 class BusPoller:
     """Polls the devices of one bus, forever, through one :class:`ModbusLink`.
 
@@ -282,6 +350,7 @@ class BusPoller:
         self._offline_after = max(1, offline_after)
         self._max_backoff = max_backoff_s
         self._jobs: list[_Job] = []
+        self._heap: list[_Job] = []
         self._last: dict[int, PointValue] = {}  # point id -> last good value
         self.transactions = 0
         self.timeouts = 0
@@ -348,44 +417,62 @@ class BusPoller:
         }
 
     async def run(self) -> None:
+        """Poll forever, one transaction at a time (a task of its own). Cancel to stop."""
         clock = self._clock
-        # every bus starts on a common 100 ms grid, so the polls of many buses at
-        # the same interval fall due at the same instants and share wake-ups
-        start = math.ceil(clock.monotonic() / _PHASE_GRID_S) * _PHASE_GRID_S
-        heap = list(self._jobs)
-        for job in heap:
-            job.due = start
-        heapq.heapify(heap)
+        self._start(clock.monotonic())
         try:
-            while heap:
-                job = heap[0]
-                now = clock.monotonic()
-                if job.due > now:
-                    await clock.sleep_until(job.due)
-                    continue
-                dev = job.device
-                if dev.state is DeviceState.OFFLINE and now < dev.retry_at:
-                    # in back-off: stay on the job's grid, first slot at or after retry_at
-                    skip = math.ceil((dev.retry_at - job.due) / job.interval_s)
-                    dev.polls_skipped += skip
-                    job.due += skip * job.interval_s
-                    heapq.heapreplace(heap, job)
-                    continue
-                if dev.failures_in_row and len(heap) > 1 and self._defer(job, heap, now):
-                    heapq.heapreplace(heap, job)
+            while self._heap:
+                job = self._pick(clock.monotonic())
+                if isinstance(job, float):
+                    await clock.sleep_until(job)
                     continue
                 await self._run_job(job)
-                now = clock.monotonic()
-                if job.slot is not None:
-                    job.due, job.slot = job.slot, None
-                job.due += job.interval_s
-                if job.due <= now:
-                    missed = math.floor((now - job.due) / job.interval_s) + 1
-                    self.overruns += missed
-                    job.due += missed * job.interval_s
-                heapq.heapreplace(heap, job)
+                self._done(job, clock.monotonic())
         finally:
             self.link.close()
+
+    # The schedule, in three steps that both drivers share: this task (run) and
+    # the TcpEngine that polls every Modbus TCP bus from one task.
+
+    def _start(self, now: float) -> None:
+        # every bus starts on a common 100 ms grid, so the polls of many buses at
+        # the same interval fall due at the same instants and share wake-ups
+        start = math.ceil(now / _PHASE_GRID_S) * _PHASE_GRID_S
+        self._heap = list(self._jobs)
+        for job in self._heap:
+            job.due = start
+        heapq.heapify(self._heap)
+
+    def _pick(self, now: float) -> _Job | float:
+        """The job to run now (it stays at the top of the heap), or when to look again."""
+        heap = self._heap
+        while True:
+            job = heap[0]
+            if job.due > now:
+                return job.due
+            dev = job.device
+            if dev.state is DeviceState.OFFLINE and now < dev.retry_at:
+                # in back-off: stay on the job's grid, first slot at or after retry_at
+                skip = math.ceil((dev.retry_at - job.due) / job.interval_s)
+                dev.polls_skipped += skip
+                job.due += skip * job.interval_s
+                heapq.heapreplace(heap, job)
+                continue
+            if dev.failures_in_row and len(heap) > 1 and self._defer(job, heap, now):
+                heapq.heapreplace(heap, job)
+                continue
+            return job
+
+    def _done(self, job: _Job, now: float) -> None:
+        """``job`` (the top of the heap) ran: its next due time, whole intervals on."""
+        if job.slot is not None:
+            job.due, job.slot = job.slot, None
+        job.due += job.interval_s
+        if job.due <= now:
+            missed = math.floor((now - job.due) / job.interval_s) + 1
+            self.overruns += missed
+            job.due += missed * job.interval_s
+        heapq.heapreplace(self._heap, job)
 
     def _defer(self, job: _Job, heap: list[_Job], now: float) -> bool:
         """Move a suspect device's poll into the bus's idle time, if it has some.
@@ -408,34 +495,19 @@ class BusPoller:
         return True
 
     async def _run_job(self, job: _Job) -> None:
-        dev = job.device
-        out: list[Reading] = []
-        silent = False  # a transport failure: the device did not answer
-        partial = False  # it answered, but not all of it
-        clock = self._clock
-        for n, creq in enumerate(job.requests):
-            req = creq.request
-            t_start = clock.monotonic()
+        poll = _Poll(self, job)
+        clock, link, slave = self._clock, self.link, job.device.slave
+        while (req := poll.request) is not None:
+            poll.sent(clock.monotonic())
             try:
-                regs = await self._transact(dev, req)
+                regs = await link.read(req.space, req.address, req.count, slave)
             except TransportError as exc:
-                silent = True
-                dev.last_error = str(exc)
-                # a silent device will not answer the next request either
-                self._failed(
-                    dev, job, range(n, len(job.requests)), out, clock.now_ms(), silent=True
-                )
-                break
+                poll.failed(exc, clock.now_ms())
             except DeviceException as exc:
-                partial = True
-                dev.last_error = str(exc)
-                self._failed(dev, job, (n,), out, clock.now_ms(), silent=False)
-                continue
-            dev.last_rtt_ms = (clock.monotonic() - t_start) * 1000
-            if not self._decode(job, n, regs, clock.now_ms(), out):
-                partial = True
-        self._account(dev, silent, partial)
-        self.readings += len(out)
+                poll.refused(exc, clock.now_ms())
+            else:
+                poll.replied(regs, clock.monotonic(), clock.now_ms())
+        out = poll.finish()
         if out:
             await self._sink(out)
 
@@ -516,22 +588,6 @@ class BusPoller:
                     out.append(Reading(pid, ts, None, _COMM))
                 else:
                     out.append(Reading(pid, ts, value, _STALE))
-
-    async def _transact(
-        self, dev: PolledDevice, req: ReadRequest
-    ) -> Sequence[int] | Sequence[bool]:
-        attempt = 0
-        while True:
-            self.transactions += 1
-            try:
-                return await self.link.read(req.space, req.address, req.count, dev.slave)
-            except LinkDown:
-                raise
-            except TransportError:
-                self.timeouts += 1
-                attempt += 1
-                if attempt > self._retries or dev.failures_in_row:
-                    raise  # a device that failed its last poll too gets no retry
 
     def _account(self, dev: PolledDevice, silent: bool, partial: bool) -> None:
         dev.polls += 1
