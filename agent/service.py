@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from agent.batch import Batcher
-from agent.bus import BusPoller, PolledDevice
+from agent.bus import BusPoller, PolledDevice, TcpEngine
 from agent.clock import Clock, SystemClock
 from agent.commands import CommandExecutor, agent_handlers
 from agent.config import SENSOR_BUS, BusConfig, Config
@@ -259,9 +259,17 @@ class Agent:
         assert self.batcher is not None and self.spool is not None and self.uplink is not None
         try:
             async with asyncio.TaskGroup() as tg:
+                # Modbus TCP buses that need no gap between transactions: one task for all
+                by_engine = [p for p in self.pollers if p.link.callbacks]
                 pollers = [
-                    tg.create_task(p.run(), name=f"bus[{p.name}].poll") for p in self.pollers
+                    tg.create_task(p.run(), name=f"bus[{p.name}].poll")
+                    for p in self.pollers
+                    if not p.link.callbacks
                 ] + [tg.create_task(s.run(), name=f"bus[{s.name}].sensor") for s in self.sensors]
+                engine = None
+                if by_engine:
+                    engine = TcpEngine(by_engine, self._sink, self.clock)
+                    pollers.append(tg.create_task(engine.run(), name="bus[tcp].engine"))
                 aging = tg.create_task(self.batcher.run(), name="batch.age")
                 writer = tg.create_task(self._write_spool(), name="spool.write")
                 acks = tg.create_task(self.spool.run_acks(), name="spool.ack")
@@ -296,6 +304,8 @@ class Agent:
                 gc.set_threshold(20_000, 20, 100)
                 await stop.wait()
                 log.info("stopping: sealing the open batch and draining the spool")
+                if engine is not None:  # the polls on the wire end and are kept
+                    await engine.finish(2 * max(p.link.timeout_s for p in by_engine))
                 stopping = [*pollers, aging, *([ticks] if ticks else [])]
                 for t in stopping:
                     t.cancel()

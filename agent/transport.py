@@ -44,6 +44,7 @@ import contextlib
 import ctypes
 import errno
 import logging
+import math
 import os
 import select
 import socket
@@ -51,7 +52,7 @@ import struct
 import termios
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import serial
@@ -66,9 +67,13 @@ __all__ = [
     "ModbusLink",
     "NoResponse",
     "TransportError",
+    "drain_input",
 ]
 
 log = logging.getLogger(__name__)
+
+# what start_read calls back with: the registers or bits read, or the error
+Done = Callable[["Sequence[int] | Sequence[bool] | Exception"], None]
 
 
 class TransportError(RemoteError):
@@ -102,6 +107,14 @@ def _regs_struct(n: int) -> struct.Struct:
 
 def _read_pdu(fc: int, address: int, count: int) -> bytes:
     return struct.pack(">BHH", fc, address, count)
+
+
+def _items(fc: int, count: int, reply: bytes) -> Sequence[int] | Sequence[bool]:
+    """The registers or bits of a checked read reply."""
+    if fc > 2:
+        return _regs_struct(count).unpack_from(reply, 2)
+    data = reply[2:]
+    return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
 
 
 def _reply_len(fc: int, count: int) -> int:
@@ -293,10 +306,21 @@ class ModbusLink:
         """Registers (function 3, 4) or bits (1, 2) ``address .. address+count-1``."""
         fc = _READ_FC[space]
         reply = await self._request(slave, _read_pdu(fc, address, count), _reply_len(fc, count))
-        if fc > 2:
-            return _regs_struct(count).unpack_from(reply, 2)
-        data = reply[2:]
-        return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
+        return _items(fc, count, reply)
+
+    # A link that can carry a read without a task waiting for it says so here
+    # (the TcpEngine polls such links; others go through read()).
+    callbacks = False
+
+    def start_read(self, space: Space, address: int, count: int, slave: int, done: Done) -> bool:
+        """Send a read now; ``done`` gets the registers or bits, or the error, later.
+
+        False when the link cannot do it this way now (not connected, busy with
+        a caller of :meth:`read`): then use :meth:`read`. ``done`` is called
+        from the event loop, never before this returns. The input is not
+        drained here, one link at a time: call :func:`drain_input` first.
+        """
+        return False
 
     async def write(
         self, function: int, address: int, payload: list[int] | bool, slave: int
@@ -353,8 +377,11 @@ class ModbusLink:
                 await self.connect()
             self.requests += 1
             reply = await self._exchange(slave, pdu, reply_len)
+        return self._checked(slave, pdu[0], reply_len, reply)
+
+    def _checked(self, slave: int, fc: int, reply_len: int, reply: bytes) -> bytes:
+        """The reply PDU to function ``fc``, or the exception or error it means."""
         self.replies += 1
-        fc = pdu[0]
         if reply[0] == fc | 0x80:
             raise DeviceException(reply[1], fc)
         if fc <= 4 and reply[1] != reply_len - 2:
@@ -392,6 +419,7 @@ class _Reactor:
         self._links: dict[int, _TcpLink] = {}
         self.waiting: set[_TcpLink] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._first_deadline = math.inf  # no waiting link expires before this
         self.collects = 0
 
     def add(self, link: _TcpLink, fd: int) -> None:
@@ -406,23 +434,31 @@ class _Reactor:
     def wait(self, link: _TcpLink) -> None:
         """``link`` sent a request: collect until it is answered or expires."""
         self.waiting.add(link)
+        if link._deadline < self._first_deadline:
+            self._first_deadline = link._deadline
         if self._timer is None:
             self._timer = self._loop.call_at(self._loop.time() + self.collect_s, self._collect)
 
-    def _collect(self) -> None:
-        self._timer = None
-        self.collects += 1
+    def read_ready(self) -> None:
+        """Read whatever has arrived, on every link, in one ``epoll_wait``."""
         links = self._links
         for fd, _ in self._ep.poll(0):
             link = links.get(fd)
             if link is not None:
                 link._readable()
+
+    def _collect(self) -> None:
+        self._timer = None
+        self.collects += 1
+        self.read_ready()
         waiting = self.waiting
         if not waiting:
             return
         now = self._loop.time()
-        for link in [w for w in waiting if w._deadline <= now]:
-            link._expire()
+        if now >= self._first_deadline:  # not before: most collects scan nothing
+            for link in [w for w in waiting if w._deadline <= now]:
+                link._expire()
+            self._first_deadline = min((w._deadline for w in waiting), default=math.inf)
         if waiting:
             self._timer = self._loop.call_at(now + self.collect_s, self._collect)
 
@@ -430,6 +466,19 @@ class _Reactor:
 _REACTORS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Reactor] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def drain_input() -> None:
+    """Read what arrived on the Modbus TCP links of the running loop while none waited.
+
+    Late replies are dropped, and a connection the device closed is seen as
+    closed, before the next requests: what ``read`` does for one link before its
+    request, in one system call for all of them (call it before a burst of
+    :meth:`ModbusLink.start_read`).
+    """
+    r = _REACTORS.get(asyncio.get_running_loop())
+    if r is not None:
+        r.read_ready()
 
 
 def _reactor(loop: asyncio.AbstractEventLoop) -> _Reactor:
@@ -473,6 +522,9 @@ class _TcpLink(ModbusLink):
         self._deadline = 0.0
         self._used = False  # a reply came on this connection
         self._reactor: _Reactor | None = None
+        # a read started by start_read: (done, slave, function, count)
+        self._cb: tuple[Done, int, int, int] | None = None
+        self._idle: asyncio.Future[None] | None = None  # a read() waiting for it to end
         self._last_reply = 0.0
 
     @property
@@ -531,6 +583,7 @@ class _TcpLink(ModbusLink):
 
     def _received(self, nbytes: int) -> None:
         rx = self._rx
+        answered: tuple[tuple[Done, int, int, int], bytes] | None = None
         filled = self._rx_len + nbytes
         pos = 0
         while filled - pos >= 8:
@@ -544,37 +597,117 @@ class _TcpLink(ModbusLink):
             if end > filled:
                 break
             w = self._waiter
-            if w is not None and tid == self._tid and not w.done():
+            if tid != self._tid:
+                self.stray_bytes += end - pos  # the late reply to an abandoned request
+            elif w is not None and not w.done():
                 self._last_reply = time.monotonic() if self.inter_frame_s else 0.0
                 w.set_result(bytes(rx[pos + 6 : end]))  # unit id first, then the PDU
                 self._used = True
                 self._settled()
+            elif self._cb is not None:
+                answered = (self._cb, bytes(rx[pos + 6 : end]))
+                self._cb = None
+                self._used = True
+                self._settled()
             else:
-                self.stray_bytes += end - pos  # the late reply to an abandoned request
+                self.stray_bytes += end - pos
             pos = end
         rest = filled - pos
         if rest and pos:
             rx[:rest] = rx[pos:filled]  # the start of the next frame to the front
         self._rx_len = rest
+        if answered is not None:  # after the buffer is settled: done may send the next read
+            self._answer(*answered)
 
     def _lost(self, exc: BaseException | None) -> None:
+        cb = self._cb
         self.close()
+        down = LinkDown(f"{self.describe}: connection lost ({exc or 'closed'})")
         w = self._waiter
         if w is not None and not w.done():
-            w.set_exception(LinkDown(f"{self.describe}: connection lost ({exc or 'closed'})"))
+            w.set_exception(down)
         self._settled()
+        if cb is not None:
+            self._end_cb()
+            cb[0](down)
 
     def _expire(self) -> None:
         w = self._waiter
         if w is not None and not w.done():
             w.set_exception(TimeoutError())
         self._settled()
+        cb = self._cb
+        if cb is not None:
+            self._cb = None
+            self.timeouts += 1
+            self._end_cb()
+            cb[0](NoResponse(f"{self.describe}: no response from unit {cb[1]}"))
+
+    # -- start_read: the TcpEngine's reads, answered from the reactor
+
+    @property
+    def callbacks(self) -> bool:  # type: ignore[override]
+        return not self.inter_frame_s
+
+    def start_read(self, space: Space, address: int, count: int, slave: int, done: Done) -> bool:
+        if self._turn.locked() or self._cb is not None or self._waiter is not None:
+            return False  # a caller of read() has the link: queue behind it
+        sock, loop, reactor = self._sock, self._loop, self._reactor
+        if sock is None or loop is None or reactor is None:
+            return False  # read() connects (or says why it cannot)
+        fc = _READ_FC[space]
+        self.requests += 1
+        self._tid = tid = (self._tid + 1) & 0xFFFF
+        frame = _MBAP.pack(tid, 0, 6, slave) + _read_pdu(fc, address, count)
+        try:
+            sent = sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            loop.call_soon(done, LinkDown(f"{self.describe}: send failed ({exc})"))
+            return True
+        if sent != len(frame):
+            self._lost(None)
+            loop.call_soon(
+                done,
+                LinkDown(f"{self.describe}: sent {sent} of {len(frame)} bytes (peer not reading)"),
+            )
+            return True
+        self._cb = (done, slave, fc, count)
+        self._deadline = loop.time() + self.timeout_s
+        reactor.wait(self)
+        return True
+
+    def _answer(self, cb: tuple[Done, int, int, int], got: bytes) -> None:
+        done, slave, fc, count = cb
+        self._end_cb()
+        if fc > 2 and got[1] == fc and got[0] == slave and got[2] == 2 * count == len(got) - 3:
+            self.replies += 1  # the common case, checked as _pdu and _checked would
+            done(_regs_struct(count).unpack_from(got, 3))
+            return
+        result: Sequence[int] | Sequence[bool] | Exception
+        try:
+            reply_len = _reply_len(fc, count)
+            pdu = self._pdu(slave, fc, reply_len, got)
+            result = _items(fc, count, self._checked(slave, fc, reply_len, pdu))
+        except (TransportError, DeviceException) as exc:
+            result = exc
+        done(result)
+
+    def _end_cb(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
 
     def _settled(self) -> None:
         if self._reactor is not None:
             self._reactor.waiting.discard(self)
 
     async def _exchange(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
+        while self._cb is not None:  # a read of the engine is on the wire: after it
+            self._idle = idle = asyncio.get_running_loop().create_future()
+            await idle
         # the input first: late replies are dropped here, and a device that closed
         # the idle connection gets a new one instead of a request into the void
         used = self._used
@@ -610,11 +743,15 @@ class _TcpLink(ModbusLink):
         finally:
             self._waiter = None
             self._settled()
-        if got[0] != slave or got[1] & 0x7F != pdu[0]:
+        return self._pdu(slave, pdu[0], reply_len, got)
+
+    def _pdu(self, slave: int, fc: int, reply_len: int, got: bytes) -> bytes:
+        """The PDU of a frame ``got`` (unit id first) if it answers ``fc`` to ``slave``."""
+        if got[0] != slave or got[1] & 0x7F != fc:
             self.bad_frames += 1
             raise BadResponse(
                 f"{self.describe}: reply from unit {got[0]} function {got[1]} "
-                f"to unit {slave} function {pdu[0]}"
+                f"to unit {slave} function {fc}"
             )
         if len(got) - 1 != (2 if got[1] & 0x80 else reply_len):
             self.bad_frames += 1
@@ -624,6 +761,10 @@ class _TcpLink(ModbusLink):
     def close(self) -> None:
         sock, self._sock = self._sock, None
         self._rx_len = 0
+        if self._cb is not None:  # its reader has stopped listening
+            self._cb = None
+            self._settled()
+            self._end_cb()
         if sock is not None:
             if self._reactor is not None:
                 self._reactor.remove(sock.fileno())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -28,8 +29,17 @@ from bench.bus import machine
 from bench.tcp_fleet import POINTS, profile_toml
 
 
+def _wakeups() -> int:
+    """Times this process went to sleep and was woken (voluntary context switches)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from agent.bus import BusPoller, PolledDevice
+    from agent.bus import BusPoller, PolledDevice, TcpEngine
     from agent.clock import SystemClock
     from agent.transport import ModbusLink
     from drivers.profiles import load_profile
@@ -73,11 +83,19 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         pollers.append(BusPoller(f"tcp-{i}", link, [dev], sink, clock))
     try:
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(p.run()) for p in pollers]
+            if args.task_per_bus:
+                tasks = [tg.create_task(p.run()) for p in pollers]
+            else:
+                tasks = [tg.create_task(TcpEngine(pollers, sink, clock).run())]
+            # as the agent does once started (agent.service): the start-up objects frozen
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(20_000, 20, 100)
             await asyncio.sleep(args.warmup)
-            t0, c0, r0 = time.monotonic(), sum(os.times()[:2]), readings
+            t0, (u0, s0), r0, w0 = time.monotonic(), os.times()[:2], readings, _wakeups()
             await asyncio.sleep(args.duration)
-            t1, c1, r1 = time.monotonic(), sum(os.times()[:2]), readings
+            t1, (u1, s1), r1, w1 = time.monotonic(), os.times()[:2], readings, _wakeups()
+            c0, c1 = u0 + s0, u1 + s1
             for t in tasks:
                 t.cancel()
     finally:
@@ -95,7 +113,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "readings_per_s": round((r1 - r0) / wall),
         "polls_per_s": round(polls / wall, 1),
         "cpu_pct": round(100 * (c1 - c0) / wall, 2),
+        "user_pct": round(100 * (u1 - u0) / wall, 2),
+        "system_pct": round(100 * (s1 - s0) / wall, 2),
         "cpu_us_per_poll": round(1e6 * (c1 - c0) / polls, 1) if polls else None,
+        "driver": "task per bus" if args.task_per_bus else "TcpEngine",
+        "wakeups_per_s": round((w1 - w0) / wall),
         "devices_not_online": offline,
         "machine": machine(),
     }
@@ -107,10 +129,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument(
+        "--task-per-bus",
+        action="store_true",
+        help="a task per bus (BusPoller.run) instead of the agent's one TcpEngine",
+    )
     args = ap.parse_args(argv)
     r = asyncio.run(measure(args))
     print(f"{'figure':<34} {'value':>10}")
-    for key in ("terminals", "readings_per_s", "polls_per_s", "cpu_pct", "cpu_us_per_poll"):
+    print(f"{'driver':<34} {r['driver']:>10}")
+    for key in (
+        "terminals",
+        "readings_per_s",
+        "polls_per_s",
+        "cpu_pct",
+        "user_pct",
+        "system_pct",
+        "cpu_us_per_poll",
+        "wakeups_per_s",
+    ):
         print(f"{key:<34} {r[key]!s:>10}")
     print(f"{'devices not online at the end':<34} {r['devices_not_online']:>10}")
     print(json.dumps(r))
