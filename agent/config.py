@@ -130,7 +130,7 @@ class UplinkConfig:
 
 @dataclass(frozen=True, slots=True)
 class BatchConfig:
-    max_readings: int = 500
+    max_readings: int = 5000
     max_age_s: float = 5.0
     encoding: str = "msgpack+zlib"  # or "msgpack"
 
@@ -670,7 +670,7 @@ def _tls(t: Table, base: Path) -> TlsConfig:
 
 def _batch(t: Table) -> BatchConfig:
     out = BatchConfig(
-        max_readings=t.get_int("max_readings", 500, lo=1, hi=10000),
+        max_readings=t.get_int("max_readings", 5000, lo=1, hi=10000),
         max_age_s=t.get_float("max_age_s", 5.0, lo=0.05, hi=3600.0),
         encoding=t.get_str(
             "encoding", "msgpack+zlib", choices=["msgpack+zlib", "msgpack"], what="encoding"

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--batch-readings",
         type=int,
-        help="[batch] max_readings of the agent (default: the configuration's default, 500)",
+        help="[batch] max_readings of the agent (default: the configuration's default, 5000)",
     )
     ap.add_argument(
         "--role", choices=("bench", "emulators"), default="bench", help=argparse.SUPPRESS
