@@ -39,7 +39,7 @@ from protocols.payload import (
     decode_points,
     decode_readings,
     encode_points,
-    encode_readings,
+    encode_readings_span,
 )
 from protocols.reading import Reading
 
@@ -325,15 +325,14 @@ def seal(
     _check_gateway(gateway)
     _check_counter("epoch", epoch)
     _check_counter("seq", seq)
-    payload = encode_readings(readings, enc=enc)
-    ts = [r.ts for r in readings]
+    payload, t0, t1 = encode_readings_span(readings, enc=enc)
     protected: dict[str, ProtectedValue] = {
         "gw": gateway,
         "kid": key_id(key),
         "epoch": epoch,
         "seq": seq,
-        "t0": min(ts),
-        "t1": max(ts),
+        "t0": t0,
+        "t1": t1,
         "n": len(readings),
         "enc": enc,
     }

@@ -57,6 +57,7 @@ __all__ = [
     "decode_readings",
     "encode_points",
     "encode_readings",
+    "encode_readings_span",
 ]
 
 ENCODINGS: Final = ("msgpack", "msgpack+zlib")
@@ -306,6 +307,15 @@ def _is32(v: float) -> bool:
 
 
 _QUALITY_INT: Final = {q: int(q) for q in Quality}
+_INT_ONLY: Final = {int}
+# the kinds of the short path as plain ints (msgpack packs them the same, faster)
+_DEC0, _DEC1, _BOOL, _INT, _RAW = (
+    int(Kind.DEC),
+    int(Kind.DEC) + 1,
+    int(Kind.BOOL),
+    int(Kind.INT),
+    int(Kind.RAW),
+)
 
 
 def _quality(q: Quality) -> int:
@@ -327,7 +337,15 @@ def _bad_reading(readings: Sequence[Reading]) -> LocalError:
 
 
 def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -> bytes:
-    """The payload bytes of ``readings`` (1 to :data:`MAX_READINGS` of them).
+    """The payload bytes of ``readings``: see :func:`encode_readings_span`."""
+    return encode_readings_span(readings, enc=enc)[0]
+
+
+def encode_readings_span(
+    readings: Sequence[Reading], *, enc: str = "msgpack+zlib"
+) -> tuple[bytes, int, int]:
+    """The payload bytes of ``readings`` (1 to :data:`MAX_READINGS` of them), and
+    their earliest and latest timestamps.
 
     Raises :class:`LocalError` for what cannot be encoded: no readings, too
     many, a timestamp outside ``[0, MAX_TS]``, a point id outside
@@ -357,18 +375,20 @@ def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -
                 g.append(r)
         points = list(groups)
         series = [rs[0] if len(rs) == 1 else rs for rs in groups.values()]
-    if not all(type(p) is int for p in points) or min(points) < 0 or max(points) > MAX_POINT_ID:
+    if set(map(type, points)) != _INT_ONLY or min(points) < 0 or max(points) > MAX_POINT_ID:
         raise _bad_reading(readings)
     stamps = [r[1] for r in readings]
-    if not all(type(t) is int for t in stamps):
+    if set(map(type, stamps)) != _INT_ONLY:
         raise _bad_reading(readings)
-    base = min(stamps)
-    if base < 0 or max(stamps) > MAX_TS:
+    base, last = min(stamps), max(stamps)
+    if base < 0 or last > MAX_TS:
         raise _bad_reading(readings)
     seen_one: dict[int, int] = {}  # the time of a series of one reading -> its index
     seen_times: dict[tuple[int, ...], int] = {}
     out: list[object] = [base]
     append = out.append
+    dec0, dec1, k_bool, k_int, k_raw = _DEC0, _DEC1, _BOOL, _INT, _RAW
+    quality_int = _QUALITY_INT
     for index, item in enumerate(series):
         if type(item) is Reading:
             point, t, value, quality = item
@@ -377,30 +397,29 @@ def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -
                 seen_one[t] = index
                 times = [t - base]
             try:
-                q = _QUALITY_INT[quality]
+                q = quality_int[quality]
             except (KeyError, TypeError):
                 q = int(Quality(quality))  # ValueError for what is not a quality
-            if value is None:
-                append([point, Kind.RAW, times, [], [0, q | _NO_VALUE]])
-                continue
             kind: int
             packed: object
             if type(value) is float:
                 # inline, what a register scaled by 1 or 0.1 gives (same as _one_float):
-                # not +-0.0, NaN or inf; the mantissa fits int32, so DEC is at most 6 bytes
-                if 1e-300 < abs(value) < 2e8:
-                    if value.is_integer():
-                        kind, packed = Kind.DEC, [int(value)]
-                    elif (m := round(value * 10)) / 10 == value:
-                        kind, packed = Kind.DEC + 1, [m]
+                # not +-0.0, NaN or inf; the mantissa fits int32, so DEC is at most 6 bytes.
+                # A whole number gives m % 10 == 0: DEC 0 with m // 10, as _one_float's e=0
+                if -2e8 < value < 2e8 and value and (m := round(value * 10)) / 10 == value:
+                    if m % 10:
+                        kind, packed = dec1, [m]
                     else:
-                        kind, packed = _one_float(value)
+                        kind, packed = dec0, [m // 10]
                 else:
                     kind, packed = _one_float(value)
+            elif value is None:
+                append([point, k_raw, times, [], [0, q | _NO_VALUE]])
+                continue
             elif type(value) is bool:
-                kind, packed = Kind.BOOL, [value]
+                kind, packed = k_bool, [value]
             elif type(value) is int and _INT_MIN <= value <= _I64_MAX:
-                kind, packed = Kind.INT, [value]
+                kind, packed = k_int, [value]
             else:
                 kind, packed = _value_series([_plain(value)])
             append([point, kind, times, packed, [0, q]] if q else [point, kind, times, packed])
@@ -433,7 +452,7 @@ def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -
     raw = _pack(out)
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise LocalError(f"payload of {len(raw)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    return _compress(raw, enc)
+    return _compress(raw, enc), base, last
 
 
 def encode_points(points: Sequence[PointInfo], *, enc: str = "msgpack+zlib") -> bytes:
