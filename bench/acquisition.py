@@ -18,6 +18,7 @@ import asyncio
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         emu.terminate()
         emu.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
     wall = t1 - t0
     polls = (r1 - r0) / POINTS
     offline = sum(1 for p in pollers for d in p.devices if d.state != "online")

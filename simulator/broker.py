@@ -117,6 +117,7 @@ class MosquittoBroker(_Base):
         self._proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)  # again after a stop
         conf = self._dir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} {HOST}\n"
@@ -153,6 +154,7 @@ class MosquittoBroker(_Base):
         except subprocess.TimeoutExpired:
             proc.kill()
             await asyncio.to_thread(proc.wait)
+        shutil.rmtree(self._dir, ignore_errors=True)  # its config and log
 
 
 class EmbeddedBroker(_Base):
