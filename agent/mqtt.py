@@ -147,6 +147,7 @@ class MqttClient:
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         will: Will | None = None,
+        farewell: Will | None = None,
         clean_session: bool = True,
         connect_timeout: float = 10.0,
         ack_timeout: float | None = None,
@@ -174,6 +175,13 @@ class MqttClient:
             will_payload=will_payload,
             will_qos=will_qos,
             will_retain=will_retain,
+        )
+        # said by the client itself (QoS 0) just before a clean DISCONNECT, which makes
+        # the broker drop the will: so a clean stop still leaves "offline" retained
+        self._farewell = (
+            b""
+            if farewell is None
+            else mqtt.encode_publish(farewell[0], farewell[1], retain=farewell[3])
         )
         self._decoder = mqtt.Decoder(max_packet_size=max_packet_size)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -279,7 +287,7 @@ class MqttClient:
         self._schedule(loop.time())
 
     async def disconnect(self) -> None:
-        """Send DISCONNECT (the broker then drops the will) and close.
+        """Send the farewell if any, then DISCONNECT (the broker drops the will), and close.
 
         Publishes still waiting for their PUBACK fail with :class:`MqttError`.
         """
@@ -288,6 +296,8 @@ class MqttClient:
             return
         self._closing = True
         if self._error is None:
+            if self._farewell:
+                transport.write(self._farewell)
             transport.write(_DISCONNECT)
             self._fail(MqttError("the client disconnected"), abort=False)
         transport.close()  # after the buffered bytes (DISCONNECT last) are written

@@ -130,6 +130,7 @@ class Uplink:
             keepalive=s.keepalive_s,
             tls=s.tls,
             will=(topics.status(s.gateway, s.prefix), b"offline", 1, True),
+            farewell=(topics.status(s.gateway, s.prefix), b"offline", 0, True),
             connect_timeout=s.connect_timeout_s,
             ack_timeout=s.publish_timeout_s,
         )

@@ -124,6 +124,20 @@ async def test_will_is_published_when_the_connection_drops(mosquitto: MosquittoB
 
 
 @pytest.mark.mosquitto
+async def test_a_clean_stop_says_its_farewell_retained(mosquitto: MosquittoBroker) -> None:
+    """DISCONNECT drops the will: the farewell leaves "offline" retained anyway."""
+    will = ("gw/status", b"offline", 1, True)
+    async with MqttClient(
+        mosquitto.host, mosquitto.port, client_id="gw", will=will, farewell=will
+    ) as gw:
+        await gw.publish("gw/status", b"online", qos=1, retain=True)
+    async with MqttClient(mosquitto.host, mosquitto.port, client_id="later") as later:
+        await later.subscribe("gw/status", qos=1)
+        (m,) = await _take(later, 1)
+    assert (m.payload, m.retain) == (b"offline", True)
+
+
+@pytest.mark.mosquitto
 async def test_subscription_delivery_and_filters(mosquitto: MosquittoBroker) -> None:
     async with (
         MqttClient(mosquitto.host, mosquitto.port, client_id="gw") as gw,
