@@ -62,6 +62,18 @@ def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _require_demo_extra(what: str, *modules: str) -> None:
+    """The reference hub, the demo and the simulators need the ``demo`` extra."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _fail(
+            f"{what} needs {' and '.join(missing)}, not part of a gateway's install",
+            "pip install 'vitals-gateway[demo]' (the README's demo command does)",
+        )
+
+
 # -- the agent ----------------------------------------------------------------
 
 
@@ -157,6 +169,7 @@ def hub(
 ) -> None:
     """Run a hub worker (several share the load through a shared subscription)."""
     ctx.obj = {"db": db}
+    _require_demo_extra("vitals hub", "aiomqtt")
     if ctx.invoked_subcommand is not None:
         return
     from simulator.enroll import EnrollmentDesk, hub_key_path, load_or_create_hub_key
@@ -268,6 +281,7 @@ def demo(
     ] = None,
 ) -> None:
     """Agent, emulated terminals, broker and hub, live. Ctrl-C stops it."""
+    _require_demo_extra("vitals demo", "aiomqtt", "amqtt")
     from simulator.demo import run_demo
 
     setup_logging("warning")
@@ -341,6 +355,7 @@ def sim_fleet(ctx: typer.Context) -> None:
 
     --gateways G --terminals T --duration S --scenario NAME --json (--help for all).
     """
+    _require_demo_extra("vitals sim fleet", "aiomqtt")
     from simulator.fleet import main as fleet_main
 
     raise typer.Exit(fleet_main(list(ctx.args)))

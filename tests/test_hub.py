@@ -243,3 +243,22 @@ def test_every_signed_kind_is_refused_the_same_way(core: HubCore) -> None:
         assert core.handle(topic, seal(stranger)) == "unknown_key", kind
         assert core.handle(f"{topics.DEFAULT_PREFIX}/gw-other/{kind}", good) == "topic_mismatch"
         assert core.handle(topic, good) == kind, kind
+
+
+def test_the_hub_without_the_demo_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "aiomqtt" else real(name, *a)
+    )
+    result = CliRunner().invoke(app, ["hub", "--db", str(tmp_path / "h.db"), "stats"])
+    assert result.exit_code == 1
+    assert "vitals hub needs aiomqtt" in result.output
+    assert "pip install 'vitals-gateway[demo]'" in result.output
