@@ -28,6 +28,7 @@ from typing import Annotated, Any
 import typer
 
 from agent.diag._common import OK, DiagError, console, die, emit_json
+from protocols.errors import VitalsError
 
 __all__ = ["bundle_command", "make_bundle", "redact_toml"]
 
@@ -35,11 +36,9 @@ _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|psk|private|credential|api_
 _ASSIGN = re.compile(r"^(\s*)([A-Za-z0-9_.\"'-]+)(\s*=\s*)(.*)$")
 PACKAGES = (
     "vitals-gateway",
-    "pymodbus",
     "pyserial",
-    "aiomqtt",
     "msgpack",
-    "cryptography",
+    "cryptography",  # the Ed25519 fallback when the system libcrypto cannot sign
     "typer",
     "rich",
 )
@@ -155,6 +154,12 @@ def make_bundle(
             versions["packages"][pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions["packages"][pkg] = None
+    try:  # who signs the batches: the system's OpenSSL, or the fallback
+        from protocols import ed25519
+
+        versions["ed25519"] = ed25519.backend_name()
+    except VitalsError as exc:
+        versions["ed25519"] = f"none: {exc}"
     os_release = Path("/etc/os-release")
     if os_release.exists():
         versions["os_release"] = os_release.read_text()
