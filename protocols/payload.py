@@ -392,10 +392,12 @@ def encode_readings_span(
     for index, item in enumerate(series):
         if type(item) is Reading:
             point, t, value, quality = item
+            # tuples, not lists, in this path: msgpack packs both as arrays (the same
+            # bytes), a tuple is cheaper to make, and the collector skips it
             times: object = seen_one.get(t)
             if times is None:
                 seen_one[t] = index
-                times = [t - base]
+                times = (t - base,)
             try:
                 q = quality_int[quality]
             except (KeyError, TypeError):
@@ -408,9 +410,9 @@ def encode_readings_span(
                 # A whole number gives m % 10 == 0: DEC 0 with m // 10, as _one_float's e=0
                 if -2e8 < value < 2e8 and value and (m := round(value * 10)) / 10 == value:
                     if m % 10:
-                        kind, packed = dec1, [m]
+                        kind, packed = dec1, (m,)
                     else:
-                        kind, packed = dec0, [m // 10]
+                        kind, packed = dec0, (m // 10,)
                 else:
                     kind, packed = _one_float(value)
             elif value is None:
@@ -422,7 +424,7 @@ def encode_readings_span(
                 kind, packed = k_int, [value]
             else:
                 kind, packed = _value_series([_plain(value)])
-            append([point, kind, times, packed, [0, q]] if q else [point, kind, times, packed])
+            append((point, kind, times, packed, (0, q)) if q else (point, kind, times, packed))
             continue
         rs = cast(list[Reading], item)  # not a Reading: a list of them
         point = rs[0][0]
