@@ -724,11 +724,12 @@ class TcpEngine:
             if self._stopping and not self._in_flight:
                 self._quiet.set()
             self._out += poll.finish()
-            p._done(poll.job, self._clock.monotonic())
+            now = self._clock.monotonic()
+            p._done(poll.job, now)
             w = self._wake
             if w is not None and not w.done():
                 w.set_result(None)
-            self._next(i, p, self._clock.monotonic())
+            self._next(i, p, now)
             return
         poll.sent(self._clock.monotonic())
         done = functools.partial(self._answer, i, poll)
