@@ -666,27 +666,36 @@ class _TcpLink(ModbusLink):
             return False  # read() connects (or says why it cannot)
         fc = _READ_FC[space]
         self.requests += 1
+        failed = self._send(sock, slave, _read_pdu(fc, address, count))
+        if failed is not None:
+            loop.call_soon(done, failed)
+            return True
+        self._cb = (done, slave, fc, count)
+        self._deadline = loop.time() + self.timeout_s
+        reactor.wait(self)
+        return True
+
+    def _send(self, sock: socket.socket, slave: int, pdu: bytes) -> LinkDown | None:
+        """Send ``pdu`` to ``slave`` with a fresh transaction id; the error if the link broke.
+
+        A request is at most 260 bytes, sent whole by one ``send``: a socket
+        whose buffer is full has a peer that stopped reading long ago.
+        """
         self._tid = tid = (self._tid + 1) & 0xFFFF
-        frame = _MBAP.pack(tid, 0, 6, slave) + _read_pdu(fc, address, count)
+        frame = _MBAP.pack(tid, 0, len(pdu) + 1, slave) + pdu
         try:
             sent = sock.send(frame)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
             self._lost(exc)
-            loop.call_soon(done, LinkDown(f"{self.describe}: send failed ({exc})"))
-            return True
+            return LinkDown(f"{self.describe}: send failed ({exc})")
         if sent != len(frame):
             self._lost(None)
-            loop.call_soon(
-                done,
-                LinkDown(f"{self.describe}: sent {sent} of {len(frame)} bytes (peer not reading)"),
+            return LinkDown(
+                f"{self.describe}: sent {sent} of {len(frame)} bytes (peer not reading)"
             )
-            return True
-        self._cb = (done, slave, fc, count)
-        self._deadline = loop.time() + self.timeout_s
-        reactor.wait(self)
-        return True
+        return None
 
     def _answer(self, cb: tuple[Done, int, int, int], got: bytes) -> None:
         done, slave, fc, count = cb
@@ -729,18 +738,9 @@ class _TcpLink(ModbusLink):
         assert sock is not None and loop is not None and reactor is not None
         if self.inter_frame_s and self._last_reply:
             await asyncio.sleep(self._last_reply + self.inter_frame_s - time.monotonic())
-        self._tid = tid = (self._tid + 1) & 0xFFFF
-        frame = _MBAP.pack(tid, 0, len(pdu) + 1, slave) + pdu
-        try:
-            sent = sock.send(frame)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._lost(exc)
-            raise LinkDown(f"{self.describe}: send failed ({exc})") from exc
-        if sent != len(frame):
-            self._lost(None)
-            raise LinkDown(f"{self.describe}: sent {sent} of {len(frame)} bytes (peer not reading)")
+        failed = self._send(sock, slave, pdu)
+        if failed is not None:
+            raise failed
         w = self._waiter = loop.create_future()
         self._deadline = loop.time() + self.timeout_s
         reactor.wait(self)
