@@ -674,7 +674,10 @@ class TcpEngine:
                     await self._sink(out)
                     continue
                 wake = self._wake = loop.create_future()
-                timer = loop.call_at(heap[0][0], _wake, wake) if heap else None
+                # stopping: no timer (the heap's top may be due: it would spin)
+                timer = (
+                    loop.call_at(heap[0][0], _wake, wake) if heap and not self._stopping else None
+                )
                 try:
                     await wake
                 finally:

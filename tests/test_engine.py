@@ -185,3 +185,30 @@ async def test_finish_lets_the_polls_on_the_wire_end_and_keeps_them(
         polls = p.devices[0].polls
         assert p.transactions == served[i] and polls >= 5  # every request served was polled
         assert len([r for r in sink.readings if i * n <= r.point < (i + 1) * n]) == polls * n
+
+
+async def test_the_engine_sleeps_while_it_finishes(
+    terminals: list[TcpTerminal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After finish() nothing is due any more: the task waits, it does not spin."""
+    import agent.bus
+
+    rings: list[float] = []
+    real = agent.bus._wake
+
+    def counted(fut: asyncio.Future[None]) -> None:
+        rings.append(asyncio.get_running_loop().time())
+        real(fut)
+
+    monkeypatch.setattr(agent.bus, "_wake", counted)
+    sink = Sink()
+    pollers = _pollers(terminals[:2], sink, interval=0.05)
+    engine = TcpEngine(pollers, sink, SystemClock())
+    async with _running(engine) as task:
+        await asyncio.sleep(0.2)
+        assert rings  # the engine's timer rang for the polls
+        await engine.finish(1.0)
+        await asyncio.sleep(0.05)
+        before = len(rings)
+        await asyncio.sleep(0.3)  # every poll's next slot passes meanwhile
+        assert not task.done() and len(rings) == before
