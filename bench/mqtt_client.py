@@ -40,18 +40,7 @@ async def _aiomqtt(host: str, port: int, n: int, window: int, payload: bytes) ->
         host, port, identifier="bench-aiomqtt", max_inflight_messages=window + 4
     ) as client:
         client.pending_calls_threshold = window * 2 + 8
-        room = asyncio.Semaphore(window)
-
-        async def one() -> None:
-            try:
-                await client.publish(TOPIC, payload, qos=1)
-            finally:
-                room.release()
-
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(n):
-                await room.acquire()
-                tg.create_task(one())
+        await _task_per_publish(lambda: client.publish(TOPIC, payload, qos=1), n, window)
 
 
 async def _vitals(host: str, port: int, n: int, window: int, payload: bytes) -> None:
@@ -80,18 +69,23 @@ async def _vitals_tasks(host: str, port: int, n: int, window: int, payload: byte
     from agent.mqtt import MqttClient
 
     async with MqttClient(host, port, client_id="bench-vitals-tasks") as client:
-        room = asyncio.Semaphore(window)
+        await _task_per_publish(lambda: client.publish(TOPIC, payload, qos=1), n, window)
 
-        async def one() -> None:
-            try:
-                await client.publish(TOPIC, payload, qos=1)
-            finally:
-                room.release()
 
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(n):
-                await room.acquire()
-                tg.create_task(one())
+async def _task_per_publish(publish: Callable[[], Awaitable[None]], n: int, window: int) -> None:
+    """``n`` publishes, each a task awaiting its acknowledgement, ``window`` at a time."""
+    room = asyncio.Semaphore(window)
+
+    async def one() -> None:
+        try:
+            await publish()
+        finally:
+            room.release()
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(n):
+            await room.acquire()
+            tg.create_task(one())
 
 
 Runner = Callable[[str, int, int, int, bytes], Awaitable[None]]
