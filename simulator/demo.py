@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import tempfile
 import time
@@ -249,4 +250,6 @@ async def run_demo(
             await term.stop()
         if mqtt is not None:
             await mqtt.stop()
+        if state_dir is None:  # the demo gateway's key and spool were throwaway
+            shutil.rmtree(tmp, ignore_errors=True)
     return summary

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,16 +33,18 @@ OUTAGE_S = float(os.environ.get("VITALS_OUTAGE_S", "30"))
 PROFILES = ("sound_level_meter", "weather_station", "gas_detector")
 
 
-def _persist_dir() -> Path:
+@pytest.fixture
+def persist() -> Iterator[Path]:
+    """Mosquitto's persistence directory, outside pytest's (root-only) tmp tree."""
     d = Path(tempfile.mkdtemp(prefix="vitals-mq-persist-"))
     d.chmod(0o777)  # mosquitto started as root drops to its own user
-    return d
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
-async def test_two_30_s_broker_outages_lose_nothing(tmp_path: Path) -> None:
+async def test_two_30_s_broker_outages_lose_nothing(tmp_path: Path, persist: Path) -> None:
     if not mosquitto_path():
         pytest.skip("needs the mosquitto binary")
-    persist = _persist_dir()
     broker = MosquittoBroker(
         extra_config=f"persistence true\npersistence_location {persist}/\nautosave_interval 1\n"
     )
