@@ -143,16 +143,22 @@ async def pki(tmp_path: Path) -> AsyncIterator[Pki]:
     srv_crt, srv_key = _leaf(tmp_path, "broker", ca, server=True)
     cli_crt, cli_key = _leaf(tmp_path, "gw-tls-1", ca, server=False)
     rogue_crt, rogue_key = _leaf(tmp_path, "rogue", wrong, server=False)
-    tls_port, mtls_port = free_port(), free_port()
     files = f"cafile {ca[2]}\ncertfile {srv_crt}\nkeyfile {srv_key}\n"
-    # run as root (CI containers), mosquitto drops to user "mosquitto" before
-    # reading the files, which live in root's private pytest directory
-    extra = ("user root\n" if os.geteuid() == 0 else "") + (
-        f"listener {tls_port} {HOST}\n{files}"
-        f"listener {mtls_port} {HOST}\n{files}require_certificate true\n"
-    )
-    broker = MosquittoBroker(extra_config=extra)
-    await broker.start()
+    for attempt in range(3):  # a free port can be taken before mosquitto binds it
+        tls_port, mtls_port = free_port(), free_port()
+        # run as root (CI containers), mosquitto drops to user "mosquitto" before
+        # reading the files, which live in root's private pytest directory
+        extra = ("user root\n" if os.geteuid() == 0 else "") + (
+            f"listener {tls_port} {HOST}\n{files}"
+            f"listener {mtls_port} {HOST}\n{files}require_certificate true\n"
+        )
+        broker = MosquittoBroker(extra_config=extra)
+        try:
+            await broker.start()
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     try:
         for port in (tls_port, mtls_port):
             for _ in range(100):
