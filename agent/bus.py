@@ -365,10 +365,7 @@ class BusPoller:
             for k, (_, point) in enumerate(dev.points):
                 groups.setdefault(point.interval_s or dev.interval_s, []).append((k, point))
             for interval, members in sorted(groups.items()):
-                try:
-                    reqs = _compiled(tuple(members), dev.max_registers, dev.max_gap)
-                except TypeError:  # pragma: no cover - a point that cannot be hashed
-                    reqs = _compiled.__wrapped__(tuple(members), dev.max_registers, dev.max_gap)
+                reqs = _compiled(tuple(members), dev.max_registers, dev.max_gap)
                 job = _Job(dev, interval, reqs, pids, [None] * len(reqs), order=len(self._jobs))
                 self._jobs.append(job)
             dev._refresh = functools.partial(self._refresh_values, dev)
@@ -760,9 +757,7 @@ class TcpEngine:
             return  # stopped while the read was on the wire
         clock = self._clock
         try:
-            if type(result) is tuple:  # registers: the common case first
-                poll.replied(result, clock.monotonic(), clock.now_ms())
-            elif isinstance(result, TransportError):
+            if isinstance(result, TransportError):
                 poll.failed(result, clock.now_ms())
             elif isinstance(result, DeviceException):
                 poll.refused(result, clock.now_ms())

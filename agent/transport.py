@@ -426,7 +426,6 @@ class _Reactor:
         self.waiting: set[_TcpLink] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._first_deadline = math.inf  # no waiting link expires before this
-        self.collects = 0
 
     def add(self, link: _TcpLink, fd: int) -> None:
         self._ep.register(fd, select.EPOLLIN)
@@ -458,7 +457,6 @@ class _Reactor:
 
     def _collect(self) -> None:
         self._timer = None
-        self.collects += 1
         self.read_ready()
         waiting = self.waiting
         if not waiting:
