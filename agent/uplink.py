@@ -17,7 +17,13 @@ on ``{prefix}/{gateway}/gap`` before anything else, and their rows deleted on
 PUBACK.
 
 Reconnects back off with full jitter up to a cap; a broker that is unreachable
-at start is normal (one log line, then quiet retries). A connection that
+at start is normal (one INFO line, then quiet retries). A failure that will
+not fix itself (the broker's certificate is not trusted, the broker refuses
+our credentials, the host name does not resolve: :func:`explain`) is logged
+at WARNING at once, with a hint; any failure that lasts is counted and logged
+again at WARNING, after ``warn_after_s`` and then at doubling intervals up to
+``warn_every_s``, so ``journalctl -p warning`` shows a gateway that cannot
+deliver. A connection that
 fails (lost, refused, a broker silent for 1.5 keepalives, a PUBACK later than
 ``publish_timeout_s``) fails every publish in flight at once: the session ends
 and the next one resends them. The connection is :class:`agent.mqtt.MqttClient`
@@ -27,9 +33,11 @@ and the next one resends them. The connection is :class:`agent.mqtt.MqttClient`
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import random
+import socket
 import ssl
 import time
 from collections import deque
@@ -42,7 +50,7 @@ from agent.spool import Spool, SpoolRow
 from protocols import topics
 from protocols.gap import GapRange
 
-__all__ = ["GapSigner", "Uplink", "UplinkSettings", "gap_topic"]
+__all__ = ["Failure", "GapSigner", "Uplink", "UplinkSettings", "explain", "gap_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,115 @@ GapSigner = Callable[[Sequence[GapRange]], bytes]
 
 
 gap_topic = topics.gap  # signed gap notices, QoS 1
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a connection to the broker failed, in words an installer can act on.
+
+    ``kind`` groups failures (``tls-verify``, ``tls``, ``auth``, ``dns``,
+    ``refused``, ``unreachable``, ``timeout``, ``lost``, ``other``);
+    ``lasting`` is true for those that will not fix themselves by waiting.
+    """
+
+    kind: str
+    message: str
+    hint: str
+    lasting: bool
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+_DIAG = "`vitals diag uplink` checks DNS, TCP, TLS and MQTT one by one"
+
+
+def explain(exc: BaseException, host: str, port: int) -> Failure:
+    """The :class:`Failure` behind a failed connection to ``host:port`` (no raw errno)."""
+    where = f"{host}:{port}"
+    for cause in _causes(exc):
+        if isinstance(cause, MqttError) and cause.return_code in (4, 5):
+            return Failure(
+                "auth",
+                f"the broker {where} refused our credentials: {cause.reason}",
+                "check [uplink] username and password (or the client certificate, "
+                "[uplink.tls] cert_file) with the hub operator",
+                True,
+            )
+        if isinstance(cause, MqttError) and cause.return_code is not None:
+            return Failure(
+                "refused-mqtt",
+                f"the broker {where} refused the connection: {cause.reason}",
+                "ask the hub operator whether this gateway is allowed on the broker",
+                cause.return_code in (1, 2),
+            )
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return Failure(
+                "tls-verify",
+                f"the certificate of {where} cannot be verified: "
+                f"{cause.verify_message or cause.reason}",
+                "set [uplink.tls] ca_file to the CA that signed the broker's certificate, and "
+                f"[uplink] host to a name in that certificate; {_DIAG}",
+                True,
+            )
+        if isinstance(cause, ssl.SSLError):
+            return Failure(
+                "tls",
+                f"the TLS handshake with {where} failed: {cause.reason or cause.strerror}",
+                "does the broker speak TLS on this port (8883), and does it want a client "
+                f"certificate ([uplink.tls] cert_file, key_file)? {_DIAG}",
+                True,
+            )
+        if isinstance(cause, socket.gaierror):
+            return Failure(
+                "dns",
+                f"cannot resolve the broker's name {host!r}: {cause.strerror}",
+                f"check [uplink] host and the cabinet's DNS (/etc/resolv.conf); {_DIAG}",
+                True,
+            )
+        if isinstance(cause, ConnectionRefusedError):
+            return Failure(
+                "refused",
+                f"nothing accepts connections on {where} (connection refused)",
+                "is the broker running, and is [uplink] port its MQTT port (1883, TLS 8883)?",
+                False,
+            )
+        if isinstance(cause, OSError) and cause.errno in (
+            errno.ENETUNREACH,
+            errno.EHOSTUNREACH,
+            errno.ENETDOWN,
+        ):
+            return Failure(
+                "unreachable",
+                f"no route to {where} ({cause.strerror})",
+                "is the cabinet's network up (modem, cable, `ip route`)?",
+                False,
+            )
+        if isinstance(cause, TimeoutError):
+            return Failure(
+                "timeout",
+                f"{where} did not answer in time",
+                f"a firewall dropping the port, or the wrong host; {_DIAG}",
+                False,
+            )
+    text = str(exc)
+    if isinstance(exc, MqttError) and " within " in text:  # no CONNACK / no TCP in time
+        return Failure(
+            "timeout", text, f"a firewall dropping the port, or the wrong host; {_DIAG}", False
+        )
+    if isinstance(exc, MqttError) and " lost" in text:
+        return Failure("lost", text, "the broker or the network dropped the connection", False)
+    return Failure("other", text, _DIAG, False)
 
 
 @dataclass(frozen=True)
@@ -71,6 +188,10 @@ class UplinkSettings:
     # a broker (or a NAT, a proxy) that accepts TCP but never answers CONNECT must
     # not hold the uplink for the publish timeout: give up and back off sooner
     connect_timeout_s: float = 10.0
+    # a failure that lasts is logged again at WARNING: first after warn_after_s,
+    # then at doubling intervals up to warn_every_s
+    warn_after_s: float = 60.0
+    warn_every_s: float = 600.0
 
 
 class Uplink:
@@ -101,7 +222,10 @@ class Uplink:
         self.commands: CommandExecutor | None = None  # signed commands from the hub
         self.last_acked: tuple[int, int] | None = None
         self.last_error = ""
+        self.last_hint = ""
+        self._last_exc: BaseException | None = None
         self._gap_busy = False
+        self._reset_failures()
 
     def statistics(self) -> dict[str, object]:
         return {
@@ -117,6 +241,8 @@ class Uplink:
             "in_flight": self.in_flight,
             "last_acked": list(self.last_acked) if self.last_acked else None,
             "last_error": self.last_error,
+            "last_hint": self.last_hint,
+            "failed_attempts": self._failures,
         }
 
     def _client(self) -> MqttClient:
@@ -140,6 +266,7 @@ class Uplink:
         s = self._s
         attempt = 0
         down_since = time.monotonic()
+        self._reset_failures()
         while True:
             mark = self._spool.last_id  # older: backlog; appended from now on: live
             try:
@@ -147,37 +274,85 @@ class Uplink:
                     attempt = 0
                     self.connects += 1
                     self.connected.set()
+                    how = (
+                        f"down {time.monotonic() - down_since:.1f} s"
+                        if self.connects > 1
+                        else "first"
+                    )
+                    if self._failures:
+                        how += f", after {self._failures} failed attempts"
                     log.info(
                         "uplink connected to %s:%d (%s); %d batches to send",
                         s.host,
                         s.port,
-                        f"down {time.monotonic() - down_since:.1f} s"
-                        if self.connects > 1
-                        else "first",
+                        how,
                         self._spool.statistics()["depth_batches"],
                     )
+                    self._reset_failures()
                     await self._session(client, mark)
             except* MqttError as group:
-                self.last_error = str(group.exceptions[0])
+                self._last_exc = group.exceptions[0]
+                self.last_error = str(self._last_exc)
             if self.connected.is_set():
                 down_since = time.monotonic()
-                log.warning("uplink to %s:%d lost: %s", s.host, s.port, self.last_error)
+                why = explain(self._last_exc, s.host, s.port) if self._last_exc else None
+                log.warning(
+                    "uplink to %s:%d lost: %s",
+                    s.host,
+                    s.port,
+                    why.message if why else self.last_error,
+                )
             else:
                 self.connect_failures += 1
-                if self.connects == 0 and attempt == 0:
-                    # normal at boot (the cabinet's modem may still be dialling)
-                    log.info(
-                        "broker %s:%d not reachable yet (%s); spooling, will keep trying",
-                        s.host,
-                        s.port,
-                        self.last_error,
-                    )
-                elif attempt == 0:
-                    log.warning("uplink cannot reach %s:%d: %s", s.host, s.port, self.last_error)
+                if self._last_exc is not None:
+                    self._connect_failed(explain(self._last_exc, s.host, s.port))
             self.connected.clear()
             attempt += 1
             cap = min(s.backoff_max_s, s.backoff_min_s * 2 ** min(attempt, 16))
             await asyncio.sleep(random.uniform(s.backoff_min_s / 2, cap))
+
+    def _reset_failures(self) -> None:
+        self._failures = 0
+        self._failing_since = 0.0
+        self._failure_kind = ""
+        self._next_warning = 0.0
+        self._warn_interval = self._s.warn_after_s
+
+    def _connect_failed(self, why: Failure) -> None:
+        """Log a failed connect: the first of its kind at once (INFO for a broker not up
+        yet at boot, WARNING otherwise, with a hint), then again at WARNING while it lasts."""
+        s = self._s
+        now = time.monotonic()
+        self._failures += 1
+        if self._failures == 1:
+            self._failing_since = now
+        self.last_error = why.message
+        self.last_hint = why.hint
+        if why.kind != self._failure_kind:
+            self._failure_kind = why.kind
+            self._next_warning = now + self._warn_interval
+            if why.lasting or self.connects:
+                log.warning("uplink cannot connect: %s; hint: %s", why.message, why.hint)
+            else:  # normal at boot (the cabinet's modem may still be dialling)
+                log.info(
+                    "broker %s:%d not reachable yet (%s); spooling, will keep trying",
+                    s.host,
+                    s.port,
+                    why.message,
+                )
+            return
+        if now >= self._next_warning:
+            self._warn_interval = min(self._warn_interval * 2, s.warn_every_s)
+            self._next_warning = now + self._warn_interval
+            log.warning(
+                "uplink still cannot connect after %d attempts in %s: %s; hint: %s "
+                "(%d batches waiting in the spool)",
+                self._failures,
+                _duration(now - self._failing_since),
+                why.message,
+                why.hint,
+                self._spool.statistics()["depth_batches"],
+            )
 
     async def _session(self, client: MqttClient, mark: int) -> None:
         s = self._s

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import aiomqtt
@@ -210,3 +211,138 @@ async def test_a_broker_that_accepts_tcp_but_never_answers_connect_is_retried(
         await spool.close()
     assert len(held) >= 3, "each attempt opened a new connection"
     assert not up.connected.is_set()
+
+
+# ---------------------------------------------------------------- failures that last
+
+
+async def _run_until(up: Uplink, cond: object, within: float = 20.0) -> None:
+    task = asyncio.create_task(up.run())
+    try:
+        await _until(cond, within)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "agent.uplink"]
+
+
+def _quick(**kw: object) -> UplinkSettings:
+    """Settings that retry and re-warn within a fraction of a second."""
+    base: dict[str, object] = dict(
+        gateway=GW, backoff_min_s=0.02, backoff_max_s=0.05, warn_after_s=0.3, warn_every_s=0.6
+    )
+    return UplinkSettings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+async def test_an_untrusted_broker_certificate_reaches_warning_at_once_and_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real Mosquitto with TLS; the gateway trusts another CA (install.md §7:
+    `journalctl -p warning` must show it)."""
+    if not mosquitto_path():
+        pytest.skip("needs the mosquitto binary (apt-get install mosquitto)")
+    from test_tls import _ca, _leaf  # the certificates of the TLS tests
+
+    from agent.config import TlsConfig
+    from agent.tls import tls_context
+
+    ca = _ca(tmp_path, "vitals-test-ca")
+    wrong = _ca(tmp_path, "attacker-ca")
+    crt, key = _leaf(tmp_path, "broker", ca, server=True)
+    tls_port = free_port()
+    extra = ("user root\n" if os.geteuid() == 0 else "") + (
+        f"listener {tls_port} 127.0.0.1\ncafile {ca[2]}\ncertfile {crt}\nkeyfile {key}\n"
+    )
+    broker = MosquittoBroker(extra_config=extra)
+    await broker.start()
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    await spool.append([_row(1, 0)])
+    ctx = tls_context(TlsConfig(enabled=True, ca_file=wrong[2]))
+    up = Uplink(_quick(host="127.0.0.1", port=tls_port, tls=ctx), spool)
+    try:
+        with caplog.at_level(logging.INFO, logger="agent.uplink"):
+            await _run_until(
+                up,
+                lambda: len([r for r in _ours(caplog) if "still cannot" in r.getMessage()]) >= 2,
+            )
+    finally:
+        await broker.stop()
+        await spool.close()
+    records = _ours(caplog)
+    first = records[0]
+    assert first.levelno == logging.WARNING, "the first failure of a kind that lasts"
+    assert "cannot be verified" in first.getMessage()
+    assert "hint: set [uplink.tls] ca_file" in first.getMessage()
+    again = [r for r in records if "still cannot" in r.getMessage()]
+    assert all(r.levelno == logging.WARNING for r in again)
+    assert "1 batches waiting" in again[0].getMessage()
+    # counted, and re-logged with back-off, not at every attempt
+    assert up.connect_failures > len(records) >= 3
+    assert not any("Errno" in r.getMessage() for r in records)
+    stats = up.statistics()
+    assert "cannot be verified" in str(stats["last_error"]) and stats["last_hint"]
+
+
+async def test_a_name_that_does_not_resolve_warns_with_a_hint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    up = Uplink(_quick(host="broker.nosuch.invalid", port=1883), spool)
+    with caplog.at_level(logging.INFO, logger="agent.uplink"):
+        await _run_until(up, lambda: up.connect_failures >= 2)
+    await spool.close()
+    first = _ours(caplog)[0]
+    assert first.levelno == logging.WARNING
+    assert "cannot resolve the broker's name 'broker.nosuch.invalid'" in first.getMessage()
+    assert "hint: check [uplink] host" in first.getMessage()
+
+
+async def test_refused_credentials_warn_with_a_hint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker on a real socket that answers CONNECT with return code 5 (not authorised)."""
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # CONNECT
+        writer.write(bytes([0x20, 0x02, 0x00, 0x05]))  # CONNACK, not authorised
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    up = Uplink(_quick(port=port), spool)
+    try:
+        with caplog.at_level(logging.INFO, logger="agent.uplink"):
+            await _run_until(up, lambda: up.connect_failures >= 2)
+    finally:
+        server.close()
+        await server.wait_closed()
+        await spool.close()
+    first = _ours(caplog)[0]
+    assert first.levelno == logging.WARNING
+    assert "refused our credentials: not authorized" in first.getMessage()
+    assert "hint: check [uplink] username and password" in first.getMessage()
+
+
+async def test_a_broker_down_for_long_reaches_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not up at boot is normal (INFO); still not up after warn_after_s is a WARNING."""
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    up = Uplink(_quick(port=free_port()), spool)
+    with caplog.at_level(logging.INFO, logger="agent.uplink"):
+        await _run_until(
+            up, lambda: any(r.levelno == logging.WARNING for r in _ours(caplog)), within=10
+        )
+    await spool.close()
+    records = _ours(caplog)
+    assert records[0].levelno == logging.INFO and "not reachable yet" in records[0].getMessage()
+    warning = next(r for r in records if r.levelno == logging.WARNING).getMessage()
+    assert "still cannot connect" in warning and "connection refused" in warning
+    assert "hint: is the broker running" in warning
+    assert not any("Errno" in r.getMessage() for r in records)
