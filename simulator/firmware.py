@@ -5,23 +5,35 @@
     with FirmwareTerminal(slave=1, baud=9600) as fw:        # or: async with
         client = AsyncModbusSerialClient(fw.port, baudrate=9600, parity="N")
 
-Wiring (see docs/firmware.md): one pty. The firmware process inherits the
-pty's *master* descriptor (``micropython firmware/main.py --fd N``; MicroPython's
-``open()`` takes a descriptor as well as a path) and serves it with
-``select.poll``; whoever plays the Modbus master opens the *slave* end by its
-path, :attr:`FirmwareTerminal.port`. We keep a descriptor of the slave end open
-for the terminal's whole life so the firmware never sees a hang-up between two
-clients. No relay, no thread: bytes go straight through the kernel.
+Wiring (see docs/firmware.md): two ptys and the wire between them. The
+firmware process inherits the *master* descriptor of its own pty
+(``micropython firmware/main.py --fd N``; MicroPython's ``open()`` takes a
+descriptor as well as a path) and serves it with ``select.poll``. Whoever
+plays the Modbus master opens the *slave* end of the other pty by its path,
+:attr:`FirmwareTerminal.port`. A thread of ours, the wire, carries bytes
+between the two, as an RS-485 line would:
 
-Both ends are raw 8N1 (MicroPython has no termios; ptys refuse parity). A pty
-has no baud rate: ``baud`` only sets the firmware's t3.5 and what a master
-should configure.
+- only at the firmware's line settings. A pty has no baud rate of its own, but
+  it keeps what the master set (:func:`simulator.pty.line_baud`); MicroPython
+  has no termios to read it, so the wire does: bytes from a master at another
+  baud are what a real UART hears then (framing errors, wrong bytes, never a
+  good CRC), so they never reach the firmware and it stays silent. The
+  firmware's settings in force are the ones it announces on every (re)start
+  of communications (``vitals-fw ready SLAVE BAUD PARITY`` on its output): a
+  baud written over Modbus applies after "restart communications", as on a
+  Pico. A firmware set to parity E or O hears nobody (ptys are always N).
+- at the firmware's baud: a request reaches the firmware, and a reply the
+  master, when its last character would have crossed the line.
+
+We hold a descriptor of each slave end for the terminal's whole life, so
+neither the firmware nor the wire sees a hang-up between two clients.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import select
 import shutil
@@ -29,13 +41,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
 
 from protocols.errors import LocalError, ProtocolError
-from protocols.rtu import ReadRequest, ResponseParser, encode_request
-from simulator.pty import PtyPair, open_pty
+from protocols.rtu import ReadRequest, ResponseParser, encode_request, frame_time
+from simulator.pty import PtyPair, line_baud, open_pty
 
 __all__ = ["FIRMWARE_DIR", "FirmwareError", "FirmwareTerminal", "find_micropython", "main"]
 
@@ -57,11 +70,13 @@ def find_micropython() -> str | None:
 
 
 class FirmwareTerminal:
-    """One terminal running ``firmware/main.py`` under MicroPython on a pty.
+    """One terminal running ``firmware/main.py`` under MicroPython behind a pty.
 
     ``state`` is the settings file (a fresh temporary one when ``None``, removed
     at :meth:`stop`); ``seed`` makes the simulated noise repeatable;
-    ``ready_timeout_s`` bounds the start.
+    ``ready_timeout_s`` bounds the start. ``baud`` is the factory default: a
+    settings file that says otherwise wins, as on the device. ``garbled``
+    counts the bytes a master sent at other line settings (nobody heard them).
     """
 
     def __init__(
@@ -81,18 +96,24 @@ class FirmwareTerminal:
         self.micropython = micropython
         self.firmware_dir = Path(firmware_dir)
         self.ready_timeout_s = ready_timeout_s
+        self.garbled = 0
         self._state = Path(state) if state is not None else None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self._pty: PtyPair | None = None
+        self._line: PtyPair | None = None  # the masters' side
+        self._fw: PtyPair | None = None  # the firmware's side
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
+        self._seen = 0  # how much of the log the wire has read
+        self._settings: tuple[int, str] = (baud, "N")  # (baud, parity) in force
+        self._wire: threading.Thread | None = None
+        self._stop_r = self._stop_w = -1
 
     @property
     def port(self) -> str:
         """Path of the serial device a Modbus master opens."""
-        if self._pty is None:
+        if self._line is None:
             raise FirmwareError("the firmware terminal is not started")
-        return self._pty.path
+        return self._line.path
 
     @property
     def state_path(self) -> Path:
@@ -103,6 +124,12 @@ class FirmwareTerminal:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def line_settings(self) -> tuple[int, str]:
+        """``(baud, parity)`` the firmware has in force (it said so at its last start)."""
+        self._read_announcements()
+        return self._settings
 
     def output(self) -> str:
         """What the firmware printed so far (its stdout and stderr)."""
@@ -121,8 +148,10 @@ class FirmwareTerminal:
         if self._state is None:
             self._state = Path(self._tmp.name) / "settings.json"
         self._log = Path(self._tmp.name) / "firmware.log"
-        self._pty = open_pty()
-        master = self._pty.master
+        self._seen = 0
+        self._line = open_pty()
+        self._fw = open_pty()
+        master = self._fw.master
         argv = [interpreter, str(self.firmware_dir / "main.py"), "--fd", str(master)]
         argv += ["--slave", str(self.slave), "--baud", str(self.baud)]
         argv += ["--state", str(self._state)]
@@ -144,9 +173,14 @@ class FirmwareTerminal:
         except BaseException:
             self.stop()
             raise
+        self._stop_r, self._stop_w = os.pipe()
+        for fd in (self._line.master, self._fw.slave_fd):
+            os.set_blocking(fd, False)  # a UART does not wait: what finds no room is lost
+        self._wire = threading.Thread(target=self._carry, name=f"fw-wire {self.port}", daemon=True)
+        self._wire.start()
 
     def _wait_ready(self) -> None:
-        assert self._proc is not None and self._pty is not None
+        assert self._proc is not None
         deadline = time.monotonic() + self.ready_timeout_s
         while READY not in self.output():
             if self._proc.poll() is not None:
@@ -156,19 +190,20 @@ class FirmwareTerminal:
             if time.monotonic() > deadline:
                 raise FirmwareError(f"the firmware did not start in {self.ready_timeout_s} s")
             time.sleep(0.01)
-        # then prove it answers: read the firmware version over our own slave fd
-        request = ReadRequest(self.slave, 3, 38, 1)
+        # then prove it answers: read the firmware version straight on its own pty
+        slave = int(self.output().split(READY, 1)[1].split()[0])
+        request = ReadRequest(slave, 3, 38, 1)
         while True:
-            if self.probe(request, timeout_s=0.5) is not None:
+            if self._probe(request, timeout_s=0.5) is not None:
                 return
             if time.monotonic() > deadline:
                 raise FirmwareError(f"the firmware does not answer:\n{self.output()}")
 
-    def probe(self, request: ReadRequest, timeout_s: float = 0.5) -> tuple[int, ...] | None:
-        """Send one read over our descriptor of the slave end (only while no
-        other master uses the port) and return the registers, or ``None``."""
-        assert self._pty is not None
-        fd = self._pty.slave_fd
+    def _probe(self, request: ReadRequest, timeout_s: float = 0.5) -> tuple[int, ...] | None:
+        """Send one read straight to the firmware (before the wire runs) and
+        return the registers, or ``None``."""
+        assert self._fw is not None
+        fd = self._fw.slave_fd
         parser = ResponseParser(request)
         os.write(fd, encode_request(request))
         deadline = time.monotonic() + timeout_s
@@ -184,8 +219,77 @@ class FirmwareTerminal:
                 return getattr(response, "registers", None)
         return None
 
+    # -- the wire
+
+    def _read_announcements(self) -> None:
+        """Take the line settings of the firmware's latest ``READY`` line."""
+        if self._log is None:
+            return
+        with contextlib.suppress(OSError), self._log.open("rb") as f:
+            f.seek(self._seen)
+            new = f.read()
+            end = new.rfind(b"\n") + 1  # whole lines only
+            self._seen += end
+            for line in new[:end].decode(errors="replace").splitlines():
+                if line.startswith(READY):
+                    words = line[len(READY) :].split()
+                    with contextlib.suppress(ValueError, IndexError):
+                        self._settings = (int(words[1]), words[2])
+
+    def _carry(self) -> None:
+        """Carry bytes between the masters' pty and the firmware's, at its settings only."""
+        assert self._line is not None and self._fw is not None
+        line, fw = self._line.master, self._fw.slave_fd
+        accepted: int | None = None  # baud of the last request the firmware heard
+        busy_until = 0.0  # the line carries a request until then
+        while True:
+            r, _, _ = select.select([line, fw, self._stop_r], [], [])
+            if self._stop_r in r:
+                return
+            if line in r:
+                try:
+                    data = os.read(line, 4096)
+                except BlockingIOError:
+                    data = b""
+                except OSError:  # cannot happen while we hold the slave end; be calm
+                    data = b""
+                    time.sleep(0.01)
+                if data:
+                    baud, parity = self.line_settings
+                    if parity == "N" and line_baud(self._line.slave_fd) == baud:
+                        # the request reaches the firmware when its last character would
+                        busy_until = max(time.monotonic(), busy_until) + frame_time(len(data), baud)
+                        _sleep_until(busy_until)
+                        _write_all(fw, data)
+                        accepted = baud
+                    else:
+                        self.garbled += len(data)  # framing errors: the firmware hears garbage
+            if fw in r:
+                try:
+                    data = os.read(fw, 4096)
+                except BlockingIOError:
+                    data = b""
+                except OSError:
+                    data = b""
+                    time.sleep(0.01)
+                # the reply crosses the line at the baud of the request it answers; a master
+                # that changed its baud meanwhile hears garbage: drop it
+                if data and accepted is not None:
+                    _sleep_until(time.monotonic() + frame_time(len(data), accepted))
+                    if line_baud(self._line.slave_fd) == accepted:
+                        _write_all(line, data)
+
     def stop(self) -> None:
-        """Stop the firmware and close the pty; idempotent."""
+        """Stop the firmware and close the ptys; idempotent."""
+        if self._wire is not None:
+            os.write(self._stop_w, b"x")
+            self._wire.join()
+            self._wire = None
+        for fd in (self._stop_r, self._stop_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._stop_r = self._stop_w = -1
         if self._proc is not None:
             if self._proc.poll() is None:
                 self._proc.send_signal(signal.SIGTERM)
@@ -195,9 +299,10 @@ class FirmwareTerminal:
                     self._proc.kill()
                     self._proc.wait()
             self._proc = None
-        if self._pty is not None:
-            self._pty.close()
-            self._pty = None
+        for pair in (self._line, self._fw):
+            if pair is not None:
+                pair.close()
+        self._line = self._fw = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -225,6 +330,18 @@ class FirmwareTerminal:
         tb: TracebackType | None,
     ) -> None:
         await asyncio.to_thread(self.stop)
+
+
+def _sleep_until(due: float) -> None:
+    delay = due - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # a pty closed under us at stop: nothing to do
+        while data:
+            data = data[os.write(fd, data) :]
 
 
 def main(argv: list[str] | None = None) -> int:

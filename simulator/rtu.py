@@ -23,8 +23,21 @@ hand, so the bus runs in its own thread (``select`` and ``time.sleep`` are
 precise to tens of microseconds; the asyncio loop only to a millisecond), and
 for measurements in its own process (``python -m simulator.rtu``).
 
-Ptys refuse parity bits (``tcsetattr`` with PARENB fails with EINVAL), so an
-emulated bus runs 8N1 (or 8N2); its masters must open it with parity ``N``.
+Line settings
+-------------
+The bus has a baud of its own, like every terminal on a real line, and it
+answers only a master that opened the port at that baud. A pty ignores the
+baud but keeps what the master set (``tcgetattr`` on our end shows it,
+:func:`simulator.pty.line_baud`); when it differs, the slaves hear what real
+UARTs hear from a master at the wrong baud: framing errors and wrong bytes,
+never a frame with a good CRC. So they stay silent, as real terminals do
+(counted in ``garbled``), and a scan finds the bus at its own baud only.
+Stop bits do not matter (a UART checks the first stop bit only: 8N1 and 8N2
+hear each other). Ptys refuse parity bits (``tcsetattr`` with PARENB fails
+with EINVAL) and data bits other than 8, so an emulated bus runs 8N1 (or
+8N2); its masters must open it with parity ``N``. (Asked for together with a
+new baud, Linux drops PARENB silently instead: the emulator then sees an 8N1
+master and cannot tell; a master checks what took, as ``agent.transport`` does.)
 
 Faults, per slave, settable while the bus runs (``RtuSlave.fault``): ``silent``
 (no reply), ``crc`` (reply with a broken CRC), ``exception`` (answer with
@@ -71,6 +84,7 @@ from protocols.rtu import (
     request_length,
     t35,
 )
+from simulator.pty import line_baud
 from simulator.signals import IllegalAddress, ProfileRegisters
 
 __all__ = ["FAULTS", "RtuBus", "RtuSlave", "main"]
@@ -144,7 +158,8 @@ class RtuBus:
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. Statistics:
     ``requests``, ``replies``, ``bad_frames`` (frames from the master that did
-    not decode), ``busy_s`` (time the line carried bytes). ``echo=True`` sends
+    not decode), ``garbled`` (bytes sent by a master at another baud: nobody
+    answers them), ``busy_s`` (time the line carried bytes). ``echo=True`` sends
     the master's own bytes back to it, as a 2-wire adapter without echo
     suppression does.
     """
@@ -175,6 +190,7 @@ class RtuBus:
         self.requests = 0
         self.replies = 0
         self.bad_frames = 0
+        self.garbled = 0
         self.busy_s = 0.0
 
     # -- life cycle
@@ -206,6 +222,7 @@ class RtuBus:
             "requests": self.requests,
             "replies": self.replies,
             "bad_frames": self.bad_frames,
+            "garbled": self.garbled,
             "busy_s": round(self.busy_s, 3),
             "slaves": {
                 s.slave: {"requests": s.requests, "replies": s.replies, "fault": s.fault}
@@ -251,6 +268,9 @@ class RtuBus:
                 if data and self.echo:
                     with contextlib.suppress(OSError):
                         os.write(self._master, data)
+                if data and line_baud(self._slave_fd) != self.baud:
+                    self.garbled += len(data)  # framing errors at the slaves: nobody answers
+                    data = b""
                 if data:
                     if not rx:
                         first_at = now

@@ -38,11 +38,15 @@ def bus() -> Iterator[RtuBus]:
 
 
 def _raw(b: RtuBus) -> int:
-    """A raw master fd on the bus's port."""
+    """A raw master fd on the bus's port, at the bus's baud (it hears no other)."""
+    import termios
     import tty
 
     fd = os.open(b.port, os.O_RDWR | os.O_NOCTTY)
     tty.setraw(fd)
+    attrs = termios.tcgetattr(fd)
+    attrs[4] = attrs[5] = getattr(termios, f"B{b.baud}")
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
     return fd
 
 
