@@ -13,6 +13,8 @@ import json
 import os
 import pty
 import select
+import subprocess
+import sys
 import termios
 import threading
 from collections.abc import Iterator
@@ -22,9 +24,10 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.diag import diag_app
-from agent.diag._serial import LineSettings, RawSerialPort, SettingRefused
+from agent.diag._serial import LateAnswer, LineSettings, RawSerialPort, SettingRefused
 from agent.diag.scan import (
     ScanPlan,
+    attempt_cost,
     attempt_timeout,
     make_plan,
     parse_slaves,
@@ -70,6 +73,7 @@ class FakePort:
         self.settings: LineSettings | None = None
         self.timeouts: list[float] = []
         self.garble_at: LineSettings | None = None
+        self.late_answers: list[LateAnswer] = []
 
     def configure(self, settings: LineSettings) -> None:
         if self.refuse_parity and settings.parity != "N":
@@ -152,12 +156,14 @@ def test_timeout_is_frame_times_plus_turnaround() -> None:
     assert attempt_timeout(2400) > attempt_timeout(9600) > attempt_timeout(115200)
 
 
-def test_expected_duration_is_the_sum_of_timeouts() -> None:
+def test_expected_duration_is_the_sum_of_timeouts_and_silences() -> None:
     settings = (LineSettings(9600, "N"), LineSettings(19200, "E"))
     plan = ScanPlan(settings, (), tuple(range(1, 21)), 0.05)
     assert plan.attempts == 40
+    # a silent address costs its timeout, then t3.5 of silence before the next one
+    assert attempt_cost(9600, 0.05) == pytest.approx(attempt_timeout(9600, 0.05) + 3.5 * 11 / 9600)
     assert plan.expected_s == pytest.approx(
-        20 * (attempt_timeout(9600, 0.05) + attempt_timeout(19200, 0.05))
+        20 * (attempt_cost(9600, 0.05) + attempt_cost(19200, 0.05))
     )
 
 
@@ -349,16 +355,98 @@ def test_cli_pty_refuses_parity_even_only(bus: PtyBus) -> None:
     assert "refuses every setting" in r.output and "--parity N" in r.output
 
 
-def test_busy_port_is_explained(bus: PtyBus) -> None:
-    import serial
-
-    holder = serial.Serial(bus.path, 9600, exclusive=True)
+@contextlib.contextmanager
+def held_by_another_process(path: str) -> Iterator[subprocess.Popen[str]]:
+    """``path`` opened exclusively (flock, as the agent opens its ports) by another process."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import serial, sys, time\n"
+            f"s = serial.Serial({path!r}, 9600, exclusive=True)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        r = runner.invoke(diag_app, ["scan", "--port", bus.path, "--parity", "N", "--baud", "9600"])
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
     finally:
-        holder.close()
-    assert r.exit_code == 3
-    assert "busy" in r.output and "vitals diag ports" in r.output
+        holder.kill()
+        holder.wait()
+
+
+def test_held_port_is_refused_naming_the_holder_and_the_line_is_untouched(bus: PtyBus) -> None:
+    with held_by_another_process(bus.path) as holder:
+        before = termios.tcgetattr(bus.master)
+        r = runner.invoke(
+            diag_app, ["scan", "--port", bus.path, "--parity", "N", "--baud", "38400,19200"]
+        )
+        after = termios.tcgetattr(bus.master)
+    assert r.exit_code == 3, r.output
+    assert f"(PID {holder.pid})" in r.output and "port busy: held by python" in r.output
+    assert "hint:" in r.output
+    # refused before a setting was changed or a byte sent: the holder's 9600 stays
+    assert after == before
+    assert bus.requests == 0
+
+
+def test_slow_slave_right_behind_a_silent_address_is_found() -> None:
+    """Slave 5 answers after the timeout (silent as far as the scan waits); slave 6,
+    slow but inside the timeout, answers to the next request. 5's late reply comes
+    first: it must not be taken for 6's (a garbled answer, 6 missed)."""
+    sim = pytest.importorskip("simulator.rtu", reason="simulator/rtu.py not in this tree")
+    from drivers.profiles import load_profile
+
+    profile = load_profile("sound_level_meter")
+    slaves = [
+        # the scan waits ~40 ms at 19200 with --turnaround 0.03: 5 answers ~52 ms after
+        # its request, 6 ~28 ms after its own (10 ms after 5's late reply)
+        sim.RtuSlave(profile, 5, fault="late", delay_s=0.045),
+        sim.RtuSlave(profile, 6, fault="slow", delay_s=0.02),
+    ]
+    with sim.RtuBus(slaves, baud=19200) as bus:
+        r = runner.invoke(
+            diag_app,
+            [
+                "scan",
+                "--port",
+                bus.port,
+                "--slaves",
+                "4-7",
+                "--baud",
+                "19200",
+                "--parity",
+                "N",
+                "--turnaround",
+                "0.03",
+                "--no-ident",
+                "--json",
+            ],
+        )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["garbled"] == {}
+    assert [(f["slave"], f["answer"]) for f in out["found"]] == [(5, "late"), (6, "exception")]
+    assert out["found"][0]["rtt_ms"] > 40
+
+
+def test_late_answer_is_said_with_the_turnaround_to_use() -> None:
+    sim = pytest.importorskip("simulator.rtu", reason="simulator/rtu.py not in this tree")
+    from drivers.profiles import load_profile
+
+    slave = sim.RtuSlave(load_profile("sound_level_meter"), 9, fault="late", delay_s=0.03)
+    with sim.RtuBus([slave], baud=19200) as bus:
+        r = runner.invoke(
+            diag_app,
+            ["scan", "--port", bus.port, "--slaves", "9-11", "--baud", "19200", "--parity", "N",
+             "--turnaround", "0.01", "--no-ident"],
+        )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "slave 9 answered after the timeout" in r.output
+    assert "--turnaround" in r.output
 
 
 _ = asyncio  # asyncio_mode=auto runs the async tests

@@ -13,9 +13,13 @@ Exit codes (documented in ``docs/diagnostics.md``):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -33,6 +37,10 @@ __all__ = [
     "explain_os_error",
     "parse_int",
     "parse_range",
+    "port_busy",
+    "port_holder",
+    "process_name",
+    "waiting",
 ]
 
 OK = 0
@@ -91,11 +99,7 @@ def explain_os_error(what: str, exc: BaseException) -> DiagError:
             PORT,
         )
     if code in (errno.EBUSY, errno.EAGAIN):
-        return DiagError(
-            f"{what}: port busy (another process holds it)",
-            "see who holds it with 'vitals diag ports'; stop the agent with 'sudo systemctl stop vitals'",
-            PORT,
-        )
+        return port_busy(what)
     if code == errno.ECONNREFUSED:
         return DiagError(
             f"{what}: connection refused", "check the host and port; is the device powered?", PORT
@@ -126,3 +130,85 @@ def parse_range(text: str) -> tuple[float, float]:
     if lo > hi:
         lo, hi = hi, lo
     return lo, hi
+
+
+def waiting(
+    text: str, *, quiet: bool = False
+) -> contextlib.AbstractContextManager[Callable[[str], None]]:
+    """A spinner with ``text`` on stderr while something takes a while; nothing
+    when ``quiet`` (--json) or when stderr is not a terminal. Yields a function
+    that changes the text."""
+    return _waiting(text, quiet)
+
+
+@contextlib.contextmanager
+def _waiting(text: str, quiet: bool) -> Iterator[Callable[[str], None]]:
+    err = console(stderr=True)
+    if quiet or not err.is_terminal:
+        yield lambda _text: None
+        return
+    with err.status(escape(text)) as status:
+        yield lambda new: status.update(escape(new))
+
+
+def escape(text: str) -> str:
+    """``text`` shown as is by rich (``[uplink.tls]`` is not markup)."""
+    from rich.markup import escape as _escape
+
+    return _escape(text)
+
+
+# -- who holds a serial port -------------------------------------------------------
+
+
+def process_name(pid: int, proc: Path = Path("/proc")) -> str:
+    """A process's name as a person knows it: ``vitals`` for the agent however it
+    was started (its script, ``python -m agent``), else the command name."""
+    try:
+        comm = (proc / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return "?"
+    try:
+        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        argv = []
+    words = [os.path.basename(a.decode(errors="replace")) for a in argv[:3]]
+    if comm == "vitals" or "vitals" in words or (comm.startswith("python") and "agent" in words):
+        return "vitals"
+    return comm
+
+
+def port_holder(path: str, proc: Path = Path("/proc")) -> tuple[int, str] | None:
+    """``(pid, name)`` of the process holding ``path`` locked (``flock``, as
+    pyserial's ``exclusive=True`` and the agent take it; from /proc/locks), else
+    of another process with it open (from /proc/*/fd); None when not found."""
+    from agent.diag.ports import holders, lock_holder
+
+    pid = lock_holder(path, proc)
+    if pid is not None and pid != os.getpid():
+        return pid, process_name(pid, proc)
+
+    found, _hidden = holders([path], proc)
+    others = [h for h in found.get(path, []) if h[0] != os.getpid()]
+    if others:
+        pid = others[0][0]
+        return pid, process_name(pid, proc)
+    return None
+
+
+def port_busy(path: str) -> DiagError:
+    """The refusal for a port another process holds, naming it."""
+    who = port_holder(path)
+    if who is None:
+        return DiagError(
+            f"{path}: port busy: held by another process",
+            "see who holds it with 'sudo vitals diag ports'; stop the agent with "
+            "'sudo systemctl stop vitals'",
+            PORT,
+        )
+    pid, name = who
+    if name == "vitals":
+        hint = "the agent is polling this port: stop it first ('sudo systemctl stop vitals'), start it again after"
+    else:
+        hint = f"close {name} first (kill {pid} if it is stuck); 'vitals diag ports' lists who holds what"
+    return DiagError(f"{path}: port busy: held by {name} (PID {pid})", hint, PORT)

@@ -2,25 +2,28 @@
 technician understands.
 
 The link itself is :class:`agent.transport.ModbusLink` (the one the agent
-polls with); before handing a serial port to it we open the port once
-ourselves, so that "no such port", "permission denied" and "busy" come out
-with their errno instead of pymodbus' generic "cannot connect".
+polls with). Before handing a serial port to it we open the port once
+ourselves (:func:`agent.diag._serial.check_port`: exclusively, settings read
+back), so that "no such port", "permission denied", "port busy: held by
+vitals (PID n)" and "this port refuses parity E" come out as such. A TCP
+device gets exactly one connection, the link's own, as from the agent: a
+meter with one connection slot refuses a second.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from agent.diag._common import FAILED, PORT, DiagError, explain_os_error
+from agent.diag._common import FAILED, PORT, USAGE, DiagError, explain_os_error, port_busy
+from agent.diag._serial import LineSettings, check_port
 from agent.transport import LinkDown, ModbusLink, NoResponse
 from protocols.errors import DecodeError, DeviceException
 
-__all__ = ["LinkSettings", "check_serial_port", "open_link", "transact_errors"]
+__all__ = ["LinkSettings", "check_endpoint", "check_slave", "open_link", "transact_errors"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,60 +45,35 @@ class LinkSettings:
         return f"{self.port} {self.baud} {self.bytesize}{self.parity}{self.stopbits}"
 
 
-def check_serial_port(port: str, *, baud: int, parity: str, stopbits: int) -> None:
-    """Open and close ``port`` with these settings; raise a DiagError saying why not."""
-    import serial
-
-    try:
-        s = serial.Serial(
-            port, baudrate=baud, parity=parity, stopbits=stopbits, timeout=0, exclusive=True
+def check_endpoint(port: str | None, host: str | None) -> None:
+    """One device to talk to: a serial port or a TCP host, not both."""
+    if port and host:
+        raise DiagError(
+            f"--port {port} and --host {host}: which one?",
+            "a serial device takes --port (e.g. /dev/ttyUSB0), a Modbus TCP one --host and --tcp-port",
+            USAGE,
         )
-    except (OSError, serial.SerialException) as exc:
-        err = _errno_of(exc)
-        if err == errno.EINVAL and parity != "N":
-            raise DiagError(
-                f"{port}: the port refuses parity {parity} (a pseudo terminal cannot do parity)",
-                "use --parity N",
-                PORT,
-            ) from None
-        if err in (errno.EWOULDBLOCK, errno.EBUSY):
-            raise explain_os_error(port, OSError(errno.EBUSY, "busy")) from None
-        raise explain_os_error(port, OSError(err, str(exc)) if err else exc) from None
-    except Exception as exc:  # termios.error is not an OSError
-        err = _errno_of(exc)
-        if err == errno.EINVAL:
-            raise DiagError(
-                f"{port}: the port refuses {baud} {parity} {stopbits} (a pseudo terminal cannot do parity)",
-                "use --parity N",
-                PORT,
-            ) from None
-        raise DiagError(f"{port}: {exc}", "", PORT) from None
-    s.close()
 
 
-def _errno_of(exc: BaseException) -> int | None:
-    """The errno behind a pyserial or termios error (they hide it differently)."""
-    e = getattr(exc, "errno", None)
-    if isinstance(e, int):
-        return e
-    if exc.args and isinstance(exc.args[0], int):
-        return int(exc.args[0])
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and cause is not exc:
-        return _errno_of(cause)
-    text = str(exc)
-    for code in (errno.ENOENT, errno.EACCES, errno.EBUSY, errno.EINVAL):
-        if f"[Errno {code}]" in text:
-            return code
-    return None
+def check_slave(slave: int, *, tcp: bool) -> None:
+    """An address a device can have: 1..247 on a serial bus, a unit id 0..255 over TCP."""
+    lo, hi = (0, 255) if tcp else (1, 247)
+    if not lo <= slave <= hi:
+        where = "a Modbus TCP unit id is" if tcp else "a slave address on a serial bus is"
+        raise DiagError(
+            f"--slave {slave}: {where} {lo}..{hi}",
+            "find the addresses on the bus with 'vitals diag scan'",
+            USAGE,
+        )
 
 
 async def open_link(s: LinkSettings) -> ModbusLink:
+    """The link, connected: one TCP connection (a device with one connection slot
+    refuses a second), a serial port opened exclusively."""
     if s.host:
-        await _check_tcp(s.host, s.tcp_port, s.timeout_s)
         link = ModbusLink.tcp(s.host, s.tcp_port, timeout_s=s.timeout_s, rtu_framing=s.rtu_over_tcp)
     elif s.port:
-        check_serial_port(s.port, baud=s.baud, parity=s.parity, stopbits=s.stopbits)
+        check_port(s.port, LineSettings(s.baud, s.parity, s.stopbits))
         link = ModbusLink.serial(
             s.port,
             baud=s.baud,
@@ -105,42 +83,40 @@ async def open_link(s: LinkSettings) -> ModbusLink:
             timeout_s=s.timeout_s,
         )
     else:
-        raise DiagError("no device to talk to", "pass --port P, --host H or --device NAME", 2)
+        raise DiagError("no device to talk to", "pass --port P, --host H or --device NAME", USAGE)
     try:
         await link.connect()
     except LinkDown as exc:
-        cause = exc.__cause__
-        if isinstance(cause, OSError):
-            raise explain_os_error(s.describe, cause) from None
-        raise DiagError(
-            f"{s.describe}: cannot connect",
-            "check the address and that the device or converter is powered",
-            PORT,
-        ) from None
+        raise _link_down(s, exc.__cause__) from None
     return link
 
 
-async def _check_tcp(host: str, port: int, timeout_s: float) -> None:
-    """Connect once ourselves so a refused or unreachable endpoint says why."""
-    where = f"{host}:{port}"
-    try:
-        async with asyncio.timeout(max(timeout_s, 1.0)):
-            _, writer = await asyncio.open_connection(host, port)
-    except TimeoutError:
-        raise DiagError(
-            f"{where}: no connection within {max(timeout_s, 1.0):g} s",
+def _link_down(s: LinkSettings, cause: BaseException | None) -> DiagError:
+    where = s.describe
+    if isinstance(cause, socket.gaierror):
+        return DiagError(f"{s.host}: unknown host", "check the name or use the IP address", PORT)
+    if isinstance(cause, TimeoutError):
+        return DiagError(
+            f"{where}: no connection within {s.timeout_s:g} s",
             "check the IP address, the cabling and that the device is powered",
             PORT,
-        ) from None
-    except OSError as exc:
-        if isinstance(exc, socket.gaierror):
-            raise DiagError(
-                f"{host}: unknown host", "check the name or use the IP address", PORT
-            ) from None
-        raise explain_os_error(where, exc) from None
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+        )
+    if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
+        return DiagError(
+            f"{where}: connection refused",
+            "check the host and --tcp-port (Modbus TCP is 502); a device that takes one "
+            "connection refuses a second: is the agent or another master connected?",
+            PORT,
+        )
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return explain_os_error(where, cause)
+    if s.port and not s.host and cause is not None and "exclusively lock" in str(cause):
+        return port_busy(s.port)
+    return DiagError(
+        f"{where}: cannot connect" + (f" ({cause})" if cause else ""),
+        "check the address and that the device or converter is powered",
+        PORT,
+    )
 
 
 @contextlib.contextmanager

@@ -221,7 +221,9 @@ def bundle_command(
     ] = Path("/etc/vitals/gateway.toml"),
     state_dir: Annotated[Path | None, typer.Option(help="the agent's state directory")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="archive to write")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="the manifest as JSON")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar="", help="the manifest as JSON")
+    ] = False,
 ) -> None:
     """One tar.gz for support: redacted config, logs, status, versions, ports, spool."""
     out = output or Path(f"vitals-bundle-{time.strftime('%Y%m%d-%H%M%S')}.tar.gz")

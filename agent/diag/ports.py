@@ -9,6 +9,7 @@ which the output says when it matters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from rich.table import Table
 
 from agent.diag._common import FAILED, OK, console, emit_json
 
-__all__ = ["PortInfo", "holders", "list_serial_ports", "ports_command"]
+__all__ = ["PortInfo", "holders", "list_serial_ports", "lock_holder", "ports_command"]
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class PortInfo:
     exists: bool = True
     access: bool = True  # read+write for us
     held_by: list[tuple[int, str]] = field(default_factory=list)
+    locked_by: int | None = None  # the pid holding it exclusively (flock): diag refuses it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +45,7 @@ class PortInfo:
             "exists": self.exists,
             "access": self.access,
             "held_by": [{"pid": pid, "command": cmd} for pid, cmd in self.held_by],
+            "locked_by": self.locked_by,
         }
 
 
@@ -110,14 +113,33 @@ def list_serial_ports(extra: list[str] | None = None) -> tuple[list[PortInfo], i
     held, hidden = holders([i.device for i in infos if i.exists])
     for i in infos:
         i.held_by = sorted(held.get(i.device, []))
+        i.locked_by = lock_holder(i.device) if i.exists else None
     return infos, hidden
+
+
+def lock_holder(path: str, proc: Path = Path("/proc")) -> int | None:
+    """The pid holding ``path`` with an exclusive ``flock`` (as the agent and the
+    diagnostics open ports), from /proc/locks; None when nobody does."""
+    try:
+        st = os.stat(path)
+        locks = (proc / "locks").read_text().splitlines()
+    except OSError:
+        return None
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in locks:
+        # "1: FLOCK  ADVISORY  WRITE 8550 00:1a:3 0 EOF" (a blocked waiter has "->")
+        fields = line.split()
+        if len(fields) >= 6 and "->" not in fields and fields[1] == "FLOCK" and fields[5] == key:
+            with contextlib.suppress(ValueError):
+                return int(fields[4])
+    return None
 
 
 def ports_command(
     port: Annotated[
         list[str] | None, typer.Option(help="also check this path (a pty, a udev symlink)")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="one JSON object")] = False,
 ) -> None:
     """Serial ports: description, USB VID:PID, serial number, and who holds them."""
     infos, hidden = list_serial_ports(port)
@@ -132,10 +154,18 @@ def ports_command(
         )
         raise typer.Exit(FAILED)
     t = Table(title="serial ports")
+    # "held by" names every process with the port open; "exclusive" the one that
+    # locked it (the agent does): diag commands refuse that port until it is stopped
     for col in ("port", "description", "USB VID:PID", "serial", "held by", "access"):
         t.add_column(col)
     for i in infos:
-        held = ", ".join(f"{cmd} ({pid})" for pid, cmd in i.held_by) or "—"
+        held = (
+            ", ".join(
+                f"{cmd} ({pid}{', exclusive' if pid == i.locked_by else ''})"
+                for pid, cmd in i.held_by
+            )
+            or "—"
+        )
         access = "ok" if i.access else ("missing" if not i.exists else "[red]no permission[/]")
         t.add_row(i.device, i.description, i.vid_pid, i.serial_number, held, access)
     con.print(t)

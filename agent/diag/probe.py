@@ -21,14 +21,15 @@ from rich.table import Table
 from agent.diag._common import (
     FAILED,
     OK,
+    USAGE,
     DiagError,
     console,
     die,
     emit_json,
     parse_int,
     parse_range,
+    waiting,
 )
-from protocols.errors import VitalsError
 from protocols.modbus import DataType, Order, PointSpec, Space, decode
 
 __all__ = ["Candidate", "ProbeResult", "probe", "probe_command"]
@@ -183,16 +184,22 @@ def probe_command(
     parity: Annotated[str, typer.Option(help="N, E or O")] = "E",
     stopbits: Annotated[int, typer.Option(help="1 or 2")] = 1,
     timeout: Annotated[float, typer.Option(help="response timeout, seconds")] = 1.0,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="one JSON object")] = False,
 ) -> None:
     """Decode 2 or 4 registers under every byte/word order and type; name the right order."""
     try:
         rng = parse_range(expect) if expect else None
+        if words and (port or host):
+            raise DiagError(
+                "--words and --port/--host: which one?",
+                "--words decodes words you already have; --port or --host reads them from the device",
+                USAGE,
+            )
         if words:
             values = [parse_int(w) for w in words.replace(" ", ",").split(",") if w]
         elif port or host:
-            values = asyncio.run(
-                _read_live(
+            values = _read_live_sync(
+                LiveRead(
                     port=port,
                     host=host,
                     tcp_port=tcp_port,
@@ -204,7 +211,8 @@ def probe_command(
                     parity=parity,
                     stopbits=stopbits,
                     timeout_s=timeout,
-                )
+                ),
+                as_json=as_json,
             )
         else:
             raise DiagError(
@@ -220,41 +228,55 @@ def probe_command(
     raise typer.Exit(OK if rng is None or result.verdict is not None else FAILED)
 
 
-async def _read_live(
-    *,
-    port: str | None,
-    host: str | None,
-    tcp_port: int,
-    slave: int,
-    address: int,
-    space: str,
-    count: int,
-    baud: int,
-    parity: str,
-    stopbits: int,
-    timeout_s: float,
-) -> list[int]:
+@dataclass(frozen=True, slots=True)
+class LiveRead:
+    port: str | None
+    host: str | None
+    tcp_port: int
+    slave: int
+    address: int
+    space: str
+    count: int
+    baud: int
+    parity: str
+    stopbits: int
+    timeout_s: float
+
+
+def _read_live_sync(r: LiveRead, *, as_json: bool) -> list[int]:
+    from agent.diag._link import check_endpoint, check_slave
+
+    check_endpoint(r.port, r.host)
+    check_slave(r.slave, tcp=bool(r.host))
+    if r.space not in ("holding", "input"):
+        raise DiagError(f"--space {r.space}: probe reads registers", "use holding or input", USAGE)
+    if r.count not in TYPES:
+        raise DiagError(f"--count {r.count}: probe takes 2 or 4 words", "", USAGE)
+    if r.parity.upper() not in ("N", "E", "O"):
+        raise DiagError(f"--parity {r.parity}: expected N, E or O", "emulated buses run N", USAGE)
+    if not 0 <= r.address <= 0x10000 - r.count:
+        raise DiagError(f"--address {r.address}: registers are 0..65535", "0-based", USAGE)
+    where = r.host or r.port
+    with waiting(f"reading {r.count} words at {r.address} from {where}", quiet=as_json):
+        return asyncio.run(_read_live(r))
+
+
+async def _read_live(r: LiveRead) -> list[int]:
     from agent.diag._link import LinkSettings, open_link, transact_errors
 
-    if space not in ("holding", "input"):
-        raise DiagError(f"space {space!r}: probe reads registers", "use holding or input", 2)
-    if count not in TYPES:
-        raise DiagError(f"--count {count}: probe takes 2 or 4 words", "", 2)
     settings = LinkSettings(
-        port=port,
-        host=host,
-        tcp_port=tcp_port,
-        baud=baud,
-        parity=parity,
-        stopbits=stopbits,
-        timeout_s=timeout_s,
+        port=r.port,
+        host=r.host,
+        tcp_port=r.tcp_port,
+        baud=r.baud,
+        parity=r.parity.upper(),
+        stopbits=r.stopbits,
+        timeout_s=r.timeout_s,
     )
     link = await open_link(settings)
     try:
-        with transact_errors(settings.describe, slave):
-            regs = await link.read(Space(space), address, count, slave)
-    except VitalsError as exc:  # pragma: no cover - transact_errors maps them
-        raise DiagError(str(exc)) from exc
+        with transact_errors(settings.describe, r.slave):
+            regs = await link.read(Space(r.space), r.address, r.count, r.slave)
     finally:
         link.close()
-    return [int(r) for r in regs]
+    return [int(x) for x in regs]

@@ -23,11 +23,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Group
 from rich.live import Live
+from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from agent.diag._common import FAILED, OK, DiagError, console, die, emit_json
-from agent.diag._link import LinkSettings, open_link
+from agent.diag._common import FAILED, OK, USAGE, DiagError, console, die, emit_json, waiting
+from agent.diag._link import LinkSettings, check_endpoint, check_slave, open_link
 from agent.transport import LinkDown, ModbusLink, NoResponse, TransportError
 from drivers.profiles import Point, Profile, load_profile
 from protocols.errors import ConfigError, DecodeError, DeviceException
@@ -178,7 +179,8 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def render(target: Target, sample: Sample | None, samples: int | None) -> Group:
+def render(target: Target, sample: Sample | None, samples: int | None, busy: str = "") -> Group:
+    """The live screen; ``busy`` says what it waits for, beside a spinner."""
     of = f"/{samples}" if samples else ""
     n = sample.n if sample else 0
     head = Text.assemble(
@@ -199,13 +201,15 @@ def render(target: Target, sample: Sample | None, samples: int | None) -> Group:
             rng = p.point.range
             note = p.error or (f"valid {rng[0]:g}..{rng[1]:g}" if rng else "")
             t.add_row(
-                p.point.name,
-                _fmt(p.value),
-                p.point.unit,
+                Text(p.point.name),
+                Text(_fmt(p.value)),
+                Text(p.point.unit),
                 Text(_QUALITY[p.quality], style=_STYLE[p.quality]),
                 rtt,
-                note,
+                Text(note),
             )
+    if busy:
+        return Group(head, t, Spinner("dots", text=Text(busy)))
     return Group(head, t)
 
 
@@ -225,6 +229,47 @@ def resolve_target(
     interval: float | None,
 ) -> Target:
     """The device to read, from the command line or the gateway configuration."""
+    check_endpoint(port, host)
+    target = _resolve(
+        device=device,
+        config=config,
+        port=port,
+        host=host,
+        tcp_port=tcp_port,
+        slave=slave,
+        profile=profile,
+        baud=baud,
+        parity=parity,
+        stopbits=stopbits,
+        timeout=timeout,
+        interval=interval,
+    )
+    check_slave(target.slave, tcp=bool(target.link.host))
+    return target
+
+
+def _parity(text: str) -> str:
+    p = text.upper()
+    if p not in ("N", "E", "O"):
+        raise DiagError(f"--parity {text}: expected N, E or O", "emulated buses run N", USAGE)
+    return p
+
+
+def _resolve(
+    *,
+    device: str | None,
+    config: Path | None,
+    port: str | None,
+    host: str | None,
+    tcp_port: int,
+    slave: int | None,
+    profile: str | None,
+    baud: int | None,
+    parity: str | None,
+    stopbits: int | None,
+    timeout: float | None,
+    interval: float | None,
+) -> Target:
     if device:
         from agent.config import load_config
 
@@ -243,12 +288,14 @@ def resolve_target(
             raise DiagError(f"no device named {device!r} in {cfg_path}", f"devices: {names}", 2)
         bus = next(b for b in cfg.buses if b.name == dev.bus)
         _not_a_sensor(dev.profile)
+        # --port or --host on the command line replace the bus's endpoint
+        own = port is None and host is None
         link = LinkSettings(
-            port=bus.port or None,
-            host=bus.host or None,
-            tcp_port=bus.tcp_port,
+            port=(bus.port or None) if own else port,
+            host=(bus.host or None) if own else host,
+            tcp_port=tcp_port if host else bus.tcp_port,
             baud=baud or bus.baud,
-            parity=(parity or bus.parity).upper(),
+            parity=_parity(parity or bus.parity),
             stopbits=stopbits or bus.stopbits,
             bytesize=bus.bytesize,
             timeout_s=timeout or bus.timeout_s,
@@ -270,15 +317,12 @@ def resolve_target(
     except ConfigError as exc:
         raise DiagError(str(exc).splitlines()[0], "list them in drivers/profiles/", 2) from None
     _not_a_sensor(prof)
-    p = (parity or "E").upper()
-    if p not in ("N", "E", "O"):
-        raise DiagError(f"--parity {parity}: expected N, E or O", "", 2)
     link = LinkSettings(
         port=port,
         host=host,
         tcp_port=tcp_port,
         baud=baud or 9600,
-        parity=p,
+        parity=_parity(parity or "E"),
         stopbits=stopbits or 1,
         timeout_s=timeout or 1.0,
     )
@@ -291,49 +335,50 @@ def resolve_target(
     )
 
 
-async def _run(target: Target, samples: int | None, as_json: bool) -> int:
+@dataclass(slots=True)
+class _Tally:
+    samples: int = 0
+    answered: int = 0
+
+
+async def _run(target: Target, samples: int | None, as_json: bool, tally: _Tally) -> None:
     prof = target.profile
     requests = plan(prof.specs, max_registers=prof.max_registers, max_gap=prof.max_gap)
-    link = await open_link(target.link)
-    answered = 0
-    n = 0
+    with waiting(f"opening {target.link.describe}", quiet=as_json):
+        link = await open_link(target.link)
     live: Live | None = None
+    asking = f"asking slave {target.slave} (timeout {target.link.timeout_s:g} s)"
     try:
         if not as_json:
             live = Live(
-                render(target, None, samples),
+                render(target, None, samples, asking),
                 console=console(),
                 refresh_per_second=8,
                 transient=False,
-                auto_refresh=False,
             )
             live.start()
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while samples is None or n < samples:
-            n += 1
-            sample = await read_sample(link, target.slave, prof, requests, n)
-            answered += sample.answered
+        while samples is None or tally.samples < samples:
+            sample = await read_sample(link, target.slave, prof, requests, tally.samples + 1)
+            tally.samples += 1
+            tally.answered += sample.answered
+            last = samples is not None and tally.samples >= samples
             if live is not None:
-                live.update(render(target, sample, samples), refresh=True)
+                wait = "" if last else f"next sample every {target.interval_s:g} s (Ctrl-C stops)"
+                live.update(render(target, sample, samples, wait), refresh=True)
             else:
                 emit_json(sample.to_dict(target))
-            if samples is not None and n >= samples:
+            if last:
                 break
             next_at += target.interval_s
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if live is not None:
+                live.update(render(target, sample, samples, asking), refresh=True)
     finally:
         if live is not None:
             live.stop()
         link.close()
-    if answered == 0:
-        if not as_json:
-            console(stderr=True).print(
-                f"[red]slave {target.slave} did not answer[/]; hint: check the slave address, "
-                "baud and parity ('vitals diag scan' finds them) and the A/B wiring"
-            )
-        return FAILED
-    return OK
 
 
 def read_command(
@@ -357,7 +402,7 @@ def read_command(
     ] = None,
     samples: Annotated[int | None, typer.Option(help="stop after this many samples")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="one JSON object per sample per line")
+        bool, typer.Option("--json", metavar="", help="one JSON object per sample per line")
     ] = False,
 ) -> None:
     """Live table of a device's decoded points: value, unit, quality, response time."""
@@ -376,9 +421,24 @@ def read_command(
             timeout=timeout,
             interval=interval,
         )
-        code = OK
-        with contextlib.suppress(KeyboardInterrupt):
-            code = asyncio.run(_run(target, samples, as_json))
+        if samples is not None and samples < 1:
+            raise DiagError(
+                f"--samples {samples}: at least 1", "leave it out to read until Ctrl-C", USAGE
+            )
+        if interval is not None and interval <= 0:
+            raise DiagError(f"--interval {interval}: more than 0 seconds", "", USAGE)
+        tally = _Tally()
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a live read
+            asyncio.run(_run(target, samples, as_json, tally))
     except DiagError as exc:
         die(exc, as_json=as_json)
-    raise typer.Exit(code)
+    if tally.samples and not tally.answered:
+        if not as_json:
+            typer.secho(f"error: slave {target.slave} did not answer", fg="red", err=True)
+            typer.echo(
+                "hint: check the slave address, baud and parity ('vitals diag scan' finds them) "
+                "and the A/B wiring",
+                err=True,
+            )
+        raise typer.Exit(FAILED)
+    raise typer.Exit(OK if tally.answered else FAILED)

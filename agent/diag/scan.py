@@ -12,8 +12,12 @@ The timeout of one attempt is the shortest that can work at that baud: the
 request's frame time (8 characters), the turnaround the device needs
 (``--turnaround``, 60 ms by default: typical terminals answer in 5-50 ms,
 USB adapters add up to 16 ms of latency), the reply's frame time (7
-characters) and t3.5. Since a silent address costs exactly one timeout, the
-duration of a scan is known before it starts: it is printed first.
+characters) and t3.5. After a timeout the line is kept quiet for another
+t3.5 before the next address (a slow slave's reply may be starting), and a
+reply heard then is the late answer of the address just asked: it is listed
+as ``late`` with the turnaround that would catch it. Since a silent address
+costs exactly one timeout plus that silence, the duration of a scan is known
+before it starts: it is printed first.
 
 Frames are built and parsed by :mod:`protocols.rtu`; the port is driven by
 :class:`agent.diag._serial.RawSerialPort` (our own RTU master, for exact
@@ -40,8 +44,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from agent.diag._common import FAILED, OK, DiagError, console, die, emit_json
-from agent.diag._serial import LineSettings, RawSerialPort, SettingRefused
+from agent.diag._common import FAILED, OK, PORT, USAGE, DiagError, console, die, emit_json, escape
+from agent.diag._serial import LateAnswer, LineSettings, RawSerialPort, SettingRefused
 from protocols.errors import DeviceException, FrameError
 from protocols.rtu import (
     DeviceIdRequest,
@@ -84,7 +88,11 @@ IDENT_NAMES = {
 
 
 class ScanPort(Protocol):
-    """What the scanner needs of a port (RawSerialPort, or a fake in tests)."""
+    """What the scanner needs of a port (RawSerialPort, or a fake in tests).
+
+    ``late_answers`` collects the slaves heard after their attempt's timeout."""
+
+    late_answers: list[LateAnswer]
 
     def configure(self, settings: LineSettings) -> None: ...
 
@@ -100,6 +108,11 @@ def attempt_timeout(baud: int, turnaround_s: float = DEFAULT_TURNAROUND_S) -> fl
     return (
         frame_time(REQUEST_CHARS, baud) + turnaround_s + frame_time(REPLY_CHARS, baud) + t35(baud)
     )
+
+
+def attempt_cost(baud: int, turnaround_s: float = DEFAULT_TURNAROUND_S) -> float:
+    """What a silent address costs: its timeout, then t3.5 of silence."""
+    return attempt_timeout(baud, turnaround_s) + t35(baud)
 
 
 def parse_slaves(text: str) -> list[int]:
@@ -133,9 +146,12 @@ class Found:
     exception: int | None = None  # answered with this exception code
     ident: dict[str, str] = field(default_factory=dict)
     ident_error: str = ""
+    late: bool = False  # answered after the attempt's timeout (rtt_ms after the request)
 
     @property
     def answer(self) -> str:
+        if self.late:
+            return f"late ({self.rtt_ms:.0f} ms)"
         if self.exception is None:
             return "register 0 read"
         return f"exception {self.exception:02d} ({DeviceException.NAMES.get(self.exception, '?')})"
@@ -146,7 +162,7 @@ class Found:
             "baud": self.settings.baud,
             "parity": self.settings.parity,
             "stopbits": self.settings.stopbits,
-            "answer": "ok" if self.exception is None else "exception",
+            "answer": "late" if self.late else ("ok" if self.exception is None else "exception"),
             "exception": self.exception,
             "rtt_ms": round(self.rtt_ms, 2),
             "ident": self.ident,
@@ -171,7 +187,7 @@ class ScanPlan:
     def expected_s(self) -> float:
         """Upper bound on the scan's duration: every address silent at every setting."""
         return sum(
-            attempt_timeout(s.baud, self.turnaround_s) * len(self.slaves) for s in self.settings
+            attempt_cost(s.baud, self.turnaround_s) * len(self.slaves) for s in self.settings
         )
 
 
@@ -255,6 +271,12 @@ async def scan(
                     found = Found(slave, settings, (time.monotonic() - started) * 1000, exc.code)
                 except FrameError:
                     result.garbled[settings] = result.garbled.get(settings, 0) + 1
+                for late in port.late_answers:
+                    result.found.append(
+                        Found(late.slave, settings, late.ms, late.exception, late=True)
+                    )
+                    found_here += 1
+                port.late_answers.clear()
                 if found is not None and identify:
                     found = await _identify(port, found, timeout)
                 if found is not None:
@@ -268,6 +290,8 @@ async def scan(
     finally:
         port.close()
         result.duration_s = time.monotonic() - t0
+    order = {s: i for i, s in enumerate(plan.settings)}
+    result.found.sort(key=lambda f: (order.get(f.settings, 0), f.slave))
     return result
 
 
@@ -328,11 +352,15 @@ def _csv(text: str, conv: Callable[[str], Any], what: str, allowed: Iterable[Any
             v = conv(part)
         except ValueError:
             raise DiagError(
-                f"--{what} {text!r}: {part!r} is not valid", f"choose from {allowed}", 2
+                f"--{what} {text!r}: {part!r} is not valid",
+                f"choose from {', '.join(map(str, allowed))}" if allowed else "",
+                USAGE,
             ) from None
         if allowed and v not in allowed:
             raise DiagError(
-                f"--{what} {text!r}: {part!r} is not valid", f"choose from {allowed}", 2
+                f"--{what} {text!r}: {part!r} is not valid",
+                f"choose from {', '.join(map(str, allowed))}",
+                USAGE,
             )
         out.append(v)
     return out
@@ -342,7 +370,7 @@ def render(result: ScanResult) -> None:
     con = console()
     if not result.found:
         con.print(
-            f"[red]nothing answered[/] on {result.port} "
+            f"[red]nothing answered[/] on {escape(result.port)} "
             f"({len(result.plan.settings)} settings x {len(result.plan.slaves)} addresses)"
         )
         hints = ["check A/B polarity (swap the wires), termination and the adapter's ground"]
@@ -354,19 +382,23 @@ def render(result: ScanResult) -> None:
         for h in hints:
             con.print(f"hint: {h}")
         return
-    t = Table(title=f"terminals on {result.port}")
+    t = Table(title=escape(f"terminals on {result.port}"))
     for col in ("slave", "settings", "answer", "rtt ms", "identification (43/14)"):
         t.add_column(col, justify="right" if col in ("slave", "rtt ms") else "left")
     for f in result.found:
         ident = " ".join(
             f.ident[k] for k in ("vendor", "product_code", "revision") if f.ident.get(k)
         )
+        if f.late:
+            answer = "late"
+        else:
+            answer = "ok" if f.exception is None else f"exception {f.exception:02d}"
         t.add_row(
             str(f.slave),
             str(f.settings),
-            "ok" if f.exception is None else f"exception {f.exception:02d}",
+            answer,
             f"{f.rtt_ms:.1f}",
-            ident or f.ident_error.replace("no identification ", "none "),
+            escape(ident or f.ident_error.replace("no identification ", "none ")),
         )
     con.print(t)
     settings = sorted({f.settings for f in result.found})
@@ -376,6 +408,14 @@ def render(result: ScanResult) -> None:
         + (" (stopped after the first setting that answered)" if result.stopped_early else ""),
         soft_wrap=True,
     )
+    for f in result.found:
+        if f.late:
+            need = max(2 * result.plan.turnaround_s, f.rtt_ms / 1000)
+            con.print(
+                f"slave {f.slave} answered after the timeout ({f.rtt_ms:.0f} ms): it is slow; "
+                f"scan again with --turnaround {need:.2f} to read it properly",
+                soft_wrap=True,
+            )
     codes = sorted({f.exception for f in result.found if f.exception is not None})
     for code in codes:
         con.print(
@@ -397,13 +437,22 @@ def scan_command(
         float, typer.Option(help="seconds a device may take to start answering")
     ] = DEFAULT_TURNAROUND_S,
     first: Annotated[
-        bool, typer.Option("--first", help="stop after the first setting where anything answers")
+        bool,
+        typer.Option(
+            "--first", metavar="", help="stop after the first setting where anything answers"
+        ),
     ] = False,
     identify: Annotated[
         bool,
-        typer.Option("--ident/--no-ident", help="ask each terminal found for 43/14 identification"),
+        typer.Option(
+            "--ident/--no-ident",
+            metavar="",
+            help="ask each terminal found for 43/14 identification",
+        ),
     ] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object at the end")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar="", help="one JSON object at the end")
+    ] = False,
 ) -> None:
     """Find the terminals on a bus: every baud/parity and slave address, exact timeouts."""
     try:
@@ -423,15 +472,15 @@ def scan_command(
         die(
             DiagError(
                 f"{port}: the port refuses every setting asked for",
-                "a pseudo terminal takes only parity N: pass --parity N",
-                3,
+                "emulated buses (vitals sim rtu, a pseudo terminal) run 8N1: pass --parity N",
+                PORT,
             ),
             as_json=as_json,
         )
     for s, why in plan.refused:
-        err.print(f"skipping {s}: {why}", soft_wrap=True)
+        err.print(escape(f"skipping {s}: {why}"), soft_wrap=True)
     err.print(
-        f"scanning {port}: {len(plan.settings)} setting(s) x {len(plan.slaves)} address(es); "
+        f"scanning {escape(port)}: {len(plan.settings)} setting(s) x {len(plan.slaves)} address(es); "
         f"expected duration at most [bold]{_duration(plan.expected_s)}[/] "
         f"(timeout {attempt_timeout(max(s.baud for s in plan.settings), turnaround) * 1000:.0f}"
         f"-{attempt_timeout(min(s.baud for s in plan.settings), turnaround) * 1000:.0f} ms per address)",

@@ -15,7 +15,9 @@
    skipped with that reason.
 
 Each step passes, fails with the reason, or is skipped because an earlier one
-failed. Exit 0 when none failed.
+failed. Exit 0 when none failed; 3 when the broker cannot be reached at all
+(dns or tcp failed: a refused or unreachable endpoint); 1 when a later step
+failed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import socket
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +38,18 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from agent.diag._common import FAILED, OK, DiagError, console, die, emit_json
+from agent.diag._common import (
+    FAILED,
+    OK,
+    PORT,
+    USAGE,
+    DiagError,
+    console,
+    die,
+    emit_json,
+    escape,
+    waiting,
+)
 from agent.mqtt import MqttClient, MqttError
 
 __all__ = ["Step", "UplinkTarget", "check_uplink", "uplink_command"]
@@ -47,6 +61,7 @@ class Step:
     status: str  # pass | fail | warn | skip
     detail: str
     ms: float | None = None
+    hint: str = ""  # what to do when it failed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +69,7 @@ class Step:
             "status": self.status,
             "detail": self.detail,
             "ms": None if self.ms is None else round(self.ms, 1),
+            **({"hint": self.hint} if self.hint else {}),
         }
 
 
@@ -82,14 +98,22 @@ def _tls_context(t: UplinkTarget) -> ssl.SSLContext:
     return ctx
 
 
-async def check_uplink(t: UplinkTarget, *, timeout_s: float = 5.0) -> list[Step]:
+Progress = Callable[[str], None]
+
+
+async def check_uplink(
+    t: UplinkTarget, *, timeout_s: float = 5.0, progress: Progress | None = None
+) -> list[Step]:
+    """Every step in order; ``progress`` is told which step runs (a spinner's text)."""
     steps: list[Step] = []
     loop = asyncio.get_running_loop()
+    say = progress or (lambda _text: None)
 
     def skip(*names: str) -> list[Step]:
         return steps + [Step(n, "skip", "an earlier step failed") for n in names]
 
     # 1. dns
+    say(f"dns: resolving {t.host}")
     t0 = time.perf_counter()
     try:
         async with asyncio.timeout(timeout_s):
@@ -101,9 +125,18 @@ async def check_uplink(t: UplinkTarget, *, timeout_s: float = 5.0) -> list[Step]
             )
         )
     except (OSError, TimeoutError) as exc:
-        steps.append(Step("dns", "fail", f"cannot resolve {t.host}: {exc or 'timeout'}"))
+        why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        steps.append(
+            Step(
+                "dns",
+                "fail",
+                f"cannot resolve {t.host}: {why}",
+                hint="check the host name in [uplink] and the DNS server ('resolvectl status')",
+            )
+        )
         return skip("tcp", "tls", "mqtt", "round trip", "clock")
     # 2. tcp
+    say(f"tcp: connecting to {t.host}:{t.port}")
     t0 = time.perf_counter()
     try:
         async with asyncio.timeout(timeout_s):
@@ -119,13 +152,22 @@ async def check_uplink(t: UplinkTarget, *, timeout_s: float = 5.0) -> list[Step]
             why = "timeout (a firewall?)"
         else:
             why = os.strerror(exc.errno) if exc.errno else str(exc)
-        steps.append(Step("tcp", "fail", f"{t.host}:{t.port}: {why}"))
+        steps.append(
+            Step(
+                "tcp",
+                "fail",
+                f"{t.host}:{t.port}: {why}",
+                hint="is the broker running and listening on that port (1883 plain, 8883 TLS)? "
+                "a firewall between?",
+            )
+        )
         return skip("tls", "mqtt", "round trip", "clock")
     # 3. tls
     ctx: ssl.SSLContext | None = None
     if not t.tls:
         steps.append(Step("tls", "skip", "TLS not enabled in [uplink.tls]"))
     else:
+        say("tls: handshake")
         t0 = time.perf_counter()
         try:
             ctx = _tls_context(t)
@@ -139,10 +181,19 @@ async def check_uplink(t: UplinkTarget, *, timeout_s: float = 5.0) -> list[Step]
             detail, status = _cert_detail(cert, sslobj)
             steps.append(Step("tls", status, detail, (time.perf_counter() - t0) * 1000))
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            steps.append(Step("tls", "fail", f"handshake failed: {exc or 'timeout'}"))
+            why = "timeout" if isinstance(exc, TimeoutError) else str(exc)
+            steps.append(
+                Step(
+                    "tls",
+                    "fail",
+                    f"handshake failed: {why}",
+                    hint="check ca_file, cert_file and key_file in [uplink.tls], and the clock "
+                    "('timedatectl'): a certificate is only valid between its dates",
+                )
+            )
             return skip("mqtt", "round trip", "clock")
     # 4-6. mqtt
-    steps += await _mqtt_steps(t, ctx, timeout_s)
+    steps += await _mqtt_steps(t, ctx, timeout_s, say)
     return steps
 
 
@@ -164,8 +215,11 @@ def _cert_detail(cert: dict[str, Any] | None, sslobj: Any) -> tuple[str, str]:
     )
 
 
-async def _mqtt_steps(t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: float) -> list[Step]:
+async def _mqtt_steps(
+    t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: float, say: Progress
+) -> list[Step]:
     steps: list[Step] = []
+    say("mqtt: connecting")
     client_id = f"{t.client_id or 'vitals'}-diag-{uuid.uuid4().hex[:6]}"
     t0 = time.perf_counter()
     try:
@@ -185,6 +239,7 @@ async def _mqtt_steps(t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: fl
             )
             # round trip
             topic = f"{t.prefix}/diag/{client_id}"
+            say(f"round trip on {topic}")
             token = uuid.uuid4().hex.encode()
             t0 = time.perf_counter()
             try:
@@ -207,14 +262,23 @@ async def _mqtt_steps(t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: fl
                     Step(
                         "round trip",
                         "fail",
-                        f"no message back on {topic} within {timeout_s:g} s (ACL?)",
+                        f"no message back on {topic} within {timeout_s:g} s",
+                        hint="the broker's ACL may not let this user publish and subscribe there",
                     )
                 )
             except MqttError as exc:
                 steps.append(Step("round trip", "fail", f"{exc}"))
+            say(f"clock: waiting for {t.prefix}/hub/time")
             steps.append(await _clock_step(client, t.prefix))
     except MqttError as exc:
-        steps.append(Step("mqtt", "fail", f"broker refused or dropped the connection: {exc}"))
+        steps.append(
+            Step(
+                "mqtt",
+                "fail",
+                f"broker refused or dropped the connection: {exc}",
+                hint="check username and password in [uplink] (and the client id the broker expects)",
+            )
+        )
         steps += [
             Step("round trip", "skip", "an earlier step failed"),
             Step("clock", "skip", "an earlier step failed"),
@@ -282,33 +346,61 @@ def uplink_command(
         Path | None, typer.Option("--config", "-c", help="gateway configuration")
     ] = None,
     host: Annotated[str | None, typer.Option(help="broker host (instead of --config)")] = None,
-    port: Annotated[int | None, typer.Option(help="broker port")] = None,
+    tcp_port: Annotated[
+        int | None, typer.Option(help="broker port (default: the configuration's, else 1883)")
+    ] = None,
+    port_alias: Annotated[int | None, typer.Option("--port", hidden=True)] = None,
     timeout: Annotated[float, typer.Option(help="seconds per step")] = 5.0,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="one JSON object")] = False,
 ) -> None:
     """Check the uplink: DNS, TCP, TLS, MQTT connect, publish round trip, clock offset."""
     try:
-        target = _target(config, host, port)
+        if tcp_port is not None and port_alias is not None and tcp_port != port_alias:
+            raise DiagError(
+                f"--tcp-port {tcp_port} and --port {port_alias}: which one?",
+                "--port is the old name of --tcp-port: give one",
+                USAGE,
+            )
+        if config is not None and host:
+            raise DiagError(
+                f"--config {config} and --host {host}: which one?",
+                "--config checks the gateway's own uplink (host, port, credentials, TLS); "
+                "--host a bare broker without credentials",
+                USAGE,
+            )
+        if timeout <= 0:
+            raise DiagError(f"--timeout {timeout}: more than 0 seconds", "", USAGE)
+        target = _target(config, host, tcp_port if tcp_port is not None else port_alias)
     except DiagError as exc:
         die(exc, as_json=as_json)
-    steps = asyncio.run(check_uplink(target, timeout_s=timeout))
-    ok = not any(s.status == "fail" for s in steps)
+    with waiting(f"checking the uplink to {target.host}:{target.port}", quiet=as_json) as say:
+        steps = asyncio.run(check_uplink(target, timeout_s=timeout, progress=say))
+    failed = [s.name for s in steps if s.status == "fail"]
+    # no name or no connection: the endpoint cannot be used (3); a later step: 1
+    code = OK if not failed else PORT if failed[0] in ("dns", "tcp") else FAILED
     if as_json:
         emit_json(
             {
                 "broker": f"{target.host}:{target.port}",
-                "ok": ok,
+                "ok": not failed,
+                "code": code,
                 "steps": [s.to_dict() for s in steps],
             }
         )
     else:
-        tb = Table(title=f"uplink to {target.host}:{target.port}")
+        tb = Table(title=escape(f"uplink to {target.host}:{target.port}"))
         for col in ("step", "result", "ms", "detail"):
             tb.add_column(col, justify="right" if col == "ms" else "left")
         for s in steps:
-            tb.add_row(s.name, _MARK[s.status], "" if s.ms is None else f"{s.ms:.1f}", s.detail)
-        console().print(tb)
-    raise typer.Exit(OK if ok else FAILED)
+            tb.add_row(
+                s.name, _MARK[s.status], "" if s.ms is None else f"{s.ms:.1f}", escape(s.detail)
+            )
+        con = console()
+        con.print(tb)
+        for s in steps:
+            if s.status == "fail" and s.hint:
+                con.print(escape(f"hint: {s.hint}"), soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def _target(config: Path | None, host: str | None, port: int | None) -> UplinkTarget:
@@ -321,7 +413,7 @@ def _target(config: Path | None, host: str | None, port: int | None) -> UplinkTa
     try:
         cfg = load_config(path)
     except ConfigError as exc:
-        w, m = exc.problems[0]
+        w, m = exc.problems[0] if exc.problems else (str(path), str(exc))
         raise DiagError(
             f"{w}: {m}", f"see every problem with 'vitals config check {path}'"
         ) from None
