@@ -2,8 +2,10 @@
 
 :class:`CommandExecutor` takes the bytes of a ``vitals/cmd/v1`` message
 (:mod:`protocols.command`) and returns the bytes of a signed
-``vitals/cmd-result/v1`` answer, always: a refused command says why. In order:
+``vitals/cmd-result/v1`` answer, or None when it does not answer. In order:
 
+0. ``oversized``    more than :data:`MAX_COMMAND_BYTES`: refused before any
+   decoding (the MQTT client drops it unread already: :meth:`CommandExecutor.on_drop`);
 1. ``malformed``    not a well-formed command (unsigned bytes, garbage);
 2. ``no_hub_key``   this gateway was never enrolled (it knows no hub key);
 3. ``unknown_key`` / ``bad_signature``  not signed by the hub key learnt at enrollment;
@@ -16,6 +18,14 @@
    does not reopen the window);
 7. ``unknown_op`` / ``bad_args``, then whatever the handler refuses
    (``not_writable``, ``out_of_range``, ``unknown_device``...).
+
+Anyone with publish rights on the broker can send the gateway anything, so
+a refusal costs as little as it can: oversized and malformed input is
+counted, never answered (an answer costs a signature and a publish); a
+well-formed command refused at steps 2 to 6 gets its signed reason at most
+once per ``answer_interval_s`` (1 s), further refusals are only counted
+(``unanswered``). A command that passed step 6 (signed by the hub, for us,
+fresh, new) is always answered. Each refusal reason is logged once.
 
 A handler is ``async (args) -> value``; it raises :class:`CommandRefused` to
 refuse; any other exception makes the status ``failed``. :func:`agent_handlers`
@@ -32,7 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from agent.config import Config, load_config
 from agent.mqtt import MqttClient
@@ -46,6 +56,7 @@ from protocols.modbus import decode, register_count, write_request
 from protocols.mqtt import Publish, topic_matches
 
 __all__ = [
+    "MAX_COMMAND_BYTES",
     "CommandExecutor",
     "CommandRefused",
     "Handler",
@@ -57,6 +68,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[object]]
 SEEN_FILE = "commands.seen"
+
+#: the largest command message the gateway reads; real ones are a few hundred bytes
+#: (a ``read`` naming 30 points is under 1 KiB)
+MAX_COMMAND_BYTES: Final = 4096
 
 
 class CommandRefused(VitalsError):
@@ -78,6 +93,8 @@ class CommandExecutor:
         clock: Callable[[], float] = time.time,
         seen_path: Path | None = None,
         max_lifetime_s: float = 3600.0,
+        answer_interval_s: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.gateway_id = gateway_id
         self.hub_public_key = hub_public_key
@@ -86,6 +103,9 @@ class CommandExecutor:
         self.clock = clock
         self.seen_path = seen_path
         self.max_lifetime_ms = int(max_lifetime_s * 1000)
+        self.answer_interval_s = answer_interval_s
+        self._monotonic = monotonic
+        self._next_refusal = -float("inf")  # when a refusal may be answered again
         self.counters: Counter[str] = Counter()
         self._logged: set[str] = set()
         self._seen: dict[bytes, int] = self._load_seen()
@@ -127,11 +147,21 @@ class CommandExecutor:
     async def _ping(self, args: dict[str, Any]) -> object:
         return {"gw": self.gateway_id, "t": int(self.clock() * 1000)}
 
-    def _answer(self, cid: bytes, status: str, reason: str = "", value: object = None) -> bytes:
+    def _count(self, status: str, reason: str) -> None:
         self.counters[f"{status}.{reason}" if reason else status] += 1
-        if status == "refused" and reason not in self._logged:
+        if status in ("refused", "dropped") and reason not in self._logged:
             self._logged.add(reason)
-            log.warning("command refused: %s; further ones only counted", reason)
+            log.warning("command %s: %s; further ones only counted", status, reason)
+
+    def on_drop(self, why: str, topic: str, size: int) -> None:
+        """The MQTT client dropped a message on the command topic (``agent.mqtt.OnDrop``):
+        over :data:`MAX_COMMAND_BYTES` (``refused.oversized``), or one more than its
+        queue holds while commands arrive faster than they are handled
+        (``dropped.overflow``)."""
+        self._count("refused" if why == "oversized" else "dropped", why)
+
+    def _answer(self, cid: bytes, status: str, reason: str = "", value: object = None) -> bytes:
+        self._count(status, reason)
         return cmdproto.result(
             gateway=self.gateway_id,
             key=self._key,
@@ -142,29 +172,45 @@ class CommandExecutor:
             now_ms=int(self.clock() * 1000),
         )
 
-    async def handle(self, data: bytes) -> bytes:
-        """The signed result for the command ``data``; never raises for bad input."""
+    def _refuse(self, cid: bytes, reason: str) -> bytes | None:
+        """A well-formed command refused before it was accepted: answered at most once
+        per ``answer_interval_s``, else only counted."""
+        now = self._monotonic()
+        if now < self._next_refusal:
+            self._count("refused", reason)
+            self.counters["unanswered"] += 1
+            return None
+        self._next_refusal = now + self.answer_interval_s
+        return self._answer(cid, "refused", reason)
+
+    async def handle(self, data: bytes) -> bytes | None:
+        """The signed result for the command ``data``, or None (not answered); never
+        raises for bad input."""
+        if len(data) > MAX_COMMAND_BYTES:
+            self._count("refused", "oversized")  # before any decoding
+            return None
         try:
             cmd = cmdproto.parse_command(data)
-        except ProtocolError as exc:
-            return self._answer(b"", "refused", "malformed", str(exc))
+        except ProtocolError:
+            self._count("refused", "malformed")
+            return None
         if self.hub_public_key is None:
-            return self._answer(cmd.id, "refused", "no_hub_key")
+            return self._refuse(cmd.id, "no_hub_key")
         if cmd.kid != key_id(self.hub_public_key):
-            return self._answer(cmd.id, "refused", "unknown_key", cmd.kid.hex())
+            return self._refuse(cmd.id, "unknown_key")
         try:
             cmd.verify(self.hub_public_key)
         except SignatureError:
-            return self._answer(cmd.id, "refused", "bad_signature")
+            return self._refuse(cmd.id, "bad_signature")
         if cmd.gw != self.gateway_id:
-            return self._answer(cmd.id, "refused", "misaddressed", cmd.gw)
+            return self._refuse(cmd.id, "misaddressed")
         now = int(self.clock() * 1000)
         if now >= cmd.exp:
-            return self._answer(cmd.id, "refused", "expired")
+            return self._refuse(cmd.id, "expired")
         if cmd.exp - now > self.max_lifetime_ms:
-            return self._answer(cmd.id, "refused", "too_long")
+            return self._refuse(cmd.id, "too_long")
         if cmd.id in self._seen:
-            return self._answer(cmd.id, "refused", "replayed")
+            return self._refuse(cmd.id, "replayed")
         self._remember(cmd.id, cmd.exp, now)  # before running: a concurrent copy is a replay
         handler = self.handlers.get(cmd.op)
         if handler is None:
@@ -194,16 +240,29 @@ async def on_message(
     *,
     prefix: str = topics.DEFAULT_PREFIX,
 ) -> bool:
-    """Answer ``message`` if it is a command for us; whether it was one.
+    """Handle ``message`` if it is a command for us; whether it was one.
 
-    The uplink subscribes to ``topics.cmd(gateway)`` (QoS 1) and hands every
-    message here; the signed result goes to ``topics.cmd_result(gateway)``, QoS 1.
+    The uplink subscribes to ``topics.cmd(gateway)`` (QoS 1) on its connection,
+    made with ``max_message_size=MAX_COMMAND_BYTES`` and
+    ``on_drop=executor.on_drop``, and hands every message here; a signed result,
+    when there is one, goes to ``topics.cmd_result(gateway)`` at QoS 1. Its
+    PUBACK is not awaited: the command path never waits on the connection that
+    the batches share.
     """
     if not topic_matches(topics.cmd(executor.gateway_id, prefix), message.topic):
         return False
     answer = await executor.handle(message.payload)
-    await client.publish(topics.cmd_result(executor.gateway_id, prefix), answer, qos=1)
+    if answer is not None:
+        done = client.publish_nowait(topics.cmd_result(executor.gateway_id, prefix), answer)
+        done.add_done_callback(_retrieved)
+    await asyncio.sleep(0)  # a flood of commands takes turns with the polls and the batches
     return True
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    """A result's PUBACK came, or the connection failed (which the uplink handles)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 # -- the agent's operations ------------------------------------------------------

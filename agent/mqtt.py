@@ -21,8 +21,15 @@ once, so nothing waits for a timeout. A misuse (a wildcard in a topic name, QoS
 2) raises :class:`LocalError` and leaves the connection alone.
 
 Costs, per QoS 1 publish: one encoded packet, one ``transport.write``, one
-Future and a dict entry keyed by packet id until the PUBACK; no task. Inbound
-QoS 1 messages are answered with PUBACK once queued for :attr:`messages`.
+Future and a dict entry keyed by packet id until the PUBACK; no task.
+
+Inbound messages never hold back the acknowledgements of our own publishes:
+the socket is always read. A message whose payload is over
+``max_message_size`` is dropped unread (never buffered whole), one that finds
+``max_queued_messages`` waiting for :attr:`messages` is dropped too; both are
+counted (``oversized``, ``overflow``) and reported to ``on_drop``. Every
+inbound QoS 1 message is answered with PUBACK at once, dropped or queued: it
+is ours, and the broker's window of messages in flight to us stays open.
 """
 
 from __future__ import annotations
@@ -31,18 +38,21 @@ import asyncio
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
 from protocols import mqtt
 from protocols.errors import LocalError, ProtocolError, RemoteError
 
-__all__ = ["MqttClient", "MqttError", "Will"]
+__all__ = ["MqttClient", "MqttError", "OnDrop", "Will"]
 
 log = logging.getLogger(__name__)
 
 #: the will: (topic, payload, qos, retain), published by the broker if we vanish
 Will = tuple[str, bytes, int, bool]
+#: told of each inbound message dropped: (why: "oversized" | "overflow", topic, payload size)
+OnDrop = Callable[[str, str, int], None]
 
 _PINGREQ: Final = mqtt.encode_pingreq()
 _DISCONNECT: Final = mqtt.encode_disconnect()
@@ -114,11 +124,7 @@ class _Messages:
                 await waiter
             finally:
                 c._inbox_waiter = None
-        message = c._inbox.popleft()
-        if c._reading_paused and len(c._inbox) <= c._max_queued // 2 and c._transport:
-            c._reading_paused = False
-            c._transport.resume_reading()
-        return message
+        return c._inbox.popleft()
 
 
 class MqttClient:
@@ -132,7 +138,10 @@ class MqttClient:
     connection, the TLS handshake and the CONNACK together. ``tls`` checks the
     broker's name against ``server_hostname`` (default ``host``).
     ``max_queued_messages`` received messages wait for :attr:`messages`; past
-    that the client stops reading the socket until they are taken.
+    that, new ones are dropped (the socket is still read: the PUBACKs of our
+    publishes must not wait behind messages nobody takes). ``max_message_size``
+    bounds a received message's payload: larger ones are dropped unread.
+    ``on_drop(why, topic, size)`` hears of every drop.
     """
 
     def __init__(
@@ -151,8 +160,9 @@ class MqttClient:
         clean_session: bool = True,
         connect_timeout: float = 10.0,
         ack_timeout: float | None = None,
-        max_packet_size: int = mqtt.MAX_PACKET_SIZE,
+        max_message_size: int = mqtt.MAX_PACKET_SIZE,
         max_queued_messages: int = 256,
+        on_drop: OnDrop | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -163,6 +173,7 @@ class MqttClient:
         self._connect_timeout = connect_timeout
         self._ack_timeout = ack_timeout
         self._max_queued = max(1, max_queued_messages)
+        self._on_drop = on_drop
         will_topic, will_payload, will_qos, will_retain = will or (None, b"", 0, False)
         # encoded now: a bad will or an overlong client id is a LocalError before any I/O
         self._connect_packet = mqtt.encode_connect(
@@ -183,7 +194,7 @@ class MqttClient:
             if farewell is None
             else mqtt.encode_publish(farewell[0], farewell[1], retain=farewell[3])
         )
-        self._decoder = mqtt.Decoder(max_packet_size=max_packet_size)
+        self._decoder = mqtt.Decoder(max_payload=max_message_size)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._connack: asyncio.Future[mqtt.ConnAck] | None = None
@@ -199,11 +210,17 @@ class MqttClient:
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._inbox: deque[mqtt.Publish] = deque()
         self._inbox_waiter: asyncio.Future[None] | None = None
-        self._reading_paused = False
         self._last_rx = self._last_tx = 0.0
         self._ping_sent = False
         self._timer: asyncio.TimerHandle | None = None
-        self.counters = {"published": 0, "acked": 0, "received": 0, "pings": 0}
+        self.counters = {
+            "published": 0,
+            "acked": 0,
+            "received": 0,
+            "oversized": 0,
+            "overflow": 0,
+            "pings": 0,
+        }
 
     # -- public API -----------------------------------------------------------
 
@@ -301,9 +318,11 @@ class MqttClient:
             transport.write(_DISCONNECT)
             self._fail(MqttError("the client disconnected"), abort=False)
         transport.close()  # after the buffered bytes (DISCONNECT last) are written
-        done, _ = await asyncio.wait({self._closed}, timeout=2.0)
-        if not done:
-            transport.abort()
+        try:
+            await asyncio.wait({self._closed}, timeout=1.0)
+        finally:  # a broker that does not read, or we are cancelled: drop the socket
+            if not self._closed.done():
+                transport.abort()
 
     def publish_nowait(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
@@ -435,23 +454,24 @@ class MqttClient:
                 self._connack.set_result(p)
                 return
             raise MqttError(f"broker sent {type(p).__name__} before CONNACK")
-        if isinstance(p, mqtt.Publish):
+        if isinstance(p, mqtt.Publish | mqtt.Skipped):
             if p.qos == 2:
                 raise MqttError(
                     f"broker sent a QoS 2 message on {p.topic!r}; "
                     "this client subscribes at QoS 0 or 1"
                 )
-            self.counters["received"] += 1
-            self._inbox.append(p)
-            waiter = self._inbox_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
             if p.qos == 1:
-                self._write(mqtt.encode_puback(p.packet_id))  # queued: ours now
-            if len(self._inbox) >= self._max_queued and not self._reading_paused:
-                assert self._transport is not None
-                self._reading_paused = True
-                self._transport.pause_reading()
+                self._write(mqtt.encode_puback(p.packet_id))  # queued or dropped: ours now
+            if isinstance(p, mqtt.Skipped):
+                self._drop("oversized", p.topic, p.size)
+            elif len(self._inbox) >= self._max_queued:
+                self._drop("overflow", p.topic, len(p.payload))
+            else:
+                self.counters["received"] += 1
+                self._inbox.append(p)
+                waiter = self._inbox_waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
         elif isinstance(p, mqtt.PingResp):
             self._ping_sent = False
         elif isinstance(p, mqtt.SubAck):
@@ -464,6 +484,11 @@ class MqttClient:
             raise MqttError("broker sent a second CONNACK")
         else:  # PUBREC, PUBREL, PUBCOMP, UNSUBACK: answers to what we never send
             raise MqttError(f"broker sent an unexpected {type(p).__name__}")
+
+    def _drop(self, why: str, topic: str, size: int) -> None:
+        self.counters[why] += 1
+        if self._on_drop is not None:
+            self._on_drop(why, topic, size)
 
     def _connection_lost(self, exc: Exception | None) -> None:
         if self._error is None:

@@ -1,10 +1,13 @@
 """The agent: buses, batcher, spool and uplink in one TaskGroup.
 
 ``Agent(config).run(stop)`` runs until ``stop`` is set, then stops in order:
-the buses stop polling, the open batch is sealed and spooled, the uplink gets
-``drain_timeout_s`` to publish what the spool holds, and everything closes.
-What the broker has not acknowledged by then stays in the spool for the next
-start: nothing is lost on a stop.
+the buses stop polling, the open batch is sealed and spooled, the uplink
+publishes what the spool holds, and everything closes, all within
+``drain_timeout_s`` (10 s) of ``stop`` whatever the broker and the terminals are
+doing: the uplink publishes until :data:`CLOSE_RESERVE_S` before that bound,
+and a task that does not end when cancelled is cancelled again. What the
+broker has not acknowledged by then stays in the spool for the next start:
+nothing is lost on a stop.
 """
 
 from __future__ import annotations
@@ -37,9 +40,31 @@ from protocols.gap import GapRange, seal_gap
 from protocols.payload import PointInfo
 from protocols.reading import Reading
 
-__all__ = ["Agent", "link_for"]
+__all__ = ["CLOSE_RESERVE_S", "Agent", "link_for"]
 
 log = logging.getLogger(__name__)
+
+#: of the stop's bound, the time kept for closing after the drain: the MQTT
+#: connections' goodbye (at most 1 s each, at once) and the spool's close
+CLOSE_RESERVE_S = 2.0
+
+
+async def _end(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again any that go on: a task
+    cancelled just as a child fails can lose the cancellation (a TaskGroup in Python
+    3.11 raises the child's error instead), and a stop must end all the same."""
+    pending = {t for t in tasks if not t.done()}
+    warned = False
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+        if pending and not warned:
+            warned = True
+            log.warning(
+                "stopping: %s still running 1 s after being cancelled, cancelling again",
+                ", ".join(sorted(t.get_name() for t in pending)),
+            )
 
 
 def link_for(bus: BusConfig) -> ModbusLink:
@@ -303,24 +328,21 @@ class Agent:
                 gc_thresholds = gc.get_threshold()
                 gc.set_threshold(20_000, 20, 100)
                 await stop.wait()
+                loop = asyncio.get_running_loop()
+                drain_until = loop.time() + max(0.0, self.drain_timeout_s - CLOSE_RESERVE_S)
                 log.info("stopping: sealing the open batch and draining the spool")
                 if engine is not None:  # the polls on the wire end and are kept
-                    await engine.finish(2 * max(p.link.timeout_s for p in by_engine))
-                stopping = [*pollers, aging, *([ticks] if ticks else [])]
-                for t in stopping:
-                    t.cancel()
-                await asyncio.wait(stopping)
+                    wire = 2 * max(p.link.timeout_s for p in by_engine)
+                    await engine.finish(min(wire, max(0.0, drain_until - loop.time())))
+                await _end([*pollers, aging, *([ticks] if ticks else [])])
                 await self.batcher.flush()
                 self._closing = True
                 self.batcher.has_sealed.set()
                 await writer
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.spool.empty.wait(), self.drain_timeout_s)
-                uplink.cancel()
-                if events_out is not None:
-                    events_out.cancel()
-                acks.cancel()
-                status.cancel()
+                    left = max(0.0, drain_until - loop.time())
+                    await asyncio.wait_for(self.spool.empty.wait(), left)
+                await _end([uplink, *([events_out] if events_out else []), acks, status])
         finally:
             left = self.spool.statistics()["depth_batches"]
             if left:
@@ -385,4 +407,6 @@ class Agent:
         out["buses"] = {p.name: p.statistics() for p in self.buses}
         if self.events is not None:
             out["events"] = self.events.statistics()
+        if self.commands is not None:
+            out["commands"] = self.commands.statistics()
         return out

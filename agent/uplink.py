@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from agent.commands import CommandExecutor, on_message
+from agent.commands import MAX_COMMAND_BYTES, CommandExecutor, on_message
 from agent.mqtt import MqttClient, MqttError
 from agent.spool import Spool, SpoolRow
 from protocols import topics
@@ -259,6 +259,9 @@ class Uplink:
             farewell=(topics.status(s.gateway, s.prefix), b"offline", 0, True),
             connect_timeout=s.connect_timeout_s,
             ack_timeout=s.publish_timeout_s,
+            # commands are the only messages we receive: larger ones are dropped unread
+            max_message_size=MAX_COMMAND_BYTES,
+            on_drop=self.commands.on_drop if self.commands is not None else None,
         )
 
     async def run(self) -> None:
@@ -293,6 +296,11 @@ class Uplink:
             except* MqttError as group:
                 self._last_exc = group.exceptions[0]
                 self.last_error = str(self._last_exc)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # cancelled while the connection failed: the session's TaskGroup raised
+                # the MqttError and dropped the cancellation (Python 3.11); stop anyway
+                raise asyncio.CancelledError
             if self.connected.is_set():
                 down_since = time.monotonic()
                 why = explain(self._last_exc, s.host, s.port) if self._last_exc else None

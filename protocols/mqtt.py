@@ -5,7 +5,10 @@ Encoders return the bytes of the packets a client sends: CONNECT, PUBLISH
 bytes a server sends, in any chunking, and returns the packets they complete:
 CONNACK, PUBLISH (QoS 0, 1 and 2: its fields are decoded, the QoS 2 exchange
 is the caller's business), PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, UNSUBACK
-and PINGRESP. Bytes that break the standard raise :class:`FrameError` (the
+and PINGRESP. A PUBLISH whose payload is over the decoder's ``max_payload`` is
+not buffered: it comes out as :class:`Skipped` (topic, size, QoS, packet id) as
+soon as its head is in, and the rest of its bytes are discarded as they arrive,
+so a flood of large messages costs no memory. Bytes that break the standard raise :class:`FrameError` (the
 fixed header: type, flags, length) or :class:`DecodeError` (a field of a
 well-framed packet), both :class:`ProtocolError`; the message names what was
 wrong. A client's own mistakes (a wildcard in a topic name, a string longer than
@@ -38,6 +41,7 @@ __all__ = [
     "PubRec",
     "PubRel",
     "Publish",
+    "Skipped",
     "SubAck",
     "UnsubAck",
     "encode_connect",
@@ -97,8 +101,9 @@ CONNACK_REASONS: Final = {
 #: §3.9.3 the SUBACK return code of a refused subscription
 SUBACK_FAILURE: Final = 0x80
 
-#: the largest packet a :class:`Decoder` accepts by default (header included);
-#: a gateway receives commands and acknowledgements, all small
+#: the largest packet a :class:`Decoder` accepts by default (header included), and
+#: the largest PUBLISH payload it passes on; a gateway receives commands and
+#: acknowledgements, all small
 MAX_PACKET_SIZE: Final = 1 << 20
 
 _MAX_REMAINING: Final = 268_435_455  # §2.2.3: four bytes of 7 bits
@@ -133,6 +138,17 @@ class Publish:
     qos: int = 0
     retain: bool = False
     dup: bool = False
+    packet_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A PUBLISH whose payload (``size`` bytes) is over the decoder's ``max_payload``:
+    discarded unread. At QoS 1 the receiver still acknowledges it (§4.3.2: it owns it)."""
+
+    topic: str
+    size: int
+    qos: int = 0
     packet_id: int = 0
 
 
@@ -189,7 +205,9 @@ class PingResp:
     """§3.13."""
 
 
-Packet = ConnAck | Publish | PubAck | PubRec | PubRel | PubComp | SubAck | UnsubAck | PingResp
+Packet = (
+    ConnAck | Publish | Skipped | PubAck | PubRec | PubRel | PubComp | SubAck | UnsubAck | PingResp
+)
 
 # -------------------------------------------------------------------------- encoders
 
@@ -393,11 +411,26 @@ class Decoder:
     (the stream cannot be resynchronised); packets decoded before it were
     returned already. ``feed(data)`` does both for callers that want a list.
 
-    A packet longer than ``max_packet_size`` bytes (fixed header included) is
-    refused as soon as its header says so, before its body is buffered.
+    A packet other than PUBLISH longer than ``max_packet_size`` bytes (fixed
+    header included) is refused as soon as its header says so, before its body
+    is buffered. A PUBLISH whose payload is longer than ``max_payload`` bytes is
+    no error (anyone may publish a large message to a topic we subscribe to):
+    once its topic and packet id are in it is returned as :class:`Skipped` and
+    its payload is dropped as it arrives, never buffered.
     """
 
-    __slots__ = ("_buf", "_error", "_flags", "_hdr", "_need", "_pos", "_type", "max_packet_size")
+    __slots__ = (
+        "_buf",
+        "_error",
+        "_flags",
+        "_hdr",
+        "_need",
+        "_pos",
+        "_skip",
+        "_type",
+        "max_packet_size",
+        "max_payload",
+    )
 
     # §2.2.2 the fixed-header flags each packet type must carry; PUBLISH's vary
     _FLAGS: ClassVar[dict[int, int]] = {
@@ -428,10 +461,16 @@ class Decoder:
         UNSUBACK: UnsubAck,
     }
 
-    def __init__(self, *, max_packet_size: int = MAX_PACKET_SIZE) -> None:
+    def __init__(
+        self, *, max_packet_size: int = MAX_PACKET_SIZE, max_payload: int = MAX_PACKET_SIZE
+    ) -> None:
         if max_packet_size < 2:
             raise LocalError("max_packet_size must be at least 2 bytes")
+        if max_payload < 0:
+            raise LocalError("max_payload must be at least 0 bytes")
         self.max_packet_size = max_packet_size
+        self.max_payload = max_payload
+        self._skip = 0  # payload bytes of a skipped PUBLISH still to discard on arrival
         self._buf = bytearray()
         self._pos = 0  # start of the next packet in _buf
         self._need = 0  # total bytes of the packet at _pos once its header is parsed, else 0
@@ -445,16 +484,23 @@ class Decoder:
         """The bytes received but not yet returned as a packet."""
         return bytes(self._buf[self._pos :])
 
-    def state(self) -> tuple[bytes, int, int, str | None]:
-        """Everything the decoder remembers: buffered bytes, parsed header, error."""
-        return (self.buffered, self._need, self._hdr, str(self._error) if self._error else None)
+    def state(self) -> tuple[bytes, int, int, int, str | None]:
+        """Everything the decoder remembers: buffered bytes, parsed header, bytes still
+        to skip, error."""
+        err = str(self._error) if self._error else None
+        return (self.buffered, self._need, self._hdr, self._skip, err)
 
     def receive(self, data: bytes) -> None:
-        """Buffer ``data`` (any chunk of the stream)."""
+        """Buffer ``data`` (any chunk of the stream), less what a skipped PUBLISH still owns."""
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
-        self._buf += data
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            self._buf += memoryview(data)[n:]
+        else:
+            self._buf += data
 
     def feed(self, data: bytes) -> list[Packet]:
         """``receive(data)``, then every packet now complete."""
@@ -510,7 +556,7 @@ class Decoder:
                         f"{_name(ptype)} remaining length is longer than 4 bytes (malformed)"
                     )
             total = i + length
-            if total > self.max_packet_size:
+            if total > self.max_packet_size and ptype != PUBLISH:
                 raise FrameError(
                     f"{_name(ptype)} of {total} bytes is larger than the limit of "
                     f"{self.max_packet_size} bytes"
@@ -522,6 +568,24 @@ class Decoder:
                 raise FrameError(f"SUBACK remaining length {length}, expected at least 3")
             self._need, self._hdr, self._type, self._flags = total, i, ptype, flags
         need = self._need
+        if self._type == PUBLISH and need - self._hdr - 2 > self.max_payload:
+            # maybe too large: read its head (topic, packet id) and skip the rest
+            hdr = self._hdr
+            if avail < hdr + 2:
+                return None
+            tlen = buf[pos + hdr] << 8 | buf[pos + hdr + 1]
+            head = hdr + 2 + tlen + (2 if self._flags & 0x06 else 0)  # with the packet id
+            if need - head > self.max_payload:
+                if avail < head:
+                    return None
+                topic, qos, packet_id, _ = self._publish_head(
+                    buf, pos + hdr, pos + need, self._flags
+                )
+                taken = min(avail, need)
+                self._pos = pos + taken
+                self._skip = need - taken
+                self._need = 0
+                return Skipped(topic, need - head, qos, packet_id)
         if avail < need:
             return None
         start = pos + self._hdr
@@ -553,8 +617,16 @@ class Decoder:
             return SubAck(packet_id, codes)
         return PingResp()  # the last type the header check lets through
 
+    @classmethod
+    def _publish(cls, buf: bytearray, start: int, end: int, flags: int) -> Publish:
+        topic, qos, packet_id, at = cls._publish_head(buf, start, end, flags)
+        return Publish(topic, bytes(buf[at:end]), qos, bool(flags & 1), bool(flags & 8), packet_id)
+
     @staticmethod
-    def _publish(buf: bytearray, start: int, end: int, flags: int) -> Publish:
+    def _publish_head(
+        buf: bytearray, start: int, end: int, flags: int
+    ) -> tuple[str, int, int, int]:
+        """A PUBLISH's topic, QoS and packet id, and where its payload starts."""
         qos = (flags >> 1) & 0x03
         if end - start < 2:
             raise DecodeError("PUBLISH is truncated: no topic length")
@@ -579,7 +651,7 @@ class Decoder:
             if not packet_id:
                 raise DecodeError(f"PUBLISH at QoS {qos} with packet id 0")
             at += 2
-        return Publish(topic, bytes(buf[at:end]), qos, bool(flags & 1), bool(flags & 8), packet_id)
+        return topic, qos, packet_id, at
 
 
 # -------------------------------------------------------------------------- topics

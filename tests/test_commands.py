@@ -13,7 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.commands import CommandExecutor, CommandRefused, agent_handlers, on_message
+from agent.commands import (
+    MAX_COMMAND_BYTES,
+    CommandExecutor,
+    CommandRefused,
+    agent_handlers,
+    on_message,
+)
 from agent.config import Config, load_config, parse_config
 from agent.mqtt import MqttClient
 from agent.transport import ModbusLink
@@ -41,7 +47,10 @@ class Clock:
 
 
 def executor(
-    clock: Clock, seen: Path | None = None, handlers: dict[str, Any] | None = None
+    clock: Clock,
+    seen: Path | None = None,
+    handlers: dict[str, Any] | None = None,
+    monotonic: Clock | None = None,
 ) -> CommandExecutor:
     return CommandExecutor(
         GW,
@@ -50,6 +59,7 @@ def executor(
         handlers,
         clock=clock,
         seen_path=seen,
+        monotonic=monotonic or Clock(),
     )
 
 
@@ -60,7 +70,8 @@ def cmd(op: str = "ping", args: dict[str, Any] | None = None, **kw: Any) -> byte
     return command.command(op, args, **kw)[0]
 
 
-def answer(data: bytes) -> command.CommandResult:
+def answer(data: bytes | None) -> command.CommandResult:
+    assert data is not None, "not answered"
     res = command.parse_result(data)
     res.verify(GW_KEY.public_key())  # every answer is signed by the gateway
     assert res.gw == GW
@@ -80,8 +91,6 @@ async def test_ping_is_answered_signed() -> None:
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
-        ("unsigned", "malformed"),
-        ("garbage", "malformed"),
         ("forged", "bad_signature"),
         ("other_key", "unknown_key"),
         ("misaddressed", "misaddressed"),
@@ -89,18 +98,12 @@ async def test_ping_is_answered_signed() -> None:
         ("too_long", "too_long"),
         ("unknown_op", "unknown_op"),
         ("bad_args", "bad_args"),
-        ("batch_key_domain", "malformed"),
     ],
 )
 async def test_refusals_say_why(case: str, reason: str) -> None:
     clock = Clock()
     now = int(T0 * 1000)
-    if case == "unsigned":
-        good = command.parse_command(cmd())
-        data = envelope._pack([1, good.message.protected, good.message.payload, b""])
-    elif case == "garbage":
-        data = b"\x00\x01\x02"
-    elif case == "forged":
+    if case == "forged":
         flipped = bytearray(cmd())
         flipped[-3] ^= 0x10
         data = bytes(flipped)
@@ -121,10 +124,71 @@ async def test_refusals_say_why(case: str, reason: str) -> None:
         else:
             payload = envelope._pack([1, 2, 3])
         data = envelope.sign_message(command.CMD_DOMAIN, protected, payload, HUB)
-    else:  # a batch signed by the hub key is no command
-        data = envelope.seal([envelope.Reading(1, now, 1.0)], gateway=GW, key=HUB, epoch=1, seq=1)
     res = answer(await executor(clock).handle(data))
     assert (res.status, res.reason) == ("refused", reason)
+
+
+@pytest.mark.parametrize("case", ["unsigned", "garbage", "empty", "batch_key_domain", "oversized"])
+async def test_what_is_no_command_is_counted_never_answered(case: str) -> None:
+    """Answering costs a signature and a publish: what anyone can send is only counted."""
+    now = int(T0 * 1000)
+    reason = "malformed"
+    if case == "unsigned":
+        good = command.parse_command(cmd())
+        data = envelope._pack([1, good.message.protected, good.message.payload, b""])
+    elif case == "garbage":
+        data = b"\x00\x01\x02"
+    elif case == "empty":
+        data = b""
+    elif case == "batch_key_domain":  # a batch signed by the hub key is no command
+        data = envelope.seal([envelope.Reading(1, now, 1.0)], gateway=GW, key=HUB, epoch=1, seq=1)
+    else:  # a valid command, but over the limit: dropped before any decoding
+        data = cmd("read", {"device": "d" * MAX_COMMAND_BYTES})
+        reason = "oversized"
+    ex = executor(Clock())
+    assert await ex.handle(data) is None
+    assert ex.statistics() == {f"refused.{reason}": 1}
+    # and the next good command is answered at once
+    assert answer(await ex.handle(cmd())).status == "ok"
+
+
+async def test_a_command_at_the_size_limit_is_executed() -> None:
+    ex = executor(Clock(), handlers={"read": _echo_size})
+    pad = MAX_COMMAND_BYTES
+    while len(wire := cmd("read", {"device": "d" * pad})) != MAX_COMMAND_BYTES:
+        pad -= len(wire) - MAX_COMMAND_BYTES  # msgpack's length prefixes grow with it
+    res = answer(await ex.handle(wire))
+    assert (res.status, res.value()) == ("ok", pad)
+
+
+async def _echo_size(args: dict[str, Any]) -> object:
+    return len(args["device"])
+
+
+async def test_refusals_are_answered_at_most_once_a_second() -> None:
+    """Forged, misaddressed, expired, replayed: anyone can send those (a replay needs no
+    key), so their signed reasons go out at most once per second; the rest are counted.
+    A command signed by the hub for us is always answered."""
+    clock, mono = Clock(), Clock()
+    ex = executor(clock, monotonic=mono)
+    first = cmd()
+    assert answer(await ex.handle(first)).status == "ok"
+    flipped = bytearray(cmd())
+    flipped[-3] ^= 0x10
+    refused = [bytes(flipped), cmd(gateway="gw-other"), cmd(now_ms=0), first] * 5
+    answers = [await ex.handle(data) for data in refused]
+    assert answer(answers[0]).reason == "bad_signature"
+    assert answers[1:] == [None] * 19
+    assert answer(await ex.handle(cmd())).status == "ok", "a good command is never held back"
+    mono.now += 0.999
+    assert await ex.handle(first) is None
+    mono.now += 0.001
+    assert answer(await ex.handle(first)).reason == "replayed"
+    stats = ex.statistics()
+    assert stats["unanswered"] == 20
+    assert stats["refused.bad_signature"] == 5 and stats["refused.misaddressed"] == 5
+    assert stats["refused.expired"] == 5 and stats["refused.replayed"] == 7
+    assert stats["ok"] == 2
 
 
 async def test_replay_is_refused_even_after_a_restart(tmp_path: Path) -> None:
@@ -150,9 +214,17 @@ async def test_refusals_are_counted_and_logged_once(caplog: pytest.LogCaptureFix
     caplog.set_level(logging.WARNING, logger="agent.commands")
     ex = executor(Clock())
     for _ in range(10):
-        await ex.handle(b"junk")
-    assert ex.statistics()["refused.malformed"] == 10
-    assert len(caplog.records) == 1
+        assert await ex.handle(b"junk") is None
+    for _ in range(10):
+        ex.on_drop("oversized", "vitals/v1/gw/cmd", 900_000)
+        ex.on_drop("overflow", "vitals/v1/gw/cmd", 10)
+    stats = ex.statistics()
+    assert stats["refused.malformed"] == 10 and stats["refused.oversized"] == 10
+    assert stats["dropped.overflow"] == 10
+    assert [r.getMessage() for r in caplog.records] == [
+        f"command {what}; further ones only counted"
+        for what in ("refused: malformed", "refused: oversized", "dropped: overflow")
+    ]
 
 
 async def test_handler_refusal_and_failure() -> None:
@@ -171,9 +243,10 @@ async def test_handler_refusal_and_failure() -> None:
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.binary(max_size=300))
-def test_fuzz_executor_always_answers(data: bytes) -> None:
-    res = answer(asyncio.run(executor(Clock()).handle(data)))
-    assert res.status == "refused"
+def test_fuzz_executor_never_raises_and_never_answers_garbage(data: bytes) -> None:
+    ex = executor(Clock())
+    assert asyncio.run(ex.handle(data)) is None
+    assert ex.statistics() == {"refused.malformed": 1}
 
 
 # --------------------------------------------------------------------------- the agent's ops
@@ -289,8 +362,9 @@ async def test_commands_over_mqtt(mosquitto: MosquittoBroker, tmp_path: Path) ->
                 assert (await commander.send(hub, GW, "", data=wire)).status == "ok"
                 again = await commander.send(hub, GW, "", data=wire)
                 assert again.reason == "replayed"
-                junk = await commander.send(hub, GW, "", data=b"not signed")
-                assert (junk.id, junk.reason) == (b"", "malformed")
+                with pytest.raises(TimeoutError):  # garbage is never answered
+                    await commander.send(hub, GW, "", data=b"not signed", timeout_s=1.0)
+                assert ex.statistics()["refused.malformed"] == 1
             task.cancel()
         # a result signed by a revoked gateway key is not believed
         core.revoke(GW, envelope.key_id(GW_KEY))

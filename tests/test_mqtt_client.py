@@ -485,21 +485,80 @@ async def test_a_qos2_message_is_refused() -> None:
             await _take(c, 1)
 
 
-async def test_reading_pauses_when_nobody_takes_the_messages() -> None:
+async def test_messages_nobody_takes_are_dropped_counted_and_acknowledged() -> None:
     seen: list[bytes] = []
-    many = b"".join(mqtt.encode_publish("t", b"%d" % i) for i in range(10))
+    drops: list[tuple[str, str, int]] = []
+    many = b"".join(mqtt.encode_publish("t", b"%d" % i, qos=1, packet_id=i + 1) for i in range(10))
+    big = mqtt.encode_publish("t", b"x" * 5000, qos=1, packet_id=99)
     async with (
-        _fake_broker(_accept(seen, many)) as (port, _),
-        MqttClient(HOST, port, client_id="c", max_queued_messages=4) as c,
+        _fake_broker(_accept(seen, many + big)) as (port, _),
+        MqttClient(
+            HOST,
+            port,
+            client_id="c",
+            max_queued_messages=4,
+            max_message_size=4096,
+            on_drop=lambda *a: drops.append(a),
+        ) as c,
     ):
-        for _ in range(100):
-            if c._reading_paused:
+        for _ in range(200):
+            if len(seen) >= 12:
                 break
             await asyncio.sleep(0.01)
-        assert c._reading_paused
-        got = await _take(c, 10)
-        assert not c._reading_paused
-    assert [m.payload for m in got] == [b"%d" % i for i in range(10)]
+        got = await _take(c, 4)
+        assert c.counters["received"] == 4
+        assert (c.counters["overflow"], c.counters["oversized"]) == (6, 1)
+    assert [m.payload for m in got] == [b"%d" % i for i in range(4)]
+    assert drops == [("overflow", "t", 1)] * 6 + [("oversized", "t", 5000)]
+    # every one acknowledged, dropped or not: the broker's window to us stays open
+    assert seen[1:12] == [b"\x40\x02" + i.to_bytes(2, "big") for i in [*range(1, 11), 99]]
+
+
+@pytest.mark.mosquitto
+async def test_a_flood_nobody_takes_never_holds_back_our_pubacks(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """The consumer of the messages awaits a QoS 1 publish of its own for each, while a
+    flood (small and 900 KB messages) arrives faster than it takes them. When the client
+    stopped reading the socket with its queue full, that PUBACK could never arrive: the
+    consumer waited forever and the connection was declared dead (issue 19)."""
+    import aiomqtt
+
+    drops: list[str] = []
+    async with MqttClient(
+        mosquitto.host,
+        mosquitto.port,
+        client_id="gw",
+        max_queued_messages=8,
+        max_message_size=4096,
+        on_drop=lambda why, *_: drops.append(why),
+    ) as c:
+        await c.subscribe("gw/cmd", qos=1)
+        answered = 0
+
+        async def consume() -> None:
+            nonlocal answered
+            async for _ in c.messages:
+                await c.publish("gw/result", b"r", qos=1)
+                answered += 1
+
+        consumer = asyncio.create_task(consume())
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="flood") as f:
+            for i in range(600):  # QoS 0 is the quickest flood; the large ones at QoS 1
+                big = i % 50 == 0
+                payload = b"y" * 900_000 if big else os.urandom(200)
+                await f.publish("gw/cmd", payload, qos=1 if big else 0)
+        for _ in range(500):
+            if c.counters["received"] == answered and c.in_flight == 0 and answered:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(c.publish("gw/after", b"ok", qos=1), 5)
+        consumer.cancel()
+        assert c.connected
+        assert answered == c.counters["received"] > 0
+        assert c.counters["received"] + c.counters["overflow"] == 588
+        assert c.counters["oversized"] == 12 == drops.count("oversized")
+        assert c.counters["overflow"] == drops.count("overflow")
 
 
 async def test_flow_control_pauses_writes_and_drains() -> None:

@@ -247,14 +247,43 @@ def test_malformed_input_names_what_is_wrong(
 
 
 def test_oversize_packet_is_refused_from_its_header() -> None:
-    dec = mqtt.Decoder(max_packet_size=100)
-    assert dec.feed(mqtt.encode_publish("t", b"x" * 95)) == [mqtt.Publish("t", b"x" * 95)]
-    # 2 of header + 3 of topic + 95 = 100 bytes pass, 101 do not, refused from the header
-    with pytest.raises(FrameError, match="PUBLISH of 101 bytes is larger than the limit of 100"):
-        dec.feed(H("30 63"))
+    dec = mqtt.Decoder(max_packet_size=5)
+    assert dec.feed(H("90 03 00 07 01")) == [mqtt.SubAck(7, (1,))]
+    # 5 bytes pass, 6 do not, refused from the header
+    with pytest.raises(FrameError, match="SUBACK of 6 bytes is larger than the limit of 5"):
+        dec.feed(H("90 04"))
     dec = mqtt.Decoder()
     with pytest.raises(FrameError, match="larger than the limit of 1048576"):
-        dec.feed(H("30 ffff7f"))
+        dec.feed(H("90 ffff7f"))
+
+
+def test_an_oversize_publish_is_skipped_unbuffered() -> None:
+    """A PUBLISH over max_payload is no error: its head is read, its payload dropped as it
+    arrives (never buffered), and the packets after it decode as usual."""
+    dec = mqtt.Decoder(max_payload=100)
+    assert dec.feed(mqtt.encode_publish("t", b"x" * 100)) == [mqtt.Publish("t", b"x" * 100)]
+    big = mqtt.encode_publish("gw/cmd", b"y" * 900_000, qos=1, packet_id=9)
+    head = len(big) - 900_000
+    assert dec.feed(big[: head - 1]) == []  # the packet id is not in yet
+    assert dec.feed(big[head - 1 : head + 10]) == [mqtt.Skipped("gw/cmd", 900_000, 1, 9)]
+    assert dec.buffered == b"" and dec.state()[3] == 900_000 - 10  # bytes still to drop
+    for at in range(head + 10, len(big), 65536):
+        assert dec.feed(big[at : at + 65536]) == []
+        assert dec.buffered == b""  # nothing of it kept
+    after = mqtt.encode_publish("gw/cmd", b"small") + mqtt.encode_puback(3)
+    assert dec.feed(after) == [mqtt.Publish("gw/cmd", b"small"), mqtt.PubAck(3)]
+    # in one chunk with what follows, and at QoS 0 (no packet id)
+    dec = mqtt.Decoder(max_payload=10)
+    packets = dec.feed(mqtt.encode_publish("a", b"z" * 11) + mqtt.encode_puback(4))
+    assert packets == [mqtt.Skipped("a", 11), mqtt.PubAck(4)]
+    assert dec.buffered == b"" and dec.state()[3] == 0
+    # a long topic does not make a small payload too large
+    assert mqtt.Decoder(max_payload=10).feed(mqtt.encode_publish("t" * 500, b"p")) == [
+        mqtt.Publish("t" * 500, b"p")
+    ]
+    # a malformed head is still an error
+    with pytest.raises(DecodeError, match="truncated"):
+        mqtt.Decoder(max_payload=1).feed(H("30 05 00 09 61 62 63"))
 
 
 def test_packets_before_a_malformed_one_are_returned_first() -> None:
@@ -533,8 +562,8 @@ def test_any_bytes_in_any_chunks_give_packets_or_our_error(
     """Never IndexError, struct.error, UnicodeDecodeError: packets, then at most our error;
     the same packets and the same error however the bytes are cut."""
     data = b"".join(parts)
-    whole = _run(mqtt.Decoder(max_packet_size=limit), [data])
-    split_dec = mqtt.Decoder(max_packet_size=limit)
+    whole = _run(mqtt.Decoder(max_packet_size=limit, max_payload=limit // 2), [data])
+    split_dec = mqtt.Decoder(max_packet_size=limit, max_payload=limit // 2)
     split = _run(split_dec, _chunks(data, cuts))
     assert split == whole
     if whole[1] is not None:
