@@ -10,9 +10,18 @@ configuration polls the terminal and its batches arrive verified.
 from __future__ import annotations
 
 import asyncio
+import difflib
+import json
 import os
+import shlex
+import shutil
 import sqlite3
+import struct
+import subprocess
 import sys
+import time
+import tomllib
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +30,27 @@ import pytest
 
 from agent import state
 from agent.config import TlsConfig, load_config
-from agent.provision import DEFAULT_TEMPLATE, render_config, write_config
+from agent.provision import (
+    ProvisionError,
+    _text_rows,
+    edit_config,
+    label_png,
+    label_qr,
+    plan_config,
+    render_config,
+)
 from agent.service import Agent
 from drivers.profiles import load_profile
 from protocols.ed25519 import PrivateKey
 from protocols.enroll import new_token
 from protocols.errors import ConfigError, LocalError
-from simulator.broker import MosquittoBroker
+from simulator.broker import MosquittoBroker, free_port
 from simulator.enroll import EnrollmentDesk, serve
 from simulator.hub import Hub, HubCore
 from simulator.tcp import TcpTerminal
 
 GW = "gw-e2e-1"
+FULL = Path(__file__).resolve().parents[1] / "docs" / "examples" / "gateway-full.toml"
 
 TEMPLATE = """\
 [gateway]
@@ -217,87 +235,354 @@ async def test_from_nothing_to_a_verified_batch_with_one_command(
         )
         assert revoked == {ident.kid: 1, new.kid: 0}  # grace 0 in this test: revoked at once
         assert await run_agent_until_verified(config_path, hub_side.core, new.kid) >= 1
+        code, out, err = await vitals("key", "show", "--json", "--config", str(config_path))
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["gateway"] == GW and doc["key_id"] == new.kid.hex()
+        assert doc["fingerprint"] == new.fingerprint and doc["public_key"] == new.public_raw.hex()
     finally:
         await term.stop()
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (what a step may have left behind)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _clean(out: str, err: str) -> None:
+    """One line and a hint: no traceback, no raw errno."""
+    assert "Traceback" not in out + err
+    assert "Errno" not in out + err
+    assert err.count("error: ") == 1 and "\nhint: " in err, err
+
+
 @pytest.mark.mosquitto
-async def test_no_answer_from_the_hub_is_a_clear_error(
+async def test_no_answer_from_the_hub_leaves_nothing_behind(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     token = new_token(PrivateKey.generate().public_key())
-    code, _, err = await vitals(
+    code, out, err = await vitals(
         "provision",
         "--token",
         token,
         "--broker",
         f"{mosquitto.host}:{mosquitto.port}",
         "--config",
-        str(tmp_path / "gw.toml"),
+        str(tmp_path / "etc" / "gw.toml"),
         "--state-dir",
         str(tmp_path / "state"),
         "--timeout",
         "1",
     )
-    assert code == 1 and "no answer from the hub" in err
-    # the key stays for the retry; the config is written with the derived id
-    ident = state.load_identity(tmp_path / "state")
-    assert load_config(tmp_path / "gw.toml").gateway.id == ident.default_gateway_id
+    assert code == 1 and "no answer from the hub within 1 s" in err
+    assert "hint: is the hub's enrollment desk running" in err
+    _clean(out, err)
+    # no key, no state directory it made, no configuration, no temporary file
+    assert _files(tmp_path) == {}
+    assert not (tmp_path / "state").exists()
+
+
+async def test_broker_down_is_one_line_and_a_hint(tmp_path: Path) -> None:
+    token = new_token(PrivateKey.generate().public_key())
+    state_dir = tmp_path / "state"
+    state.create_identity(state_dir)  # `vitals keygen` first: the manual way
+    before = _files(tmp_path)
+    code, out, err = await vitals(
+        "provision", "--token", token, "--broker", f"127.0.0.1:{free_port()}",
+        "--config", str(tmp_path / "gw.toml"), "--state-dir", str(state_dir),
+    )  # fmt: skip
+    assert code == 3, err  # README: 3 = endpoint unusable
+    assert "error: cannot reach the broker: nothing accepts connections on 127.0.0.1:" in err
+    assert "hint: is the broker running" in err
+    _clean(out, err)
+    assert _files(tmp_path) == before, "the key it did not make stays, nothing else is written"
+
+
+async def test_an_existing_configuration_is_refused_byte_identical(tmp_path: Path) -> None:
+    """The configuration of a running gateway, with a key from `vitals keygen`."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(FULL.read_text().replace("/var/lib/vitals", str(tmp_path / "state")))
+    state.create_identity(tmp_path / "state")
+    before = _files(tmp_path)
+    token = new_token(PrivateKey.generate().public_key())
+    code, out, err = await vitals(
+        "provision", "--token", token, "--broker", f"127.0.0.1:{free_port()}",
+        "--config", str(config),
+    )  # fmt: skip
+    assert code == 1
+    assert f"error: {config} exists (gateway gw-0001); nothing was changed" in err
+    assert "hint: pass --force" in err
+    _clean(out, err)
+    assert _files(tmp_path) == before
+    # a different gateway id is refused even with --force: a gateway keeps its id
+    code, out, err = await vitals(
+        "provision", "--token", token, "--broker", f"127.0.0.1:{free_port()}",
+        "--config", str(config), "--force", "--gateway-id", "gw-0002",
+    )  # fmt: skip
+    assert code == 1 and "--gateway-id gw-0002 would change its id" in err
+    assert _files(tmp_path) == before
+
+
+async def test_dry_run_shows_the_edit_and_writes_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(FULL.read_text().replace("/var/lib/vitals", str(tmp_path / "state")))
+    before = _files(tmp_path)
+    code, out, err = await vitals(
+        "provision", "--dry-run", "--force", "--broker", "mqtt.city.example:8883",
+        "--tls", "--ca-file", str(tmp_path / "city-ca.pem"), "--config", str(config),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "dry run: nothing is written, nothing is sent" in out
+    assert f"config       {config} (would be edited)" in out
+    assert '-host = "127.0.0.1"               # broker name or IP' in out
+    assert '+host = "mqtt.city.example"               # broker name or IP' in out
+    assert "+port = 8883                      # 1..65535" in out
+    assert "identity     " in out and "(would be created)" in out
+    assert "enroll       gw-0001 through mqtt.city.example:8883" in out
+    assert _files(tmp_path) == before
+    code, out, err = await vitals(
+        "provision", "--dry-run", "--json", "--broker", "10.1.2.3:1883",
+        "--config", str(tmp_path / "new.toml"), "--state-dir", str(tmp_path / "s2"),
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["dry_run"] and doc["config_action"] == "created" and doc["key"] == "created"
+    assert 'host = "10.1.2.3"' in doc["config_text"] and doc["gateway"] is None
+    assert _files(tmp_path) == before
 
 
 async def test_flags_are_required_without_a_terminal(tmp_path: Path) -> None:
     code, _, err = await vitals("provision", "--config", str(tmp_path / "gw.toml"))
-    assert code == 2 and "--token is required" in err
+    assert code == 2 and "--token is required" in err and "hint: pass --token" in err
     code, _, err = await vitals(
         "provision", "--token", "not-a-token", "--broker", "127.0.0.1:1",
         "--config", str(tmp_path / "gw.toml"), "--state-dir", str(tmp_path / "s"),
     )  # fmt: skip
-    assert code == 1 and "enrollment token looks like" in err
-    assert not (tmp_path / "s").exists()  # nothing written for a mistyped token
+    assert code == 2 and "enrollment token looks like" in err
+    token = new_token(PrivateKey.generate().public_key())
+    code, _, err = await vitals(
+        "provision", "--token", token, "--broker", "gw-0042",
+        "--config", str(tmp_path / "gw.toml"), "--state-dir", str(tmp_path / "s"),
+    )  # fmt: skip
+    assert code == 2 and "'gw-0042' is not HOST:PORT (that looks like a gateway id)" in err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "gw.toml").exists()
+
+
+def test_the_prompts_check_each_answer_as_it_is_typed(tmp_path: Path) -> None:
+    """Interactive, in a real terminal (tmux): a wrong answer is refused at its own
+    prompt and asked again, not after the token was typed."""
+    if shutil.which("tmux") is None:
+        pytest.skip("needs tmux (apt-get install tmux)")
+    token = new_token(PrivateKey.generate().public_key())
+    port = free_port()
+    name = f"vitals-prov-{os.getpid()}"
+    cmd = shlex.join(
+        [sys.executable, "-m", "agent.provision", "provision",
+         "--config", str(tmp_path / "gw.toml"), "--state-dir", str(tmp_path / "s")]
+    )  # fmt: skip
+    tmux = ["tmux", "-L", name]
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "xterm"}
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-x", "200", "-y", "50", "sh", "-c",
+         f"{cmd}; echo \"[exit $?]\"; sleep 60"],
+        check=True, env=env,
+    )  # fmt: skip
+
+    def screen() -> str:
+        return subprocess.run(
+            [*tmux, "capture-pane", "-p", "-J", "-S", "-100"],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+
+    def wait(text: str, count: int = 1) -> str:
+        for _ in range(300):
+            now = screen()
+            if now.count(text) >= count:
+                return now
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} x{count} on the screen:\n{screen()}")
+
+    def answer(text: str) -> None:
+        subprocess.run([*tmux, "send-keys", "-l", text], check=True)
+        subprocess.run([*tmux, "send-keys", "Enter"], check=True)
+
+    try:
+        wait("enrollment token:")
+        answer("gw-0042")
+        wait("enrollment token looks like")
+        wait("enrollment token:", 2)
+        answer(token)
+        wait("MQTT broker HOST:PORT")
+        answer("gw-0042")  # the gateway id, one prompt too early
+        wait("'gw-0042' is not HOST:PORT (that looks like a gateway id)")
+        wait("MQTT broker HOST:PORT", 2)
+        answer(f"127.0.0.1:{port}")
+        wait("gateway id (empty")
+        answer("GW 42")
+        wait("'GW 42' is not a gateway id")
+        wait("gateway id (empty", 2)
+        answer("gw-0042")
+        text = wait("[exit ")
+    finally:
+        subprocess.run([*tmux, "kill-server"], check=False, capture_output=True)
+    assert "[exit 3]" in text  # nothing listens on that port: refused at the end, as expected
+    assert "error: cannot reach the broker" in text and "hint: " in text
+    assert "Traceback" not in text
+    assert not (tmp_path / "s").exists() and not (tmp_path / "gw.toml").exists()
 
 
 # --------------------------------------------------------------------------- config
 
 
 def test_default_template_renders_a_valid_config(tmp_path: Path) -> None:
-    text = render_config(
-        DEFAULT_TEMPLATE,
+    plan = plan_config(
+        tmp_path / "gw.toml",
         gateway_id="gw-0001",
         state_dir=tmp_path / "state",
         broker_host="mqtt.city.example",
         broker_port=8883,
         tls=TlsConfig(enabled=True, ca_file=tmp_path / "ca.crt"),
     )
-    cfg = write_config(tmp_path / "gw.toml", text)
+    cfg = plan.config
+    assert plan.action == "created" and plan.text.startswith("# Gateway configuration")
     assert cfg.gateway.id == "gw-0001" and cfg.uplink.port == 8883
     assert cfg.uplink.tls.enabled and cfg.uplink.tls.ca_file == tmp_path / "ca.crt"
     assert not cfg.uplink.tls.insecure
+    assert not (tmp_path / "gw.toml").exists(), "a plan writes nothing"
 
 
 def test_template_errors(tmp_path: Path) -> None:
     with pytest.raises(LocalError, match="placeholder"):
         render_config("${nope}", gateway_id="g", state_dir=tmp_path, broker_host="h", broker_port=1)
-    bad = render_config(
-        DEFAULT_TEMPLATE,
-        gateway_id="Not An Id",
-        state_dir=tmp_path,
-        broker_host="h",
-        broker_port=1,
-    )
     with pytest.raises(ConfigError, match=r"gateway\.id"):
-        write_config(tmp_path / "gw.toml", bad)
-    assert not (tmp_path / "gw.toml").exists()
+        plan_config(
+            tmp_path / "gw.toml",
+            gateway_id="Not An Id",
+            state_dir=tmp_path,
+            broker_host="h",
+            broker_port=1,
+        )
 
 
-def test_existing_config_needs_force(tmp_path: Path) -> None:
-    path = tmp_path / "gw.toml"
-    text = render_config(
-        DEFAULT_TEMPLATE, gateway_id="gw-1", state_dir=tmp_path, broker_host="h", broker_port=1
+def _full(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(FULL.read_text().replace("/var/lib/vitals", str(tmp_path / "state")))
+    return path
+
+
+def _without_owned(data: dict[str, object]) -> dict[str, object]:
+    out = json.loads(json.dumps(data))
+    for key in ("host", "port"):
+        out["uplink"].pop(key)
+    for key in ("enabled", "ca_file"):
+        out["uplink"]["tls"].pop(key)
+    return dict(out)
+
+
+def test_force_edits_only_the_keys_provision_owns(tmp_path: Path) -> None:
+    """Every bus, device and rule, every comment and the gateway id stay."""
+    path = _full(tmp_path)
+    before = path.read_text()
+    plan = plan_config(
+        path,
+        gateway_id=None,
+        state_dir=None,
+        broker_host="mqtt.city.example",
+        broker_port=8883,
+        tls=TlsConfig(enabled=True, ca_file=tmp_path / "city-ca.pem"),
+        force=True,
     )
-    write_config(path, text)
-    with pytest.raises(LocalError, match="--force"):
-        write_config(path, text)
-    assert write_config(path, text, force=True).gateway.id == "gw-1"
+    assert plan.action == "edited" and plan.gateway_id == "gw-0001"
+    changed = [
+        line for line in difflib.ndiff(before.splitlines(), plan.text.splitlines())
+        if line[:1] in "+-"
+    ]  # fmt: skip
+    assert changed == [
+        '- host = "127.0.0.1"               # broker name or IP',
+        '+ host = "mqtt.city.example"               # broker name or IP',
+        "- port = 1883                      # 1..65535 (8883 is usual with TLS)",
+        "+ port = 8883                      # 1..65535 (8883 is usual with TLS)",
+        "- enabled = false",
+        "+ enabled = true",
+        '- ca_file = ""                     # CA bundle that signed the broker\'s certificate',
+        f'+ ca_file = "{tmp_path / "city-ca.pem"}"                     # CA bundle that signed '
+        "the broker's certificate",
+    ], changed
+    old, new = tomllib.loads(before), tomllib.loads(plan.text)
+    assert _without_owned(new) == _without_owned(old)
+    assert len(new["buses"]) == 3 and len(new["devices"]) == 7 and len(new["rules"]) == 6
+    # the same again changes nothing: a re-provision leaves the file byte-identical
+    again = plan_config(
+        path, gateway_id="gw-0001", state_dir=None, broker_host="127.0.0.1", broker_port=1883,
+        force=True,
+    )  # fmt: skip
+    assert again.action == "unchanged" and again.text == before
+
+
+def test_edit_config_adds_missing_keys_and_tables() -> None:
+    text = '# mine\n[gateway]\nid = "gw-1"\n\n[[buses]]\nname = "b"\nkind = "tcp"\nhost = "h"\n'
+    out = edit_config(
+        text, {"gateway": {"state_dir": '"/s"'}, "uplink": {"host": '"m"', "port": "1883"}}
+    )
+    assert out == (
+        '# mine\n[gateway]\nstate_dir = "/s"\nid = "gw-1"\n\n[[buses]]\nname = "b"\n'
+        'kind = "tcp"\nhost = "h"\n\n[uplink]\nhost = "m"\nport = 1883\n'
+    )
+
+
+def test_edit_config_refuses_a_layout_it_cannot_follow() -> None:
+    text = 'uplink.host = "x"\n[gateway]\nid = "gw-1"\n'  # dotted keys, no [uplink] header
+    with pytest.raises(ProvisionError, match="cannot edit the existing configuration"):
+        edit_config(text, {"uplink": {"host": '"m"'}})
+    with pytest.raises(ProvisionError, match="not valid TOML"):
+        edit_config("[gateway\n", {"uplink": {"host": '"m"'}})
+
+
+def test_the_label_png_has_the_qr_code_and_the_text_under_it(tmp_path: Path) -> None:
+    ident = state.create_identity(tmp_path)
+    data = label_png("gw-0042", ident)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # read it back with zlib alone: chunks with valid CRCs, 8-bit grey
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])[0] == zlib.crc32(kind + body)
+        chunks[kind] = body
+        pos += 12 + n
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 0)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    rows = [raw[i * (width + 1) + 1 : (i + 1) * (width + 1)] for i in range(height)]
+    qr = label_qr("gw-0042", ident)
+    size = (len(qr.matrix) + 8) * 8
+    # the code: each module's centre pixel is black where segno says dark
+    for r, line in enumerate(qr.matrix):
+        for c, dark in enumerate(line):
+            assert (rows[(r + 4) * 8 + 4][(c + 4) * 8 + 4] == 0) == bool(dark)
+    # under it, ink: five lines of text (id, key id, "fingerprint", two halves)
+    inked = [y for y in range(size, height) if 0 in rows[y]]
+    bands = sum(1 for y in inked if y - 1 not in inked)
+    assert bands == 5, bands
+    # the first band is the gateway id, drawn in the label's font at 4x
+    expected = _text_rows("gw-0042", 4)
+    top = inked[0]
+    for dy, want in enumerate(expected):
+        got = bytes(rows[top + dy][32 : 32 + len(want)])
+        assert got == bytes(0 if p else 255 for p in want)
+
+
+async def test_keygen_json_and_refusal(tmp_path: Path) -> None:
+    code, out, err = await vitals("keygen", "--json", "--state-dir", str(tmp_path / "s"))
+    assert code == 0, err
+    doc = json.loads(out)
+    ident = state.load_identity(tmp_path / "s")
+    assert doc["key_id"] == ident.kid.hex() and doc["key_file"] == str(ident.path)
+    code, out, err = await vitals("keygen", "--state-dir", str(tmp_path / "s"))
+    assert code == 1 and "an identity key exists already" in err
+    assert state.load_identity(tmp_path / "s").kid == ident.kid
 
 
 def test_hub_db_is_plain_sqlite(tmp_path: Path) -> None:
