@@ -19,7 +19,6 @@ from typing import Annotated, Any
 import typer
 
 from agent import runner
-from protocols.errors import VitalsError
 
 __all__ = ["app", "main"]
 
@@ -42,10 +41,11 @@ app.add_typer(sim_app, name="sim")
 
 def _sub_apps() -> None:
     from agent.diag import diag_app
-    from agent.provision import key_app, provision_command
+    from agent.provision import key_app, keygen_command, provision_command
 
     app.add_typer(diag_app, name="diag")
     app.command("provision")(provision_command)
+    app.command("keygen")(keygen_command)
     app.add_typer(key_app, name="key")
 
 
@@ -101,23 +101,6 @@ def status(
     from agent.status import show
 
     raise typer.Exit(show(status_file, state_dir, as_json))
-
-
-@app.command()
-def keygen(
-    state_dir: Annotated[Path, typer.Option(help="where the key is kept")] = DEFAULT_STATE,
-) -> None:
-    """Create this gateway's Ed25519 identity (mode 0600) and show its key id."""
-    from agent.state import create_identity
-
-    try:
-        ident = create_identity(state_dir)
-    except VitalsError as exc:
-        raise _fail(str(exc)) from None
-    typer.echo(f"key file     {ident.path}")
-    typer.echo(f"public key   {ident.public_raw.hex()}")
-    typer.echo(f"key id       {ident.kid.hex()}")
-    typer.echo(f"fingerprint  {ident.fingerprint}")
 
 
 @config_app.command("check")
