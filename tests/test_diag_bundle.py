@@ -6,6 +6,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from agent.diag import diag_app
@@ -60,3 +61,34 @@ def test_bundle_holds_what_support_needs_and_no_secret(tmp_path: Path) -> None:
     assert "spool" in manifest["skipped"]  # no spool database yet: said, not failed
     assert "status" in manifest["skipped"]
     assert (out.stat().st_mode & 0o777) == 0o600
+
+
+def test_two_bundles_in_one_second_keep_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20261206-120000")  # the same second
+    codes = [runner.invoke(diag_app, ["bundle", "--json"]).exit_code for _ in range(3)]
+    assert codes == [0, 0, 0]
+    names = sorted(p.name for p in tmp_path.glob("vitals-bundle-*.tar.gz"))
+    assert names == [
+        "vitals-bundle-20261206-120000-2.tar.gz",
+        "vitals-bundle-20261206-120000-3.tar.gz",
+        "vitals-bundle-20261206-120000.tar.gz",
+    ]
+    for p in tmp_path.glob("vitals-bundle-*.tar.gz"):
+        assert (p.stat().st_mode & 0o777) == 0o600
+        with tarfile.open(p) as tar:
+            assert any(m.name.endswith("MANIFEST.json") for m in tar.getmembers())
+
+
+def test_skipped_notes_keep_their_brackets(tmp_path: Path) -> None:
+    """A note naming [uplink.tls] or a path with brackets is printed as is, not as markup."""
+    state = tmp_path / "[state]"
+    out = tmp_path / "b.tar.gz"
+    r = runner.invoke(
+        diag_app, ["bundle", "--config", str(tmp_path / "none.toml"), "--state-dir", str(state),
+                   "--output", str(out)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert f"{state}: not a directory" in r.output.replace("\n", "")

@@ -49,3 +49,17 @@ def test_cli_table_and_missing_port() -> None:
     assert r.exit_code == 0, r.output
     row = next(line for line in r.output.splitlines() if "/dev/ttyNOPE-3" in line)
     assert "missing" in row
+
+
+def test_the_process_holding_a_port_exclusively_is_marked(pty_path: tuple[str, int]) -> None:
+    from test_diag_scan import held_by_another_process
+
+    path, _ = pty_path
+    with held_by_another_process(path) as holder:
+        r = runner.invoke(diag_app, ["ports", "--port", path, "--json"])
+        table = runner.invoke(diag_app, ["ports", "--port", path], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    mine = next(p for p in json.loads(r.output)["ports"] if p["device"] == path)
+    assert mine["locked_by"] == holder.pid
+    assert holder.pid in [h["pid"] for h in mine["held_by"]]
+    assert f"({holder.pid}, exclusive)" in table.output

@@ -32,9 +32,9 @@ VITALS_PY = [sys.executable, "-c", "from agent.diag import diag_app; diag_app()"
 class ThreadedTerminal:
     """A TcpTerminal serving from a background thread's event loop."""
 
-    def __init__(self, profile: str) -> None:
+    def __init__(self, profile: str, *, max_connections: int = 0) -> None:
         self.loop = asyncio.new_event_loop()
-        self.terminal = TcpTerminal(load_profile(profile))
+        self.terminal = TcpTerminal(load_profile(profile), max_connections=max_connections)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> TcpTerminal:
@@ -111,10 +111,91 @@ def test_device_from_the_gateway_config(terminal: TcpTerminal, tmp_path: Path) -
     assert "no device named 'nope'" in r.output and "noise-7" in r.output
 
 
+def test_one_tcp_connection_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A meter with one connection slot: diag read must not open a test connection first."""
+    import simulator.tcp
+
+    accepted: list[object] = []
+    made = simulator.tcp._Conn.connection_made
+
+    def counting(self: simulator.tcp._Conn, transport: asyncio.BaseTransport) -> None:
+        accepted.append(transport)
+        made(self, transport)
+
+    monkeypatch.setattr(simulator.tcp._Conn, "connection_made", counting)
+    with ThreadedTerminal("sound_level_meter", max_connections=1) as t:
+        r = runner.invoke(diag_app, _args(t, "--samples", "2", "--interval", "0.05", "--json"))
+        refused = t.refused
+    assert r.exit_code == 0, r.output
+    assert len(accepted) == 1 and refused == 0
+    assert [json.loads(line)["points"]["laeq"]["quality"] for line in r.output.splitlines()] == [
+        "good",
+        "good",
+    ]
+
+
+@pytest.fixture
+def rtu_bus() -> Iterator[str]:
+    """An emulated RTU bus (``vitals sim rtu``'s) at 19200 baud: its pty's path."""
+    sim = pytest.importorskip("simulator.rtu", reason="simulator/rtu.py not in this tree")
+    slave = sim.RtuSlave(load_profile("sound_level_meter"), 1)
+    with sim.RtuBus([slave], baud=19200) as bus:
+        yield bus.port
+
+
+@pytest.mark.parametrize("command", ["read", "probe"])
+def test_a_pty_refuses_parity_every_time(rtu_bus: str, command: str) -> None:
+    """The default parity E on an emulated bus: one line and the way out, every time
+    (the first attempt on a fresh pty used to end in a termios traceback)."""
+    args = [command, "--port", rtu_bus, "--baud", "19200"]
+    if command == "read":
+        args += ["--profile", "sound_level_meter", "--samples", "1"]
+    for _ in range(2):
+        r = runner.invoke(diag_app, args)
+        assert r.exit_code == 3, r.output
+        assert f"{rtu_bus}: this port refuses parity E" in r.output
+        assert "use --parity N" in r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ["read", "probe"])
+def test_a_held_port_is_refused_untouched(rtu_bus: str, command: str) -> None:
+    from test_diag_scan import held_by_another_process
+
+    args = [command, "--port", rtu_bus, "--baud", "19200", "--parity", "N"]
+    if command == "read":
+        args += ["--profile", "sound_level_meter", "--samples", "1"]
+    with held_by_another_process(rtu_bus) as holder:
+        r = runner.invoke(diag_app, args)
+    assert r.exit_code == 3, r.output
+    assert "port busy: held by python" in r.output and f"(PID {holder.pid})" in r.output
+    assert "hint:" in r.output
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
         (["--port", "/dev/ttyNOPE-1", "--profile", "sound_level_meter"], 3, "no such port"),
+        (
+            ["--port", "/dev/null", "--parity", "N", "--profile", "sound_level_meter"],
+            3,
+            "/dev/null: not a serial port",
+        ),
+        (
+            ["--port", "/dev/ttyS0", "--host", "127.0.0.1", "--profile", "sound_level_meter"],
+            2,
+            "which one?",
+        ),
+        (
+            ["--port", "/dev/null", "--slave", "300", "--profile", "sound_level_meter"],
+            2,
+            "--slave 300: a slave address on a serial bus is 1..247",
+        ),
+        (
+            ["--host", "127.0.0.1", "--slave", "256", "--profile", "sound_level_meter"],
+            2,
+            "--slave 256: a Modbus TCP unit id is 0..255",
+        ),
         (
             ["--host", "127.0.0.1", "--tcp-port", "1", "--profile", "sound_level_meter"],
             3,

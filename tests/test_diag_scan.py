@@ -376,6 +376,8 @@ def held_by_another_process(path: str) -> Iterator[subprocess.Popen[str]]:
     finally:
         holder.kill()
         holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
 
 
 def test_held_port_is_refused_naming_the_holder_and_the_line_is_untouched(bus: PtyBus) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import socket
 import time
 from pathlib import Path
 
 import aiomqtt
 import pytest
+from typer.testing import CliRunner
 
+from agent.diag import diag_app
 from agent.diag.uplink import UplinkTarget, check_uplink
 from simulator.broker import MosquittoBroker, free_port, mosquitto_path
 from simulator.hub import Hub, HubCore
@@ -72,3 +76,44 @@ async def test_clock_checked_against_a_running_hub(tmp_path: Path) -> None:
         await broker.stop()
     assert steps["clock"].status == "pass", steps["clock"].detail
     assert "(live)" in steps["clock"].detail
+
+
+# -- the command: exit codes, option names, what is printed -------------------------
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("option", ["--tcp-port", "--port"])
+def test_refused_endpoint_exits_3_with_a_hint(option: str) -> None:
+    """The docs' table: 3 = the endpoint cannot be used (refused). --port is the old
+    name of --tcp-port, still accepted."""
+    r = runner.invoke(diag_app, ["uplink", "--host", "127.0.0.1", option, str(free_port())])
+    assert r.exit_code == 3, r.output
+    assert "Connection refused" in r.output and "hint: is the broker running" in r.output
+
+
+def test_port_is_hidden_and_tcp_port_shown() -> None:
+    r = runner.invoke(diag_app, ["uplink", "--help"], env={"COLUMNS": "200"})
+    options = re.findall(r"(?<![\w-])--[\w-]+", r.output)
+    assert "--tcp-port" in options and "--port" not in options
+    # a flag takes no value: no <bool> beside it (typer's own --help aside)
+    assert not [line for line in r.output.splitlines() if "<bool>" in line and "--help" not in line]
+
+
+def test_config_and_host_together_is_a_usage_error(tmp_path: Path) -> None:
+    r = runner.invoke(diag_app, ["uplink", "--config", str(tmp_path / "gw.toml"), "--host", "h"])
+    assert r.exit_code == 2, r.output
+    assert "which one?" in r.output
+
+
+def test_a_later_step_fails_exit_1_and_brackets_are_printed_as_is() -> None:
+    """A TCP port that is not a broker: tcp passes, mqtt fails (exit 1); the tls step's
+    reason names [uplink.tls], which rich markup used to swallow."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:  # accepts (backlog), never speaks MQTT
+        port = srv.getsockname()[1]
+        r = runner.invoke(
+            diag_app, ["uplink", "--host", "127.0.0.1", "--tcp-port", str(port), "--timeout", "1"]
+        )
+    assert r.exit_code == 1, r.output
+    assert "TLS not enabled in [uplink.tls]" in r.output
+    assert "FAIL" in r.output and "hint: check username and password in [uplink]" in r.output

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import re
 import shutil
@@ -23,14 +24,14 @@ import tarfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import typer
 
-from agent.diag._common import OK, DiagError, console, die, emit_json
+from agent.diag._common import OK, DiagError, console, die, emit_json, escape, waiting
 from protocols.errors import VitalsError
 
-__all__ = ["bundle_command", "make_bundle", "redact_toml"]
+__all__ = ["bundle_command", "default_output", "make_bundle", "redact_toml"]
 
 _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|psk|private|credential|api_?key)", re.I)
 _ASSIGN = re.compile(r"^(\s*)([A-Za-z0-9_.\"'-]+)(\s*=\s*)(.*)$")
@@ -77,10 +78,35 @@ def _spool_stats(db: Path) -> dict[str, Any]:
     }
 
 
+def _create(path: Path, exclusive: bool) -> BinaryIO:
+    """``path`` opened for writing, mode 0600 from the start; with ``exclusive``
+    it must not exist yet (FileExistsError)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)  # a file given with --output may have existed with another mode
+    return os.fdopen(fd, "wb")
+
+
+def default_output(directory: Path = Path()) -> Path:
+    """``vitals-bundle-<UTC time>.tar.gz`` in ``directory``; ``-2``, ``-3``... when
+    one of that second exists (two bundles in one second keep both)."""
+    stem = f"vitals-bundle-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    path, n = directory / f"{stem}.tar.gz", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}-{n}.tar.gz"
+    return path
+
+
 def make_bundle(
-    output: Path, *, config: Path | None, state_dir: Path | None, journal_lines: int = 2000
+    output: Path,
+    *,
+    config: Path | None,
+    state_dir: Path | None,
+    journal_lines: int = 2000,
+    exclusive: bool = False,
 ) -> dict[str, Any]:
-    """Write the archive; return its manifest."""
+    """Write the archive; return its manifest. ``exclusive``: never replace a file."""
     files: dict[str, bytes] = {}
     notes: dict[str, str] = {}
 
@@ -204,14 +230,13 @@ def make_bundle(
     add_json("MANIFEST.json", manifest)
     output.parent.mkdir(parents=True, exist_ok=True)
     root = output.name.removesuffix(".tar.gz")
-    with tarfile.open(output, "w:gz") as tar:
+    with _create(output, exclusive) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
         for name, data in sorted(files.items()):
             info = tarfile.TarInfo(f"{root}/{name}")
             info.size = len(data)
             info.mtime = int(time.time())
             info.mode = 0o600
             tar.addfile(info, io.BytesIO(data))
-    output.chmod(0o600)
     return {"path": str(output), **manifest}
 
 
@@ -226,11 +251,19 @@ def bundle_command(
     ] = False,
 ) -> None:
     """One tar.gz for support: redacted config, logs, status, versions, ports, spool."""
-    out = output or Path(f"vitals-bundle-{time.strftime('%Y%m%d-%H%M%S')}.tar.gz")
+    if config is not None and not config.exists():
+        config = None
+    out = output or default_output()
     try:
-        if config is not None and not config.exists():
-            config = None
-        manifest = make_bundle(out, config=config, state_dir=state_dir)
+        with waiting("collecting logs, status and versions", quiet=as_json):
+            while True:
+                try:
+                    manifest = make_bundle(
+                        out, config=config, state_dir=state_dir, exclusive=output is None
+                    )
+                    break
+                except FileExistsError:  # another bundle took the name meanwhile
+                    out = default_output(out.parent)
     except OSError as exc:
         die(
             DiagError(
@@ -242,7 +275,7 @@ def bundle_command(
         emit_json(manifest)
     else:
         con = console()
-        con.print(f"wrote [bold]{manifest['path']}[/] ({len(manifest['files'])} files)")
+        con.print(f"wrote [bold]{escape(manifest['path'])}[/] ({len(manifest['files'])} files)")
         for what, why in manifest["skipped"].items():
-            con.print(f"  skipped {what}: {why}", soft_wrap=True)
+            con.print(escape(f"  skipped {what}: {why}"), soft_wrap=True)
     raise typer.Exit(OK)
