@@ -277,7 +277,7 @@ def test_cli_reports_expected_duration_first_then_finds_all(bus: PtyBus) -> None
     assert r.exit_code == 0, r.output
     out = r.output
     expected_line = out.index("expected duration at most")
-    assert out.index("skipping 9600 8E1") < expected_line
+    assert out.index("skipping 8E1 at 9600, 38400 baud: the port drops parity E") < expected_line
     assert "2 setting(s) x 15 address(es)" in out
     assert expected_line < out.index("terminals on")
     for slave in ("2", "9", "13"):

@@ -108,7 +108,7 @@ def open_port(path: str, settings: LineSettings, *, bytesize: int = 8) -> serial
         if code == errno.ENOTTY:
             raise DiagError(f"{path}: not a serial port", _PORTS_HINT, PORT) from None
         if code == errno.EINVAL:
-            raise SettingRefused(f"the port refuses {settings} (EINVAL)") from None
+            raise SettingRefused(f"the port refuses parity {settings.parity} (EINVAL)") from None
         if isinstance(exc, ValueError):  # pyserial: a baud or parity it does not know
             raise DiagError(f"{path}: {exc}", "", 2) from None
         if code is not None:

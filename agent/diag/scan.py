@@ -477,8 +477,13 @@ def scan_command(
             ),
             as_json=as_json,
         )
+    by_reason: dict[str, list[LineSettings]] = {}
     for s, why in plan.refused:
-        err.print(escape(f"skipping {s}: {why}"), soft_wrap=True)
+        by_reason.setdefault(why, []).append(s)
+    for why, refused in by_reason.items():
+        bauds = ", ".join(dict.fromkeys(str(s.baud) for s in refused))
+        kinds = "/".join(dict.fromkeys(f"8{s.parity}{s.stopbits}" for s in refused))
+        err.print(escape(f"skipping {kinds} at {bauds} baud: {why}"), soft_wrap=True)
     err.print(
         f"scanning {escape(port)}: {len(plan.settings)} setting(s) x {len(plan.slaves)} address(es); "
         f"expected duration at most [bold]{_duration(plan.expected_s)}[/] "
