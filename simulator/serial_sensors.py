@@ -13,6 +13,11 @@ Values move like real ones: particulate matter follows a slow (hours) daily-ish
 trend plus correlated noise; the GPS drives a loop through a city centre at street
 speed. :class:`Faults` injects garbage bytes between frames, corrupted checksums and
 frames cut short (a sensor reset mid-frame).
+
+Each sensor talks at its own baud (9600, like the real ones). A reader that
+opened the port at another baud (the pty keeps what it set:
+:func:`simulator.pty.line_baud`) receives what a real UART would: wrong
+bytes, never a frame with a good checksum (counted in ``garbled``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import math
 import os
 import random
+import termios
 import time
 import tty
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from typing import Literal
 
 from protocols import nmea, pms5003, sds011
 from protocols.errors import LocalError
+from simulator.pty import line_baud
 
 __all__ = [
     "CITY_LOOP",
@@ -129,6 +136,7 @@ class SerialSensorEmulator:
         seed: int = 0,
         clock: Callable[[], float] = time.time,
         device_id: int = 0x60A1,
+        baud: int = 9600,
     ) -> None:
         if kind not in REAL_PERIOD:
             raise LocalError(f"unknown sensor kind {kind!r}")
@@ -137,6 +145,7 @@ class SerialSensorEmulator:
         self.faults = faults
         self.clock = clock
         self.device_id = device_id
+        self.baud = baud
         self._rng = random.Random(seed)
         self._pm = ParticulateModel(seed=seed)
         self._track = GpsTrack()
@@ -151,12 +160,16 @@ class SerialSensorEmulator:
             "corrupted": 0,
             "truncated": 0,
             "dropped": 0,
+            "garbled": 0,
         }
 
     async def __aenter__(self) -> SerialSensorEmulator:
         self._master, self._slave = os.openpty()
         tty.setraw(self._master)
         tty.setraw(self._slave)  # 8N1 raw; parity stays off, ptys refuse PARENB
+        attrs = termios.tcgetattr(self._slave)  # until a reader sets its own: ours
+        attrs[4] = attrs[5] = getattr(termios, f"B{self.baud}", attrs[5])
+        termios.tcsetattr(self._slave, termios.TCSANOW, attrs)
         os.set_blocking(self._master, False)
         self.port = os.ttyname(self._slave)
         return self
@@ -258,6 +271,13 @@ class SerialSensorEmulator:
         return [nmea.encode_frame(gga), nmea.encode_frame(rmc)]
 
     def _write(self, data: bytes) -> None:
+        heard = line_baud(self._slave)
+        if heard is not None and heard != self.baud:
+            # a UART at another baud: framing errors and wrong bytes, about as many as it
+            # has character times while ours are sent
+            n = max(1, len(data) * heard // self.baud)
+            data = bytes(self._rng.randrange(256) for _ in range(min(n, 4096)))
+            self.counters["garbled"] += len(data)
         # A UART does not wait: when nobody reads and the pty buffer is full, drop.
         try:
             written = os.write(self._master, data)
