@@ -93,6 +93,10 @@ def test_without_expect_only_the_table() -> None:
         (["--words", "0x42F6,0x10000"], "65536 is not a 16-bit register value"),
         (["--words", "1,2", "--expect", "5"], "'5' is not a range"),
         ([], "nothing to probe"),
+        (["--words", "1,2", "--port", "/dev/null"], "--words and --port/--host: which one?"),
+        (["--port", "/dev/null", "--host", "h"], "which one?"),
+        (["--port", "/dev/null", "--baud", "0"], "--baud 0"),
+        (["--port", "/dev/null", "--slave", "300"], "--slave 300"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_2(args: list[str], message: str) -> None:

@@ -196,6 +196,15 @@ def test_a_held_port_is_refused_untouched(rtu_bus: str, command: str) -> None:
             2,
             "--slave 256: a Modbus TCP unit id is 0..255",
         ),
+        # 0 is checked, not taken for "not given"
+        (["--port", "/dev/null", "--baud", "0", "--profile", "sound_level_meter"], 2, "--baud 0"),
+        (
+            ["--host", "127.0.0.1", "--timeout", "0", "--profile", "sound_level_meter"],
+            2,
+            "--timeout 0",
+        ),
+        (["--port", "/dev/null", "--slave", "0", "--profile", "sound_level_meter"], 2, "--slave 0"),
+        (["--host", "nosuch.invalid", "--profile", "sound_level_meter"], 3, "unknown host"),
         (
             ["--host", "127.0.0.1", "--tcp-port", "1", "--profile", "sound_level_meter"],
             3,

@@ -340,6 +340,8 @@ def test_cli_nothing_answers_exit_1(bus: PtyBus) -> None:
         (["--port", "/dev/ttyNOPE-7"], 3, "no such port"),
         (["--port", "/dev/null", "--slaves", "0-3"], 2, "outside 1..247"),
         (["--port", "/dev/null", "--parity", "X"], 2, "is not valid"),
+        (["--port", "/dev/null", "--baud", "0"], 2, "baud rates are positive"),
+        (["--port", "/dev/null", "--parity", "N", "--baud", "9600"], 3, "not a serial port"),
     ],
 )
 def test_cli_technician_errors(args: list[str], code: int, message: str) -> None:

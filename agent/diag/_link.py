@@ -23,7 +23,14 @@ from agent.diag._serial import LineSettings, check_port
 from agent.transport import LinkDown, ModbusLink, NoResponse
 from protocols.errors import DecodeError, DeviceException
 
-__all__ = ["LinkSettings", "check_endpoint", "check_slave", "open_link", "transact_errors"]
+__all__ = [
+    "LinkSettings",
+    "check_endpoint",
+    "check_line",
+    "check_slave",
+    "open_link",
+    "transact_errors",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +48,8 @@ class LinkSettings:
     @property
     def describe(self) -> str:
         if self.host:
-            return f"{self.host}:{self.tcp_port}"
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"{host}:{self.tcp_port}"
         return f"{self.port} {self.baud} {self.bytesize}{self.parity}{self.stopbits}"
 
 
@@ -53,6 +61,22 @@ def check_endpoint(port: str | None, host: str | None) -> None:
             "a serial device takes --port (e.g. /dev/ttyUSB0), a Modbus TCP one --host and --tcp-port",
             USAGE,
         )
+
+
+def check_line(s: LinkSettings) -> None:
+    """Line settings a serial port can take, and a timeout that can end; else exit 2."""
+    if s.timeout_s <= 0:
+        raise DiagError(
+            f"--timeout {s.timeout_s:g}: more than 0 seconds", "e.g. --timeout 1", USAGE
+        )
+    if s.host:
+        return
+    if s.baud <= 0:
+        raise DiagError(f"--baud {s.baud}: a baud rate is positive", "e.g. --baud 9600", USAGE)
+    if s.parity not in ("N", "E", "O"):
+        raise DiagError(f"--parity {s.parity}: expected N, E or O", "emulated buses run N", USAGE)
+    if s.stopbits not in (1, 2):
+        raise DiagError(f"--stopbits {s.stopbits}: 1 or 2", "", USAGE)
 
 
 def check_slave(slave: int, *, tcp: bool) -> None:

@@ -30,6 +30,14 @@ from agent.diag._common import (
     parse_range,
     waiting,
 )
+from agent.diag._link import (
+    LinkSettings,
+    check_endpoint,
+    check_line,
+    check_slave,
+    open_link,
+    transact_errors,
+)
 from protocols.modbus import DataType, Order, PointSpec, Space, decode
 
 __all__ = ["Candidate", "ProbeResult", "probe", "probe_command"]
@@ -244,7 +252,6 @@ class LiveRead:
 
 
 def _read_live_sync(r: LiveRead, *, as_json: bool) -> list[int]:
-    from agent.diag._link import check_endpoint, check_slave
 
     check_endpoint(r.port, r.host)
     check_slave(r.slave, tcp=bool(r.host))
@@ -252,8 +259,7 @@ def _read_live_sync(r: LiveRead, *, as_json: bool) -> list[int]:
         raise DiagError(f"--space {r.space}: probe reads registers", "use holding or input", USAGE)
     if r.count not in TYPES:
         raise DiagError(f"--count {r.count}: probe takes 2 or 4 words", "", USAGE)
-    if r.parity.upper() not in ("N", "E", "O"):
-        raise DiagError(f"--parity {r.parity}: expected N, E or O", "emulated buses run N", USAGE)
+    check_line(_settings(r))
     if not 0 <= r.address <= 0x10000 - r.count:
         raise DiagError(f"--address {r.address}: registers are 0..65535", "0-based", USAGE)
     where = r.host or r.port
@@ -261,10 +267,8 @@ def _read_live_sync(r: LiveRead, *, as_json: bool) -> list[int]:
         return asyncio.run(_read_live(r))
 
 
-async def _read_live(r: LiveRead) -> list[int]:
-    from agent.diag._link import LinkSettings, open_link, transact_errors
-
-    settings = LinkSettings(
+def _settings(r: LiveRead) -> LinkSettings:
+    return LinkSettings(
         port=r.port,
         host=r.host,
         tcp_port=r.tcp_port,
@@ -273,6 +277,10 @@ async def _read_live(r: LiveRead) -> list[int]:
         stopbits=r.stopbits,
         timeout_s=r.timeout_s,
     )
+
+
+async def _read_live(r: LiveRead) -> list[int]:
+    settings = _settings(r)
     link = await open_link(settings)
     try:
         with transact_errors(settings.describe, r.slave):

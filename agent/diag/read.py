@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Group
@@ -28,12 +28,14 @@ from rich.table import Table
 from rich.text import Text
 
 from agent.diag._common import FAILED, OK, USAGE, DiagError, console, die, emit_json, waiting
-from agent.diag._link import LinkSettings, check_endpoint, check_slave, open_link
+from agent.diag._link import LinkSettings, check_endpoint, check_line, check_slave, open_link
 from agent.transport import LinkDown, ModbusLink, NoResponse, TransportError
 from drivers.profiles import Point, Profile, load_profile
 from protocols.errors import ConfigError, DecodeError, DeviceException
 from protocols.modbus import ReadRequest, decode_response, plan
 from protocols.reading import Quality
+
+_T = TypeVar("_T")
 
 __all__ = ["PointSample", "Sample", "Target", "read_command", "read_sample", "resolve_target"]
 
@@ -245,7 +247,13 @@ def resolve_target(
         interval=interval,
     )
     check_slave(target.slave, tcp=bool(target.link.host))
+    check_line(target.link)
     return target
+
+
+def _given(value: _T | None, default: _T) -> _T:
+    """The value given on the command line (0 included: it is checked, not replaced)."""
+    return default if value is None else value
 
 
 def _parity(text: str) -> str:
@@ -294,19 +302,19 @@ def _resolve(
             port=(bus.port or None) if own else port,
             host=(bus.host or None) if own else host,
             tcp_port=tcp_port if host else bus.tcp_port,
-            baud=baud or bus.baud,
+            baud=_given(baud, bus.baud),
             parity=_parity(parity or bus.parity),
-            stopbits=stopbits or bus.stopbits,
+            stopbits=_given(stopbits, bus.stopbits),
             bytesize=bus.bytesize,
-            timeout_s=timeout or bus.timeout_s,
+            timeout_s=_given(timeout, bus.timeout_s),
             rtu_over_tcp=bus.kind == "rtu-over-tcp",
         )
         return Target(
             link=link,
-            slave=slave or dev.slave,
+            slave=_given(slave, dev.slave),
             profile=dev.profile,
             label=f"{dev.name} on {link.describe}",
-            interval_s=interval or dev.interval_s,
+            interval_s=_given(interval, dev.interval_s),
         )
     if not profile:
         raise DiagError("which profile?", "pass --profile NAME (or --device NAME --config F)", 2)
@@ -321,17 +329,17 @@ def _resolve(
         port=port,
         host=host,
         tcp_port=tcp_port,
-        baud=baud or 9600,
+        baud=_given(baud, 9600),
         parity=_parity(parity or "E"),
-        stopbits=stopbits or 1,
-        timeout_s=timeout or 1.0,
+        stopbits=_given(stopbits, 1),
+        timeout_s=_given(timeout, 1.0),
     )
     return Target(
         link=link,
-        slave=slave or 1,
+        slave=_given(slave, 1),
         profile=prof,
         label=link.describe,
-        interval_s=interval or prof.interval_s,
+        interval_s=_given(interval, prof.interval_s),
     )
 
 

@@ -458,6 +458,10 @@ def scan_command(
     try:
         addresses = parse_slaves(slaves)
         bauds = _csv(baud, int, "baud", [])
+        if not bauds or min(bauds) <= 0:
+            raise DiagError(
+                f"--baud {baud}: baud rates are positive", "e.g. --baud 9600,19200", USAGE
+            )
         parities = _csv(parity.upper(), str, "parity", ["N", "E", "O"])
         if stopbits not in (1, 2):
             raise DiagError(f"--stopbits {stopbits}: 1 or 2", "", 2)
@@ -481,9 +485,9 @@ def scan_command(
     for s, why in plan.refused:
         by_reason.setdefault(why, []).append(s)
     for why, refused in by_reason.items():
-        bauds = ", ".join(dict.fromkeys(str(s.baud) for s in refused))
+        listed = ", ".join(dict.fromkeys(str(s.baud) for s in refused))
         kinds = "/".join(dict.fromkeys(f"8{s.parity}{s.stopbits}" for s in refused))
-        err.print(escape(f"skipping {kinds} at {bauds} baud: {why}"), soft_wrap=True)
+        err.print(escape(f"skipping {kinds} at {listed} baud: {why}"), soft_wrap=True)
     err.print(
         f"scanning {escape(port)}: {len(plan.settings)} setting(s) x {len(plan.slaves)} address(es); "
         f"expected duration at most [bold]{_duration(plan.expected_s)}[/] "
