@@ -14,15 +14,28 @@ points at 1 Hz for about 12 % of one core (``bench.tcp_fleet``), so the
 emulators stay light and the agent's own cost is what shows.
 
 Faults: ``dead`` (requests get no answer; the connection stays open),
-``exception`` (every request answers that exception code), and
+``exception`` (every request answers that exception code),
 ``max_connections`` (devices that accept only one connection close any
-further one at once).
+further one at once), and ``fault``, settable while the terminal runs, one of
+:data:`FAULTS`, which breaks every reply of every unit:
+
+* ``trailing``: the reply, then bytes that are not Modbus TCP;
+* ``garbage``: random bytes instead of the reply;
+* ``tid``: the reply with another transaction id;
+* ``proto``: the reply with protocol id 1;
+* ``length``: the reply's MBAP length one byte short;
+* ``unit``: the reply from another unit id;
+* ``unsolicited``: a reply to a request that was never sent, then the reply;
+* ``half``: the first half of the reply, then silence (the connection stays open);
+* ``reset``: the first half of the reply, then the connection reset (RST).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import socket
 import struct
 from collections.abc import Sequence
 
@@ -31,7 +44,7 @@ from protocols.modbus import Space
 from simulator.broker import HOST
 from simulator.signals import IllegalAddress, ProfileRegisters, Signal
 
-__all__ = ["TcpTerminal", "start_terminals"]
+__all__ = ["FAULTS", "TcpTerminal", "start_terminals"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +52,8 @@ _MBAP = struct.Struct(">HHHB")
 _READ = struct.Struct(">BHH")
 _FC_SPACE = {1: Space.COIL, 2: Space.DISCRETE, 3: Space.HOLDING, 4: Space.INPUT}
 _REGS: dict[int, struct.Struct] = {}
+FAULTS = ("trailing", "garbage", "tid", "proto", "length", "unit", "unsolicited", "half", "reset")
+_TRAILING = b"\r\nERROR 42\r\n"  # what a confused firmware might print after its reply
 
 
 def _pack_regs(words: Sequence[int]) -> bytes:
@@ -91,11 +106,50 @@ class _Conn(asyncio.Protocol):
                 break
             reply = self._term.handle(unit, buf[7:end])
             if reply is not None:
-                out.append(_MBAP.pack(tid, 0, len(reply) + 1, unit) + reply)
+                frame = _MBAP.pack(tid, 0, len(reply) + 1, unit) + reply
+                if self._term.fault is None:
+                    out.append(frame)
+                elif not self._broken(frame, out):
+                    return
             buf = buf[end:]
         self._buf = buf
         if out and t is not None:
             t.write(b"".join(out))
+
+    def _broken(self, frame: bytes, out: list[bytes]) -> bool:
+        """Append ``frame`` broken by the terminal's fault; False if the connection is done."""
+        term, t = self._term, self._transport
+        fault = term.fault
+        term.faulty += 1
+        if fault == "trailing":
+            out.append(frame + _TRAILING)
+        elif fault == "garbage":
+            out.append(term.rng.randbytes(len(frame)))
+        elif fault == "tid":
+            out.append(((frame[0] << 8 | frame[1]) + 1 & 0xFFFF).to_bytes(2, "big") + frame[2:])
+        elif fault == "proto":
+            out.append(frame[:2] + b"\x00\x01" + frame[4:])
+        elif fault == "length":
+            out.append(frame[:4] + (len(frame) - 7).to_bytes(2, "big") + frame[6:])
+        elif fault == "unit":
+            out.append(frame[:6] + bytes([frame[6] ^ 0x80]) + frame[7:])
+        elif fault == "unsolicited":
+            out.append(bytes([frame[0] ^ 0x80]) + frame[1:] + frame)
+        elif fault in ("half", "reset"):
+            out.append(frame[: len(frame) // 2])
+            if t is None:
+                return False
+            t.write(b"".join(out))
+            out.clear()
+            if fault == "reset":
+                sock = t.get_extra_info("socket")
+                if sock is not None:  # linger 0: close sends a reset, not a FIN
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                t.abort()
+                return False
+        else:
+            raise ValueError(f"unknown fault {fault!r}: expected one of {', '.join(FAULTS)}")
+        return True
 
     def close(self) -> None:
         if self._transport is not None:
@@ -125,6 +179,9 @@ class TcpTerminal:
         self.signals: dict[str, Signal] = self.units[slave].signals
         self.dead = False  # fault: answer nothing (the connection stays open)
         self.exception: int | None = None  # fault: answer this exception code
+        self.fault: str | None = None  # one of FAULTS: break every reply that way
+        self.faulty = 0  # replies broken by ``fault``
+        self.rng = random.Random(seed)
         self.max_connections = max_connections  # 0 = any number
         self.refused = 0
         self.requests = 0
