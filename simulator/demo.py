@@ -245,6 +245,12 @@ async def run_demo(
             "spool_left": spool_left,
             "duration_s": round(time.monotonic() - t_start, 1),
             "broker": kind,
+            # what each terminal said last, for a look by eye (``vitals demo --json``)
+            "last_values": {
+                d.name: {k: _shown(v) for k, v in d.last_values.items()}
+                for poller in agent.buses
+                for d in poller.devices
+            },
         }
         core.close()
     finally:
@@ -255,3 +261,8 @@ async def run_demo(
         if state_dir is None:  # the demo gateway's key and spool were throwaway
             shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _shown(value: object) -> object:
+    """A value for the summary: floats to 6 significant digits (f32 noise off)."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
