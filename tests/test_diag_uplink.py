@@ -117,3 +117,15 @@ def test_a_later_step_fails_exit_1_and_brackets_are_printed_as_is() -> None:
     assert r.exit_code == 1, r.output
     assert "TLS not enabled in [uplink.tls]" in r.output
     assert "FAIL" in r.output and "hint: check username and password in [uplink]" in r.output
+
+
+async def test_a_missing_tls_file_is_named_without_an_errno(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        target = UplinkTarget(
+            host="127.0.0.1", port=srv.getsockname()[1], tls=True, ca_file=tmp_path / "ca.pem"
+        )
+        steps = {s.name: s for s in await check_uplink(target, timeout_s=2)}
+    assert steps["tls"].status == "fail"
+    assert steps["tls"].detail == f"no such file: ca_file {tmp_path / 'ca.pem'}"
+    assert "[uplink.tls]" in steps["tls"].hint
+    assert [steps[n].status for n in ("mqtt", "round trip", "clock")] == ["skip"] * 3

@@ -106,8 +106,18 @@ def explain_os_error(what: str, exc: BaseException) -> DiagError:
         )
     if code in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT):
         return DiagError(f"{what}: unreachable", "check the cabling and the IP settings", PORT)
+    if code in (errno.EIO, errno.ENXIO, errno.ENODEV):
+        return DiagError(
+            f"{what}: the port went away",
+            "is the USB adapter still plugged in? 'dmesg | tail' shows what the kernel saw",
+            PORT,
+        )
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return DiagError(f"{what}: {reason}", "", PORT)
+    return DiagError(
+        f"{what}: {reason}",
+        "'vitals diag ports' lists the serial ports; for a TCP device check the address",
+        PORT,
+    )
 
 
 def parse_int(text: str) -> int:

@@ -171,6 +171,10 @@ async def check_uplink(
         t0 = time.perf_counter()
         try:
             ctx = _tls_context(t)
+        except (OSError, ssl.SSLError) as exc:
+            steps.append(_tls_files_failed(t, exc))
+            return skip("mqtt", "round trip", "clock")
+        try:
             async with asyncio.timeout(timeout_s):
                 _, w = await asyncio.open_connection(
                     t.host, t.port, ssl=ctx, server_hostname=t.host
@@ -181,7 +185,14 @@ async def check_uplink(
             detail, status = _cert_detail(cert, sslobj)
             steps.append(Step("tls", status, detail, (time.perf_counter() - t0) * 1000))
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            why = "timeout" if isinstance(exc, TimeoutError) else str(exc)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                why = f"the broker's certificate is not trusted ({exc.verify_message})"
+            elif isinstance(exc, ssl.SSLError):
+                why = exc.reason or str(exc)
+            elif isinstance(exc, TimeoutError):
+                why = "timeout (is this port TLS?)"
+            else:
+                why = exc.strerror or str(exc)
             steps.append(
                 Step(
                     "tls",
@@ -195,6 +206,29 @@ async def check_uplink(
     # 4-6. mqtt
     steps += await _mqtt_steps(t, ctx, timeout_s, say)
     return steps
+
+
+def _tls_files_failed(t: UplinkTarget, exc: OSError | ssl.SSLError) -> Step:
+    """The TLS files of [uplink.tls] cannot be used (missing, unreadable, not matching)."""
+    files = [(k, p) for k, p in (("ca_file", t.ca_file), ("cert_file", t.cert_file),
+                                 ("key_file", t.key_file)) if p is not None]  # fmt: skip
+    missing = [f"{k} {p}" for k, p in files if not p.exists()]
+    unreadable = [f"{k} {p}" for k, p in files if p.exists() and not os.access(p, os.R_OK)]
+    if missing:
+        why = f"no such file: {', '.join(missing)}"
+    elif unreadable:
+        why = f"cannot read {', '.join(unreadable)} (permission denied)"
+    elif isinstance(exc, ssl.SSLError):
+        why = f"the certificate or key cannot be used: {exc.reason or exc}"
+    else:
+        why = f"{exc.filename or 'a TLS file'}: {exc.strerror or exc}"
+    return Step(
+        "tls",
+        "fail",
+        why,
+        hint="check ca_file, cert_file and key_file in [uplink.tls] (paths, readable by you, "
+        "the key matching the certificate)",
+    )
 
 
 def _cert_detail(cert: dict[str, Any] | None, sslobj: Any) -> tuple[str, str]:
