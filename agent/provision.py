@@ -420,7 +420,7 @@ def _existing_config(path: Path) -> tuple[str, dict[str, Any]] | None:
     except PermissionError:
         raise ProvisionError(
             f"cannot read {path}: permission denied",
-            "run provision with sudo (the configuration belongs to root: docs/install.md §5)",
+            "run provision with sudo (the configuration belongs to root: docs/install.md §4)",
         ) from None
     try:
         return text, tomllib.loads(text)
@@ -561,7 +561,7 @@ def _check_writable(path: Path) -> None:
             f"cannot write {path}: permission denied ({where} belongs to "
             f"{_owner(where)}); nothing was changed",
             "run provision with sudo: the configuration belongs to root, group vitals "
-            "(docs/install.md §5)",
+            "(docs/install.md §4)",
         )
 
 
@@ -803,7 +803,7 @@ async def rotate_key(
         if hub is None:
             raise ProvisionError(
                 f"{state}: no hub key; this gateway was never provisioned",
-                "provision it first (`vitals provision`, docs/install.md §5)",
+                "provision it first (`vitals provision`, docs/install.md §4)",
             )
         pending = create_pending_key(state)
     up = config.uplink
@@ -1007,8 +1007,9 @@ def _error(exc: BaseException, *, as_json: bool) -> typer.Exit:
         )
     if isinstance(exc, PermissionError):
         return _fail(
-            f"cannot write {exc.filename}: permission denied; nothing was changed",
-            "run it with sudo (docs/install.md §5)",
+            f"{exc.filename}: permission denied",
+            "run it with sudo: the configuration belongs to root, the key to the "
+            "service user (docs/install.md §2)",
             as_json=as_json,
         )
     if isinstance(exc, OSError):

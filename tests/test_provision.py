@@ -44,7 +44,7 @@ from drivers.profiles import load_profile
 from protocols.ed25519 import PrivateKey
 from protocols.enroll import new_token
 from protocols.errors import ConfigError, LocalError
-from simulator.broker import MosquittoBroker, free_port
+from simulator.broker import MosquittoBroker, free_port, mosquitto_path
 from simulator.enroll import EnrollmentDesk, serve
 from simulator.hub import Hub, HubCore
 from simulator.tcp import TcpTerminal
@@ -595,3 +595,42 @@ def test_hub_db_is_plain_sqlite(tmp_path: Path) -> None:
         assert con.execute("SELECT gw FROM enroll_tokens").fetchall() == [("gw-1",)]
     finally:
         con.close()
+
+
+def test_a_spinner_shows_the_wait_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal (tmux), the wait for the hub is shown on stderr, then a clear timeout."""
+    if shutil.which("tmux") is None or not mosquitto_path():
+        pytest.skip("needs tmux and mosquitto (apt-get install tmux mosquitto)")
+    broker = MosquittoBroker()
+    asyncio.run(broker.start())
+    token = new_token(PrivateKey.generate().public_key())
+    name = f"vitals-spin-{os.getpid()}"
+    tmux = ["tmux", "-L", name]
+    cmd = shlex.join(
+        [sys.executable, "-m", "agent.provision", "provision", "--token", token,
+         "--broker", f"{broker.host}:{broker.port}", "--gateway-id", "gw-0042",
+         "--config", str(tmp_path / "gw.toml"), "--state-dir", str(tmp_path / "s"),
+         "--timeout", "4"]
+    )  # fmt: skip
+    try:
+        subprocess.run(
+            [*tmux, "new-session", "-d", "-x", "200", "-y", "50", "sh", "-c",
+             f"{cmd}; echo \"[exit $?]\"; sleep 60"],
+            check=True, env={**os.environ, "TERM": "xterm"},
+        )  # fmt: skip
+        seen, text = False, ""
+        for _ in range(300):
+            text = subprocess.run(
+                [*tmux, "capture-pane", "-p", "-J", "-S", "-100"],
+                check=True, capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            seen = seen or "waiting for the hub's answer (up to 4 s)" in text
+            if "[exit " in text:
+                break
+            time.sleep(0.05)
+    finally:
+        subprocess.run([*tmux, "kill-server"], check=False, capture_output=True)
+        asyncio.run(broker.stop())
+    assert seen, text
+    assert "[exit 1]" in text and "error: no answer from the hub within 4 s" in text
+    assert "waiting for the hub" not in text.split("error:")[1], "the spinner is gone at the end"
