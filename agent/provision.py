@@ -162,9 +162,11 @@ _REFUSAL_HINTS = {
     "token_used": "each token enrolls once: ask the hub operator for a new one "
     "(`vitals hub token GATEWAY`)",
     "token_expired": "ask the hub operator for a new token",
-    "unknown_token": "check the token (copy it again), or ask for a new one",
-    "wrong_gateway": "the token was issued for another gateway id: pass that one with "
-    "--gateway-id, or ask for a token for this id",
+    "bad_token": "the hub has no such token for this gateway id: check --gateway-id against "
+    "the id the token was issued for, and copy the token again",
+    "unknown_key": "this key is not enrolled for this gateway: provision it with a new token",
+    "revoked_key": "this key was revoked: provision the gateway again with a new token",
+    "already_rotated": "the key was rotated already: restart the agent, or provision again",
 }
 
 

@@ -68,6 +68,15 @@ def test_hub_token_provision_stats(journey_broker: MosquittoBroker, tmp_path: Pa
         assert re.fullmatch(r"[a-z2-7]+\.[0-9a-f]{16}", token), issued
         assert f"once, for {GW}" in issued.err
 
+        # a typo in the gateway id: refused by the hub, with what to check; nothing kept
+        typo = run(
+            "provision", "--token", token, "--gateway-id", "gw-0070", "--broker", addr,
+            "--config", gw_dir / "gateway.toml", "--state-dir", gw_dir / "state",
+            expect=1,
+        )  # fmt: skip
+        assert "bad_token" in typo.err and "hint: the hub has no such token" in typo.err
+        assert list(gw_dir.iterdir()) == []
+
         # the technician provisions with it (flags only, as a script would)
         port = term.wait_output(r"127\.0\.0\.1:(\d+)", stream="out").rsplit(":", 1)[1]
         (gw_dir / "cabinet.toml.in").write_text(TEMPLATE.replace("@PORT@", port))
