@@ -259,6 +259,39 @@ def _clean(out: str, err: str) -> None:
 
 
 @pytest.mark.mosquitto
+async def test_force_on_a_gateways_configuration_changes_only_the_broker(
+    hub_side: HubSide, tmp_path: Path
+) -> None:
+    """A gateway with 3 buses, 7 devices and 6 rules and a key from `vitals keygen`,
+    enrolled with --force: the broker lines change, nothing else, the id stays."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(FULL.read_text().replace("/var/lib/vitals", str(tmp_path / "state")))
+    ident = state.create_identity(tmp_path / "state")
+    before, mode = config.read_text(), config.stat().st_mode
+    token = hub_side.desk.issue_token("gw-0001", ttl_s=600)
+    code, out, err = await vitals(
+        "provision", "--token", token, "--broker", hub_side.addr, "--config", str(config),
+        "--force", "--timeout", "20",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"config       {config} (edited)" in out and "(kept)" in out
+    assert "enrolled     gw-0001" in out
+    after = config.read_text()
+    changed = [
+        line for line in difflib.ndiff(before.splitlines(), after.splitlines())
+        if line[:1] in "+-"
+    ]  # fmt: skip
+    assert hub_side.broker.host == "127.0.0.1"  # as in the file: that line stays as it is
+    assert changed == [
+        "- port = 1883                      # 1..65535 (8883 is usual with TLS)",
+        f"+ port = {hub_side.broker.port}                      # 1..65535 (8883 is usual with TLS)",
+    ]
+    assert state.load_identity(tmp_path / "state").kid == ident.kid
+    assert hub_side.core.counters["enroll.enrolled"] == 1
+    assert config.stat().st_mode == mode, "an edited file keeps its mode"
+
+
+@pytest.mark.mosquitto
 async def test_no_answer_from_the_hub_leaves_nothing_behind(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
