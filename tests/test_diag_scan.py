@@ -13,12 +13,15 @@ import json
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
 import termios
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -525,3 +528,44 @@ def test_firmware_terminal_identifies_itself() -> None:
     assert [f["slave"] for f in out["found"]] == [7]
     ident = out["found"][0]["ident"]
     assert ident.get("vendor") and ident.get("product_code")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (Debian package)")
+def test_ctrl_c_shows_what_was_found_so_far(bus: PtyBus, tmp_path: Path) -> None:
+    """Ctrl-C in a long scan: the terminals found until then, exit 0 (130 is no documented code)."""
+    sock = f"vitals-scan-{os.getpid()}"
+    rc = tmp_path / "rc"
+    cmd = (
+        f"'{sys.executable}' -c 'from agent.diag import diag_app; diag_app()' scan --port "
+        f"{bus.path} --parity N --baud 38400 --slaves 1-247 --turnaround 0.1 --no-ident; "
+        f"echo $? > {rc}; sleep 60"
+    )
+    tmux = ["tmux", "-L", sock]
+    subprocess.run(
+        [*tmux, "-f", "/dev/null", "new-session", "-d", "-x", "150", "-y", "40", "-c",
+         os.getcwd(), "bash", "-c", f"trap : INT; {cmd}"],
+        check=True, timeout=10, env={**os.environ, "TERM": "xterm-256color"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while "found 3" not in _pane(tmux) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        subprocess.run([*tmux, "send-keys", "-t", "0", "C-c"], check=True, timeout=10)
+        while not rc.exists() and time.monotonic() < deadline + 10:
+            time.sleep(0.1)
+        screen = _pane(tmux)
+    finally:
+        subprocess.run([*tmux, "kill-server"], check=False, timeout=10)
+    assert rc.read_text().strip() == "0", screen
+    assert "interrupted: the rest was not scanned" in screen
+    assert "Traceback" not in screen
+    for slave in ("2", "9", "13"):
+        assert any(
+            line.split("│")[1].strip() == slave for line in screen.splitlines() if "│" in line
+        )
+
+
+def _pane(tmux: list[str]) -> str:
+    return subprocess.run(
+        [*tmux, "capture-pane", "-p", "-J", "-t", "0"], capture_output=True, text=True, check=False
+    ).stdout

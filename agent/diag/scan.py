@@ -199,6 +199,7 @@ class ScanResult:
     garbled: dict[LineSettings, int] = field(default_factory=dict)
     duration_s: float = 0.0
     stopped_early: bool = False
+    interrupted: bool = False  # Ctrl-C: what was found until then
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -209,6 +210,7 @@ class ScanResult:
             "expected_s": round(self.plan.expected_s, 2),
             "duration_s": round(self.duration_s, 2),
             "stopped_early": self.stopped_early,
+            "interrupted": self.interrupted,
             "garbled": {str(s): n for s, n in self.garbled.items()},
             "found": [f.to_dict() for f in self.found],
         }
@@ -249,10 +251,12 @@ async def scan(
     first: bool = False,
     identify: bool = True,
     tick: Tick | None = None,
+    result: ScanResult | None = None,
 ) -> ScanResult:
     """Run ``plan``: every address at every setting; ``first`` stops after the
-    first setting where anything answered."""
-    result = ScanResult(port=name, plan=plan)
+    first setting where anything answered. ``result`` (when given) is filled as
+    the scan goes, so an interrupted scan still tells what it found."""
+    result = result or ScanResult(port=name, plan=plan)
     t0 = time.monotonic()
     try:
         for settings in plan.settings:
@@ -290,8 +294,8 @@ async def scan(
     finally:
         port.close()
         result.duration_s = time.monotonic() - t0
-    order = {s: i for i, s in enumerate(plan.settings)}
-    result.found.sort(key=lambda f: (order.get(f.settings, 0), f.slave))
+        order = {s: i for i, s in enumerate(plan.settings)}
+        result.found.sort(key=lambda f: (order.get(f.settings, 0), f.slave))
     return result
 
 
@@ -371,7 +375,8 @@ def render(result: ScanResult) -> None:
     if not result.found:
         con.print(
             f"[red]nothing answered[/] on {escape(result.port)} "
-            f"({len(result.plan.settings)} settings x {len(result.plan.slaves)} addresses)"
+            f"({len(result.plan.settings)} settings x {len(result.plan.slaves)} addresses"
+            + (", interrupted before the end)" if result.interrupted else ")")
         )
         hints = ["check A/B polarity (swap the wires), termination and the adapter's ground"]
         if result.garbled:
@@ -405,7 +410,8 @@ def render(result: ScanResult) -> None:
     con.print(
         f"{len(result.found)} answer(s) in {_duration(result.duration_s)}; "
         f"bus settings: {', '.join(map(str, settings))}"
-        + (" (stopped after the first setting that answered)" if result.stopped_early else ""),
+        + (" (stopped after the first setting that answered)" if result.stopped_early else "")
+        + (" (interrupted: the rest was not scanned)" if result.interrupted else ""),
         soft_wrap=True,
     )
     for f in result.found:
@@ -515,16 +521,15 @@ def scan_command(
         count += found is not None
         progress.update(task, advance=1, description=f"{settings} slave {slave:3d}", found=count)
 
+    result = ScanResult(port=port, plan=plan)
     try:
         with progress:
-            result = asyncio.run(
-                scan(raw, plan, name=port, first=first, identify=identify, tick=tick)
-            )
+            asyncio.run(scan(raw, plan, first=first, identify=identify, tick=tick, result=result))
     except DiagError as exc:
         die(exc, as_json=as_json)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: say what was found so far
         raw.close()
-        raise typer.Exit(130) from None
+        result.interrupted = True
     except OSError as exc:
         from agent.diag._common import explain_os_error
 
