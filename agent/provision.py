@@ -1148,7 +1148,7 @@ def provision_command(
         ),
     ] = None,
     insecure: Annotated[
-        bool, typer.Option(help="TLS without verifying the broker (bench only)")
+        bool, typer.Option("--insecure", help="TLS without verifying the broker (bench only)")
     ] = False,
     label_png: Annotated[
         Path | None, typer.Option(help="also save the label (QR, id, fingerprint) as PNG")
@@ -1156,7 +1156,9 @@ def provision_command(
     force: Annotated[
         bool,
         typer.Option(
-            help="edit an existing configuration: only [uplink] host, port and TLS change"
+            "--force",
+            help="edit an existing configuration: only the broker (uplink host, port, TLS) "
+            "changes, the rest stays",
         ),
     ] = False,
     dry_run: Annotated[
