@@ -142,8 +142,18 @@ async def read_sample(
             continue
         t0 = time.perf_counter()
         try:
-            regs = await link.read(req.space, req.address, req.count, slave)
+            # the link times out by itself; this only bounds a link that would not
+            async with asyncio.timeout(link.timeout_s * 3 + 2):
+                regs = await link.read(req.space, req.address, req.count, slave)
             values = decode_response(req, regs)
+        except TimeoutError:
+            link.close()  # whatever it waited for, start afresh
+            silent = True
+            sample.points += [
+                PointSample(by_spec[s], None, Quality.COMM_ERROR, None, "no answer")
+                for s in req.points
+            ]
+            continue
         except (TransportError, DeviceException, DecodeError) as exc:
             rtt = (time.perf_counter() - t0) * 1000
             # a silent device or a dead link will not answer the next request either
