@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from agent.diag import diag_app
 from drivers.profiles import load_profile
+from protocols.reading import Quality
 from simulator.tcp import TcpTerminal
 
 runner = CliRunner()
@@ -294,3 +295,30 @@ def test_live_table_in_a_real_terminal(terminal: TcpTerminal, tmp_path: Path) ->
     assert float(laeq[5]) > 0
     assert "valid 20..140" in rows["laeq"]
     assert [c.strip() for c in rows["overload"].split("│")][2] in ("on", "off")
+
+
+async def test_a_link_that_never_answers_cannot_hang_a_sample() -> None:
+    """A link whose read never ends (the timerfd fault once made diag read hang for
+    10 minutes): the sample ends as comm-error, the link is closed to start afresh."""
+    from agent.diag.read import read_sample
+    from protocols.modbus import plan
+
+    class StuckLink:
+        timeout_s = 0.05
+        describe = "stuck"
+        closed = False
+
+        async def read(self, *args: object) -> list[int]:
+            await asyncio.sleep(3600)
+            return []
+
+        def close(self) -> None:
+            self.closed = True
+
+    prof = load_profile("sound_level_meter")
+    link = StuckLink()
+    requests = plan(prof.specs, max_registers=prof.max_registers, max_gap=prof.max_gap)
+    sample = await read_sample(link, 1, prof, requests, 1)  # type: ignore[arg-type]
+    assert not sample.answered and link.closed
+    assert {p.quality for p in sample.points} == {Quality.COMM_ERROR}
+    assert len(sample.points) == len(prof.points)
