@@ -1252,12 +1252,30 @@ def provision_command(
             )
         )
         return
+    _warn_root_owned(outcome.identity.path)
     typer.echo(f"config       {config} ({outcome.config_action})")
     typer.echo(
         f"identity     {outcome.identity.path} ({'created' if outcome.created_key else 'kept'})"
     )
     typer.secho(f"enrolled     {gw} with the hub (hub key {outcome.hub_kid.hex()})", fg="green")
     _print_label(gw, outcome.identity, label_png, sys.stdout)
+
+
+def _warn_root_owned(key: Path) -> None:
+    """Run as root on a state directory that root owns, while a service user exists:
+    the agent will not be able to load the key. Say how to fix it (install.md §2)."""
+    import pwd
+
+    try:
+        service = pwd.getpwnam("vitals")
+    except KeyError:
+        return
+    if os.geteuid() == 0 and key.stat().st_uid == 0:
+        typer.echo(
+            f"note: {key.parent} belongs to root, so the agent (user vitals) cannot load "
+            f"its key; hint: sudo chown -R {service.pw_name}:{service.pw_name} {key.parent}",
+            err=True,
+        )
 
 
 def _dry_run(
