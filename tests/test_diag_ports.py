@@ -63,3 +63,17 @@ def test_the_process_holding_a_port_exclusively_is_marked(pty_path: tuple[str, i
     assert mine["locked_by"] == holder.pid
     assert holder.pid in [h["pid"] for h in mine["held_by"]]
     assert f"({holder.pid}, exclusive)" in table.output
+
+
+def test_a_path_with_brackets_is_shown_as_is(tmp_path: Path) -> None:
+    """A udev name like "[bus-1]" is text, not rich markup."""
+    master, slave = pty.openpty()
+    link = tmp_path / "[bus-1]"
+    link.symlink_to(os.ttyname(slave))
+    try:
+        r = runner.invoke(diag_app, ["ports", "--port", str(link)], env={"COLUMNS": "250"})
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert r.exit_code == 0, r.output
+    assert f"{link}" in r.output

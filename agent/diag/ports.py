@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from agent.diag._common import FAILED, OK, console, emit_json
+from agent.diag._common import FAILED, OK, console, emit_json, escape
 
 __all__ = ["PortInfo", "holders", "list_serial_ports", "lock_holder", "ports_command"]
 
@@ -167,7 +167,11 @@ def ports_command(
             or "—"
         )
         access = "ok" if i.access else ("missing" if not i.exists else "[red]no permission[/]")
-        t.add_row(i.device, i.description, i.vid_pid, i.serial_number, held, access)
+        # names come from devices and udev: "[...]" in them is text, not markup
+        t.add_row(
+            escape(i.device), escape(i.description), i.vid_pid, escape(i.serial_number),
+            escape(held), access,
+        )  # fmt: skip
     con.print(t)
     if any(i.exists and not i.access for i in infos):
         con.print(
