@@ -16,11 +16,29 @@ deletes every ``ack_interval_s`` in one transaction) and committed without an
 fsync of their own: the next append's fsync carries them. A lost delete only
 means the batch is sent again after a restart, and the hub drops the duplicate.
 
-The spool is bounded by ``max_bytes`` and by ``max_age_s``. When a bound is
-hit (or the disk is full: ``SQLITE_FULL``/``ENOSPC``) the oldest batches are
-dropped; every drop is counted and written, in the same transaction, as a gap
-row naming the (epoch, seq) range, which the uplink turns into a signed gap
-notice for the hub (:mod:`protocols.gap`) and deletes once that is acknowledged.
+The spool is bounded by ``max_bytes``, what its files take on disk (the
+database, its WAL and shared-memory index, and the reserve below), and by
+``max_age_s``. The WAL is checkpointed every ``wal limit`` (1/16 of the bound,
+64 KiB to 1 MiB) and kept to that size, and deletes leave no zeroed pages
+behind them (``secure_delete=OFF``), so the files track the data. Before each
+append the pages the batches need are compared with the bound and with the
+room left on the file system; when either is short, the oldest batches are
+deleted in the same transaction, so their pages are reused and the file does
+not grow. Every drop is counted and written, in that transaction, as a gap row
+naming the (epoch, seq) range, which the uplink turns into a signed gap notice
+for the hub (:mod:`protocols.gap`) and deletes once that is acknowledged.
+
+A full disk (``SQLITE_FULL``/``ENOSPC``) at any step never stops the agent.
+Freeing space in SQLite needs space (a delete is written to the WAL, a
+checkpoint may extend the database), so the spool keeps a *reserve*: a file
+of ``wal limit + 64 KiB`` allocated beside the database while there is room
+(``spool.sqlite3-reserve``). On ``ENOSPC`` it deletes the reserve, truncates
+the WAL, drops the oldest batches, and tries again; a batch that still does
+not fit is counted as dropped and named in a gap notice (kept in memory if
+even the gap row cannot be written). The reserve is allocated again once the
+file system has room. One WARNING line says the disk is full, one INFO line
+that it has room again. A spool on a full disk opens without needing a byte
+(the WAL index then lives in the process's memory: ``locking_mode=EXCLUSIVE``).
 
 A spool file that SQLite cannot open or whose ``quick_check`` fails is moved
 aside (``spool.sqlite3.damaged-<time>``) with an error line, counted, and a
@@ -31,11 +49,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
+import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +102,12 @@ Row = tuple[int, int, int, int, bytes]
 # (it reads back every batch right after it is appended). 64 batches of 500
 # readings are ~160 KiB; when the uplink falls behind, reads go to SQLite.
 _TAIL_MAX = 64
+_PAGE = 4096
+_SHM = 32 << 10  # the WAL index (-shm) of a WAL under ~4,000 frames
+_ROW_OVERHEAD = 64  # a row's cell header, pointer and columns besides its data, generously
+# Left free on the file system for the status file, the epoch and the WAL index.
+_MARGIN = 64 << 10
+_RESERVE_EXTRA = 64 << 10  # the reserve: the WAL limit (a checkpoint's growth) and this
 
 
 class SpoolError(LocalError):
@@ -98,12 +124,51 @@ class SpoolRow:
 
 
 def _is_full(exc: BaseException) -> bool:
+    """The file system is full (SQLite's SQLITE_FULL, or ENOSPC, or an -shm it cannot grow)."""
     code = getattr(exc, "sqlite_errorcode", None)
-    if code == sqlite3.SQLITE_FULL:
+    if code is not None and (code & 0xFF == sqlite3.SQLITE_FULL or code == _IOERR_SHMSIZE):
         return True
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return "full" in str(exc).lower()
+
+
+_IOERR_SHMSIZE = sqlite3.SQLITE_IOERR | (19 << 8)
+
+
+def _fs_free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_blocks * 512  # what it takes, not what it says (sparse files)
+    except FileNotFoundError:
+        return 0
+
+
+def _data_bytes(size: int) -> int:
+    """What a row with ``size`` bytes of data takes in the database's pages.
+
+    SQLite keeps up to 4,061 bytes of a row in its leaf page; a larger one keeps
+    ``local`` bytes there and the rest in whole overflow pages of 4,092 bytes.
+    """
+    if size <= 4061:
+        return size + _ROW_OVERHEAD
+    local = 489 + (size - 489) % 4092
+    if local > 4061:
+        local = 489
+    return -(-(size - local) // 4092) * _PAGE + local + _ROW_OVERHEAD
+
+
+def _row_bytes(rows: Sequence[Row]) -> tuple[int, int]:
+    """What appending ``rows`` takes, generously: in the database, their pages; in
+    the WAL, those with a 24-byte header each and the pages a transaction also
+    rewrites (the table's interior and last leaf, the header, the sequence; and when
+    it drops batches, their leaves, the free list, the gap rows and the counters)."""
+    pages = sum(_data_bytes(len(r[4])) for r in rows)
+    return pages, pages + pages // 170 + 12 * _PAGE
 
 
 def _ranges(rows: Sequence[tuple[int, int, int]], reason: str) -> list[GapRange]:
@@ -116,6 +181,17 @@ def _ranges(rows: Sequence[tuple[int, int, int]], reason: str) -> list[GapRange]
         else:
             out.append(GapRange(epoch, seq, seq, n, reason))
     return out
+
+
+@dataclass(slots=True)
+class _Dropped:
+    """Rows deleted inside a transaction: applied to the counters once it commits."""
+
+    ids: list[int]
+    freed: int  # their data bytes
+    readings: int
+    ranges: list[GapRange]
+    reason: str
 
 
 class Spool:
@@ -143,15 +219,30 @@ class Spool:
         self._acked_ids: set[int] = set()  # acknowledged, delete not yet committed
         self._next_age_check = 0.0
         self._lost_gaps: list[GapRange] = []  # could not even be written (disk full)
+        self._lost_sent = 0  # the first of _lost_gaps in a notice on its way
+        self._gaps_done: set[int] = set()  # gap rows acknowledged, delete not yet committed
         self._has_gaps = False
         # the newest rows, contiguous ids: pending() serves live reads from here
         self._tail: deque[SpoolRow] = deque()
         self._deletes = 0  # bumped by the spool thread whenever batches are dropped
+        # on-disk accounting (set at open from the bound and the file system)
+        self._reserve = Path(f"{path}-reserve")
+        self._reserve_size = 0
+        self._reserve_held = False
+        self._wal_limit = 0
+        self._used = 0  # bytes of database pages in use (measured, plus estimates since)
+        self._limit = 0  # what the pages may hold: the smaller of the bound and the disk's room
+        self._dropping: dict[str, int] = {}  # reason -> batches dropped since its WARNING line
+        self.exclusive = False  # opened without a shared WAL index (the disk was full)
+        self.disk_full = False
+        self.disk_full_events = 0
         self.appended = 0
         self.acked = 0
         self.dropped_batches = 0
         self.dropped_readings = 0
         self.dropped_full = 0
+        self.dropped_by_reason: dict[str, int] = {}
+        self.lost_batches = 0  # never stored: not even an empty spool had room
         self.moved_aside = 0
         self.added = asyncio.Event()  # set on every append
         self.gaps_added = asyncio.Event()  # set when a gap row is written
@@ -170,8 +261,9 @@ class Spool:
     ) -> Spool:
         """Open (or create) the spool at ``path``; a damaged file is moved aside.
 
-        ``max_page_count`` caps the SQLite file (pages of 4 KiB): a stand-in
-        for a full disk in tests.
+        ``max_bytes`` bounds the spool's files on disk. ``max_page_count``
+        caps the SQLite file (pages of 4 KiB), for tests of SQLite's own
+        ``SQLITE_FULL``; the real full disk is tested on a small tmpfs.
         """
         if durability not in _SYNC:
             raise SpoolError(f"unknown durability {durability!r}: use full, normal or off")
@@ -184,16 +276,20 @@ class Spool:
         spool.added.set()
         return spool
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
 
     # -- opening ----------------------------------------------------------------
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        st = os.statvfs(self.path.parent)
+        base = min(self._max_bytes, st.f_blocks * st.f_frsize)
+        self._wal_limit = max(64 << 10, min(1 << 20, base // 16)) // _PAGE * _PAGE
+        self._reserve_size = self._wal_limit + _RESERVE_EXTRA
+        self._reserve_held = _size(self._reserve) >= self._reserve_size
         try:
-            self._db = self._connect()
-            self._load()
+            self._open_db()
         except sqlite3.DatabaseError as exc:
             if self._db is not None:
                 self._db.close()
@@ -211,18 +307,63 @@ class Spool:
                 exc,
                 aside,
             )
+            self._open_db()
+            self._bump_sync({"moved_aside": 1})
+        self._measure_sync()
+        self._arm_reserve_sync()
+
+    def _open_db(self) -> None:
+        """Connect and load; on a full disk with the reserve spent, without an -shm file."""
+        try:
             self._db = self._connect()
             self._load()
-            self._bump_sync({"moved_aside": 1})
+            return
+        except sqlite3.DatabaseError as exc:
+            if not self._full_now(exc):
+                raise
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            self._disk_full_sync(f"opening: {exc}")
+            self._release_reserve_sync()
+        try:
+            self._db = self._connect()
+            self._load()
+            return
+        except sqlite3.DatabaseError as exc:
+            if not self._full_now(exc):
+                raise
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        # no room even for the WAL index: keep it in memory (no other process can read)
+        self.exclusive = True
+        self._db = self._connect()
+        self._load()
+        log.warning(
+            "spool %s: opened without a shared WAL index (the disk is full); "
+            "`vitals status` cannot show the spool's oldest batch until a restart",
+            self.path,
+        )
+
+    def _full_now(self, exc: BaseException) -> bool:
+        """A failure at open caused by a full disk (some show only as an I/O error)."""
+        return _is_full(exc) or _fs_free(self.path.parent) < _MARGIN
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            if self.exclusive:
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={_SYNC[self._durability]}")
             # batches are written once and read once, in order: SQLite's default 2 MB
             # page cache would only hold pages that are never read again
             db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+            # a delete must not write zeroed pages: on a full disk that is room it has not got
+            db.execute("PRAGMA secure_delete=OFF")
+            db.execute(f"PRAGMA wal_autocheckpoint={self._wal_limit // _PAGE}")
+            db.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
             ok = db.execute("PRAGMA quick_check").fetchone()
             if ok is None or ok[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {ok[0] if ok else 'no answer'}")
@@ -252,6 +393,127 @@ class Spool:
             "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
             list(deltas.items()),
         )
+
+    # -- the disk ---------------------------------------------------------------
+
+    def _measure_sync(self) -> int:
+        """Bytes of database pages in use, from SQLite (cheap: two header reads)."""
+        assert self._db is not None
+        db = self._db
+        pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+        free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+        self._used = (pages - free) * _PAGE
+        return self._used
+
+    def disk_bytes(self) -> int:
+        """What the spool's files take on disk: database, WAL, WAL index and reserve."""
+        return sum(_size(Path(f"{self.path}{s}")) for s in ("", "-wal", "-shm", "-reserve"))
+
+    def _limit_sync(self, txn: int) -> tuple[int, str]:
+        """The most the database's pages may hold after a transaction of ``txn`` WAL
+        bytes, and what sets it: ``spool_full`` (``max_bytes``) or ``disk_full`` (the
+        file system)."""
+        # beside the pages: a WAL of up to its limit plus this transaction, its index, the reserve
+        wal = self._wal_limit + txn
+        limit, reason = self._max_bytes - wal - _SHM - self._reserve_size, "spool_full"
+        free = _fs_free(self.path.parent)
+        if free < self._max_bytes + _MARGIN:  # the disk may be tighter: look closer
+            # The database may grow only into room the file system has beyond a margin
+            # (and the reserve, to allocate it again) and what the WAL still needs; past
+            # that, batches go into pages that dropping the oldest frees. Dropping never
+            # gives the file system room (the file does not shrink), so it only does so
+            # for the pages the new batches need.
+            assert self._db is not None
+            pages = int(self._db.execute("PRAGMA page_count").fetchone()[0]) * _PAGE
+            wal_grows = max(0, wal - _size(Path(f"{self.path}-wal")))
+            keep_free = _MARGIN + (0 if self._reserve_held else self._reserve_size)
+            room = max(pages, _size(self.path)) + max(0, free - keep_free - wal_grows)
+            if room < limit:
+                limit, reason = room, "disk_full"
+        self._limit = limit
+        return limit, reason
+
+    def _disk_full_sync(self, why: str) -> None:
+        if not self.disk_full:
+            self.disk_full = True
+            self.disk_full_events += 1
+            log.warning(
+                "spool %s: the disk is full (%s; %d bytes free); dropping the oldest batches "
+                "to make room for new ones: they are counted and named to the hub in a gap "
+                "notice; polling goes on",
+                self.path,
+                why,
+                _fs_free(self.path.parent),
+            )
+
+    def _room_again_sync(self) -> None:
+        if self._used > self._limit // 2:
+            return
+        self._dropping.clear()  # the next drop has a WARNING line again
+        if self.disk_full and self._reserve_held:
+            self.disk_full = False
+            log.info(
+                "spool %s: the disk has room again (%d batches dropped for room so far)",
+                self.path,
+                self.dropped_full,
+            )
+
+    def _release_reserve_sync(self) -> bool:
+        """Delete the reserve file: its room is what a drop and a checkpoint need."""
+        if not self._reserve_held and not self._reserve.exists():
+            return False
+        self._reserve.unlink(missing_ok=True)
+        self._reserve_held = False
+        log.debug("spool %s: released the reserve (%d bytes)", self.path, self._reserve_size)
+        return True
+
+    def _arm_reserve_sync(self) -> None:
+        """Allocate the reserve file again if the file system has room for it."""
+        if self._reserve_held or _fs_free(self.path.parent) < self._reserve_size + _MARGIN:
+            return
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self._reserve_size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._reserve.unlink(missing_ok=True)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.warning("spool %s: cannot allocate the reserve (%s)", self.path, exc)
+            return
+        self._reserve_held = True
+
+    def _checkpoint_sync(self, mode: str = "RESTART") -> None:
+        """Copy the WAL into the database. ``RESTART``: the next transaction writes the
+        WAL from its start, in blocks it has already (a full disk has no others);
+        ``TRUNCATE``: the WAL gives its blocks back to the file system."""
+        assert self._db is not None
+        try:
+            self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        except sqlite3.Error as exc:
+            if not _is_full(exc):
+                raise SpoolError(f"spool {self.path}: cannot checkpoint ({exc})") from exc
+
+    def _make_room_sync(self, need: int, why: BaseException, *, drop: bool = True) -> bool:
+        """After ENOSPC: make room, a step at a time; False when nothing is left to free.
+
+        First the reserve goes; next time the oldest batches, in a transaction of
+        their own (smaller than the one that failed), so the retry reuses their pages.
+        Each step ends with a checkpoint that lets the WAL start again in its own blocks.
+        """
+        self._disk_full_sync(str(why))
+        progress = self._release_reserve_sync()
+        self._checkpoint_sync()
+        if self._count and drop and not progress:
+            try:
+                progress = self._drop_oldest_sync(need, "disk_full", keep=0) > 0 or progress
+            except sqlite3.Error as exc:
+                if not _is_full(exc):
+                    raise SpoolError(f"spool {self.path}: cannot drop batches ({exc})") from exc
+            self._checkpoint_sync()
+        self._measure_sync()
+        return progress
 
     # -- writes ---------------------------------------------------------------
 
@@ -301,111 +563,162 @@ class Spool:
             except sqlite3.Error as exc:
                 if not _is_full(exc):
                     raise SpoolError(f"spool {self.path}: cannot append ({exc})") from exc
-                if self._count == 0:
-                    # nothing left to make room with: give up on the oldest new one
-                    lost, todo = todo[0], todo[1:]
-                    self._lost_sync([(lost[0], lost[1], lost[2])], "disk_full")
+                need = max(int(self._bytes * _FULL_FREE_SHARE), _row_bytes(todo)[0])
+                if self._make_room_sync(need, exc):
                     continue
-                freed = self._drop_oldest_sync(
-                    max(int(self._bytes * _FULL_FREE_SHARE), sum(len(b[4]) for b in todo)),
-                    "disk_full",
-                )
-                log.warning(
-                    "spool %s: disk full (%s); dropped the oldest batches (%d bytes) to make room",
-                    self.path,
-                    exc,
-                    freed,
-                )
-        last_id = self._last_id  # of the rows just stored: last_id - len(todo) + 1 ...
-        if self._bytes > self._max_bytes:
-            self._drop_oldest_sync(self._bytes - self._max_bytes, "spool_full")
-        return todo, last_id
+                # nothing left to make room with: give up on the oldest new one
+                lost, todo = todo[0], todo[1:]
+                self._lost_sync([(lost[0], lost[1], lost[2])], "disk_full")
+        if todo:
+            self._arm_reserve_sync()
+            self._room_again_sync()
+        return todo, self._last_id  # the rows just stored: last_id - len(todo) + 1 ...
 
     def _insert_sync(self, batches: list[Row], now: float) -> None:
+        """One transaction: drop what the bound or the disk needs, then insert."""
         assert self._db is not None
         db = self._db
+        incoming, txn = _row_bytes(batches)
+        dropped: list[_Dropped] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            cur = db.executemany(
+            limit, reason = self._limit_sync(txn)
+            if self._used + incoming > limit and self._measure_sync() + incoming > limit:
+                # delete first: the insert reuses their pages and the file does not grow
+                cut = self._oldest_cut_sync(self._used + incoming - limit)
+                d = self._delete_rows_sync("id <= ?", cut, reason)
+                if d is not None:
+                    dropped.append(d)
+            db.executemany(
                 "INSERT INTO batches (epoch, seq, n, t0, created, data) VALUES (?, ?, ?, ?, ?, ?)",
                 [(e, s, n, t0, now, d) for e, s, n, t0, d in batches],
             )
-            del cur
+            last_id = int(db.execute("SELECT max(id) FROM batches").fetchone()[0])
+            if incoming > limit:  # more than the bound at once: keep the newest that fit
+                self._count += len(batches)
+                try:
+                    limit, reason = self._limit_sync(0)
+                    cut = self._oldest_cut_sync(self._measure_sync() - limit, keep=1)
+                finally:
+                    self._count -= len(batches)
+                d = self._delete_rows_sync("id <= ?", cut, reason)
+                if d is not None:
+                    dropped.append(d)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        self._last_id = int(db.execute("SELECT max(id) FROM batches").fetchone()[0])
+        self._last_id = last_id
+        for d in dropped:
+            if d.reason == "disk_full":
+                self._disk_full_sync("no room for the next batches")
+            self._dropped_sync(d)
         self._count += len(batches)
         self._bytes += sum(len(b[4]) for b in batches)
+        self._used += incoming
 
-    def _delete_sync(self, where: str, args: tuple[Any, ...], reason: str) -> int:
-        """Delete the batches matching ``where``, writing their gap rows; returns bytes freed."""
+    def _oldest_cut_sync(self, need: int, keep: int = 0) -> int:
+        """The id up to which the oldest batches hold ``need`` bytes (keeping ``keep`` newest)."""
+        assert self._db is not None
+        total, cut = 0, 0
+        for rid, size in self._db.execute(
+            "SELECT id, length(data) FROM batches ORDER BY id LIMIT ?", (self._count - keep,)
+        ):
+            total += _data_bytes(int(size))
+            cut = int(rid)
+            if total >= need:
+                break
+        return cut
+
+    def _delete_rows_sync(self, where: str, arg: Any, reason: str) -> _Dropped | None:
+        """Delete the batches matching ``where`` and write their gap rows and counters,
+        inside the caller's transaction; :meth:`_dropped_sync` once it commits."""
         assert self._db is not None
         db = self._db
         rows = db.execute(
             f"SELECT id, epoch, seq, n, length(data) FROM batches WHERE {where} ORDER BY id",
-            args,
+            (arg,),
         ).fetchall()
         if not rows:
-            return 0
-        ranges = _ranges([(e, s, n) for _, e, s, n, _ in rows], reason)
-        freed = sum(int(r[4]) for r in rows)
-        readings = sum(int(r[3]) for r in rows)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute(f"DELETE FROM batches WHERE {where}", args)
-            db.executemany(
-                "INSERT INTO gaps (epoch, first, last, readings, reason) VALUES (?, ?, ?, ?, ?)",
-                [(g.epoch, g.first, g.last, g.readings, g.reason) for g in ranges],
-            )
-            self._bump_sync({"dropped_batches": len(rows), "dropped_readings": readings})
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            return None
+        db.execute(f"DELETE FROM batches WHERE {where}", (arg,))
+        d = _Dropped(
+            ids=[int(r[0]) for r in rows],
+            freed=sum(int(r[4]) for r in rows),
+            readings=sum(int(r[3]) for r in rows),
+            ranges=_ranges([(int(r[1]), int(r[2]), int(r[3])) for r in rows], reason),
+            reason=reason,
+        )
+        db.executemany(
+            "INSERT INTO gaps (epoch, first, last, readings, reason) VALUES (?, ?, ?, ?, ?)",
+            [(g.epoch, g.first, g.last, g.readings, g.reason) for g in d.ranges],
+        )
+        self._bump_sync({"dropped_batches": len(d.ids), "dropped_readings": d.readings})
+        return d
+
+    def _dropped_sync(self, d: _Dropped) -> None:
+        """Account for rows whose delete has committed."""
         self._deletes += 1
-        ids = [int(r[0]) for r in rows]
-        acked_now = self._acked_ids.intersection(ids)
+        acked_now = self._acked_ids.intersection(d.ids)
         # acknowledged in memory but not yet deleted: delivered, not dropped
-        self._count -= len(rows)
-        self._bytes -= freed
-        self.dropped_batches += len(rows) - len(acked_now)
-        self.dropped_readings += readings
-        if reason == "disk_full":
-            self.dropped_full += len(rows)
+        self._count -= len(d.ids)
+        self._bytes -= d.freed
+        self._used -= d.freed + _ROW_OVERHEAD * len(d.ids)
+        self.dropped_batches += len(d.ids) - len(acked_now)
+        self.dropped_readings += d.readings
+        if d.reason == "disk_full":
+            self.dropped_full += len(d.ids)
+        self.dropped_by_reason[d.reason] = self.dropped_by_reason.get(d.reason, 0) + len(d.ids)
         self._acked_ids.difference_update(acked_now)
         self._has_gaps = True
-        for g in ranges:
-            log.warning(
-                "spool: dropped epoch %d seq %d..%d (%d readings): %s",
+        first = d.reason not in self._dropping and d.reason != "disk_full"
+        self._dropping[d.reason] = self._dropping.get(d.reason, 0) + len(d.ids)
+        for g in d.ranges:
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "spool: dropped epoch %d seq %d..%d (%d readings): %s%s",
                 g.epoch,
                 g.first,
                 g.last,
                 g.readings,
                 g.reason,
+                "" if d.reason == "too_old" or not first else " (further drops: debug lines)",
             )
-        return freed
+        if d.reason == "too_old":
+            self._dropping.pop(d.reason)  # a line each time (at most every 30 s)
 
-    def _drop_oldest_sync(self, need_bytes: int, reason: str) -> int:
-        """Drop the oldest batches until ``need_bytes`` are freed (keeps the newest)."""
+    def _delete_sync(self, where: str, arg: Any, reason: str) -> int:
+        """Delete the batches matching ``where`` in a transaction of its own, writing
+        their gap rows; returns the bytes freed."""
         assert self._db is not None
-        total, cut = 0, 0
-        for rid, size in self._db.execute(
-            "SELECT id, length(data) FROM batches ORDER BY id LIMIT ?", (self._count - 1,)
-        ):
-            total += int(size)
-            cut = int(rid)
-            if total >= need_bytes:
-                break
-        if not cut:
-            cut = int(self._db.execute("SELECT coalesce(max(id), 0) FROM batches").fetchone()[0])
-        return self._delete_sync("id <= ?", (cut,), reason)
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            d = self._delete_rows_sync(where, arg, reason)
+            if d is None:
+                db.execute("ROLLBACK")
+                return 0
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._dropped_sync(d)
+        return d.freed
+
+    def _drop_oldest_sync(self, need_bytes: int, reason: str, keep: int = 1) -> int:
+        """Drop the oldest batches until ``need_bytes`` are freed (keeps ``keep`` newest)."""
+        cut = self._oldest_cut_sync(need_bytes, keep)
+        return self._delete_sync("id <= ?", cut, reason) if cut else 0
 
     def _drop_old_sync(self, now: float) -> None:
-        self._delete_sync("created < ?", (now - self._max_age_s,), "too_old")
+        try:
+            self._delete_sync("created < ?", now - self._max_age_s, "too_old")
+        except sqlite3.Error as exc:
+            if not _is_full(exc):
+                raise SpoolError(f"spool {self.path}: cannot drop old batches ({exc})") from exc
+            self._make_room_sync(0, exc)  # and next time
 
     async def expire(self) -> None:
         """Drop the batches older than ``max_age_s`` now (appends also do it, at most
@@ -427,6 +740,7 @@ class Spool:
         self.dropped_batches += len(rows)
         self.dropped_readings += sum(r[2] for r in rows)
         self.dropped_full += len(rows)
+        self.lost_batches += len(rows)
         try:
             self._db.executemany(
                 "INSERT INTO gaps (epoch, first, last, readings, reason) VALUES (?, ?, ?, ?, ?)",
@@ -434,11 +748,23 @@ class Spool:
             )
             self._has_gaps = True
         except sqlite3.Error:
-            self._lost_gaps.extend(ranges)
-        log.error(
-            "spool %s: disk full and nothing left to drop: batch(es) %s not spooled",
+            for g in ranges:  # one range per run of consecutive batches, however long
+                last = self._lost_gaps[-1] if len(self._lost_gaps) > self._lost_sent else None
+                if last and last.epoch == g.epoch and last.last + 1 == g.first:
+                    self._lost_gaps[-1] = GapRange(
+                        g.epoch, last.first, g.last, last.readings + g.readings, g.reason
+                    )
+                else:
+                    self._lost_gaps.append(g)
+        first = "lost" not in self._dropping
+        self._dropping["lost"] = self._dropping.get("lost", 0) + len(rows)
+        log.log(
+            logging.ERROR if first else logging.DEBUG,
+            "spool %s: the disk is full and has no room even to drop the oldest batches: "
+            "batch(es) %s not spooled%s",
             self.path,
             ", ".join(f"{g.epoch}:{g.first}..{g.last}" for g in ranges),
+            " (counted; further ones: debug lines)" if first else "",
         )
 
     # -- acknowledgements -------------------------------------------------------
@@ -460,7 +786,8 @@ class Spool:
         if not self._acks:
             return
         ids, self._acks = self._acks, []
-        await self._call(self._ack_sync, ids)
+        if not await self._call(self._ack_sync, ids):
+            self._acks.extend(ids)  # the disk is full: deleted at a later flush
         if self._tail:  # deleted now, and no longer in _acked_ids: never hand them out again
             gone = set(ids)
             self._tail = deque(r for r in self._tail if r.id not in gone)
@@ -473,7 +800,26 @@ class Spool:
             await asyncio.sleep(interval_s)
             await self.flush_acks()
 
-    def _ack_sync(self, ids: list[int]) -> None:
+    def _ack_sync(self, ids: list[int]) -> bool:
+        """Delete acknowledged batches; False if the disk is too full to (they stay acked)."""
+        try:
+            self._ack_once_sync(ids)
+        except sqlite3.Error as exc:
+            if not _is_full(exc):
+                # not fatal: the batches stay and are sent again later (the hub drops duplicates)
+                log.warning("spool %s: could not delete acknowledged batches (%s)", self.path, exc)
+                self._acked_ids.difference_update(ids)
+                return True
+            self._make_room_sync(0, exc, drop=False)
+            try:
+                self._ack_once_sync(ids)
+            except sqlite3.Error as again:
+                if not _is_full(again):
+                    raise SpoolError(f"spool {self.path}: cannot delete ({again})") from again
+                return False
+        return True
+
+    def _ack_once_sync(self, ids: list[int]) -> None:
         assert self._db is not None
         db = self._db
         db.execute("PRAGMA synchronous=OFF")  # the next append's fsync carries it
@@ -493,17 +839,15 @@ class Spool:
                 gone += int(row[0])
                 freed += int(row[1])
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            # not fatal: the batches stay and are sent again later (the hub drops duplicates)
-            log.warning("spool %s: could not delete acknowledged batches (%s)", self.path, exc)
-            self._acked_ids.difference_update(ids)
-            return
+            raise
         finally:
             db.execute(f"PRAGMA synchronous={_SYNC[self._durability]}")
         self._count -= gone
         self._bytes -= freed
+        self._used -= freed + _ROW_OVERHEAD * gone
         self._acked_ids.difference_update(ids)
 
     # -- gap rows ---------------------------------------------------------------
@@ -515,12 +859,15 @@ class Spool:
 
     def _gaps_sync(self, limit: int) -> list[tuple[int, GapRange]]:
         assert self._db is not None
-        out = [(-1, g) for g in self._lost_gaps[:limit]]  # row id -1: only in memory
+        # negative row ids: only in memory (could not be written: the disk was full)
+        out = [(-1 - i, g) for i, g in enumerate(self._lost_gaps[:limit])]
+        self._lost_sent = len(out)  # being sent: no longer extended
         for rid, e, f, last, n, reason in self._db.execute(
             "SELECT id, epoch, first, last, readings, reason FROM gaps ORDER BY id LIMIT ?",
-            (limit,),
+            (limit + len(self._gaps_done),),
         ):
-            out.append((int(rid), GapRange(int(e), int(f), int(last), int(n), str(reason))))
+            if int(rid) not in self._gaps_done:
+                out.append((int(rid), GapRange(int(e), int(f), int(last), int(n), str(reason))))
         return out[:limit]
 
     async def gaps_sent(self, ids: Sequence[int]) -> None:
@@ -529,15 +876,27 @@ class Spool:
 
     def _gaps_sent_sync(self, ids: list[int]) -> None:
         assert self._db is not None
-        if -1 in ids:
-            self._lost_gaps.clear()
-        real = [i for i in ids if i >= 0]
+        # in memory only: -1, -2, ... are the first of the list, which only grows at its end
+        del self._lost_gaps[: sum(1 for i in ids if i < 0)]
+        self._lost_sent = 0
+        self._gaps_done.update(i for i in ids if i >= 0)
+        real = sorted(self._gaps_done)
         if real:
             marks = ",".join("?" * len(real))
-            self._db.execute(f"DELETE FROM gaps WHERE id IN ({marks})", real)
+            try:
+                self._db.execute(f"DELETE FROM gaps WHERE id IN ({marks})", real)
+                self._gaps_done.clear()
+            except sqlite3.Error as exc:
+                if not _is_full(exc):
+                    raise SpoolError(f"spool {self.path}: cannot delete gap rows ({exc})") from exc
+                # the disk is full: deleted with the next notice; never sent twice meanwhile
         self._has_gaps = (
             bool(self._lost_gaps)
-            or self._db.execute("SELECT 1 FROM gaps LIMIT 1").fetchone() is not None
+            or self._db.execute(
+                "SELECT 1 FROM gaps WHERE id NOT IN (SELECT value FROM json_each(?)) LIMIT 1",
+                (json.dumps(sorted(self._gaps_done)),),
+            ).fetchone()
+            is not None
         )
 
     # -- reads ----------------------------------------------------------------
@@ -607,6 +966,13 @@ class Spool:
             "dropped_batches": self.dropped_batches,
             "dropped_readings": self.dropped_readings,
             "dropped_disk_full": self.dropped_full,
+            "dropped_spool_full": self.dropped_by_reason.get("spool_full", 0),
+            "dropped_too_old": self.dropped_by_reason.get("too_old", 0),
+            "lost_disk_full": self.lost_batches,
+            "disk_full": int(self.disk_full),
+            "disk_full_events": self.disk_full_events,
+            "disk_bytes": self.disk_bytes(),
+            "max_bytes": self._max_bytes,
             "moved_aside": self.moved_aside,
         }
 
@@ -621,7 +987,13 @@ class Spool:
                 try:
                     self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:
-                    log.warning("spool %s: checkpoint at close failed (%s)", self.path, exc)
+                    # harmless: the WAL is kept, and read again at the next start
+                    log.log(
+                        logging.INFO if _is_full(exc) else logging.WARNING,
+                        "spool %s: checkpoint at close failed (%s)",
+                        self.path,
+                        exc,
+                    )
                 self._db.close()
                 self._db = None
 

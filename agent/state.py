@@ -5,10 +5,13 @@ is created with mode 0600 and refused at load when others can read it or when
 another user owns it; it is never logged. The epoch is incremented and made
 durable (write, fsync, rename, fsync of the directory) before the first batch
 of a run is sealed, so a crash can never make the agent reuse an (epoch, seq).
+On a full disk (no block for the new file) the number is written over the old
+one in place, in the block the file already has.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -244,13 +247,29 @@ def next_epoch(state_dir: Path) -> int:
     except ValueError as exc:
         raise LocalError(f"{path}: not an integer epoch; refusing to guess one") from exc
     new = current + 1
+    data = f"{new}\n".encode()
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, f"{new}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or current == 0:
+            raise
+        # a full disk: the new file needs a block that is not there, the old one has
+        # one (a number is a few bytes of its first sector, written in place: one write)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.info("%s: the disk is full; epoch %d written in place", path, new)
+        return new
     os.replace(tmp, path)
     _fsync_dir(state_dir)
     return new

@@ -12,6 +12,8 @@ import pytest
 from agent.spool import Spool, SpoolError
 from protocols.gap import GapRange
 
+MiB = 1 << 20
+
 
 def _aside(d: Path) -> list[str]:
     return [
@@ -93,10 +95,10 @@ async def test_live_reads_come_from_memory_and_agree_with_sqlite(
 
 
 async def test_dropped_batches_are_not_served_from_memory(tmp_path: Path) -> None:
-    spool = await Spool.open(tmp_path / "spool.sqlite3", max_bytes=10_000)
-    await spool.append(_rows(1, range(5)))  # 5 kB
+    spool = await Spool.open(tmp_path / "spool.sqlite3", max_bytes=MiB)
+    await spool.append(_rows(1, range(5), size=100_000))  # 500 kB
     first = await spool.pending(0, 100)
-    await spool.append(_rows(1, range(5, 13)))  # 13 kB: the oldest go
+    await spool.append(_rows(1, range(5, 13), size=100_000))  # 1.3 MB: the oldest go
     left = [r.seq for r in await spool.pending(first[0].id - 1, 100)]
     assert left == [r.seq for r in await spool.pending(0, 100, upto_id=10**9)]
     assert 0 not in left and left[-1] == 12
@@ -135,24 +137,47 @@ async def test_close_deletes_what_was_acknowledged(tmp_path: Path) -> None:
     await spool.close()
 
 
+def _on_disk(path: Path) -> int:
+    """What the spool's files take on disk (database, WAL, WAL index, reserve)."""
+    return sum(
+        p.stat().st_blocks * 512
+        for p in (Path(f"{path}{s}") for s in ("", "-wal", "-shm", "-reserve"))
+        if p.exists()
+    )
+
+
 async def test_over_max_bytes_drops_the_oldest_and_writes_gap_rows(tmp_path: Path) -> None:
-    spool = await Spool.open(tmp_path / "s.sqlite3", max_bytes=10_000)
-    await spool.append(_rows(3, range(8)))
-    await spool.append(_rows(4, range(6)))  # 14 000 bytes: the 4 oldest go
-    left = [(r.epoch, r.seq) for r in await spool.pending(0, 100)]
-    assert left == [(3, 4), (3, 5), (3, 6), (3, 7), *[(4, s) for s in range(6)]]
+    """``max_bytes`` bounds the files on disk (database, WAL, index, reserve), not the
+    payload: 10 kB batches into a 2 MiB spool, checked after every append."""
+    path = tmp_path / "s.sqlite3"
+    spool = await Spool.open(path, max_bytes=2 * MiB)
+    total = 0
+    for i in range(40):
+        await spool.append(_rows(3, range(i * 8, i * 8 + 8), size=10_000))
+        total += 8
+        assert _on_disk(path) <= 2 * MiB
     st = spool.statistics()
-    assert st["dropped_batches"] == 4
-    assert st["dropped_readings"] == 40
-    assert st["depth_bytes"] <= 10_000
+    assert st["dropped_batches"] > 0 and st["dropped_spool_full"] == st["dropped_batches"]
+    assert st["dropped_readings"] == 10 * st["dropped_batches"]
+    assert st["depth_batches"] + st["dropped_batches"] == total
+    assert st["disk_bytes"] <= 2 * MiB
+    # the bound is not met by keeping nothing: most of it holds batches
+    assert st["depth_bytes"] > MiB
+    left = [r.seq for r in await spool.pending(0, 1000)]
+    assert left == list(range(total - len(left), total))  # the newest, in order
     gaps = await spool.gaps()
-    assert [g for _, g in gaps] == [GapRange(3, 0, 3, 40, "spool_full")]
+    # a gap row per append that dropped, together the oldest batches, all named
+    assert all(g.reason == "spool_full" and g.epoch == 3 for _, g in gaps)
+    assert [(g.first, g.last) for _, g in gaps] == sorted((g.first, g.last) for _, g in gaps)
+    assert gaps[0][1].first == 0 and gaps[-1][1].last == st["dropped_batches"] - 1
+    assert sum(g.last - g.first + 1 for _, g in gaps) == st["dropped_batches"]
+    assert sum(g.readings for _, g in gaps) == st["dropped_readings"]
     assert spool.gaps_added.is_set()
     await spool.gaps_sent([i for i, _ in gaps])
     assert await spool.gaps() == []
     assert not spool.has_gaps
     totals = await spool.totals()
-    assert totals["dropped_batches"] == 4
+    assert totals["dropped_batches"] == st["dropped_batches"]
     await spool.close()
 
 
@@ -174,10 +199,10 @@ async def test_gap_ranges_split_at_holes_and_epochs(tmp_path: Path) -> None:
 
 async def test_gap_rows_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
-    spool = await Spool.open(path, max_bytes=2_000)
-    await spool.append(_rows(1, range(4)))
+    spool = await Spool.open(path, max_bytes=MiB)
+    await spool.append(_rows(1, range(4), size=300_000))
     await spool.close()
-    spool = await Spool.open(path, max_bytes=2_000)
+    spool = await Spool.open(path, max_bytes=MiB)
     assert spool.has_gaps and spool.gaps_added.is_set()
     assert [g for _, g in await spool.gaps()] == [GapRange(1, 0, 1, 20, "spool_full")]
     await spool.close()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 from pathlib import Path
 
 import aiomqtt
@@ -144,11 +145,21 @@ async def test_unreachable_broker_at_start_is_normal(
 async def test_dropped_batches_reach_the_hub_as_a_signed_gap_notice(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
-    spool = await Spool.open(
-        tmp_path / "s.sqlite3", durability="off", max_bytes=len(_row(1, 0)[4]) * 7 // 2
-    )
-    await spool.append([_row(1, s) for s in range(6)])  # the three oldest are dropped
+    # max_bytes bounds the spool's files on disk: six batches of ~200 kB are over 1 MiB
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off", max_bytes=1 << 20)
+    rng = random.Random(3)
+    for s in range(6):  # the oldest are dropped
+        data = envelope.seal(
+            [Reading(p, 1000 + s, rng.random()) for p in range(20_000)],
+            gateway=GW,
+            key=KEY,
+            epoch=1,
+            seq=s,
+        )
+        await spool.append([(1, s, 20_000, 1000 + s, data)])
     assert spool.has_gaps
+    dropped = spool.statistics()["dropped_batches"]
+    assert 1 <= dropped < 6
 
     def sign(ranges: object) -> bytes:
         return seal_gap(list(ranges), gateway=GW, key=KEY, epoch=2)  # type: ignore[call-overload]
@@ -162,15 +173,16 @@ async def test_dropped_batches_reach_the_hub_as_a_signed_gap_notice(
         listener = tg.create_task(_listen(mosquitto, got, ready))
         await ready.wait()
         task = tg.create_task(up.run())
-        await _until(lambda: up.gap_notices == 1 and len(_seqs(got)) == 3)
+        await _until(lambda: up.gap_notices == 1 and len(_seqs(got)) == 6 - dropped)
         task.cancel()
         listener.cancel()
     notices = [p for t, p in got if t == gap_topic(GW)]
     assert len(notices) == 1
     g = parse_gap(notices[0])
     g.verify(KEY.public_key())
-    assert [(r.epoch, r.first, r.last, r.reason) for r in g.ranges()] == [(1, 0, 2, "spool_full")]
-    assert sorted(_seqs(got)) == [(1, 3), (1, 4), (1, 5)]
+    named = [(r.epoch, s, r.reason) for r in g.ranges() for s in range(r.first, r.last + 1)]
+    assert named == [(1, s, "spool_full") for s in range(dropped)]
+    assert sorted(_seqs(got)) == [(1, s) for s in range(dropped, 6)]
     assert not spool.has_gaps
     await spool.close()
 
