@@ -34,4 +34,5 @@ diag_app.command("bundle")(bundle_command)
 
 @diag_app.callback()
 def _diag() -> None:
-    """Installer diagnostics. Every command takes --json; exit 0 ok, 1 failed, 2 usage, 3 port."""
+    """Installer diagnostics. Every command takes --json; exit 0 ok, 1 failed or nothing
+    found, 2 usage, 3 port or endpoint unusable (docs/diagnostics.md)."""
