@@ -150,6 +150,24 @@ async def test_garbled_answers_are_counted_not_found() -> None:
     assert result.garbled == {LineSettings(9600, "N"): 3}
 
 
+async def test_a_late_answer_of_a_terminal_found_is_not_listed_twice() -> None:
+    """Its 43/14 times out and the answer comes late: still one terminal."""
+
+    class LateIdent(FakePort):
+        async def transact(
+            self, frame: bytes, parser: ResponseParser, timeout_s: float
+        ) -> Response | None:
+            if frame[1] == 43:
+                self.late_answers.append(LateAnswer(frame[0], 99.0))
+                return None
+            return await super().transact(frame, parser, timeout_s)
+
+    port = LateIdent([Terminal(3, 9600)])
+    plan = make_plan(port, [9600], ["N"], [2, 3, 4], 0.05)
+    result = await scan(port, plan)
+    assert [(f.slave, f.late) for f in result.found] == [(3, False)]
+
+
 def test_timeout_is_frame_times_plus_turnaround() -> None:
     # 9600 baud: 11 bits per character, 8 request + 7 reply characters, t3.5
     expected = (8 + 7 + 3.5) * 11 / 9600 + 0.05

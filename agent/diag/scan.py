@@ -275,11 +275,14 @@ async def scan(
                     found = Found(slave, settings, (time.monotonic() - started) * 1000, exc.code)
                 except FrameError:
                     result.garbled[settings] = result.garbled.get(settings, 0) + 1
-                for late in port.late_answers:
-                    result.found.append(
-                        Found(late.slave, settings, late.ms, late.exception, late=True)
-                    )
-                    found_here += 1
+                for late in port.late_answers:  # (a late 43/14 of one found: known)
+                    if not any(
+                        f.slave == late.slave and f.settings == settings for f in result.found
+                    ):
+                        result.found.append(
+                            Found(late.slave, settings, late.ms, late.exception, late=True)
+                        )
+                        found_here += 1
                 port.late_answers.clear()
                 if found is not None and identify:
                     found = await _identify(port, found, timeout)
