@@ -1,8 +1,10 @@
-"""The ``vitals`` command line.
+"""The ``vitals`` command line: one typer app for every command, ``run`` included.
 
-The only place that configures logging. Commands that need the simulator (the
-demo, the reference hub, emulated terminals) import it lazily, so the agent on
-a gateway never loads it.
+The only place that configures logging. What only some commands need is
+imported when that command runs: the simulator (the demo, the reference hub,
+emulated terminals), the diagnostics and provisioning (registered lazily by
+:class:`_Commands`), rich. ``vitals run`` so loads typer but none of those
+(docs/decisions.md, 21).
 """
 
 from __future__ import annotations
@@ -13,17 +15,64 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from agent import runner
+from protocols.errors import ConfigError, VitalsError
 
 __all__ = ["app", "main"]
 
+DEFAULT_CONFIG, DEFAULT_STATE = runner.DEFAULT_CONFIG, runner.DEFAULT_STATE
+setup_logging = runner.setup_logging
+
+# a flag takes no value: typer >= 0.2x labels every option with its type, flags as "<bool>"
+_display_type_rich: Any = getattr(typer.core.TyperOption, "display_type_rich", None)
+if _display_type_rich is not None:
+
+    def _no_bool_label(self: typer.core.TyperOption, ctx: Any) -> str | None:
+        if self.is_flag and self.metavar is None:
+            return None
+        label: str | None = _display_type_rich(self, ctx)
+        return label
+
+    typer.core.TyperOption.display_type_rich = _no_bool_label  # type: ignore[method-assign]
+
+
+# commands whose modules load only when they are called or listed: `vitals run`
+# never imports the diagnostics or the provisioning code
+_LAZY = ("provision", "key", "diag")
+
+
+def _lazy_commands() -> dict[str, Any]:
+    from agent.diag import diag_app
+    from agent.provision import key_app, provision_command
+
+    extra = typer.Typer()
+    extra.command("provision")(provision_command)
+    extra.add_typer(key_app, name="key")
+    extra.add_typer(diag_app, name="diag")
+    return dict(typer.main.get_group(extra).commands)
+
+
+class _Commands(typer.core.TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in _LAZY if n not in self.commands)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in _LAZY and cmd_name not in self.commands:
+            for name, cmd in _lazy_commands().items():
+                self.commands.setdefault(name, cmd)
+        return super().get_command(ctx, cmd_name)
+
+
 app = typer.Typer(
     name="vitals",
+    cls=_Commands,
     help="vitals: the gateway agent of a city's vital-signs sensor network.",
     no_args_is_help=True,
     add_completion=False,
@@ -39,23 +88,31 @@ app.add_typer(hub_app, name="hub")
 app.add_typer(sim_app, name="sim")
 
 
-def _sub_apps() -> None:
-    from agent.diag import diag_app
-    from agent.provision import key_app, keygen_command, provision_command
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
 
-    app.add_typer(diag_app, name="diag")
-    app.command("provision")(provision_command)
-    app.command("keygen")(keygen_command)
-    app.add_typer(key_app, name="key")
+        try:
+            typer.echo(f"vitals {version('vitals-gateway')}")
+        except PackageNotFoundError:
+            typer.echo("vitals (not installed: no package metadata)")
+        raise typer.Exit(0)
 
 
-_sub_apps()
-
-DEFAULT_CONFIG, DEFAULT_STATE = runner.DEFAULT_CONFIG, runner.DEFAULT_STATE
-setup_logging = runner.setup_logging
+@app.callback()
+def _root(
+    _: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="the installed version, then exit"
+        ),
+    ] = False,
+) -> None:
+    """vitals: the gateway agent of a city's vital-signs sensor network."""
 
 
 def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
+    """One line naming what is wrong, one with what to do; exit 1 (2: a usage error)."""
     typer.secho(f"error: {message}", fg="red", err=True)
     if hint:
         typer.echo(f"hint: {hint}", err=True)
@@ -74,44 +131,86 @@ def _require_demo_extra(what: str, *modules: str) -> None:
         )
 
 
+_CONFIG_HELP = "gateway configuration (TOML)"
+
+
 # -- the agent ----------------------------------------------------------------
 
 
 @app.command()
 def run(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="gateway configuration (TOML)")
+        Path, typer.Option("--config", "-c", envvar="VITALS_CONFIG", help=_CONFIG_HELP)
     ] = DEFAULT_CONFIG,
     state_dir: Annotated[Path | None, typer.Option(help="override [gateway] state_dir")] = None,
-    log_level: Annotated[str | None, typer.Option(help="override [log] level")] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="override [log] level: debug, info, warning, error")
+    ] = None,
 ) -> None:
     """Run the gateway agent until SIGTERM or Ctrl-C; SIGHUP reloads the configuration."""
+    runner.one_malloc_arena()  # before any thread starts
     raise typer.Exit(runner.run(config, state_dir, log_level))
 
 
 @app.command()
 def status(
-    status_file: Annotated[
-        Path | None, typer.Option(help="status file (default: /run/vitals, then the state dir)")
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="VITALS_CONFIG",
+            help="the agent's configuration: the status is looked for in its state_dir "
+            "[default: /etc/vitals/gateway.toml]",
+            show_default=False,
+        ),
     ] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="the agent's state directory")] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="VITALS_STATE_DIR", help="the agent's state directory"),
+    ] = None,
+    status_file: Annotated[
+        Path | None,
+        typer.Option(help="this status file only (default: /run/vitals, then the state dir)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="the status document as JSON")] = False,
 ) -> None:
     """The running agent's state: buses, devices, spool, uplink, counters."""
     from agent.status import show
 
-    raise typer.Exit(show(status_file, state_dir, as_json))
+    raise typer.Exit(show(status_file, state_dir, as_json, config=config))
+
+
+@app.command()
+def keygen(
+    state_dir: Annotated[Path, typer.Option(help="where the key is kept")] = DEFAULT_STATE,
+) -> None:
+    """Create this gateway's Ed25519 identity (mode 0600) and show its key id."""
+    from agent.state import create_identity
+
+    try:
+        ident = create_identity(state_dir)
+    except VitalsError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"key file     {ident.path}")
+    typer.echo(f"public key   {ident.public_raw.hex()}")
+    typer.echo(f"key id       {ident.kid.hex()}")
+    typer.echo(f"fingerprint  {ident.fingerprint}")
 
 
 @config_app.command("check")
 def config_check(
-    file: Annotated[Path, typer.Argument(help="gateway configuration (TOML)")],
+    file: Annotated[Path, typer.Argument(help=_CONFIG_HELP)],
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help='one JSON object: {"ok", "config"} or {"ok", "problems"}'),
+    ] = False,
 ) -> None:
     """Print the resolved configuration (exit 0) or every problem in it (exit 1)."""
     from agent.config import check
 
-    code, text = check(file)
-    if code:
+    code, text = check(file, as_json=as_json)
+    if code and not as_json:
         typer.secho(text, fg="red", err=True)
     else:
         typer.echo(text)
@@ -120,22 +219,49 @@ def config_check(
 
 # -- the hub ----------------------------------------------------------------
 
+_DB_HELP = "hub database (SQLite)"
+
 
 def _broker_addr(broker: str) -> tuple[str, int]:
     host, _, port = broker.rpartition(":")
     try:
-        return host or "127.0.0.1", int(port)
+        number = int(port)
     except ValueError:
-        raise _fail(f"--broker {broker!r} is not HOST:PORT") from None
+        number = 0
+    if not 0 < number < 65536:
+        raise _fail(f"--broker {broker!r} is not HOST:PORT", "e.g. --broker 127.0.0.1:1883", 2)
+    return host or "127.0.0.1", number
+
+
+def _trusted(items: list[str]) -> list[tuple[str, bytes]]:
+    out = []
+    for item in items:
+        gw, _, hexkey = item.partition("=")
+        try:
+            key = bytes.fromhex(hexkey)
+        except ValueError:
+            key = b""
+        if not gw or len(key) != 32:
+            raise _fail(
+                f"--trust {item!r}: expected GATEWAY=64 hex digits (an Ed25519 public key)",
+                "the gateway's 'public key' line of 'vitals key show' (or 'vitals keygen')",
+                2,
+            )
+        out.append((gw, key))
+    return out
 
 
 @hub_app.callback()
 def hub(
     ctx: typer.Context,
-    db: Annotated[Path, typer.Option(help="hub database (SQLite)")] = Path("hub.sqlite3"),
+    db: Annotated[Path, typer.Option(help=_DB_HELP)] = Path("hub.sqlite3"),
     broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
     trust: Annotated[
-        list[str] | None, typer.Option(help="enroll GATEWAY=PUBKEYHEX before starting (repeatable)")
+        list[str] | None,
+        typer.Option(
+            metavar="GATEWAY=HEX",
+            help="enroll a gateway's public key before starting (repeatable)",
+        ),
     ] = None,
     worker: Annotated[
         str | None, typer.Option(help="this worker's name in the counters (default host-pid)")
@@ -152,26 +278,27 @@ def hub(
 ) -> None:
     """Run a hub worker (several share the load through a shared subscription)."""
     ctx.obj = {"db": db}
-    _require_demo_extra("vitals hub", "aiomqtt")
     if ctx.invoked_subcommand is not None:
-        return
+        return  # `token` and `stats` need no MQTT
+    host, port = _broker_addr(broker)
+    trusted = _trusted(trust or [])
+    if sharded and not worker:
+        raise _fail("--sharded needs --worker NAME", "the name is the shard's file", 2)
+    _require_demo_extra("vitals hub", "aiomqtt")
     from simulator.enroll import EnrollmentDesk, hub_key_path, load_or_create_hub_key
     from simulator.enroll import serve as serve_enroll
     from simulator.hub import Hub, HubCore
 
     setup_logging()
-    host, port = _broker_addr(broker)
     import socket
 
-    if sharded and not worker:
-        raise _fail("--sharded needs --worker NAME: the name is the shard's file")
     core = HubCore(db, worker=worker or f"{socket.gethostname()}-{os.getpid()}", sharded=sharded)
-    for item in trust or []:
-        gw, _, hexkey = item.partition("=")
+    for gw, key in trusted:
         try:
-            core.enroll(gw, bytes.fromhex(hexkey))
-        except ValueError:
-            raise _fail(f"--trust {item!r}: expected GATEWAY=64 hex digits") from None
+            core.enroll(gw, key)
+        except (ValueError, VitalsError) as exc:
+            core.close()
+            raise _fail(f"--trust {gw}: {exc}", "check the gateway id and its key", 2) from None
 
     async def _main() -> None:
         task = asyncio.current_task()
@@ -198,26 +325,42 @@ def hub(
 def hub_token(
     ctx: typer.Context,
     gateway: Annotated[str, typer.Argument(help="gateway id the token is for")],
-    ttl: Annotated[float, typer.Option(help="validity in hours")] = 24.0,
+    ttl: Annotated[float, typer.Option(help="validity in hours", min=0.01)] = 24.0,
+    db: Annotated[
+        Path | None, typer.Option(help=f"{_DB_HELP}; also accepted before 'token'")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object: token, gateway, expiry, hub key id")
+    ] = False,
 ) -> None:
     """Issue a one-time enrollment token for a field technician."""
     from simulator.enroll import hub_token_command
 
-    hub_token_command(ctx, gateway, ttl)
+    hub_token_command(ctx, gateway, ttl, db=db, as_json=as_json)
 
 
 @hub_app.command("stats")
 def hub_stats_cmd(
     ctx: typer.Context,
+    db: Annotated[
+        Path | None, typer.Option(help=f"{_DB_HELP}; also accepted before 'stats'")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
 ) -> None:
-    """Delivered, duplicate, rejected and missing batches, per gateway."""
+    """Delivered, duplicate, rejected and missing batches, per gateway (enrolled ones too)."""
     from simulator.hub import hub_stats
 
-    db: Path = ctx.obj["db"]
-    if not db.exists():
-        raise _fail(f"{db}: no hub database here", "pass --db PATH before 'stats'")
-    stats = hub_stats(db)
+    db = db or ctx.obj["db"]
+    if not db.is_file():
+        raise _fail(f"{db}: no hub database here", "pass --db PATH (the hub's --db)")
+    import sqlite3
+
+    try:
+        stats = hub_stats(db)
+    except sqlite3.Error as exc:
+        raise _fail(
+            f"{db}: not a hub database ({exc})", "pass --db PATH (the hub's --db)"
+        ) from None
     if as_json:
         typer.echo(json.dumps(stats))
         return
@@ -243,7 +386,7 @@ def hub_stats_cmd(
             str(g["missing_batches"]),
             str(g["dropped_batches"]),
         )
-    Console().print(t)
+    Console(highlight=False).print(t)
     typer.echo(
         f"duplicates dropped: {stats['duplicates']}  gap notices: {stats['gap_notices']}  "
         f"rejected: {stats['rejected'] or 'none'}"
@@ -283,17 +426,46 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+def _profile(name: str, option: str, given: str | None = None) -> Any:
+    """A shipped Modbus profile by name (or a file), or a usage error naming the choices."""
+    from drivers.profiles import available_profiles, load_profile
+
+    given = name if given is None else given
+    modbus = [n for n in available_profiles() if not load_profile(n).is_sensor]
+    try:
+        profile = load_profile(name)
+    except ConfigError as exc:
+        where, problem = exc.problems[0]
+        if where == name and "no such profile" in problem:
+            raise _fail(
+                f"{option} {given!r}: no profile {name!r}", f"choose from {', '.join(modbus)}", 2
+            ) from None
+        raise _fail(
+            f"{option} {given!r}: {where}: {problem}", "check the profile file", 2
+        ) from None
+    if profile.is_sensor:
+        raise _fail(
+            f"{option} {given!r}: {name} is a serial sensor, not a Modbus terminal",
+            f"choose from {', '.join(modbus)}",
+            2,
+        )
+    return profile
+
+
 @sim_app.command("tcp")
 def sim_tcp(
-    profile: Annotated[list[str], typer.Option(help="profile to serve (repeatable)")],
-    slave: Annotated[int, typer.Option(help="unit id")] = 1,
+    profile: Annotated[
+        list[str], typer.Option(metavar="NAME", help="profile to serve (repeatable)")
+    ],
+    slave: Annotated[int, typer.Option(help="unit id", min=0, max=255)] = 1,
 ) -> None:
     """Serve emulated Modbus TCP terminals on free loopback ports until Ctrl-C."""
-    from drivers.profiles import load_profile
     from simulator.tcp import TcpTerminal
 
+    profiles = [_profile(p, "--profile") for p in profile]
+
     async def _main() -> None:
-        terms = [TcpTerminal(load_profile(p), slave=slave, seed=i) for i, p in enumerate(profile)]
+        terms = [TcpTerminal(p, slave=slave, seed=i) for i, p in enumerate(profiles)]
         for t in terms:
             await t.start()
             typer.echo(f"{t.profile.name} 127.0.0.1:{t.port} unit {slave}")
@@ -307,45 +479,183 @@ def sim_tcp(
         asyncio.run(_main())
 
 
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+_SLAVES = "a Modbus slave address is 1..247"
 
 
-@sim_app.command("firmware", context_settings=_PASS_THROUGH, add_help_option=False)
-def sim_firmware(ctx: typer.Context) -> None:
-    """The terminal firmware under MicroPython on a pty; prints the port path first.
+def _slave(text: str, option: str, value: str) -> int:
+    try:
+        slave = int(text)
+    except ValueError:
+        slave = 0
+    if not 1 <= slave <= 247:
+        raise _fail(f"{option} {value!r}: slave {text!r} is not 1..247", _SLAVES, 2)
+    return slave
 
-    Options: --profile, --slave N, --baud B, --state FILE, --seed N (--help for all).
-    """
-    from simulator import firmware
 
-    raise typer.Exit(firmware.main(ctx.args))
+@sim_app.command("rtu")
+def sim_rtu(
+    device: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SLAVE=PROFILE", help="a terminal: slave address and profile (repeatable)"
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="profile of --count terminals at slaves 1..N")
+    ] = None,
+    count: Annotated[int, typer.Option(help="how many terminals of --profile", min=1, max=247)] = 1,
+    baud: Annotated[int, typer.Option(help="the bus's baud rate", min=300, max=921600)] = 9600,
+    stopbits: Annotated[int, typer.Option(help="1 or 2", min=1, max=2)] = 1,
+    turnaround_ms: Annotated[
+        float, typer.Option(help="a terminal's delay before it answers", min=0.0)
+    ] = 1.0,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SLAVE:KIND[=V]",
+            help="inject a fault: silent, crc, exception, garbage, late or slow; "
+            "V = the exception code or the delay in s (repeatable)",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the terminals' signals")] = 0,
+    duration: Annotated[
+        float | None, typer.Option(help="stop after this many seconds (default: Ctrl-C)")
+    ] = None,
+) -> None:
+    """An emulated, wire-timed Modbus RTU bus on a pty until Ctrl-C.
 
-
-@sim_app.command("rtu", context_settings=_PASS_THROUGH, add_help_option=False)
-def sim_rtu(ctx: typer.Context) -> None:
-    """An emulated, wire-timed Modbus RTU bus on a pty; prints the port path first.
-
-    --help lists its options (profiles, slaves, baud, faults).
+    Prints the port to open (8N1) on the first line, the bus's counters as JSON at the end. Without --device or --profile: one sound_level_meter at slave 1.
     """
     from simulator import rtu
 
-    raise typer.Exit(rtu.main(ctx.args))
+    pairs: list[tuple[int, Any]] = []
+    for d in device or []:
+        number, eq, name = d.partition("=")
+        if not eq or not name:
+            raise _fail(f"--device {d!r}: expected SLAVE=PROFILE", "e.g. --device 3=rain_gauge", 2)
+        pairs.append((_slave(number, "--device", d), _profile(name, "--device", d)))
+    if profile:
+        prof = _profile(profile, "--profile")
+        pairs += [(i + 1, prof) for i in range(count)]
+    if not pairs:
+        pairs = [(1, _profile("sound_level_meter", "--profile"))]
+    seen: set[int] = set()
+    for address, _ in pairs:
+        if address in seen:
+            raise _fail(
+                f"slave {address} is given twice",
+                "one terminal per address (--count starts at 1)",
+                2,
+            )
+        seen.add(address)
+    faults: list[tuple[int, str, float]] = []
+    for f in fault or []:
+        where, _, rest = f.partition(":")
+        kind, _, value = rest.partition("=")
+        if kind not in rtu.FAULTS:
+            raise _fail(
+                f"--fault {f!r}: no fault {kind!r}", f"choose from {', '.join(rtu.FAULTS)}", 2
+            )
+        at = _slave(where, "--fault", f)
+        if at not in seen:
+            raise _fail(
+                f"--fault {f!r}: no terminal at slave {at}",
+                f"terminals are at {', '.join(map(str, sorted(seen)))}",
+                2,
+            )
+        try:
+            amount = float(value or 0)
+        except ValueError:
+            raise _fail(f"--fault {f!r}: {value!r} is not a number", "e.g. 2:late=0.5", 2) from None
+        faults.append((at, kind, amount))
+    raise typer.Exit(
+        rtu.serve(
+            pairs,
+            faults,
+            baud=baud,
+            stopbits=stopbits,
+            turnaround_s=turnaround_ms / 1000,
+            seed=seed,
+            duration=duration,
+        )
+    )
 
 
-@sim_app.command("fleet", context_settings=_PASS_THROUGH, add_help_option=False)
-def sim_fleet(ctx: typer.Context) -> None:
+@sim_app.command("firmware")
+def sim_firmware(
+    profile: Annotated[
+        str, typer.Option(help="the profile the firmware serves (only sound_level_meter)")
+    ] = "sound_level_meter",
+    slave: Annotated[int, typer.Option(help="slave address", min=1, max=247)] = 1,
+    baud: Annotated[int, typer.Option(help="baud rate", min=300, max=921600)] = 9600,
+    state: Annotated[
+        Path | None, typer.Option(help="the terminal's settings file (default: temporary)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of its signals")] = None,
+) -> None:
+    """The terminal firmware under MicroPython on a pty until Ctrl-C; prints the port first."""
+    if profile != "sound_level_meter":
+        raise _fail(
+            f"--profile {profile!r}: the firmware serves the sound_level_meter profile only",
+            "drop --profile, or use 'vitals sim rtu' for other profiles",
+            2,
+        )
+    from simulator import firmware
+
+    raise typer.Exit(firmware.serve(slave=slave, baud=baud, state=state, seed=seed))
+
+
+@sim_app.command("fleet")
+def sim_fleet(
+    gateways: Annotated[int, typer.Option(help="how many agents", min=1)] = 5,
+    terminals: Annotated[int, typer.Option(help="terminals per gateway", min=1)] = 4,
+    duration: Annotated[float, typer.Option(help="seconds of scenario", min=1.0)] = 20.0,
+    scenario: Annotated[
+        str, typer.Option(help="a shipped scenario's name or a TOML file")
+    ] = "steady",
+    broker: Annotated[
+        str, typer.Option(help="auto (Mosquitto if installed), mosquitto or embedded")
+    ] = "auto",
+    max_age: Annotated[float, typer.Option(help="the agents' batch max_age_s", min=0.05)] = 1.0,
+    workdir: Annotated[
+        Path | None, typer.Option(help="keep state, configs, logs and the hub DB here")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON report on stdout")] = False,
+) -> None:
     """G agents, their terminals, a broker and the hub: loss, latency, CPU, events.
 
-    --gateways G --terminals T --duration S --scenario NAME --json (--help for all).
+    Exit 1 on any loss.
     """
+    if broker not in ("auto", "mosquitto", "embedded"):
+        raise _fail(f"--broker {broker!r}", "choose from auto, mosquitto, embedded", 2)
     _require_demo_extra("vitals sim fleet", "aiomqtt")
-    from simulator.fleet import main as fleet_main
+    from simulator import fleet
+    from simulator.scenario import load_scenario
 
-    raise typer.Exit(fleet_main(list(ctx.args)))
+    try:
+        scen = load_scenario(scenario)
+    except ConfigError as exc:
+        where, problem = exc.problems[0]
+        raise _fail(
+            f"--scenario {scenario!r}: {where}: {problem}", "a shipped name or a TOML file", 2
+        ) from None
+    raise typer.Exit(
+        fleet.serve(
+            gateways=gateways,
+            terminals=terminals,
+            duration=duration,
+            scenario=scen,
+            broker=broker,
+            max_age_s=max_age,
+            workdir=workdir,
+            as_json=as_json,
+        )
+    )
 
 
-def main() -> None:
-    app()
+def main(argv: Sequence[str] | None = None) -> None:
+    """``vitals [ARGS]`` (default: the process's arguments); exits with the command's status."""
+    app(args=None if argv is None else list(argv), prog_name="vitals")
 
 
 if __name__ == "__main__":

@@ -786,10 +786,13 @@ def _device(
         else []
     )
     if bus_name and bus_name not in bus_names and bus_name not in declared:
-        known = ", ".join(bus_names) or "(none)"
+        # name every declared bus, also one refused for its own problem (listed apart)
+        names = [n for n in declared if isinstance(n, str) and n]
+        known = ", ".join(n if n in bus_names else f"{n} (has a problem of its own)" for n in names)
         t.add(
             "bus",
-            f"no bus named '{bus_name}'{did_you_mean(bus_name, bus_names)}; buses: {known}",
+            f"no bus named '{bus_name}'{did_you_mean(bus_name, names)}; "
+            f"buses: {known or '(none: add a [[buses]] block)'}",
         )
     kind = next((b.kind for b in buses if b.name == bus_name), None)
     profile_name = t.get_str("profile", required=True, nonempty=True)
@@ -1023,13 +1026,20 @@ def _rule(
 # -- `vitals config check` -----------------------------------------------------
 
 
-def check(path: str | Path) -> tuple[int, str]:
+def check(path: str | Path, *, as_json: bool = False) -> tuple[int, str]:
     """Validate the file for ``vitals config check FILE``.
 
-    Returns ``(0, resolved config as JSON)`` or ``(1, one problem per line)``.
+    Returns ``(0, resolved config as JSON)`` or ``(1, one problem per line)``; with
+    ``as_json`` one JSON object, ``{"ok": true, "config": ...}`` or
+    ``{"ok": false, "problems": [{"where": ..., "problem": ...}, ...]}``.
     """
     try:
         config = load_config(path)
     except ConfigError as exc:
+        if as_json:
+            problems = [{"where": where, "problem": msg} for where, msg in exc.problems]
+            return 1, json.dumps({"ok": False, "problems": problems}, ensure_ascii=False)
         return 1, "\n".join(f"{where}: {msg}" for where, msg in exc.problems)
+    if as_json:
+        return 0, json.dumps({"ok": True, "config": config.to_dict()}, ensure_ascii=False)
     return 0, json.dumps(config.to_dict(), indent=2, ensure_ascii=False)

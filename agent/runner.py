@@ -1,14 +1,11 @@
 """``vitals run``: the agent as a service, and the logging set-up of every command.
 
-Kept apart from the typer CLI (``agent.cli``) so that the long-running agent
-imports neither typer nor rich nor the diagnostics: ``vitals run`` is
-dispatched here directly by the entry point (``agent.__main__``), which saves
-the gateway several MB of resident memory for the whole of its uptime.
+The typer command is in :mod:`agent.cli`; this module imports neither rich nor
+the diagnostics, so the long-running agent does not either (docs/decisions.md, 21).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ctypes
 import json
@@ -21,7 +18,14 @@ from pathlib import Path
 
 from protocols.errors import ConfigError, VitalsError
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_STATE", "first_error", "main", "run", "setup_logging"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_STATE",
+    "first_error",
+    "one_malloc_arena",
+    "run",
+    "setup_logging",
+]
 
 DEFAULT_CONFIG = Path(os.environ.get("VITALS_CONFIG", "/etc/vitals/gateway.toml"))
 DEFAULT_STATE = Path(os.environ.get("VITALS_STATE_DIR", "/var/lib/vitals"))
@@ -77,7 +81,13 @@ def run(config: Path, state_dir: Path | None = None, log_level: str | None = Non
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        for where, problem in exc.problems:
+            print(f"error: {where}: {problem}", file=sys.stderr)
+        print(
+            f"hint: 'vitals config check {config}' lists every problem; another file: "
+            "--config FILE or VITALS_CONFIG",
+            file=sys.stderr,
+        )
         return 1
     setup_logging(log_level or cfg.log.level, cfg.log.format)
 
@@ -132,18 +142,3 @@ def one_malloc_arena() -> None:
 
 
 _M_ARENA_MAX = -8  # <malloc.h>
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``vitals run [--config F] [--state-dir D] [--log-level L]``."""
-    one_malloc_arena()  # before any thread starts
-    ap = argparse.ArgumentParser(
-        prog="vitals run", description=run.__doc__.splitlines()[0] if run.__doc__ else None
-    )
-    ap.add_argument(
-        "--config", "-c", type=Path, default=DEFAULT_CONFIG, help="gateway configuration (TOML)"
-    )
-    ap.add_argument("--state-dir", type=Path, default=None, help="override [gateway] state_dir")
-    ap.add_argument("--log-level", default=None, help="override [log] level")
-    args = ap.parse_args(argv)
-    return run(args.config, args.state_dir, args.log_level)

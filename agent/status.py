@@ -221,7 +221,9 @@ class StatusUnavailable(Exception):
 
 def read_status(paths: list[Path], now: float | None = None) -> tuple[Path, dict[str, Any], str]:
     """The first status file found: ``(path, document, freshness)`` where freshness
-    is ``""`` when the agent is alive, else why the status is not current."""
+    is ``""`` when the agent is alive, else why the status is not current. A status
+    that is not current says so itself: ``state`` is ``stopped`` (or ``hung``) and the
+    uplink is not claimed connected."""
     now = time.time() if now is None else now
     for p in paths:
         try:
@@ -235,21 +237,25 @@ def read_status(paths: list[Path], now: float | None = None) -> tuple[Path, dict
         except (OSError, ValueError) as exc:
             raise StatusUnavailable(f"{p}: unreadable ({exc})", "is the disk full?") from None
         if not isinstance(doc, dict):
-            raise StatusUnavailable(f"{p}: not a status document", "")
+            raise StatusUnavailable(f"{p}: not a status document", "pass --status-file FILE")
         age = now - float(doc.get("written_at", 0))
         interval = float(doc.get("interval_s", 5.0))
-        why = ""
+        why, state = "", doc.get("state", "running")
         if doc.get("state") == "stopped":
-            why = "the agent stopped"
+            why, state = "the agent stopped", "stopped"
         elif not _alive(int(doc.get("pid", 0))):
-            why = f"the agent (pid {doc.get('pid')}) is gone"
+            why, state = f"the agent (pid {doc.get('pid')}) is gone", "stopped"
         elif age > 3 * interval:
-            why = f"the status is {age:.0f} s old: the agent is hung"
+            why, state = f"the status is {age:.0f} s old: the agent is hung", "hung"
+        if why:
+            uplink = {**(doc.get("uplink") or {}), "connected": False}
+            doc = {**doc, "state": state, "uplink": uplink, "age_s": round(age, 1)}
         return p, doc, why
     where = ", ".join(str(p) for p in paths)
     raise StatusUnavailable(
-        f"no status file ({where})",
-        "is the agent running? 'systemctl status vitals'; start it with 'sudo systemctl start vitals'",
+        f"no status file (looked at {where})",
+        "is the agent running? 'systemctl status vitals'. If it runs with another "
+        "configuration or state directory: vitals status --config FILE (or --state-dir DIR)",
     )
 
 
@@ -283,7 +289,7 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
     from rich.table import Table
 
     con = Console(highlight=False)
-    head = "[green]running[/]" if not why else f"[red]not running[/]: {why}"
+    head = "[green]running[/]" if not why else f"[red]{doc.get('state', 'stopped')}[/]: {why}"
     con.print(
         f"gateway [bold]{doc.get('gateway', '?')}[/]  {head}  pid {doc.get('pid')}  "
         f"up {_age(doc.get('uptime_s'))}  epoch {doc.get('epoch')}  ({path})",
@@ -292,8 +298,12 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
     up = doc.get("uplink") or {}
     last = up.get("last_acked")
     last_txt = f"epoch {last[0]} seq {last[1]}" if last else "—"
+    if why:
+        link = "[red]not connected[/] (the agent is not running)"
+    else:
+        link = "connected" if up.get("connected") else "[red]disconnected[/]"
     con.print(
-        f"uplink  {'connected' if up.get('connected') else '[red]disconnected[/]'}  "
+        f"uplink  {link}  "
         f"acked {up.get('batches_acked', 0)} batches / {up.get('readings_acked', 0)} readings  "
         f"last acked {last_txt}"
         + (f"  last error: {up['last_error']}" if up.get("last_error") else ""),
@@ -305,7 +315,10 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
         f"oldest {_age(sp.get('oldest_age_s'))}, dropped {sp.get('dropped_batches', 0)}",
         soft_wrap=True,
     )
-    t = Table(title="buses and devices")
+    title = "buses and devices"
+    if why:
+        title += f" at the last status, {_age(doc.get('age_s'))} ago"
+    t = Table(title=title)
     for col in ("bus", "device", "state", "polls", "failed", "rtt ms", "last error"):
         t.add_column(col, justify="right" if col in ("polls", "failed", "rtt ms") else "left")
     colors = {"online": "green", "degraded": "yellow", "offline": "red"}
@@ -336,10 +349,24 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
         con.print(f"{k}: {v}", soft_wrap=True)
 
 
-def show(status_file: Path | None, state_dir: Path | None, as_json: bool) -> int:
-    """``vitals status``: print the running agent's state; the exit status (0 running)."""
-    paths = [status_file] if status_file else default_status_paths(state_dir)
+def show(
+    status_file: Path | None,
+    state_dir: Path | None,
+    as_json: bool,
+    *,
+    config: Path | None = None,
+) -> int:
+    """``vitals status``: print the running agent's state; the exit status (0 running).
+
+    Without ``status_file`` it looks in ``/run/vitals``, then in the state directory:
+    ``state_dir``, else the ``[gateway] state_dir`` of ``config`` (default
+    ``/etc/vitals/gateway.toml`` when that file exists), else ``/var/lib/vitals``.
+    """
     try:
+        if status_file:
+            paths = [status_file]
+        else:
+            paths = default_status_paths(state_dir or _state_dir_of(config))
         path, doc, why = read_status(paths)
     except StatusUnavailable as exc:
         if as_json:
@@ -354,3 +381,22 @@ def show(status_file: Path | None, state_dir: Path | None, as_json: bool) -> int
     else:
         render(path, doc, why)
     return 0 if not why else 1
+
+
+def _state_dir_of(config: Path | None) -> Path | None:
+    """The state directory a configuration names; None when the default file is absent."""
+    from agent.config import load_config
+    from protocols.errors import ConfigError
+
+    if config is None:
+        config = Path("/etc/vitals/gateway.toml")
+        if not config.exists():
+            return None
+    try:
+        return load_config(config).gateway.state_dir
+    except ConfigError as exc:
+        where, problem = exc.problems[0]
+        raise StatusUnavailable(
+            f"{where}: {problem}",
+            f"'vitals config check {config}' lists every problem; or pass --state-dir DIR",
+        ) from None

@@ -29,13 +29,13 @@ import asyncio
 import hashlib
 import logging
 import os
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import aiomqtt
 import typer
 
 from protocols import ed25519, enroll, envelope, topics
@@ -267,6 +267,8 @@ async def serve(
     retire_every_s: float = 60.0,
 ) -> None:
     """Answer enrollment requests from the broker until cancelled."""
+    import aiomqtt  # the demo extra: `vitals hub token` works without it
+
     flt = f"{desk.prefix}/enroll/+"
     while True:
         try:
@@ -309,21 +311,56 @@ def hub_token_command(
     ctx: typer.Context,
     gateway: Annotated[str, typer.Argument(help="the gateway id the token enrolls")],
     ttl: Annotated[float, typer.Option(help="validity in hours")] = 24.0,
+    db: Annotated[
+        Path | None, typer.Option(help="hub database (SQLite); also accepted before 'token'")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object: token, gateway, expiry, hub key id")
+    ] = False,
 ) -> None:
     """Issue a one-time enrollment token for GATEWAY (for `vitals provision --token`)."""
-    db: Path = ctx.obj["db"] if ctx.obj else Path("hub.sqlite3")
-    core = HubCore(db)
+    import json
+
+    if db is None:
+        db = ctx.obj["db"] if ctx.obj else Path("hub.sqlite3")
+
+    def fail(message: str, hint: str) -> typer.Exit:
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "error": message, "hint": hint}))
+        else:
+            typer.secho(f"error: {message}", fg="red", err=True)
+            typer.echo(f"hint: {hint}", err=True)
+        return typer.Exit(1)
+
+    if not (db.parent if str(db.parent) else Path(".")).is_dir():
+        raise fail(f"{db}: no such directory", "pass --db PATH of the hub's database")
+    try:
+        core = HubCore(db)
+    except (OSError, sqlite3.Error) as exc:
+        raise fail(f"{db}: {exc}", "pass --db PATH of the hub's database") from None
     try:
         desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
         token = desk.issue_token(gateway, ttl_s=ttl * 3600.0)
     except (ValueError, PermissionError) as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+        raise fail(
+            str(exc), "a gateway id is a-z, 0-9 and '-'; the hub key must be readable"
+        ) from None
     finally:
         core.close()
+    hub_kid = envelope.key_id(desk.hub_public).hex()
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": True,
+                    "token": token,
+                    "gateway": gateway,
+                    "valid_h": ttl,
+                    "expires": round(time.time() + ttl * 3600.0, 3),
+                    "hub_key_id": hub_kid,
+                }
+            )
+        )
+        return
     typer.echo(token)
-    typer.echo(
-        f"valid {ttl:g} h, once, for {gateway}; pins hub key "
-        f"{envelope.key_id(desk.hub_public).hex()}",
-        err=True,
-    )
+    typer.echo(f"valid {ttl:g} h, once, for {gateway}; pins hub key {hub_kid}", err=True)

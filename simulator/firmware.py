@@ -31,7 +31,6 @@ neither the firmware nor the wire sees a hang-up between two clients.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -344,26 +343,16 @@ def _write_all(fd: int, data: bytes) -> None:
             data = data[os.write(fd, data) :]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``vitals sim firmware``: print the serial port's path alone on the first
-    line, then run until Ctrl-C (or SIGTERM)."""
-    parser = argparse.ArgumentParser(
-        prog="vitals sim firmware",
-        description="Run the terminal firmware under MicroPython behind a pty.",
-    )
-    parser.add_argument(
-        "--profile",
-        default="sound_level_meter",
-        help="device profile the firmware serves (only sound_level_meter)",
-    )
-    parser.add_argument("--slave", type=int, default=1)
-    parser.add_argument("--baud", type=int, default=9600)
-    parser.add_argument("--state", default=None, help="settings file (default: temporary)")
-    parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.profile != "sound_level_meter":
-        parser.error(f"the firmware serves the sound_level_meter profile, not {args.profile!r}")
-    terminal = FirmwareTerminal(slave=args.slave, baud=args.baud, state=args.state, seed=args.seed)
+def serve(
+    *,
+    slave: int = 1,
+    baud: int = 9600,
+    state: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+) -> int:
+    """``vitals sim firmware`` (options parsed in agent/cli.py): print the serial
+    port's path alone on the first line, then run until Ctrl-C (or SIGTERM)."""
+    terminal = FirmwareTerminal(slave=slave, baud=baud, state=state, seed=seed)
     stop = False
 
     def _stop(signum: int, frame: object) -> None:
@@ -378,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         print(terminal.port, flush=True)
-        print(
-            f"slave {args.slave}, {args.baud} baud 8N1; Ctrl-C stops", file=sys.stderr, flush=True
-        )
+        print(f"slave {slave}, {baud} baud 8N1; Ctrl-C stops", file=sys.stderr, flush=True)
         while not stop and terminal._proc is not None and terminal._proc.poll() is None:
             time.sleep(0.2)
     except KeyboardInterrupt:
@@ -395,5 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m simulator.firmware ARGS`` is ``vitals sim firmware ARGS`` (exits)."""
+    from agent.cli import main as cli
+
+    cli(["sim", "firmware", *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -33,7 +33,6 @@ Exit status: 0 when nothing was lost or duplicated, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -53,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator.scenario import Scenario, load_scenario
+from simulator.scenario import Scenario
 
 __all__ = ["FleetResult", "main", "run_fleet"]
 
@@ -982,41 +981,46 @@ def render(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``vitals sim fleet`` (and the internal ``emulate`` sub-command)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["emulate"]:
-        asyncio.run(_emulate(Path(argv[1])))
-        return 0
-    ap = argparse.ArgumentParser(prog="vitals sim fleet", description=__doc__.splitlines()[0])
-    ap.add_argument("--gateways", type=int, default=5)
-    ap.add_argument("--terminals", type=int, default=4, help="terminals per gateway")
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds of scenario")
-    ap.add_argument("--scenario", default="steady", help="shipped name or TOML path")
-    ap.add_argument("--broker", default="auto", choices=["auto", "mosquitto", "embedded"])
-    ap.add_argument("--max-age", type=float, default=1.0, help="agents' batch max_age_s")
-    ap.add_argument("--workdir", type=Path, help="keep state, configs, logs and hub DB here")
-    ap.add_argument("--json", action="store_true", help="one JSON report on stdout")
-    args = ap.parse_args(argv)
-    scen = load_scenario(args.scenario)
+def serve(
+    *,
+    gateways: int = 5,
+    terminals: int = 4,
+    duration: float = 20.0,
+    scenario: Scenario,
+    broker: str = "auto",
+    max_age_s: float = 1.0,
+    workdir: Path | None = None,
+    as_json: bool = False,
+) -> int:
+    """``vitals sim fleet`` (options parsed in agent/cli.py): run, print the report
+    (one JSON object with ``as_json``); 0 when nothing was lost."""
     result = asyncio.run(
         run_fleet(
-            gateways=args.gateways,
-            terminals=args.terminals,
-            duration=args.duration,
-            scenario=scen,
-            broker_kind=args.broker,
-            workdir=args.workdir,
-            max_age_s=args.max_age,
-            progress=not args.json and sys.stderr.isatty(),
+            gateways=gateways,
+            terminals=terminals,
+            duration=duration,
+            scenario=scenario,
+            broker_kind=broker,
+            workdir=workdir,
+            max_age_s=max_age_s,
+            progress=not as_json and sys.stderr.isatty(),
         )
     )
-    if args.json:
-        print(json.dumps(result.report))
-    else:
-        print(render(result.report))
+    print(json.dumps(result.report) if as_json else render(result.report))
     return 0 if result.ok else 1
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m simulator.fleet ARGS`` is ``vitals sim fleet ARGS``; ``emulate SPEC``
+    is the internal emulator process (exits)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["emulate"]:
+        asyncio.run(_emulate(Path(argv[1])))
+        raise SystemExit(0)
+    from agent.cli import main as cli
+
+    cli(["sim", "fleet", *argv])
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

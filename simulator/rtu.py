@@ -48,7 +48,6 @@ exception ``code``), ``garbage`` (random bytes instead of a reply), ``late``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -63,7 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from drivers.profiles import Profile, load_profile
+from drivers.profiles import Profile
 from protocols.errors import FrameError
 from protocols.modbus import Space
 from protocols.rtu import (
@@ -345,62 +344,22 @@ class RtuBus:
 # --------------------------------------------------------------------------- CLI
 
 
-def _parse_fault(text: str) -> tuple[int, str, float]:
-    """``SLAVE:KIND[=VALUE]``: ``3:silent``, ``2:exception=6``, ``5:late=1.5``."""
-    slave, _, rest = text.partition(":")
-    kind, _, value = rest.partition("=")
-    if kind not in FAULTS:
-        raise argparse.ArgumentTypeError(f"fault {kind!r}: expected one of {', '.join(FAULTS)}")
-    return int(slave), kind, float(value or 0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="vitals sim rtu",
-        description="Emulated Modbus RTU terminals on a pty with wire timing. "
-        "Prints the port to open (parity N) on the first line.",
-    )
-    ap.add_argument(
-        "--device",
-        action="append",
-        default=[],
-        metavar="SLAVE=PROFILE",
-        help="a terminal: slave address and profile (repeatable)",
-    )
-    ap.add_argument("--profile", help="profile of --count terminals at slaves 1..N")
-    ap.add_argument("--count", type=int, default=1)
-    ap.add_argument("--baud", type=int, default=9600)
-    ap.add_argument("--stopbits", type=int, choices=(1, 2), default=1)
-    ap.add_argument("--turnaround-ms", type=float, default=1.0)
-    ap.add_argument(
-        "--fault",
-        action="append",
-        default=[],
-        type=_parse_fault,
-        metavar="SLAVE:KIND[=V]",
-        help=f"inject a fault ({', '.join(FAULTS)}); V = exception code or delay in s",
-    )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--duration", type=float, help="stop after this many seconds")
-    return ap
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run an emulated bus until SIGINT/SIGTERM; print the port, at the end stats as JSON."""
-    args = build_parser().parse_args(argv)
-    pairs: list[tuple[int, str]] = []
-    for d in args.device:
-        slave, _, prof = d.partition("=")
-        pairs.append((int(slave), prof))
-    if args.profile:
-        pairs += [(i + 1, args.profile) for i in range(args.count)]
-    if not pairs:
-        pairs = [(1, "sound_level_meter")]
-    slaves = [
-        RtuSlave(load_profile(p), slave=a, seed=args.seed + i) for i, (a, p) in enumerate(pairs)
-    ]
+def serve(
+    terminals: Sequence[tuple[int, Profile]],
+    faults: Sequence[tuple[int, str, float]] = (),
+    *,
+    baud: int = 9600,
+    stopbits: int = 1,
+    turnaround_s: float = 0.001,
+    seed: int = 0,
+    duration: float | None = None,
+) -> int:
+    """``vitals sim rtu`` (its options are parsed and checked in agent/cli.py): run a bus
+    of ``(slave, profile)`` terminals until SIGINT/SIGTERM or ``duration``; print the
+    port (open it with parity N) first and the bus's counters as JSON at the end."""
+    slaves = [RtuSlave(p, slave=a, seed=seed + i) for i, (a, p) in enumerate(terminals)]
     by_addr = {s.slave: s for s in slaves}
-    for addr, kind, value in args.fault:
+    for addr, kind, value in faults:
         s = by_addr[addr]
         s.fault = kind
         if kind == "exception":
@@ -410,15 +369,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    bus = RtuBus(
-        slaves, baud=args.baud, stopbits=args.stopbits, turnaround_s=args.turnaround_ms / 1000
-    )
+    bus = RtuBus(slaves, baud=baud, stopbits=stopbits, turnaround_s=turnaround_s)
     with bus:
         print(bus.port, flush=True)
-        stop.wait(args.duration)
+        stop.wait(duration)
     print(json.dumps(bus.statistics()), flush=True)
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m simulator.rtu ARGS`` is ``vitals sim rtu ARGS`` (exits)."""
+    from agent.cli import main as cli
+
+    cli(["sim", "rtu", *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
