@@ -10,6 +10,7 @@ so a master asking for E fails when it configures the port.
 from __future__ import annotations
 
 import itertools
+import json
 import termios
 import time
 from collections.abc import Callable, Iterator
@@ -428,3 +429,19 @@ async def test_the_demo_terminals_serve_plausible_values_over_tcp() -> None:
         for pname, value in values.items():
             _bounded(f"{name}.{pname}", profile.point(pname), MODELS[name][pname], value)
         CHECKS[name](values)
+
+
+def test_a_scan_finds_one_setting_per_bus() -> None:
+    """``vitals diag scan`` over every baud finds the bus at its own only, and
+    ``--first`` stops there (it once reported six settings for one bus)."""
+    from typer.testing import CliRunner
+
+    from agent.diag import diag_app
+
+    with RtuBus([RtuSlave(SLM, slave=3)], baud=4800) as b:
+        for extra in ([], ["--first"]):
+            argv = ["scan", "--port", b.port, "--slaves", "2-4", "--parity", "N", "--json"]
+            r = CliRunner().invoke(diag_app, [*argv, *extra])
+            assert r.exit_code == 0, r.output
+            out = json.loads(r.output.strip().splitlines()[-1])
+            assert [(f["slave"], f["baud"]) for f in out["found"]] == [(3, 4800)]
