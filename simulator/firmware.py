@@ -105,6 +105,7 @@ class FirmwareTerminal:
         self._seen = 0  # how much of the log the wire has read
         self._settings: tuple[int, str] = (baud, "N")  # (baud, parity) in force
         self._wire: threading.Thread | None = None
+        self._lock = threading.Lock()  # the wire and the caller both read the log
         self._stop_r = self._stop_w = -1
 
     @property
@@ -224,7 +225,7 @@ class FirmwareTerminal:
         """Take the line settings of the firmware's latest ``READY`` line."""
         if self._log is None:
             return
-        with contextlib.suppress(OSError), self._log.open("rb") as f:
+        with self._lock, contextlib.suppress(OSError), self._log.open("rb") as f:
             f.seek(self._seen)
             new = f.read()
             end = new.rfind(b"\n") + 1  # whole lines only
