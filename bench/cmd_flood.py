@@ -1,6 +1,6 @@
 """A flood on the gateway's command topic: batches, refusals and memory during it.
 
-``python -m bench.cmd_flood [--messages 3000] [--large 556] [--seconds 8]``
+``python -m bench.cmd_flood [--messages 3000] [--large 556] [--seconds 8] [--qos 1]``
 
 A private Mosquitto on a free loopback port, two emulated Modbus TCP terminals
 polled every 100 ms, and the real agent (``python -m agent run``) in its own
@@ -10,7 +10,8 @@ flooder publishes ``--messages`` messages at QoS 1 to the gateway's command
 topic as fast as the broker takes them (issue 19's mix: random bytes, msgpack
 that looks like a command, unsigned and forged signed envelopes, empty
 payloads, and ``--large`` payloads of 70 KB to 900 KB), then the run goes on
-for ``--seconds`` more and a valid signed ``ping`` is sent.
+for ``--seconds`` more and a valid signed ``ping`` is sent. The flooder
+publishes at QoS 1 (``--qos 0``: without waiting for the broker, the quickest).
 
 Reported: batches a second before, during and after the flood; the longest
 gap between two batches; signed refusals published during the flood and per
@@ -93,6 +94,12 @@ async def start_agent(cfg: Path, log_file: Path) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
             *VITALS, "run", "--config", str(cfg), stdout=subprocess.DEVNULL, stderr=err
         )
+
+
+def acked(state: Path) -> tuple[float, int]:
+    """(written_at, batches acknowledged by the broker) from the agent's status file."""
+    doc = json.loads((state / "status.json").read_text())
+    return float(doc["written_at"]), int(doc["uplink"]["batches_acked"])
 
 
 def rss_kb(pid: int, field_name: str = "VmRSS") -> int:
@@ -181,14 +188,17 @@ def flood_mix(
     return out
 
 
-async def flood(host: str, port: int, gateway: str, payloads: Sequence[bytes]) -> None:
-    """Publish ``payloads`` to the gateway's command topic at QoS 1, back to back."""
+async def flood(
+    host: str, port: int, gateway: str, payloads: Sequence[bytes], *, qos: int = 1
+) -> None:
+    """Publish ``payloads`` to the gateway's command topic, back to back (at QoS 0 the
+    flooder waits for nothing: the quickest flood)."""
     import aiomqtt
 
     topic = topics.cmd(gateway)
     async with aiomqtt.Client(host, port, identifier=f"flood-{os.getpid()}") as c:
         for p in payloads:
-            await c.publish(topic, p, qos=1)
+            await c.publish(topic, p, qos=qos)
 
 
 @contextlib.asynccontextmanager
@@ -231,7 +241,9 @@ async def gateway_under_test(
             await t.stop()
 
 
-async def _run(messages: int, large: int, seconds: float, workdir: Path) -> dict[str, object]:
+async def _run(
+    messages: int, large: int, seconds: float, qos: int, workdir: Path
+) -> dict[str, object]:
     from simulator.commander import Commander
     from simulator.hub import HubCore
 
@@ -240,27 +252,33 @@ async def _run(messages: int, large: int, seconds: float, workdir: Path) -> dict
     broker = MosquittoBroker()
     await broker.start()
     try:
-        async with gateway_under_test(workdir, broker, hub, gw) as (proc, watch, gw_key, _):
+        async with gateway_under_test(workdir, broker, hub, gw) as (proc, watch, gw_key, log):
             payloads = flood_mix(gw, hub.public_key().public_bytes_raw(), n=messages, large=large)
             await asyncio.sleep(seconds)
             t0 = time.monotonic()
             rss_before = rss_kb(proc.pid)
+            acked_before = acked(workdir / "state")
             t_before = t0 - seconds
-            await flood(broker.host, broker.port, gw, payloads)
+            await flood(broker.host, broker.port, gw, payloads, qos=qos)
             t1 = time.monotonic()
             await asyncio.sleep(seconds)
             t2 = time.monotonic()
             rss_after = rss_kb(proc.pid)
             hwm = rss_kb(proc.pid, "VmHWM")
+            acked_after = acked(workdir / "state")
             core = HubCore(workdir / "hub.sqlite3")
             core.enroll(gw, gw_key.public_key().public_bytes_raw())
             import aiomqtt
 
             async with aiomqtt.Client(broker.host, broker.port, identifier="bench-hub") as c:
                 sent = time.monotonic()
-                res = await Commander(core, hub).send(c, gw, "ping", timeout_s=10)
+                try:
+                    res = (await Commander(core, hub).send(c, gw, "ping", timeout_s=10)).status
+                except TimeoutError:
+                    res = "no answer in 10 s"
                 answered_s = time.monotonic() - sent
             core.close()
+            lost = log.read_text().count(" lost: ")
             refusals = [t for t, _ in watch.results if t0 <= t < t1 + 1.0]
     finally:
         await broker.stop()
@@ -268,17 +286,23 @@ async def _run(messages: int, large: int, seconds: float, workdir: Path) -> dict
     return {
         "messages": messages,
         "large": large,
+        "qos": qos,
         "flood_s": round(flood_s, 2),
         "batches_per_s_before": round(watch.batches_between(t_before, t0) / seconds, 2),
         "batches_per_s_during": round(watch.batches_between(t0, t1) / flood_s, 2),
         "batches_per_s_after": round(watch.batches_between(t1, t2) / (t2 - t1), 2),
         "longest_batch_gap_s": round(watch.longest_gap(t_before, t2), 2),
+        # PUBACKs the agent got, from its status file (written every 5 s)
+        "acked_per_s_across_flood": round(
+            (acked_after[1] - acked_before[1]) / (acked_after[0] - acked_before[0]), 2
+        ),
         "refusals_published": len(refusals),
         "refusals_per_s": round(len(refusals) / (flood_s + 1.0), 2),
         "rss_before_mb": round(rss_before / 1024, 1),
         "rss_after_mb": round(rss_after / 1024, 1),
         "hwm_mb": round(hwm / 1024, 1),
-        "ping_after_flood": res.status,
+        "uplink_lost": lost,
+        "ping_after_flood": res,
         "ping_answered_s": round(answered_s, 3),
     }
 
@@ -288,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--large", type=int, default=556)
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--qos", type=int, choices=(0, 1), default=1, help="the flooder's QoS")
     args = ap.parse_args(argv)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="vitals-bench-flood-") as tmp:
-        out = asyncio.run(_run(args.messages, args.large, args.seconds, Path(tmp)))
+        out = asyncio.run(_run(args.messages, args.large, args.seconds, args.qos, Path(tmp)))
     print("| figure | value |\n|---|---|")
     for k, v in out.items():
         print(f"| {k} | {v} |")
