@@ -9,6 +9,7 @@ so a master asking for E fails when it configures the port.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import termios
@@ -187,14 +188,15 @@ async def test_serial_sensor_frames_only_at_its_baud(kind: SensorKind) -> None:
         "sds011": sds011.Parser,
         "gps": nmea.Parser,
     }
-    async with SerialSensorEmulator(kind, seed=5) as emu:
+    async with SerialSensorEmulator(kind, seed=5, period=0.02) as emu:
         for baud, want in ((9600, True), (4800, False), (19200, False), (115200, False)):
-            with serial.Serial(emu.port, baud, timeout=0.2) as ser:
+            with serial.Serial(emu.port, baud, timeout=0) as ser:
                 ser.reset_input_buffer()
-                for _ in range(3):
-                    for chunk in emu.next_chunks():
-                        emu._write(chunk)
-                got = ser.read(4096)
+                async with asyncio.TaskGroup() as tg:
+                    emit = tg.create_task(emu.run(), name=f"sim[{kind}].emit")
+                    await asyncio.sleep(0.15)
+                    emit.cancel()
+                got = ser.read(65536)
             assert got, baud  # something arrives either way
             assert bool(parser_of[kind]().feed(got)) is want, baud
         assert emu.counters["garbled"] > 0
