@@ -4,7 +4,7 @@ The only place that configures logging. What only some commands need is
 imported when that command runs: the simulator (the demo, the reference hub,
 emulated terminals), the diagnostics and provisioning (registered lazily by
 :class:`_Commands`), rich. ``vitals run`` so loads typer but none of those
-(docs/decisions.md, 21).
+(docs/decisions.md, 22).
 """
 
 from __future__ import annotations
@@ -45,15 +45,16 @@ if _display_type_rich is not None:
 
 # commands whose modules load only when they are called or listed: `vitals run`
 # never imports the diagnostics or the provisioning code
-_LAZY = ("provision", "key", "diag")
+_LAZY = ("provision", "keygen", "key", "diag")
 
 
 def _lazy_commands() -> dict[str, Any]:
     from agent.diag import diag_app
-    from agent.provision import key_app, provision_command
+    from agent.provision import key_app, keygen_command, provision_command
 
     extra = typer.Typer()
     extra.command("provision")(provision_command)
+    extra.command("keygen")(keygen_command)
     extra.add_typer(key_app, name="key")
     extra.add_typer(diag_app, name="diag")
     return dict(typer.main.get_group(extra).commands)
@@ -179,23 +180,6 @@ def status(
     from agent.status import show
 
     raise typer.Exit(show(status_file, state_dir, as_json, config=config))
-
-
-@app.command()
-def keygen(
-    state_dir: Annotated[Path, typer.Option(help="where the key is kept")] = DEFAULT_STATE,
-) -> None:
-    """Create this gateway's Ed25519 identity (mode 0600) and show its key id."""
-    from agent.state import create_identity
-
-    try:
-        ident = create_identity(state_dir)
-    except VitalsError as exc:
-        raise _fail(str(exc)) from None
-    typer.echo(f"key file     {ident.path}")
-    typer.echo(f"public key   {ident.public_raw.hex()}")
-    typer.echo(f"key id       {ident.kid.hex()}")
-    typer.echo(f"fingerprint  {ident.fingerprint}")
 
 
 @config_app.command("check")

@@ -1,7 +1,7 @@
 """``vitals run``: the agent as a service, and the logging set-up of every command.
 
 The typer command is in :mod:`agent.cli`; this module imports neither rich nor
-the diagnostics, so the long-running agent does not either (docs/decisions.md, 21).
+the diagnostics, so the long-running agent does not either (docs/decisions.md, 22).
 """
 
 from __future__ import annotations

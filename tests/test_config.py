@@ -463,3 +463,50 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         config.gateway.id = "x"  # type: ignore[misc]
     with pytest.raises(TypeError):
         config.points[99] = config.points[0]  # type: ignore[index]
+
+
+def test_a_device_on_a_missing_bus_names_every_declared_bus(tmp_path: Path) -> None:
+    """A bus refused for its own problem is still named, marked, never '(none)'."""
+    bad_bus = RTU.replace('port = "/dev/ttyUSB0"', 'port = "/dev/ttyUSB0"\nbaud = 12')
+    lost = NOISE.replace('bus = "rs485-1"', 'bus = "rs485_1"')
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, GATEWAY + bad_bus + NOISE + lost.replace("noise-1", "n-2")))
+    problems = dict((w.split(": ", 1)[1], m) for w, m in exc.value.problems)
+    assert problems["buses[0].baud"] == "value 12 out of range 1200..921600"
+    assert "devices[0].bus" not in problems  # its bus exists: its own problem is enough
+    assert problems["devices[1].bus"] == (
+        "no bus named 'rs485_1' (did you mean 'rs485-1'?); "
+        "buses: rs485-1 (has a problem of its own)"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, GATEWAY + NOISE))
+    assert exc.value.problems[-1][1].endswith("buses: (none: add a [[buses]] block)")
+
+
+def test_check_json_lists_every_problem(tmp_path: Path) -> None:
+    code, text = check(
+        write(tmp_path, GATEWAY + RTU + NOISE.replace("slave = 1", "slave = 0")), as_json=True
+    )
+    assert code == 1
+    doc = json.loads(text)
+    assert doc["ok"] is False
+    assert [p["where"].rsplit(": ", 1)[1] for p in doc["problems"]] == ["devices[0].slave"]
+    code, text = check(write(tmp_path, GOOD), as_json=True)
+    assert code == 0 and json.loads(text)["config"]["gateway"]["id"] == "gw-0001"
+
+
+def test_configuration_md_documents_every_rule_key_and_links_only_real_files() -> None:
+    import re
+
+    from agent.config import _ALL_RULE_KEYS, RULE_KINDS
+
+    doc = (EXAMPLES.parent / "configuration.md").read_text()
+    section = doc.split("## `[[rules]]`", 1)[1].split("\n## ", 1)[0]
+    for key in ("id", "kind", "device", "point", *_ALL_RULE_KEYS):
+        assert f"| `{key}` |" in section, f"[[rules]] key {key!r} is not in docs/configuration.md"
+    for kind in RULE_KINDS:
+        assert f"`{kind}`" in section
+    for target in re.findall(r"\]\(([^)#]+)", doc):
+        if "://" not in target:
+            assert (EXAMPLES.parent / target).exists(), f"configuration.md links to {target}"
+    assert "DESIGN.md" not in doc  # not in this repository
