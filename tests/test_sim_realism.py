@@ -58,7 +58,7 @@ def transact(
     port: str, baud: int, req: ReadRequest | WriteSingleRequest | DiagnosticsRequest
 ) -> object | None:
     """One request with pyserial at ``baud`` 8N1; the response, or None if silent."""
-    with serial.Serial(port, baud, timeout=0.3) as ser:
+    with serial.Serial(port, baud, timeout=0.6) as ser:
         ser.reset_input_buffer()
         ser.write(encode_request(req))
         parser = ResponseParser(req)
@@ -73,7 +73,7 @@ def transact(
 
 async def pymodbus_read(port: str, baud: int, slave: int) -> list[int] | None:
     """Holding register 38 (firmware version) or input 0 with pymodbus; None if silent."""
-    client = AsyncModbusSerialClient(port, baudrate=baud, parity="N", timeout=0.3, retries=0)
+    client = AsyncModbusSerialClient(port, baudrate=baud, parity="N", timeout=0.8, retries=0)
     assert await client.connect()
     try:
         rr = await client.read_input_registers(0, count=1, device_id=slave)
@@ -124,7 +124,7 @@ def test_a_master_asking_for_parity_is_refused(bus: RtuBus) -> None:
 def test_stop_bits_do_not_matter(bus: RtuBus) -> None:
     """A UART checks the first stop bit only: 8N2 and 8N1 hear each other."""
     req = ReadRequest(3, 4, 0, 1)
-    with serial.Serial(bus.port, 19200, stopbits=2, timeout=0.3) as ser:
+    with serial.Serial(bus.port, 19200, stopbits=2, timeout=0.6) as ser:
         ser.write(encode_request(req))
         parser = ResponseParser(req)
         response = None
