@@ -230,6 +230,9 @@ class Spool:
         self._reserve_size = 0
         self._reserve_held = False
         self._wal_limit = 0
+        self._dir = str(path.parent)
+        self._free = 0  # the file system's free bytes when last looked at, and when next
+        self._free_next = 0.0
         self._used = 0  # bytes of database pages in use (measured, plus estimates since)
         self._limit = 0  # what the pages may hold: the smaller of the bound and the disk's room
         self._dropping: dict[str, int] = {}  # reason -> batches dropped since its WARNING line
@@ -294,6 +297,11 @@ class Spool:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            if self._full_now(exc):  # not damage: never move a sound spool aside for that
+                raise SpoolError(
+                    f"spool {self.path}: cannot open it, the disk is full ({exc}); "
+                    f"free some space under {self.path.parent}"
+                ) from exc
             aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
                 p = Path(str(self.path) + suffix)
@@ -416,7 +424,12 @@ class Spool:
         # beside the pages: a WAL of up to its limit plus this transaction, its index, the reserve
         wal = self._wal_limit + txn
         limit, reason = self._max_bytes - wal - _SHM - self._reserve_size, "spool_full"
-        free = _fs_free(self.path.parent)
+        now = time.monotonic()
+        free = self._free
+        if now >= self._free_next or free < self._max_bytes + _MARGIN + wal:
+            # a roomy disk is looked at once a second (1.5 µs a look: the fast path)
+            free = self._free = _fs_free(self._dir)
+            self._free_next = now + 1.0
         if free < self._max_bytes + _MARGIN:  # the disk may be tighter: look closer
             # The database may grow only into room the file system has beyond a margin
             # (and the reserve, to allocate it again) and what the WAL still needs; past
