@@ -77,3 +77,23 @@ def test_a_path_with_brackets_is_shown_as_is(tmp_path: Path) -> None:
         os.close(slave)
     assert r.exit_code == 0, r.output
     assert f"{link}" in r.output
+
+
+@pytest.mark.parametrize(
+    ("comm", "argv", "short", "long"),
+    [
+        ("vitals", ["/usr/bin/python3", "/opt/vitals/bin/vitals", "run", "--config", "gw.toml"],
+         "vitals", "vitals run"),
+        ("python3", ["python3", "-m", "agent", "sim", "rtu", "--baud", "19200"],
+         "vitals", "vitals sim rtu"),
+        ("minicom", ["minicom", "-D", "/dev/ttyUSB0"], "minicom", "minicom"),
+    ],
+)  # fmt: skip
+def test_process_names(tmp_path: Path, comm: str, argv: list[str], short: str, long: str) -> None:
+    from agent.diag._common import process_name
+
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "comm").write_text(comm + "\n")
+    (tmp_path / "42" / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    assert process_name(42, tmp_path) == short
+    assert process_name(42, tmp_path, command=True) == long

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import sys
@@ -171,20 +172,28 @@ def escape(text: str) -> str:
 # -- who holds a serial port -------------------------------------------------------
 
 
-def process_name(pid: int, proc: Path = Path("/proc")) -> str:
+def process_name(pid: int, proc: Path = Path("/proc"), *, command: bool = False) -> str:
     """A process's name as a person knows it: ``vitals`` for the agent however it
-    was started (its script, ``python -m agent``), else the command name."""
+    was started (its script, ``python -m agent``), else the command name. With
+    ``command``, a vitals process says which one: ``vitals run``, ``vitals sim rtu``."""
     try:
         comm = (proc / str(pid) / "comm").read_text().strip()
     except OSError:
         return "?"
     try:
-        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+        argv = [
+            a.decode(errors="replace")
+            for a in (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+        ]
     except OSError:
         argv = []
-    words = [os.path.basename(a.decode(errors="replace")) for a in argv[:3]]
+    words = [os.path.basename(a) for a in argv[:3]]
     if comm == "vitals" or "vitals" in words or (comm.startswith("python") and "agent" in words):
-        return "vitals"
+        if not command:
+            return "vitals"
+        at = next((i for i, w in enumerate(words) if w in ("vitals", "agent")), len(argv))
+        sub = list(itertools.takewhile(lambda a: a and not a.startswith("-"), argv[at + 1 :]))[:2]
+        return " ".join(["vitals", *sub])
     return comm
 
 

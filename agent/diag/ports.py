@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from agent.diag._common import FAILED, OK, console, emit_json, escape
+from agent.diag._common import FAILED, OK, console, emit_json, escape, process_name
 
 __all__ = ["PortInfo", "holders", "list_serial_ports", "lock_holder", "ports_command"]
 
@@ -79,10 +79,7 @@ def holders(
             if target in wanted:
                 hit.add(wanted[target])
         if hit:
-            try:
-                cmd = (entry / "comm").read_text().strip()
-            except OSError:
-                cmd = "?"
+            cmd = process_name(pid, proc, command=True)  # "vitals run", "vitals sim rtu"
             for p in hit:
                 out[p].append((pid, cmd))
     return out, hidden

@@ -133,7 +133,7 @@ def test_installer_finds_and_checks_the_terminals(tmp_path: Path) -> None:
             r = run(*here(read), "--samples", "1", expect=3)
             assert f"port busy: held by vitals (PID {agent.proc.pid})" in r.err
             r = run("diag", "ports", "--port", port)
-            assert f"vitals ({agent.proc.pid}, exclusive)" in r.out
+            assert f"vitals run ({agent.proc.pid}, exclusive)" in r.out
         finally:
             agent.stop()
         assert not re.search(r"garbage|CRC|degraded", agent.err), agent.err
