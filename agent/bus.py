@@ -40,9 +40,15 @@ Quality of readings:
 One bad point does not lose the others: each point of a reply is decoded on
 its own.
 
-A late reply never answers the next request: the link flushes its input
-before each request and accepts a reply only from the addressed slave with
-the request's function (RTU; a matching transaction id on TCP).
+A late reply never answers the next request: on RTU the link keeps the line
+quiet after a timeout and takes only a reply it can tie to the request on the
+wire (``agent.transport._RtuLink``); on TCP the transaction id must match.
+
+A bus whose link is down (a port missing, lost, busy or refusing its
+settings; a connection refused) is ``offline`` with the reason
+(``BusPoller.link_error``, in ``vitals status``), logged once as a WARNING
+when it goes down and at INFO when it is back; the link retries with
+back-off, and the agent never stops for it.
 """
 
 from __future__ import annotations
@@ -283,6 +289,8 @@ class _Poll:
             self.t_start = now
 
     def replied(self, regs: Sequence[int] | Sequence[bool], now: float, ts: int) -> None:
+        if self.poller.link_error:
+            self.poller._link_up()
         self.job.device.last_rtt_ms = (now - self.t_start) * 1000
         if not self.poller._decode(self.job, self.n, regs, ts, self.out):
             self.partial = True
@@ -292,6 +300,8 @@ class _Poll:
     def refused(self, exc: DeviceException, ts: int) -> None:
         """An exception reply: this request's points fail, the next requests go on."""
         dev = self.job.device
+        if self.poller.link_error:
+            self.poller._link_up()
         self.partial = True
         dev.last_error = str(exc)
         self.poller._failed(dev, self.job, (self.n,), self.out, ts, silent=False)
@@ -301,7 +311,11 @@ class _Poll:
     def failed(self, exc: TransportError, ts: int) -> None:
         """No usable reply: retry the request, or fail it and every one after it."""
         p, dev = self.poller, self.job.device
-        if not isinstance(exc, LinkDown):
+        if isinstance(exc, LinkDown):
+            p._link_down(exc)
+        else:
+            if p.link_error:  # the link carried the request: it is up, the device silent
+                p._link_up()
             p.timeouts += 1
             self.attempt += 1
             # a device that failed its last poll too gets no retry
@@ -359,6 +373,8 @@ class BusPoller:
         self.overruns = 0
         self.deferred = 0  # suspect polls moved into idle time
         self.readings = 0
+        self.link_error = ""  # why the link is down; "" while it is up
+        self.link_downs = 0
         for dev in self.devices:
             pids = _point_ids(dev.points)
             groups: dict[float, list[tuple[int, Point]]] = {}
@@ -392,8 +408,22 @@ class BusPoller:
                 out[pid] = last[pid]
         return out
 
+    def _link_down(self, exc: LinkDown) -> None:
+        """The link failed: the bus is offline, said once at WARNING with the reason."""
+        if not self.link_error:
+            self.link_downs += 1
+            log.warning("bus %s offline: %s", self.name, exc)
+        self.link_error = str(exc)
+
+    def _link_up(self) -> None:
+        log.info("bus %s online again (%s)", self.name, self.link.describe)
+        self.link_error = ""
+
     def statistics(self) -> dict[str, object]:
         return {
+            "state": "offline" if self.link_error else "online",
+            "last_error": self.link_error,
+            "link_downs": self.link_downs,
             "transactions": self.transactions,
             "timeouts": self.timeouts,
             "overruns": self.overruns,
@@ -483,7 +513,9 @@ class BusPoller:
         its turn anyway.
         """
         nxt = min(j.due for j in heap[1:3])
-        if nxt - now >= self.link.timeout_s + self.link.inter_frame_s + 0.002:
+        link = self.link
+        cost = link.timeout_s + link.late_window(job.device.slave) + link.inter_frame_s
+        if nxt - now >= cost + 0.002:
             return False
         slot = job.due if job.slot is None else job.slot
         if now - slot >= max(job.interval_s, job.device.backoff_s):

@@ -20,8 +20,12 @@ cabinet needs and pymodbus's serial client cannot give (see
   microsecond by a ``timerfd`` instead of the loop's millisecond timeouts; the
   input is flushed right before the request; the local echo of 2-wire
   adapters can be discarded; a reply is accepted only from the addressed slave
-  with the request's function and a good CRC, anything else is skipped, so a
-  reply that arrives after its timeout never answers the next request.
+  with the request's function, length and a good CRC. RTU has no transaction
+  id, so that filter alone would take a late reply (the same slave answering
+  the same function and count after its timeout) for the answer to the next
+  request: the master also keeps the line quiet for a late window after
+  every timeout and takes only a reply it can tie to the request on the wire
+  (:class:`_RtuLink` has the rules, ``docs/field-buses.md`` explains them).
 * **Modbus TCP**: one connection per bus (devices behind a gateway share it by
   unit id; devices that accept one connection only get exactly one); every
   request carries a fresh transaction id and a reply with another id is
@@ -53,13 +57,13 @@ import termios
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import serial
 
 from protocols.errors import DeviceException, RemoteError
 from protocols.modbus import Space
-from protocols.rtu import crc16, frame_time, t35
+from protocols.rtu import crc16, crc_ok, frame_time, response_length, t35
 
 __all__ = [
     "BadResponse",
@@ -154,6 +158,8 @@ class _Timer:
 
     def __init__(self) -> None:
         self._fd = -1
+        self._sleeping = 0
+        self._closed = False
         self._libc: Any = None
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -167,25 +173,38 @@ class _Timer:
         delay = when - time.monotonic()
         if delay <= 0:
             return
-        if self._fd < 0 or delay > 0.05:
+        fd = self._fd
+        if fd < 0 or delay > 0.05:
             await asyncio.sleep(delay)
             return
         sec = int(when)
         spec = self._Spec(0, 0, sec, int((when - sec) * 1e9))
-        if self._libc.timerfd_settime(self._fd, self._TFD_TIMER_ABSTIME, ctypes.byref(spec), None):
+        if self._libc.timerfd_settime(fd, self._TFD_TIMER_ABSTIME, ctypes.byref(spec), None):
             await asyncio.sleep(delay)
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(self._fd, _wake, fut)
+        loop.add_reader(fd, _wake, fut)
+        self._sleeping += 1
         try:
             await fut
         finally:
-            loop.remove_reader(self._fd)
+            # this very fd: close() may have run meanwhile (the port was lost while we
+            # slept); it leaves the fd to us, so it is never closed under the loop
+            loop.remove_reader(fd)
             with contextlib.suppress(OSError):
-                os.read(self._fd, 8)
+                os.read(fd, 8)
+            self._sleeping -= 1
+            if self._closed and not self._sleeping:
+                self._release()
 
     def close(self) -> None:
+        """Release the timer, now or when the sleep in progress ends."""
+        self._closed = True
+        if not self._sleeping:
+            self._release()
+
+    def _release(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -222,6 +241,7 @@ class ModbusLink:
         self.connects = 0
         self._retry_at = 0.0
         self._backoff = 0.0
+        self._down_why = ""
         # one transaction at a time, whoever asks (the poller, a hub command, diag):
         # a bus is half duplex, and a reply must never be taken by another request
         self._turn = asyncio.Lock()
@@ -287,12 +307,14 @@ class ModbusLink:
             return
         now = time.monotonic()
         if now < self._retry_at:
+            # the reason of the failed attempt, so status says why, not just "down"
             raise LinkDown(
-                f"{self.describe}: down, next connect attempt in {self._retry_at - now:.1f} s"
+                f"{self._down_why} (next connect attempt in {self._retry_at - now:.1f} s)"
             )
         try:
             await self._open()
-        except LinkDown:
+        except LinkDown as exc:
+            self._down_why = str(exc)
             self._backoff = min(30.0, self._backoff * 2 or 0.5)
             self._retry_at = time.monotonic() + self._backoff
             raise
@@ -351,6 +373,10 @@ class ModbusLink:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def late_window(self, slave: int) -> float:
+        """The silence kept after a timeout of ``slave`` before the next request."""
+        return 0.0
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -787,10 +813,29 @@ def _expire(w: asyncio.Future[bytes]) -> None:
 
 
 class _RtuLink(ModbusLink):
-    """The RTU master: silence, flush, send, then wait for a valid reply.
+    """The RTU master: silence, flush, send, then wait for a reply it can tie to the request.
 
     Subclasses move bytes (``_send``, ``_drain_input``) and feed what arrives
     to ``_received``.
+
+    Modbus RTU has no transaction id: a reply is tied to its request by timing
+    alone, and a slave that answers after its timeout must not answer the next
+    request. The rules (``docs/field-buses.md``, "Late replies"):
+
+    * after a timeout the line is kept quiet for that slave's *late window*:
+      one more response timeout, or twice the latest lateness heard from that
+      slave, at most ``late_cap_s``; everything heard then is discarded, and a
+      reply of that slave recognised in it is counted (``late_replies``) and
+      widens its window;
+    * bytes that arrive while no request is out, or before our request has
+      left the wire, are never part of a reply (``stray_bytes``);
+    * a frame of the addressed slave and function but of another length (the
+      reply to another request) is skipped whole, so the reply behind it is
+      still taken, not failed as a CRC error;
+    * the first exchange with a slave after its timeout is *suspect*: its
+      first valid reply is held until the slave's usual response time has
+      passed, and if another one follows (the genuine reply behind a late
+      one), the last one wins.
     """
 
     def __init__(
@@ -801,32 +846,54 @@ class _RtuLink(ModbusLink):
         inter_frame_s: float,
         char_s: float,
         discard_echo: bool = False,
+        late_cap_s: float | None = None,
     ) -> None:
         super().__init__(describe, timeout_s=timeout_s, inter_frame_s=inter_frame_s)
         self._char = char_s
         self._echo = discard_echo
+        self.late_cap_s = max(timeout_s, 3 * timeout_s if late_cap_s is None else late_cap_s)
         self._rx = bytearray()
+        self._noise = bytearray()  # heard while no request was out: late replies, noise
         self._last_rx = 0.0  # monotonic time of the last byte seen on the line
         self._quiet_from = 0.0  # the line is ours from then on (after our last frame)
+        self._hold_until = 0.0  # after a timeout: no request before then
+        self._req_end = 0.0  # when the last bit of our request leaves the wire
         self._want: tuple[int, int, int] | None = None  # slave, function, reply PDU length
         self._echo_left = b""
         self._waiter: asyncio.Future[bytes] | None = None
+        self._candidate: bytes | None = None  # suspect exchange: a reply, held
+        self._confirm_at = 0.0
+        # per slave (at most 256 entries each): when its last unanswered request
+        # expired (until it answers again), the latest lateness heard from it, and
+        # its slowest reply in time
+        self._expired: dict[int, float] = {}
+        self._late: dict[int, float] = {}
+        self._usual: dict[int, float] = {}
         self._timer = _Timer()
         self.echo_errors = 0
+        self.late_replies = 0
 
     def statistics(self) -> dict[str, int]:
-        return {**super().statistics(), "echo_errors": self.echo_errors}
+        return {
+            **super().statistics(),
+            "echo_errors": self.echo_errors,
+            "late_replies": self.late_replies,
+        }
+
+    def late_window(self, slave: int) -> float:
+        """The silence kept after a timeout of ``slave``, from the timeout on."""
+        return min(self.late_cap_s, max(self.timeout_s, 2 * self._late.get(slave, 0.0)))
 
     def _send(self, frame: bytes) -> None:
         raise NotImplementedError
 
     def _drain_input(self) -> None:
-        """Drop whatever the port holds that we have not read yet."""
+        """Read (and so discard) whatever the port holds that we have not read yet."""
 
     def _received(self, data: bytes) -> None:
-        self._last_rx = time.monotonic()
+        now = self._last_rx = time.monotonic()
         if self._waiter is None:
-            self.stray_bytes += len(data)  # nobody asked: a late reply, noise
+            self._heard(data, now)  # nobody asked: a late reply, noise
             return
         if self._echo_left:
             n = min(len(data), len(self._echo_left))
@@ -836,38 +903,90 @@ class _RtuLink(ModbusLink):
                 return
             self._echo_left = self._echo_left[n:]
             data = data[n:]
+        if now < self._req_end:
+            # our request is still on the wire: whatever this is, it is no reply to it
+            self._heard(data, now)
+            return
         self._rx += data
-        self._parse()
+        self._parse(now)
+
+    def _heard(self, data: bytes, now: float) -> None:
+        """Bytes that answer nothing: counted, dropped; a late reply among them is learnt."""
+        self.stray_bytes += len(data)
+        if not self._expired:
+            return
+        noise = self._noise
+        noise += data
+        i = 0
+        while len(noise) - i >= 5:
+            s = noise[i]
+            n = response_length(noise[i : i + 3]) if s in self._expired else None
+            if n is not None and len(noise) - i >= n and crc_ok(noise[i : i + n]):
+                self._learn_late(s, now)
+                i += n
+            else:
+                i += 1
+        del noise[: max(0, len(noise) - 260)]  # keep a frame's worth: the rest of one
+
+    def _learn_late(self, slave: int, now: float) -> None:
+        self.late_replies += 1
+        expired = self._expired.get(slave)
+        if expired is not None:
+            late = min(self.late_cap_s, now - expired)
+            if late > self._late.get(slave, 0.0):
+                self._late[slave] = late
 
     def _fail(self, exc: Exception) -> None:
         w = self._waiter
         if w is not None and not w.done():
             w.set_exception(exc)
 
-    def _parse(self) -> None:
+    def _parse(self, now: float) -> None:
         assert self._want is not None
         slave, fc, n_pdu = self._want
         rx = self._rx
         i = 0
         while len(rx) - i >= 5:
-            if rx[i] == slave and rx[i + 1] & 0x7F == fc:
-                n = 5 if rx[i + 1] & 0x80 else n_pdu + 3
-                if len(rx) - i < n:
-                    return
-                frame = bytes(rx[i : i + n])
-                if crc16(frame[:-2]) == frame[-2] | frame[-1] << 8:
-                    self.stray_bytes += i
-                    w = self._waiter
-                    if w is not None and not w.done():
-                        w.set_result(frame[1:-2])
-                    return
-                if i == 0:
+            if rx[i] != slave or rx[i + 1] & 0x7F != fc:
+                i += 1
+                continue
+            want = 5 if rx[i + 1] & 0x80 else n_pdu + 3
+            n = response_length(rx[i : i + 3]) or want
+            if len(rx) - i < n:
+                return
+            frame = bytes(rx[i : i + n])
+            if not crc_ok(frame):
+                if i == 0 and n == want:
                     self.bad_frames += 1
                     self._fail(
                         BadResponse(f"{self.describe}: CRC error in the reply of slave {slave}")
                     )
                     return
-            i += 1
+                i += 1
+                continue
+            self.stray_bytes += i
+            del rx[: i + n]
+            i = 0
+            if n != want:  # a reply to another request of ours: late, skipped whole
+                self.stray_bytes += n
+                self._learn_late(slave, now)
+                continue
+            if self._candidate is not None:  # the genuine reply behind a late one
+                self.late_replies += 1
+            elif slave in self._expired and now < self._confirm_at:
+                self._candidate = frame  # suspect: wait for the slave's usual time
+                continue
+            self._answer(frame)
+            return
+
+    def _answer(self, frame: bytes) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(frame[1:-2])
+
+    def _confirm(self) -> None:
+        if self._candidate is not None:
+            self._answer(self._candidate)
 
     async def _exchange(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
         frame = bytes([slave]) + pdu
@@ -876,44 +995,130 @@ class _RtuLink(ModbusLink):
         loop = asyncio.get_running_loop()
         w = self._waiter = loop.create_future()
         self._rx.clear()
+        self._candidate = None
         self._want = (slave, pdu[0], reply_len)
-        self._echo_left = frame if self._echo else b""
-        self._send(frame)
-        sent = time.monotonic() + len(frame) * self._char  # the last bit leaves the wire
-        timer = loop.call_at(sent + self.timeout_s, _expire, w)
+        echo = frame if self._echo else b""
+        self._echo_left = echo
+        now = time.monotonic()
+        end = self._req_end = now + len(frame) * self._char  # its last bit leaves the wire
+        expiry = end + self.timeout_s
+        usual = self._usual.get(slave)
+        self._confirm_at = end + (
+            self.timeout_s
+            if usual is None
+            else min(self.timeout_s, 2 * usual + self.inter_frame_s + 0.005)
+        )
+        suspect = slave in self._expired
+        timer = loop.call_at(expiry, _expire, w)
+        confirm = loop.call_at(self._confirm_at, self._confirm) if suspect else None
         try:
+            self._send(frame)
             reply: bytes = await w
-            return reply
         except TimeoutError:
-            self.timeouts += 1
-            if self._rx or self._echo_left != (frame if self._echo else b""):
-                self.bad_frames += 1
-                raise BadResponse(
-                    f"{self.describe}: no valid reply from slave {slave} "
-                    f"({len(self._rx)} bytes of garbage)"
-                ) from None
-            raise NoResponse(f"{self.describe}: no response from slave {slave}") from None
+            if self._candidate is None:
+                self._timed_out(slave, expiry, echo)
+            reply = self._candidate[1:-2]  # held to the end, and nothing followed it
         finally:
             timer.cancel()
+            if confirm is not None:
+                confirm.cancel()
             self._waiter = None
             self._want = None
-            self._quiet_from = max(time.monotonic(), sent)
+            self._quiet_from = max(time.monotonic(), end)
+        self._expired.pop(slave, None)
+        took = time.monotonic() - end
+        if not suspect and took > self._usual.get(slave, 0.0):
+            self._usual[slave] = min(self.timeout_s, took)
+        return reply
+
+    def _timed_out(self, slave: int, expiry: float, echo: bytes) -> NoReturn:
+        """No reply: keep the line quiet for the slave's late window; the error."""
+        self.timeouts += 1
+        self._expired[slave] = expiry
+        self._hold_until = expiry + self.late_window(slave)
+        if self._rx or self._echo_left != echo:
+            self.bad_frames += 1
+            raise BadResponse(
+                f"{self.describe}: no valid reply from slave {slave} "
+                f"({len(self._rx)} bytes of garbage)"
+            )
+        raise NoResponse(f"{self.describe}: no response from slave {slave}")
 
     async def _quiet_line(self) -> None:
-        """Wait for ``inter_frame_s`` of silence since the last byte, then flush input."""
-        deadline = time.monotonic() + self.timeout_s
+        """Wait out the late window and ``inter_frame_s`` of silence, then flush input."""
+        deadline = max(time.monotonic(), self._hold_until) + self.timeout_s
         while True:
-            quiet_at = max(self._last_rx, self._quiet_from) + self.inter_frame_s
+            quiet_at = max(
+                max(self._last_rx, self._quiet_from) + self.inter_frame_s, self._hold_until
+            )
             await self._timer.sleep_until(quiet_at)
             self._drain_input()
-            if max(self._last_rx, self._quiet_from) + self.inter_frame_s <= time.monotonic():
+            if not self.connected:
+                raise LinkDown(f"{self.describe}: port lost")
+            now = time.monotonic()
+            if max(self._last_rx, self._quiet_from) + self.inter_frame_s <= now:
                 return
-            if time.monotonic() > deadline:
+            if now > deadline:
                 return  # a babbling device: go ahead, the reply check will sort it out
 
     def close(self) -> None:
         self._timer.close()
         self._timer = _Timer()
+
+
+# a port's errors, as one line an installer can act on (never a raw errno)
+_PORT_ERRORS = {
+    errno.ENOENT: "no such port (is the adapter plugged in? 'vitals diag ports' lists them)",
+    errno.EACCES: "permission denied (the service user needs the dialout group)",
+    errno.EPERM: "permission denied (the service user needs the dialout group)",
+    errno.EIO: "I/O error (adapter unplugged, or the other end closed)",
+    errno.ENXIO: "no such device (adapter unplugged?)",
+    errno.ENODEV: "no such device (adapter unplugged?)",
+    errno.ENOTTY: "not a serial port",
+}
+
+
+def _port_error(port: str, parity: str, exc: BaseException) -> str:
+    """Why ``port`` cannot be used, from what opening or using it raised."""
+    code = getattr(exc, "errno", None)
+    if code is None and isinstance(exc, termios.error) and exc.args:
+        code = exc.args[0]
+    text = str(exc)
+    if code is None:  # pyserial wraps some: "Could not configure port: (25, '...')"
+        for c in (errno.ENOTTY, errno.EINVAL, errno.EIO):
+            if f"({c}," in text or f"[Errno {c}]" in text:
+                code = c
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY) or "exclusively lock" in text:
+        return f"port busy: {_lock_holder(port)}"
+    if code == errno.EINVAL and parity != "N":
+        return _refused_parity(parity)
+    if isinstance(code, int) and code in _PORT_ERRORS:
+        return _PORT_ERRORS[code]
+    if isinstance(code, int):
+        return os.strerror(code)
+    return text or type(exc).__name__
+
+
+def _refused_parity(parity: str) -> str:
+    return f"the port refused parity {parity} (pseudo terminals refuse parity bits: use parity N)"
+
+
+def _lock_holder(port: str) -> str:
+    """``held by NAME (PID n)``: who holds ``port``'s flock, from /proc/locks."""
+    with contextlib.suppress(OSError, ValueError):
+        st = os.stat(port)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                # "1: FLOCK  ADVISORY  WRITE 8550 00:1a:3 0 EOF" ("->" marks a waiter)
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key:
+                    pid = int(fields[4])
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        argv = [os.path.basename(a) for a in c.read().split(b"\0")[:3]]
+                    name = "vitals" if b"vitals" in argv or b"agent" in argv else argv[0].decode()
+                    return f"held by {name} (PID {pid})"
+    return "held by another program"
 
 
 class _SerialLink(_RtuLink):
@@ -952,25 +1157,24 @@ class _SerialLink(_RtuLink):
         return self._serial is not None
 
     async def _open(self) -> None:
+        parity = str(self._settings["parity"])
         try:
-            s = serial.Serial(self.port, timeout=0, write_timeout=0, **self._settings)
-        except (serial.SerialException, ValueError, OSError) as exc:
-            hint = ""
-            if self._settings["parity"] != "N" and "Errno 22" in str(exc):
-                hint = " (pseudo terminals refuse parity bits: use parity N)"
-            raise LinkDown(f"{self.describe}: cannot open ({exc}){hint}") from exc
-        if self._settings["parity"] != "N":
+            # exclusive: flock(LOCK_EX | LOCK_NB) on the descriptor, held while the port
+            # is open; ``vitals diag`` takes the same lock, so neither ever talks over
+            # the other (docs/field-buses.md, "Exclusive ports")
+            s = serial.Serial(
+                self.port, timeout=0, write_timeout=0, exclusive=True, **self._settings
+            )
+        except (serial.SerialException, termios.error, ValueError, OSError) as exc:
+            raise LinkDown(f"{self.describe}: {_port_error(self.port, parity, exc)}") from exc
+        try:
             # some drivers (ptys among them) drop PARENB without an error: check it took
-            try:
-                cflag = termios.tcgetattr(s.fileno())[2]
-            except termios.error:
-                cflag = termios.PARENB
-            if not cflag & termios.PARENB:
-                s.close()
-                raise LinkDown(
-                    f"{self.describe}: the port refused parity {self._settings['parity']} "
-                    "(pseudo terminals refuse parity bits: use parity N)"
-                )
+            cflag = termios.tcgetattr(s.fileno())[2] if parity != "N" else termios.PARENB
+        except termios.error:
+            cflag = termios.PARENB
+        if not cflag & termios.PARENB:
+            s.close()
+            raise LinkDown(f"{self.describe}: {_refused_parity(parity)}")
         self._serial = s
         self._fd = s.fileno()
         self._loop = asyncio.get_running_loop()
@@ -992,25 +1196,28 @@ class _SerialLink(_RtuLink):
         self._received(data)
 
     def _down(self, exc: OSError | None) -> None:
-        self._fail(LinkDown(f"{self.describe}: port lost ({exc or 'hang-up'})"))
+        why = "hang-up (adapter unplugged, or the other end closed)"
+        if exc is not None:
+            why = _port_error(self.port, "N", exc)
+        self._fail(LinkDown(f"{self.describe}: port lost: {why}"))
         self.close()
 
     def _drain_input(self) -> None:
-        if self._fd < 0:
-            return
-        with contextlib.suppress(termios.error, OSError):
-            termios.tcflush(self._fd, termios.TCIFLUSH)
-        while True:
+        while self._fd >= 0:
             try:
                 data = os.read(self._fd, 4096)
-            except OSError:
+            except BlockingIOError:
                 break
-            if not data:
+            except OSError as exc:
+                self._down(exc)
                 break
-            self._last_rx = time.monotonic()
-            self.stray_bytes += len(data)
+            if not data:  # nothing left (VMIN 0); a hang-up shows in _readable
+                break
+            self._received(data)
 
     def _send(self, frame: bytes) -> None:
+        if self._fd < 0:
+            raise LinkDown(f"{self.describe}: port lost")
         try:
             n = os.write(self._fd, frame)
         except OSError as exc:
@@ -1018,7 +1225,8 @@ class _SerialLink(_RtuLink):
                 n = 0
             else:
                 self._down(exc)
-                raise LinkDown(f"{self.describe}: write failed ({exc})") from exc
+                why = _port_error(self.port, "N", exc)
+                raise LinkDown(f"{self.describe}: write failed: {why}") from exc
         if n != len(frame):
             # a frame is at most 256 bytes; a full output queue means a stuck port
             raise LinkDown(f"{self.describe}: wrote {n} of {len(frame)} bytes")
@@ -1029,7 +1237,7 @@ class _SerialLink(_RtuLink):
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._fd)
             self._fd = -1
-            with contextlib.suppress(OSError, serial.SerialException):
+            with contextlib.suppress(OSError, termios.error, serial.SerialException):
                 s.close()
         super().close()
 

@@ -43,6 +43,7 @@ __all__ = [
     "WriteSingleRequest",
     "WriteSingleResponse",
     "crc16",
+    "crc_ok",
     "decode_request",
     "diagnostics",
     "encode_request",
@@ -55,6 +56,7 @@ __all__ = [
     "read_holding_registers",
     "read_input_registers",
     "request_length",
+    "response_length",
     "t15",
     "t35",
     "with_crc",
@@ -333,6 +335,33 @@ def request_length(prefix: bytes) -> int | None:
     if fc == 43:
         return 7
     return None
+
+
+def response_length(prefix: bytes | bytearray) -> int | None:
+    """Length of the response frame that starts with ``prefix``, by its own
+    header; ``None`` while too few bytes have arrived to tell, or for a
+    function whose length only a parser that knows the request can tell.
+
+    An RTU master that finds a frame of the right slave and function but of
+    another length than it asked for has found the reply to another request
+    (a late one): with this it can skip that frame whole and still take the
+    reply behind it.
+    """
+    if len(prefix) < 2:
+        return None
+    fc = prefix[1]
+    if fc & 0x80:
+        return 5
+    if fc in (1, 2, 3, 4):
+        return 5 + prefix[2] if len(prefix) >= 3 else None
+    if fc in (5, 6, 15, 16):
+        return 8
+    return None
+
+
+def crc_ok(frame: bytes | bytearray) -> bool:
+    """Whether the last two bytes of ``frame`` are the CRC of the others."""
+    return len(frame) >= 4 and crc16(frame[:-2]) == frame[-2] | frame[-1] << 8
 
 
 def decode_request(frame: bytes) -> Request:

@@ -177,6 +177,27 @@ def test_parse_response_whole_and_byte_by_byte(
     assert parser.trailing == b""
 
 
+@pytest.mark.parametrize(("case", "req", "req_bytes", "resp", "frame"), GOLDEN, ids=IDS)
+def test_response_length_and_crc_of_golden_replies(
+    case: str, req: Request, req_bytes: bytes, resp: Response, frame: bytes
+) -> None:
+    """What an RTU master uses to skip a late reply whole: the frame's own length."""
+    assert rtu.crc_ok(frame)
+    assert not rtu.crc_ok(frame[:-1] + bytes([frame[-1] ^ 1]))
+    n = rtu.response_length(frame[:3])
+    if req.function in (1, 2, 3, 4, 5, 6, 15, 16):
+        assert n == len(frame)
+    else:  # diagnostics, device id: only a parser that knows the request can tell
+        assert n is None
+
+
+def test_response_length_of_exceptions_and_short_prefixes() -> None:
+    assert rtu.response_length(rtu.exception_response(3, 4, 2)[:2]) == 5
+    assert rtu.response_length(b"\x01") is None
+    assert rtu.response_length(b"\x01\x03") is None  # the byte count is still to come
+    assert not rtu.crc_ok(b"\x01\x03")
+
+
 def test_trailing_bytes_are_kept() -> None:
     req = ReadRequest(1, 4, 8, 1)
     parser = ResponseParser(req)
