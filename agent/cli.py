@@ -133,6 +133,7 @@ def _require_demo_extra(what: str, *modules: str) -> None:
 
 
 _CONFIG_HELP = "gateway configuration (TOML)"
+_LEVELS = ("debug", "info", "warning", "error")
 
 
 # -- the agent ----------------------------------------------------------------
@@ -149,6 +150,10 @@ def run(
     ] = None,
 ) -> None:
     """Run the gateway agent until SIGTERM or Ctrl-C; SIGHUP reloads the configuration."""
+    if log_level is not None and log_level.lower() not in _LEVELS:
+        raise _fail(
+            f"--log-level {log_level!r} is not a level", f"choose from {', '.join(_LEVELS)}", 2
+        )
     runner.one_malloc_arena()  # before any thread starts
     raise typer.Exit(runner.run(config, state_dir, log_level))
 
@@ -391,6 +396,8 @@ def demo(
     ] = None,
 ) -> None:
     """Agent, emulated terminals, broker and hub, live. Ctrl-C stops it."""
+    if broker is not None:
+        _broker_addr(broker)
     _require_demo_extra("vitals demo", "aiomqtt", "amqtt")
     from simulator.demo import run_demo
 

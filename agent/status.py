@@ -234,8 +234,19 @@ def read_status(paths: list[Path], now: float | None = None) -> tuple[Path, dict
             raise StatusUnavailable(
                 f"{p}: permission denied", "run as the vitals user or add yourself to its group"
             ) from None
-        except (OSError, ValueError) as exc:
-            raise StatusUnavailable(f"{p}: unreadable ({exc})", "is the disk full?") from None
+        except IsADirectoryError:
+            raise StatusUnavailable(
+                f"{p}: a directory, not a status file", f"pass {p / STATUS_FILE}"
+            ) from None
+        except OSError as exc:
+            raise StatusUnavailable(
+                f"{p}: cannot be read ({exc.strerror or exc})", "is the disk failing?"
+            ) from None
+        except ValueError:
+            raise StatusUnavailable(
+                f"{p}: not a status document (not JSON)",
+                "the agent rewrites it every few seconds: try again; else pass --status-file FILE",
+            ) from None
         if not isinstance(doc, dict):
             raise StatusUnavailable(f"{p}: not a status document", "pass --status-file FILE")
         age = now - float(doc.get("written_at", 0))

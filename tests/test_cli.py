@@ -147,6 +147,25 @@ def test_run_with_a_missing_config_says_which_file_and_how_to_name_another(
     assert_one_error(r, 1, str(missing))
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["run", "--log-level", "loud"], 2, "debug, info, warning, error"),
+        (["demo", "--broker", "nonsense"], 2, "HOST:PORT"),
+        (["status", "--status-file", "/"], 1, "a directory"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
+)
+def test_agent_mistakes_are_one_line_and_a_hint(args: list[str], code: int, fragment: str) -> None:
+    assert_one_error(vitals(*args), code, fragment)
+
+
+def test_status_of_a_half_written_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "status.json").write_text('{"format": 1, "sta')
+    r = vitals("status", "--status-file", str(tmp_path / "status.json"))
+    assert_one_error(r, 1, "not a status document", "try again")
+
+
 def _config(tmp_path: Path, state: Path) -> Path:
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(f'[gateway]\nid = "gw-7"\nstate_dir = "{state}"\n')
