@@ -395,17 +395,20 @@ def show(
 
 
 def _state_dir_of(config: Path | None) -> Path | None:
-    """The state directory a configuration names; None when the default file is absent."""
+    """The state directory a configuration names; None when the default file is absent
+    or does not load (an explicit file that does not load is an error)."""
     from agent.config import load_config
     from protocols.errors import ConfigError
 
-    if config is None:
-        config = Path("/etc/vitals/gateway.toml")
-        if not config.exists():
-            return None
+    given = config is not None
+    config = config or Path("/etc/vitals/gateway.toml")
+    if not given and not config.exists():
+        return None
     try:
         return load_config(config).gateway.state_dir
     except ConfigError as exc:
+        if not given:  # the default file, mid-edit or unreadable: the default paths
+            return None
         where, problem = exc.problems[0]
         raise StatusUnavailable(
             f"{where}: {problem}",
