@@ -65,10 +65,19 @@ class _Commands(typer.core.TyperGroup):
         return [*super().list_commands(ctx), *(n for n in _LAZY if n not in self.commands)]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        if cmd_name in _LAZY and cmd_name not in self.commands:
+        if cmd_name in _LAZY:
+            self._load()
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in self.commands:
+            self._load()  # a typo's "did you mean" may be one of them
+        return super().resolve_command(ctx, args)
+
+    def _load(self) -> None:
+        if not all(name in self.commands for name in _LAZY):
             for name, cmd in _lazy_commands().items():
                 self.commands.setdefault(name, cmd)
-        return super().get_command(ctx, cmd_name)
 
 
 app = typer.Typer(

@@ -124,6 +124,27 @@ def test_every_option_of_our_commands_says_what_it_is_for() -> None:
     assert seen > 30
 
 
+def test_run_loads_neither_rich_nor_the_diagnostics_nor_provisioning() -> None:
+    """docs/decisions.md 22: what decision 8 kept for `vitals run`."""
+    code = (
+        "import sys\n"
+        "from agent.cli import main\n"
+        "try:\n"
+        "    main(['run', '--config', '/nonexistent/gateway.toml'])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 1, exc.code\n"
+        "print(sorted(m for m in ('rich', 'agent.diag', 'agent.provision') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_a_mistyped_command_is_matched_against_every_command() -> None:
+    r = vitals("dag")
+    assert r.returncode == 2 and "Did you mean 'diag'?" in r.stderr
+
+
 def test_python_m_agent_runs_the_same_cli() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "agent", "sim", "rtu", "--device", "0=rain_gauge"],
