@@ -28,9 +28,12 @@ cabinet needs and pymodbus's serial client cannot give (see
   (:class:`_RtuLink` has the rules, ``docs/field-buses.md`` explains them).
 * **Modbus TCP**: one connection per bus (devices behind a gateway share it by
   unit id; devices that accept one connection only get exactly one); every
-  request carries a fresh transaction id and a reply with another id is
-  dropped; the input is drained before each request (a device that closed an
-  idle connection gets a new one first, not a failed poll). Replies of all
+  request carries a fresh transaction id, the late reply of a request that
+  timed out is dropped, and any other break of the framing (garbage, an id
+  not out, bytes after a reply, half a reply) fails the request on the wire
+  and closes the connection, reopened with back-off (:class:`_TcpLink`); the
+  input is drained before each request (a device that closed an idle
+  connection gets a new one first, not a failed poll). Replies of all
   the TCP links of an event loop are collected together (:class:`_Reactor`):
   a few wake-ups per burst of polls instead of one per reply.
 * **RTU over TCP** (serial device servers): the RTU master above on a TCP
@@ -540,6 +543,20 @@ class _TcpLink(ModbusLink):
     ``recv_into`` into the link's own buffer. A transport would copy each
     reply into a 256 KiB ``bytes`` first (``mmap``/``mremap``/``munmap`` per
     read) and keep a kilobyte or two of state per connection.
+
+    One request is on the wire at a time, so the stream must hold exactly its
+    reply, after the late replies (in order) of requests that timed out before
+    it. Anything else is a *fault* (:meth:`_fault`): bytes that are not Modbus
+    TCP, a transaction id we did not send or that was already answered, a
+    reply with another unit, function or length, bytes after the reply, half a
+    reply then silence, the connection lost in the middle of a reply. A fault
+    fails the request on the wire with :class:`LinkDown` naming it (a reply in
+    the same read with it too: the stream is not trusted), closes the
+    connection (:meth:`_shut`, the one place every waiter is failed: the
+    engine's callback and ``read()``), is counted in ``resets`` (and in
+    ``bad_frames`` but for a lost connection), and the connection is reopened
+    at once the first time, then after a back-off of 0.5 s doubling to 30 s
+    while the faults go on (until a valid reply).
     """
 
     def __init__(self, host: str, port: int, *, timeout_s: float, inter_frame_s: float) -> None:
@@ -550,7 +567,8 @@ class _TcpLink(ModbusLink):
         self._rx = bytearray(_RX_SIZE)
         self._rx_view = memoryview(self._rx)
         self._rx_len = 0  # bytes of self._rx holding data not parsed yet
-        self._tid = 0
+        self._tid = 0  # of the last request sent
+        self._acked = 0  # of the last reply received: those in between timed out
         self._waiter: asyncio.Future[bytes] | None = None
         self._deadline = 0.0
         self._used = False  # a reply came on this connection
@@ -559,10 +577,17 @@ class _TcpLink(ModbusLink):
         self._cb: tuple[Done, int, int, int] | None = None
         self._idle: asyncio.Future[None] | None = None  # a read() waiting for it to end
         self._last_reply = 0.0
+        self._faults = 0  # in a row, without a good reply between them
+        self._why = ""  # the last fault
+        self._reopen_at = 0.0  # after faults in a row: no new connection before then
+        self.resets = 0  # connections dropped on a fault
 
     @property
     def connected(self) -> bool:
         return self._sock is not None
+
+    def statistics(self) -> dict[str, int]:
+        return {**super().statistics(), "resets": self.resets}
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -571,6 +596,7 @@ class _TcpLink(ModbusLink):
         except (OSError, TimeoutError) as exc:
             raise LinkDown(f"{self.describe}: cannot connect ({exc or 'timeout'})") from exc
         self._sock, self._loop, self._rx_len, self._used = sock, loop, 0, False
+        self._acked = self._tid
         self._reactor = _reactor(loop)
         self._reactor.add(self, sock.fileno())
 
@@ -616,55 +642,103 @@ class _TcpLink(ModbusLink):
 
     def _received(self, nbytes: int) -> None:
         rx = self._rx
-        answered: tuple[tuple[Done, int, int, int], bytes] | None = None
+        got: bytes | None = None
         filled = self._rx_len + nbytes
         pos = 0
         while filled - pos >= 8:
             tid, proto, length = _MBAP_HEAD.unpack_from(rx, pos)
             if proto != 0 or not 2 <= length <= 254:
-                # not Modbus TCP: the stream cannot be resynchronised
-                self.bad_frames += 1
-                self._lost(BadResponse("not a Modbus TCP stream"))
+                self._fault(f"{filled - pos} bytes that are not Modbus TCP")
                 return
             end = pos + 6 + length
             if end > filled:
                 break
             w = self._waiter
-            if tid != self._tid:
-                self.stray_bytes += end - pos  # the late reply to an abandoned request
-            elif w is not None and not w.done():
-                self._last_reply = time.monotonic() if self.inter_frame_s else 0.0
-                w.set_result(bytes(rx[pos + 6 : end]))  # unit id first, then the PDU
-                self._used = True
-                self._settled()
-            elif self._cb is not None:
-                answered = (self._cb, bytes(rx[pos + 6 : end]))
-                self._cb = None
-                self._used = True
-                self._settled()
-            else:
+            if (
+                tid == self._tid
+                and got is None
+                and (self._cb is not None or (w is not None and not w.done()))
+            ):
+                got = bytes(rx[pos + 6 : end])  # unit id first, then the PDU
+                self._acked = tid
+            elif 0 < (tid - self._acked) & 0xFFFF <= (self._tid - self._acked) & 0xFFFF:
+                self._acked = tid  # the late reply to a request that timed out: dropped
                 self.stray_bytes += end - pos
+            else:
+                self._fault(f"a reply with transaction id {tid}, which is on no request out")
+                return
             pos = end
         rest = filled - pos
-        if rest and pos:
-            rx[:rest] = rx[pos:filled]  # the start of the next frame to the front
+        if rest:
+            if self._acked == self._tid:  # nothing more is due: what follows is not a reply
+                self._fault(f"{rest} bytes after the reply")
+                return
+            if pos:
+                rx[:rest] = rx[pos:filled]  # the start of the next frame to the front
         self._rx_len = rest
-        if answered is not None:  # after the buffer is settled: done may send the next read
-            self._answer(*answered)
+        if got is None:
+            return
+        self._used = True
+        cb = self._cb
+        if cb is not None:
+            self._cb = None
+            self._settled()
+            self._answer(cb, got)  # after the buffer is settled: done may send the next read
+            return
+        w = self._waiter
+        if w is not None:
+            self._last_reply = time.monotonic() if self.inter_frame_s else 0.0
+            w.set_result(got)
+            self._settled()
+
+    def _fault(self, why: str) -> LinkDown:
+        """The device broke the framing: fail the request on the wire, reconnect; the error."""
+        self.bad_frames += 1
+        self._trouble(why)
+        err = LinkDown(f"{self.describe}: {why}; connection dropped")
+        self._shut(err)
+        return err
+
+    def _trouble(self, why: str) -> None:
+        """A connection dropped on a fault: counted, reopened at once, then with back-off.
+
+        Not logged here but by whoever gets the :class:`LinkDown` (the bus
+        poller says it once, with this reason, until the device answers again).
+        """
+        self.resets += 1
+        self._faults += 1
+        self._why = why
+        log.debug("%s: %s (fault %d in a row)", self.describe, why, self._faults)
+        if self._faults > 1:  # one fault: reconnect at once
+            self._reopen_at = time.monotonic() + min(30.0, 0.5 * 2 ** min(self._faults - 2, 6))
+
+    def _answered(self) -> None:
+        """A valid reply (or exception reply) after faults: the episode is over."""
+        log.debug("%s: answering again after %d faults", self.describe, self._faults)
+        self._faults = 0
+        self._reopen_at = 0.0
+
+    async def connect(self) -> None:
+        """As :meth:`ModbusLink.connect`; after faults in a row, not before the back-off."""
+        if self._sock is None and self._reopen_at:
+            wait = self._reopen_at - time.monotonic()
+            if wait > 0:
+                raise LinkDown(f"{self.describe}: {self._why}; reconnecting in {wait:.1f} s")
+        await super().connect()
 
     def _lost(self, exc: BaseException | None) -> None:
-        cb = self._cb
-        self.close()
-        down = LinkDown(f"{self.describe}: connection lost ({exc or 'closed'})")
         w = self._waiter
-        if w is not None and not w.done():
-            w.set_exception(down)
-        self._settled()
-        if cb is not None:
-            self._end_cb()
-            cb[0](down)
+        if self._cb is not None or (w is not None and not w.done()) or self._rx_len:
+            # in the middle of a transaction: a fault (idle, a device may close at will)
+            self._trouble(f"connection lost in the middle of a reply ({exc or 'closed'})")
+        self._shut(LinkDown(f"{self.describe}: connection lost ({exc or 'closed'})"))
 
     def _expire(self) -> None:
+        if self._rx_len:  # part of a reply: where the next frame starts is lost
+            self._fault(f"half a reply ({self._rx_len} bytes), then silence")
+            return
+        if (self._tid - self._acked) & 0xFFFF > 64:  # late replies of long ago: no longer
+            self._acked = (self._tid - 64) & 0xFFFF
         w = self._waiter
         if w is not None and not w.done():
             w.set_exception(TimeoutError())
@@ -724,8 +798,10 @@ class _TcpLink(ModbusLink):
     def _answer(self, cb: tuple[Done, int, int, int], got: bytes) -> None:
         done, slave, fc, count = cb
         self._end_cb()
-        if fc > 2 and got[1] == fc and got[0] == slave and got[2] == 2 * count == len(got) - 3:
+        if fc > 2 and got[1] == fc and got[0] == slave and len(got) - 3 == 2 * count == got[2]:
             self.replies += 1  # the common case, checked as _pdu and _checked would
+            if self._faults:
+                self._answered()
             done(_regs_struct(count).unpack_from(got, 3))
             return
         result: Sequence[int] | Sequence[bool] | Exception
@@ -752,10 +828,11 @@ class _TcpLink(ModbusLink):
             await idle
         # the input first: late replies are dropped here, and a device that closed
         # the idle connection gets a new one instead of a request into the void
-        used = self._used
+        was_open, used, resets = self._sock is not None, self._used, self.resets
         self._readable()
         if self._sock is None:
-            if not used:  # closed as soon as opened: a refusal, not an idle timeout
+            if was_open and not used and resets == self.resets:
+                # closed as soon as opened: a refusal, not an idle timeout
                 raise LinkDown(f"{self.describe}: connection closed by the device")
             await self.connect()
         sock, loop, reactor = self._sock, self._loop, self._reactor
@@ -779,29 +856,44 @@ class _TcpLink(ModbusLink):
         return self._pdu(slave, pdu[0], reply_len, got)
 
     def _pdu(self, slave: int, fc: int, reply_len: int, got: bytes) -> bytes:
-        """The PDU of a frame ``got`` (unit id first) if it answers ``fc`` to ``slave``."""
+        """The PDU of a frame ``got`` (unit id first) if it answers ``fc`` to ``slave``.
+
+        A frame that does not is a fault: the connection is closed.
+        """
         if got[0] != slave or got[1] & 0x7F != fc:
-            self.bad_frames += 1
-            raise BadResponse(
-                f"{self.describe}: reply from unit {got[0]} function {got[1]} "
-                f"to unit {slave} function {fc}"
+            raise self._fault(
+                f"reply from unit {got[0]} function {got[1]} to unit {slave} function {fc}"
             )
-        if len(got) - 1 != (2 if got[1] & 0x80 else reply_len):
-            self.bad_frames += 1
-            raise BadResponse(f"{self.describe}: unit {slave} sent a reply of {len(got) - 1} bytes")
+        exception = got[1] & 0x80
+        if len(got) - 1 != (2 if exception else reply_len):
+            raise self._fault(f"unit {slave} sent a reply of {len(got) - 1} bytes")
+        if fc <= 4 and not exception and got[2] != reply_len - 2:
+            raise self._fault(
+                f"unit {slave} sent {got[2]} data bytes in a reply of {reply_len - 2}"
+            )
+        if self._faults:
+            self._answered()
         return got[1:]
 
     def close(self) -> None:
+        self._shut(LinkDown(f"{self.describe}: connection closed"))
+
+    def _shut(self, error: TransportError) -> None:
+        """Close the connection; the request on the wire, if any, fails with ``error``."""
         sock, self._sock = self._sock, None
         self._rx_len = 0
-        if self._cb is not None:  # its reader has stopped listening
-            self._cb = None
-            self._settled()
-            self._end_cb()
         if sock is not None:
             if self._reactor is not None:
                 self._reactor.remove(sock.fileno())
             sock.close()
+        cb, self._cb = self._cb, None
+        w = self._waiter
+        self._settled()
+        if w is not None and not w.done():
+            w.set_exception(error)
+        if cb is not None:
+            self._end_cb()
+            cb[0](error)
 
 
 def _expire(w: asyncio.Future[bytes]) -> None:
@@ -832,10 +924,13 @@ class _RtuLink(ModbusLink):
     * a frame of the addressed slave and function but of another length (the
       reply to another request) is skipped whole, so the reply behind it is
       still taken, not failed as a CRC error;
-    * the first exchange with a slave after its timeout is *suspect*: its
-      first valid reply is held until the slave's usual response time has
-      passed, and if another one follows (the genuine reply behind a late
-      one), the last one wins.
+    * an exchange with a slave that timed out less than ``late_cap_s`` ago is
+      *suspect*: its reply is held until the slave's usual response time
+      (twice its slowest reply in time) has passed, and if another one follows
+      (the genuine reply behind a late one), the last one wins; a reply later
+      than that usual time, or a lone reply from a slave whose usual time is
+      not known yet, cannot be told from a late one and is dropped (then the
+      line is held for ``late_cap_s``, after which no doubt is left).
     """
 
     def __init__(
@@ -862,6 +957,9 @@ class _RtuLink(ModbusLink):
         self._echo_left = b""
         self._waiter: asyncio.Future[bytes] | None = None
         self._candidate: bytes | None = None  # suspect exchange: a reply, held
+        self._candidate_at = 0.0
+        self._suspect = False
+        self._usual_known = False
         self._confirm_at = 0.0
         # per slave (at most 256 entries each): when its last unanswered request
         # expired (until it answers again), the latest lateness heard from it, and
@@ -973,8 +1071,13 @@ class _RtuLink(ModbusLink):
                 continue
             if self._candidate is not None:  # the genuine reply behind a late one
                 self.late_replies += 1
-            elif slave in self._expired and now < self._confirm_at:
-                self._candidate = frame  # suspect: wait for the slave's usual time
+            elif self._suspect:
+                if now < self._confirm_at:
+                    self._candidate = frame  # held until the slave's usual time is over
+                    self._candidate_at = now
+                else:  # later than this slave ever answers: as likely the old reply
+                    self.stray_bytes += n
+                    self._learn_late(slave, now)
                 continue
             self._answer(frame)
             return
@@ -985,7 +1088,8 @@ class _RtuLink(ModbusLink):
             w.set_result(frame[1:-2])
 
     def _confirm(self) -> None:
-        if self._candidate is not None:
+        """The suspect exchange's usual time is over: its one reply is taken, if it can be."""
+        if self._candidate is not None and self._usual_known:
             self._answer(self._candidate)
 
     async def _exchange(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
@@ -1003,12 +1107,16 @@ class _RtuLink(ModbusLink):
         end = self._req_end = now + len(frame) * self._char  # its last bit leaves the wire
         expiry = end + self.timeout_s
         usual = self._usual.get(slave)
+        self._usual_known = usual is not None
         self._confirm_at = end + (
             self.timeout_s
             if usual is None
             else min(self.timeout_s, 2 * usual + self.inter_frame_s + 0.005)
         )
-        suspect = slave in self._expired
+        # suspect: the slave's last request timed out less than late_cap_s ago, so
+        # its late reply may still come (a longer silence is our bound for one)
+        prev = self._expired.get(slave)
+        suspect = self._suspect = prev is not None and end - prev < self.late_cap_s
         timer = loop.call_at(expiry, _expire, w)
         confirm = loop.call_at(self._confirm_at, self._confirm) if suspect else None
         try:
@@ -1017,7 +1125,18 @@ class _RtuLink(ModbusLink):
         except TimeoutError:
             if self._candidate is None:
                 self._timed_out(slave, expiry, echo)
-            reply = self._candidate[1:-2]  # held to the end, and nothing followed it
+            # one reply, and this slave's usual time is not known: it may be the
+            # late reply to the request before; we cannot tell, so it is not taken
+            self.late_replies += 1
+            self._learn_late(slave, self._candidate_at)
+            self.timeouts += 1
+            self.bad_frames += 1
+            self._expired[slave] = expiry
+            self._hold_until = expiry + self.late_cap_s  # after that, no doubt is left
+            raise BadResponse(
+                f"{self.describe}: slave {slave} answered, but a reply to an earlier "
+                "request cannot be ruled out after its timeout; dropped"
+            ) from None
         finally:
             timer.cancel()
             if confirm is not None:
