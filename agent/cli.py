@@ -27,6 +27,13 @@ from protocols.errors import ConfigError, VitalsError
 
 __all__ = ["app", "main"]
 
+# what typer refuses itself: typer >= 0.2x vendors click, its errors derive from TyperException
+_UsageProblem: Any = getattr(typer, "TyperException", None)
+if _UsageProblem is None:  # pragma: no cover - an older typer, on click
+    import click
+
+    _UsageProblem = click.ClickException
+
 DEFAULT_CONFIG, DEFAULT_STATE = runner.DEFAULT_CONFIG, runner.DEFAULT_STATE
 setup_logging = runner.setup_logging
 
@@ -654,8 +661,27 @@ def sim_fleet(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``vitals [ARGS]`` (default: the process's arguments); exits with the command's status."""
-    app(args=None if argv is None else list(argv), prog_name="vitals")
+    """``vitals [ARGS]`` (default: the process's arguments); exits with the command's status.
+
+    A mistake typer finds itself (an unknown option, a value out of range, a missing
+    argument) is reported like ours: one ``error:`` line and one ``hint:`` line, exit 2.
+    """
+    try:
+        rv = app(
+            args=None if argv is None else list(argv), prog_name="vitals", standalone_mode=False
+        )
+    except _UsageProblem as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `vitals sim`: typer showed the help
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "vitals"
+        typer.secho(f"error: {exc.format_message()}", fg="red", err=True)
+        typer.echo(f"hint: '{where} --help' lists what it takes", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

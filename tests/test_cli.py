@@ -174,6 +174,8 @@ def test_run_with_a_missing_config_says_which_file_and_how_to_name_another(
         (["run", "--log-level", "loud"], 2, "debug, info, warning, error"),
         (["demo", "--broker", "nonsense"], 2, "HOST:PORT"),
         (["status", "--status-file", "/"], 1, "a directory"),
+        (["hub", "token"], 2, "Missing argument"),
+        (["status", "--jsn"], 2, "--jsn"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
 )

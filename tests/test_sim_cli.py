@@ -35,6 +35,10 @@ MISTAKES = [
     (["sim", "firmware", "--profile", "weather_station"], ["sound_level_meter"]),
     (["sim", "fleet", "--scenario", "nosuch"], ["no such scenario", "steady"]),
     (["sim", "fleet", "--broker", "rabbit"], ["auto, mosquitto, embedded"]),
+    # refused by typer itself, reported the same way
+    (["sim", "rtu", "--baud", "0"], ["--baud", "'vitals sim rtu --help'"]),
+    (["sim", "rtu", "--bogus"], ["--bogus"]),
+    (["sim", "firmware", "--slave", "248"], ["--slave"]),
 ]
 
 
