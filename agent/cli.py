@@ -296,8 +296,14 @@ def hub(
 
     setup_logging()
     import socket
+    import sqlite3
 
-    core = HubCore(db, worker=worker or f"{socket.gethostname()}-{os.getpid()}", sharded=sharded)
+    try:
+        core = HubCore(
+            db, worker=worker or f"{socket.gethostname()}-{os.getpid()}", sharded=sharded
+        )
+    except (OSError, sqlite3.Error) as exc:
+        raise _fail(f"{db}: {exc}", "pass --db FILE: the hub's database, created if new") from None
     for gw, key in trusted:
         try:
             core.enroll(gw, key)

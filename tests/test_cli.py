@@ -343,6 +343,7 @@ def test_hub_stats_lists_gateways_enrolled_but_silent(tmp_path: Path) -> None:
         (["hub", "--broker", "localhost"], 2, ["HOST:PORT"]),
         (["hub", "--sharded"], 2, ["--worker"]),
         (["hub", "stats", "--db", "/nonexistent/hub.sqlite3"], 1, ["no hub database", "--db"]),
+        (["hub", "--db", "/"], 1, ["unable to open", "--db FILE"]),
         (["hub", "token", "GW 1", "--db", "/nonexistent/hub.sqlite3"], 1, ["--db"]),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
