@@ -86,6 +86,9 @@ def test_a_path_with_brackets_is_shown_as_is(tmp_path: Path) -> None:
          "vitals", "vitals run"),
         ("python3", ["python3", "-m", "agent", "sim", "rtu", "--baud", "19200"],
          "vitals", "vitals sim rtu"),
+        # vitals run replaces itself with the bare agent (same PID)
+        ("python3", ["/usr/bin/python3", "-m", "agent.runner", "gw.toml", "", ""],
+         "vitals", "vitals run"),
         ("minicom", ["minicom", "-D", "/dev/ttyUSB0"], "minicom", "minicom"),
     ],
 )  # fmt: skip

@@ -188,13 +188,19 @@ def process_name(pid: int, proc: Path = Path("/proc"), *, command: bool = False)
     except OSError:
         argv = []
     words = [os.path.basename(a) for a in argv[:3]]
-    if comm == "vitals" or "vitals" in words or (comm.startswith("python") and "agent" in words):
-        if not command:
-            return "vitals"
-        at = next((i for i, w in enumerate(words) if w in ("vitals", "agent")), len(argv))
-        sub = list(itertools.takewhile(lambda a: a and not a.startswith("-"), argv[at + 1 :]))[:2]
-        return " ".join(["vitals", *sub])
-    return comm
+    # the console script, "python -m agent ...", or the agent itself: "vitals run"
+    # replaces its process with "python -m agent.runner CONFIG ..." (same PID)
+    if not (comm == "vitals" or "vitals" in words or "agent" in words or "agent.runner" in words):
+        return comm
+    if not command:
+        return "vitals"
+    if "agent.runner" in words:
+        return "vitals run"
+    at = next((i for i, w in enumerate(words) if w in ("vitals", "agent")), None)
+    if at is None:
+        return "vitals"
+    sub = list(itertools.takewhile(lambda a: a and not a.startswith("-"), argv[at + 1 :]))[:2]
+    return " ".join(["vitals", *sub])
 
 
 def port_holder(path: str, proc: Path = Path("/proc")) -> tuple[int, str] | None:

@@ -62,8 +62,9 @@ def test_installer_finds_and_checks_the_terminals(tmp_path: Path) -> None:
         ["vitals", "diag", "probe"],
         ["vitals", "run", "--config"],
         ["vitals", "diag", "scan"],
+        ["vitals", "status", "--config"],
     ]
-    sim, ports, scan, read, probe, agent_cmd, scan_again = cmds
+    sim, ports, scan, read, probe, agent_cmd, scan_again, status = cmds
     logs = tmp_path / "logs"
 
     # an emulated bus at 19200 baud, which the installer does not know
@@ -134,6 +135,13 @@ def test_installer_finds_and_checks_the_terminals(tmp_path: Path) -> None:
             assert f"port busy: held by vitals (PID {agent.proc.pid})" in r.err
             r = run("diag", "ports", "--port", port)
             assert f"vitals run ({agent.proc.pid}, exclusive)" in r.out
+            # 7. the agent polls the bus, untroubled by the refused scan
+            wait_for(
+                "the agent's status naming its bus",
+                lambda: "rs485-1" in run(*status[1:], cwd=tmp_path, expect=None).out,
+            )
+            r = run(*status[1:], cwd=tmp_path)
+            assert "noise-3" in r.out
         finally:
             agent.stop()
         assert not re.search(r"garbage|CRC|degraded", agent.err), agent.err
