@@ -234,6 +234,8 @@ class Spool:
         self._free = 0  # the file system's free bytes when last looked at, and when next
         self._free_next = 0.0
         self._used = 0  # bytes of database pages in use (measured, plus estimates since)
+        self._pages = 0  # bytes of database pages, in use or free (when last measured)
+        self._unwritten = False  # on a tight disk: pages in the WAL past the file's end
         self._limit = 0  # what the pages may hold: the smaller of the bound and the disk's room
         self._dropping: dict[str, int] = {}  # reason -> batches dropped since its WARNING line
         self.exclusive = False  # opened without a shared WAL index (the disk was full)
@@ -410,6 +412,7 @@ class Spool:
         db = self._db
         pages = int(db.execute("PRAGMA page_count").fetchone()[0])
         free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+        self._pages = pages * _PAGE
         self._used = (pages - free) * _PAGE
         return self._used
 
@@ -432,15 +435,19 @@ class Spool:
             self._free_next = now + 1.0
         if free < self._max_bytes + _MARGIN:  # the disk may be tighter: look closer
             # The database may grow only into room the file system has beyond a margin
-            # (and the reserve, to allocate it again) and what the WAL still needs; past
+            # (and the reserve, to allocate it again), what the WAL still needs and what
+            # the next checkpoint needs (pages in the WAL past the file's end); past
             # that, batches go into pages that dropping the oldest frees. Dropping never
             # gives the file system room (the file does not shrink), so it only does so
             # for the pages the new batches need.
-            assert self._db is not None
-            pages = int(self._db.execute("PRAGMA page_count").fetchone()[0]) * _PAGE
+            self._measure_sync()  # exactly: a page is not freed until all its rows are
+            pages = self._pages
+            on_disk = _size(self.path)
+            self._unwritten = pages > on_disk  # checkpointed right after this commit
             wal_grows = max(0, wal - _size(Path(f"{self.path}-wal")))
             keep_free = _MARGIN + (0 if self._reserve_held else self._reserve_size)
-            room = max(pages, _size(self.path)) + max(0, free - keep_free - wal_grows)
+            keep_free += wal_grows + max(0, pages - on_disk)
+            room = max(pages, on_disk) + max(0, free - keep_free)
             if room < limit:
                 limit, reason = room, "disk_full"
         self._limit = limit
@@ -505,6 +512,7 @@ class Spool:
         try:
             self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
         except sqlite3.Error as exc:
+            log.debug("spool %s: checkpoint %s: %s", self.path, mode, exc)
             if not _is_full(exc):
                 raise SpoolError(f"spool {self.path}: cannot checkpoint ({exc})") from exc
 
@@ -516,6 +524,13 @@ class Spool:
         Each step ends with a checkpoint that lets the WAL start again in its own blocks.
         """
         self._disk_full_sync(str(why))
+        log.debug(
+            "spool %s: %s; %d bytes free, files %s",
+            self.path,
+            why,
+            _fs_free(self.path.parent),
+            [_size(Path(f"{self.path}{s}")) for s in ("", "-wal", "-shm", "-reserve")],
+        )
         progress = self._release_reserve_sync()
         self._checkpoint_sync()
         if self._count and drop and not progress:
@@ -583,6 +598,11 @@ class Spool:
                 lost, todo = todo[0], todo[1:]
                 self._lost_sync([(lost[0], lost[1], lost[2])], "disk_full")
         if todo:
+            if self._unwritten:
+                # while the file system still has the room kept for it (a full disk
+                # later could leave the WAL unable to restart)
+                self._checkpoint_sync("PASSIVE")
+                self._unwritten = False
             self._arm_reserve_sync()
             self._room_again_sync()
         return todo, self._last_id  # the rows just stored: last_id - len(todo) + 1 ...
@@ -629,7 +649,10 @@ class Spool:
             self._dropped_sync(d)
         self._count += len(batches)
         self._bytes += sum(len(b[4]) for b in batches)
-        self._used += incoming
+        if dropped:
+            self._measure_sync()  # exactly: a page is not freed until all its rows are
+        else:
+            self._used += incoming
 
     def _oldest_cut_sync(self, need: int, keep: int = 0) -> int:
         """The id up to which the oldest batches hold ``need`` bytes (keeping ``keep`` newest)."""
