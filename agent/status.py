@@ -87,7 +87,12 @@ def build_status(agent: Any, *, state: str = "running", interval_s: float = 5.0)
     stats: dict[str, Any] = dict(agent.statistics())
     cfg = agent.config
     spool = dict(stats.get("spool") or {})
-    spool["oldest_age_s"] = spool_oldest_age_s(cfg.gateway.state_dir / "spool.sqlite3")
+    # a spool opened on a full disk keeps its WAL index in memory: no other connection
+    # can read it (it would wait for its lock)
+    exclusive = getattr(getattr(agent, "spool", None), "exclusive", False)
+    spool["oldest_age_s"] = (
+        None if exclusive else spool_oldest_age_s(cfg.gateway.state_dir / "spool.sqlite3")
+    )
     stats["spool"] = spool
     return {
         "format": FORMAT,
