@@ -246,9 +246,7 @@ def bundle_command(
     ] = Path("/etc/vitals/gateway.toml"),
     state_dir: Annotated[Path | None, typer.Option(help="the agent's state directory")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="archive to write")] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", metavar="", help="the manifest as JSON")
-    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="the manifest as JSON")] = False,
 ) -> None:
     """One tar.gz for support: redacted config, logs, status, versions, ports, spool."""
     if config is not None and not config.exists():

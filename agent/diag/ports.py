@@ -136,7 +136,7 @@ def ports_command(
     port: Annotated[
         list[str] | None, typer.Option(help="also check this path (a pty, a udev symlink)")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="one JSON object")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
 ) -> None:
     """Serial ports: description, USB VID:PID, serial number, and who holds them."""
     infos, hidden = list_serial_ports(port)

@@ -192,7 +192,7 @@ def probe_command(
     parity: Annotated[str, typer.Option(help="N, E or O")] = "E",
     stopbits: Annotated[int, typer.Option(help="1 or 2")] = 1,
     timeout: Annotated[float, typer.Option(help="response timeout, seconds")] = 1.0,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="one JSON object")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
 ) -> None:
     """Decode 2 or 4 registers under every byte/word order and type; name the right order."""
     try:

@@ -420,7 +420,7 @@ def read_command(
     ] = None,
     samples: Annotated[int | None, typer.Option(help="stop after this many samples")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", metavar="", help="one JSON object per sample per line")
+        bool, typer.Option("--json", help="one JSON object per sample per line")
     ] = False,
 ) -> None:
     """Live table of a device's decoded points: value, unit, quality, response time."""

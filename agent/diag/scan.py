@@ -447,21 +447,16 @@ def scan_command(
     ] = DEFAULT_TURNAROUND_S,
     first: Annotated[
         bool,
-        typer.Option(
-            "--first", metavar="", help="stop after the first setting where anything answers"
-        ),
+        typer.Option("--first", help="stop after the first setting where anything answers"),
     ] = False,
     identify: Annotated[
         bool,
         typer.Option(
             "--ident/--no-ident",
-            metavar="",
             help="ask each terminal found for 43/14 identification",
         ),
     ] = True,
-    as_json: Annotated[
-        bool, typer.Option("--json", metavar="", help="one JSON object at the end")
-    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object at the end")] = False,
 ) -> None:
     """Find the terminals on a bus: every baud/parity and slave address, exact timeouts."""
     try:

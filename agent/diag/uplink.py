@@ -385,7 +385,7 @@ def uplink_command(
     ] = None,
     port_alias: Annotated[int | None, typer.Option("--port", hidden=True)] = None,
     timeout: Annotated[float, typer.Option(help="seconds per step")] = 5.0,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="one JSON object")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
 ) -> None:
     """Check the uplink: DNS, TCP, TLS, MQTT connect, publish round trip, clock offset."""
     try:
