@@ -170,8 +170,7 @@ def run(
         raise _fail(
             f"--log-level {log_level!r} is not a level", f"choose from {', '.join(_LEVELS)}", 2
         )
-    runner.one_malloc_arena()  # before any thread starts
-    raise typer.Exit(runner.run(config, state_dir, log_level))
+    runner.exec_agent(config, state_dir, log_level)
 
 
 @app.command()

@@ -15,12 +15,14 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 from protocols.errors import ConfigError, VitalsError
 
 __all__ = [
     "DEFAULT_CONFIG",
     "DEFAULT_STATE",
+    "exec_agent",
     "first_error",
     "one_malloc_arena",
     "run",
@@ -126,6 +128,28 @@ def run(config: Path, state_dir: Path | None = None, log_level: str | None = Non
     return 0
 
 
+def exec_agent(config: Path, state_dir: Path | None, log_level: str | None) -> NoReturn:
+    """Replace this process (same PID, so systemd's notify socket and watchdog
+    still apply) with a fresh interpreter that runs only the agent.
+
+    ``vitals run`` parses its options with typer like every command; typer 0.29
+    converts option values through pydantic, and a long-running agent would keep
+    those ~12 MB resident for nothing (docs/decisions.md 22). The arguments are
+    already checked here; ``python -m agent.runner`` takes them as they are.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    args = [str(config), "" if state_dir is None else str(state_dir), log_level or ""]
+    os.execv(sys.executable, [sys.executable, "-m", "agent.runner", *args])
+
+
+def _exec_main(argv: list[str]) -> int:
+    """The far end of :func:`exec_agent`: CONFIG STATE_DIR LOG_LEVEL (empty = unset)."""
+    config, state_dir, log_level = argv
+    one_malloc_arena()  # before any thread starts
+    return run(Path(config), Path(state_dir) if state_dir else None, log_level or None)
+
+
 def one_malloc_arena() -> None:
     """Have glibc serve every thread from one malloc arena.
 
@@ -142,3 +166,7 @@ def one_malloc_arena() -> None:
 
 
 _M_ARENA_MAX = -8  # <malloc.h>
+
+
+if __name__ == "__main__":
+    sys.exit(_exec_main(sys.argv[1:]))

@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -124,20 +125,52 @@ def test_every_option_of_our_commands_says_what_it_is_for() -> None:
     assert seen > 30
 
 
-def test_run_loads_neither_rich_nor_the_diagnostics_nor_provisioning() -> None:
-    """docs/decisions.md 22: what decision 8 kept for `vitals run`."""
+def test_the_running_agent_is_a_fresh_interpreter_without_the_cli(tmp_path: Path) -> None:
+    """docs/decisions.md 22: `vitals run` parses with typer, then replaces itself (same
+    PID, for systemd) with `python -m agent.runner`, which loads neither typer nor
+    pydantic, rich, the diagnostics or provisioning."""
     code = (
         "import sys\n"
-        "from agent.cli import main\n"
-        "try:\n"
-        "    main(['run', '--config', '/nonexistent/gateway.toml'])\n"
-        "except SystemExit as exc:\n"
-        "    assert exc.code == 1, exc.code\n"
-        "print(sorted(m for m in ('rich', 'agent.diag', 'agent.provision') if m in sys.modules))\n"
+        "from agent.runner import _exec_main\n"
+        "assert _exec_main(['/nonexistent/gateway.toml', '', '']) == 1\n"
+        "print(sorted(m for m in ('typer', 'pydantic', 'rich', 'agent.cli', 'agent.diag',"
+        " 'agent.provision') if m in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+    state = tmp_path / "state"
+    assert vitals("keygen", "--state-dir", str(state)).returncode == 0
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'[gateway]\nid = "gw-exec"\nstate_dir = "{state}"\n'
+        '[uplink]\nhost = "127.0.0.1"\nport = 1\n'
+        '[[buses]]\nname = "tcp-1"\nkind = "tcp"\nhost = "127.0.0.1"\ntcp_port = 1\n'
+        '[[devices]]\nname = "noise-1"\nbus = "tcp-1"\nprofile = "sound_level_meter"\n'
+        "slave = 1\n"
+    )
+    exe = Path(sys.executable).parent / "vitals"
+    proc = subprocess.Popen(
+        [str(exe), "run", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        cmdline = ""
+        while time.monotonic() < deadline and "agent.runner" not in cmdline:
+            time.sleep(0.1)
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_text().replace("\0", " ")
+        assert "-m agent.runner" in cmdline, cmdline  # the same PID, now the agent alone
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "pydantic_core" not in maps
+        while time.monotonic() < deadline and not (state / "status.json").exists():
+            time.sleep(0.1)  # running, its signal handlers in place
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
 
 
 def test_a_mistyped_command_is_matched_against_every_command() -> None:
