@@ -24,7 +24,7 @@ from protocols import ed25519, envelope, topics
 from protocols.modbus import decode, encode, plan
 from protocols.reading import Quality, Reading
 from simulator.demo import DEMO_DEVICES
-from simulator.signals import signal_for
+from simulator.signals import ProfileRegisters
 
 GATEWAY = "gw-0042-district-07"  # a realistic id length
 
@@ -50,7 +50,7 @@ def realistic_minute(seconds: float = 60.0, seed: int = 7) -> list[Reading]:
         for p in profile.points:
             ids[p.spec] = (pid, p)
             pid += 1
-        signals = {p.spec: signal_for(p, seed=dev_i) for p in profile.points}
+        regs = ProfileRegisters(profile, seed=dev_i)  # the demo's terminals' values
         groups: dict[float, list] = {}
         for p in profile.points:
             groups.setdefault(p.interval_s or interval or profile.interval_s, []).append(p.spec)
@@ -61,9 +61,10 @@ def realistic_minute(seconds: float = 60.0, seed: int = 7) -> list[Reading]:
                 base = t0 + int(k * every * 1000) + dev_i * 37
                 for r_i, req in enumerate(reqs):
                     ts = base + r_i * 9 + rng.randint(0, 6)  # a TCP round trip or two later
+                    cache: dict[str, object] = {}
                     for spec in req.points:
                         point_id, point = ids[spec]
-                        value = decode(spec, encode(spec, signals[spec].value(ts / 1000)))
+                        value = decode(spec, encode(spec, regs.value(spec.name, ts / 1000, cache)))
                         q = Quality.GOOD
                         if (
                             point.range
