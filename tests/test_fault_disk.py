@@ -439,6 +439,7 @@ async def test_agent_on_a_full_disk_polls_restarts_and_loses_nothing_spooled(
         assert await procs[1].wait() == -signal.SIGKILL
         procs.append(await _start(cfg, logs[2]))
         await _running(procs[2], state, logs[2])
+        await _until("a batch spooled after kill -9", lambda: _spooled(logs[2:3]), 20, logs[2])
         procs[2].kill()
         assert await procs[2].wait() == -signal.SIGKILL
 
