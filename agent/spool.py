@@ -136,7 +136,7 @@ def _is_full(exc: BaseException) -> bool:
 _IOERR_SHMSIZE = sqlite3.SQLITE_IOERR | (19 << 8)
 
 
-def _fs_free(path: Path) -> int:
+def _fs_free(path: Path | str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
 
@@ -658,6 +658,8 @@ class Spool:
         """The id up to which the oldest batches hold ``need`` bytes (keeping ``keep`` newest)."""
         assert self._db is not None
         total, cut = 0, 0
+        if need <= 0:
+            return 0
         for rid, size in self._db.execute(
             "SELECT id, length(data) FROM batches ORDER BY id LIMIT ?", (self._count - keep,)
         ):
