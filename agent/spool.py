@@ -32,13 +32,17 @@ A full disk (``SQLITE_FULL``/``ENOSPC``) at any step never stops the agent.
 Freeing space in SQLite needs space (a delete is written to the WAL, a
 checkpoint may extend the database), so the spool keeps a *reserve*: a file
 of ``wal limit + 64 KiB`` allocated beside the database while there is room
-(``spool.sqlite3-reserve``). On ``ENOSPC`` it deletes the reserve, truncates
-the WAL, drops the oldest batches, and tries again; a batch that still does
-not fit is counted as dropped and named in a gap notice (kept in memory if
-even the gap row cannot be written). The reserve is allocated again once the
+(``spool.sqlite3-reserve``). On ``ENOSPC`` it deletes the reserve and
+checkpoints (so the WAL starts again in the blocks it has) and tries again;
+next it drops the oldest batches in a transaction of their own and tries again;
+a batch that still does not fit is counted as dropped and named in a gap
+notice (kept in memory if even the gap row cannot be written). On a tight
+disk, pages that are only in the WAL are checkpointed right after each commit,
+while the room kept for them is there. The reserve is allocated again once the
 file system has room. One WARNING line says the disk is full, one INFO line
 that it has room again. A spool on a full disk opens without needing a byte
 (the WAL index then lives in the process's memory: ``locking_mode=EXCLUSIVE``).
+Why a reserve and not the alternatives: ``docs/decisions.md`` 21.
 
 A spool file that SQLite cannot open or whose ``quick_check`` fails is moved
 aside (``spool.sqlite3.damaged-<time>``) with an error line, counted, and a
