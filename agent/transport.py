@@ -926,7 +926,7 @@ class _RtuLink(ModbusLink):
       still taken, not failed as a CRC error;
     * an exchange with a slave that timed out less than ``late_cap_s`` ago is
       *suspect*: its reply is held until the slave's usual response time
-      (twice its slowest reply in time) has passed, and if another one follows
+      (twice its slowest reply in time, plus 20 ms) has passed, and if another one follows
       (the genuine reply behind a late one), the last one wins; a reply later
       than that usual time, or a lone reply from a slave whose usual time is
       not known yet, cannot be told from a late one and is dropped (then the
@@ -1021,7 +1021,8 @@ class _RtuLink(ModbusLink):
             n = response_length(noise[i : i + 3]) if s in self._expired else None
             if n is not None and len(noise) - i >= n and crc_ok(noise[i : i + n]):
                 self._learn_late(s, now)
-                i += n
+                del noise[: i + n]
+                i = 0
             else:
                 i += 1
         del noise[: max(0, len(noise) - 260)]  # keep a frame's worth: the rest of one
@@ -1111,12 +1112,14 @@ class _RtuLink(ModbusLink):
         self._confirm_at = end + (
             self.timeout_s
             if usual is None
-            else min(self.timeout_s, 2 * usual + self.inter_frame_s + 0.005)
+            else min(self.timeout_s, 2 * usual + self.inter_frame_s + 0.02)
         )
-        # suspect: the slave's last request timed out less than late_cap_s ago, so
-        # its late reply may still come (a longer silence is our bound for one)
+        # suspect: the slave's last request timed out, so its late reply may still
+        # come. With its usual time known we can tell the two replies apart, however
+        # late; without it, only a silence of late_cap_s since the timeout clears it
         prev = self._expired.get(slave)
-        suspect = self._suspect = prev is not None and end - prev < self.late_cap_s
+        suspect = prev is not None and (usual is not None or end - prev < self.late_cap_s)
+        self._suspect = suspect
         timer = loop.call_at(expiry, _expire, w)
         confirm = loop.call_at(self._confirm_at, self._confirm) if suspect else None
         try:
@@ -1127,7 +1130,6 @@ class _RtuLink(ModbusLink):
                 self._timed_out(slave, expiry, echo)
             # one reply, and this slave's usual time is not known: it may be the
             # late reply to the request before; we cannot tell, so it is not taken
-            self.late_replies += 1
             self._learn_late(slave, self._candidate_at)
             self.timeouts += 1
             self.bad_frames += 1
