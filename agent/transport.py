@@ -1270,6 +1270,7 @@ class _SerialLink(_RtuLink):
             "bytesize": bytesize,
         }
         self._serial: serial.Serial | None = None
+        self._untold: LinkDown | None = None  # the port was lost while no request was out
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -1278,6 +1279,9 @@ class _SerialLink(_RtuLink):
         return self._serial is not None
 
     async def _open(self) -> None:
+        untold, self._untold = self._untold, None
+        if untold is not None:
+            raise untold
         parity = str(self._settings["parity"])
         try:
             # exclusive: flock(LOCK_EX | LOCK_NB) on the descriptor, held while the port
@@ -1320,7 +1324,12 @@ class _SerialLink(_RtuLink):
         why = "hang-up (adapter unplugged, or the other end closed)"
         if exc is not None:
             why = _port_error(self.port, "N", exc)
-        self._fail(LinkDown(f"{self.describe}: port lost: {why}"))
+        lost = LinkDown(f"{self.describe}: port lost: {why}")
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(lost)
+        else:  # lost between requests: the next one hears it first, not "no such port"
+            self._untold = lost
         self.close()
 
     def _drain_input(self) -> None:
