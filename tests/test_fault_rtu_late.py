@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import select
 import threading
@@ -36,11 +37,14 @@ import tty
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.bus import BusPoller, PolledDevice
 from agent.clock import SystemClock
-from agent.transport import ModbusLink
+from agent.transport import ModbusLink, TransportError, _RtuLink
 from drivers.profiles import Point
+from protocols.errors import DeviceException
 from protocols.modbus import DataType, PointSpec, Space
 from protocols.reading import Quality, Reading
 from protocols.rtu import crc16
@@ -196,3 +200,46 @@ async def test_always_late_slave_is_never_published() -> None:
     assert all(r.value != LATE for r in readings), [r.value for r in readings]
     assert not [r for r in readings if r.quality is Quality.GOOD]
     assert slave.late_sent - 1 <= poller.link.statistics()["late_replies"] <= slave.late_sent
+
+
+class _WireLink(_RtuLink):
+    """The RTU master on an in-memory line: what it sends is answered by ``chunks``."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        super().__init__("mem", timeout_s=0.02, inter_frame_s=0.0, char_s=0.0)
+        self.chunks = chunks
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def _open(self) -> None:
+        pass
+
+    def _send(self, frame: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        for chunk in self.chunks:
+            loop.call_soon(self._received, chunk)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    before=st.binary(max_size=40),
+    after=st.binary(max_size=40),
+    cuts=st.lists(st.integers(0, 120), max_size=6),
+)
+def test_any_line_noise_around_the_reply(before: bytes, after: bytes, cuts: list[int]) -> None:
+    """Noise before and after the genuine reply, cut anywhere: the master takes
+    the reply or fails with one of its own errors, never anything else."""
+    wire = before + _reply(1, [TRUE]) + after
+    points = sorted({0, len(wire), *(c for c in cuts if c < len(wire))})
+    link = _WireLink([wire[a:b] for a, b in itertools.pairwise(points)])
+
+    async def read() -> list[int] | TransportError | DeviceException:
+        try:
+            return list(await link.read(Space.HOLDING, 10, 1, 1))
+        except (TransportError, DeviceException) as exc:
+            return exc
+
+    got = asyncio.run(read())
+    assert got == [TRUE] or isinstance(got, (TransportError, DeviceException))
