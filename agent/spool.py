@@ -224,7 +224,8 @@ class Spool:
         self._next_age_check = 0.0
         self._lost_gaps: list[GapRange] = []  # could not even be written (disk full)
         self._lost_sent = 0  # the first of _lost_gaps in a notice on its way
-        self._gaps_done: set[int] = set()  # gap rows acknowledged, delete not yet committed
+        self._gaps_done: set[int] = set()
+        self._gaps_handed = 0  # the newest gap row in a notice on its way  # gap rows acknowledged, delete not yet committed
         self._has_gaps = False
         # the newest rows, contiguous ids: pending() serves live reads from here
         self._tail: deque[SpoolRow] = deque()
@@ -338,7 +339,7 @@ class Spool:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-            self._disk_full_sync(f"opening: {exc}")
+            self._disk_full_sync(f"no room to open it: {exc}")
             self._release_reserve_sync()
         try:
             self._db = self._connect()
@@ -692,9 +693,26 @@ class Spool:
             ranges=_ranges([(int(r[1]), int(r[2]), int(r[3])) for r in rows], reason),
             reason=reason,
         )
+        ranges = d.ranges
+        # a drop that continues the last gap row extends it (one row per outage, not one
+        # per append), unless that row is in a notice on its way
+        last = db.execute(
+            "SELECT id, epoch, last, reason FROM gaps ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        g = ranges[0]
+        if (
+            last is not None
+            and int(last[0]) > self._gaps_handed
+            and (int(last[1]), int(last[2]) + 1, str(last[3])) == (g.epoch, g.first, g.reason)
+        ):
+            db.execute(
+                "UPDATE gaps SET last = ?, readings = readings + ? WHERE id = ?",
+                (g.last, g.readings, int(last[0])),
+            )
+            ranges = ranges[1:]
         db.executemany(
             "INSERT INTO gaps (epoch, first, last, readings, reason) VALUES (?, ?, ?, ?, ?)",
-            [(g.epoch, g.first, g.last, g.readings, g.reason) for g in d.ranges],
+            [(g.epoch, g.first, g.last, g.readings, g.reason) for g in ranges],
         )
         self._bump_sync({"dropped_batches": len(d.ids), "dropped_readings": d.readings})
         return d
@@ -910,7 +928,10 @@ class Spool:
         ):
             if int(rid) not in self._gaps_done:
                 out.append((int(rid), GapRange(int(e), int(f), int(last), int(n), str(reason))))
-        return out[:limit]
+        out = out[:limit]
+        # being sent: no longer extended by later drops
+        self._gaps_handed = max([self._gaps_handed, *(i for i, _ in out)])
+        return out
 
     async def gaps_sent(self, ids: Sequence[int]) -> None:
         """Delete gap rows whose notice the broker has acknowledged."""

@@ -302,3 +302,29 @@ async def test_durability_sets_sqlite_synchronous(
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     con.close()
+
+
+async def test_drops_across_appends_extend_one_gap_row_unless_it_is_being_sent(
+    tmp_path: Path,
+) -> None:
+    """A long outage at the bound drops at every append: one gap row per run of
+    dropped batches, not one per append; a row already in a notice on its way is
+    never extended (its delete on PUBACK would take the extension with it)."""
+    spool = await Spool.open(tmp_path / "s.sqlite3", max_bytes=MiB)
+    for i in range(30):
+        await spool.append(_rows(1, range(i * 4, i * 4 + 4), size=10_000))
+    dropped = spool.statistics()["dropped_batches"]
+    assert dropped > 8
+    gaps = await spool.gaps()  # handed to the uplink: on its way
+    assert [g for _, g in gaps] == [GapRange(1, 0, dropped - 1, 10 * dropped, "spool_full")]
+    for i in range(30, 40):
+        await spool.append(_rows(1, range(i * 4, i * 4 + 4), size=10_000))
+    more = spool.statistics()["dropped_batches"]
+    later = await spool.gaps()
+    assert [g for _, g in later] == [
+        GapRange(1, 0, dropped - 1, 10 * dropped, "spool_full"),
+        GapRange(1, dropped, more - 1, 10 * (more - dropped), "spool_full"),
+    ]
+    await spool.gaps_sent([gaps[0][0]])
+    assert [g for _, g in await spool.gaps()] == [g for _, g in later[1:]]
+    await spool.close()
