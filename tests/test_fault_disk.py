@@ -372,6 +372,7 @@ async def _running(proc: asyncio.subprocess.Process, state: Path, log_file: Path
     return _status(state)
 
 
+@pytest.mark.mosquitto
 async def test_agent_on_a_full_disk_polls_restarts_and_loses_nothing_spooled(
     small_disk: Path, tmp_path: Path
 ) -> None:
