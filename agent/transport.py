@@ -924,13 +924,14 @@ class _RtuLink(ModbusLink):
     * a frame of the addressed slave and function but of another length (the
       reply to another request) is skipped whole, so the reply behind it is
       still taken, not failed as a CRC error;
-    * an exchange with a slave that timed out less than ``late_cap_s`` ago is
-      *suspect*: its reply is held until the slave's usual response time
-      (twice its slowest reply in time, plus 20 ms) has passed, and if another one follows
-      (the genuine reply behind a late one), the last one wins; a reply later
-      than that usual time, or a lone reply from a slave whose usual time is
-      not known yet, cannot be told from a late one and is dropped (then the
-      line is held for ``late_cap_s``, after which no doubt is left).
+    * the next exchange with a slave that timed out is *suspect* until it has
+      answered again: its reply is held until the slave's usual response
+      time (twice its slowest reply in time, plus 20 ms) has passed, and if
+      another one follows (the genuine reply behind a late one), the last one
+      wins; a reply later than that usual time is dropped. While the slave's
+      usual time is not known, its one reply within ``late_cap_s`` of the
+      timeout cannot be told from a late one: dropped, and the line held for
+      ``late_cap_s``, after which no doubt is left.
     """
 
     def __init__(
