@@ -64,6 +64,7 @@ from typing import Any, NoReturn
 
 import serial
 
+from agent.portlock import held_by
 from protocols.errors import DeviceException, RemoteError
 from protocols.modbus import Space
 from protocols.rtu import crc16, crc_ok, frame_time, response_length, t35
@@ -1211,7 +1212,7 @@ def _port_error(port: str, parity: str, exc: BaseException) -> str:
             if f"({c}," in text or f"[Errno {c}]" in text:
                 code = c
     if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY) or "exclusively lock" in text:
-        return f"port busy: {_lock_holder(port)}"
+        return f"port busy: {held_by(port)}"
     if code == errno.EINVAL and parity != "N":
         return _refused_parity(parity)
     if isinstance(code, int) and code in _PORT_ERRORS:
@@ -1223,24 +1224,6 @@ def _port_error(port: str, parity: str, exc: BaseException) -> str:
 
 def _refused_parity(parity: str) -> str:
     return f"the port refused parity {parity} (pseudo terminals refuse parity bits: use parity N)"
-
-
-def _lock_holder(port: str) -> str:
-    """``held by NAME (PID n)``: who holds ``port``'s flock, from /proc/locks."""
-    with contextlib.suppress(OSError, ValueError):
-        st = os.stat(port)
-        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-        with open("/proc/locks") as f:
-            for line in f:
-                # "1: FLOCK  ADVISORY  WRITE 8550 00:1a:3 0 EOF" ("->" marks a waiter)
-                fields = line.split()
-                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key:
-                    pid = int(fields[4])
-                    with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        argv = [os.path.basename(a) for a in c.read().split(b"\0")[:3]]
-                    name = "vitals" if b"vitals" in argv or b"agent" in argv else argv[0].decode()
-                    return f"held by {name} (PID {pid})"
-    return "held by another program"
 
 
 class _SerialLink(_RtuLink):

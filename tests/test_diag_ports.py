@@ -93,7 +93,7 @@ def test_a_path_with_brackets_is_shown_as_is(tmp_path: Path) -> None:
     ],
 )  # fmt: skip
 def test_process_names(tmp_path: Path, comm: str, argv: list[str], short: str, long: str) -> None:
-    from agent.diag._common import process_name
+    from agent.portlock import process_name
 
     (tmp_path / "42").mkdir()
     (tmp_path / "42" / "comm").write_text(comm + "\n")

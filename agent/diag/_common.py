@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import json
 import os
 import sys
@@ -25,6 +24,8 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+
+from agent.portlock import lock_holder, process_name
 
 __all__ = [
     "FAILED",
@@ -40,7 +41,6 @@ __all__ = [
     "parse_range",
     "port_busy",
     "port_holder",
-    "process_name",
     "waiting",
 ]
 
@@ -172,42 +172,11 @@ def escape(text: str) -> str:
 # -- who holds a serial port -------------------------------------------------------
 
 
-def process_name(pid: int, proc: Path = Path("/proc"), *, command: bool = False) -> str:
-    """A process's name as a person knows it: ``vitals`` for the agent however it
-    was started (its script, ``python -m agent``), else the command name. With
-    ``command``, a vitals process says which one: ``vitals run``, ``vitals sim rtu``."""
-    try:
-        comm = (proc / str(pid) / "comm").read_text().strip()
-    except OSError:
-        return "?"
-    try:
-        argv = [
-            a.decode(errors="replace")
-            for a in (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
-        ]
-    except OSError:
-        argv = []
-    words = [os.path.basename(a) for a in argv[:3]]
-    # the console script, "python -m agent ...", or the agent itself: "vitals run"
-    # replaces its process with "python -m agent.runner CONFIG ..." (same PID)
-    if not (comm == "vitals" or "vitals" in words or "agent" in words or "agent.runner" in words):
-        return comm
-    if not command:
-        return "vitals"
-    if "agent.runner" in words:
-        return "vitals run"
-    at = next((i for i, w in enumerate(words) if w in ("vitals", "agent")), None)
-    if at is None:
-        return "vitals"
-    sub = list(itertools.takewhile(lambda a: a and not a.startswith("-"), argv[at + 1 :]))[:2]
-    return " ".join(["vitals", *sub])
-
-
 def port_holder(path: str, proc: Path = Path("/proc")) -> tuple[int, str] | None:
     """``(pid, name)`` of the process holding ``path`` locked (``flock``, as
     pyserial's ``exclusive=True`` and the agent take it; from /proc/locks), else
     of another process with it open (from /proc/*/fd); None when not found."""
-    from agent.diag.ports import holders, lock_holder
+    from agent.diag.ports import holders
 
     pid = lock_holder(path, proc)
     if pid is not None and pid != os.getpid():

@@ -9,7 +9,6 @@ which the output says when it matters.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from agent.diag._common import FAILED, OK, console, emit_json, escape, process_name
+from agent.diag._common import FAILED, OK, console, emit_json, escape
+from agent.portlock import lock_holder, process_name
 
-__all__ = ["PortInfo", "holders", "list_serial_ports", "lock_holder", "ports_command"]
+__all__ = ["PortInfo", "holders", "list_serial_ports", "ports_command"]
 
 
 @dataclass(slots=True)
@@ -112,24 +112,6 @@ def list_serial_ports(extra: list[str] | None = None) -> tuple[list[PortInfo], i
         i.held_by = sorted(held.get(i.device, []))
         i.locked_by = lock_holder(i.device) if i.exists else None
     return infos, hidden
-
-
-def lock_holder(path: str, proc: Path = Path("/proc")) -> int | None:
-    """The pid holding ``path`` with an exclusive ``flock`` (as the agent and the
-    diagnostics open ports), from /proc/locks; None when nobody does."""
-    try:
-        st = os.stat(path)
-        locks = (proc / "locks").read_text().splitlines()
-    except OSError:
-        return None
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in locks:
-        # "1: FLOCK  ADVISORY  WRITE 8550 00:1a:3 0 EOF" (a blocked waiter has "->")
-        fields = line.split()
-        if len(fields) >= 6 and "->" not in fields and fields[1] == "FLOCK" and fields[5] == key:
-            with contextlib.suppress(ValueError):
-                return int(fields[4])
-    return None
 
 
 def ports_command(
