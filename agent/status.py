@@ -302,6 +302,7 @@ def _age(s: float | None) -> str:
 
 def render(path: Path, doc: dict[str, Any], why: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = Console(highlight=False)
@@ -322,13 +323,28 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
         f"uplink  {link}  "
         f"acked {up.get('batches_acked', 0)} batches / {up.get('readings_acked', 0)} readings  "
         f"last acked {last_txt}"
-        + (f"  last error: {up['last_error']}" if up.get("last_error") else ""),
+        + (f"  last error: {escape(str(up['last_error']))}" if up.get("last_error") else ""),
         soft_wrap=True,
     )
     sp = doc.get("spool") or {}
+    why_dropped = ", ".join(
+        f"{sp[k]} {label}"
+        for k, label in (
+            ("dropped_disk_full", "disk full"),
+            ("dropped_spool_full", "over max_bytes"),
+            ("dropped_too_old", "too old"),
+            ("lost_disk_full", "lost, disk full"),
+        )
+        if sp.get(k)
+    )
+    on_disk = (
+        f", {sp['disk_bytes']} of {sp['max_bytes']} bytes on disk" if sp.get("max_bytes") else ""
+    )
     con.print(
-        f"spool   {sp.get('depth_batches', 0)} batches, {sp.get('depth_bytes', 0)} bytes, "
-        f"oldest {_age(sp.get('oldest_age_s'))}, dropped {sp.get('dropped_batches', 0)}",
+        f"spool   {sp.get('depth_batches', 0)} batches, {sp.get('depth_bytes', 0)} bytes"
+        f"{on_disk}, oldest {_age(sp.get('oldest_age_s'))}, dropped {sp.get('dropped_batches', 0)}"
+        + (f" ({why_dropped})" if why_dropped else "")
+        + ("  [red]DISK FULL[/]: the oldest batches make room" if sp.get("disk_full") else ""),
         soft_wrap=True,
     )
     title = "buses and devices"
@@ -348,12 +364,14 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
                 str(d.get("polls", 0)),
                 str(d.get("polls_failed", 0)),
                 str(d.get("rtt_ms", "")),
-                str(d.get("last_error", "")),
+                escape(str(d.get("last_error", ""))),
             )
     con.print(t)
     counters = {
-        f"bus {bus}": f"{b.get('transactions', 0)} transactions, {b.get('timeouts', 0)} timeouts, "
-        f"{b.get('overruns', 0)} overruns"
+        f"bus {bus}": f"{b.get('state', 'online')}, "
+        f"{b.get('transactions', 0)} transactions, {b.get('timeouts', 0)} timeouts, "
+        f"{b.get('overruns', 0)} overruns, {b.get('link_downs', 0)} times down"
+        + (f"; {escape(str(b['last_error']))}" if b.get("last_error") else "")
         for bus, b in (doc.get("buses") or {}).items()
     }
     batch = doc.get("batch") or {}

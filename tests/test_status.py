@@ -101,7 +101,26 @@ def test_cli_renders_buses_devices_spool_uplink(tmp_path: Path) -> None:
     assert "spool   2 batches, 4096 bytes" in r.output
     row = next(line for line in r.output.splitlines() if "rain-2" in line)
     assert "offline" in row and "rtu:///dev/ttyUSB0: no response from slave 2" in row
-    assert "bus rs485-1: 120 transactions, 3 timeouts" in r.output
+    assert "bus rs485-1: online, 120 transactions, 3 timeouts" in r.output
+
+
+def test_cli_shows_a_bus_down_and_a_full_disk_with_their_reasons(tmp_path: Path) -> None:
+    doc = build_status(_fake_agent(tmp_path))
+    doc["buses"]["rs485-1"].update(
+        state="offline", last_error="port lost: [Errno 5] input/output error", link_downs=2
+    )
+    doc["spool"].update(
+        disk_full=1, dropped_batches=3, dropped_disk_full=3, disk_bytes=900_000, max_bytes=10**6
+    )
+    (tmp_path / "status.json").write_text(json.dumps(doc))
+    r = runner.invoke(
+        app, ["status", "--status-file", str(tmp_path / "status.json")], env={"COLUMNS": "200"}
+    )
+    assert r.exit_code == 0, r.output
+    assert "bus rs485-1: offline" in r.output and "2 times down" in r.output
+    assert "port lost: [Errno 5] input/output error" in r.output  # not eaten as markup
+    assert "900000 of 1000000 bytes on disk" in r.output
+    assert "dropped 3 (3 disk full)" in r.output and "DISK FULL" in r.output
 
 
 def test_cli_json(tmp_path: Path) -> None:
