@@ -9,11 +9,13 @@ or rich here: the running agent imports this module.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
+import termios
 from pathlib import Path
 
-__all__ = ["held_by", "lock_holder", "process_name"]
+__all__ = ["held_by", "lock_holder", "port_error", "process_name", "refused_parity"]
 
 
 def lock_holder(path: str, proc: Path = Path("/proc")) -> int | None:
@@ -71,3 +73,40 @@ def held_by(path: str) -> str:
     if pid is None:
         return "held by another program"
     return f"held by {process_name(pid)} (PID {pid})"
+
+
+# a port's errors, as one line an installer can act on (never a raw errno)
+_PORT_ERRORS = {
+    errno.ENOENT: "no such port (is the adapter plugged in? 'vitals diag ports' lists them)",
+    errno.EACCES: "permission denied (the service user needs the dialout group)",
+    errno.EPERM: "permission denied (the service user needs the dialout group)",
+    errno.EIO: "I/O error (adapter unplugged, or the other end closed)",
+    errno.ENXIO: "no such device (adapter unplugged?)",
+    errno.ENODEV: "no such device (adapter unplugged?)",
+    errno.ENOTTY: "not a serial port",
+}
+
+
+def port_error(port: str, parity: str, exc: BaseException) -> str:
+    """Why ``port`` cannot be used, from what opening or using it raised."""
+    code = getattr(exc, "errno", None)
+    if code is None and isinstance(exc, termios.error) and exc.args:
+        code = exc.args[0]
+    text = str(exc)
+    if code is None:  # pyserial wraps some: "Could not configure port: (25, '...')"
+        for c in (errno.ENOTTY, errno.EINVAL, errno.EIO):
+            if f"({c}," in text or f"[Errno {c}]" in text:
+                code = c
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY) or "exclusively lock" in text:
+        return f"port busy: {held_by(port)}"
+    if code == errno.EINVAL and parity != "N":
+        return refused_parity(parity)
+    if isinstance(code, int) and code in _PORT_ERRORS:
+        return _PORT_ERRORS[code]
+    if isinstance(code, int):
+        return os.strerror(code)
+    return text or type(exc).__name__
+
+
+def refused_parity(parity: str) -> str:
+    return f"the port refused parity {parity} (pseudo terminals refuse parity bits: use parity N)"

@@ -19,6 +19,7 @@ from typing import Any
 
 from agent.bus import DeviceState, PolledDevice
 from agent.clock import Clock
+from agent.portlock import port_error
 from drivers.profiles import Point
 from drivers.serial_sensors import FdStream, LinkError, SensorSilent, SerialSensor, open_serial
 from protocols import nmea, pms5003, sds011
@@ -103,7 +104,13 @@ class SensorReader:
             try:
                 stream = self._open(self.port, self.baud)
             except LinkError as exc:
-                await self._fail(dev, str(exc))
+                cause = exc.__cause__
+                why = (
+                    str(exc)
+                    if cause is None
+                    else f"{self.port}: {port_error(self.port, 'N', cause)}"
+                )
+                await self._fail(dev, why)
                 await self._clock.sleep(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
                 self.reopens += 1

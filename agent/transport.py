@@ -64,7 +64,7 @@ from typing import Any, NoReturn
 
 import serial
 
-from agent.portlock import held_by
+from agent.portlock import port_error, refused_parity
 from protocols.errors import DeviceException, RemoteError
 from protocols.modbus import Space
 from protocols.rtu import crc16, crc_ok, frame_time, response_length, t35
@@ -1189,43 +1189,6 @@ class _RtuLink(ModbusLink):
         self._timer = _Timer()
 
 
-# a port's errors, as one line an installer can act on (never a raw errno)
-_PORT_ERRORS = {
-    errno.ENOENT: "no such port (is the adapter plugged in? 'vitals diag ports' lists them)",
-    errno.EACCES: "permission denied (the service user needs the dialout group)",
-    errno.EPERM: "permission denied (the service user needs the dialout group)",
-    errno.EIO: "I/O error (adapter unplugged, or the other end closed)",
-    errno.ENXIO: "no such device (adapter unplugged?)",
-    errno.ENODEV: "no such device (adapter unplugged?)",
-    errno.ENOTTY: "not a serial port",
-}
-
-
-def _port_error(port: str, parity: str, exc: BaseException) -> str:
-    """Why ``port`` cannot be used, from what opening or using it raised."""
-    code = getattr(exc, "errno", None)
-    if code is None and isinstance(exc, termios.error) and exc.args:
-        code = exc.args[0]
-    text = str(exc)
-    if code is None:  # pyserial wraps some: "Could not configure port: (25, '...')"
-        for c in (errno.ENOTTY, errno.EINVAL, errno.EIO):
-            if f"({c}," in text or f"[Errno {c}]" in text:
-                code = c
-    if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY) or "exclusively lock" in text:
-        return f"port busy: {held_by(port)}"
-    if code == errno.EINVAL and parity != "N":
-        return _refused_parity(parity)
-    if isinstance(code, int) and code in _PORT_ERRORS:
-        return _PORT_ERRORS[code]
-    if isinstance(code, int):
-        return os.strerror(code)
-    return text or type(exc).__name__
-
-
-def _refused_parity(parity: str) -> str:
-    return f"the port refused parity {parity} (pseudo terminals refuse parity bits: use parity N)"
-
-
 class _SerialLink(_RtuLink):
     def __init__(
         self,
@@ -1275,7 +1238,7 @@ class _SerialLink(_RtuLink):
                 self.port, timeout=0, write_timeout=0, exclusive=True, **self._settings
             )
         except (serial.SerialException, termios.error, ValueError, OSError) as exc:
-            raise LinkDown(f"{self.describe}: {_port_error(self.port, parity, exc)}") from exc
+            raise LinkDown(f"{self.describe}: {port_error(self.port, parity, exc)}") from exc
         try:
             # some drivers (ptys among them) drop PARENB without an error: check it took
             cflag = termios.tcgetattr(s.fileno())[2] if parity != "N" else termios.PARENB
@@ -1283,7 +1246,7 @@ class _SerialLink(_RtuLink):
             cflag = termios.PARENB
         if not cflag & termios.PARENB:
             s.close()
-            raise LinkDown(f"{self.describe}: {_refused_parity(parity)}")
+            raise LinkDown(f"{self.describe}: {refused_parity(parity)}")
         self._serial = s
         self._fd = s.fileno()
         self._loop = asyncio.get_running_loop()
@@ -1307,7 +1270,7 @@ class _SerialLink(_RtuLink):
     def _down(self, exc: OSError | None) -> None:
         why = "hang-up (adapter unplugged, or the other end closed)"
         if exc is not None:
-            why = _port_error(self.port, "N", exc)
+            why = port_error(self.port, "N", exc)
         lost = LinkDown(f"{self.describe}: port lost: {why}")
         w = self._waiter
         if w is not None and not w.done():
@@ -1339,7 +1302,7 @@ class _SerialLink(_RtuLink):
                 n = 0
             else:
                 self._down(exc)
-                why = _port_error(self.port, "N", exc)
+                why = port_error(self.port, "N", exc)
                 raise LinkDown(f"{self.describe}: write failed: {why}") from exc
         if n != len(frame):
             # a frame is at most 256 bytes; a full output queue means a stuck port

@@ -228,7 +228,8 @@ def open_serial(
             timeout=0,
             exclusive=True,
         )
-    except (serial.SerialException, ValueError) as exc:
+    except (serial.SerialException, ValueError, OSError, termios.error) as exc:
+        # termios.error: a port that refuses the settings (a pty asked for parity)
         raise LinkError(f"cannot open {port} at {baudrate} baud: {exc}") from exc
     # pyserial leaves VMIN = VTIME = 0, with which read() on a tty returns b"" when no
     # byte is waiting; VMIN = 1 makes "nothing yet" EAGAIN, so b"" means end of stream.

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent.batch import Batcher
-from agent.bus import DeviceState
+from agent.bus import DeviceState, PolledDevice
 from agent.config import parse_config
 from agent.state import create_identity
 from protocols.errors import ConfigError
@@ -163,3 +163,47 @@ async def test_the_agent_reads_a_pms5003_and_notices_when_it_falls_silent(
     silent = [r for r in seen if r.quality is Quality.COMM_ERROR]
     assert sorted(r.point for r in silent) == sorted(ids.values()), "one comm-error per point"
     assert core.counters["readings"] == len(seen)
+
+
+async def test_a_missing_sensor_port_is_one_warning_with_a_hint_and_the_reader_retries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A serial sensor whose adapter is not plugged in: the bus goes offline with a
+    reason an installer can act on (no raw errno), says it once, and keeps trying."""
+    from agent.clock import SystemClock
+    from agent.sensors import SensorReader
+
+    missing = tmp_path / "ttyUSB9"
+    cfg = config(tmp_path, [{**SENSOR_BUS, "port": str(missing)}], [PMS])
+    points = list(cfg.points.items())
+    got: list[Reading] = []
+
+    async def sink(readings: list[Reading]) -> None:
+        got.extend(readings)
+
+    dev = PolledDevice("pm-2", 0, 1.0, 1, 0, [(pid, p) for pid, (_, p) in points])
+    reader = SensorReader(
+        "uart-1",
+        port=str(missing),
+        baud=9600,
+        timeout_s=0.5,
+        protocol="pms5003",
+        device=dev,
+        sink=sink,
+        clock=SystemClock(),
+        max_backoff_s=0.05,
+    )
+    with caplog.at_level("WARNING", logger="agent.sensors"):
+        task = asyncio.create_task(reader.run())
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if reader.reopens >= 3:
+                break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert reader.reopens >= 3, "the reader keeps trying"
+    assert dev.state is DeviceState.OFFLINE
+    assert "no such port" in dev.last_error and "Errno" not in dev.last_error
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+    assert got and all(r.quality is Quality.COMM_ERROR for r in got)
