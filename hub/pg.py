@@ -1,0 +1,550 @@
+"""The hub's store on PostgreSQL: ``vitals hub --db postgresql://user@host:port/name``.
+
+The same tables as :class:`~hub.store.SqliteStore`, for a city: many workers
+write one database at once, many readers query it.
+
+- **Readings** go in with ``COPY ... FROM STDIN (FORMAT BINARY)``, in the same
+  transaction as their batches' claims and this worker's counters: one
+  transaction per flush, so a batch is stored with all its readings or not
+  at all.
+- **Dedup across workers**: ``batches`` has the unique key (gw, epoch, seq);
+  a flush claims its batches with ``INSERT ... ON CONFLICT DO NOTHING
+  RETURNING`` and copies only the readings of the batches it won. The claims
+  go in sorted by key, so two workers claiming the same batches wait for each
+  other rather than deadlock; the second sees the first's claim once it
+  commits.
+- **Time partitions**: ``readings`` is partitioned by range of ``ts``
+  (milliseconds since the Unix epoch, UTC, as on the wire), one partition per
+  UTC day, created ahead (today and the next two days at start, and any day a
+  flush needs before its transaction). Dropping a day is ``DROP TABLE
+  readings_pYYYYMMDD``. Where the ``timescaledb`` extension is installed,
+  ``readings`` is a hypertable with one-day chunks instead.
+- **Stats from SQL**: counts, sums and the missing ranges of seqs (window
+  functions) are computed by the database; only the small lists of ranges
+  come back.
+
+``value`` is ``double precision``; a text value (rare: a serial sensor's
+status word) goes to ``text_value`` with ``value`` NULL.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from itertools import repeat
+from typing import Any
+
+from hub.store import BatchRow, EventRow, GapRow, PointRow
+from protocols.errors import LocalError
+from protocols.reading import Reading
+
+try:
+    import psycopg
+    from psycopg import sql
+except ImportError:
+    raise LocalError(
+        "a postgresql:// --db needs psycopg: pip install 'vitals-gateway[postgresql]'"
+    ) from None
+
+__all__ = ["PgStore", "partition_name"]
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+AHEAD_DAYS = 2  # partitions made ahead of today's
+# batches received this long ago are loaded into a worker's memory at start (the
+# core refuses anything older than 8 days as too old; the unique key catches the rest)
+SEEN_MS = 9 * DAY_MS
+_LOCK = 0x76697461  # pg_advisory_xact_lock key for schema changes ("vita")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gateways (
+    gw text NOT NULL, kid bytea NOT NULL, pubkey bytea NOT NULL,
+    revoked boolean NOT NULL DEFAULT false, enrolled double precision NOT NULL,
+    PRIMARY KEY (gw, kid)
+);
+CREATE TABLE IF NOT EXISTS batches (
+    gw text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL,
+    n integer NOT NULL, t0 bigint NOT NULL, t1 bigint NOT NULL,
+    received_ms bigint NOT NULL, worker text NOT NULL DEFAULT '',
+    PRIMARY KEY (gw, epoch, seq)
+);
+CREATE INDEX IF NOT EXISTS batches_received ON batches USING brin (received_ms);
+CREATE TABLE IF NOT EXISTS points (
+    gw text NOT NULL, id integer NOT NULL, device text, name text, unit text,
+    domain text, cls text, indicator text, epoch bigint NOT NULL,
+    PRIMARY KEY (gw, id)
+);
+CREATE TABLE IF NOT EXISTS gaps (
+    gw text NOT NULL, epoch bigint NOT NULL, first bigint NOT NULL, last bigint NOT NULL,
+    readings bigint NOT NULL, reason text NOT NULL, received_ms bigint NOT NULL,
+    PRIMARY KEY (gw, epoch, first, last)
+);
+CREATE TABLE IF NOT EXISTS events (
+    gw text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL,
+    rule text NOT NULL, kind text NOT NULL, state text NOT NULL, device text NOT NULL,
+    point text NOT NULL, pid integer NOT NULL, value text, ts bigint NOT NULL,
+    since bigint NOT NULL, detail text NOT NULL, received_ms bigint NOT NULL,
+    PRIMARY KEY (gw, epoch, seq)
+);
+CREATE TABLE IF NOT EXISTS counters (name text PRIMARY KEY, value bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+    hash bytea PRIMARY KEY, gw text NOT NULL, issued double precision NOT NULL,
+    expires double precision NOT NULL, used double precision, kid bytea
+);
+CREATE TABLE IF NOT EXISTS key_rotations (
+    gw text NOT NULL, old_kid bytea NOT NULL, new_kid bytea NOT NULL,
+    at double precision NOT NULL, revoke_at double precision NOT NULL,
+    done boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (gw, old_kid)
+);
+"""
+_READINGS_COLUMNS = """
+    gw text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL,
+    point integer NOT NULL, ts bigint NOT NULL, value double precision,
+    quality smallint NOT NULL, text_value text
+"""
+_COPY = (
+    "COPY readings (gw, epoch, seq, point, ts, value, quality, text_value)"
+    " FROM STDIN (FORMAT BINARY)"
+)
+_COPY_TYPES = ["text", "int8", "int8", "int4", "int8", "float8", "int2", "text"]
+_CLAIM = """
+INSERT INTO batches (gw, epoch, seq, n, t0, t1, received_ms, worker)
+SELECT * FROM unnest(%s::text[], %s::int8[], %s::int8[], %s::int4[], %s::int8[], %s::int8[],
+                     %s::int8[], %s::text[])
+ON CONFLICT DO NOTHING
+RETURNING gw, epoch, seq
+"""
+_SAVE_COUNTERS = """
+INSERT INTO counters (name, value) SELECT * FROM unnest(%s::text[], %s::int8[])
+ON CONFLICT (name) DO UPDATE SET value = excluded.value
+"""
+_NUMERIC = frozenset({float, int, type(None)})
+
+
+def partition_name(day: int) -> str:
+    """The partition of UTC day ``day`` (days since 1970-01-01): ``readings_pYYYYMMDD``."""
+    return "readings_p" + time.strftime("%Y%m%d", time.gmtime(day * 86_400))
+
+
+class PgStore:
+    """The hub's tables in one PostgreSQL database; one connection per worker."""
+
+    def __init__(self, url: str, *, worker: str = "w0") -> None:
+        self.url, self.worker = url, worker
+        try:
+            self.db = psycopg.connect(url, autocommit=True, application_name=f"vitals-hub {worker}")
+        except psycopg.OperationalError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LocalError(
+                f"cannot reach PostgreSQL at {_safe(url)}: {first}; check host, port,"
+                " user and database name, and that the server accepts this host"
+            ) from None
+        self.timescale = False
+        with self.db.transaction():
+            self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+            self.db.execute(_SCHEMA)
+            self._create_readings()
+        self._days: set[int] = set()
+        if not self.timescale:
+            self._days = self._partition_days()
+            today = time.time_ns() // 1_000_000 // DAY_MS
+            self._ensure_days(range(today, today + AHEAD_DAYS + 1))
+
+    # -- schema ---------------------------------------------------------------
+
+    def _create_readings(self) -> None:
+        """``readings``: a hypertable where TimescaleDB is installed, else partitioned by day."""
+        kind = self.db.execute(
+            "SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass('readings')"
+        ).fetchone()
+        available = self.db.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
+        ).fetchone()
+        if kind is not None:  # made before: keep what it is
+            self.timescale = kind[0] == "r" and available is not None and self._is_hypertable()
+            return
+        if available:
+            try:
+                with self.db.transaction():
+                    self.db.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                    self.db.execute(f"CREATE TABLE readings ({_READINGS_COLUMNS})")
+                    self.db.execute(
+                        "SELECT create_hypertable('readings', 'ts', chunk_time_interval => %s::bigint)",
+                        (DAY_MS,),
+                    )
+                self.timescale = True
+                log.info("readings: a TimescaleDB hypertable, one-day chunks")
+                return
+            except psycopg.Error as exc:
+                log.warning(
+                    "TimescaleDB is installed but not usable here (%s); readings are"
+                    " partitioned by day instead (shared_preload_libraries = 'timescaledb'"
+                    " and a superuser for CREATE EXTENSION enable it)",
+                    str(exc).strip().splitlines()[0],
+                )
+        self.db.execute(f"CREATE TABLE readings ({_READINGS_COLUMNS}) PARTITION BY RANGE (ts)")
+
+    def _is_hypertable(self) -> bool:
+        try:
+            with self.db.transaction():
+                row = self.db.execute(
+                    "SELECT 1 FROM timescaledb_information.hypertables"
+                    " WHERE hypertable_name = 'readings'"
+                ).fetchone()
+        except psycopg.Error:
+            return False
+        return row is not None
+
+    def _partition_days(self) -> set[int]:
+        days = set()
+        for (name,) in self.db.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = to_regclass('readings')"
+        ):
+            if name.startswith("readings_p") and name[10:].isdigit():
+                days.add(calendar.timegm(time.strptime(name[10:], "%Y%m%d")) // 86_400)
+        return days
+
+    def _ensure_days(self, days: Iterable[int]) -> None:
+        """Create the partitions of ``days`` that do not exist, in their own transaction
+        (never inside a flush: creating a partition locks ``readings`` briefly)."""
+        missing = sorted(set(days) - self._days)
+        if not missing:
+            return
+        with self.db.transaction():
+            self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+            for day in missing:
+                self.db.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF readings"
+                        " FOR VALUES FROM ({}) TO ({})"
+                    ).format(
+                        sql.Identifier(partition_name(day)),
+                        sql.Literal(day * DAY_MS),
+                        sql.Literal((day + 1) * DAY_MS),
+                    )
+                )
+                self.db.execute(
+                    sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING brin (ts)").format(
+                        sql.Identifier(partition_name(day) + "_ts"),
+                        sql.Identifier(partition_name(day)),
+                    )
+                )
+        self._days.update(missing)
+
+    def partitions(self) -> list[str]:
+        """The names of the readings partitions (or TimescaleDB chunks), oldest first."""
+        if self.timescale:
+            q = "SELECT chunk_name FROM timescaledb_information.chunks WHERE hypertable_name = 'readings' ORDER BY range_start_integer"
+        else:
+            q = (
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = to_regclass('readings') ORDER BY c.relname"
+            )
+        return [name for (name,) in self.db.execute(q)]
+
+    # -- start-up -------------------------------------------------------------
+
+    def enrolled_keys(self) -> Iterable[tuple[str, bytes, bytes, bool]]:
+        return [
+            (gw, bytes(kid), bytes(pub), bool(revoked))
+            for gw, kid, pub, revoked in self.db.execute(
+                "SELECT gw, kid, pubkey, revoked FROM gateways"
+            )
+        ]
+
+    def seen(self) -> Iterable[tuple[str, int, int]]:
+        since = time.time_ns() // 1_000_000 - SEEN_MS
+        return self.db.execute(
+            "SELECT gw, epoch, seq FROM batches WHERE received_ms >= %s", (since,)
+        ).fetchall()
+
+    def counters(self) -> dict[str, int]:
+        mine = f"{self.worker}/"
+        return {
+            name[len(mine) :]: int(value)
+            for name, value in self.db.execute(
+                "SELECT name, value FROM counters WHERE left(name, %s) = %s", (len(mine), mine)
+            )
+        }
+
+    # -- keys -----------------------------------------------------------------
+
+    def key(self, gateway: str, kid: bytes) -> tuple[bytes, bool] | None:
+        row = self.db.execute(
+            "SELECT pubkey, revoked FROM gateways WHERE gw = %s AND kid = %s", (gateway, kid)
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), bool(row[1]))
+
+    def enroll(self, gateway: str, kid: bytes, public_raw: bytes, at: float) -> None:
+        self.db.execute(
+            "INSERT INTO gateways (gw, kid, pubkey, revoked, enrolled) VALUES (%s, %s, %s, false, %s)"
+            " ON CONFLICT (gw, kid) DO UPDATE SET pubkey = excluded.pubkey, revoked = false,"
+            " enrolled = excluded.enrolled",
+            (gateway, kid, public_raw, at),
+        )
+
+    def revoke(self, gateway: str, kid: bytes) -> None:
+        self.db.execute(
+            "UPDATE gateways SET revoked = true WHERE gw = %s AND kid = %s", (gateway, kid)
+        )
+
+    def other_keys(self, gateway: str, kid: bytes) -> list[bytes]:
+        return [
+            bytes(k)
+            for (k,) in self.db.execute(
+                "SELECT kid FROM gateways WHERE gw = %s AND kid != %s AND NOT revoked",
+                (gateway, kid),
+            )
+        ]
+
+    # -- what the gateways send -------------------------------------------------
+
+    def write_batches(
+        self,
+        batches: list[BatchRow],
+        readings: list[list[Reading]],
+        counters: Callable[[list[bool]], Mapping[str, int]],
+    ) -> list[bool]:
+        """Claim, copy the won batches' readings, save the counters: one transaction."""
+        if not self.timescale and batches:
+            lo = min(b[4] for b in batches) // DAY_MS
+            hi = max(b[5] for b in batches) // DAY_MS
+            self._ensure_days(range(lo, hi + 1 + (AHEAD_DAYS if hi >= self._today() else 0)))
+        order = sorted(range(len(batches)), key=lambda i: batches[i][:3])
+        cols = list(zip(*(batches[i] for i in order), strict=True)) if batches else [()] * 8
+        with self.db.transaction():
+            cur = self.db.cursor()
+            cur.execute(_CLAIM, [list(c) for c in cols])
+            claimed = {(gw, epoch, seq) for gw, epoch, seq in cur.fetchall()}
+            won = [b[:3] in claimed for b in batches]
+            if claimed:
+                with cur.copy(_COPY) as copy:
+                    copy.set_types(_COPY_TYPES)
+                    write = copy.write_row
+                    for b, rs, ok in zip(batches, readings, won, strict=True):
+                        if not ok or not rs:
+                            continue
+                        p, t, v, q = zip(*rs, strict=True)
+                        gw, epoch, seq = repeat(b[0]), repeat(b[1]), repeat(b[2])
+                        if _NUMERIC.issuperset(map(type, v)):
+                            rows = zip(gw, epoch, seq, p, t, v, map(int, q), repeat(None))
+                        else:  # bool as 0/1, text in text_value
+                            rows = zip(
+                                gw,
+                                epoch,
+                                seq,
+                                p,
+                                t,
+                                map(_number, v),
+                                map(int, q),
+                                map(_text, v),
+                                strict=False,
+                            )
+                        for row in rows:
+                            write(row)
+            self._save_counters(cur, counters(won))
+        return won
+
+    @staticmethod
+    def _today() -> int:
+        return time.time_ns() // 1_000_000 // DAY_MS
+
+    def _save_counters(self, cur: psycopg.Cursor[Any], counters: Mapping[str, int]) -> None:
+        if counters:
+            names = [f"{self.worker}/{k}" for k in counters]
+            cur.execute(_SAVE_COUNTERS, (names, list(counters.values())))
+
+    def save_counters(self, counters: Mapping[str, int]) -> None:
+        with self.db.transaction():
+            self._save_counters(self.db.cursor(), counters)
+
+    def write_gaps(self, rows: list[GapRow]) -> int:
+        new = 0
+        with self.db.transaction():
+            cur = self.db.cursor()
+            for row in rows:
+                cur.execute(
+                    "INSERT INTO gaps (gw, epoch, first, last, readings, reason, received_ms)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    row,
+                )
+                new += cur.rowcount
+        return new
+
+    def write_event(self, row: EventRow) -> bool:
+        values = list(row)
+        values[9] = None if row[9] is None else str(row[9])
+        cur = self.db.execute(
+            "INSERT INTO events (gw, epoch, seq, rule, kind, state, device, point, pid,"
+            " value, ts, since, detail, received_ms)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            values,
+        )
+        return cur.rowcount == 1
+
+    def write_points(self, rows: list[PointRow]) -> None:
+        with self.db.transaction():
+            self.db.cursor().executemany(
+                "INSERT INTO points (gw, id, device, name, unit, domain, cls, indicator, epoch)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (gw, id) DO UPDATE SET"
+                " device = excluded.device, name = excluded.name, unit = excluded.unit,"
+                " domain = excluded.domain, cls = excluded.cls, indicator = excluded.indicator,"
+                " epoch = excluded.epoch",
+                rows,
+            )
+
+    # -- the enrollment desk ----------------------------------------------------
+
+    def add_token(self, digest: bytes, gateway: str, issued: float, expires: float) -> None:
+        self.db.execute(
+            "INSERT INTO enroll_tokens (hash, gw, issued, expires) VALUES (%s, %s, %s, %s)",
+            (digest, gateway, issued, expires),
+        )
+
+    def token(self, digest: bytes) -> tuple[str, float, float | None] | None:
+        row = self.db.execute(
+            "SELECT gw, expires, used FROM enroll_tokens WHERE hash = %s", (digest,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def use_token(self, digest: bytes, kid: bytes, at: float) -> bool:
+        cur = self.db.execute(
+            "UPDATE enroll_tokens SET used = %s, kid = %s WHERE hash = %s AND used IS NULL",
+            (at, kid, digest),
+        )
+        return cur.rowcount == 1
+
+    def rotation(self, gateway: str, old_kid: bytes) -> bytes | None:
+        row = self.db.execute(
+            "SELECT new_kid FROM key_rotations WHERE gw = %s AND old_kid = %s", (gateway, old_kid)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def add_rotation(
+        self, gateway: str, old_kid: bytes, new_kid: bytes, at: float, revoke_at: float
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO key_rotations (gw, old_kid, new_kid, at, revoke_at)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (gateway, old_kid, new_kid, at, revoke_at),
+        )
+
+    def due_rotations(self, now: float) -> list[tuple[str, bytes]]:
+        return [
+            (gw, bytes(kid))
+            for gw, kid in self.db.execute(
+                "SELECT gw, old_kid FROM key_rotations WHERE NOT done AND revoke_at <= %s", (now,)
+            )
+        ]
+
+    def finish_rotation(self, gateway: str, old_kid: bytes) -> None:
+        self.db.execute(
+            "UPDATE key_rotations SET done = true WHERE gw = %s AND old_kid = %s",
+            (gateway, old_kid),
+        )
+
+    # -- reading it back ----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """What :func:`hub.stats.summarize` makes of the rows, computed by the database:
+        per (gateway, epoch) the count, readings and last seq, and the holes between
+        consecutive seqs; only the ranges come back, never a row per batch."""
+        from hub.stats import _minus, _no_batches
+
+        db = self.db
+        totals: Counter[str] = Counter()
+        for name, v in db.execute(
+            "SELECT substr(name, strpos(name, '/') + 1), sum(value) FROM counters GROUP BY 1"
+        ):
+            totals[name] += int(v)
+        epochs = db.execute(
+            "SELECT gw, epoch, count(*), sum(n), max(seq) FROM batches GROUP BY gw, epoch"
+        ).fetchall()
+        holes: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for gw, epoch, first, last in db.execute(
+            "SELECT gw, epoch, prev + 1, seq - 1 FROM ("
+            " SELECT gw, epoch, seq,"
+            " lag(seq, 1, -1::bigint) OVER (PARTITION BY gw, epoch ORDER BY seq) AS prev"
+            " FROM batches) s WHERE seq > prev + 1"
+        ):
+            holes.setdefault((gw, epoch), []).append((first, last))
+        dropped: dict[tuple[str, int], list[tuple[int, int, int, str]]] = {}
+        for gw, epoch, first, last, n, reason in db.execute(
+            "SELECT gw, epoch, first, last, readings, reason FROM gaps"
+        ):
+            dropped.setdefault((gw, epoch), []).append((first, last, n, reason))
+        gateways: dict[str, Any] = {
+            gw: _no_batches()
+            for (gw,) in db.execute(
+                "SELECT DISTINCT gw FROM gateways WHERE NOT revoked ORDER BY gw"
+            )
+        }
+        per = {(gw, epoch): (int(c), int(n), int(top)) for gw, epoch, c, n, top in epochs}
+        readings: Counter[str] = Counter()
+        for (gw, _), (_, n, _) in per.items():
+            readings[gw] += n
+        for gw, epoch in sorted({*per, *dropped}):
+            count, _, top_seq = per.get((gw, epoch), (0, 0, -1))
+            drops = sorted(dropped.get((gw, epoch), []))
+            cov = [(f, last) for f, last, _, _ in drops]
+            top = max([top_seq, *(last for _, last in cov)])
+            spans = list(holes.get((gw, epoch), []))
+            if top_seq < 0 and top >= 0:
+                spans = [(0, top)]
+            elif top > top_seq:
+                spans.append((top_seq + 1, top))
+            missing = [m for s in sorted(spans) for m in _minus(list(s), sorted(cov))]
+            g = gateways.setdefault(gw, _no_batches())
+            g["readings"] = readings[gw]
+            g["batches"] += count
+            g["missing_batches"] += sum(b - a + 1 for a, b in missing)
+            g["dropped_batches"] += sum(last - f + 1 for f, last in cov)
+            g["epochs"][str(epoch)] = {
+                "batches": count,
+                "last_seq": top,
+                "missing": missing,
+                "dropped_by_gateway": [
+                    {"first": f, "last": last, "readings": n, "reason": r}
+                    for f, last, n, r in drops
+                ],
+            }
+        return {
+            "batches": totals.get("batches", 0),
+            "readings": totals.get("readings", 0),
+            "duplicates": totals.get("duplicates", 0),
+            "duplicate_readings": totals.get("duplicate_readings", 0),
+            "gap_notices": totals.get("gap_notices", 0),
+            "rejected": {
+                k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith("rejected.")
+            },
+            "gateways": gateways,
+        }
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _number(v: object) -> float | None:
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _text(v: object) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "the --db URL"
+    user = str(info.get("user") or "")
+    where = f"{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+    return f"{user}@{where}" if user else where

@@ -1,0 +1,272 @@
+"""The hub on PostgreSQL (hub/pg.py), against a real server.
+
+A private cluster (tests/pg_cluster.py: initdb in a temp dir, a free loopback
+port, as a non-root user) is started once for this module; every test gets a
+database of its own. Without PostgreSQL's binaries the module skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg", reason="needs psycopg: pip install '.[postgresql]'")
+
+from hub.core import HubCore  # noqa: E402
+from hub.stats import hub_stats, summarize  # noqa: E402
+from hub.store import open_store  # noqa: E402
+from protocols import envelope, topics  # noqa: E402
+from protocols.ed25519 import PrivateKey  # noqa: E402
+from protocols.errors import LocalError  # noqa: E402
+from protocols.gap import GapRange, seal_gap  # noqa: E402
+from protocols.reading import Quality, Reading  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pg_cluster import pg_bindir, private_cluster  # noqa: E402
+
+KEYS = {f"gw-pg-{i}": PrivateKey.from_private_bytes(bytes([i + 1]) * 32) for i in range(3)}
+T0 = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: inside the hub's age window
+DAY = 86_400_000
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[str]:
+    if pg_bindir() is None:
+        pytest.skip("needs PostgreSQL's initdb and postgres (apt-get install postgresql)")
+    with private_cluster(settings={"fsync": "off", "full_page_writes": "off"}) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_cluster: str) -> str:
+    """A fresh database in the module's private cluster."""
+    name = f"t{os.getpid()}_{next(_names)}"
+    with psycopg.connect(pg_cluster, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    return pg_cluster.rsplit("/", 1)[0] + "/" + name
+
+
+def _batch(gw: str, epoch: int, seq: int, n: int = 5, t0: int = T0) -> tuple[str, bytes]:
+    rs = [
+        Reading(i, t0 + seq * 1000 + i, float(seq * 100 + i) if i % 4 else i, Quality(i % 4))
+        for i in range(n)
+    ]
+    return topics.batch(gw), envelope.seal(rs, gateway=gw, key=KEYS[gw], epoch=epoch, seq=seq)
+
+
+def _core(url: str, worker: str = "w0", **kw: object) -> HubCore:
+    core = HubCore(url, worker=worker, **kw)  # type: ignore[arg-type]
+    for gw, key in KEYS.items():
+        core.enroll(gw, key.public_key().public_bytes_raw())
+    return core
+
+
+def _query(url: str, q: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as con:
+        return con.execute(q).fetchall()
+
+
+def test_batches_readings_and_stats_from_sql(pg_url: str) -> None:
+    core = _core(pg_url, flush_readings=12)
+    sent: list[tuple[str, int, int]] = []
+    for gw in KEYS:
+        for epoch, seq in ((1, 0), (1, 1), (1, 2), (1, 5), (1, 9), (2, 3)):
+            assert core.handle(*_batch(gw, epoch, seq)) == "stored"
+            sent.append((gw, epoch, seq))
+    assert core.handle(*_batch("gw-pg-0", 1, 1)) == "duplicate"
+    assert core.handle(*_batch("gw-pg-1", 1, 1)) == "duplicate"
+    notice = seal_gap(
+        [GapRange(1, 6, 7, 10, "spool_full")], gateway="gw-pg-2", key=KEYS["gw-pg-2"], epoch=1
+    )
+    assert core.handle(topics.gap("gw-pg-2"), notice) == "gap"
+    core.close()
+
+    # every reading, exactly as sent, in its day's partition
+    rows = _query(pg_url, "SELECT gw, epoch, seq, point, ts, value, quality FROM readings")
+    expected = [
+        (gw, e, s, i, T0 + s * 1000 + i, float(s * 100 + i) if i % 4 else float(i), i % 4)
+        for gw, e, s in sent
+        for i in range(5)
+    ]
+    assert sorted(rows) == sorted(expected)
+    days = {r[0] for r in _query(pg_url, "SELECT DISTINCT tableoid::regclass::text FROM readings")}
+    assert days == {f"readings_p{time.strftime('%Y%m%d', time.gmtime(T0 // 1000))}"}
+
+    # the stats the database computes are what summarize() makes of every row
+    stats = hub_stats(pg_url)
+    by_rows = summarize(
+        counters=_query(pg_url, "SELECT name, value FROM counters"),  # type: ignore[arg-type]
+        batches=_query(pg_url, "SELECT gw, epoch, seq, n FROM batches"),  # type: ignore[arg-type]
+        gaps=_query(pg_url, "SELECT gw, epoch, first, last, readings, reason FROM gaps"),  # type: ignore[arg-type]
+        enrolled=[r[0] for r in _query(pg_url, "SELECT DISTINCT gw FROM gateways")],  # type: ignore[misc]
+    )
+    assert stats == by_rows
+    assert (stats["batches"], stats["readings"], stats["duplicates"]) == (18, 90, 2)
+    g0, g2 = stats["gateways"]["gw-pg-0"], stats["gateways"]["gw-pg-2"]
+    assert g0["epochs"]["1"]["missing"] == [[3, 4], [6, 8]]
+    assert g0["epochs"]["2"]["missing"] == [[0, 2]]
+    assert g2["epochs"]["1"]["missing"] == [[3, 4], [8, 8]]  # 6-7: the gateway said so
+    assert g2["dropped_batches"] == 2
+
+
+def test_dedup_across_two_workers_on_one_database(pg_url: str) -> None:
+    """Two workers, each handed every batch (a redelivery lands on the other one),
+    racing on one database: each batch stored once, counted once."""
+    msgs = [_batch(gw, 1, seq, n=20) for seq in range(60) for gw in KEYS]
+    cores = [_core(pg_url, "w0", flush_readings=200), _core(pg_url, "w1", flush_readings=200)]
+    go = threading.Barrier(2)
+
+    def work(core: HubCore, order: list[tuple[str, bytes]]) -> None:
+        go.wait()
+        for topic, data in order:
+            core.handle(topic, data)
+        core.flush()
+
+    threads = [
+        threading.Thread(target=work, args=(cores[0], msgs)),
+        threading.Thread(target=work, args=(cores[1], msgs[::-1])),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c in cores:
+        c.close()
+    assert _query(pg_url, "SELECT count(*), count(DISTINCT (gw, seq, point)) FROM readings") == [
+        (3600, 3600)
+    ]
+    stats = hub_stats(pg_url)
+    assert stats["batches"] == 180  # summed over both workers: nothing counted twice
+    assert stats["readings"] == 3600
+    assert stats["duplicates"] == 180  # every batch's second copy
+    assert all(g["missing_batches"] == 0 for g in stats["gateways"].values())
+    across = _query(
+        pg_url,
+        "SELECT coalesce(sum(value), 0) FROM counters WHERE name LIKE '%/duplicates_across_workers'",
+    )
+    assert across[0][0] > 0  # the race happened: some copies were caught by the key alone
+
+
+def test_partitions_are_made_ahead_and_on_demand(pg_url: str) -> None:
+    core = _core(pg_url)
+    today = time.time_ns() // 1_000_000 // DAY
+    old = T0 - 3 * DAY
+    assert core.handle(*_batch("gw-pg-0", 1, 0, t0=old)) == "stored"
+    core.close()
+
+    def name(day: int) -> str:
+        return "readings_p" + time.strftime("%Y%m%d", time.gmtime(day * 86_400))
+
+    store = open_store(pg_url)
+    try:
+        assert not store.timescale  # type: ignore[attr-defined]  # Debian has no TimescaleDB
+        parts = store.partitions()  # type: ignore[attr-defined]
+    finally:
+        store.close()
+    assert {name(d) for d in range(today, today + 3)} <= set(parts)  # ahead
+    assert name(old // DAY) in parts  # made for the old batch before its COPY
+    rows = _query(pg_url, "SELECT DISTINCT tableoid::regclass::text FROM readings")
+    assert rows == [(name(old // DAY),)]
+
+
+def test_an_unreachable_database_is_one_line(pg_cluster: str) -> None:
+    port = pg_cluster.rsplit(":", 1)[1].split("/")[0]
+    with pytest.raises(LocalError) as err:
+        open_store(f"postgresql://vitals@127.0.0.1:{port}/no_such_db")
+    msg = str(err.value)
+    assert "cannot reach PostgreSQL at vitals@127.0.0.1:" in msg and "\n" not in msg
+    assert "no_such_db" in msg
+
+
+@pytest.mark.mosquitto
+async def test_vitals_hub_on_postgresql_end_to_end(
+    pg_url: str, mosquitto: object, tmp_path: Path
+) -> None:
+    """A real agent (`vitals run`) -> Mosquitto -> `vitals hub --db postgresql://...`:
+    every batch the agent sealed is in PostgreSQL, verified, and `hub stats` says so."""
+    from drivers.profiles import load_profile
+    from simulator.tcp import TcpTerminal
+
+    host, port = mosquitto.host, mosquitto.port  # type: ignore[attr-defined]
+    term = TcpTerminal(load_profile("sound_level_meter"))
+    await term.start()
+    state, cfg = tmp_path / "state", tmp_path / "gateway.toml"
+    cfg.write_text(
+        f"""
+[gateway]
+id = "gw-pg-e2e"
+state_dir = "{state}"
+[uplink]
+host = "{host}"
+port = {port}
+[batch]
+max_age_s = 0.3
+[[buses]]
+name = "tcp-1"
+kind = "tcp"
+host = "127.0.0.1"
+tcp_port = {term.port}
+[[devices]]
+name = "noise-1"
+bus = "tcp-1"
+profile = "sound_level_meter"
+slave = 1
+interval_s = 0.1
+"""
+    )
+    vitals = [sys.executable, "-m", "agent"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*vitals, *args], capture_output=True, text=True, cwd=tmp_path, timeout=60
+        )
+
+    keygen = await asyncio.to_thread(run, "keygen", "--state-dir", str(state))
+    assert keygen.returncode == 0, keygen.stderr
+    pub = next(ln.split()[-1] for ln in keygen.stdout.splitlines() if ln.startswith("public key"))
+    hub = await asyncio.create_subprocess_exec(
+        *vitals,
+        *("hub", "--db", pg_url, "--broker", f"{host}:{port}", "--trust", f"gw-pg-e2e={pub}"),
+        cwd=tmp_path,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.sleep(2)  # the hub subscribes; what it misses stays in the agent's spool
+        agent = await asyncio.create_subprocess_exec(
+            *vitals, "run", "--config", str(cfg), stderr=asyncio.subprocess.PIPE
+        )
+        await asyncio.sleep(4)
+        agent.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(agent.communicate(), 30)
+        assert agent.returncode == 0, err.decode()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stats = json.loads(
+                (await asyncio.to_thread(run, "hub", "--db", pg_url, "stats", "--json")).stdout
+            )
+            g = stats["gateways"].get("gw-pg-e2e", {})
+            if g.get("batches", 0) >= 3 and g.get("missing_batches", 1) == 0:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        hub.send_signal(signal.SIGTERM)
+        _, hub_err = await asyncio.wait_for(hub.communicate(), 30)
+        await term.stop()
+    assert hub.returncode == 0, hub_err.decode()
+    assert b"Traceback" not in hub_err
+    assert g["batches"] >= 3 and g["missing_batches"] == 0, stats
+    assert stats["rejected"] == {}
+    stored = _query(pg_url, "SELECT count(*), count(DISTINCT (point, ts)) FROM readings")
+    assert stored[0][0] == g["readings"] == stored[0][1] > 20
