@@ -1,8 +1,22 @@
 """Payload codecs of signed messages: readings of a batch, the point table (sans-IO).
 
-The byte layout is specified in ``docs/envelope.md``; in short, a readings
-payload is the msgpack array ``[base_ts, series...]`` where each series holds
-every reading of one point::
+The byte layout is specified in ``docs/envelope.md``. A readings payload has
+one of two layouts; the encoder picks one per batch (:func:`choose_layout`),
+the decoder reads both.
+
+Layout 2, *columns* (for batches in which most points appear once: one poll
+of many devices) is ``[-2, base_ts, block...]``; a block holds readings whose
+values share one kind, as columns::
+
+    [kind, points, times, values]                # every reading GOOD with a value
+    [kind, points, times, values, flags]
+
+``points`` and ``times`` are deltas (the first point absolute, the first time
+from ``base_ts``); ``values`` are laid out as in layout 1 below but as they
+are, not as deltas (neighbours are different points); ``flags`` as below.
+
+Layout 1, *series* (for batches in which points repeat) is the msgpack array
+``[base_ts, series...]`` where each series holds every reading of one point::
 
     [point, kind, times, values]                 # every reading GOOD with a value
     [point, kind, times, values, flags]          # ``flags`` is never empty
@@ -19,9 +33,10 @@ every reading of one point::
   ``flag = quality | 16 * (value is None)``.
 
 Decoding is bit-exact: floats come back with the same bits (NaN, infinities
-and -0.0 included), ints as ints, bools as bools. Readings come back grouped by
-point, points in order of first appearance, each point's readings in their
-original order.
+and -0.0 included), ints as ints, bools as bools. Layout 1 gives readings back
+grouped by point, points in order of first appearance, each point's readings
+in their original order; layout 2 block by block, each block in the batch's
+order (a batch whose values are all of one kind is one block: its order).
 
 ``enc`` is ``"msgpack"`` (the msgpack bytes as they are) or
 ``"msgpack+zlib"`` (zlib, RFC 1950, over them). Decoding caps the decoded size
@@ -37,7 +52,8 @@ import struct
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, pairwise
+from itertools import accumulate, pairwise, repeat
+from operator import mul, sub, truediv
 from typing import Any, Final, cast
 
 import msgpack
@@ -46,13 +62,17 @@ from protocols.errors import DecodeError, LocalError
 from protocols.reading import Quality, Reading, Value
 
 __all__ = [
+    "COLUMNS_MAX_REPEAT",
+    "COLUMNS_TAG",
     "ENCODINGS",
+    "LAYOUTS",
     "MAX_PAYLOAD_BYTES",
     "MAX_POINT_ID",
     "MAX_READINGS",
     "MAX_TS",
     "Kind",
     "PointInfo",
+    "choose_layout",
     "decode_points",
     "decode_readings",
     "encode_points",
@@ -61,6 +81,12 @@ __all__ = [
 ]
 
 ENCODINGS: Final = ("msgpack", "msgpack+zlib")
+LAYOUTS: Final = (1, 2)
+"""Readings payload layouts: 1 series by point, 2 columns (docs/envelope.md 3, 4)."""
+COLUMNS_TAG: Final = -2
+"""The first item of a layout 2 payload (layout 1's first item, base_ts, is never negative)."""
+COLUMNS_MAX_REPEAT: Final = 2
+"""Layout 2 when the readings per distinct point are at most this (``bench.payload``)."""
 MAX_READINGS: Final = 100_000
 """Most readings one payload may hold (encoder and decoder)."""
 MAX_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
@@ -336,30 +362,67 @@ def _bad_reading(readings: Sequence[Reading]) -> LocalError:
     raise AssertionError("no bad reading")  # pragma: no cover
 
 
-def encode_readings(readings: Sequence[Reading], *, enc: str = "msgpack+zlib") -> bytes:
+def encode_readings(
+    readings: Sequence[Reading], *, enc: str = "msgpack+zlib", layout: int | None = None
+) -> bytes:
     """The payload bytes of ``readings``: see :func:`encode_readings_span`."""
-    return encode_readings_span(readings, enc=enc)[0]
+    return encode_readings_span(readings, enc=enc, layout=layout)[0]
+
+
+def choose_layout(readings: Sequence[Reading]) -> int:
+    """2 (columns) when points appear at most :data:`COLUMNS_MAX_REPEAT` times on
+    average, else 1 (series by point).
+
+    Measured by ``python -m bench.payload``: where each point appears once (one
+    poll of many devices) layout 2 is several times smaller and faster; where
+    points repeat (a few devices over seconds) layout 1's per-point deltas of
+    times and values are smaller.
+    """
+    n = len(readings)
+    if n <= 1:
+        return 2
+    return 2 if n <= COLUMNS_MAX_REPEAT * len(set([r[0] for r in readings])) else 1
 
 
 def encode_readings_span(
-    readings: Sequence[Reading], *, enc: str = "msgpack+zlib"
+    readings: Sequence[Reading], *, enc: str = "msgpack+zlib", layout: int | None = None
 ) -> tuple[bytes, int, int]:
     """The payload bytes of ``readings`` (1 to :data:`MAX_READINGS` of them), and
     their earliest and latest timestamps.
+
+    ``layout`` is 1 (series by point), 2 (columns) or None: the layout
+    :func:`choose_layout` picks for these readings.
 
     Raises :class:`LocalError` for what cannot be encoded: no readings, too
     many, a timestamp outside ``[0, MAX_TS]``, a point id outside
     ``[0, MAX_POINT_ID]``, a value that is not bool/int/float/str/None or an
     int outside msgpack's range, a payload over :data:`MAX_PAYLOAD_BYTES`.
-
-    Costs about 1 µs a reading when each point appears once (a batch of one
-    poll of many devices): a series of one reading takes a short path that
-    gives the same bytes as the general one.
     """
     if not readings:
         raise LocalError("a payload holds at least one reading")
     if len(readings) > MAX_READINGS:
         raise LocalError(f"{len(readings)} readings exceed the limit of {MAX_READINGS}")
+    if layout is None:
+        layout = choose_layout(readings)
+    if layout == 2:
+        out, base, last = _columns_payload(readings)
+    elif layout == 1:
+        out, base, last = _series_payload(readings)
+    else:
+        raise LocalError(f"unknown payload layout {layout!r}: expected one of {LAYOUTS}")
+    raw = _pack(out)
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise LocalError(f"payload of {len(raw)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return _compress(raw, enc), base, last
+
+
+def _series_payload(readings: Sequence[Reading]) -> tuple[list[object], int, int]:
+    """Layout 1: ``[base_ts, series...]``, the earliest and the latest timestamp.
+
+    Costs about 1 µs a reading when each point appears once (a batch of one
+    poll of many devices): a series of one reading takes a short path that
+    gives the same bytes as the general one.
+    """
     points = [r[0] for r in readings]
     series: Sequence[Reading | list[Reading]]
     if len(set(points)) == len(points):
@@ -451,10 +514,227 @@ def encode_readings_span(
                     flags += (i, q)
         kind, packed = _value_series(values)
         append([point, kind, times, packed, flags] if flags else [point, kind, times, packed])
-    raw = _pack(out)
-    if len(raw) > MAX_PAYLOAD_BYTES:
-        raise LocalError(f"payload of {len(raw)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    return _compress(raw, enc), base, last
+    return out, base, last
+
+
+# --------------------------------------------------------------------------- layout 2
+
+
+_GOOD: Final = Quality.GOOD
+_NONE_TYPE: Final = type(None)
+_SAMPLE: Final = 32  # values tried first when looking for a decimal exponent
+_FPOW10: Final = tuple(map(float, _POW10))  # v * 10.0 is v * 10, a conversion less
+_SMALL: Final = (-(2**15), 2**16 - 1)  # ints of at most 3 msgpack bytes (a float32 is 4)
+_INT32: Final = (-(2**31), 2**32 - 1)  # ints of at most 5 msgpack bytes (a float64 is 8)
+
+
+def _exact(ms: list[int], e: int, f32: bool) -> list[float]:
+    """The floats the decoder makes of mantissas ``ms`` with exponent ``e``."""
+    back = list(map(truediv, ms, repeat(_POW10[e])))
+    if f32:
+        n = len(back)
+        return list(struct.unpack(f">{n}f", struct.pack(f">{n}f", *back)))
+    return back
+
+
+def _decimal_column(values: list[float], f32: bool) -> tuple[int, list[int]] | None:
+    """``(e, mantissas)`` of floats that are all short decimals (of float32 if
+    ``f32``) with one exponent ``e``, the smallest, and ``|m| <= 2**53``; else None.
+
+    The work is done by ``map`` over the whole column (no Python loop a value): the
+    smallest ``e`` that fits the first values, then up to ``_MAX_E`` on all of them.
+    """
+    if 0.0 in values and any(math.copysign(1.0, v) < 0.0 for v in values if not v):
+        return None  # -0.0 is not a decimal
+    sample = values[:_SAMPLE]
+    try:
+        for e in _E_RANGE:
+            ms = list(map(round, map(mul, sample, repeat(_FPOW10[e]))))
+            if _exact(ms, e, f32) == sample:
+                break
+        else:
+            return None
+        first = e
+        if len(sample) < len(values):
+            for e in range(first, _MAX_E + 1):
+                ms = list(map(round, map(mul, values, repeat(_FPOW10[e]))))
+                if _exact(ms, e, f32) == values:
+                    break
+            else:
+                return None
+    except (ValueError, OverflowError):  # NaN or an infinity; beyond float32
+        return None
+    if min(ms) < -_MAX_MANTISSA or max(ms) > _MAX_MANTISSA:
+        return None
+    return e, ms
+
+
+def _fits(ms: list[int], low: int, high: int) -> bool:
+    return low <= min(ms) and max(ms) <= high
+
+
+def _float_column(values: list[float]) -> tuple[int, object] | None:
+    """``(kind, packed)`` of floats in one block, no bigger a value than the kind
+    each would take alone, or None (then each value finds its own kind).
+
+    Short decimals of at most 3 bytes a mantissa: ``DEC``; else, all float32:
+    ``DEC32`` likewise, else ``F32`` (4 bytes); else decimals of int32
+    mantissas (at most 5 bytes, ``F64`` is 8): ``DEC``.
+    """
+    dec = _decimal_column(values, f32=False)
+    if dec is not None and _fits(dec[1], *_SMALL):
+        return Kind.DEC + dec[0], dec[1]
+    n = len(values)
+    try:
+        f32 = struct.pack(f">{n}f", *values)
+    except OverflowError:
+        f32 = b""
+    if f32 and struct.pack(f">{n}d", *struct.unpack(f">{n}f", f32)) == struct.pack(
+        f">{n}d", *values
+    ):
+        dec32 = _decimal_column(values, f32=True)
+        if dec32 is not None and _fits(dec32[1], *_SMALL):
+            return Kind.DEC32 + dec32[0], dec32[1]
+        return Kind.F32, f32
+    if dec is not None and _fits(dec[1], *_INT32):
+        return Kind.DEC + dec[0], dec[1]
+    return None
+
+
+def _one_kind_column(values: list[Value], types: set[type]) -> tuple[int, object] | None:
+    """``(kind, packed values)`` when one kind holds all ``values`` (not None, of
+    ``types``) at the size :func:`_value_kind` would give each, else None."""
+    if not values:
+        return Kind.RAW, []
+    if len(types) != 1:
+        return None
+    t = next(iter(types))
+    if t is float:
+        return _float_column(values)  # type: ignore[arg-type]
+    if t is int:
+        ints = cast(list[int], values)
+        return (Kind.INT, ints) if min(ints) >= _INT_MIN and max(ints) <= _I64_MAX else None
+    if t is bool:
+        return Kind.BOOL, values
+    if t is str:
+        return Kind.RAW, values
+    return None
+
+
+def _value_kind(value: Value) -> int:
+    """The kind of one value (not None) in layout 2: its smallest lossless one."""
+    value = _plain(value)
+    if isinstance(value, float):
+        return _one_float(value)[0]
+    if isinstance(value, bool):
+        return Kind.BOOL
+    if isinstance(value, int):
+        return Kind.INT if _INT_MIN <= _int_in_range(value) <= _I64_MAX else Kind.RAW
+    return Kind.RAW
+
+
+def _pack_values(kind: int, values: list[Value]) -> object:
+    """The values of a block of ``kind`` (each value's own kind is ``kind``)."""
+    if kind in _DEC_KINDS:
+        p = _POW10[kind - Kind.DEC]
+        return [round(v * p) for v in values]
+    if kind in _DEC32_KINDS:
+        p = _POW10[kind - Kind.DEC32]
+        return [round(v * p) for v in values]
+    if kind == Kind.F32:
+        return struct.pack(f">{len(values)}f", *values)
+    if kind == Kind.F64:
+        return struct.pack(f">{len(values)}d", *values)
+    return values  # INT, BOOL, RAW: as they are
+
+
+def _block(
+    kind: int,
+    points: Sequence[int],
+    stamps: Sequence[int],
+    base: int,
+    packed: object,
+    flags: list[int],
+) -> list[object]:
+    pd = [points[0], *map(sub, points[1:], points)]
+    td = [stamps[0] - base, *map(sub, stamps[1:], stamps)]
+    return [kind, pd, td, packed, flags] if flags else [kind, pd, td, packed]
+
+
+def _flags_of(values: Sequence[Value], quals: Sequence[Quality]) -> list[int]:
+    flags: list[int] = []
+    for i, (v, q) in enumerate(zip(values, quals, strict=True)):
+        f = _quality(q) | (_NO_VALUE if v is None else 0)
+        if f:
+            flags += (i, f)
+    return flags
+
+
+def _columns_payload(readings: Sequence[Reading]) -> tuple[list[object], int, int]:
+    """Layout 2: ``[-2, base_ts, block...]``, the earliest and the latest timestamp.
+
+    A batch whose values are all of one type (the fleet: floats of 0.1) is one
+    block, built by ``zip``/``map`` over whole columns, in the batch's order.
+    Else the readings are grouped by the type of their value (None apart), in
+    order of first appearance, each group one block when one kind holds it,
+    else a block per kind of value (:func:`_value_kind`).
+    """
+    points, stamps, values, quals = cast(
+        tuple[tuple[int, ...], tuple[int, ...], tuple[Value, ...], tuple[Quality, ...]],
+        tuple(zip(*readings, strict=True)),
+    )
+    if set(map(type, points)) != _INT_ONLY or min(points) < 0 or max(points) > MAX_POINT_ID:
+        raise _bad_reading(readings)
+    if set(map(type, stamps)) != _INT_ONLY:
+        raise _bad_reading(readings)
+    base, last = min(stamps), max(stamps)
+    if base < 0 or last > MAX_TS:
+        raise _bad_reading(readings)
+    out: list[object] = [COLUMNS_TAG, base]
+    types = set(map(type, values))
+    if len(types) == 1 or (len(types) == 2 and _NONE_TYPE in types):
+        present: list[Value] = list(values)
+        if _NONE_TYPE in types:
+            present = [v for v in present if v is not None]
+            types.discard(_NONE_TYPE)
+        one = _one_kind_column(present, types)
+        if one is not None:
+            good = len(present) == len(values) and quals.count(_GOOD) == len(quals)
+            flags = [] if good else _flags_of(values, quals)
+            out.append(_block(one[0], points, stamps, base, one[1], flags))
+            return out, base, last
+    by_type: dict[type, list[int]] = {}  # type of the value -> indexes of its readings
+    for i, t in enumerate(map(type, values)):
+        by_type.setdefault(t, []).append(i)
+    for t, idx in by_type.items():
+        present = [values[i] for i in idx]
+        one = None if t is _NONE_TYPE else _one_kind_column(present, {t})
+        if t is _NONE_TYPE or one is not None:
+            packed = [] if one is None else one[1]
+            out.append(_sub_block(Kind.RAW if one is None else one[0], idx, packed, readings, base))
+            continue
+        by_kind: dict[int, list[int]] = {}
+        for i in idx:
+            by_kind.setdefault(_value_kind(values[i]), []).append(i)
+        for kind, kidx in by_kind.items():
+            packed = _pack_values(kind, [_plain(values[i]) for i in kidx])
+            out.append(_sub_block(kind, kidx, packed, readings, base))
+    return out, base, last
+
+
+def _sub_block(
+    kind: int, idx: list[int], packed: object, readings: Sequence[Reading], base: int
+) -> list[object]:
+    """The block of ``kind`` of the readings at ``idx`` (their values ``packed``)."""
+    rs = [readings[i] for i in idx]
+    return _block(
+        kind,
+        [r[0] for r in rs],
+        [r[1] for r in rs],
+        base,
+        packed,
+        _flags_of([r[2] for r in rs], [r[3] for r in rs]),
+    )
 
 
 def encode_points(points: Sequence[PointInfo], *, enc: str = "msgpack+zlib") -> bytes:
@@ -560,23 +840,28 @@ def _f_decimal32(e: int) -> Callable[[list[int]], list[float]]:
     return conv
 
 
-def _mantissas(raw: object, where: str) -> list[int]:
-    ms = list(accumulate(_int_list(raw, where)))
+def _mantissas(raw: object, where: str, deltas: bool) -> list[int]:
+    ms = _int_list(raw, where)
+    if deltas:
+        ms = list(accumulate(ms))
     if ms and (min(ms) < -_MAX_MANTISSA or max(ms) > _MAX_MANTISSA):
         raise DecodeError(f"{where}: a mantissa is beyond ±2**53")
     return ms
 
 
-def _values(kind: object, raw: object, count: int, where: str) -> list[Any]:
+def _values(kind: object, raw: object, count: int, where: str, deltas: bool = True) -> list[Any]:
+    """The values of a series (``deltas``: DEC, DEC32 and INT as deltas) or a block."""
     values: list[Any]
     if type(kind) is not int:
         raise DecodeError(f"{where}: kind must be an int, got {type(kind).__name__}")
     if kind in _DEC_KINDS:
-        values = _f_decimal(kind - Kind.DEC)(_mantissas(raw, f"{where} values"))
+        values = _f_decimal(kind - Kind.DEC)(_mantissas(raw, f"{where} values", deltas))
     elif kind in _DEC32_KINDS:
-        values = _f_decimal32(kind - Kind.DEC32)(_mantissas(raw, f"{where} values"))
+        values = _f_decimal32(kind - Kind.DEC32)(_mantissas(raw, f"{where} values", deltas))
     elif kind == Kind.INT:
-        values = list(accumulate(_int_list(raw, f"{where} values")))
+        values = _int_list(raw, f"{where} values")
+        if deltas:
+            values = list(accumulate(values))
         if values and (min(values) < _INT_MIN or max(values) > _I64_MAX):
             raise DecodeError(f"{where}: an int value is beyond int64")
     elif kind == Kind.BOOL:
@@ -625,6 +910,8 @@ def decode_readings(data: bytes, *, enc: str = "msgpack+zlib") -> list[Reading]:
     Raises :class:`DecodeError` naming what is wrong, for any input.
     """
     obj = _unpack(_decompress(data, enc), "readings payload")
+    if type(obj) is list and obj and type(obj[0]) is int and obj[0] == COLUMNS_TAG:
+        return _decode_columns(obj)
     if type(obj) is not list or len(obj) < 2:
         raise DecodeError("readings payload must be an array [base_ts, series...] of 2+ items")
     base = obj[0]
@@ -667,6 +954,51 @@ def decode_readings(data: bytes, *, enc: str = "msgpack+zlib") -> list[Reading]:
         values = _values(kind, series[3], count - missing, where)
         it = iter(values)
         for i, t in enumerate(ts):
+            f = flags.get(i, 0)
+            value = None if f & _NO_VALUE else next(it)
+            out.append(Reading(point, t, value, _QUALITIES[f & ~_NO_VALUE]))
+    return out
+
+
+_new_tuple: Final = cast(Callable[[type[Reading], tuple[Any, ...]], Reading], tuple.__new__)
+
+
+def _decode_columns(obj: list[Any]) -> list[Reading]:
+    """The readings of a layout 2 payload ``[-2, base_ts, block...]``."""
+    if len(obj) < 3:
+        raise DecodeError("columns payload must be an array [-2, base_ts, block...] of 3+ items")
+    base = obj[1]
+    if type(base) is not int or not 0 <= base <= MAX_TS:
+        raise DecodeError(f"columns payload: base_ts {base!r} is not an int in [0, 2**53-1]")
+    out: list[Reading] = []
+    for index, block in enumerate(obj[2:]):
+        where = f"block {index}"
+        if type(block) is not list or len(block) not in (4, 5):
+            raise DecodeError(f"{where} must be an array of 4 or 5 items")
+        points = list(accumulate(_int_list(block[1], f"{where} points")))
+        count = len(points)
+        if not count:
+            raise DecodeError(f"{where} points must not be empty")
+        if min(points) < 0 or max(points) > MAX_POINT_ID:
+            raise DecodeError(f"{where}: a point id is outside [0, {MAX_POINT_ID}]")
+        deltas = _int_list(block[2], f"{where} times")
+        if len(deltas) != count:
+            raise DecodeError(f"{where}: {len(deltas)} times for {count} points")
+        ts = list(accumulate(deltas, initial=base))
+        del ts[0]
+        if min(ts) < 0 or max(ts) > MAX_TS:
+            raise DecodeError(f"{where}: a timestamp is outside [0, 2**53-1]")
+        if len(out) + count > MAX_READINGS:
+            raise DecodeError(f"payload holds more than {MAX_READINGS} readings")
+        kind = block[0]
+        if len(block) == 4:
+            values = _values(kind, block[3], count, where, deltas=False)
+            out += map(_new_tuple, repeat(Reading), zip(points, ts, values, repeat(_GOOD)))
+            continue
+        flags = _flags(block[4], count, where)
+        missing = sum(1 for f in flags.values() if f & _NO_VALUE)
+        it = iter(_values(kind, block[3], count - missing, where, deltas=False))
+        for i, (point, t) in enumerate(zip(points, ts, strict=True)):
             f = flags.get(i, 0)
             value = None if f & _NO_VALUE else next(it)
             out.append(Reading(point, t, value, _QUALITIES[f & ~_NO_VALUE]))

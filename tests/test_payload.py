@@ -7,6 +7,7 @@ import random
 import re
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -17,12 +18,15 @@ from hypothesis import strategies as st
 
 from protocols.errors import DecodeError, LocalError
 from protocols.payload import (
+    COLUMNS_TAG,
     ENCODINGS,
+    LAYOUTS,
     MAX_PAYLOAD_BYTES,
     MAX_READINGS,
     MAX_TS,
     Kind,
     PointInfo,
+    choose_layout,
     decode_points,
     decode_readings,
     encode_points,
@@ -56,9 +60,18 @@ def grouped(rs: Sequence[Reading]) -> list[Reading]:
     return sorted(rs, key=lambda r: first[r.point])
 
 
-def roundtrip(rs: Sequence[Reading], enc: str = "msgpack+zlib") -> list[Reading]:
-    out = decode_readings(encode_readings(rs, enc=enc), enc=enc)
-    assert key(out) == key(grouped(rs))
+def roundtrip(
+    rs: Sequence[Reading], enc: str = "msgpack+zlib", layout: int | None = None
+) -> list[Reading]:
+    """Every reading back bit for bit; in layout 1's order (grouped by point) for
+    layout 1, and for layout 2 in the batch's order when its values share a kind."""
+    out = decode_readings(encode_readings(rs, enc=enc, layout=layout), enc=enc)
+    if (layout or choose_layout(rs)) == 1:
+        assert key(out) == key(grouped(rs))
+    else:
+        assert Counter(key(out)) == Counter(key(rs))
+        if len(msgpack.unpackb(encode_readings(rs, enc="msgpack", layout=2))) == 3:
+            assert key(out) == key(rs)  # one block: the batch's order
     return out
 
 
@@ -120,15 +133,13 @@ GOLDEN: list[tuple[str, list[Reading], list[object]]] = [
 
 @pytest.mark.parametrize(("case", "readings", "obj"), GOLDEN, ids=[g[0] for g in GOLDEN])
 def test_golden_encode(case: str, readings: list[Reading], obj: list[object]) -> None:
-    assert encode_readings(readings, enc="msgpack") == pack(obj)
+    assert encode_readings(readings, enc="msgpack", layout=1) == pack(obj)
 
 
 @pytest.mark.parametrize(("case", "readings", "obj"), GOLDEN, ids=[g[0] for g in GOLDEN])
 def test_golden_decode(case: str, readings: list[Reading], obj: list[object]) -> None:
     for enc in ENCODINGS:
-        assert key(decode_readings(encode_readings(readings, enc=enc), enc=enc)) == key(
-            grouped(readings)
-        )
+        roundtrip(readings, enc, layout=1)
     assert key(decode_readings(pack(obj), enc="msgpack")) == key(grouped(readings))
 
 
@@ -138,8 +149,10 @@ def test_types_come_back() -> None:
     assert all(type(r.quality) is Quality for r in out)
 
 
-def test_subclass_values_are_flattened() -> None:
-    out = decode_readings(encode_readings([Reading(1, T, Quality.STALE)]))  # IntEnum is an int
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_subclass_values_are_flattened(layout: int) -> None:
+    data = encode_readings([Reading(1, T, Quality.STALE)], layout=layout)  # IntEnum is an int
+    out = decode_readings(data)
     assert type(out[0].value) is int and out[0].value == 2
 
 
@@ -226,9 +239,9 @@ def batches(draw: st.DrawFn) -> list[Reading]:
 
 
 @settings(max_examples=300)
-@given(batches(), st.sampled_from(ENCODINGS))
-def test_roundtrip_any_readings(rs: list[Reading], enc: str) -> None:
-    out = roundtrip(rs, enc)  # checks every reading bit for bit
+@given(batches(), st.sampled_from(ENCODINGS), st.sampled_from([1, 2, None]))
+def test_roundtrip_any_readings(rs: list[Reading], enc: str, layout: int | None) -> None:
+    out = roundtrip(rs, enc, layout)  # checks every reading bit for bit
     assert len(out) == len(rs)
 
 
@@ -266,10 +279,10 @@ def test_fuzz_structure_decode_or_decode_error(base: object, series: list[object
     assert all(isinstance(r, Reading) for r in out)
 
 
-@given(batches(), st.data())
-def test_fuzz_mutated_payload(rs: list[Reading], data: st.DataObject) -> None:
+@given(batches(), st.data(), st.sampled_from(LAYOUTS))
+def test_fuzz_mutated_payload(rs: list[Reading], data: st.DataObject, layout: int) -> None:
     """Flip one byte of a valid plain payload: a value or DecodeError."""
-    raw = bytearray(encode_readings(rs, enc="msgpack"))
+    raw = bytearray(encode_readings(rs, enc="msgpack", layout=layout))
     i = data.draw(st.integers(0, len(raw) - 1))
     raw[i] = data.draw(st.integers(0, 255))
     try:
@@ -409,10 +422,16 @@ REFUSED: list[tuple[str, list[Reading], str]] = [
 ]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("case", "readings", "message"), REFUSED, ids=[r[0] for r in REFUSED])
-def test_encoder_refuses(case: str, readings: list[Reading], message: str) -> None:
+def test_encoder_refuses(case: str, readings: list[Reading], message: str, layout: int) -> None:
     with pytest.raises(LocalError, match=message.replace("'", ".")):
-        encode_readings(readings)
+        encode_readings(readings, layout=layout)
+
+
+def test_encoder_refuses_unknown_layout() -> None:
+    with pytest.raises(LocalError, match="unknown payload layout 3"):
+        encode_readings([Reading(1, T, 1)], layout=3)
 
 
 def test_encoder_refuses_too_many() -> None:
@@ -420,9 +439,10 @@ def test_encoder_refuses_too_many() -> None:
         encode_readings([Reading(1, T, 1)] * (MAX_READINGS + 1))
 
 
-def test_encoder_refuses_unknown_quality() -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_encoder_refuses_unknown_quality(layout: int) -> None:
     with pytest.raises(ValueError, match="is not a valid Quality"):
-        encode_readings([Reading(1, T, 1, 9)])  # type: ignore[arg-type]
+        encode_readings([Reading(1, T, 1, 9)], layout=layout)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- point table
@@ -606,21 +626,21 @@ EDGE_FLOATS = [
 @pytest.mark.parametrize("v", EDGE_FLOATS)
 def test_one_float_same_bytes_as_reference(v: float) -> None:
     for rs in ([Reading(1, T, v)], [Reading(1, T, v), Reading(1, T + 1000, v)]):
-        assert encode_readings(rs, enc="msgpack") == reference_encode(rs)
+        assert encode_readings(rs, enc="msgpack", layout=1) == reference_encode(rs)
 
 
 def test_realistic_batches_same_bytes_as_reference() -> None:
     for seed in range(5):
         rs = realistic_batch(seed=seed)
-        assert encode_readings(rs, enc="msgpack") == reference_encode(rs)
+        assert encode_readings(rs, enc="msgpack", layout=1) == reference_encode(rs)
         one_poll = [r for r in rs if r.ts < T + 1000]  # every point once: the short path
-        assert encode_readings(one_poll, enc="msgpack") == reference_encode(one_poll)
+        assert encode_readings(one_poll, enc="msgpack", layout=1) == reference_encode(one_poll)
 
 
 @settings(max_examples=300)
 @given(batches())
 def test_same_bytes_as_reference(rs: list[Reading]) -> None:
-    assert encode_readings(rs, enc="msgpack") == reference_encode(rs)
+    assert encode_readings(rs, enc="msgpack", layout=1) == reference_encode(rs)
 
 
 @settings(max_examples=300)
@@ -640,4 +660,228 @@ def test_same_bytes_as_reference(rs: list[Reading]) -> None:
 )
 def test_float_series_same_bytes_as_reference(values: list[float], one_each: bool) -> None:
     rs = [Reading(i if one_each else 0, T + i, v) for i, v in enumerate(values)]
-    assert encode_readings(rs, enc="msgpack") == reference_encode(rs)
+    assert encode_readings(rs, enc="msgpack", layout=1) == reference_encode(rs)
+
+
+# --------------------------------------------------------------------------- layout 2: columns
+
+# (case, readings, the payload as msgpack objects): [-2, base_ts, [kind, points, times, values(, flags)]...]
+COLUMNS: list[tuple[str, list[Reading], list[object]]] = [
+    (
+        "a poll of 0.1 floats is one block",
+        [
+            Reading(30, T + 2, 26.7), Reading(31, T + 2, 28.9), Reading(32, T + 2, -9.6),
+            Reading(60, T + 102, 1.0),
+        ],
+        [-2, T + 2, [1, [30, 1, 1, 28], [0, 0, 0, 100], [267, 289, -96, 10]]],
+    ),
+    ("whole floats are e=0", [Reading(1, T, 3.0), Reading(2, T, 4.0)], [-2, T, [0, [1, 1], [0, 0], [3, 4]]]),
+    ("ints as they are", [Reading(5, T, 42), Reading(6, T, -7)], [-2, T, [7, [5, 1], [0, 0], [42, -7]]]),
+    ("points go down", [Reading(9, T, 1), Reading(2, T + 1, 2)], [-2, T, [7, [9, -7], [0, 1], [1, 2]]]),
+    ("bools", [Reading(1, T, True), Reading(2, T, False)], [-2, T, [8, [1, 1], [0, 0], [True, False]]]),
+    ("strs are raw", [Reading(1, T, "NE"), Reading(2, T, "SW")], [-2, T, [11, [1, 1], [0, 0], ["NE", "SW"]]]),
+    (
+        "float32 decimals",
+        [Reading(1, T, f32(1013.2)), Reading(2, T, f32(1013.3))],
+        [-2, T, [17, [1, 1], [0, 0], [10132, 10133]]],
+    ),
+    (
+        "float32 not decimal",
+        [Reading(1, T, f32(1 / 3)), Reading(2, T, f32(0.1))],
+        [-2, T, [9, [1, 1], [0, 0], struct.pack(">2f", 1 / 3, 0.1)]],
+    ),
+    (
+        "nan and -0.0 are f32",
+        [Reading(1, T, math.nan), Reading(2, T, -0.0)],
+        [-2, T, [9, [1, 1], [0, 0], struct.pack(">2f", math.nan, -0.0)]],
+    ),
+    ("float64", [Reading(1, T, 1 / 3)], [-2, T, [10, [1], [0], struct.pack(">d", 1 / 3)]]),
+    ("decimal of int32 mantissa", [Reading(1, T, 123456.7)], [-2, T, [1, [1], [0], [1234567]]]),
+    ("int beyond int64 is raw", [Reading(1, T, 2**64 - 1)], [-2, T, [11, [1], [0], [2**64 - 1]]]),
+    (
+        "no value and stale in the block",
+        [
+            Reading(1, T, 21.5), Reading(2, T, None, Quality.COMM_ERROR),
+            Reading(3, T, 21.6, Quality.STALE),
+        ],
+        [-2, T, [1, [1, 1, 1], [0, 0, 0], [215, 216], [1, 19, 2, 2]]],
+    ),
+    ("all none", [Reading(1, T, None, Quality.COMM_ERROR)], [-2, T, [11, [1], [0], [], [0, 19]]]),
+    (
+        "a block a type, in order of first appearance",
+        [
+            Reading(1, T, 1.5), Reading(2, T, 7), Reading(3, T + 5, "x"), Reading(4, T + 5, 2.5),
+            Reading(5, T, None),
+        ],
+        [
+            -2,
+            T,
+            [1, [1, 3], [0, 5], [15, 25]],
+            [7, [2], [0], [7]],
+            [11, [3], [5], ["x"]],
+            [11, [5], [0], [], [0, 16]],
+        ],
+    ),
+    (
+        "floats that need kinds of their own",
+        [Reading(1, T, 52.3), Reading(2, T, math.nan), Reading(3, T, 61.4), Reading(4, T, 1 / 3)],
+        [
+            -2,
+            T,
+            [1, [1, 2], [0, 0], [523, 614]],
+            [9, [2], [0], struct.pack(">f", math.nan)],
+            [10, [4], [0], struct.pack(">d", 1 / 3)],
+        ],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "readings", "obj"), COLUMNS, ids=[c[0] for c in COLUMNS])
+def test_columns_golden_encode(case: str, readings: list[Reading], obj: list[object]) -> None:
+    assert encode_readings(readings, enc="msgpack", layout=2) == pack(obj)
+
+
+@pytest.mark.parametrize(("case", "readings", "obj"), COLUMNS, ids=[c[0] for c in COLUMNS])
+def test_columns_golden_decode(case: str, readings: list[Reading], obj: list[object]) -> None:
+    out = decode_readings(pack(obj), enc="msgpack")
+    assert Counter(key(out)) == Counter(key(readings))
+    if len(obj) == 3:
+        assert key(out) == key(readings)  # one block: the batch's order
+    for enc in ENCODINGS:
+        assert key(roundtrip(readings, enc, layout=2)) == key(out)
+
+
+def test_layout_is_chosen_by_repeats() -> None:
+    once = [Reading(p, T, 1.5) for p in range(10)]
+    assert choose_layout(once) == 2
+    assert choose_layout(once + [Reading(p, T + 1000, 1.5) for p in range(10)]) == 2  # twice
+    thrice = once + [Reading(p, T + k * 1000, 1.5) for k in (1, 2) for p in range(10)]
+    assert choose_layout(thrice) == 1
+    assert msgpack.unpackb(encode_readings(once, enc="msgpack"))[0] == COLUMNS_TAG
+    assert msgpack.unpackb(encode_readings(thrice, enc="msgpack"))[0] == T
+
+
+def fleet_poll(devices: int = 100, points: int = 30, seed: int = 3) -> list[Reading]:
+    """One poll of many devices: 0.1-scaled registers, each point once."""
+    rnd = random.Random(seed)
+    return [
+        Reading(d * points + p, T + 100 * (d % 10) + rnd.randint(1, 4), rnd.randint(0, 9999) / 10)
+        for d in range(devices)
+        for p in range(points)
+    ]
+
+
+def test_columns_fleet_poll_is_one_block_and_smaller() -> None:
+    rs = fleet_poll()
+    plain = msgpack.unpackb(encode_readings(rs, enc="msgpack", layout=2))
+    assert len(plain) == 3 and plain[2][0] == Kind.DEC + 1
+    for enc in ENCODINGS:
+        assert len(encode_readings(rs, enc=enc, layout=2)) < len(
+            encode_readings(rs, enc=enc, layout=1)
+        )
+    assert key(roundtrip(rs, layout=2)) == key(rs)
+
+
+any_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
+    st.floats(width=32),
+    st.integers(-(10**9), 10**9).map(lambda m: m / 10),
+    st.text(max_size=5),
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, MAX_TS), any_value, st.sampled_from(Quality)),
+        min_size=1,
+        max_size=40,
+    ),
+    st.booleans(),
+    st.sampled_from(ENCODINGS),
+)
+def test_columns_roundtrip_each_point_once(
+    rows: list[tuple[int, Value, Quality]], one_kind: bool, enc: str
+) -> None:
+    """Every value kind (None included) with every quality, each point once."""
+    if one_kind:  # the fast path: the first row's type for all, None kept
+        t = type(rows[0][1])
+        rows = [row for row in rows if row[1] is None or type(row[1]) is t]
+    rs = [Reading(i * 7, ts, v, q) for i, (ts, v, q) in enumerate(rows)]
+    assert choose_layout(rs) == 2
+    out = roundtrip(rs, enc)
+    assert len(out) == len(rs)
+
+
+def C(*blocks: object) -> bytes:
+    return pack([-2, T, *blocks])
+
+
+BAD_COLUMNS: list[tuple[str, bytes, str]] = [
+    ("no block", pack([-2, T]), "columns payload must be an array [-2, base_ts, block...]"),
+    ("base not int", pack([-2, 1.5, [7, [1], [0], [1]]]), "columns payload: base_ts 1.5"),
+    ("base negative", pack([-2, -1, [7, [1], [0], [1]]]), "columns payload: base_ts -1"),
+    ("block not array", C(5), "block 0 must be an array of 4 or 5"),
+    ("block too short", C([7, [1], [0]]), "block 0 must be an array of 4 or 5"),
+    ("block too long", C([7, [1], [0], [1], [0, 2], 0]), "block 0 must be an array of 4 or 5"),
+    ("points empty", C([7, [], [], []]), "block 0 points must not be empty"),
+    ("points not ints", C([7, [1.0], [0], [1]]), "block 0 points must be an array of ints"),
+    ("point negative", C([7, [-1], [0], [1]]), "block 0: a point id is outside"),
+    ("point too big", C([7, [2**32 - 1, 1], [0, 0], [1, 1]]), "block 0: a point id is outside"),
+    ("times not ints", C([7, [1], ["0"], [1]]), "block 0 times must be an array of ints"),
+    ("times count", C([7, [1, 1], [0], [1, 1]]), "block 0: 1 times for 2 points"),
+    ("ts negative", C([7, [1], [-T - 1], [1]]), "block 0: a timestamp is outside"),
+    ("ts too big", C([7, [1], [MAX_TS], [1]]), "block 0: a timestamp is outside"),
+    ("kind not int", C(["int", [1], [0], [1]]), "block 0: kind must be an int"),
+    ("kind unknown", C([12, [1], [0], [1]]), "block 0: unknown kind 12"),
+    ("too few values", C([7, [1, 1], [0, 0], [1]]), "block 0: 1 values for 2 readings"),
+    ("int beyond int64", C([7, [1], [0], [2**63]]), "block 0: an int value is beyond int64"),
+    ("mantissa beyond", C([1, [1], [0], [2**53 + 1]]), "block 0 values: a mantissa is beyond"),
+    ("f64 ragged", C([10, [1], [0], b"\x00" * 4]), "block 0 values must be a bin of a multiple"),
+    ("raw nil value", C([11, [1], [0], [None]]), "block 0 values must be an array of bool"),
+    ("flags empty", C([7, [1], [0], [1], []]), "block 0 flags must be a non-empty array"),
+    ("flag zero", C([7, [1], [0], [1], [0, 0]]), "block 0 flags: invalid flag 0"),
+    ("flag index beyond", C([7, [1], [0], [1], [1, 2]]), "block 0 flags: index 1 out of order"),
+    ("second block bad", C([7, [1], [0], [1]], [7, [1], [0], []]), "block 1: 0 values for 1"),
+]
+
+
+@pytest.mark.parametrize(("case", "data", "message"), BAD_COLUMNS, ids=[b[0] for b in BAD_COLUMNS])
+def test_columns_strict_decoder(case: str, data: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=re.escape(message)):
+        decode_readings(data, enc="msgpack")
+
+
+def test_columns_cannot_exceed_max_readings() -> None:
+    half = MAX_READINGS // 2 + 1
+    block = [7, [1] * half, [0] * half, [0] * half]
+    with pytest.raises(DecodeError, match=f"more than {MAX_READINGS} readings"):
+        decode_readings(C(block, block), enc="msgpack")
+
+
+column_like = st.lists(
+    st.one_of(
+        st.sampled_from([0, 1, 7, 8, 9, 10, 11, 17, 23]),
+        st.lists(st.integers(-3, 3), max_size=4),
+        st.lists(st.sampled_from([0, 1, 2, 3, 16, 19, 20]), max_size=4),
+        msgpack_objects,
+    ),
+    min_size=3,
+    max_size=6,
+)
+
+
+@given(
+    st.integers(0, MAX_TS) | msgpack_objects,
+    st.lists(column_like | msgpack_objects, max_size=4),
+)
+def test_columns_fuzz_structure(base: object, blocks: list[object]) -> None:
+    """Well-formed msgpack of nearly the right shape: only DecodeError, never a stray error."""
+    try:
+        out = decode_readings(pack([COLUMNS_TAG, base, *blocks]), enc="msgpack")
+    except DecodeError:
+        return
+    assert all(isinstance(r, Reading) and type(r.quality) is Quality for r in out)
