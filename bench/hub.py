@@ -3,11 +3,11 @@
 Pre-built signed batches (``envelope.seal``, 500 readings each, msgpack+zlib,
 from 50 gateways, timestamps an hour old) are verified and stored:
 
-1. ``core``: one :class:`~simulator.hub.HubCore` in this process, fed directly
+1. ``core``: one :class:`~hub.core.HubCore` in this process, fed directly
    (parse, key lookup, Ed25519 verify, dedup, decode, buffered SQLite insert,
    final flush included): the ceiling of one worker.
 2. ``mqtt x1`` and ``mqtt x2``: a private Mosquitto, one or two hub worker
-   processes (:class:`~simulator.hub.Hub`, persistent sessions) on the shared
+   processes (:class:`~hub.worker.Hub`, persistent sessions) on the shared
    subscription ``$share/hub/vitals/v1/+/batch``, one SQLite database. Every
    batch is published (QoS 1) into the broker *before* the workers run: their
    sessions exist, so the broker queues the batches for them, split between
@@ -21,6 +21,13 @@ from 50 gateways, timestamps an hour old) are verified and stored:
 4. ``dedup``: two workers, every batch published twice in a row (so the
    copies land on different workers): the database must hold each batch
    exactly once.
+
+``--db postgresql://USER@HOST:PORT/DB`` runs the same on PostgreSQL
+(:mod:`hub.pg`) instead of SQLite: ``core``, ``mqtt x1``, ``mqtt x2`` and
+``dedup`` (no ``sharded``: PostgreSQL has many writers). Each run gets a
+database of its own, created next to the one named (the user needs CREATEDB)
+and dropped after. ``python tests/pg_cluster.py`` starts a private server and
+prints its URL.
 """
 
 from __future__ import annotations
@@ -39,9 +46,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hub.core import HubCore
+from hub.store import is_url, open_readings
 from protocols import ed25519, envelope, topics
 from protocols.reading import Quality, Reading
-from simulator.hub import HubCore, open_readings
 
 T0 = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: inside the hub's age window
 
@@ -73,7 +81,9 @@ def build(gateways: int, batches: int, per_batch: int) -> tuple[list[tuple[str, 
     return out, pubs
 
 
-def bench_core(msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], db: Path) -> dict[str, float]:
+def bench_core(
+    msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], db: str | Path
+) -> dict[str, float]:
     core = HubCore(db)
     for gw, pub in pubs.items():
         core.enroll(gw, pub)
@@ -85,8 +95,8 @@ def bench_core(msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], db: Path) 
     wall = time.perf_counter() - t
     cpu = time.process_time() - cpu
     n = core.counters["readings"]
-    stored = sqlite3.connect(db).execute("SELECT count(*) FROM readings").fetchone()[0]
     core.close()
+    stored = _stored_rows(db)
     assert stored == n, (stored, n)
     return {"readings": n, "seconds": wall, "per_s": n / wall, "cpu_s": cpu}
 
@@ -100,13 +110,13 @@ def _client_id(worker: str) -> str:
     return f"bench-hub-{worker}"
 
 
-def _worker(db: Path, port: int, name: str, sharded: bool) -> None:
+def _worker(db: str | Path, port: int, name: str, sharded: bool) -> None:
     """A hub worker: build everything, say ``ready``, wait for ``go`` on stdin, then run.
 
     Prints the wall-clock times of its first message and of its last commit of
     batches when it stops.
     """
-    from simulator.hub import Hub
+    from hub.worker import Hub
 
     core = HubCore(db, worker=name, sharded=sharded)
     first: list[float] = []
@@ -117,7 +127,7 @@ def _worker(db: Path, port: int, name: str, sharded: bool) -> None:
             first.append(time.time())
         return handle(topic, data)
 
-    core.handle = timed  # type: ignore[method-assign]
+    core.handle = timed  # type: ignore[method-assign,assignment]
     last: list[float] = [0.0]
     flush = core.flush
 
@@ -184,8 +194,17 @@ def _publisher(port: int, path: Path, copies: int) -> None:
     asyncio.run(main())
 
 
-def _count(db: Path) -> tuple[int, int]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+def _connect(db: str | Path) -> Any:
+    """A connection to the hub database: the SQLite file read-only, or PostgreSQL."""
+    if is_url(db):
+        import psycopg
+
+        return psycopg.connect(str(db), autocommit=True)
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+
+
+def _count(db: str | Path) -> tuple[int, int]:
+    con = _connect(db)
     try:
         b, n = con.execute("SELECT count(*), coalesce(sum(n), 0) FROM batches").fetchone()
         return int(b), int(n)
@@ -193,13 +212,42 @@ def _count(db: Path) -> tuple[int, int]:
         con.close()
 
 
-def _stored_rows(db: Path) -> int:
-    """Reading rows that count: the file's, plus each shard's whose claim names it."""
-    con = open_readings(db)
+def _stored_rows(db: str | Path) -> int:
+    """Reading rows that count: the file's, plus each shard's whose claim names it
+    (PostgreSQL: the readings table)."""
+    con = _connect(db) if is_url(db) else open_readings(Path(db))
     try:
         return int(con.execute("SELECT count(*) FROM readings").fetchone()[0])
     finally:
         con.close()
+
+
+class PgDatabases:
+    """A fresh PostgreSQL database per run, beside the one ``--db`` names."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.url, self.made = url, []  # type: ignore[var-annotated]
+        self.admin = psycopg.connect(url, autocommit=True)
+        self.version = self.admin.execute("SHOW server_version").fetchone()[0]
+        self.settings = dict(
+            self.admin.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN"
+                " ('fsync', 'synchronous_commit', 'shared_buffers', 'wal_level')"
+            ).fetchall()
+        )
+
+    def new(self) -> str:
+        name = f"bench_hub_{os.getpid()}_{len(self.made)}"
+        self.admin.execute(f"CREATE DATABASE {name}")
+        self.made.append(name)
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
+    def close(self) -> None:
+        for name in self.made:
+            self.admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        self.admin.close()
 
 
 def _children_named(name: str) -> list[int]:
@@ -224,6 +272,7 @@ def bench_mqtt(
     workers: int,
     copies: int = 1,
     sharded: bool = False,
+    pg: PgDatabases | None = None,
 ) -> dict[str, Any]:
     """Pre-publish into the broker, then time the workers draining it."""
     import msgpack
@@ -231,7 +280,7 @@ def bench_mqtt(
     from simulator.broker import MosquittoBroker
 
     workdir.mkdir(parents=True, exist_ok=True)
-    db = workdir / f"hub-{workers}-{copies}-{int(sharded)}.sqlite3"
+    db: str | Path = pg.new() if pg else workdir / f"hub-{workers}-{copies}-{int(sharded)}.sqlite3"
     core = HubCore(db)
     for gw, pub in pubs.items():
         core.enroll(gw, pub)
@@ -243,6 +292,7 @@ def bench_mqtt(
     broker = MosquittoBroker()
     asyncio.run(broker.start())
     (broker_pid,) = _children_named("mosquitto")
+    pg_pids: list[int] = []
     procs: list[subprocess.Popen[str]] = []
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     base = [sys.executable, "-m", "bench.hub", "--port", str(broker.port)]
@@ -266,7 +316,8 @@ def bench_mqtt(
             )
         for p in procs:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        cpu0 = {pid: _cpu(pid) for pid in (*(p.pid for p in procs), broker_pid)}
+        pg_pids = _pg_backends(db) if pg else []
+        cpu0 = {pid: _cpu(pid) for pid in (*(p.pid for p in procs), broker_pid, *pg_pids)}
         t = time.perf_counter()
         for p in procs:
             assert p.stdin is not None
@@ -274,7 +325,7 @@ def bench_mqtt(
             p.stdin.flush()
         deadline = t + 120
         b = n = 0
-        poll = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        poll = _connect(db)
         while time.perf_counter() < deadline:
             time.sleep(0.05)  # the workers report their own times: this is only the stop
             b, n = poll.execute("SELECT count(*), coalesce(sum(n), 0) FROM batches").fetchone()
@@ -298,7 +349,7 @@ def bench_mqtt(
     # from the first message any worker received to the last commit of batches
     wall = max(w["last"] for w in times) - min(starts) if starts else elapsed
     rows = _stored_rows(db)
-    con = sqlite3.connect(db)
+    con = _connect(db)
     per_worker: dict[str, int] = {}
     flushes: dict[str, int] = {}
     dups = across = 0
@@ -327,12 +378,110 @@ def bench_mqtt(
         "per_s": n / wall,
         "worker_cpu_s": [round(cpu[p.pid], 2) for p in procs],
         "broker_cpu_s": round(cpu[broker_pid], 2),
+        "postgres_cpu_s": round(sum(cpu.get(p, 0.0) for p in pg_pids), 2),
     }
 
 
 def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # a PostgreSQL backend that ended: its CPU is not counted
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pg_backends(db: str | Path) -> list[int]:
+    """The server processes of the workers' connections (on this machine), and the
+    WAL writer and checkpointer: PostgreSQL's share of the CPU."""
+    con = _connect(db)
+    try:
+        rows = con.execute(
+            "SELECT pid FROM pg_stat_activity WHERE (datname = current_database()"
+            " AND application_name LIKE 'vitals-hub %') OR backend_type IN"
+            " ('walwriter', 'checkpointer', 'background writer')"
+        ).fetchall()
+    finally:
+        con.close()
+    return [int(r[0]) for r in rows if Path(f"/proc/{r[0]}").exists()]
+
+
+def bench_pg(
+    url: str, msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], repeat: int, per_batch: int
+) -> int:
+    """The PostgreSQL cases: core, one worker, two workers (interleaved, median), dedup."""
+    pg = PgDatabases(url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="vitals-bench-hub-") as tmp:
+            work = Path(tmp)
+            core = bench_core(msgs, pubs, pg.new())
+            runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+            for i in range(repeat):
+                for workers in (1, 2):
+                    r = bench_mqtt(msgs, pubs, work / f"r{i}", workers=workers, pg=pg)
+                    runs[workers].append(r)
+            quarter = msgs[: len(msgs) // 4]
+            dedup = bench_mqtt(quarter, pubs, work, workers=2, copies=2, pg=pg)
+    finally:
+        pg.close()
+
+    def median(w: int) -> dict[str, Any]:
+        return sorted(runs[w], key=lambda r: r["per_s"])[len(runs[w]) // 2]
+
+    one, two = median(1), median(2)
+    speedup = two["per_s"] / one["per_s"]
+    dedup_ok = bool(
+        dedup["readings"] == dedup["expected"] == dedup["reading_rows"]
+        and dedup["batches"] == len(quarter)
+    )
+    print(
+        f"PostgreSQL {pg.version} ({', '.join(f'{k}={v}' for k, v in sorted(pg.settings.items()))});"
+        f" MQTT cases: median of {repeat} interleaved runs (by readings/s)"
+    )
+    print(
+        f"{'run':<10}{'readings':>10}{'seconds':>9}{'readings/s':>12}"
+        f"{'worker cpu s':>16}{'postgres cpu s':>16}{'broker cpu s':>14}{'batches/worker':>16}"
+    )
+    print(
+        f"{'core':<10}{core['readings']:>10}{core['seconds']:>9.2f}{core['per_s']:>12,.0f}"
+        f"{core['cpu_s']:>16.2f}"
+    )
+    for name, r in (("pg x1", one), ("pg x2", two)):
+        cpus = " + ".join(f"{c:.2f}" for c in r["worker_cpu_s"])
+        split = "/".join(str(b) for b in r["batches_per_worker"])
+        print(
+            f"{name:<10}{r['readings']:>10}{r['seconds']:>9.2f}{r['per_s']:>12,.0f}"
+            f"{cpus:>16}{r['postgres_cpu_s']:>16.2f}{r['broker_cpu_s']:>14.2f}{split:>16}"
+        )
+    print(
+        f"{'dedup x2':<10}{dedup['readings']:>10}  every batch sent twice: stored once each "
+        f"{'yes' if dedup_ok else 'NO'}, {dedup['duplicates_dropped']} duplicates dropped "
+        f"({dedup['duplicates_across_workers']} claimed by the other worker first)"
+    )
+    print(f"two workers / one: {speedup:.2f}x")
+    print(
+        json.dumps(
+            {
+                "bench": "hub",
+                "store": "postgresql",
+                "server_version": pg.version,
+                "server_settings": pg.settings,
+                "readings_per_batch": per_batch,
+                "repeat": repeat,
+                "all_runs_readings_per_s": {
+                    f"pg_{w}": [round(r["per_s"]) for r in rs] for w, rs in runs.items()
+                },
+                "core_readings_per_s": round(core["per_s"]),
+                "pg_1_worker_readings_per_s": round(one["per_s"]),
+                "pg_2_workers_readings_per_s": round(two["per_s"]),
+                "speedup_2_over_1": round(speedup, 2),
+                "postgres_cpu_s": [one["postgres_cpu_s"], two["postgres_cpu_s"]],
+                "dedup_two_workers_ok": dedup_ok,
+                "duplicates_dropped": dedup["duplicates_dropped"],
+                "lost": sum(r["expected"] - r["readings"] for r in (one, two)),
+            }
+        )
+    )
+    return 0 if dedup_ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,12 +493,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--publish", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--copies", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--db",
+        help="postgresql://USER@HOST:PORT/DB: bench PostgreSQL (a database per run is made"
+        " beside it) instead of SQLite",
+    )
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--sharded", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        _worker(args.db, args.port, args.worker, args.sharded)
+        _worker(args.db if is_url(args.db) else Path(args.db), args.port, args.worker, args.sharded)
         return 0
     if args.publish:
         _publisher(args.port, args.publish, args.copies)
@@ -362,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         f"gateways in {time.perf_counter() - t:.1f} s",
         file=sys.stderr,
     )
+    if args.db:
+        if not is_url(args.db):
+            ap.error("--db takes a postgresql:// URL (SQLite is the default: no --db)")
+        return bench_pg(args.db, msgs, pubs, args.repeat, args.per_batch)
     with tempfile.TemporaryDirectory(prefix="vitals-bench-hub-") as tmp:
         work = Path(tmp)
         core = bench_core(msgs, pubs, work / "core.sqlite3")

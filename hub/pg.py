@@ -18,7 +18,11 @@ write one database at once, many readers query it.
   UTC day, created ahead (today and the next two days at start, and any day a
   flush needs before its transaction). Dropping a day is ``DROP TABLE
   readings_pYYYYMMDD``. Where the ``timescaledb`` extension is installed,
-  ``readings`` is a hypertable with one-day chunks instead.
+  ``readings`` is a hypertable with one-day chunks instead. No index on
+  ``readings``: a query by time reads only its days' partitions, and every
+  index is paid for on each reading stored (a BRIN index on ``ts`` alone
+  doubled the server's CPU per row); add one for the queries you run
+  (docs/hub.md).
 - **Stats from SQL**: counts, sums and the missing ranges of seqs (window
   functions) are computed by the database; only the small lists of ranges
   come back.
@@ -30,11 +34,13 @@ status word) goes to ``text_value`` with ``value`` NULL.
 from __future__ import annotations
 
 import calendar
+import functools
 import logging
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any
 
 from hub.store import BatchRow, EventRow, GapRow, PointRow
@@ -111,7 +117,12 @@ _COPY = (
     "COPY readings (gw, epoch, seq, point, ts, value, quality, text_value)"
     " FROM STDIN (FORMAT BINARY)"
 )
-_COPY_TYPES = ["text", "int8", "int8", "int4", "int8", "float8", "int2", "text"]
+# COPY's binary format, written here rather than row by row through psycopg (a third
+# of a worker's time went to formatting rows): the file header, each row's 8 fields
+# as (length, bytes), the trailer
+_SIGNATURE = b"PGCOPY\n\xff\r\n\0" + bytes(8)
+_TRAILER = b"\xff\xff"
+_NULL = -1
 _CLAIM = """
 INSERT INTO batches (gw, epoch, seq, n, t0, t1, received_ms, worker)
 SELECT * FROM unnest(%s::text[], %s::int8[], %s::int8[], %s::int4[], %s::int8[], %s::int8[],
@@ -123,7 +134,53 @@ _SAVE_COUNTERS = """
 INSERT INTO counters (name, value) SELECT * FROM unnest(%s::text[], %s::int8[])
 ON CONFLICT (name) DO UPDATE SET value = excluded.value
 """
-_NUMERIC = frozenset({float, int, type(None)})
+_NUMBERS = frozenset({float, int, bool})
+# per reading after the batch's prefix: point int4, ts int8, value float8, quality int2,
+# text_value NULL; each field's length first
+_ROW = "iiiqidihi"
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_struct(n: int, prefix: int) -> struct.Struct:
+    return struct.Struct(">" + f"{prefix}s{_ROW}" * n)
+
+
+def _copy_rows(b: BatchRow, rs: list[Reading]) -> bytes:
+    """One batch's readings in COPY's binary format: one ``struct.pack`` for the batch
+    when every value is a number (the rule), else row by row."""
+    gw = b[0].encode()
+    prefix = struct.pack(f">hi{len(gw)}siqiq", 8, len(gw), gw, 8, b[1], 8, b[2])
+    p, t, v, q = zip(*rs, strict=True)
+    if _NUMBERS.issuperset(map(type, v)):
+        fields = chain.from_iterable(
+            zip(
+                repeat(prefix),
+                repeat(4),
+                p,
+                repeat(8),
+                t,
+                repeat(8),
+                v,
+                repeat(2),
+                q,
+                repeat(_NULL),
+            )
+        )
+        return _rows_struct(len(rs), len(prefix)).pack(*fields)
+    out = bytearray()
+    for point, ts, value, quality in rs:  # a reading without a value, or a text value
+        out += prefix + struct.pack(">iiiq", 4, point, 8, ts)
+        if isinstance(value, (int, float)):
+            out += struct.pack(">id", 8, value)
+        else:
+            out += struct.pack(">i", _NULL)
+        out += struct.pack(">ih", 2, quality)
+        if isinstance(value, str):
+            text = value.encode()
+            out += struct.pack(">i", len(text)) + text
+        else:
+            out += struct.pack(">i", _NULL)
+    return bytes(out)
 
 
 def partition_name(day: int) -> str:
@@ -174,7 +231,8 @@ class PgStore:
                     self.db.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
                     self.db.execute(f"CREATE TABLE readings ({_READINGS_COLUMNS})")
                     self.db.execute(
-                        "SELECT create_hypertable('readings', 'ts', chunk_time_interval => %s::bigint)",
+                        "SELECT create_hypertable('readings', 'ts', chunk_time_interval => %s::bigint,"
+                        " create_default_indexes => false)",
                         (DAY_MS,),
                     )
                 self.timescale = True
@@ -227,12 +285,6 @@ class PgStore:
                         sql.Identifier(partition_name(day)),
                         sql.Literal(day * DAY_MS),
                         sql.Literal((day + 1) * DAY_MS),
-                    )
-                )
-                self.db.execute(
-                    sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING brin (ts)").format(
-                        sql.Identifier(partition_name(day) + "_ts"),
-                        sql.Identifier(partition_name(day)),
                     )
                 )
         self._days.update(missing)
@@ -325,29 +377,11 @@ class PgStore:
             won = [b[:3] in claimed for b in batches]
             if claimed:
                 with cur.copy(_COPY) as copy:
-                    copy.set_types(_COPY_TYPES)
-                    write = copy.write_row
+                    copy.write(_SIGNATURE)
                     for b, rs, ok in zip(batches, readings, won, strict=True):
-                        if not ok or not rs:
-                            continue
-                        p, t, v, q = zip(*rs, strict=True)
-                        gw, epoch, seq = repeat(b[0]), repeat(b[1]), repeat(b[2])
-                        if _NUMERIC.issuperset(map(type, v)):
-                            rows = zip(gw, epoch, seq, p, t, v, map(int, q), repeat(None))
-                        else:  # bool as 0/1, text in text_value
-                            rows = zip(
-                                gw,
-                                epoch,
-                                seq,
-                                p,
-                                t,
-                                map(_number, v),
-                                map(int, q),
-                                map(_text, v),
-                                strict=False,
-                            )
-                        for row in rows:
-                            write(row)
+                        if ok and rs:
+                            copy.write(_copy_rows(b, rs))
+                    copy.write(_TRAILER)
             self._save_counters(cur, counters(won))
         return won
 
@@ -529,14 +563,6 @@ class PgStore:
 
     def close(self) -> None:
         self.db.close()
-
-
-def _number(v: object) -> float | None:
-    return float(v) if isinstance(v, (int, float)) else None
-
-
-def _text(v: object) -> str | None:
-    return v if isinstance(v, str) else None
 
 
 def _safe(url: str) -> str:

@@ -121,6 +121,34 @@ def test_batches_readings_and_stats_from_sql(pg_url: str) -> None:
     assert g2["dropped_batches"] == 2
 
 
+def test_values_of_every_kind(pg_url: str) -> None:
+    """A number (int, float, bool) is ``value``; no value is NULL; text is ``text_value``."""
+    store = open_store(pg_url)
+    t = T0
+    rs = [
+        Reading(0, t, 1.5),
+        Reading(1, t + 1, 7),
+        Reading(2, t + 2, True),
+        Reading(3, t + 3, None, Quality.COMM_ERROR),
+        Reading(4, t + 4, "LEAK"),
+    ]
+    batch = ("gw-pg-0", 1, 0, len(rs), t, t + 4, t, store.worker)
+    try:
+        assert store.write_batches([batch], [rs], lambda won: {"batches": sum(won)}) == [True]
+        assert store.write_batches([batch], [rs], lambda won: {"batches": sum(won)}) == [False]
+        assert store.counters() == {"batches": 0}
+    finally:
+        store.close()
+    rows = _query(pg_url, "SELECT point, ts, value, quality, text_value FROM readings")
+    assert sorted(rows) == [
+        (0, t, 1.5, 0, None),
+        (1, t + 1, 7.0, 0, None),
+        (2, t + 2, 1.0, 0, None),
+        (3, t + 3, None, 3, None),
+        (4, t + 4, None, 0, "LEAK"),
+    ]
+
+
 def test_dedup_across_two_workers_on_one_database(pg_url: str) -> None:
     """Two workers, each handed every batch (a redelivery lands on the other one),
     racing on one database: each batch stored once, counted once."""
