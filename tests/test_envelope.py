@@ -36,7 +36,7 @@ from protocols.envelope import (
     signed_bytes,
 )
 from protocols.errors import DecodeError, FrameError, LocalError, ProtocolError, SignatureError
-from protocols.payload import PointInfo, encode_readings
+from protocols.payload import COLUMNS_TAG, PointInfo, encode_readings
 from protocols.reading import Quality, Reading
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
@@ -376,7 +376,7 @@ def _make_vectors() -> ModuleType:
 
 def test_vector_files_match_the_code() -> None:
     built: Mapping[str, bytes] = _make_vectors().build()
-    assert len(built) == 11
+    assert len(built) == 18  # 11 files of the layout 1 batch and the key, 7 of the layout 2 batch
     for name, content in built.items():
         assert (VECTORS / name).read_bytes() == content, f"{name} is stale: run make_vectors.py"
 
@@ -385,17 +385,25 @@ def vector(name: str) -> bytes:
     return bytes.fromhex((VECTORS / name).read_text().strip())
 
 
-def test_vector_verifies_and_decodes() -> None:
-    wire = vector("batch.hex")
+# the batch of payload layout 1 (series by point) and the one of layout 2 (columns)
+BATCH_VECTORS = pytest.mark.parametrize("prefix", ["", "columns_"], ids=["series", "columns"])
+
+
+@BATCH_VECTORS
+def test_vector_verifies_and_decodes(prefix: str) -> None:
+    wire = vector(prefix + "batch.hex")
     batch = parse(wire)
-    assert batch.protected == vector("protected.hex")
-    assert batch.payload == vector("payload.hex")
-    assert batch.signature == vector("sig.hex")
-    assert signed_bytes(BATCH_DOMAIN, batch.protected, batch.payload) == vector("signed.hex")
+    assert batch.protected == vector(prefix + "protected.hex")
+    assert batch.payload == vector(prefix + "payload.hex")
+    assert batch.signature == vector(prefix + "sig.hex")
+    signed = signed_bytes(BATCH_DOMAIN, batch.protected, batch.payload)
+    assert signed == vector(prefix + "signed.hex")
     batch.verify(vector("pub.hex"))
     key = PrivateKey.from_private_bytes(vector("seed.hex"))
     assert key_id(key) == vector("kid.hex") == batch.header.kid
-    expected = json.loads((VECTORS / "readings.json").read_text())
+    layout_tag = msgpack.unpackb(batch.payload)[0]
+    assert (layout_tag == COLUMNS_TAG) == (prefix == "columns_")
+    expected = json.loads((VECTORS / f"{prefix}readings.json").read_text())
     got = [
         {"point": r.point, "ts": r.ts, "value": r.value, "quality": r.quality.name}
         for r in batch.readings()
@@ -404,15 +412,16 @@ def test_vector_verifies_and_decodes() -> None:
     assert [type(r["value"]) for r in got] == [type(r["value"]) for r in expected]
 
 
+@BATCH_VECTORS
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not on PATH")
-def test_vector_verifies_with_openssl(tmp_path: Path) -> None:
-    (tmp_path / "signed.bin").write_bytes(vector("signed.hex"))
-    (tmp_path / "sig.bin").write_bytes(vector("sig.hex"))
+def test_vector_verifies_with_openssl(tmp_path: Path, prefix: str) -> None:
+    (tmp_path / "signed.bin").write_bytes(vector(prefix + "signed.hex"))
+    (tmp_path / "sig.bin").write_bytes(vector(prefix + "sig.hex"))
     cmd = ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(VECTORS / "pub.pem")]
     cmd += ["-rawin", "-in", "signed.bin", "-sigfile", "sig.bin"]
     ok = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert ok.returncode == 0 and "Signature Verified Successfully" in ok.stdout, ok.stderr
-    (tmp_path / "signed.bin").write_bytes(vector("signed.hex")[:-1] + b"\x00")
+    (tmp_path / "signed.bin").write_bytes(vector(prefix + "signed.hex")[:-1] + b"\x00")
     bad = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert bad.returncode != 0
 
@@ -427,13 +436,14 @@ print(msgpack.unpackb(protected))
 """
 
 
+@BATCH_VECTORS
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not on PATH")
-def test_doc_recipe_verifies_the_vector(tmp_path: Path) -> None:
+def test_doc_recipe_verifies_the_vector(tmp_path: Path, prefix: str) -> None:
     """The shell recipe of docs/envelope.md, with this interpreter as python3."""
-    shutil.copy(VECTORS / "batch.hex", tmp_path)
+    shutil.copy(VECTORS / f"{prefix}batch.hex", tmp_path / "batch.hex")
     shutil.copy(VECTORS / "pub.pem", tmp_path)
     subprocess.run([sys.executable, "-c", DOC_RECIPE], cwd=tmp_path, check=True)
-    assert (tmp_path / "signed.bin").read_bytes() == vector("signed.hex")
+    assert (tmp_path / "signed.bin").read_bytes() == vector(prefix + "signed.hex")
     out = subprocess.run(
         [
             "openssl",

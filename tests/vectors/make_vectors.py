@@ -16,6 +16,10 @@ Files (hex files hold one line of lowercase hex):
   sig.hex        the signature (64 bytes)
   header.json    the protected header, decoded (kid as hex)
   readings.json  the readings, decoded, in payload order
+
+The files above hold a batch of payload layout 1 (series by point: points
+repeat). The same seven files prefixed ``columns_`` hold a batch of layout 2
+(columns: one poll of three devices, each point once), signed by the same key.
 """
 
 from __future__ import annotations
@@ -63,11 +67,52 @@ def vector_readings() -> list[Reading]:
     return out
 
 
+def columns_readings() -> list[Reading]:
+    """One poll of three devices, each point once (layout 2): every kind of value."""
+    a, b, c = T0 + 2, T0 + 40, T0 + 101
+    return [
+        Reading(1, a, 52.3),  # device A, a noise meter
+        Reading(2, a, True),  # overload flag
+        Reading(3, a, 4711),  # sample counter
+        Reading(4, a, 61.4),
+        Reading(10, b, 21.5, Quality.STALE),  # device B, a weather station
+        Reading(11, b, _f32(1013.2)),  # an f32 register
+        Reading(12, b, _f32(1 / 3)),  # f32, not a short decimal
+        Reading(13, b, "NE"),
+        Reading(14, b, None, Quality.COMM_ERROR),  # a sensor behind it did not answer
+        Reading(20, c, 12.5),  # device C: two registers of 0.1
+        Reading(21, c, -3.5),
+    ]
+
+
 def build() -> dict[str, bytes]:
     """File name -> contents, exactly as written to tests/vectors/."""
     key = PrivateKey.from_private_bytes(SEED)
     pub = key.public_key()
-    wire = seal(vector_readings(), gateway=GATEWAY, key=key, epoch=EPOCH, seq=SEQ, enc="msgpack")
+    files = {
+        "seed.hex": hexline(SEED),
+        "pub.hex": hexline(pub.public_bytes_raw()),
+        "pub.pem": pub.public_pem(),
+        "kid.hex": hexline(hashlib.sha256(pub.public_bytes_raw()).digest()[:8]),
+    }
+    files.update(_batch_files("", _seal(key, vector_readings())))
+    files.update(_batch_files("columns_", _seal(key, columns_readings())))
+    return files
+
+
+def _seal(key: PrivateKey, readings: list[Reading]) -> bytes:
+    return seal(readings, gateway=GATEWAY, key=key, epoch=EPOCH, seq=SEQ, enc="msgpack")
+
+
+def hexline(b: bytes) -> bytes:
+    return b.hex().encode() + b"\n"
+
+
+def jsonfile(obj: object) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode()
+
+
+def _batch_files(prefix: str, wire: bytes) -> dict[str, bytes]:
     batch = parse(wire)
     h = batch.header
     header = {
@@ -85,17 +130,7 @@ def build() -> dict[str, bytes]:
         for r in batch.readings()
     ]
 
-    def hexline(b: bytes) -> bytes:
-        return b.hex().encode() + b"\n"
-
-    def jsonfile(obj: object) -> bytes:
-        return (json.dumps(obj, indent=1) + "\n").encode()
-
-    return {
-        "seed.hex": hexline(SEED),
-        "pub.hex": hexline(pub.public_bytes_raw()),
-        "pub.pem": pub.public_pem(),
-        "kid.hex": hexline(h.kid),
+    files = {
         "batch.hex": hexline(wire),
         "protected.hex": hexline(batch.protected),
         "payload.hex": hexline(batch.payload),
@@ -104,6 +139,7 @@ def build() -> dict[str, bytes]:
         "header.json": jsonfile(header),
         "readings.json": jsonfile(readings),
     }
+    return {prefix + name: content for name, content in files.items()}
 
 
 def main() -> int:
