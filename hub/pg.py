@@ -34,14 +34,16 @@ status word) goes to ``text_value`` with ``value`` NULL.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import functools
 import logging
+import random
 import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from itertools import chain, repeat
-from typing import Any
+from typing import Any, TypeVar
 
 from hub.store import BatchRow, EventRow, GapRow, PointRow
 from protocols.errors import LocalError
@@ -64,6 +66,8 @@ AHEAD_DAYS = 2  # partitions made ahead of today's
 # batches received this long ago are loaded into a worker's memory at start (the
 # core refuses anything older than 8 days as too old; the unique key catches the rest)
 SEEN_MS = 9 * DAY_MS
+RETRY_S = 60.0  # how long a write waits for a lost server before the hub gives up
+_T = TypeVar("_T")
 _LOCK = 0x76697461  # pg_advisory_xact_lock key for schema changes ("vita")
 
 _SCHEMA = """
@@ -194,12 +198,11 @@ class PgStore:
     def __init__(self, url: str, *, worker: str = "w0") -> None:
         self.url, self.worker = url, worker
         try:
-            self.db = psycopg.connect(url, autocommit=True, application_name=f"vitals-hub {worker}")
+            self.db = self._connect()
         except psycopg.OperationalError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LocalError(
-                f"cannot reach PostgreSQL at {_safe(url)}: {first}; check host, port,"
-                " user and database name, and that the server accepts this host"
+                f"cannot reach PostgreSQL at {_safe(url)}: {_first_line(exc)}; check host,"
+                " port, user and database name, and that the server accepts this host"
             ) from None
         self.timescale = False
         with self.db.transaction():
@@ -211,6 +214,11 @@ class PgStore:
             self._days = self._partition_days()
             today = time.time_ns() // 1_000_000 // DAY_MS
             self._ensure_days(range(today, today + AHEAD_DAYS + 1))
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            self.url, autocommit=True, application_name=f"vitals-hub {self.worker}"
+        )
 
     # -- schema ---------------------------------------------------------------
 
@@ -364,6 +372,14 @@ class PgStore:
         counters: Callable[[list[bool]], Mapping[str, int]],
     ) -> list[bool]:
         """Claim, copy the won batches' readings, save the counters: one transaction."""
+        return self._retry(lambda: self._write_batches(batches, readings, counters))
+
+    def _write_batches(
+        self,
+        batches: list[BatchRow],
+        readings: list[list[Reading]],
+        counters: Callable[[list[bool]], Mapping[str, int]],
+    ) -> list[bool]:
         if not self.timescale and batches:
             lo = min(b[4] for b in batches) // DAY_MS
             hi = max(b[5] for b in batches) // DAY_MS
@@ -395,10 +411,53 @@ class PgStore:
             cur.execute(_SAVE_COUNTERS, (names, list(counters.values())))
 
     def save_counters(self, counters: Mapping[str, int]) -> None:
-        with self.db.transaction():
-            self._save_counters(self.db.cursor(), counters)
+        def save() -> None:
+            with self.db.transaction():
+                self._save_counters(self.db.cursor(), counters)
+
+        self._retry(save)
+
+    def _retry(self, op: Callable[[], _T]) -> _T:
+        """Run ``op`` (one transaction or one statement); when the server is lost (or
+        rolls the transaction back, a deadlock), reconnect and run it again, for up to
+        ``RETRY_S``: a restart of PostgreSQL or a fail-over costs the hub a pause, not
+        the batches it holds. A transaction is all or nothing, so nothing is stored
+        twice; past ``RETRY_S`` the hub stops (LocalError) for its supervisor to
+        restart it."""
+        deadline = time.monotonic() + RETRY_S
+        delay, lost = 0.25, False
+        while True:
+            try:
+                out = op()
+            except psycopg.OperationalError as exc:
+                why = _first_line(exc)
+                if time.monotonic() > deadline:
+                    raise LocalError(
+                        f"PostgreSQL at {_safe(self.url)} failed for {RETRY_S:.0f} s: {why};"
+                        " check the server (pg_isready) and the network"
+                    ) from None
+                if not lost:
+                    log.warning(
+                        "PostgreSQL at %s: %s; retrying for up to %.0f s",
+                        _safe(self.url),
+                        why,
+                        RETRY_S,
+                    )
+                    lost = True
+                time.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 5.0)
+                if self.db.closed or self.db.broken:
+                    with contextlib.suppress(psycopg.OperationalError):
+                        self.db = self._connect()
+                continue
+            if lost:
+                log.warning("PostgreSQL at %s is back", _safe(self.url))
+            return out
 
     def write_gaps(self, rows: list[GapRow]) -> int:
+        return self._retry(lambda: self._write_gaps(rows))
+
+    def _write_gaps(self, rows: list[GapRow]) -> int:
         new = 0
         with self.db.transaction():
             cur = self.db.cursor()
@@ -414,6 +473,9 @@ class PgStore:
     def write_event(self, row: EventRow) -> bool:
         values = list(row)
         values[9] = None if row[9] is None else str(row[9])
+        return self._retry(lambda: self._write_event(values))
+
+    def _write_event(self, values: list[object]) -> bool:
         cur = self.db.execute(
             "INSERT INTO events (gw, epoch, seq, rule, kind, state, device, point, pid,"
             " value, ts, since, detail, received_ms)"
@@ -424,6 +486,9 @@ class PgStore:
         return cur.rowcount == 1
 
     def write_points(self, rows: list[PointRow]) -> None:
+        self._retry(lambda: self._write_points(rows))
+
+    def _write_points(self, rows: list[PointRow]) -> None:
         with self.db.transaction():
             self.db.cursor().executemany(
                 "INSERT INTO points (gw, id, device, name, unit, domain, cls, indicator, epoch)"
@@ -563,6 +628,11 @@ class PgStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _safe(url: str) -> str:

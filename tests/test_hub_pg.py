@@ -209,6 +209,46 @@ def test_partitions_are_made_ahead_and_on_demand(pg_url: str) -> None:
     assert rows == [(name(old // DAY),)]
 
 
+def _kill_backends(url: str) -> None:
+    """The server ends every connection of the hub (as a restart or fail-over does)."""
+    with psycopg.connect(url, autocommit=True) as con:
+        con.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name LIKE 'vitals-hub %'"
+        )
+
+
+def test_a_lost_connection_is_taken_up_again(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    core = _core(pg_url)
+    assert core.handle(*_batch("gw-pg-0", 1, 0)) == "stored"
+    _kill_backends(pg_url)
+    assert core.handle(*_batch("gw-pg-0", 1, 1)) == "stored"
+    core.flush()  # the first write finds the connection gone: reconnects, writes all
+    core.close()
+    assert _query(pg_url, "SELECT count(*) FROM batches") == [(2,)]
+    assert _query(pg_url, "SELECT count(*) FROM readings") == [(10,)]
+    said = [r.getMessage() for r in caplog.records if r.name == "hub.pg"]
+    assert len(said) == 2 and "retrying" in said[0] and "is back" in said[1], said
+
+
+def test_a_server_gone_for_good_stops_the_hub_with_one_line(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hub.pg
+
+    monkeypatch.setattr(hub.pg, "RETRY_S", 1.0)
+    core = _core(pg_url)
+    assert core.handle(*_batch("gw-pg-0", 1, 0)) == "stored"
+    admin = pg_url.rsplit("/", 1)[0] + "/vitals"
+    with psycopg.connect(admin, autocommit=True) as con:
+        con.execute(f"ALTER DATABASE {pg_url.rsplit('/', 1)[1]} ALLOW_CONNECTIONS false")
+    _kill_backends(admin)
+    with pytest.raises(LocalError) as err:
+        core.flush()
+    core.store.close()
+    assert "failed for 1 s" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_an_unreachable_database_is_one_line(pg_cluster: str) -> None:
     port = pg_cluster.rsplit(":", 1)[1].split("/")[0]
     with pytest.raises(LocalError) as err:
