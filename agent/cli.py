@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +21,7 @@ import typer
 import typer.core
 
 from agent import runner
-from protocols.errors import ConfigError, VitalsError
+from protocols.errors import ConfigError
 
 __all__ = ["app", "main"]
 
@@ -52,18 +50,20 @@ if _display_type_rich is not None:
 
 # commands whose modules load only when they are called or listed: `vitals run`
 # never imports the diagnostics or the provisioning code
-_LAZY = ("provision", "keygen", "key", "diag")
+_LAZY = ("provision", "keygen", "key", "diag", "hub")
 
 
 def _lazy_commands() -> dict[str, Any]:
     from agent.diag import diag_app
     from agent.provision import key_app, keygen_command, provision_command
+    from hub.cli import hub_app  # the hub is its own package: mounted here, never imported by run
 
     extra = typer.Typer()
     extra.command("provision")(provision_command)
     extra.command("keygen")(keygen_command)
     extra.add_typer(key_app, name="key")
     extra.add_typer(diag_app, name="diag")
+    extra.add_typer(hub_app, name="hub")
     return dict(typer.main.get_group(extra).commands)
 
 
@@ -96,12 +96,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Check gateway configuration files.", no_args_is_help=True)
-hub_app = typer.Typer(
-    help="The reference hub: verify, deduplicate, store.", invoke_without_command=True
-)
 sim_app = typer.Typer(help="Emulated terminals for benches and tests.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-app.add_typer(hub_app, name="hub")
 app.add_typer(sim_app, name="sim")
 
 
@@ -221,11 +217,6 @@ def config_check(
     raise typer.Exit(code)
 
 
-# -- the hub ----------------------------------------------------------------
-
-_DB_HELP = "hub database (SQLite)"
-
-
 def _broker_addr(broker: str) -> tuple[str, int]:
     host, _, port = broker.rpartition(":")
     try:
@@ -235,172 +226,6 @@ def _broker_addr(broker: str) -> tuple[str, int]:
     if not 0 < number < 65536:
         raise _fail(f"--broker {broker!r} is not HOST:PORT", "e.g. --broker 127.0.0.1:1883", 2)
     return host or "127.0.0.1", number
-
-
-def _trusted(items: list[str]) -> list[tuple[str, bytes]]:
-    out = []
-    for item in items:
-        gw, _, hexkey = item.partition("=")
-        try:
-            key = bytes.fromhex(hexkey)
-        except ValueError:
-            key = b""
-        if not gw or len(key) != 32:
-            raise _fail(
-                f"--trust {item!r}: expected GATEWAY=64 hex digits (an Ed25519 public key)",
-                "the gateway's 'public key' line of 'vitals key show' (or 'vitals keygen')",
-                2,
-            )
-        out.append((gw, key))
-    return out
-
-
-@hub_app.callback()
-def hub(
-    ctx: typer.Context,
-    db: Annotated[Path, typer.Option(help=_DB_HELP)] = Path("hub.sqlite3"),
-    broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
-    trust: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="GATEWAY=HEX",
-            help="enroll a gateway's public key before starting (repeatable)",
-        ),
-    ] = None,
-    worker: Annotated[
-        str | None, typer.Option(help="this worker's name in the counters (default host-pid)")
-    ] = None,
-    no_shared: Annotated[
-        bool, typer.Option("--no-shared", help="plain subscription (brokers without $share)")
-    ] = False,
-    sharded: Annotated[
-        bool,
-        typer.Option(
-            "--sharded", help="readings into <db>.shards/<worker>.sqlite3 (needs --worker)"
-        ),
-    ] = False,
-) -> None:
-    """Run a hub worker (several share the load through a shared subscription)."""
-    ctx.obj = {"db": db}
-    if ctx.invoked_subcommand is not None:
-        return  # `token` and `stats` need no MQTT
-    host, port = _broker_addr(broker)
-    trusted = _trusted(trust or [])
-    if sharded and not worker:
-        raise _fail("--sharded needs --worker NAME", "the name is the shard's file", 2)
-    _require_demo_extra("vitals hub", "aiomqtt")
-    from simulator.enroll import EnrollmentDesk, hub_key_path, load_or_create_hub_key
-    from simulator.enroll import serve as serve_enroll
-    from simulator.hub import Hub, HubCore
-
-    setup_logging()
-    import socket
-    import sqlite3
-
-    try:
-        core = HubCore(
-            db, worker=worker or f"{socket.gethostname()}-{os.getpid()}", sharded=sharded
-        )
-    except (OSError, sqlite3.Error) as exc:
-        raise _fail(f"{db}: {exc}", "pass --db FILE: the hub's database, created if new") from None
-    for gw, key in trusted:
-        try:
-            core.enroll(gw, key)
-        except (ValueError, VitalsError) as exc:
-            core.close()
-            raise _fail(f"--trust {gw}: {exc}", "check the gateway id and its key", 2) from None
-
-    async def _main() -> None:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if task:
-                loop.add_signal_handler(sig, task.cancel)
-        desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(serve_enroll(desk, host=host, port=port), name="hub.enroll")
-            tg.create_task(
-                Hub(core, host=host, port=port, shared=not no_shared).run(), name="hub.worker"
-            )
-
-    try:
-        asyncio.run(_main())
-    except asyncio.CancelledError:
-        pass
-    finally:
-        core.close()
-
-
-@hub_app.command("token")
-def hub_token(
-    ctx: typer.Context,
-    gateway: Annotated[str, typer.Argument(help="gateway id the token is for")],
-    ttl: Annotated[float, typer.Option(help="validity in hours", min=0.01)] = 24.0,
-    db: Annotated[
-        Path | None, typer.Option(help=f"{_DB_HELP}; also accepted before 'token'")
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="one JSON object: token, gateway, expiry, hub key id")
-    ] = False,
-) -> None:
-    """Issue a one-time enrollment token for a field technician."""
-    from simulator.enroll import hub_token_command
-
-    hub_token_command(ctx, gateway, ttl, db=db, as_json=as_json)
-
-
-@hub_app.command("stats")
-def hub_stats_cmd(
-    ctx: typer.Context,
-    db: Annotated[
-        Path | None, typer.Option(help=f"{_DB_HELP}; also accepted before 'stats'")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
-) -> None:
-    """Delivered, duplicate, rejected and missing batches, per gateway (enrolled ones too)."""
-    from simulator.hub import hub_stats
-
-    db = db or ctx.obj["db"]
-    if not db.is_file():
-        raise _fail(f"{db}: no hub database here", "pass --db PATH (the hub's --db)")
-    import sqlite3
-
-    try:
-        stats = hub_stats(db)
-    except sqlite3.Error as exc:
-        raise _fail(
-            f"{db}: not a hub database ({exc})", "pass --db PATH (the hub's --db)"
-        ) from None
-    if as_json:
-        typer.echo(json.dumps(stats))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"hub {db}")
-    for col in (
-        "gateway",
-        "batches",
-        "readings",
-        "epochs",
-        "missing batches",
-        "dropped by gateway",
-    ):
-        t.add_column(col, justify="right" if col != "gateway" else "left")
-    for gw, g in stats["gateways"].items():
-        t.add_row(
-            gw,
-            str(g["batches"]),
-            str(g["readings"]),
-            str(len(g["epochs"])),
-            str(g["missing_batches"]),
-            str(g["dropped_batches"]),
-        )
-    Console(highlight=False).print(t)
-    typer.echo(
-        f"duplicates dropped: {stats['duplicates']}  gap notices: {stats['gap_notices']}  "
-        f"rejected: {stats['rejected'] or 'none'}"
-    )
 
 
 # -- the demo and the simulators ------------------------------------------------

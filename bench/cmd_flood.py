@@ -244,8 +244,8 @@ async def gateway_under_test(
 async def _run(
     messages: int, large: int, seconds: float, qos: int, workdir: Path
 ) -> dict[str, object]:
-    from simulator.commander import Commander
-    from simulator.hub import HubCore
+    from hub.commander import Commander
+    from hub.core import HubCore
 
     gw = "gw-bench-flood"
     hub = PrivateKey.generate()

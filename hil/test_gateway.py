@@ -60,9 +60,9 @@ def test_agent_delivers_terminal_readings_to_the_hub(
     """
     from agent.config import parse_config
     from agent.state import create_identity
+    from hub.core import HubCore
     from simulator.broker import make_broker
     from simulator.harness import agent_with_hub
-    from simulator.hub import HubCore
 
     bus.ser.close()  # the agent is the master on the line now
 

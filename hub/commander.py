@@ -2,7 +2,7 @@
 
 A command (:mod:`protocols.command`) is signed with the hub key the gateway
 learnt at enrollment; the result is verified against the gateway's enrolled,
-unrevoked key in the hub database (:class:`simulator.hub.HubCore`).
+unrevoked key in the hub database (:class:`hub.core.HubCore`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import aiomqtt
 
+from hub.core import HubCore
 from protocols import command, ed25519, topics
 from protocols.errors import ProtocolError, SignatureError
-from simulator.hub import HubCore
 
 __all__ = ["Commander"]
 
@@ -58,14 +58,12 @@ class Commander:
         res = command.parse_result(data)
         if res.gw != gateway:
             raise SignatureError(f"result names {res.gw!r}, expected {gateway!r}")
-        row = self.core.db.execute(
-            "SELECT pubkey, revoked FROM gateways WHERE gw = ? AND kid = ?", (gateway, res.kid)
-        ).fetchone()
+        row = self.core.store.key(gateway, res.kid)
         if row is None or row[1]:
             raise SignatureError(
                 f"result signed by kid {res.kid.hex()}, not a valid key of {gateway}"
             )
-        res.verify(bytes(row[0]))
+        res.verify(row[0])
         return res
 
     async def send(

@@ -29,42 +29,25 @@ import asyncio
 import hashlib
 import logging
 import os
-import sqlite3
 import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
 
-import typer
-
+from hub.core import HubCore
+from hub.store import is_url
 from protocols import ed25519, enroll, envelope, topics
 from protocols.errors import KeyFormatError, ProtocolError, SignatureError
-from simulator.hub import HubCore
 
 __all__ = [
     "EnrollmentDesk",
     "hub_key_path",
-    "hub_token_command",
     "load_or_create_hub_key",
     "result_topic",
     "serve",
 ]
 
 log = logging.getLogger(__name__)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS enroll_tokens (
-    hash BLOB PRIMARY KEY, gw TEXT NOT NULL, issued REAL NOT NULL,
-    expires REAL NOT NULL, used REAL, kid BLOB
-);
-CREATE TABLE IF NOT EXISTS key_rotations (
-    gw TEXT NOT NULL, old_kid BLOB NOT NULL, new_kid BLOB NOT NULL,
-    at REAL NOT NULL, revoke_at REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (gw, old_kid)
-);
-"""
-
 
 result_topic = topics.enroll_result  # the hub's signed answers
 
@@ -104,16 +87,16 @@ class EnrollmentDesk:
         *,
         rotation_grace_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
-        prefix: str = topics.DEFAULT_PREFIX,
+        prefix: str | None = None,  # default: the core's
     ) -> None:
         self.core = core
+        self.store = core.store
         self.hub_key = hub_key
         self.hub_public = hub_key.public_key().public_bytes_raw()
         self.rotation_grace_s = rotation_grace_s
         self.clock = clock
-        self.prefix = prefix
+        self.prefix = core.prefix if prefix is None else prefix
         self._logged: set[tuple[str, str]] = set()
-        core.db.executescript(_SCHEMA)
 
     # -- operator side --------------------------------------------------------
 
@@ -122,36 +105,26 @@ class EnrollmentDesk:
         topics.enroll(gateway)  # validates the id
         token = enroll.new_token(self.hub_public)
         now = self.clock()
-        self.core.db.execute(
-            "INSERT INTO enroll_tokens (hash, gw, issued, expires) VALUES (?, ?, ?, ?)",
-            (_hash(token), gateway, now, now + ttl_s),
-        )
+        self.store.add_token(_hash(token), gateway, now, now + ttl_s)
         log.info("enrollment token issued for %s, valid %.0f s", gateway, ttl_s)
         return token
 
     def retire_due(self) -> int:
         """Revoke the old keys of rotations whose grace period is over; how many."""
         now = self.clock()
-        rows = self.core.db.execute(
-            "SELECT gw, old_kid FROM key_rotations WHERE done = 0 AND revoke_at <= ?", (now,)
-        ).fetchall()
+        rows = self.store.due_rotations(now)
         for gw, kid in rows:
-            self.core.revoke(gw, bytes(kid))
-            self.core.db.execute(
-                "UPDATE key_rotations SET done = 1 WHERE gw = ? AND old_kid = ?", (gw, kid)
-            )
-            log.info("key %s of %s revoked (rotation grace over)", bytes(kid).hex(), gw)
+            self.core.revoke(gw, kid)
+            self.store.finish_rotation(gw, kid)
+            log.info("key %s of %s revoked (rotation grace over)", kid.hex(), gw)
         return len(rows)
 
     # -- messages -------------------------------------------------------------
 
     def handle_enroll_request(self, topic: str, data: bytes) -> tuple[str, bytes] | None:
         """``(result topic, signed result)`` for a request on ``topic``; None if not ours."""
-        head = f"{self.prefix}/enroll/"
-        if not topic.startswith(head) or "/" in topic[len(head) :]:
-            return None
-        topic_gw = topic[len(head) :]
-        if not topics.GATEWAY_ID.fullmatch(topic_gw):
+        topic_gw = topics.enroll_gateway(topic, self.prefix)
+        if topic_gw is None:
             return None
         self.retire_due()
         nonce = b""
@@ -184,10 +157,7 @@ class EnrollmentDesk:
         return self._first(req)
 
     def _first(self, req: enroll.EnrollRequest) -> tuple[str, bytes, str]:
-        db = self.core.db
-        row = db.execute(
-            "SELECT gw, expires, used FROM enroll_tokens WHERE hash = ?", (_hash(req.token),)
-        ).fetchone()
+        row = self.store.token(_hash(req.token))
         if row is None or row[0] != req.gw:
             return "bad_token", b"", "no such token for this gateway"
         if row[2] is not None:
@@ -199,17 +169,11 @@ class EnrollmentDesk:
         except SignatureError as exc:
             return "bad_signature", b"", str(exc)
         kid = envelope.key_id(req.pub)
-        cur = db.execute(
-            "UPDATE enroll_tokens SET used = ?, kid = ? WHERE hash = ? AND used IS NULL",
-            (self.clock(), kid, _hash(req.token)),
-        )
-        if cur.rowcount != 1:  # another hub worker took it first
-            return "token_used", b"", "this token was used already"
-        others = db.execute(
-            "SELECT kid FROM gateways WHERE gw = ? AND kid != ? AND revoked = 0", (req.gw, kid)
-        ).fetchall()
-        for (old,) in others:
-            self.core.revoke(req.gw, bytes(old))
+        if not self.store.use_token(_hash(req.token), kid, self.clock()):
+            return "token_used", b"", "this token was used already"  # another worker's desk
+        others = self.store.other_keys(req.gw, kid)
+        for old in others:
+            self.core.revoke(req.gw, old)
         self.core.enroll(req.gw, req.pub)
         log.info(
             "gateway %s enrolled with key %s (%d older keys revoked)",
@@ -220,32 +184,23 @@ class EnrollmentDesk:
         return enroll.ENROLLED, kid, ""
 
     def _rotate(self, req: enroll.EnrollRequest) -> tuple[str, bytes, str]:
-        db = self.core.db
-        row = db.execute(
-            "SELECT pubkey, revoked FROM gateways WHERE gw = ? AND kid = ?", (req.gw, req.kid)
-        ).fetchone()
+        row = self.store.key(req.gw, req.kid)
         if row is None:
             return "unknown_key", b"", f"kid {req.kid.hex()} is not enrolled for {req.gw}"
         if row[1]:
             return "revoked_key", b"", f"kid {req.kid.hex()} is revoked"
         try:
-            req.verify(bytes(row[0]))
+            req.verify(row[0])
         except SignatureError as exc:
             return "bad_signature", b"", str(exc)
         new_kid = envelope.key_id(req.pub)
-        done = db.execute(
-            "SELECT new_kid FROM key_rotations WHERE gw = ? AND old_kid = ?", (req.gw, req.kid)
-        ).fetchone()
-        if done is not None and bytes(done[0]) != new_kid:
+        done = self.store.rotation(req.gw, req.kid)
+        if done is not None and done != new_kid:
             return "already_rotated", b"", f"kid {req.kid.hex()} was rotated to another key"
         if done is None:
             now = self.clock()
             self.core.enroll(req.gw, req.pub)
-            db.execute(
-                "INSERT INTO key_rotations (gw, old_kid, new_kid, at, revoke_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (req.gw, req.kid, new_kid, now, now + self.rotation_grace_s),
-            )
+            self.store.add_rotation(req.gw, req.kid, new_kid, now, now + self.rotation_grace_s)
             log.info(
                 "gateway %s rotated key %s -> %s (old one revoked in %.0f s)",
                 req.gw,
@@ -269,7 +224,7 @@ async def serve(
     """Answer enrollment requests from the broker until cancelled."""
     import aiomqtt  # the demo extra: `vitals hub token` works without it
 
-    flt = f"{desk.prefix}/enroll/+"
+    flt = topics.enroll_filter(desk.prefix)
     while True:
         try:
             async with aiomqtt.Client(
@@ -302,65 +257,9 @@ async def _retire(desk: EnrollmentDesk, every_s: float) -> None:
         desk.retire_due()
 
 
-def hub_key_path(db: Path) -> Path:
-    """Where the hub key lives: beside the hub database (``hub.sqlite3`` -> ``hub.key``)."""
-    return db.with_suffix(".key")
-
-
-def hub_token_command(
-    ctx: typer.Context,
-    gateway: Annotated[str, typer.Argument(help="the gateway id the token enrolls")],
-    ttl: Annotated[float, typer.Option(help="validity in hours")] = 24.0,
-    db: Annotated[
-        Path | None, typer.Option(help="hub database (SQLite); also accepted before 'token'")
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="one JSON object: token, gateway, expiry, hub key id")
-    ] = False,
-) -> None:
-    """Issue a one-time enrollment token for GATEWAY (for `vitals provision --token`)."""
-    import json
-
-    if db is None:
-        db = ctx.obj["db"] if ctx.obj else Path("hub.sqlite3")
-
-    def fail(message: str, hint: str) -> typer.Exit:
-        if as_json:
-            typer.echo(json.dumps({"ok": False, "error": message, "hint": hint}))
-        else:
-            typer.secho(f"error: {message}", fg="red", err=True)
-            typer.echo(f"hint: {hint}", err=True)
-        return typer.Exit(1)
-
-    if not (db.parent if str(db.parent) else Path(".")).is_dir():
-        raise fail(f"{db}: no such directory", "pass --db PATH of the hub's database")
-    try:
-        core = HubCore(db)
-    except (OSError, sqlite3.Error) as exc:
-        raise fail(f"{db}: {exc}", "pass --db PATH of the hub's database") from None
-    try:
-        desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
-        token = desk.issue_token(gateway, ttl_s=ttl * 3600.0)
-    except (ValueError, PermissionError) as exc:
-        raise fail(
-            str(exc), "a gateway id is a-z, 0-9 and '-'; the hub key must be readable"
-        ) from None
-    finally:
-        core.close()
-    hub_kid = envelope.key_id(desk.hub_public).hex()
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "ok": True,
-                    "token": token,
-                    "gateway": gateway,
-                    "valid_h": ttl,
-                    "expires": round(time.time() + ttl * 3600.0, 3),
-                    "hub_key_id": hub_kid,
-                }
-            )
-        )
-        return
-    typer.echo(token)
-    typer.echo(f"valid {ttl:g} h, once, for {gateway}; pins hub key {hub_kid}", err=True)
+def hub_key_path(db: str | Path) -> Path:
+    """Where the hub key lives: beside an SQLite database (``hub.sqlite3`` -> ``hub.key``);
+    ``hub.key`` in the working directory for a PostgreSQL URL."""
+    if is_url(db):
+        return Path("hub.key")
+    return Path(db).with_suffix(".key")

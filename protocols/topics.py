@@ -9,6 +9,7 @@
 ``{prefix}/{gateway}/cmd/result``  signed results of commands
 ``{prefix}/enroll/{gateway}``      enrollment requests (signed)
 ``{prefix}/enroll/{gateway}/result``  the hub's signed answer
+``{prefix}/hub/time``              the hub's clock (retained, each second)
 The hub subscribes through a shared subscription (``$share/hub/...``) so that
 several hub workers split the load.
 """
@@ -20,17 +21,23 @@ import re
 __all__ = [
     "DEFAULT_PREFIX",
     "GATEWAY_ID",
+    "KINDS",
     "batch",
     "cmd",
     "cmd_result",
     "enroll",
+    "enroll_filter",
+    "enroll_gateway",
     "enroll_result",
     "event",
     "gap",
     "gateway_of",
+    "hub_time",
     "meta",
+    "parse",
     "shared",
     "status",
+    "subscription",
 ]
 
 DEFAULT_PREFIX = "vitals/v1"
@@ -92,3 +99,44 @@ def gateway_of(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
         return None
     gw = topic[len(head) :].split("/", 1)[0]
     return gw if GATEWAY_ID.fullmatch(gw) else None
+
+
+# what follows {prefix}/{gateway}/ in a per-gateway topic
+KINDS = frozenset({"batch", "meta", "event", "gap", "status", "cmd", "cmd/result"})
+
+
+def parse(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
+    """``(gateway, kind)`` of a per-gateway topic (kind as in :data:`KINDS`), or None."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    gw, _, kind = topic[len(head) :].partition("/")
+    if kind not in KINDS or not GATEWAY_ID.fullmatch(gw):
+        return None
+    return gw, kind
+
+
+def subscription(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The filter of one kind of message from every gateway: ``{prefix}/+/{kind}``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown topic kind {kind!r}")
+    return f"{prefix}/+/{kind}"
+
+
+def enroll_filter(prefix: str = DEFAULT_PREFIX) -> str:
+    """The enrollment desk's filter: every gateway's requests."""
+    return f"{prefix}/enroll/+"
+
+
+def enroll_gateway(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+    """The gateway id of an enrollment request's topic, or None if it is not one."""
+    head = f"{prefix}/enroll/"
+    if not topic.startswith(head):
+        return None
+    gw = topic[len(head) :]
+    return gw if GATEWAY_ID.fullmatch(gw) else None
+
+
+def hub_time(prefix: str = DEFAULT_PREFIX) -> str:
+    """The hub's clock, retained, each second (``vitals diag uplink`` compares)."""
+    return f"{prefix}/hub/time"

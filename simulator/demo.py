@@ -29,9 +29,9 @@ from agent.config import Config, parse_config
 from agent.service import Agent
 from agent.state import create_identity
 from drivers.profiles import load_profile
+from hub.worker import Hub
 from simulator.broker import EmbeddedBroker, make_broker
 from simulator.harness import agent_with_hub
-from simulator.hub import Hub
 from simulator.tcp import TcpTerminal
 
 __all__ = ["DEMO_DEVICES", "demo_config", "run_demo"]

@@ -489,8 +489,9 @@ async def run_fleet(
     from rich.console import Console
 
     from agent.state import create_identity
+    from hub.core import HubCore
+    from hub.worker import Hub
     from simulator.broker import free_port, make_broker
-    from simulator.hub import Hub, HubCore
 
     console = Console(stderr=True)
     say = log or (lambda msg: console.print(msg) if progress else None)

@@ -22,7 +22,8 @@ from pathlib import Path
 from agent.config import Config
 from agent.service import Agent
 from agent.state import Identity
-from simulator.hub import Hub, HubCore
+from hub.core import HubCore
+from hub.worker import Hub
 
 __all__ = ["Running", "agent_with_hub"]
 

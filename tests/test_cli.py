@@ -345,7 +345,7 @@ def test_hub_token_and_stats_need_no_mqtt(tmp_path: Path, no_aiomqtt: dict[str, 
 
 
 def test_hub_stats_lists_gateways_enrolled_but_silent(tmp_path: Path) -> None:
-    from simulator.hub import HubCore
+    from hub.core import HubCore
 
     db = tmp_path / "hub.sqlite3"
     core = HubCore(db)

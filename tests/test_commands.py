@@ -24,12 +24,12 @@ from agent.config import Config, load_config, parse_config
 from agent.mqtt import MqttClient
 from agent.transport import ModbusLink
 from drivers.profiles import load_profile
+from hub.commander import Commander
+from hub.core import HubCore
 from protocols import command, envelope, topics
 from protocols.ed25519 import PrivateKey
 from protocols.errors import LocalError, SignatureError
 from simulator.broker import MosquittoBroker
-from simulator.commander import Commander
-from simulator.hub import HubCore
 from simulator.tcp import TcpTerminal
 
 GW = "gw-cmd-1"

@@ -25,8 +25,10 @@ from pathlib import Path
 import pytest
 
 from drivers.profiles import load_profile
+from hub.core import HubCore
+from hub.stats import hub_stats
+from hub.worker import Hub
 from simulator.broker import MosquittoBroker
-from simulator.hub import Hub, HubCore, hub_stats
 from simulator.tcp import TcpTerminal
 
 pytestmark = pytest.mark.mosquitto

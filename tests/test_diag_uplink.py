@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from agent.diag import diag_app
 from agent.diag.uplink import UplinkTarget, check_uplink
+from hub.core import HubCore
+from hub.worker import Hub
 from simulator.broker import MosquittoBroker, free_port, mosquitto_path
-from simulator.hub import Hub, HubCore
 
 needs_mosquitto = pytest.mark.skipif(
     mosquitto_path() is None, reason="needs mosquitto (Debian package)"

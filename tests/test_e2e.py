@@ -20,11 +20,13 @@ import pytest
 from agent.batch import Batcher
 from agent.state import create_identity
 from drivers.profiles import load_profile
+from hub.core import HubCore
+from hub.stats import hub_stats
+from hub.worker import Hub
 from protocols.reading import Reading
 from simulator.broker import MosquittoBroker
 from simulator.demo import demo_config
 from simulator.harness import agent_with_hub
-from simulator.hub import Hub, HubCore, hub_stats
 from simulator.tcp import TcpTerminal
 
 PROFILES = ("sound_level_meter", "weather_station", "gas_detector", "pump_meter")

@@ -39,11 +39,11 @@ from bench.cmd_flood import (
     start_terminals,
     write_config,
 )
+from hub.commander import Commander
+from hub.core import HubCore
 from protocols import command
 from protocols.ed25519 import PrivateKey
 from simulator.broker import MosquittoBroker
-from simulator.commander import Commander
-from simulator.hub import HubCore
 
 pytestmark = pytest.mark.mosquitto
 

@@ -40,8 +40,10 @@ from agent.spool import Spool
 from agent.state import next_epoch
 from agent.status import write_status
 from drivers.profiles import load_profile
+from hub.core import HubCore
+from hub.stats import hub_stats
+from hub.worker import Hub
 from simulator.broker import MosquittoBroker, free_port, mosquitto_path
-from simulator.hub import Hub, HubCore, hub_stats
 from simulator.tcp import TcpTerminal
 
 MiB = 1 << 20

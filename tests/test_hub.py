@@ -10,13 +10,15 @@ import msgpack
 import pytest
 
 from agent.uplink import gap_topic
+from hub.core import HubCore
+from hub.stats import hub_stats
+from hub.store import open_readings, shard_dir, shards
 from protocols import envelope, topics
 from protocols.ed25519 import PrivateKey
 from protocols.envelope import sign_message
 from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
 from protocols.gap import GAP_DOMAIN, GapRange, parse_gap, seal_gap
 from protocols.reading import Reading
-from simulator.hub import HubCore, hub_stats, open_readings, shard_dir, shards
 
 GW = "gw-hub-1"
 KEY = PrivateKey.from_private_bytes(bytes(range(32)))
@@ -265,4 +267,4 @@ def test_the_hub_without_the_demo_extra_says_what_to_install(
     result = CliRunner().invoke(app, ["hub", "--db", str(tmp_path / "h.db")])
     assert result.exit_code == 1
     assert "vitals hub needs aiomqtt" in result.output
-    assert "pip install 'vitals-gateway[demo]'" in result.output
+    assert "pip install 'vitals-gateway[hub]'" in result.output

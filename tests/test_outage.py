@@ -23,8 +23,10 @@ from agent.config import parse_config
 from agent.service import Agent
 from agent.state import create_identity
 from drivers.profiles import load_profile
+from hub.core import HubCore
+from hub.stats import hub_stats
+from hub.worker import Hub
 from simulator.broker import MosquittoBroker, mosquitto_path
-from simulator.hub import Hub, HubCore, hub_stats
 from simulator.tcp import TcpTerminal
 
 pytestmark = pytest.mark.mosquitto

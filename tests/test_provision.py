@@ -41,12 +41,13 @@ from agent.provision import (
 )
 from agent.service import Agent
 from drivers.profiles import load_profile
+from hub.core import HubCore
+from hub.enroll import EnrollmentDesk, serve
+from hub.worker import Hub
 from protocols.ed25519 import PrivateKey
 from protocols.enroll import new_token
 from protocols.errors import ConfigError, LocalError
 from simulator.broker import MosquittoBroker, free_port, mosquitto_path
-from simulator.enroll import EnrollmentDesk, serve
-from simulator.hub import Hub, HubCore
 from simulator.tcp import TcpTerminal
 
 GW = "gw-e2e-1"

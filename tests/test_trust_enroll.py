@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519 as pyca_ed25519
 from hypothesis import HealthCheck, given, settings
@@ -19,18 +18,18 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from agent import state
+from hub.cli import hub_app
+from hub.core import HubCore
+from hub.enroll import (
+    EnrollmentDesk,
+    hub_key_path,
+    load_or_create_hub_key,
+    result_topic,
+)
 from protocols import enroll, envelope, topics
 from protocols.ed25519 import PrivateKey
 from protocols.errors import FrameError, LocalError, SignatureError
 from protocols.reading import Reading
-from simulator.enroll import (
-    EnrollmentDesk,
-    hub_key_path,
-    hub_token_command,
-    load_or_create_hub_key,
-    result_topic,
-)
-from simulator.hub import HubCore
 
 GW = "gw-enroll-1"
 T0 = 1_767_225_600.0
@@ -202,7 +201,7 @@ def test_forged_request_does_not_spend_the_token(desk: EnrollmentDesk) -> None:
 def test_malformed_request_gets_a_signed_refusal(
     desk: EnrollmentDesk, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="simulator.enroll")
+    caplog.set_level(logging.WARNING, logger="hub.enroll")
     for _ in range(5):
         answer = desk.handle_enroll_request(topics.enroll(GW), b"\x00garbage")
         assert answer is not None
@@ -375,15 +374,8 @@ def test_hub_key_storage(tmp_path: Path) -> None:
 
 def test_hub_token_command(tmp_path: Path) -> None:
     """`vitals hub --db DB token GW`: a token that pins the hub key kept beside DB."""
-    app = typer.Typer()
-
-    @app.callback()
-    def hub(ctx: typer.Context, db: Path = Path("hub.sqlite3")) -> None:
-        ctx.obj = {"db": db}
-
-    app.command("token")(hub_token_command)
     db = tmp_path / "hub.sqlite3"
-    out = CliRunner().invoke(app, ["--db", str(db), "token", GW, "--ttl", "2"])
+    out = CliRunner().invoke(hub_app, ["--db", str(db), "token", GW, "--ttl", "2"])
     assert out.exit_code == 0, out.output
     token = out.stdout.strip()
     hub_key = load_or_create_hub_key(hub_key_path(db))

@@ -20,10 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hub.core import HubCore
+from hub.stats import hub_stats
 from protocols import envelope, topics
 from protocols.ed25519 import PrivateKey
 from protocols.reading import Quality, Reading
-from simulator.hub import HubCore, hub_stats
 
 GW = "gw-trust-1"
 TOPIC = topics.batch(GW)
@@ -187,7 +188,7 @@ def test_revocation_survives_a_hub_restart(tmp_path: Path) -> None:
 def test_each_reason_is_logged_once_per_gateway(
     core: HubCore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="simulator.hub")
+    caplog.set_level(logging.WARNING, logger="hub.core")
     for _ in range(50):
         core.handle(TOPIC, b"\x94garbage")
     for _ in range(50):

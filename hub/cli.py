@@ -1,0 +1,296 @@
+"""``vitals hub``: run a hub worker, issue enrollment tokens, show what the hub has.
+
+Mounted lazily by the ``vitals`` command line (agent/cli.py), so ``vitals run``
+never imports the hub. What only running a worker needs (aiomqtt) is imported
+when it runs: ``vitals hub token`` and ``vitals hub stats`` work without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hub.store import is_url
+from protocols import envelope, topics
+from protocols.errors import VitalsError
+
+__all__ = ["hub_app"]
+
+hub_app = typer.Typer(
+    help="The hub: verify, deduplicate, store what the gateways send.",
+    invoke_without_command=True,
+)
+
+_DB_HELP = "hub database: an SQLite file, or a postgresql:// URL"
+
+
+def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
+    """One line naming what is wrong, one with what to do; exit 1 (2: a usage error)."""
+    typer.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        typer.echo(f"hint: {hint}", err=True)
+    return typer.Exit(code)
+
+
+def _setup_logging() -> None:
+    """Log to stderr; under systemd (JOURNAL_STREAM set) without our own timestamps."""
+    if "JOURNAL_STREAM" in os.environ:
+        fmt = "<%(levelno)s>%(name)s: %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def _broker_addr(broker: str) -> tuple[str, int]:
+    host, _, port = broker.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not 0 < number < 65536:
+        raise _fail(f"--broker {broker!r} is not HOST:PORT", "e.g. --broker 127.0.0.1:1883", 2)
+    return host or "127.0.0.1", number
+
+
+def _trusted(items: list[str]) -> list[tuple[str, bytes]]:
+    out = []
+    for item in items:
+        gw, _, hexkey = item.partition("=")
+        try:
+            key = bytes.fromhex(hexkey)
+        except ValueError:
+            key = b""
+        if not gw or len(key) != 32:
+            raise _fail(
+                f"--trust {item!r}: expected GATEWAY=64 hex digits (an Ed25519 public key)",
+                "the gateway's 'public key' line of 'vitals key show' (or 'vitals keygen')",
+                2,
+            )
+        out.append((gw, key))
+    return out
+
+
+def _db_problem(db: str | Path, exc: BaseException) -> typer.Exit:
+    return _fail(f"{db}: {exc}", "pass --db FILE (SQLite, created if new) or --db postgresql://...")
+
+
+def _require(what: str, *modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _fail(
+            f"{what} needs {' and '.join(missing)}, not part of a gateway's install",
+            "pip install 'vitals-gateway[hub]'",
+        )
+
+
+@hub_app.callback()
+def hub(
+    ctx: typer.Context,
+    db: Annotated[str, typer.Option(help=_DB_HELP)] = "hub.sqlite3",
+    broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
+    prefix: Annotated[
+        str, typer.Option(help="topic prefix: the gateways' [uplink] topic_prefix")
+    ] = topics.DEFAULT_PREFIX,
+    trust: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="GATEWAY=HEX",
+            help="enroll a gateway's public key before starting (repeatable)",
+        ),
+    ] = None,
+    worker: Annotated[
+        str | None, typer.Option(help="this worker's name in the counters (default host-pid)")
+    ] = None,
+    no_shared: Annotated[
+        bool, typer.Option("--no-shared", help="plain subscription (brokers without $share)")
+    ] = False,
+    sharded: Annotated[
+        bool,
+        typer.Option(
+            "--sharded", help="readings into <db>.shards/<worker>.sqlite3 (needs --worker)"
+        ),
+    ] = False,
+) -> None:
+    """Run a hub worker (several share the load through a shared subscription)."""
+    ctx.obj = {"db": db}
+    if ctx.invoked_subcommand is not None:
+        return  # `token` and `stats` need no MQTT
+    host, port = _broker_addr(broker)
+    trusted = _trusted(trust or [])
+    if sharded and not worker:
+        raise _fail("--sharded needs --worker NAME", "the name is the shard's file", 2)
+    _require("vitals hub", "aiomqtt")
+    from hub.core import HubCore
+    from hub.enroll import EnrollmentDesk, hub_key_path, load_or_create_hub_key
+    from hub.enroll import serve as serve_enroll
+    from hub.worker import Hub
+
+    _setup_logging()
+    import socket
+
+    try:
+        core = HubCore(
+            db,
+            worker=worker or f"{socket.gethostname()}-{os.getpid()}",
+            sharded=sharded,
+            prefix=prefix,
+        )
+    except (OSError, sqlite3.Error, VitalsError) as exc:
+        raise _db_problem(db, exc) from None
+    for gw, key in trusted:
+        try:
+            core.enroll(gw, key)
+        except (ValueError, VitalsError) as exc:
+            core.close()
+            raise _fail(f"--trust {gw}: {exc}", "check the gateway id and its key", 2) from None
+
+    async def _main() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if task:
+                loop.add_signal_handler(sig, task.cancel)
+        desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(serve_enroll(desk, host=host, port=port), name="hub.enroll")
+            tg.create_task(
+                Hub(core, host=host, port=port, shared=not no_shared).run(), name="hub.worker"
+            )
+
+    try:
+        asyncio.run(_main())
+    except asyncio.CancelledError:
+        pass
+    finally:
+        core.close()
+
+
+@hub_app.command("token")
+def hub_token(
+    ctx: typer.Context,
+    gateway: Annotated[str, typer.Argument(help="gateway id the token is for")],
+    ttl: Annotated[float, typer.Option(help="validity in hours", min=0.01)] = 24.0,
+    db: Annotated[
+        str | None, typer.Option(help=f"{_DB_HELP}; also accepted before 'token'")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object: token, gateway, expiry, hub key id")
+    ] = False,
+) -> None:
+    """Issue a one-time enrollment token for a field technician (`vitals provision --token`)."""
+    from hub.core import HubCore
+    from hub.enroll import EnrollmentDesk, hub_key_path, load_or_create_hub_key
+
+    if db is None:
+        db = ctx.obj["db"] if ctx.obj else "hub.sqlite3"
+
+    def fail(message: str, hint: str) -> typer.Exit:
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "error": message, "hint": hint}))
+            return typer.Exit(1)
+        return _fail(message, hint)
+
+    if not is_url(db):
+        parent = Path(db).parent
+        if not (parent if str(parent) else Path(".")).is_dir():
+            raise fail(f"{db}: no such directory", "pass --db PATH of the hub's database")
+    try:
+        core = HubCore(db)
+    except (OSError, sqlite3.Error, VitalsError) as exc:
+        raise fail(f"{db}: {exc}", "pass --db PATH of the hub's database") from None
+    try:
+        desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
+        token = desk.issue_token(gateway, ttl_s=ttl * 3600.0)
+    except (ValueError, PermissionError) as exc:
+        raise fail(
+            str(exc), "a gateway id is a-z, 0-9 and '-'; the hub key must be readable"
+        ) from None
+    finally:
+        core.close()
+    hub_kid = envelope.key_id(desk.hub_public).hex()
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": True,
+                    "token": token,
+                    "gateway": gateway,
+                    "valid_h": ttl,
+                    "expires": round(time.time() + ttl * 3600.0, 3),
+                    "hub_key_id": hub_kid,
+                }
+            )
+        )
+        return
+    typer.echo(token)
+    typer.echo(f"valid {ttl:g} h, once, for {gateway}; pins hub key {hub_kid}", err=True)
+
+
+@hub_app.command("stats")
+def hub_stats_cmd(
+    ctx: typer.Context,
+    db: Annotated[
+        str | None, typer.Option(help=f"{_DB_HELP}; also accepted before 'stats'")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """Delivered, duplicate, rejected and missing batches, per gateway (enrolled ones too)."""
+    from hub.stats import hub_stats
+
+    db = db or ctx.obj["db"]
+    if not is_url(db) and not Path(db).is_file():
+        raise _fail(f"{db}: no hub database here", "pass --db PATH (the hub's --db)")
+    try:
+        stats: dict[str, Any] = hub_stats(db)
+    except sqlite3.Error as exc:
+        raise _fail(
+            f"{db}: not a hub database ({exc})", "pass --db PATH (the hub's --db)"
+        ) from None
+    except (OSError, VitalsError) as exc:
+        raise _db_problem(db, exc) from None
+    if as_json:
+        typer.echo(json.dumps(stats))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"hub {db}")
+    for col in (
+        "gateway",
+        "batches",
+        "readings",
+        "epochs",
+        "missing batches",
+        "dropped by gateway",
+    ):
+        t.add_column(col, justify="right" if col != "gateway" else "left")
+    for gw, g in stats["gateways"].items():
+        t.add_row(
+            gw,
+            str(g["batches"]),
+            str(g["readings"]),
+            str(len(g["epochs"])),
+            str(g["missing_batches"]),
+            str(g["dropped_batches"]),
+        )
+    Console(highlight=False).print(t)
+    typer.echo(
+        f"duplicates dropped: {stats['duplicates']}  gap notices: {stats['gap_notices']}  "
+        f"rejected: {stats['rejected'] or 'none'}"
+    )

@@ -1,0 +1,523 @@
+"""Where the hub keeps what it verified: the :class:`Store` interface and SQLite.
+
+:class:`~hub.core.HubCore` verifies and deduplicates in memory; everything it
+keeps goes through a :class:`Store`: enrolled keys, batch claims and their
+readings, gap notices, events, point tables, counters, and the enrollment
+desk's tokens and key rotations. :class:`SqliteStore` is the embedded default
+(the demo, small sites, tests); ``hub.pg`` implements the same interface on
+PostgreSQL for a city. :func:`open_store` picks one from ``--db``: a
+``postgresql://`` URL or a path.
+
+Dedup across workers: several workers may share one store (a shared
+subscription), and a batch redelivered to another worker is not in that
+worker's memory, so the store's unique key on (gw, epoch, seq) decides:
+:meth:`Store.write_batches` claims each batch and keeps the readings only of
+the batches whose claim went in.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import chain, repeat
+from pathlib import Path
+from typing import Any, Protocol
+
+from protocols.errors import LocalError
+from protocols.reading import Reading
+
+__all__ = [
+    "BatchRow",
+    "SqliteStore",
+    "Store",
+    "is_url",
+    "open_readings",
+    "open_store",
+    "shard_dir",
+    "shards",
+]
+
+# gw, epoch, seq, n, t0, t1, received_ms, worker
+BatchRow = tuple[str, int, int, int, int, int, int, str]
+# gw, epoch, first, last, readings, reason, received_ms
+GapRow = tuple[str, int, int, int, int, str, int]
+# gw, epoch, seq, rule, kind, state, device, point, pid, value, ts, since, detail, received_ms
+EventRow = tuple[str, int, int, str, str, str, str, str, int, object, int, int, str, int]
+# gw, id, device, name, unit, domain, cls, indicator, epoch
+PointRow = tuple[str, int, str, str, str, str, str, str, int]
+
+
+class Store(Protocol):
+    """What a hub worker needs of its database. One worker, one store object (not
+    shared between threads); several workers may share one database."""
+
+    worker: str
+
+    # -- start-up -------------------------------------------------------------
+    def enrolled_keys(self) -> Iterable[tuple[str, bytes, bytes, bool]]:
+        """Every enrolled key: (gateway, kid, public key, revoked)."""
+        ...
+
+    def seen(self) -> Iterable[tuple[str, int, int]]:
+        """Every stored batch: (gateway, epoch, seq)."""
+        ...
+
+    def counters(self) -> dict[str, int]:
+        """This worker's counters as last saved."""
+        ...
+
+    # -- keys -----------------------------------------------------------------
+    def key(self, gateway: str, kid: bytes) -> tuple[bytes, bool] | None:
+        """(public key, revoked) of one key, from the database (another worker may
+        have enrolled or revoked it)."""
+        ...
+
+    def enroll(self, gateway: str, kid: bytes, public_raw: bytes, at: float) -> None: ...
+
+    def revoke(self, gateway: str, kid: bytes) -> None: ...
+
+    def other_keys(self, gateway: str, kid: bytes) -> list[bytes]:
+        """The unrevoked kids of ``gateway`` other than ``kid``."""
+        ...
+
+    # -- what the gateways send -------------------------------------------------
+    def write_batches(
+        self,
+        batches: list[BatchRow],
+        readings: list[list[Reading]],
+        counters: Callable[[list[bool]], Mapping[str, int]],
+    ) -> list[bool]:
+        """Claim each batch and store the readings of those whose claim went in; then
+        save ``counters(won)`` (this worker's, corrected for the batches it lost).
+        One transaction where the database allows it. Returns ``won``."""
+        ...
+
+    def save_counters(self, counters: Mapping[str, int]) -> None: ...
+
+    def write_gaps(self, rows: list[GapRow]) -> int:
+        """Insert gap ranges (a range already there is skipped); how many were new."""
+        ...
+
+    def write_event(self, row: EventRow) -> bool:
+        """Insert an event; False if (gw, epoch, seq) was there already."""
+        ...
+
+    def write_points(self, rows: list[PointRow]) -> None:
+        """Replace the point-table rows (gw, id)."""
+        ...
+
+    # -- the enrollment desk ----------------------------------------------------
+    def add_token(self, digest: bytes, gateway: str, issued: float, expires: float) -> None: ...
+
+    def token(self, digest: bytes) -> tuple[str, float, float | None] | None:
+        """(gateway, expires, used) of a token by its SHA-256."""
+        ...
+
+    def use_token(self, digest: bytes, kid: bytes, at: float) -> bool:
+        """Mark the token used, atomically: False if it was used already."""
+        ...
+
+    def rotation(self, gateway: str, old_kid: bytes) -> bytes | None:
+        """The new kid a key was rotated to, if it was."""
+        ...
+
+    def add_rotation(
+        self, gateway: str, old_kid: bytes, new_kid: bytes, at: float, revoke_at: float
+    ) -> None: ...
+
+    def due_rotations(self, now: float) -> list[tuple[str, bytes]]:
+        """(gateway, old kid) of rotations whose grace period is over and not done."""
+        ...
+
+    def finish_rotation(self, gateway: str, old_kid: bytes) -> None: ...
+
+    # -- reading it back ----------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """What :func:`hub.stats.hub_stats` shows."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def is_url(target: str | Path) -> bool:
+    """Whether ``--db`` names a PostgreSQL database rather than an SQLite file."""
+    return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def open_store(target: str | Path, *, worker: str = "w0", sharded: bool = False) -> Store:
+    """The store ``--db`` names: a PostgreSQL URL, else an SQLite file (created if new)."""
+    if is_url(target):
+        if sharded:
+            raise LocalError("--sharded is for SQLite files; PostgreSQL has many writers")
+        from hub.pg import PgStore
+
+        store: Store = PgStore(str(target), worker=worker)
+        return store
+    return SqliteStore(Path(target), worker=worker, sharded=sharded)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gateways (
+    gw TEXT NOT NULL, kid BLOB NOT NULL, pubkey BLOB NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0, enrolled REAL NOT NULL,
+    PRIMARY KEY (gw, kid)
+);
+CREATE TABLE IF NOT EXISTS batches (
+    gw TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+    n INTEGER NOT NULL, t0 INTEGER NOT NULL, t1 INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    -- the worker that claimed the batch: with sharded workers, the shard holding its readings
+    worker TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (gw, epoch, seq)
+);
+CREATE TABLE IF NOT EXISTS points (
+    gw TEXT NOT NULL, id INTEGER NOT NULL, device TEXT, name TEXT, unit TEXT,
+    domain TEXT, cls TEXT, indicator TEXT, epoch INTEGER NOT NULL,
+    PRIMARY KEY (gw, id)
+);
+CREATE TABLE IF NOT EXISTS gaps (
+    gw TEXT NOT NULL, epoch INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    readings INTEGER NOT NULL, reason TEXT NOT NULL, received_ms INTEGER NOT NULL,
+    PRIMARY KEY (gw, epoch, first, last)
+);
+CREATE TABLE IF NOT EXISTS events (
+    gw TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+    rule TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL, device TEXT NOT NULL,
+    point TEXT NOT NULL, pid INTEGER NOT NULL, value, ts INTEGER NOT NULL,
+    since INTEGER NOT NULL, detail TEXT NOT NULL, received_ms INTEGER NOT NULL,
+    PRIMARY KEY (gw, epoch, seq)
+);
+-- one row per (worker, counter): "<worker>/<name>"; hub_stats sums over workers
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- the enrollment desk
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+    hash BLOB PRIMARY KEY, gw TEXT NOT NULL, issued REAL NOT NULL,
+    expires REAL NOT NULL, used REAL, kid BLOB
+);
+CREATE TABLE IF NOT EXISTS key_rotations (
+    gw TEXT NOT NULL, old_kid BLOB NOT NULL, new_kid BLOB NOT NULL,
+    at REAL NOT NULL, revoke_at REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (gw, old_kid)
+);
+"""
+
+_READINGS = """
+CREATE TABLE IF NOT EXISTS {schema}.readings (
+    gw TEXT NOT NULL, point INTEGER NOT NULL, ts INTEGER NOT NULL,
+    value, quality INTEGER NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL
+)
+"""
+_INSERT_READINGS = (
+    "INSERT INTO {schema}.readings (gw, point, ts, value, quality, epoch, seq)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_BATCH = (
+    "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms, worker)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def shard_dir(db_path: Path) -> Path:
+    """Where sharded workers keep their readings: ``<db>.shards/<worker>.sqlite3``."""
+    return db_path.with_name(db_path.name + ".shards")
+
+
+def shards(db_path: Path) -> dict[str, Path]:
+    """The reading shards of the hub database ``db_path``, by worker name."""
+    d = shard_dir(db_path)
+    if not d.is_dir():
+        return {}
+    return {p.name.removesuffix(".sqlite3"): p for p in sorted(d.glob("*.sqlite3"))}
+
+
+def open_readings(db_path: Path) -> sqlite3.Connection:
+    """A read-only connection to the hub database in which ``readings`` is every stored
+    reading: the main file's, and each shard's whose batch claim names that shard.
+
+    A shard row whose claim names another worker (it lost the race for a redelivered
+    batch) or no worker at all (it crashed between its two commits) is not a reading.
+    Shards are attached, so their number is bounded by SQLite's attach limit (10 by
+    default); give workers stable names (``--worker``).
+    """
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    parts = ["SELECT gw, point, ts, value, quality, epoch, seq FROM main.readings"]
+    for i, (worker, path) in enumerate(shards(db_path).items()):
+        con.execute("ATTACH DATABASE ? AS ?", (f"file:{path}?mode=ro", f"s{i}"))
+        name = worker.replace("'", "''")
+        parts.append(
+            f"SELECT r.gw, r.point, r.ts, r.value, r.quality, r.epoch, r.seq FROM s{i}.readings r"
+            " WHERE EXISTS (SELECT 1 FROM main.batches b WHERE b.gw = r.gw"
+            f" AND b.epoch = r.epoch AND b.seq = r.seq AND b.worker = '{name}')"
+        )
+    con.execute("CREATE TEMP VIEW readings AS " + " UNION ALL ".join(parts))
+    return con
+
+
+def _add_worker_column(db: sqlite3.Connection) -> None:
+    """``batches.worker`` on a database made before it existed."""
+    if "worker" in [r[1] for r in db.execute("PRAGMA table_info(batches)")]:
+        return
+    try:
+        db.execute("ALTER TABLE batches ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
+    except sqlite3.OperationalError as exc:  # another worker added it first
+        if "duplicate column" not in str(exc):
+            raise
+
+
+def _rows(
+    batches: list[BatchRow], readings: list[list[Reading]], won: list[bool] | None
+) -> Iterator[tuple[object, ...]]:
+    """The ``readings`` rows of the batches (those whose ``won`` is true), built in C:
+    one zip per batch; quality as a plain int (sqlite3 binds an IntEnum much slower)."""
+    return chain.from_iterable(
+        zip(repeat(b[0]), p, t, v, map(int, q), repeat(b[1]), repeat(b[2]))
+        for i, b in enumerate(batches)
+        if won is None or won[i]
+        for p, t, v, q in (zip(*readings[i], strict=True),)
+    )
+
+
+class SqliteStore:
+    """The hub's tables in one SQLite file (WAL).
+
+    SQLite has one writer per file, so workers on one file take turns for the
+    whole insert; with ``sharded=True`` a worker appends its readings to a file
+    of its own (:func:`shard_dir`) and only the small claim goes to the shared
+    file. Read readings through :func:`open_readings`.
+    """
+
+    def __init__(self, db_path: Path, *, worker: str = "w0", sharded: bool = False) -> None:
+        self.db_path, self.worker, self.sharded = db_path, worker, sharded
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        self.db.execute(_READINGS.format(schema="main"))
+        _add_worker_column(self.db)
+        if sharded:
+            if not _WORKER_NAME.fullmatch(worker):
+                self.db.close()
+                raise LocalError(
+                    f"a sharded worker's name is its file name: {worker!r} is not"
+                    " 1 to 63 of A-Z a-z 0-9 _ . - (starting with a letter or digit)"
+                )
+            path = shard_dir(db_path) / f"{worker}.sqlite3"
+            path.parent.mkdir(exist_ok=True)
+            self.db.execute("ATTACH DATABASE ? AS shard", (str(path),))
+            self.db.execute("PRAGMA shard.journal_mode=WAL")
+            self.db.execute("PRAGMA shard.synchronous=NORMAL")
+            self.db.execute(_READINGS.format(schema="shard"))
+
+    # -- start-up -------------------------------------------------------------
+
+    def enrolled_keys(self) -> Iterable[tuple[str, bytes, bytes, bool]]:
+        for gw, kid, pub, revoked in self.db.execute(
+            "SELECT gw, kid, pubkey, revoked FROM gateways"
+        ):
+            yield gw, bytes(kid), bytes(pub), bool(revoked)
+
+    def seen(self) -> Iterable[tuple[str, int, int]]:
+        return self.db.execute("SELECT gw, epoch, seq FROM batches")
+
+    def counters(self) -> dict[str, int]:
+        mine = f"{self.worker}/"
+        return {
+            name[len(mine) :]: int(value)
+            for name, value in self.db.execute(
+                "SELECT name, value FROM counters WHERE substr(name, 1, ?) = ?", (len(mine), mine)
+            )
+        }
+
+    # -- keys -----------------------------------------------------------------
+
+    def key(self, gateway: str, kid: bytes) -> tuple[bytes, bool] | None:
+        row = self.db.execute(
+            "SELECT pubkey, revoked FROM gateways WHERE gw = ? AND kid = ?", (gateway, kid)
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), bool(row[1]))
+
+    def enroll(self, gateway: str, kid: bytes, public_raw: bytes, at: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO gateways (gw, kid, pubkey, revoked, enrolled) VALUES (?, ?, ?, 0, ?)",
+            (gateway, kid, public_raw, at),
+        )
+
+    def revoke(self, gateway: str, kid: bytes) -> None:
+        self.db.execute("UPDATE gateways SET revoked = 1 WHERE gw = ? AND kid = ?", (gateway, kid))
+
+    def other_keys(self, gateway: str, kid: bytes) -> list[bytes]:
+        return [
+            bytes(k)
+            for (k,) in self.db.execute(
+                "SELECT kid FROM gateways WHERE gw = ? AND kid != ? AND revoked = 0",
+                (gateway, kid),
+            )
+        ]
+
+    # -- what the gateways send -------------------------------------------------
+
+    def write_batches(
+        self,
+        batches: list[BatchRow],
+        readings: list[list[Reading]],
+        counters: Callable[[list[bool]], Mapping[str, int]],
+    ) -> list[bool]:
+        """Unsharded: one transaction in the shared file. Sharded: the readings first,
+        in this worker's shard (no lock on the shared file), then the claims and
+        counters in the shared file; a claim another worker made first turns our
+        copy of that batch into orphan rows, deleted at once by rowid (a crash
+        before that leaves them, and :func:`open_readings` ignores them)."""
+        if self.sharded:
+            return self._write_sharded(batches, readings, counters)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            won = self._claim(batches)
+            db.executemany(_INSERT_READINGS.format(schema="main"), _rows(batches, readings, won))
+            self._save_counters(counters(won))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return won
+
+    def _write_sharded(
+        self,
+        batches: list[BatchRow],
+        readings: list[list[Reading]],
+        counters: Callable[[list[bool]], Mapping[str, int]],
+    ) -> list[bool]:
+        db = self.db
+        # 1. the readings, into this worker's own file: in parallel with the other workers
+        db.execute("BEGIN")
+        try:
+            base = db.execute("SELECT coalesce(max(rowid), 0) FROM shard.readings").fetchone()[0]
+            db.executemany(_INSERT_READINGS.format(schema="shard"), _rows(batches, readings, None))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        # 2. the claims, in the shared file: small, serialised across workers
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            won = self._claim(batches)
+            self._save_counters(counters(won))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        # 3. the batches another worker had first: our rows of them are orphans. One
+        # transaction inserted them in order, so each batch's rows are a rowid range.
+        lost: list[tuple[int, int]] = []
+        first = int(base) + 1
+        for row, ok in zip(batches, won, strict=True):
+            if not ok:
+                lost.append((first, first + row[3] - 1))
+            first += row[3]
+        if lost:
+            db.execute("BEGIN")
+            db.executemany("DELETE FROM shard.readings WHERE rowid BETWEEN ? AND ?", lost)
+            db.execute("COMMIT")
+        return won
+
+    def _claim(self, batches: list[BatchRow]) -> list[bool]:
+        return [self.db.execute(_INSERT_BATCH, row).rowcount == 1 for row in batches]
+
+    def _save_counters(self, counters: Mapping[str, int]) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
+            [(f"{self.worker}/{k}", v) for k, v in counters.items()],
+        )
+
+    def save_counters(self, counters: Mapping[str, int]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        self._save_counters(counters)
+        self.db.execute("COMMIT")
+
+    def write_gaps(self, rows: list[GapRow]) -> int:
+        self.db.execute("BEGIN")
+        cur = self.db.executemany(
+            "INSERT OR IGNORE INTO gaps (gw, epoch, first, last, readings, reason, received_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        self.db.execute("COMMIT")
+        return max(0, cur.rowcount)
+
+    def write_event(self, row: EventRow) -> bool:
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO events (gw, epoch, seq, rule, kind, state, device, point, pid,"
+            " value, ts, since, detail, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            row,
+        )
+        return cur.rowcount == 1
+
+    def write_points(self, rows: list[PointRow]) -> None:
+        self.db.execute("BEGIN")
+        self.db.executemany(
+            "INSERT OR REPLACE INTO points (gw, id, device, name, unit, domain, cls, indicator, epoch)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        self.db.execute("COMMIT")
+
+    # -- the enrollment desk ----------------------------------------------------
+
+    def add_token(self, digest: bytes, gateway: str, issued: float, expires: float) -> None:
+        self.db.execute(
+            "INSERT INTO enroll_tokens (hash, gw, issued, expires) VALUES (?, ?, ?, ?)",
+            (digest, gateway, issued, expires),
+        )
+
+    def token(self, digest: bytes) -> tuple[str, float, float | None] | None:
+        row = self.db.execute(
+            "SELECT gw, expires, used FROM enroll_tokens WHERE hash = ?", (digest,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def use_token(self, digest: bytes, kid: bytes, at: float) -> bool:
+        cur = self.db.execute(
+            "UPDATE enroll_tokens SET used = ?, kid = ? WHERE hash = ? AND used IS NULL",
+            (at, kid, digest),
+        )
+        return cur.rowcount == 1
+
+    def rotation(self, gateway: str, old_kid: bytes) -> bytes | None:
+        row = self.db.execute(
+            "SELECT new_kid FROM key_rotations WHERE gw = ? AND old_kid = ?", (gateway, old_kid)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def add_rotation(
+        self, gateway: str, old_kid: bytes, new_kid: bytes, at: float, revoke_at: float
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO key_rotations (gw, old_kid, new_kid, at, revoke_at) VALUES (?, ?, ?, ?, ?)",
+            (gateway, old_kid, new_kid, at, revoke_at),
+        )
+
+    def due_rotations(self, now: float) -> list[tuple[str, bytes]]:
+        return [
+            (gw, bytes(kid))
+            for gw, kid in self.db.execute(
+                "SELECT gw, old_kid FROM key_rotations WHERE done = 0 AND revoke_at <= ?", (now,)
+            )
+        ]
+
+    def finish_rotation(self, gateway: str, old_kid: bytes) -> None:
+        self.db.execute(
+            "UPDATE key_rotations SET done = 1 WHERE gw = ? AND old_kid = ?", (gateway, old_kid)
+        )
+
+    # -- reading it back ----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        from hub.stats import sqlite_stats
+
+        return sqlite_stats(self.db)
+
+    def close(self) -> None:
+        self.db.close()
