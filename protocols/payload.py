@@ -50,10 +50,11 @@ import enum
 import math
 import struct
 import zlib
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, pairwise, repeat
-from operator import mul, sub, truediv
+from operator import itemgetter, mul, sub, truediv
 from typing import Any, Final, cast
 
 import msgpack
@@ -378,10 +379,11 @@ def choose_layout(readings: Sequence[Reading]) -> int:
     points repeat (a few devices over seconds) layout 1's per-point deltas of
     times and values are smaller.
     """
-    n = len(readings)
-    if n <= 1:
-        return 2
-    return 2 if n <= COLUMNS_MAX_REPEAT * len(set([r[0] for r in readings])) else 1
+    return 2 if _few_repeats(list(map(_point, readings))) else 1
+
+
+def _few_repeats(points: Sequence[int]) -> bool:
+    return len(points) <= COLUMNS_MAX_REPEAT * len(set(points))
 
 
 def encode_readings_span(
@@ -402,14 +404,10 @@ def encode_readings_span(
         raise LocalError("a payload holds at least one reading")
     if len(readings) > MAX_READINGS:
         raise LocalError(f"{len(readings)} readings exceed the limit of {MAX_READINGS}")
-    if layout is None:
-        layout = choose_layout(readings)
-    if layout == 2:
-        out, base, last = _columns_payload(readings)
-    elif layout == 1:
-        out, base, last = _series_payload(readings)
-    else:
+    if layout not in (None, *LAYOUTS):
         raise LocalError(f"unknown payload layout {layout!r}: expected one of {LAYOUTS}")
+    columns = None if layout == 1 else _columns_payload(readings, choose=layout is None)
+    out, base, last = _series_payload(readings) if columns is None else columns
     raw = _pack(out)
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise LocalError(f"payload of {len(raw)} bytes exceeds {MAX_PAYLOAD_BYTES}")
@@ -521,6 +519,8 @@ def _series_payload(readings: Sequence[Reading]) -> tuple[list[object], int, int
 
 
 _GOOD: Final = Quality.GOOD
+_U32: Final = "I" if array("I").itemsize == 4 else "L"  # the array type of C uint32
+_point = itemgetter(0)  # Reading.point
 _NONE_TYPE: Final = type(None)
 _SAMPLE: Final = 32  # values tried first when looking for a decimal exponent
 _FPOW10: Final = tuple(map(float, _POW10))  # v * 10.0 is v * 10, a conversion less
@@ -656,7 +656,7 @@ def _block(
     packed: object,
     flags: list[int],
 ) -> list[object]:
-    pd = [points[0], *map(sub, points[1:], points)]
+    pd = [int(points[0]), *map(sub, points[1:], points)]  # int(): a point id of bool or IntEnum
     td = [stamps[0] - base, *map(sub, stamps[1:], stamps)]
     return [kind, pd, td, packed, flags] if flags else [kind, pd, td, packed]
 
@@ -670,8 +670,11 @@ def _flags_of(values: Sequence[Value], quals: Sequence[Quality]) -> list[int]:
     return flags
 
 
-def _columns_payload(readings: Sequence[Reading]) -> tuple[list[object], int, int]:
-    """Layout 2: ``[-2, base_ts, block...]``, the earliest and the latest timestamp.
+def _columns_payload(
+    readings: Sequence[Reading], *, choose: bool
+) -> tuple[list[object], int, int] | None:
+    """Layout 2: ``[-2, base_ts, block...]``, the earliest and the latest timestamp;
+    None if ``choose`` and :func:`choose_layout` would choose layout 1.
 
     A batch whose values are all of one type (the fleet: floats of 0.1) is one
     block, built by ``zip``/``map`` over whole columns, in the batch's order.
@@ -683,8 +686,12 @@ def _columns_payload(readings: Sequence[Reading]) -> tuple[list[object], int, in
         tuple[tuple[int, ...], tuple[int, ...], tuple[Value, ...], tuple[Quality, ...]],
         tuple(zip(*readings, strict=True)),
     )
-    if set(map(type, points)) != _INT_ONLY or min(points) < 0 or max(points) > MAX_POINT_ID:
-        raise _bad_reading(readings)
+    if choose and not _few_repeats(points):
+        return None
+    try:
+        array(_U32, points)  # ints in [0, 2**32-1] (== MAX_POINT_ID), in one pass of C
+    except (TypeError, OverflowError):
+        raise _bad_reading(readings) from None
     if set(map(type, stamps)) != _INT_ONLY:
         raise _bad_reading(readings)
     base, last = min(stamps), max(stamps)
