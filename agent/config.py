@@ -25,6 +25,7 @@ from typing import Any, overload
 
 from drivers._schema import Problems, Table, did_you_mean, read_toml
 from drivers.profiles import Point, Profile, available_profiles, load_profile
+from protocols import topics
 from protocols.errors import ConfigError
 from protocols.rtu import t35
 
@@ -118,7 +119,7 @@ class UplinkConfig:
     port: int = 1883
     client_id: str = ""  # resolved: "vitals-<gateway id>" when left empty
     keepalive_s: int = 30
-    topic_prefix: str = "vitals/v1"
+    topic_prefix: str = topics.DEFAULT_PREFIX
     username: str = ""
     password: str = field(default="", repr=False)
     tls: TlsConfig = TlsConfig()
@@ -616,7 +617,7 @@ def _uplink(t: Table, gateway_id: str, base: Path) -> UplinkConfig:
     keepalive_s = t.get_int("keepalive_s", 30, lo=5, hi=65535)
     topic_prefix = t.get_str(
         "topic_prefix",
-        "vitals/v1",
+        topics.DEFAULT_PREFIX,
         pattern=_TOPIC,
         pattern_help="a topic without '+', '#', spaces, or a leading or trailing '/'",
     )

@@ -646,7 +646,7 @@ async def enroll_key(
         now_ms=int(time.time() * 1000),
     )
     request_topic = topics.enroll(gateway, prefix)
-    answer_topic = request_topic + "/result"
+    answer_topic = topics.enroll_result(gateway, prefix)
     connected = False
     progress(f"connecting to the broker {host}:{port}")
     try:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from agent.clock import Clock, SystemClock
 from agent.config import RuleConfig, RuleTarget
 from agent.mqtt import MqttClient, MqttError
+from protocols import topics
 from protocols.ed25519 import PrivateKey
 from protocols.event import Event, event_topic, seal_event
 from protocols.reading import Quality, Reading
@@ -366,7 +367,7 @@ class EventLink:
     client_id: str = ""
     username: str | None = None
     password: str | None = None
-    prefix: str = "vitals/v1"
+    prefix: str = topics.DEFAULT_PREFIX
     keepalive_s: int = 30
     tls: ssl.SSLContext | None = field(default=None, repr=False)
 

@@ -10,6 +10,7 @@
 ``{prefix}/enroll/{gateway}``      enrollment requests (signed)
 ``{prefix}/enroll/{gateway}/result``  the hub's signed answer
 ``{prefix}/hub/time``              the hub's clock (retained, each second)
+``{prefix}/diag/{client id}``      ``vitals diag uplink``'s round trip
 The hub subscribes through a shared subscription (``$share/hub/...``) so that
 several hub workers split the load.
 """
@@ -25,6 +26,7 @@ __all__ = [
     "batch",
     "cmd",
     "cmd_result",
+    "diag",
     "enroll",
     "enroll_filter",
     "enroll_gateway",
@@ -135,6 +137,13 @@ def enroll_gateway(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
         return None
     gw = topic[len(head) :]
     return gw if GATEWAY_ID.fullmatch(gw) else None
+
+
+def diag(client_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """``vitals diag uplink``'s round trip: a topic of its own client id."""
+    if not client_id or any(c in client_id for c in "+#/"):
+        raise ValueError(f"client id {client_id!r} cannot be a topic level")
+    return f"{prefix}/diag/{client_id}"
 
 
 def hub_time(prefix: str = DEFAULT_PREFIX) -> str:

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocols import topics
 from simulator.scenario import Scenario
 
 __all__ = ["FleetResult", "main", "run_fleet"]
@@ -647,7 +648,7 @@ async def _collect_events(host: str, port: int, core: Any, out: list[dict[str, A
     while True:
         try:
             async with aiomqtt.Client(host, port, identifier="vitals-fleet-events") as client:
-                await client.subscribe("vitals/v1/+/event", qos=1)
+                await client.subscribe(topics.subscription("event"), qos=1)
                 async for msg in client.messages:
                     if not isinstance(msg.payload, bytes | bytearray):
                         continue

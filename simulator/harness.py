@@ -57,7 +57,7 @@ async def agent_with_hub(
     the agent's clean stop, then up to ``catch_up_s`` for the hub to hold every
     polled reading. The hub's database stays open: ``run.core.close()`` it.
     """
-    core = HubCore(db)
+    core = HubCore(db, prefix=config.uplink.topic_prefix)  # the gateway's topics
     core.enroll(config.gateway.id, identity.public_raw)
     hub = Hub(core, host=broker_host, port=broker_port, shared=shared)
     agent = Agent(config, identity=identity)

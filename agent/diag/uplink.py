@@ -51,6 +51,7 @@ from agent.diag._common import (
     waiting,
 )
 from agent.mqtt import MqttClient, MqttError
+from protocols import topics
 
 __all__ = ["Step", "UplinkTarget", "check_uplink", "uplink_command"]
 
@@ -80,7 +81,7 @@ class UplinkTarget:
     client_id: str = ""
     username: str = ""
     password: str = ""
-    prefix: str = "vitals/v1"
+    prefix: str = topics.DEFAULT_PREFIX
     tls: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -272,7 +273,7 @@ async def _mqtt_steps(
                 Step("mqtt", "pass", f"connected as {client_id}", (time.perf_counter() - t0) * 1000)
             )
             # round trip
-            topic = f"{t.prefix}/diag/{client_id}"
+            topic = topics.diag(client_id, t.prefix)
             say(f"round trip on {topic}")
             token = uuid.uuid4().hex.encode()
             t0 = time.perf_counter()
@@ -302,7 +303,7 @@ async def _mqtt_steps(
                 )
             except MqttError as exc:
                 steps.append(Step("round trip", "fail", f"{exc}"))
-            say(f"clock: waiting for {t.prefix}/hub/time")
+            say(f"clock: waiting for {topics.hub_time(t.prefix)}")
             steps.append(await _clock_step(client, t.prefix))
     except MqttError as exc:
         steps.append(
@@ -321,7 +322,7 @@ async def _mqtt_steps(
 
 
 async def _clock_step(client: MqttClient, prefix: str) -> Step:
-    topic = f"{prefix}/hub/time"
+    topic = topics.hub_time(prefix)
     # the retained copy comes first but may be up to a second old: wait a little for a
     # fresh one (the hub publishes every second) and fall back on the retained one
     fallback: tuple[float, float] | None = None
