@@ -83,7 +83,7 @@ __all__ = [
 
 ENCODINGS: Final = ("msgpack", "msgpack+zlib")
 LAYOUTS: Final = (1, 2)
-"""Readings payload layouts: 1 series by point, 2 columns (docs/envelope.md 3, 4)."""
+"""Readings payload layouts: 1 series by point, 2 columns (docs/envelope.md section 3)."""
 COLUMNS_TAG: Final = -2
 """The first item of a layout 2 payload (layout 1's first item, base_ts, is never negative)."""
 COLUMNS_MAX_REPEAT: Final = 2
