@@ -318,6 +318,8 @@ def bench_mqtt(
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         pg_pids = _pg_backends(db) if pg else []
         cpu0 = {pid: _cpu(pid) for pid in (*(p.pid for p in procs), broker_pid, *pg_pids)}
+        load = os.getloadavg()[0]  # the machine's 1-minute load before the run (others' jobs)
+        machine0 = _machine_cpu()
         t = time.perf_counter()
         for p in procs:
             assert p.stdin is not None
@@ -333,6 +335,7 @@ def bench_mqtt(
                 break
         poll.close()
         elapsed = time.perf_counter() - t
+        machine = _machine_cpu() - machine0
         cpu = {pid: _cpu(pid) - c for pid, c in cpu0.items()}
         if copies > 1:
             time.sleep(1.0)  # let the late copies arrive and be refused
@@ -379,6 +382,10 @@ def bench_mqtt(
         "worker_cpu_s": [round(cpu[p.pid], 2) for p in procs],
         "broker_cpu_s": round(cpu[broker_pid], 2),
         "postgres_cpu_s": round(sum(cpu.get(p, 0.0) for p in pg_pids), 2),
+        "ours_cpu_s": round(sum(cpu.values()), 2),
+        # every process's CPU over the same window: what is not ours is other jobs'
+        "machine_cpu_s": round(machine, 2),
+        "load_before": round(load, 2),
     }
 
 
@@ -388,6 +395,13 @@ def _cpu(pid: int) -> float:
     except OSError:  # a PostgreSQL backend that ended: its CPU is not counted
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_cpu() -> float:
+    """CPU seconds spent by the whole machine (all cores, /proc/stat), idle excluded."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def _pg_backends(db: str | Path) -> list[int]:
@@ -440,6 +454,7 @@ def bench_pg(
     print(
         f"{'run':<10}{'readings':>10}{'seconds':>9}{'readings/s':>12}"
         f"{'worker cpu s':>16}{'postgres cpu s':>16}{'broker cpu s':>14}{'batches/worker':>16}"
+        f"{'ours/machine cpu s':>20}{'load before':>13}"
     )
     print(
         f"{'core':<10}{core['readings']:>10}{core['seconds']:>9.2f}{core['per_s']:>12,.0f}"
@@ -451,6 +466,7 @@ def bench_pg(
         print(
             f"{name:<10}{r['readings']:>10}{r['seconds']:>9.2f}{r['per_s']:>12,.0f}"
             f"{cpus:>16}{r['postgres_cpu_s']:>16.2f}{r['broker_cpu_s']:>14.2f}{split:>16}"
+            f"{r['ours_cpu_s']:>11.2f} / {r['machine_cpu_s']:<6.2f}{r['load_before']:>13.2f}"
         )
     print(
         f"{'dedup x2':<10}{dedup['readings']:>10}  every batch sent twice: stored once each "
@@ -475,6 +491,11 @@ def bench_pg(
                 "pg_2_workers_readings_per_s": round(two["per_s"]),
                 "speedup_2_over_1": round(speedup, 2),
                 "postgres_cpu_s": [one["postgres_cpu_s"], two["postgres_cpu_s"]],
+                # CPU of the workers, PostgreSQL and Mosquitto, and of the whole machine,
+                # over each median run: the difference is other jobs on the machine
+                "ours_cpu_s": [one["ours_cpu_s"], two["ours_cpu_s"]],
+                "machine_cpu_s": [one["machine_cpu_s"], two["machine_cpu_s"]],
+                "load_before": [one["load_before"], two["load_before"]],
                 "dedup_two_workers_ok": dedup_ok,
                 "duplicates_dropped": dedup["duplicates_dropped"],
                 "lost": sum(r["expected"] - r["readings"] for r in (one, two)),
