@@ -688,14 +688,13 @@ def _columns_payload(
     )
     if choose and not _few_repeats(points):
         return None
-    try:
-        array(_U32, points)  # ints in [0, 2**32-1] (== MAX_POINT_ID), in one pass of C
+    try:  # one pass of C each: ints in [0, 2**32-1] (== MAX_POINT_ID), ints >= 0
+        array(_U32, points)
+        array("Q", stamps)
     except (TypeError, OverflowError):
         raise _bad_reading(readings) from None
-    if set(map(type, stamps)) != _INT_ONLY:
-        raise _bad_reading(readings)
-    base, last = min(stamps), max(stamps)
-    if base < 0 or last > MAX_TS:
+    base, last = int(min(stamps)), int(max(stamps))  # int(): a bool is an int for array
+    if last > MAX_TS:
         raise _bad_reading(readings)
     out: list[object] = [COLUMNS_TAG, base]
     types = set(map(type, values))
