@@ -31,6 +31,7 @@ from protocols.payload import (
     decode_readings,
     encode_points,
     encode_readings,
+    encode_readings_span,
 )
 from protocols.reading import Quality, Reading, Value
 
@@ -885,3 +886,13 @@ def test_columns_fuzz_structure(base: object, blocks: list[object]) -> None:
     except DecodeError:
         return
     assert all(isinstance(r, Reading) and type(r.quality) is Quality for r in out)
+
+
+def test_columns_bool_ids_go_out_as_ints() -> None:
+    """Layout 2 checks ids and times with array() (a bool passes as the int it is):
+    the wire must still hold ints, never msgpack booleans."""
+    data, t0, t1 = encode_readings_span([Reading(True, True, 1.5)], enc="msgpack", layout=2)  # type: ignore[arg-type]
+    assert msgpack.unpackb(data) == [COLUMNS_TAG, 1, [1, [1], [0], [15]]]
+    assert (type(t0), type(t1)) == (int, int)
+    out = decode_readings(data, enc="msgpack")
+    assert key(out) == key([Reading(1, 1, 1.5)])
