@@ -458,6 +458,10 @@ def sim_fleet(
         Path | None, typer.Option(help="keep state, configs, logs and the hub DB here")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON report on stdout")] = False,
+    hub_db: Annotated[
+        str | None,
+        typer.Option(help="the hub stores into this empty PostgreSQL database (postgresql://...)"),
+    ] = None,
 ) -> None:
     """G agents, their terminals, a broker and the hub: loss, latency, CPU, events.
 
@@ -486,6 +490,7 @@ def sim_fleet(
             max_age_s=max_age,
             workdir=workdir,
             as_json=as_json,
+            hub_db=hub_db,
         )
     )
 

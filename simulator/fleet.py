@@ -420,8 +420,30 @@ def _percentiles(values: Sequence[int]) -> dict[str, float]:
     }
 
 
+class _HubDb:
+    """The hub's database, read for the report: its SQLite file (read-only), or the
+    PostgreSQL database of ``--hub-db``; the same queries (``?`` placeholders)."""
+
+    def __init__(self, target: Path | str) -> None:
+        from hub.store import is_url
+
+        self.pg = is_url(target)
+        if self.pg:
+            import psycopg
+
+            self.con: Any = psycopg.connect(str(target), autocommit=True)
+        else:
+            self.con = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
+
+    def execute(self, query: str, params: Sequence[object] = ()) -> Any:
+        return self.con.execute(query.replace("?", "%s") if self.pg else query, params)
+
+    def close(self) -> None:
+        self.con.close()
+
+
 def replay_events(
-    db_path: Path, gateways: Sequence[GatewayRun], until_ms: int | None = None
+    db_path: Path | str, gateways: Sequence[GatewayRun], until_ms: int | None = None
 ) -> list[dict[str, Any]]:
     """Run every gateway's rules over its readings stored at the hub, in time order.
 
@@ -432,7 +454,7 @@ def replay_events(
     from agent.rules import RuleEngine
 
     out: list[dict[str, Any]] = []
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    con = _HubDb(db_path)
     try:
         for gw in gateways:
             cfg = load_config(gw.config_path)
@@ -486,6 +508,7 @@ async def run_fleet(
     max_age_s: float = 1.0,
     progress: bool = True,
     log: Any = None,
+    hub_db: str | None = None,
 ) -> FleetResult:
     from rich.console import Console
 
@@ -509,7 +532,8 @@ async def run_fleet(
     if proxy:
         await proxy.start()
     agent_port = proxy.port if proxy else broker.port
-    core = HubCore(work / "hub.sqlite3")
+    hub_target: Path | str = hub_db or work / "hub.sqlite3"  # --hub-db: PostgreSQL
+    core = HubCore(hub_target)
     hub = Hub(
         core,
         host=broker.host,
@@ -629,7 +653,7 @@ async def run_fleet(
             await proxy.stop()
         await broker.stop()
         core.close()
-    report = _report(work, runs, scenario, duration, broker.kind, collected, t0)
+    report = _report(work, runs, scenario, duration, broker.kind, collected, t0, hub_target)
     ok = report["total"]["lost_batches"] == 0 and report["total"]["duplicated"] == 0
     ok = ok and report["total"]["rejected"] == 0 and report["total"]["spool_left"] == 0
     ok = ok and all(g["exit_code"] == 0 for g in report["gateways"])
@@ -774,12 +798,13 @@ def _report(
     broker_kind: str,
     collected: list[dict[str, Any]],
     t0: float,
+    hub_target: Path | str,
 ) -> dict[str, Any]:
     served: dict[str, dict[str, int]] = {}
     for f in sorted(work.glob("emulator-*.json")):
         if not f.name.endswith(".spec.json"):
             served.update(json.loads(f.read_text()))
-    con = sqlite3.connect(f"file:{work / 'hub.sqlite3'}?mode=ro", uri=True)
+    con = _HubDb(hub_target)
     counters = {k: int(v) for k, v in con.execute("SELECT name, value FROM counters")}
     gateways: list[dict[str, Any]] = []
     all_lat: list[int] = []
@@ -789,8 +814,8 @@ def _report(
             for e, s, n in con.execute("SELECT epoch, seq, n FROM batches WHERE gw = ?", (gw.name,))
         }
         rows = con.execute(
-            "SELECT count(*), coalesce(sum(r.quality IN (0, 1)), 0),"
-            " coalesce(sum(r.quality IN (2, 3)), 0) FROM readings r WHERE r.gw = ?",
+            "SELECT count(*), coalesce(sum(CAST(r.quality IN (0, 1) AS INTEGER)), 0),"
+            " coalesce(sum(CAST(r.quality IN (2, 3) AS INTEGER)), 0) FROM readings r WHERE r.gw = ?",
             (gw.name,),
         ).fetchone()
         stored, valued, comm = int(rows[0]), int(rows[1]), int(rows[2])
@@ -839,7 +864,7 @@ def _report(
     events = collected
     source = "agents" if collected else "replay"
     if not collected and scen.rules:
-        events = replay_events(work / "hub.sqlite3", runs, int((t0 + duration) * 1000))
+        events = replay_events(hub_target, runs, int((t0 + duration) * 1000))
     total = {
         k: sum(g[k] for g in gateways)
         for k in (
@@ -993,9 +1018,27 @@ def serve(
     max_age_s: float = 1.0,
     workdir: Path | None = None,
     as_json: bool = False,
+    hub_db: str | None = None,
 ) -> int:
     """``vitals sim fleet`` (options parsed in agent/cli.py): run, print the report
-    (one JSON object with ``as_json``); 0 when nothing was lost."""
+    (one JSON object with ``as_json``); 0 when nothing was lost. ``hub_db``: the hub
+    stores into that PostgreSQL database (it must hold no batches yet)."""
+    if hub_db:
+        from hub.stats import hub_stats
+        from protocols.errors import VitalsError
+
+        try:
+            held = hub_stats(hub_db)["batches"]
+        except VitalsError as exc:
+            print(f"error: --hub-db: {exc}", file=sys.stderr)
+            return 2
+        if held:
+            print(
+                f"error: --hub-db: the database holds {held} batches of an earlier run\n"
+                "hint: give the fleet an empty database (createdb NAME)",
+                file=sys.stderr,
+            )
+            return 2
     result = asyncio.run(
         run_fleet(
             gateways=gateways,
@@ -1006,6 +1049,7 @@ def serve(
             workdir=workdir,
             max_age_s=max_age_s,
             progress=not as_json and sys.stderr.isatty(),
+            hub_db=hub_db,
         )
     )
     print(json.dumps(result.report) if as_json else render(result.report))

@@ -338,3 +338,20 @@ interval_s = 0.1
     assert stats["rejected"] == {}
     stored = _query(pg_url, "SELECT count(*), count(DISTINCT (point, ts)) FROM readings")
     assert stored[0][0] == g["readings"] == stored[0][1] > 20
+
+
+@pytest.mark.mosquitto
+def test_sim_fleet_against_postgresql(pg_url: str, tmp_path: Path) -> None:
+    """`vitals sim fleet --hub-db URL`: real agents, Mosquitto, the hub on PostgreSQL;
+    the report is read from PostgreSQL, and a database already used is refused."""
+    cmd = [sys.executable, "-m", "agent", "sim", "fleet", "--gateways", "2", "--terminals", "1"]
+    cmd += ["--duration", "3", "--broker", "mosquitto", "--hub-db", pg_url]
+    res = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    total = json.loads(res.stdout)["total"]
+    assert total["delivered_batches"] == total["sealed_batches"] > 0
+    assert total["lost_batches"] == total["duplicated"] == total["rejected"] == 0
+    assert _query(pg_url, "SELECT count(*) FROM readings") == [(total["delivered"],)]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2
+    assert "holds" in again.stderr and "hint: give the fleet an empty database" in again.stderr
