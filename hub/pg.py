@@ -201,8 +201,8 @@ class PgStore:
             self.db = self._connect()
         except psycopg.OperationalError as exc:
             raise LocalError(
-                f"cannot reach PostgreSQL at {_safe(url)}: {_first_line(exc)}; check host,"
-                " port, user and database name, and that the server accepts this host"
+                f"cannot reach PostgreSQL at {_safe(url)}: {_first_line(exc)} (check host,"
+                " port, user, database name and the server's pg_hba.conf)"
             ) from None
         self.timescale = False
         with self.db.transaction():
@@ -631,8 +631,10 @@ class PgStore:
 
 
 def _first_line(exc: BaseException) -> str:
+    """libpq's reason, without its preamble: 'Connection refused', 'FATAL: ...'."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return " ".join(line.rsplit(" failed: ", 1)[-1].split())
 
 
 def _safe(url: str) -> str:

@@ -209,6 +209,37 @@ def test_partitions_are_made_ahead_and_on_demand(pg_url: str) -> None:
     assert rows == [(name(old // DAY),)]
 
 
+def test_keys_tokens_and_rotations(pg_url: str) -> None:
+    """The enrollment desk's statements on PostgreSQL: a token is used once, a
+    rotation is due after its grace period, a revoked key is refused."""
+    store = open_store(pg_url)
+    try:
+        store.enroll("gw-a", b"k1", b"P" * 32, 1.0)
+        store.enroll("gw-a", b"k2", b"Q" * 32, 2.0)
+        assert store.key("gw-a", b"k1") == (b"P" * 32, False)
+        assert store.other_keys("gw-a", b"k1") == [b"k2"]
+        store.revoke("gw-a", b"k2")
+        assert store.key("gw-a", b"k2") == (b"Q" * 32, True)
+        assert store.other_keys("gw-a", b"k1") == []
+        assert sorted(store.enrolled_keys()) == [
+            ("gw-a", b"k1", b"P" * 32, False),
+            ("gw-a", b"k2", b"Q" * 32, True),
+        ]
+        store.add_token(b"h" * 32, "gw-b", 10.0, 20.0)
+        assert store.token(b"h" * 32) == ("gw-b", 20.0, None)
+        assert store.use_token(b"h" * 32, b"kb", 15.0)
+        assert not store.use_token(b"h" * 32, b"kc", 16.0)  # once only
+        assert store.token(b"h" * 32) == ("gw-b", 20.0, 15.0)
+        store.add_rotation("gw-a", b"k1", b"k3", 100.0, 200.0)
+        assert store.rotation("gw-a", b"k1") == b"k3"
+        assert store.due_rotations(150.0) == []
+        assert store.due_rotations(250.0) == [("gw-a", b"k1")]
+        store.finish_rotation("gw-a", b"k1")
+        assert store.due_rotations(250.0) == []
+    finally:
+        store.close()
+
+
 def _kill_backends(url: str) -> None:
     """The server ends every connection of the hub (as a restart or fail-over does)."""
     with psycopg.connect(url, autocommit=True) as con:
