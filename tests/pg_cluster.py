@@ -77,14 +77,16 @@ def private_cluster(*, settings: dict[str, str] | None = None) -> Iterator[str]:
     env = {**os.environ, "LC_ALL": "C", "TZ": "UTC"}
     proc: subprocess.Popen[bytes] | None = None
     try:
-        subprocess.run(
+        init = subprocess.run(
             [bindir / "initdb", "-D", data, "-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync"],
-            check=True,
+            check=False,
             capture_output=True,
             env=env,
             cwd=root,
             **kw,
         )
+        if init.returncode:
+            raise RuntimeError(f"initdb failed: {init.stderr.decode(errors='replace')[-2000:]}")
         port = _free_port()
         opts = {
             "listen_addresses": "127.0.0.1",
