@@ -187,6 +187,24 @@ def test_dedup_across_two_workers_on_one_database(pg_url: str) -> None:
     assert across[0][0] > 0  # the race happened: some copies were caught by the key alone
 
 
+def test_a_restarted_worker_drops_an_old_redelivery_by_the_key(pg_url: str) -> None:
+    """A restarted worker loads only the last hour's batches into memory; an older
+    batch sent again is caught by the unique key at the flush, and not counted."""
+    core = _core(pg_url)
+    assert core.handle(*_batch("gw-pg-0", 1, 0)) == "stored"
+    assert core.handle(*_batch("gw-pg-0", 1, 1)) == "stored"
+    core.close()
+    with psycopg.connect(pg_url, autocommit=True) as con:
+        con.execute("UPDATE batches SET received_ms = received_ms - 7200000 WHERE seq = 0")
+    again = _core(pg_url)
+    assert again.handle(*_batch("gw-pg-0", 1, 1)) == "duplicate"  # in memory
+    assert again.handle(*_batch("gw-pg-0", 1, 0)) == "stored"  # for now...
+    again.close()  # ...the key says no
+    assert _query(pg_url, "SELECT count(*) FROM readings") == [(10,)]
+    stats = hub_stats(pg_url)
+    assert (stats["batches"], stats["readings"], stats["duplicates"]) == (2, 10, 2)
+
+
 def test_partitions_are_made_ahead_and_on_demand(pg_url: str) -> None:
     core = _core(pg_url)
     today = time.time_ns() // 1_000_000 // DAY
