@@ -218,9 +218,13 @@ class PgStore:
             self._ensure_days(range(today, today + AHEAD_DAYS + 1))
 
     def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(
+        db = psycopg.connect(
             self.url, autocommit=True, application_name=f"vitals-hub {self.worker}"
         )
+        # a commit is durable when it returns, whatever the server's default: the
+        # worker acknowledges the messages to the broker after it
+        db.execute("SET synchronous_commit = on")
+        return db
 
     # -- schema ---------------------------------------------------------------
 
