@@ -42,24 +42,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import io
 import json
 import logging
 import os
-import re
 import ssl
 import string
-import struct
 import sys
 import time
 import tomllib
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
 import segno
+import tomlkit
 import typer
+from tomlkit.exceptions import TOMLKitError
 
 from agent.config import Config, TlsConfig, load_config, parse_config
 from agent.mqtt import MqttClient, MqttError
@@ -214,133 +214,37 @@ def render_config(
         ) from exc
 
 
-#: ``{table: {key: TOML value, or None to remove the key}}``
-Edits = dict[str, dict[str, str | None]]
-
-_TABLE = re.compile(r"^\s*\[([^\[\]]*)\]\s*(?:#.*)?$")
-_ARRAY_TABLE = re.compile(r"^\s*\[\[")
-_KEY_LINE = re.compile(r"^(\s*)([A-Za-z0-9_-]+)(\s*=\s*)(.*?)(\r?\n)?$", re.S)
-
-
-def _value(literal: str) -> Any:
-    return tomllib.loads(f"v = {literal}")["v"]
-
-
-def _split_value(rest: str) -> tuple[str, str] | None:
-    """``rest`` (what follows ``key =``) as (value, trailing comment); None if the
-    value continues on the next lines."""
-    cuts = [m.start() for m in re.finditer("#", rest)] + [len(rest)]
-    for cut in cuts:
-        value = rest[:cut].rstrip()
-        try:
-            _value(value)
-        except tomllib.TOMLDecodeError:
-            continue
-        return value, rest[len(value) :]
-    return None
+#: ``{table: {key: value, or None to remove the key}}``
+Edits = dict[str, dict[str, str | int | bool | None]]
 
 
 def edit_config(text: str, edits: Edits) -> str:
     """``text`` with only the keys in ``edits`` changed, added or removed.
 
-    Lines whose value is already the wanted one stay as they are, as do comments
-    and the order of everything else. The result is checked: parsed, it must be
-    the original with exactly these edits; :class:`ProvisionError` otherwise
-    (a layout this line editor does not understand: edit the file by hand).
+    tomlkit keeps everything else as it was: comments (a changed key's own
+    comment too), blank lines, the order of tables and keys, dotted keys.
+    A key already set to the wanted value is not touched, so provisioning the
+    same gateway again leaves the file byte-identical.
     """
     try:
-        before = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        doc = tomlkit.parse(text)
+    except TOMLKitError as exc:
         raise ProvisionError(
             f"the existing configuration is not valid TOML ({exc}); it was not changed",
             "fix it (`vitals config check FILE` names the line) or move it away",
         ) from exc
-    pending = {table: dict(keys) for table, keys in edits.items()}
-    out: list[str] = []
-    headers: dict[str, int] = {}
-    table: str | None = ""
-    for line in text.splitlines(keepends=True):
-        if _ARRAY_TABLE.match(line):
-            table = None  # [[buses]], [[devices]], [[rules]]: never ours
-        elif m := _TABLE.match(line):
-            table = ".".join(part.strip() for part in m.group(1).split("."))
-            headers.setdefault(table, len(out))
-        elif (
-            table is not None
-            and (k := _KEY_LINE.match(line))
-            and k.group(2) in pending.get(table, {})
-        ):
-            literal = pending[table].pop(k.group(2))
-            if literal is None:
-                continue  # removed
-            split = _split_value(k.group(4))
-            if split is None:
-                raise ProvisionError(
-                    f"cannot edit [{table}] {k.group(2)}: its value spans several lines",
-                    "edit that key by hand, then run provision again",
-                )
-            old, comment = split
-            if _value(old) != _value(literal):
-                line = f"{k.group(1)}{k.group(2)}{k.group(3)}{literal}{comment}{k.group(5) or ''}"
-        out.append(line)
-    appended: list[str] = []
-    for name, keys in pending.items():
-        new = [f"{key} = {literal}\n" for key, literal in keys.items() if literal is not None]
-        if not new:
-            continue
-        if name in headers:
-            at = headers[name] + 1
-            out[at:at] = new
-            headers = {t: i + len(new) if i >= at else i for t, i in headers.items()}
-        else:
-            appended += ["\n", f"[{name}]\n", *new]
-    if appended and out and not out[-1].endswith("\n"):
-        out[-1] += "\n"
-    result = "".join(out + appended)
-    expected = _apply(before, edits)
-    try:
-        after = tomllib.loads(result)
-    except tomllib.TOMLDecodeError as exc:
-        after = {"<not TOML>": str(exc)}
-    if after != expected:
-        raise ProvisionError(
-            "cannot edit the existing configuration line by line (it sets "
-            + ", ".join(f"[{t}]" for t in edits)
-            + " in a way this editor does not follow, e.g. as dotted keys or inline tables); "
-            "it was not changed",
-            "set those keys by hand, or move the file away to have a new one written",
-        )
-    return result
-
-
-def _apply(data: dict[str, Any], edits: Edits) -> dict[str, Any]:
-    out: dict[str, Any] = _deep_copy(data)
     for name, keys in edits.items():
-        node = out
+        node: Any = doc
         for part in name.split("."):
-            node = node.setdefault(part, {})
-        for key, literal in keys.items():
-            if literal is None:
+            if part not in node:
+                node[part] = tomlkit.table()
+            node = node[part]
+        for key, value in keys.items():
+            if value is None:
                 node.pop(key, None)
-            else:
-                node[key] = _value(literal)
-    return out
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
-
-
-def _literal(value: str | int | bool | Path) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    return f'"{_toml_str(str(value))}"'
+            elif key not in node or node[key] != value:
+                node[key] = value
+    return tomlkit.dumps(doc)
 
 
 def _owned_edits(
@@ -357,22 +261,22 @@ def _owned_edits(
     assert isinstance(gw, dict)
     edits: Edits = {
         "gateway": {},
-        "uplink": {"host": _literal(broker_host), "port": _literal(broker_port)},
+        "uplink": {"host": broker_host, "port": broker_port},
     }
     if "id" not in gw:
-        edits["gateway"]["id"] = _literal(gateway_id)
+        edits["gateway"]["id"] = gateway_id
     if "state_dir" not in gw:
-        edits["gateway"]["state_dir"] = _literal(state_dir)
+        edits["gateway"]["state_dir"] = str(state_dir)
     if not edits["gateway"]:
         del edits["gateway"]
     if tls is not None:  # only what the flags say: other TLS keys stay as they are
-        t: dict[str, str | None] = {"enabled": _literal(tls.enabled)}
+        t: dict[str, str | int | bool | None] = {"enabled": tls.enabled}
         for key in ("ca_file", "cert_file", "key_file"):
             value = getattr(tls, key)
             if value is not None:
-                t[key] = _literal(value)
+                t[key] = str(value)
         if tls.insecure:
-            t["insecure"] = _literal(True)
+            t["insecure"] = True
         uplink = existing.get("uplink")
         if tls.enabled or (isinstance(uplink, dict) and "tls" in uplink):
             edits["uplink.tls"] = t
@@ -849,113 +753,39 @@ def label_qr(gateway: str, identity: Identity) -> segno.QRCode:
     return segno.make(f"VITALS1:{gateway}:{identity.kid.hex()}:{digest}", error="m", micro=False)
 
 
-# A 5x7 pixel font for what a label prints (gateway ids, hex, a few words), so the
-# PNG needs no imaging library (Pillow is 4 MB on a gateway for three lines of text).
-_GLYPHS = {
-    "0": ".###. #...# #..## #.#.# ##..# #...# .###.",
-    "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "2": ".###. #...# ....# ...#. ..#.. .#... #####",
-    "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
-    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.",
-    "5": "##### #.... ####. ....# ....# #...# .###.",
-    "6": "..##. .#... #.... ####. #...# #...# .###.",
-    "7": "##### ....# ...#. ..#.. .#... .#... .#...",
-    "8": ".###. #...# #...# .###. #...# #...# .###.",
-    "9": ".###. #...# #...# .#### ....# ...#. .##..",
-    "a": "..... ..... .###. ....# .#### #...# .####",
-    "b": "#.... #.... #.##. ##..# #...# #...# ####.",
-    "c": "..... ..... .###. #.... #.... #...# .###.",
-    "d": "....# ....# .##.# #..## #...# #...# .####",
-    "e": "..... ..... .###. #...# ##### #.... .###.",
-    "f": "..##. .#..# .#... ###.. .#... .#... .#...",
-    "g": "..... ..... .#### #...# .#### ....# ####.",
-    "h": "#.... #.... #.##. ##..# #...# #...# #...#",
-    "i": "..#.. ..... .##.. ..#.. ..#.. ..#.. .###.",
-    "j": "...#. ..... ..##. ...#. ...#. #..#. .##..",
-    "k": "#.... #.... #..#. #.#.. ##... #.#.. #..#.",
-    "l": ".##.. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "m": "..... ..... ##.#. #.#.# #.#.# #...# #...#",
-    "n": "..... ..... #.##. ##..# #...# #...# #...#",
-    "o": "..... ..... .###. #...# #...# #...# .###.",
-    "p": "..... ..... ####. #...# ####. #.... #....",
-    "q": "..... ..... .##.# #..## .#### ....# ....#",
-    "r": "..... ..... #.##. ##..# #.... #.... #....",
-    "s": "..... ..... .###. #.... .###. ....# ####.",
-    "t": ".#... .#... ###.. .#... .#... .#..# ..##.",
-    "u": "..... ..... #...# #...# #...# #..## .##.#",
-    "v": "..... ..... #...# #...# #...# .#.#. ..#..",
-    "w": "..... ..... #...# #...# #.#.# #.#.# .#.#.",
-    "x": "..... ..... #...# .#.#. ..#.. .#.#. #...#",
-    "y": "..... ..... #...# #...# .#### ....# .###.",
-    "z": "..... ..... ##### ...#. ..#.. .#... #####",
-    "-": "..... ..... ..... ##### ..... ..... .....",
-    ":": "..... .##.. .##.. ..... .##.. .##.. .....",
-    ".": "..... ..... ..... ..... ..... .##.. .##..",
-    " ": "..... ..... ..... ..... ..... ..... .....",
-    "?": ".###. #...# ....# ...#. ..#.. ..... ..#..",
-}
-
-
-def _text_rows(text: str, scale: int) -> list[bytearray]:
-    """``text`` in the 5x7 font, each pixel ``scale`` wide and high; 1 = ink."""
-    rows = [bytearray() for _ in range(7)]
-    for ch in text.lower():
-        glyph = _GLYPHS.get(ch, _GLYPHS["?"]).split()
-        for r in range(7):
-            for bit in glyph[r] + ".":  # one column of space after each glyph
-                rows[r] += bytes([bit == "#"]) * scale
-    return [row for row in rows for _ in range(scale)]
-
-
-def _png(pixels: list[bytearray], width: int) -> bytes:
-    """An 8-bit greyscale PNG of ``pixels`` (1 = black), each row padded to ``width``."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    raw = b"".join(
-        b"\x00" + bytes(0 if p else 255 for p in row.ljust(width, b"\x00")) for row in pixels
-    )
-    header = struct.pack(">IIBBBBB", width, len(pixels), 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 9))
-        + chunk(b"IEND", b"")
-    )
-
-
 def label_png(gateway: str, identity: Identity, *, scale: int = 8, border: int = 4) -> bytes:
     """The label as a PNG: the QR code, and under it the gateway id, key id and
     fingerprint in print a person can read (and compare with `vitals key show`)."""
-    qr = label_qr(gateway, identity)
-    size = len(qr.matrix) + 2 * border
-    blank = bytearray(size * scale)
-    qr_rows = [blank] * (border * scale)
-    for line in qr.matrix:
-        row = bytearray(border * scale)
-        for module in line:
-            row += bytes([bool(module)]) * scale
-        row += bytearray(border * scale)
-        qr_rows += [row] * scale
-    qr_rows += [blank] * (border * scale)
+    from PIL import Image, ImageDraw, ImageFont  # only when a PNG is asked for
+
+    buf = io.BytesIO()
+    label_qr(gateway, identity).save(buf, kind="png", scale=scale, border=border)
+    code = Image.open(io.BytesIO(buf.getvalue())).convert("L")
     fp = identity.fingerprint.split(":")
     lines = [
-        (gateway, 4),
-        (f"key id {identity.kid.hex()}", 2),
-        ("fingerprint", 2),
-        (":".join(fp[:4]), 3),
-        (":".join(fp[4:]), 3),
+        (gateway, 4 * scale),
+        (f"key id {identity.kid.hex()}", 2 * scale),
+        ("fingerprint", 2 * scale),
+        (":".join(fp[: len(fp) // 2]), 2 * scale),
+        (":".join(fp[len(fp) // 2 :]), 2 * scale),
     ]
     margin = border * scale
-    text_rows: list[bytearray] = []
-    for text, s in lines:
-        text_rows += [bytearray(margin) + r for r in _text_rows(text, s)]
-        text_rows += [bytearray()] * (3 * s)  # line spacing
-    text_rows += [bytearray()] * margin
-    width = max(size * scale, max(len(r) for r in text_rows) + margin)
-    return _png(qr_rows + text_rows, width)
+    fonts = [ImageFont.load_default(size) for _, size in lines]
+    width = max(
+        code.width,
+        *(int(f.getlength(t)) + 2 * margin for (t, _), f in zip(lines, fonts, strict=True)),
+    )
+    height = code.height + sum(size * 3 // 2 for _, size in lines) + margin
+    page = Image.new("L", (width, height), 255)
+    page.paste(code, (0, 0))
+    draw = ImageDraw.Draw(page)
+    y = code.height
+    for (text, size), font in zip(lines, fonts, strict=True):
+        draw.text((margin, y), text, fill=0, font=font)
+        y += size * 3 // 2
+    out = io.BytesIO()
+    page.save(out, format="PNG")
+    return out.getvalue()
 
 
 def _print_label(gateway: str, identity: Identity, png: Path | None, out: TextIO) -> None:
