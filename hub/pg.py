@@ -560,15 +560,11 @@ class PgStore:
     def stats(self) -> dict[str, Any]:
         """What :func:`hub.stats.summarize` makes of the rows, computed by the database:
         per (gateway, epoch) the count, readings and last seq, and the holes between
-        consecutive seqs; only the ranges come back, never a row per batch."""
-        from hub.stats import _minus, _no_batches
+        consecutive seqs; only the ranges come back, never a row per batch. The
+        totals are :func:`~hub.stats.summarize`'s own, from the counters."""
+        from hub.stats import _minus, _no_batches, summarize
 
         db = self.db
-        totals: Counter[str] = Counter()
-        for name, v in db.execute(
-            "SELECT substr(name, strpos(name, '/') + 1), sum(value) FROM counters GROUP BY 1"
-        ):
-            totals[name] += int(v)
         epochs = db.execute(
             "SELECT gw, epoch, count(*), sum(n), max(seq) FROM batches GROUP BY gw, epoch"
         ).fetchall()
@@ -620,17 +616,10 @@ class PgStore:
                     for f, last, n, r in drops
                 ],
             }
-        return {
-            "batches": totals.get("batches", 0),
-            "readings": totals.get("readings", 0),
-            "duplicates": totals.get("duplicates", 0),
-            "duplicate_readings": totals.get("duplicate_readings", 0),
-            "gap_notices": totals.get("gap_notices", 0),
-            "rejected": {
-                k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith("rejected.")
-            },
-            "gateways": gateways,
-        }
+        counters = [(str(k), int(v)) for k, v in db.execute("SELECT name, value FROM counters")]
+        out = summarize(counters=counters, batches=[], gaps=[], enrolled=[])
+        out["gateways"] = gateways
+        return out
 
     def close(self) -> None:
         self.db.close()
