@@ -42,6 +42,10 @@ def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+class _Refused(Exception):
+    """What the running hub cannot start with: (message, hint)."""
+
+
 def _setup_logging() -> None:
     """Log to stderr; under systemd (JOURNAL_STREAM set) without our own timestamps."""
     if "JOURNAL_STREAM" in os.environ:
@@ -115,10 +119,17 @@ def hub(
         ),
     ] = None,
     worker: Annotated[
-        str | None, typer.Option(help="this worker's name in the counters (default host-pid)")
+        str | None,
+        typer.Option(
+            help="this worker's name: its counters, its session (default: the host's name)"
+        ),
     ] = None,
-    no_shared: Annotated[
-        bool, typer.Option("--no-shared", help="plain subscription (brokers without $share)")
+    shared: Annotated[
+        bool,
+        typer.Option(
+            help="several workers split the load ($share); on Mosquitto 2.0 this"
+            " subscription does not survive a broker restart (docs/hub.md)",
+        ),
     ] = False,
     sharded: Annotated[
         bool,
@@ -126,8 +137,33 @@ def hub(
             "--sharded", help="readings into <db>.shards/<worker>.sqlite3 (needs --worker)"
         ),
     ] = False,
+    persistent: Annotated[
+        bool,
+        typer.Option(
+            help="a persistent session (client id vitals-hub-WORKER): the broker keeps"
+            " what arrives while this worker is away",
+        ),
+    ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="serve Prometheus metrics on this port (GET /metrics); 0: any free port",
+            min=0,
+            max=65535,
+            show_default=False,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="address the metrics endpoint listens on")
+    ] = "127.0.0.1",
 ) -> None:
-    """Run a hub worker (several share the load through a shared subscription)."""
+    """Run a hub worker (several split the load with --shared).
+
+    It stays up through broker restarts (reconnects with back-off, one line when
+    the broker goes, one when it is back) and ends on SIGTERM within seconds,
+    writing what it holds first. A message is acknowledged to the broker only
+    once it is written.
+    """
     ctx.obj = {"db": db}
     if ctx.invoked_subcommand is not None:
         return  # `token` and `stats` need no MQTT
@@ -136,21 +172,23 @@ def hub(
     if sharded and not worker:
         raise _fail("--sharded needs --worker NAME", "the name is the shard's file", 2)
     _require("vitals hub", "aiomqtt")
+    if metrics_port is not None:
+        _require("vitals hub --metrics-port", "prometheus_client")
     from hub.core import HubCore
     from hub.enroll import EnrollmentDesk, hub_key_path, load_or_create_hub_key
     from hub.enroll import serve as serve_enroll
-    from hub.worker import Hub
+    from hub.worker import Hub, quiet_closed_sockets
 
     _setup_logging()
     import socket
 
+    # a persistent session needs a name that survives a restart: the host's (give each
+    # worker of one host its own --worker); otherwise host and process
+    name = worker or (
+        socket.gethostname() if persistent else f"{socket.gethostname()}-{os.getpid()}"
+    )
     try:
-        core = HubCore(
-            db,
-            worker=worker or f"{socket.gethostname()}-{os.getpid()}",
-            sharded=sharded,
-            prefix=prefix,
-        )
+        core = HubCore(db, worker=name, sharded=sharded, prefix=prefix)
     except (OSError, sqlite3.Error, VitalsError) as exc:
         raise _db_problem(db, exc) from None
     for gw, key in trusted:
@@ -159,26 +197,54 @@ def hub(
         except (ValueError, VitalsError) as exc:
             core.close()
             raise _fail(f"--trust {gw}: {exc}", "check the gateway id and its key", 2) from None
+    log = logging.getLogger("hub")
 
     async def _main() -> None:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(quiet_closed_sockets)
         for sig in (signal.SIGINT, signal.SIGTERM):
             if task:
                 loop.add_signal_handler(sig, task.cancel)
         desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
+        worker_ = Hub(core, host=host, port=port, shared=shared, persistent=persistent)
+        log.info(
+            "hub worker %s on %s:%d, prefix %s, database %s%s",
+            name,
+            host,
+            port,
+            prefix,
+            db,
+            (" (persistent session)" if persistent else "") + (" (shared)" if shared else ""),
+        )
+        server = None
+        if metrics_port is not None:
+            from hub.metrics import Metrics, start_metrics
+
+            try:
+                server = await start_metrics(Metrics(core, worker_), metrics_host, metrics_port)
+            except OSError as exc:
+                raise _Refused(
+                    f"--metrics-port {metrics_port} on {metrics_host}: {exc.strerror or exc}",
+                    "another process listens there: choose another --metrics-port",
+                ) from None
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(serve_enroll(desk, host=host, port=port), name="hub.enroll")
+            if server is not None:
+                tg.create_task(server.serve_forever(), name="hub.metrics")
             tg.create_task(
-                Hub(core, host=host, port=port, shared=not no_shared).run(), name="hub.worker"
+                serve_enroll(desk, host=host, port=port, shared=shared), name="hub.enroll"
             )
+            tg.create_task(worker_.run(), name="hub.worker")
 
     try:
         asyncio.run(_main())
     except asyncio.CancelledError:
         pass
+    except _Refused as exc:
+        raise _fail(exc.args[0], exc.args[1]) from None
     finally:
         core.close()
+        logging.getLogger("hub").info("hub worker %s stopped; everything it held is written", name)
 
 
 @hub_app.command("token")
@@ -294,3 +360,5 @@ def hub_stats_cmd(
         f"duplicates dropped: {stats['duplicates']}  gap notices: {stats['gap_notices']}  "
         f"rejected: {stats['rejected'] or 'none'}"
     )
+    if stats.get("enrollments"):
+        typer.echo(f"enrollment requests: {stats['enrollments']}")

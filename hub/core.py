@@ -114,8 +114,13 @@ class HubCore:
             (gw, kid): (pub, revoked) for gw, kid, pub, revoked in store.enrolled_keys()
         }
         self._seen: dict[tuple[str, int], set[int]] = {}
+        self._top: dict[tuple[str, int], int] = {}  # the highest seq seen
         for gw, epoch, seq in store.seen():
             self._seen.setdefault((gw, epoch), set()).add(seq)
+            if seq > self._top.get((gw, epoch), -1):
+                self._top[(gw, epoch)] = seq
+        # ranges gateways declared dropped (gap notices) since this worker started
+        self._dropped: dict[tuple[str, int], set[tuple[int, int]]] = {}
         self.closed = False
         # per buffered batch: its claim row and its readings
         self._batch_rows: list[BatchRow] = []
@@ -224,6 +229,8 @@ class HubCore:
         except ProtocolError as exc:
             return self._refuse(Outcome.BAD_PAYLOAD, h.gw, str(exc))
         seen.add(h.seq)
+        if h.seq > self._top.get((h.gw, h.epoch), -1):
+            self._top[(h.gw, h.epoch)] = h.seq
         self._batch_rows.append(
             (h.gw, h.epoch, h.seq, h.n, h.t0, h.t1, time.time_ns() // 1_000_000, self.worker)
         )
@@ -267,6 +274,21 @@ class HubCore:
         """Every (epoch, seq) of ``gateway`` verified so far (stored or buffered)."""
         return {(e, s) for (gw, e), seqs in self._seen.items() if gw == gateway for s in seqs}
 
+    def missing(self) -> dict[str, int]:
+        """Per gateway: batches below its highest seq (per epoch) that neither arrived
+        nor were declared dropped in a gap notice this worker received. Cheap (no
+        database): what ``vitals hub stats`` computes exactly from the database."""
+        out: dict[str, int] = {}
+        for (gw, epoch), top in self._top.items():
+            dropped = sum(
+                min(last, top) - first + 1
+                for first, last in self._dropped.get((gw, epoch), ())
+                if first <= top
+            )
+            n = top + 1 - len(self._seen[(gw, epoch)]) - dropped
+            out[gw] = out.get(gw, 0) + max(0, n)
+        return out
+
     @property
     def buffered(self) -> int:
         """Batches verified but not yet written."""
@@ -303,6 +325,8 @@ class HubCore:
         except ProtocolError as exc:
             return self._refuse(Outcome.MALFORMED_GAP, topic_gw, str(exc))
         self.flush()
+        for g in ranges:
+            self._dropped.setdefault((topic_gw, g.epoch), set()).add((g.first, g.last))
         now = time.time_ns() // 10**6
         new = self.store.write_gaps(
             [(topic_gw, g.epoch, g.first, g.last, g.readings, g.reason, now) for g in ranges]

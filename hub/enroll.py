@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hub.core import HubCore
+from hub.reconnect import Outage
 from hub.store import is_url
 from protocols import ed25519, enroll, envelope, topics
 from protocols.errors import KeyFormatError, ProtocolError, SignatureError
@@ -135,6 +136,7 @@ class EnrollmentDesk:
         except ProtocolError as exc:
             status, enrolled, detail = "malformed", b"", str(exc)
         self.core.counters[f"enroll.{status}"] += 1
+        self.core.flush()  # the counters written now: enrollments are rare
         if status != enroll.ENROLLED and (topic_gw, status) not in self._logged:
             self._logged.add((topic_gw, status))
             log.warning("enrollment of %s refused: %s (%s)", topic_gw, status, detail)
@@ -220,11 +222,21 @@ async def serve(
     tls: ssl.SSLContext | None = None,
     ready: asyncio.Event | None = None,
     retire_every_s: float = 60.0,
+    shared: bool = True,
+    backoff_max_s: float = 5.0,
 ) -> None:
-    """Answer enrollment requests from the broker until cancelled."""
-    import aiomqtt  # the demo extra: `vitals hub token` works without it
+    """Answer enrollment requests from the broker until cancelled, reconnecting with
+    back-off when it goes away (:class:`~hub.reconnect.Outage`).
+
+    ``shared``: the desks of several hub workers split the requests (``$share``),
+    so one request gets one answer (without it, every desk would answer, and all
+    but the first with ``token_used``)."""
+    import aiomqtt  # the hub extra: `vitals hub token` works without it
 
     flt = topics.enroll_filter(desk.prefix)
+    if shared:
+        flt = topics.shared("hub-enroll", flt)
+    outage = Outage(log, "enrollment desk", host, port, cap_s=backoff_max_s)
     while True:
         try:
             async with aiomqtt.Client(
@@ -232,10 +244,13 @@ async def serve(
                 port,
                 identifier=f"vitals-enroll-desk-{os.getpid()}-{id(desk):x}",
                 tls_context=tls,
+                timeout=5.0,
+                logger=logging.getLogger("hub.mqtt"),  # quiet: hub.worker
             ) as client:
                 await client.subscribe(flt, qos=1)
                 if ready is not None:
                     ready.set()
+                outage.up()
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(_retire(desk, retire_every_s), name="enroll.retire")
                     async for msg in client.messages:
@@ -244,11 +259,10 @@ async def serve(
                         answer = desk.handle_enroll_request(str(msg.topic), bytes(msg.payload))
                         if answer is not None:
                             await client.publish(answer[0], answer[1], qos=1)
-        except aiomqtt.MqttError as exc:
+        except* aiomqtt.MqttError as group:  # raised inside the TaskGroup too: a group
             if ready is not None:
                 ready.clear()
-            log.warning("enrollment desk lost the broker %s:%d: %s; retrying", host, port, exc)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(outage.down(group.exceptions[0]))
 
 
 async def _retire(desk: EnrollmentDesk, every_s: float) -> None:

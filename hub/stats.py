@@ -97,6 +97,10 @@ def summarize(
         "duplicate_readings": totals.get("duplicate_readings", 0),
         "gap_notices": totals.get("gap_notices", 0),
         "rejected": {k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith("rejected.")},
+        # enrollment requests by the desk's answer: "enrolled" and every refusal
+        "enrollments": {
+            k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith("enroll.")
+        },
         "gateways": gateways,
     }
 

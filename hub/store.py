@@ -293,7 +293,9 @@ class SqliteStore:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on disk when it returns; the worker acknowledges the
+        # messages to the broker after it (one fsync per flush, not per message)
+        self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
         self.db.execute(_READINGS.format(schema="main"))
         _add_worker_column(self.db)
@@ -308,7 +310,7 @@ class SqliteStore:
             path.parent.mkdir(exist_ok=True)
             self.db.execute("ATTACH DATABASE ? AS shard", (str(path),))
             self.db.execute("PRAGMA shard.journal_mode=WAL")
-            self.db.execute("PRAGMA shard.synchronous=NORMAL")
+            self.db.execute("PRAGMA shard.synchronous=FULL")
             self.db.execute(_READINGS.format(schema="shard"))
 
     # -- start-up -------------------------------------------------------------

@@ -7,29 +7,61 @@ Several workers split the load of one broker through a shared subscription
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import ssl
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hub.core import HubCore
+from hub.reconnect import Outage
 from protocols import topics
 
 if TYPE_CHECKING:
     import aiomqtt
 
-__all__ = ["Hub"]
+__all__ = ["Hub", "quiet_closed_sockets"]
 
 log = logging.getLogger(__name__)
+# the MQTT client's own log: it says "failed to receive on socket" (at ERROR) for every
+# outage the worker reports itself, once, in its own words (hub.reconnect)
+_client_log = logging.getLogger("hub.mqtt")
+_client_log.setLevel(logging.CRITICAL)
+
+
+def quiet_closed_sockets(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An event loop exception handler: aiomqtt schedules add_writer for its socket from
+    the client's callback, and when the broker has just closed that socket the
+    callback fails with EBADF, which asyncio would print as a traceback. It is part
+    of an outage already reported; anything else goes to the default handler."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and exc.errno == errno.EBADF:
+        log.debug("a socket closed under the MQTT client: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
 
 
 class Hub:
     """A hub worker: :class:`HubCore` fed from MQTT through a shared subscription.
 
     With ``persistent=True`` the hub keeps a broker session (clean session off,
-    fixed client id): what gateways publish while the hub is away is queued
-    for it by the broker. Without it, a batch the broker acknowledged while no
-    hub was subscribed is gone, whatever the gateway does.
+    a client id stable across restarts: ``vitals-hub-<worker>``): what gateways
+    publish while the hub is away is queued for it by the broker. Without it, a
+    batch the broker acknowledged while no hub was subscribed is gone, whatever
+    the gateway does.
+
+    With ``ack_after_write`` (the default) a message is acknowledged to the
+    broker (PUBACK) only once what it carried is written: a hub killed between
+    receiving and writing gets it again from its session. aiomqtt 2.x has no
+    public manual acknowledgement (empicano/aiomqtt#345), so this reaches its
+    paho client (``manual_ack_set``, ``ack``), which aiomqtt pins (<3). The
+    broker then bounds the messages in flight to a worker by its
+    ``max_inflight_messages`` (Mosquitto: 20 by default; 0 is no bound).
+
+    The connection is retried for ever with jittered, capped back-off; an
+    outage is logged once when it starts and once when it ends
+    (:class:`~hub.reconnect.Outage`).
     """
 
     def __init__(
@@ -43,17 +75,27 @@ class Hub:
         shared: bool = True,
         client_id: str = "",
         persistent: bool = False,
+        ack_after_write: bool = True,
         flush_interval_s: float = 0.2,
+        backoff_max_s: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.core = core
         self.host, self.port, self.group = host, port, group
         self.prefix = core.prefix if prefix is None else prefix
         self.shared = shared  # amqtt (the demo's embedded broker) has no shared subscriptions
-        self.client_id = client_id or f"vitals-hub-{id(self):x}"
+        if not client_id:
+            client_id = f"vitals-hub-{core.worker}" if persistent else f"vitals-hub-{id(self):x}"
+        self.client_id = client_id
         self.persistent = persistent
+        self.ack_after_write = ack_after_write
         self.flush_interval_s = flush_interval_s
+        self.tls = tls
         self.subscribed = asyncio.Event()
         self.results: Counter[str] = Counter()
+        self.outage = Outage(log, "hub worker", host, port, cap_s=backoff_max_s)
+        self._unacked: list[tuple[int, int]] = []  # (mid, qos) of messages not yet written
+        self._paho: Any = None  # the connected client's paho client, for manual acks
 
     def _filters(self) -> list[str]:
         out = []
@@ -63,53 +105,75 @@ class Hub:
         out.append(topics.subscription("meta", self.prefix))
         return out
 
+    def commit(self) -> None:
+        """Write what the core holds, then acknowledge every message it came in."""
+        self.core.flush()
+        unacked, self._unacked = self._unacked, []
+        paho = self._paho
+        if paho is not None:
+            for mid, qos in unacked:
+                paho.ack(mid, qos)
+
     async def run(self) -> None:
-        """Receive until cancelled, reconnecting when the broker goes away."""
-        import aiomqtt  # the demo extra: `vitals hub stats` and `token` work without it
+        """Receive until cancelled, reconnecting when the broker goes away; on the way
+        out (SIGTERM) write what is held and acknowledge it."""
+        import aiomqtt  # the hub extra: `vitals hub stats` and `token` work without it
 
         try:
             while True:
+                client = aiomqtt.Client(
+                    self.host,
+                    self.port,
+                    identifier=self.client_id,
+                    clean_session=not self.persistent,
+                    max_queued_incoming_messages=100_000,
+                    tls_context=self.tls,
+                    logger=_client_log,
+                    timeout=5.0,
+                )
+                if self.ack_after_write:
+                    client._client.manual_ack_set(True)
                 try:
-                    async with aiomqtt.Client(
-                        self.host,
-                        self.port,
-                        identifier=self.client_id,
-                        clean_session=not self.persistent,
-                        max_queued_incoming_messages=100_000,
-                    ) as client:
+                    async with client:
                         for f in self._filters():
                             await client.subscribe(f, qos=1)
+                        self._paho = client._client if self.ack_after_write else None
                         self.subscribed.set()
-                        async with asyncio.TaskGroup() as tg:
-                            tg.create_task(self._flusher(), name="hub.flush")
-                            tg.create_task(self._receive(client), name="hub.receive")
-                            tg.create_task(self._clock(client), name="hub.time")
+                        self.outage.up()
+                        try:
+                            async with asyncio.TaskGroup() as tg:
+                                tg.create_task(self._flusher(), name="hub.flush")
+                                tg.create_task(self._receive(client), name="hub.receive")
+                                tg.create_task(self._clock(client), name="hub.time")
+                        finally:
+                            # lost or stopping: write what is held; the acks go out only
+                            # if the connection is still up (else the session redelivers)
+                            self.commit()
+                            self._paho = None
                 except* aiomqtt.MqttError as group:
                     self.subscribed.clear()
-                    self.core.flush()
-                    log.warning(
-                        "hub lost the broker %s:%d: %s; retrying",
-                        self.host,
-                        self.port,
-                        group.exceptions[0],
-                    )
-                    await asyncio.sleep(0.5)
+                    self._paho = None
+                    self.commit()
+                    await asyncio.sleep(self.outage.down(group.exceptions[0]))
         finally:
+            self._paho = None
             self.core.flush()
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         core, results = self.core, self.results
         async for msg in client.messages:
             payload = msg.payload
-            if isinstance(payload, (bytes, bytearray)):
+            if isinstance(payload, bytes | bytearray):
                 results[core.handle(msg.topic.value, bytes(payload))] += 1
-            if core.buffered and not len(client.messages):
+            if msg.qos and self._paho is not None:
+                self._unacked.append((msg.mid, msg.qos))
+            if (core.buffered or self._unacked) and not len(client.messages):
                 # one turn of the loop lets the client read what the socket holds; if
                 # nothing came, the broker has nothing more queued: write now rather
                 # than at the flusher's next tick (under load the queue is never empty)
                 await asyncio.sleep(0)
                 if not len(client.messages):
-                    core.flush()
+                    self.commit()
 
     async def _clock(self, client: aiomqtt.Client, every_s: float = 1.0) -> None:
         """The hub's time, each second, retained: ``vitals diag uplink`` checks a
@@ -122,5 +186,5 @@ class Hub:
     async def _flusher(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval_s)
-            if self.core.buffered:
-                self.core.flush()
+            if self.core.buffered or self._unacked:
+                self.commit()
