@@ -42,6 +42,16 @@ def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+_STORE_ERRORS = (OSError, sqlite3.Error, VitalsError)
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 class _Refused(Exception):
     """What the running hub cannot start with: (message, hint)."""
 
@@ -236,15 +246,29 @@ def hub(
             )
             tg.create_task(worker_.run(), name="hub.worker")
 
+    failed: BaseException | None = None
     try:
         asyncio.run(_main())
     except asyncio.CancelledError:
         pass
     except _Refused as exc:
-        raise _fail(exc.args[0], exc.args[1]) from None
-    finally:
         core.close()
-        logging.getLogger("hub").info("hub worker %s stopped; everything it held is written", name)
+        raise _fail(exc.args[0], exc.args[1]) from None
+    except BaseExceptionGroup as group:  # a task's error: the database's are the ones expected
+        failed = _first(group)
+        if not isinstance(failed, _STORE_ERRORS):
+            raise
+    try:
+        core.close()
+    except _STORE_ERRORS as exc:
+        failed = failed or exc
+    if failed is not None:
+        raise _fail(
+            f"hub worker {name} stopped: cannot write to {db}: {failed}",
+            "nothing unwritten was acknowledged: the broker keeps it for this worker's next"
+            " start; check the disk or the database",
+        )
+    log.info("hub worker %s stopped; everything it held is written", name)
 
 
 @hub_app.command("token")

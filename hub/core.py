@@ -127,6 +127,7 @@ class HubCore:
         self._batch_readings: list[list[Reading]] = []
         self._buffered_readings = 0
         self._flushing: list[BatchRow] = []
+        self._after: Counter[str] = self.counters
         # unknown keys looked up in the store again (another worker may have enrolled
         # them) at most every few seconds: a flood of unknown kids is no flood of queries
         self._unknown: dict[tuple[str, bytes], float] = {}
@@ -244,31 +245,37 @@ class HubCore:
 
     def flush(self) -> None:
         """Write the buffered batches, their readings and the counters (one
-        :meth:`~hub.store.Store.write_batches`)."""
+        :meth:`~hub.store.Store.write_batches`). If the write fails, the batches
+        stay buffered (a later flush tries again) and the error is raised: what
+        was not written must not be acknowledged (:meth:`hub.worker.Hub.commit`)."""
         if self.closed:
             return
         if not self._batch_rows:  # refusals are counted too
             self.store.save_counters(self.counters)
             return
-        batches, self._batch_rows = self._batch_rows, []
-        readings, self._batch_readings = self._batch_readings, []
-        self._buffered_readings = 0
-        self.counters["flushes"] += 1
+        batches, readings = self._batch_rows, self._batch_readings
         self._flushing = batches
         won = self.store.write_batches(batches, readings, self._lost)
+        self.counters = self._after
+        self._batch_rows, self._batch_readings, self._buffered_readings = [], [], 0
         if self.on_flush is not None:
             self.on_flush(batches, won)
 
     def _lost(self, won: list[bool]) -> Mapping[str, int]:
-        """The counters once the batches another worker stored first are duplicates."""
+        """The counters to write with the batches: a batch another worker stored first
+        is a duplicate. Computed on a copy (a store may call this again when it
+        retries its transaction), kept once the write succeeded."""
+        c = self.counters.copy()
+        c["flushes"] += 1
         for row, ok in zip(self._flushing, won, strict=True):
             if not ok:
-                self.counters["batches"] -= 1
-                self.counters["readings"] -= row[3]
-                self.counters["duplicates"] += 1
-                self.counters["duplicate_readings"] += row[3]
-                self.counters["duplicates_across_workers"] += 1
-        return self.counters
+                c["batches"] -= 1
+                c["readings"] -= row[3]
+                c["duplicates"] += 1
+                c["duplicate_readings"] += row[3]
+                c["duplicates_across_workers"] += 1
+        self._after = c
+        return c
 
     def delivered(self, gateway: str) -> set[tuple[int, int]]:
         """Every (epoch, seq) of ``gateway`` verified so far (stored or buffered)."""
@@ -399,7 +406,10 @@ class HubCore:
         return Outcome.META
 
     def close(self) -> None:
+        """Write what is buffered and close the store (closed even if the write fails)."""
         if not self.closed:
-            self.flush()
-            self.store.close()
-            self.closed = True
+            try:
+                self.flush()
+            finally:
+                self.store.close()
+                self.closed = True

@@ -96,6 +96,7 @@ class Hub:
         self.outage = Outage(log, "hub worker", host, port, cap_s=backoff_max_s)
         self._unacked: list[tuple[int, int]] = []  # (mid, qos) of messages not yet written
         self._paho: Any = None  # the connected client's paho client, for manual acks
+        self.write_failed: BaseException | None = None
 
     def _filters(self) -> list[str]:
         out = []
@@ -106,8 +107,14 @@ class Hub:
         return out
 
     def commit(self) -> None:
-        """Write what the core holds, then acknowledge every message it came in."""
-        self.core.flush()
+        """Write what the core holds, then acknowledge every message it came in. A
+        failed write acknowledges nothing, and the worker stops (:attr:`write_failed`):
+        its session keeps the messages for the next start."""
+        try:
+            self.core.flush()
+        except BaseException as exc:
+            self.write_failed = exc
+            raise
         unacked, self._unacked = self._unacked, []
         paho = self._paho
         if paho is not None:
@@ -148,16 +155,21 @@ class Hub:
                         finally:
                             # lost or stopping: write what is held; the acks go out only
                             # if the connection is still up (else the session redelivers)
-                            self.commit()
+                            if self.write_failed is None:
+                                self.commit()
                             self._paho = None
                 except* aiomqtt.MqttError as group:
                     self.subscribed.clear()
                     self._paho = None
+                    if self.write_failed is not None:
+                        raise self.write_failed from None
                     self.commit()
                     await asyncio.sleep(self.outage.down(group.exceptions[0]))
         finally:
             self._paho = None
-            self.core.flush()
+            self.subscribed.clear()
+            if self.write_failed is None:
+                self.core.flush()
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         core, results = self.core, self.results

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -26,9 +27,12 @@ import pytest
 from agent.provision import enroll_key
 from agent.state import create_identity
 from drivers.profiles import load_profile
+from hub.core import HubCore, Outcome
 from hub.stats import hub_stats
-from protocols import enroll, topics
-from simulator.broker import HOST, free_port, mosquitto_path
+from hub.worker import Hub
+from protocols import ed25519, enroll, envelope, topics
+from protocols.reading import Quality, Reading
+from simulator.broker import HOST, MosquittoBroker, free_port, mosquitto_path
 from simulator.tcp import TcpTerminal
 
 pytestmark = [
@@ -316,3 +320,44 @@ async def test_a_hub_started_before_its_broker_waits_for_it(tmp_path: Path) -> N
     assert "Traceback" not in log
     with contextlib.suppress(FileNotFoundError):
         os.unlink(db)
+
+
+async def test_a_message_is_acknowledged_only_once_written(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A worker whose write fails dies without acknowledging: the broker gives the
+    batch again to the worker's next run (same persistent session), which stores it.
+    Acknowledged on receipt, it would be gone."""
+    key = ed25519.PrivateKey.generate()
+    db = tmp_path / "hub.sqlite3"
+    core = HubCore(db, worker="w1")
+    core.enroll(GW, key.public_key().public_bytes_raw())
+
+    def disk_gone(*_: object) -> list[bool]:
+        raise OSError(errno.EIO, "disk gone")
+
+    core.store.write_batches = disk_gone  # type: ignore[method-assign]
+    first = Hub(core, host=mosquitto.host, port=mosquitto.port, persistent=True, shared=False)
+    task = asyncio.create_task(first.run())
+    await asyncio.wait_for(first.subscribed.wait(), 10)
+    t1 = time.time_ns() // 1_000_000
+    batch = envelope.seal([Reading(1, t1, 1.0, Quality.GOOD)], gateway=GW, epoch=1, seq=0, key=key)
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
+        await c.publish(topics.batch(GW), batch, qos=1)
+    with pytest.raises(ExceptionGroup) as died:
+        await asyncio.wait_for(task, 10)
+    assert died.group_contains(OSError, match="disk gone")
+    assert _stored(db) == 0
+
+    again = HubCore(db, worker="w1")
+    second = Hub(again, host=mosquitto.host, port=mosquitto.port, persistent=True, shared=False)
+    assert second.client_id == first.client_id == "vitals-hub-w1"
+    task = asyncio.create_task(second.run())
+    try:
+        await _wait("the batch again", lambda: second.results[Outcome.STORED] == 1, 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    again.close()
+    assert _stored(db) == 1
