@@ -17,6 +17,7 @@ the batches whose claim went in.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -374,16 +375,12 @@ class SqliteStore:
         before that leaves them, and :func:`open_readings` ignores them)."""
         if self.sharded:
             return self._write_sharded(batches, readings, counters)
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction("BEGIN IMMEDIATE"):
             won = self._claim(batches)
-            db.executemany(_INSERT_READINGS.format(schema="main"), _rows(batches, readings, won))
+            self.db.executemany(
+                _INSERT_READINGS.format(schema="main"), _rows(batches, readings, won)
+            )
             self._save_counters(counters(won))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return won
 
     def _write_sharded(
@@ -394,23 +391,13 @@ class SqliteStore:
     ) -> list[bool]:
         db = self.db
         # 1. the readings, into this worker's own file: in parallel with the other workers
-        db.execute("BEGIN")
-        try:
+        with self._transaction():
             base = db.execute("SELECT coalesce(max(rowid), 0) FROM shard.readings").fetchone()[0]
             db.executemany(_INSERT_READINGS.format(schema="shard"), _rows(batches, readings, None))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         # 2. the claims, in the shared file: small, serialised across workers
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction("BEGIN IMMEDIATE"):
             won = self._claim(batches)
             self._save_counters(counters(won))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         # 3. the batches another worker had first: our rows of them are orphans. One
         # transaction inserted them in order, so each batch's rows are a rowid range.
         lost: list[tuple[int, int]] = []
@@ -420,10 +407,25 @@ class SqliteStore:
                 lost.append((first, first + row[3] - 1))
             first += row[3]
         if lost:
-            db.execute("BEGIN")
-            db.executemany("DELETE FROM shard.readings WHERE rowid BETWEEN ? AND ?", lost)
-            db.execute("COMMIT")
+            with self._transaction():
+                db.executemany("DELETE FROM shard.readings WHERE rowid BETWEEN ? AND ?", lost)
         return won
+
+    @contextlib.contextmanager
+    def _transaction(self, begin: str = "BEGIN") -> Iterator[None]:
+        self.db.execute(begin)
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if SQLite has not already (it rolls back by
+        itself on SQLITE_FULL: a ROLLBACK then would hide "database or disk is full")."""
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
     def _claim(self, batches: list[BatchRow]) -> list[bool]:
         return [self.db.execute(_INSERT_BATCH, row).rowcount == 1 for row in batches]
@@ -435,18 +437,16 @@ class SqliteStore:
         )
 
     def save_counters(self, counters: Mapping[str, int]) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-        self._save_counters(counters)
-        self.db.execute("COMMIT")
+        with self._transaction("BEGIN IMMEDIATE"):
+            self._save_counters(counters)
 
     def write_gaps(self, rows: list[GapRow]) -> int:
-        self.db.execute("BEGIN")
-        cur = self.db.executemany(
-            "INSERT OR IGNORE INTO gaps (gw, epoch, first, last, readings, reason, received_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        self.db.execute("COMMIT")
+        with self._transaction():
+            cur = self.db.executemany(
+                "INSERT OR IGNORE INTO gaps (gw, epoch, first, last, readings, reason, received_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
         return max(0, cur.rowcount)
 
     def write_event(self, row: EventRow) -> bool:
@@ -458,13 +458,12 @@ class SqliteStore:
         return cur.rowcount == 1
 
     def write_points(self, rows: list[PointRow]) -> None:
-        self.db.execute("BEGIN")
-        self.db.executemany(
-            "INSERT OR REPLACE INTO points (gw, id, device, name, unit, domain, cls, indicator, epoch)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        self.db.execute("COMMIT")
+        with self._transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO points (gw, id, device, name, unit, domain, cls, indicator, epoch)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
     # -- the enrollment desk ----------------------------------------------------
 

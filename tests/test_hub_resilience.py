@@ -361,3 +361,85 @@ async def test_a_message_is_acknowledged_only_once_written(
             await task
     again.close()
     assert _stored(db) == 1
+
+
+def _text(log: Path) -> str:
+    return log.read_text()
+
+
+def _mount(where: Path, size: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for a real full disk needs root (CI runs as root)")
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {where}: {r.stderr.strip() or r.returncode}")
+
+
+def _sh(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def _spawn_hub(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([*VITALS, "hub", *args], stdout=out, stderr=out)
+
+
+async def test_a_full_disk_stops_the_hub_and_loses_nothing(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The hub's database on a 1 MiB tmpfs: gateways send until it is full. The hub
+    stops with one line (nothing unwritten acknowledged); with room again, its next
+    start gets every batch from its persistent session: all of them stored once."""
+    disk = tmp_path / "disk"
+    _mount(disk, "1m")
+    try:
+        key = ed25519.PrivateKey.generate()
+        args = [
+            "--db",
+            str(disk / "hub.sqlite3"),
+            "--broker",
+            f"{mosquitto.host}:{mosquitto.port}",
+            "--worker",
+            "w1",
+            "--trust",
+            f"{GW}={key.public_key().public_bytes_raw().hex()}",
+        ]
+        log = tmp_path / "hub.log"
+        hub = _spawn_hub(args, log)
+        await _hub_time_after(mosquitto.port, 0.0)
+        t1 = time.time_ns() // 1_000_000
+        sent = 60  # 500 readings each: several MiB in SQLite
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
+            for seq in range(sent):
+                readings = [
+                    Reading(p, t1 - 500 + i, float(seq * 1000 + i) + 0.123, Quality.GOOD)
+                    for i, p in enumerate(range(500))
+                ]
+                data = envelope.seal(readings, gateway=GW, epoch=1, seq=seq, key=key)
+                await c.publish(topics.batch(GW), data, qos=1)
+        rc = await asyncio.to_thread(hub.wait, 30)
+        text = _text(log)
+        assert rc == 1, text
+        assert "Traceback" not in text, text
+        assert "error: hub worker w1 stopped: cannot write to" in text, text
+        assert "disk is full" in text, text  # SQLite's words, not a later ROLLBACK's
+        assert "hint: nothing unwritten was acknowledged" in text, text
+
+        r = _sh("mount", "-o", "remount,size=64m", str(disk))
+        assert r.returncode == 0, r.stderr
+        hub = _spawn_hub(args, log)
+        try:
+            await _wait("every batch", lambda: _stored(disk / "hub.sqlite3") == sent, 30)
+        finally:
+            hub.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(hub.wait, 15) == 0, _text(log)
+        stats = hub_stats(disk / "hub.sqlite3")
+        assert stats["gateways"][GW]["missing_batches"] == 0
+        assert stats["readings"] == sent * 500
+    finally:
+        _sh("umount", "-l", str(disk))
