@@ -207,6 +207,13 @@ def hub(
         except (ValueError, VitalsError) as exc:
             core.close()
             raise _fail(f"--trust {gw}: {exc}", "check the gateway id and its key", 2) from None
+    try:
+        desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
+    except (OSError, ValueError) as exc:
+        core.close()
+        raise _fail(
+            f"the hub key: {exc}", "the hub key beside the database must be the hub's own, mode 600"
+        ) from None
     log = logging.getLogger("hub")
 
     async def _main() -> None:
@@ -216,7 +223,6 @@ def hub(
         for sig in (signal.SIGINT, signal.SIGTERM):
             if task:
                 loop.add_signal_handler(sig, task.cancel)
-        desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
         worker_ = Hub(core, host=host, port=port, shared=shared, persistent=persistent)
         log.info(
             "hub worker %s on %s:%d, prefix %s, database %s%s",
@@ -257,6 +263,7 @@ def hub(
     except BaseExceptionGroup as group:  # a task's error: the database's are the ones expected
         failed = _first(group)
         if not isinstance(failed, _STORE_ERRORS):
+            core.close()
             raise
     try:
         core.close()
