@@ -6,6 +6,12 @@ happens here, once. Sealed batches wait in a bounded hand-over list for the
 spool writer: a batch is in that list the moment it is sealed (so cancelling a
 bus task can never lose one), and when the list is full the buses wait, so a
 slow disk slows the buses down instead of eating memory.
+
+Clock truth (:mod:`agent.clock`): a batch holds readings of one clock state
+only. While the gateway's clock is unsynchronised its batches say so
+(``"clock": "unsynced"``); when it syncs, the open batch is sealed, and the
+next :data:`FIX_BATCHES` batches carry the clock's correction for this epoch,
+under their signature, through the spool, to the hub.
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ from protocols import envelope
 from protocols.ed25519 import PrivateKey
 from protocols.reading import Reading
 
-__all__ = ["Batcher", "Sealed"]
+__all__ = ["FIX_BATCHES", "Batcher", "Sealed"]
+
+# batches after a sync that carry the correction: the spool drops oldest first, so
+# while any unsynchronised batch is left to correct, these are behind it
+FIX_BATCHES = 64
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,10 @@ class Batcher:
         self._wake = asyncio.Event()
         self.readings_in = 0
         self.batches_sealed = 0
+        # test clocks without a sync state are synchronised
+        self._synced: bool = getattr(clock, "synced", True)
+        self._fix: tuple[int, int, int] | None = None  # (offset_ms, until, last_seq)
+        self._fix_left = 0
 
     @property
     def next_seq(self) -> int:
@@ -87,6 +101,8 @@ class Batcher:
     async def add(self, readings: Iterable[Reading]) -> None:
         """Add readings; seals (and waits for room in the spool queue) when full."""
         items = readings if isinstance(readings, list) else list(readings)
+        if getattr(self._clock, "synced", True) is not self._synced:
+            await self._clock_changed()
         done, n = 0, len(items)
         while done < n:
             if not self._open:
@@ -127,6 +143,24 @@ class Batcher:
                 continue
             await self._seal()
 
+    async def _clock_changed(self) -> None:
+        """Seal what was stamped in the old clock state; after a sync, carry the fix.
+
+        The fix names the batches it corrects (``seq <= last_seq``) and the stamps
+        (``ts < until``). A clock that was behind (the usual case: a Pi booting
+        with an old time) stamps after the sync at ``until + offset`` and later,
+        so the first batch after the sync is included: readings stamped just
+        before the sync and handed over just after it are corrected too.
+        """
+        if self._open:
+            await self._seal()
+        self._synced = not self._synced
+        fix = getattr(self._clock, "fix", None)
+        if self._synced and fix is not None:
+            last = self._seq if fix.offset_ms > 0 else self._seq - 1
+            if last >= 0:
+                self._fix, self._fix_left = (fix.offset_ms, fix.until, last), FIX_BATCHES
+
     async def _seal(self) -> None:
         readings, self._open = self._open, []
         seq = self._seq
@@ -138,7 +172,11 @@ class Batcher:
             epoch=self._epoch,
             seq=seq,
             enc=self._enc,
+            unsynced=not self._synced,
+            fix=self._fix if self._fix_left > 0 else None,
         )
+        if self._fix_left > 0:
+            self._fix_left -= 1
         t0 = min(map(_ts, readings))
         self.batches_sealed += 1
         self._sealed.append(Sealed(self._epoch, seq, len(readings), t0, data))

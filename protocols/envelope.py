@@ -45,6 +45,7 @@ from protocols.reading import Reading
 
 __all__ = [
     "BATCH_DOMAIN",
+    "CLOCK_UNSYNCED",
     "META_DOMAIN",
     "VERSION",
     "BatchHeader",
@@ -153,12 +154,16 @@ class SignedMessage:
         except InvalidSignature as exc:
             raise SignatureError(f"{domain} signature does not verify") from exc
 
-    def fields(self, schema: Mapping[str, type]) -> dict[str, ProtectedValue]:
+    def fields(
+        self, schema: Mapping[str, type], optional: Mapping[str, type] | None = None
+    ) -> dict[str, ProtectedValue]:
         """The protected map, checked against ``schema`` (key -> exact type).
 
-        Exactly the schema's keys, each once, each of its exact type (a bool is
-        not an int), no trailing bytes: anything else raises :class:`FrameError`.
+        Exactly the schema's keys (and any of ``optional``'s), each once, each of
+        its exact type (a bool is not an int), no trailing bytes: anything else
+        raises :class:`FrameError`.
         """
+        optional = optional or {}
         try:
             pairs = msgpack.unpackb(
                 self.protected, raw=False, strict_map_key=True, object_pairs_hook=list
@@ -171,9 +176,9 @@ class SignedMessage:
         for name, value in pairs:
             if name in out:
                 raise FrameError(f"protected header: key {name!r} appears twice")
-            if name not in schema:
+            want = schema.get(name) or optional.get(name)
+            if want is None:
                 raise FrameError(f"protected header: unknown key {name!r}")
-            want = schema[name]
             if type(value) is not want:
                 raise FrameError(
                     f"protected header: {name!r} must be {want.__name__}, "
@@ -252,7 +257,12 @@ class BatchHeader:
     """The protected header of a batch.
 
     ``t0``/``t1`` are the earliest and latest reading times (ms, UTC), ``n``
-    the number of readings, ``enc`` the payload encoding.
+    the number of readings, ``enc`` the payload encoding. Optional:
+    ``clock`` is ``"unsynced"`` when the gateway's clock was not synchronised
+    (its readings are stamped from its monotonic clock); ``fix_offset_ms``,
+    ``fix_until`` and ``fix_last_seq`` (all three or none) are the gateway's clock
+    correction for this epoch: readings of batches ``seq <= fix_last_seq`` stamped
+    ``ts < fix_until`` are truly at ``ts + fix_offset_ms``.
     """
 
     gw: str
@@ -263,6 +273,15 @@ class BatchHeader:
     t1: int
     n: int
     enc: str
+    clock: str = ""
+    fix_offset_ms: int | None = None
+    fix_until: int | None = None
+    fix_last_seq: int | None = None
+
+    @property
+    def unsynced(self) -> bool:
+        """The gateway said its clock was not synchronised when it stamped these."""
+        return self.clock == CLOCK_UNSYNCED
 
 
 _BATCH_SCHEMA: Final[Mapping[str, type]] = {
@@ -275,6 +294,15 @@ _BATCH_SCHEMA: Final[Mapping[str, type]] = {
     "n": int,
     "enc": str,
 }
+_BATCH_OPTIONAL: Final[Mapping[str, type]] = {
+    "clock": str,
+    "fix_offset_ms": int,
+    "fix_until": int,
+    "fix_last_seq": int,
+}
+CLOCK_UNSYNCED: Final = "unsynced"
+_FIX_KEYS: Final = ("fix_offset_ms", "fix_until", "fix_last_seq")
+_MAX_OFFSET_MS: Final = 100 * 366 * 86_400_000  # a century either way
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,14 +345,22 @@ def seal(
     epoch: int,
     seq: int,
     enc: str = "msgpack+zlib",
+    unsynced: bool = False,
+    fix: tuple[int, int, int] | None = None,
 ) -> bytes:
     """The wire bytes of a signed batch of ``readings`` (1 to MAX_READINGS of them).
 
+    ``unsynced``: stamped while the gateway's clock was not synchronised.
+    ``fix``: the epoch's clock correction ``(offset_ms, until, last_seq)``.
     Raises :class:`LocalError` for arguments or readings that cannot be encoded.
     """
     _check_gateway(gateway)
     _check_counter("epoch", epoch)
     _check_counter("seq", seq)
+    if fix is not None:
+        offset_ms, until, last_seq = fix
+        if not (abs(offset_ms) <= _MAX_OFFSET_MS and 0 <= until <= MAX_TS and last_seq >= 0):
+            raise LocalError(f"clock correction {fix!r} is out of range")
     payload, t0, t1 = encode_readings_span(readings, enc=enc)
     protected: dict[str, ProtectedValue] = {
         "gw": gateway,
@@ -336,6 +372,10 @@ def seal(
         "n": len(readings),
         "enc": enc,
     }
+    if unsynced:
+        protected["clock"] = CLOCK_UNSYNCED
+    if fix is not None:
+        protected.update(zip(_FIX_KEYS, fix, strict=True))
     return sign_message(BATCH_DOMAIN, protected, payload, key)
 
 
@@ -345,13 +385,23 @@ def parse(data: bytes) -> SealedBatch:
     :class:`FrameError` names what is malformed.
     """
     msg = parse_message(data)
-    f = msg.fields(_BATCH_SCHEMA)
+    f = msg.fields(_BATCH_SCHEMA, _BATCH_OPTIONAL)
     header = BatchHeader(**f)  # type: ignore[arg-type]  # types checked by fields()
     _check_common(header.gw, header.kid, header.epoch, header.enc)
     _check_range("seq", header.seq, 0, _U63)
     _check_range("n", header.n, 1, MAX_READINGS)
     _check_range("t0", header.t0, 0, MAX_TS)
     _check_range("t1", header.t1, header.t0, MAX_TS)
+    if "clock" in f and header.clock != CLOCK_UNSYNCED:
+        raise FrameError(f"protected header: clock must be {CLOCK_UNSYNCED!r}")
+    has_fix = [k in f for k in _FIX_KEYS]
+    if any(has_fix):
+        if not all(has_fix):
+            raise FrameError("protected header: fix_offset_ms, fix_until, fix_last_seq go together")
+        for name, low, high in zip(
+            _FIX_KEYS, (-_MAX_OFFSET_MS, 0, 0), (_MAX_OFFSET_MS, MAX_TS, _U63), strict=True
+        ):
+            _check_range(name, cast(int, f[name]), low, high)
     return SealedBatch(header, msg.protected, msg.payload, msg.signature)
 
 
