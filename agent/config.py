@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import ipaddress
 import json
 import re
 import zoneinfo
@@ -37,6 +38,7 @@ __all__ = [
     "DeviceConfig",
     "GatewayConfig",
     "LogConfig",
+    "MetricsConfig",
     "RuleConfig",
     "RuleTarget",
     "SpoolConfig",
@@ -147,6 +149,16 @@ class SpoolConfig:
 class LogConfig:
     level: str = "info"
     format: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint (``[metrics]``): off while ``listen`` is empty."""
+
+    listen: str = ""  # "127.0.0.1:9108" as written
+    host: str = ""
+    port: int = 0
+    allow_remote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +388,7 @@ class Config:
     # (device name, point name) -> point id
     point_ids: PointIds
     rules: tuple[RuleConfig, ...] = ()
+    metrics: MetricsConfig = MetricsConfig()
 
     def bus(self, name: str) -> BusConfig:
         for b in self.buses:
@@ -434,6 +447,10 @@ class Config:
                 "durability": self.spool.durability,
             },
             "log": {"level": self.log.level, "format": self.log.format},
+            "metrics": {
+                "listen": self.metrics.listen,
+                "allow_remote": self.metrics.allow_remote,
+            },
             "buses": [_bus_dict(b) for b in self.buses],
             "devices": [
                 {
@@ -505,6 +522,7 @@ def parse_config(
     batch = _batch(root.get_table("batch"))
     spool = _spool(root.get_table("spool"))
     log = _log(root.get_table("log"))
+    metrics = _metrics(root.get_table("metrics"))
 
     buses: list[BusConfig] = []
     bus_index: dict[str, int] = {}
@@ -583,6 +601,7 @@ def parse_config(
         points=points,
         point_ids=ids,
         rules=tuple(rules),
+        metrics=metrics,
     )
 
 
@@ -702,6 +721,30 @@ def _log(t: Table) -> LogConfig:
     )
     t.finish()
     return out
+
+
+def _metrics(t: Table) -> MetricsConfig:
+    listen = t.get_str("listen", max_len=300)
+    allow_remote = t.get_bool("allow_remote")
+    t.finish()
+    if not listen:
+        return MetricsConfig(allow_remote=allow_remote)
+    host, sep, port_s = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        t.add("listen", f"'{listen}' is not host:port; write e.g. \"127.0.0.1:9108\"")
+        return MetricsConfig()
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_remote:
+        t.add(
+            "listen",
+            f"{host} is not a loopback address: anyone who reaches it reads the gateway's "
+            "counters; set allow_remote = true to mean it, or listen on 127.0.0.1",
+        )
+    return MetricsConfig(listen=listen, host=host, port=int(port_s), allow_remote=allow_remote)
 
 
 def _bus(t: Table) -> BusConfig | None:

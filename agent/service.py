@@ -318,6 +318,13 @@ class Agent:
                     StatusWriter(self, on_write=self._notify_status).run(),
                     name="status.write",
                 )
+                metrics = []
+                if self.config.metrics.listen:  # prometheus-client imported only then
+                    from agent.metrics import serve_metrics
+
+                    m = self.config.metrics
+                    serve = serve_metrics(self, m.host, m.port)
+                    metrics.append(tg.create_task(serve, name="metrics.http"))
                 self.ready.set()
                 self.notifier.ready(f"gateway {self.config.gateway.id}")
                 # start-up objects (configuration, point table, pollers) live as long as
@@ -342,7 +349,7 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     left = max(0.0, drain_until - loop.time())
                     await asyncio.wait_for(self.spool.empty.wait(), left)
-                await _end([uplink, *([events_out] if events_out else []), acks, status])
+                await _end([uplink, *([events_out] if events_out else []), acks, status, *metrics])
         finally:
             left = self.spool.statistics()["depth_batches"]
             if left:

@@ -1,0 +1,304 @@
+"""The gateway's Prometheus endpoint: ``[metrics] listen = "127.0.0.1:9108"``.
+
+Off unless configured; this module (and prometheus-client) is imported only
+then, so ``vitals run`` without metrics pays nothing. Nothing is counted for it
+on the hot path: :class:`AgentCollector` reads ``Agent.statistics()`` at each
+scrape and turns it into metric families. The endpoint is served from the
+agent's own event loop (an asyncio handler, no thread): the counters are read
+where they are kept, never while a poll changes them.
+
+Labels are only ``bus``, ``device``, ``reason``, ``state``, ``status``: names
+the configuration fixes, never a point or a value, so the series are bounded by
+the configuration. Reply time is a gauge (the last poll's round trip per
+device, ``vitals_device_reply_seconds``): a histogram would need an observation
+on every poll, the hot path this endpoint stays off (docs/decisions.md).
+
+=====================================================  ============================
+``vitals_bus_transactions_total{bus}``                 requests answered or not
+``vitals_bus_timeouts_total{bus}``                     requests never answered
+``vitals_bus_bad_frames_total{bus}``                   CRC, framing, MBAP errors
+``vitals_bus_late_replies_total{bus}``                 replies after their timeout
+``vitals_bus_link_downs_total{bus}``                   link lost (port, connection)
+``vitals_bus_online{bus}``                             1 while the link is up
+``vitals_device_polls_total{bus,device}``              polls
+``vitals_device_polls_failed_total{bus,device}``       polls without a good reply
+``vitals_device_reply_seconds{bus,device}``            the last reply's round trip
+``vitals_device_state{bus,device,state}``              1 for the device's state
+``vitals_spool_batches`` / ``_bytes`` / ``_disk_bytes``  what waits for the broker
+``vitals_spool_oldest_age_seconds``                    the oldest batch waiting
+``vitals_spool_dropped_batches_total{reason}``         spool_full, too_old, disk_full
+``vitals_uplink_connected`` / ``_connects_total``      the broker connection
+``vitals_events_fired_total`` ...                      edge rules
+``vitals_commands_total{status,reason}``               signed commands answered
+=====================================================  ============================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent.status import spool_oldest_age_s
+
+__all__ = ["AgentCollector", "serve_metrics"]
+
+log = logging.getLogger(__name__)
+
+_STATES = ("unknown", "online", "degraded", "offline")
+
+# (statistics key, metric name, help): per bus, from the poller and its link
+_BUS_COUNTERS = (
+    ("transactions", "vitals_bus_transactions", "Modbus requests sent on the bus"),
+    ("timeouts", "vitals_bus_timeouts", "Requests never answered in time"),
+    ("overruns", "vitals_bus_overruns", "Polls that fell behind their interval"),
+    ("link_downs", "vitals_bus_link_downs", "Times the link (port, connection) was lost"),
+    ("readings", "vitals_bus_readings", "Readings the bus delivered"),
+)
+_LINK_COUNTERS = (
+    ("replies", "vitals_bus_replies", "Replies received"),
+    ("bad_frames", "vitals_bus_bad_frames", "Replies refused: bad CRC, framing or header"),
+    ("stray_bytes", "vitals_bus_stray_bytes", "Bytes received outside any reply"),
+    ("connects", "vitals_bus_connects", "Link openings (connections, port opens)"),
+    ("late_replies", "vitals_bus_late_replies", "Replies that came after their timeout"),
+    ("echo_errors", "vitals_bus_echo_errors", "Own requests heard back wrong (RS-485 echo)"),
+    ("resets", "vitals_bus_resets", "Connections dropped after a fault"),
+)
+_DEVICE_COUNTERS = (
+    ("polls", "vitals_device_polls", "Polls of the device"),
+    ("polls_failed", "vitals_device_polls_failed", "Polls without a good reply"),
+    ("polls_skipped", "vitals_device_polls_skipped", "Polls skipped while backing off"),
+)
+
+
+def _num(d: Mapping[str, Any], key: str) -> float:
+    value = d.get(key)
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+class AgentCollector(Collector):
+    """The numbers of a running :class:`agent.service.Agent`, read at each scrape."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.oldest_age_s: float | None = None  # set by the server before each scrape
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        stats: dict[str, Any] = self.agent.statistics()
+        yield from self._buses(stats.get("buses") or {})
+        yield from self._spool(stats.get("spool") or {})
+        yield from self._uplink(stats)
+        yield GaugeMetricFamily(
+            "vitals_uptime_seconds", "Seconds since the agent started", value=stats["uptime_s"]
+        )
+        yield GaugeMetricFamily(
+            "vitals_epoch", "The agent's epoch (one more each start)", value=stats["epoch"]
+        )
+
+    def _buses(self, buses: Mapping[str, Any]) -> Iterator[Metric]:
+        bus_l, dev_l = ["bus"], ["bus", "device"]
+        fams = {
+            key: CounterMetricFamily(name, doc, labels=bus_l)
+            for key, name, doc in (*_BUS_COUNTERS, *_LINK_COUNTERS)
+        }
+        online = GaugeMetricFamily(
+            "vitals_bus_online", "1 while the bus's link is up", labels=bus_l
+        )
+        devs = {
+            key: CounterMetricFamily(name, doc, labels=dev_l) for key, name, doc in _DEVICE_COUNTERS
+        }
+        rtt = GaugeMetricFamily(
+            "vitals_device_reply_seconds",
+            "Round trip of the device's last reply (a gauge: no work on the poll path)",
+            labels=dev_l,
+        )
+        state = GaugeMetricFamily(
+            "vitals_device_state",
+            "1 for the device's current state (unknown, online, degraded, offline)",
+            labels=[*dev_l, "state"],
+        )
+        for bus, b in sorted(buses.items()):
+            link = b.get("link") or {}
+            for key, *_ in _BUS_COUNTERS:
+                if key in b:
+                    fams[key].add_metric([bus], _num(b, key))
+            for key, *_ in _LINK_COUNTERS:
+                if key in link:
+                    fams[key].add_metric([bus], _num(link, key))
+            online.add_metric([bus], 0.0 if b.get("state") == "offline" else 1.0)
+            for dev, d in sorted((b.get("devices") or {}).items()):
+                for key, *_ in _DEVICE_COUNTERS:
+                    if key in d:
+                        devs[key].add_metric([bus, dev], _num(d, key))
+                if "rtt_ms" in d:
+                    rtt.add_metric([bus, dev], _num(d, "rtt_ms") / 1000.0)
+                for s in _STATES:
+                    state.add_metric([bus, dev, s], float(d.get("state") == s))
+        yield from fams.values()
+        yield online
+        yield from devs.values()
+        yield rtt
+        yield state
+
+    def _spool(self, sp: Mapping[str, Any]) -> Iterator[Metric]:
+        def gauge(name: str, doc: str, key: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=_num(sp, key))
+
+        def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=_num(sp, key))
+
+        yield gauge("vitals_spool_batches", "Batches waiting for the broker's ack", "depth_batches")
+        yield gauge("vitals_spool_bytes", "Bytes of the batches waiting", "depth_bytes")
+        yield gauge("vitals_spool_disk_bytes", "The spool's files on disk", "disk_bytes")
+        yield gauge("vitals_spool_max_bytes", "The spool's configured bound", "max_bytes")
+        yield gauge("vitals_spool_disk_full", "1 while the disk is full", "disk_full")
+        yield counter("vitals_spool_appended_batches", "Batches written to the spool", "appended")
+        yield counter("vitals_spool_acked_batches", "Batches the broker acknowledged", "acked")
+        yield counter(
+            "vitals_spool_dropped_readings", "Readings of the batches dropped", "dropped_readings"
+        )
+        yield counter(
+            "vitals_spool_disk_full_events", "Times the disk was found full", "disk_full_events"
+        )
+        dropped = CounterMetricFamily(
+            "vitals_spool_dropped_batches",
+            "Batches dropped before the broker had them, by reason",
+            labels=["reason"],
+        )
+        for reason in ("spool_full", "too_old", "disk_full"):
+            dropped.add_metric([reason], _num(sp, f"dropped_{reason}"))
+        yield dropped
+        if self.oldest_age_s is not None:
+            yield GaugeMetricFamily(
+                "vitals_spool_oldest_age_seconds",
+                "Age of the oldest batch waiting (absent while the spool is empty)",
+                value=self.oldest_age_s,
+            )
+
+    def _uplink(self, stats: Mapping[str, Any]) -> Iterator[Metric]:
+        up = stats.get("uplink") or {}
+        yield GaugeMetricFamily(
+            "vitals_uplink_connected",
+            "1 while connected to the broker",
+            value=_num(up, "connected"),
+        )
+        yield CounterMetricFamily(
+            "vitals_uplink_connects", "Connections made to the broker", value=_num(up, "connects")
+        )
+        yield CounterMetricFamily(
+            "vitals_uplink_connect_failures",
+            "Connection attempts that failed",
+            value=_num(up, "connect_failures"),
+        )
+        yield CounterMetricFamily(
+            "vitals_uplink_readings_acked",
+            "Readings the broker acknowledged",
+            value=_num(up, "readings_acked"),
+        )
+        yield GaugeMetricFamily(
+            "vitals_uplink_in_flight",
+            "Batches sent, not yet acknowledged",
+            value=_num(up, "in_flight"),
+        )
+        batch = stats.get("batch") or {}
+        yield CounterMetricFamily(
+            "vitals_readings", "Readings polled into batches", value=_num(batch, "readings_in")
+        )
+        yield CounterMetricFamily(
+            "vitals_batches_sealed", "Batches sealed", value=_num(batch, "batches_sealed")
+        )
+        ev = stats.get("events")
+        if ev is not None:
+            for key, doc in (
+                ("fired", "Edge rules that fired"),
+                ("cleared", "Edge rules that cleared"),
+                ("published", "Edge events the broker acknowledged"),
+                ("dropped", "Edge events dropped (outbox full)"),
+            ):
+                yield CounterMetricFamily(f"vitals_events_{key}", doc, value=_num(ev, key))
+            yield GaugeMetricFamily(
+                "vitals_events_active", "Edge rules fired, not cleared", value=_num(ev, "active")
+            )
+        cmds = stats.get("commands")
+        if cmds is not None:
+            fam = CounterMetricFamily(
+                "vitals_commands",
+                "Signed commands answered, by status and reason",
+                labels=["status", "reason"],
+            )
+            for key, value in sorted(cmds.items()):
+                status, _, reason = key.partition(".")
+                fam.add_metric([status, reason], float(value))
+            yield fam
+
+
+async def serve_metrics(agent: Any, host: str, port: int) -> None:
+    """Answer ``GET /metrics`` on ``host:port`` until cancelled (a task of the agent).
+    An address that cannot be bound is said once at ERROR: the agent polls on."""
+    collector = AgentCollector(agent)
+    db = agent.config.gateway.state_dir / "spool.sqlite3"
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readline()
+                while (await reader.readline()).strip():  # the headers: not needed
+                    pass
+            parts = request.decode("latin-1").split()
+            if (
+                len(parts) >= 2
+                and parts[0] in ("GET", "HEAD")
+                and parts[1].split("?")[0]
+                in (
+                    "/metrics",
+                    "/",
+                )
+            ):
+                spool = getattr(agent, "spool", None)
+                # a spool opened on a full disk keeps its WAL index to itself (agent/status.py)
+                collector.oldest_age_s = (
+                    None
+                    if getattr(spool, "exclusive", False)
+                    else await asyncio.to_thread(spool_oldest_age_s, db)
+                )
+                body, status, ctype = collector.text(), "200 OK", CONTENT_TYPE_LATEST
+            else:
+                body, status, ctype = b"not found: GET /metrics\n", "404 Not Found", "text/plain"
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + (body if parts[:1] != ["HEAD"] else b""))
+            await writer.drain()
+        except (TimeoutError, OSError, UnicodeError) as exc:
+            log.debug("metrics request: %s", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    try:
+        server = await asyncio.start_server(answer, host, port)
+    except OSError as exc:
+        log.error(
+            "metrics: cannot listen on %s:%d (%s); the agent runs without its endpoint: "
+            "free the port or change [metrics] listen",
+            host,
+            port,
+            exc.strerror or exc,
+        )
+        return
+    log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
+    async with server:
+        await server.serve_forever()

@@ -1,0 +1,173 @@
+"""The gateway's Prometheus endpoint, scraped over HTTP while faults are injected.
+
+A real agent (in this event loop) polls an emulated Modbus TCP terminal on a
+real socket; its uplink points at a port where no broker listens (so the spool
+fills). The endpoint is scraped with a plain HTTP client and parsed by
+prometheus-client's own parser. The terminal then answers garbage, and then
+nothing: the bad-frame, timeout and failed-poll counters move, the device's
+state follows, the spool's depth and oldest age show. Off by default, and the
+configuration refuses a non-loopback address unless told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.config import parse_config
+from agent.service import Agent
+from agent.state import create_identity
+from drivers.profiles import load_profile
+from protocols.errors import ConfigError
+from simulator.broker import free_port
+from simulator.tcp import TcpTerminal
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _scrape(port: int) -> tuple[str, Samples]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        ctype = r.headers["Content-Type"]
+        text = r.read().decode()
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return ctype, out
+
+
+async def _until(cond: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
+    for _ in range(int(within_s / 0.05)):
+        if cond():
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"not within {within_s:.0f} s: {what}")
+
+
+def _config(tmp_path: Path, term_port: int, metrics: dict[str, object]) -> dict[str, object]:
+    return {
+        "gateway": {"id": "gw-metrics-1", "state_dir": str(tmp_path / "gw")},
+        "uplink": {"host": "127.0.0.1", "port": free_port()},  # no broker there
+        "batch": {"max_age_s": 0.2},
+        "buses": [
+            {
+                "name": "tcp-1",
+                "kind": "tcp",
+                "host": "127.0.0.1",
+                "tcp_port": term_port,
+                "timeout_s": 0.2,
+            }
+        ],
+        "devices": [
+            {"name": "noise-1", "bus": "tcp-1", "profile": "sound_level_meter", "slave": 1}
+            | {"interval_s": 0.1}
+        ],
+        "metrics": metrics,
+    }
+
+
+async def test_scraped_counters_move_with_garbage_and_silence(tmp_path: Path) -> None:
+    term = TcpTerminal(load_profile("sound_level_meter"))
+    await term.start()
+    port = free_port()
+    cfg = parse_config(
+        _config(tmp_path, term.port, {"listen": f"127.0.0.1:{port}"}),
+        source="<metrics test>",
+        base=tmp_path,
+    )
+    ident = create_identity(cfg.gateway.state_dir)
+    agent = Agent(cfg, identity=ident, drain_timeout_s=0.5)
+    stop = asyncio.Event()
+    run = asyncio.create_task(agent.run(stop))
+    bus, dev = (("bus", "tcp-1"),), (("bus", "tcp-1"), ("device", "noise-1"))
+    try:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+
+        async def scrape() -> Samples:
+            ctype, samples = await asyncio.to_thread(_scrape, port)
+            assert ctype.startswith("text/plain; version=")
+            return samples
+
+        seen: Samples = {}
+
+        async def healthy() -> bool:
+            nonlocal seen
+            seen = await scrape()
+            return seen.get(("vitals_device_polls_total", dev), 0) >= 5
+
+        for _ in range(200):
+            if await healthy():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the device was never polled five times")
+        assert seen[("vitals_device_state", (*dev, ("state", "online")))] == 1.0
+        assert seen[("vitals_device_state", (*dev, ("state", "offline")))] == 0.0
+        assert seen[("vitals_bus_online", bus)] == 1.0
+        assert seen[("vitals_uplink_connected", ())] == 0.0
+        assert 0 < seen[("vitals_device_reply_seconds", dev)] < 1.0
+        bad0 = seen.get(("vitals_bus_bad_frames_total", bus), 0.0)
+        timeouts0 = seen.get(("vitals_bus_timeouts_total", bus), 0.0)
+        failed0 = seen.get(("vitals_device_polls_failed_total", dev), 0.0)
+
+        term.fault = "garbage"
+        await _until(lambda: term.faulty >= 3, "three garbage replies")
+        garbage = await scrape()
+        assert garbage[("vitals_bus_bad_frames_total", bus)] > bad0
+        assert garbage[("vitals_device_polls_failed_total", dev)] > failed0
+
+        term.fault, term.dead = None, True
+        before = term.requests
+        await _until(lambda: term.requests >= before + 3, "three requests into silence")
+        silent = await scrape()
+        assert silent[("vitals_bus_timeouts_total", bus)] > timeouts0
+        assert (
+            silent[("vitals_device_polls_failed_total", dev)]
+            > garbage[("vitals_device_polls_failed_total", dev)]
+        )
+        assert silent[("vitals_device_state", (*dev, ("state", "online")))] == 0.0
+        # nothing reaches a broker: the spool holds it, and says how old it is
+        assert silent[("vitals_spool_batches", ())] > 0
+        assert silent[("vitals_spool_bytes", ())] > 0
+        assert silent[("vitals_spool_oldest_age_seconds", ())] >= 0
+        assert silent[("vitals_spool_dropped_batches_total", (("reason", "too_old"),))] == 0
+        # cardinality: only configured names as label values
+        labels = {v for _, ls in silent for k, v in ls if k in ("bus", "device")}
+        assert labels == {"tcp-1", "noise-1"}
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 30)
+        await term.stop()
+
+
+async def test_off_by_default_and_bound_to_loopback(tmp_path: Path) -> None:
+    cfg = parse_config(_config(tmp_path, 1502, {}), source="gw.toml", base=tmp_path)
+    assert cfg.metrics.listen == ""
+    with pytest.raises(ConfigError, match=r"metrics\.listen: 0\.0\.0\.0 is not a loopback"):
+        parse_config(
+            _config(tmp_path, 1502, {"listen": "0.0.0.0:9108"}), source="gw.toml", base=tmp_path
+        )
+    remote = parse_config(
+        _config(tmp_path, 1502, {"listen": "0.0.0.0:9108", "allow_remote": True}),
+        source="gw.toml",
+        base=tmp_path,
+    )
+    assert (remote.metrics.host, remote.metrics.port) == ("0.0.0.0", 9108)
+    with pytest.raises(ConfigError, match=r"metrics\.listen: 'localhost' is not host:port"):
+        parse_config(
+            _config(tmp_path, 1502, {"listen": "localhost"}), source="gw.toml", base=tmp_path
+        )
+
+
+def test_the_agent_without_metrics_does_not_import_prometheus_client() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, agent.runner, agent.service; print('prometheus_client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
