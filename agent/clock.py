@@ -123,7 +123,7 @@ class SystemClock:
                 self._jumped(wall - mono)
             return wall // 1_000_000
         stamp = self._base + mono
-        if mono - self._asked >= _CHECK_EVERY_NS:
+        if mono - self._asked >= _CHECK_EVERY_NS:  # a system call: once a second
             self._asked = mono
             if self._ask():
                 wall = self._wall_ns()
@@ -136,16 +136,16 @@ class SystemClock:
                 self._base = wall - mono
                 self.synced = True
                 return wall // 1_000_000
-            wall = self._wall_ns()
-            if abs(wall - stamp - self._stepped_ns) > _JUMP_NS:
-                step = (wall - stamp - self._stepped_ns) / 1e9
-                self._stepped_ns = wall - stamp
-                self.jumps += 1
-                (log.warning if self.jumps == 1 else log.info)(
-                    "clock: the unsynchronised system clock was stepped by %+.0f s;"
-                    " readings keep the monotonic clock's time",
-                    step,
-                )
+        wall = self._wall_ns()
+        if abs(wall - stamp - self._stepped_ns) > _JUMP_NS:
+            step = (wall - stamp - self._stepped_ns) / 1e9
+            self._stepped_ns = wall - stamp
+            self.jumps += 1
+            (log.warning if self.jumps == 1 else log.info)(
+                "clock: the unsynchronised system clock was stepped by %+.0f s;"
+                " readings keep the monotonic clock's time",
+                step,
+            )
         return stamp // 1_000_000
 
     def _jumped(self, base: int) -> None:

@@ -119,6 +119,7 @@ class HubCore:
             self._seen.setdefault((gw, epoch), set()).add(seq)
             if seq > self._top.get((gw, epoch), -1):
                 self._top[(gw, epoch)] = seq
+        self._fixes: set[tuple[str, int]] = set()  # (gw, epoch) of clock corrections kept
         # ranges gateways declared dropped (gap notices) since this worker started
         self._dropped: dict[tuple[str, int], set[tuple[int, int]]] = {}
         self.closed = False
@@ -216,7 +217,10 @@ class HubCore:
             batch.verify(key)
         except SignatureError as exc:
             return self._refuse(Outcome.BAD_SIGNATURE, h.gw, str(exc))
-        if self.window_ms is not None and h.t1 < time.time_ns() // 1_000_000 - self.window_ms:
+        # a gateway whose clock is not synchronised may be weeks behind: its batches are
+        # never refused for their times (replay protection is the (gw, epoch, seq) key)
+        now_ms = time.time_ns() // 1_000_000
+        if self.window_ms is not None and not h.unsynced and h.t1 < now_ms - self.window_ms:
             return self._refuse(
                 Outcome.TOO_OLD, h.gw, f"t1 {h.t1} is behind the {self.window_ms} ms window"
             )
@@ -230,6 +234,8 @@ class HubCore:
         except ProtocolError as exc:
             return self._refuse(Outcome.BAD_PAYLOAD, h.gw, str(exc))
         seen.add(h.seq)
+        if h.fix_offset_ms is not None:
+            self._clock_fix(h, now_ms)
         if h.seq > self._top.get((h.gw, h.epoch), -1):
             self._top[(h.gw, h.epoch)] = h.seq
         self._batch_rows.append(
@@ -242,6 +248,26 @@ class HubCore:
         if self._buffered_readings >= self.flush_readings:
             self.flush()
         return Outcome.STORED
+
+    def _clock_fix(self, h: envelope.BatchHeader, now_ms: int) -> None:
+        """Keep a gateway's clock correction for its epoch (once; readings are
+        re-stamped when read: :func:`hub.store.open_readings`' ``true_readings``)."""
+        if (h.gw, h.epoch) in self._fixes:
+            return
+        self._fixes.add((h.gw, h.epoch))
+        write = getattr(self.store, "write_clock_fix", None)
+        if write is None:
+            log.warning("hub: this store keeps no clock corrections; %s's is dropped", h.gw)
+            return
+        if write((h.gw, h.epoch, h.fix_offset_ms, h.fix_until, h.fix_last_seq, now_ms)):
+            self.counters["clock_fixes"] += 1
+            log.info(
+                "hub: %s epoch %d: clock correction %+.3f s for batches up to seq %s",
+                h.gw,
+                h.epoch,
+                (h.fix_offset_ms or 0) / 1000,
+                h.fix_last_seq,
+            )
 
     def flush(self) -> None:
         """Write the buffered batches, their readings and the counters (one

@@ -189,6 +189,13 @@ CREATE TABLE IF NOT EXISTS events (
     since INTEGER NOT NULL, detail TEXT NOT NULL, received_ms INTEGER NOT NULL,
     PRIMARY KEY (gw, epoch, seq)
 );
+-- a gateway's clock correction for one epoch (protocols/envelope.py, fix_*): the
+-- readings of its batches seq <= last_seq stamped ts < until are truly at ts + offset_ms
+CREATE TABLE IF NOT EXISTS clock_fixes (
+    gw TEXT NOT NULL, epoch INTEGER NOT NULL, offset_ms INTEGER NOT NULL,
+    until INTEGER NOT NULL, last_seq INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+    PRIMARY KEY (gw, epoch)
+);
 -- one row per (worker, counter): "<worker>/<name>"; hub_stats sums over workers
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 -- the enrollment desk
@@ -253,7 +260,31 @@ def open_readings(db_path: Path) -> sqlite3.Connection:
             f" AND b.epoch = r.epoch AND b.seq = r.seq AND b.worker = '{name}')"
         )
     con.execute("CREATE TEMP VIEW readings AS " + " UNION ALL ".join(parts))
+    _true_readings(con)
     return con
+
+
+def _true_readings(con: sqlite3.Connection) -> None:
+    """``true_readings``: ``readings`` with each gateway's clock correction applied
+    (``ts`` the true time, ``stamped`` the gateway's, ``corrected`` 1 where they differ
+    by a correction). Applied when read: the signed stamps stay as they came, and a
+    correction that arrives after its readings (or twice) changes nothing else."""
+    has = con.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'clock_fixes'"
+    ).fetchone()
+    if has is None:  # a database from before clock corrections
+        con.execute(
+            "CREATE TEMP VIEW true_readings AS SELECT gw, point, ts, value, quality, epoch,"
+            " seq, ts AS stamped, 0 AS corrected FROM readings"
+        )
+        return
+    con.execute(
+        "CREATE TEMP VIEW true_readings AS SELECT r.gw, r.point,"
+        " r.ts + coalesce(f.offset_ms, 0) AS ts, r.value, r.quality, r.epoch, r.seq,"
+        " r.ts AS stamped, f.offset_ms IS NOT NULL AS corrected FROM readings r"
+        " LEFT JOIN main.clock_fixes f ON f.gw = r.gw AND f.epoch = r.epoch"
+        " AND r.seq <= f.last_seq AND r.ts < f.until"
+    )
 
 
 def _add_worker_column(db: sqlite3.Connection) -> None:
@@ -453,6 +484,16 @@ class SqliteStore:
         cur = self.db.execute(
             "INSERT OR IGNORE INTO events (gw, epoch, seq, rule, kind, state, device, point, pid,"
             " value, ts, since, detail, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            row,
+        )
+        return cur.rowcount == 1
+
+    def write_clock_fix(self, row: tuple[str, int, int, int, int, int]) -> bool:
+        """Keep a gateway's clock correction (gw, epoch, offset_ms, until, last_seq,
+        received_ms); False if that epoch's was there already."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO clock_fixes (gw, epoch, offset_ms, until, last_seq,"
+            " received_ms) VALUES (?, ?, ?, ?, ?, ?)",
             row,
         )
         return cur.rowcount == 1
