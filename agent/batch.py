@@ -96,6 +96,8 @@ class Batcher:
             "open_readings": len(self._open),
             "batches_sealed": self.batches_sealed,
             "sealed_waiting": len(self._sealed),
+            # 0 while readings are stamped from the monotonic clock (no NTP sync yet)
+            "clock_synced": int(self._synced),
         }
 
     async def add(self, readings: Iterable[Reading]) -> None:
