@@ -41,14 +41,6 @@ def _scrape(port: int) -> tuple[str, Samples]:
     return ctype, out
 
 
-async def _until(cond: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
-    for _ in range(int(within_s / 0.05)):
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"not within {within_s:.0f} s: {what}")
-
-
 def _config(tmp_path: Path, term_port: int, metrics: dict[str, object]) -> dict[str, object]:
     return {
         "gateway": {"id": "gw-metrics-1", "state_dir": str(tmp_path / "gw")},
@@ -93,19 +85,20 @@ async def test_scraped_counters_move_with_garbage_and_silence(tmp_path: Path) ->
             assert ctype.startswith("text/plain; version=")
             return samples
 
-        seen: Samples = {}
+        async def scrape_until(cond: Callable[[Samples], bool], what: str) -> Samples:
+            """Scrape until ``cond`` holds of what the endpoint says (fail naming ``what``)."""
+            for _ in range(300):
+                samples = await scrape()
+                if cond(samples):
+                    return samples
+                await asyncio.sleep(0.1)
+            pytest.fail(f"not within 30 s: {what}")
 
-        async def healthy() -> bool:
-            nonlocal seen
-            seen = await scrape()
-            return seen.get(("vitals_device_polls_total", dev), 0) >= 5
+        def value(name: str, labels: tuple[tuple[str, str], ...]) -> Callable[[Samples], float]:
+            return lambda s: s.get((name, labels), 0.0)
 
-        for _ in range(200):
-            if await healthy():
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the device was never polled five times")
+        polls = value("vitals_device_polls_total", dev)
+        seen = await scrape_until(lambda s: polls(s) >= 5, "five polls")
         assert seen[("vitals_device_state", (*dev, ("state", "online")))] == 1.0
         assert seen[("vitals_device_state", (*dev, ("state", "offline")))] == 0.0
         assert seen[("vitals_bus_online", bus)] == 1.0
@@ -115,20 +108,20 @@ async def test_scraped_counters_move_with_garbage_and_silence(tmp_path: Path) ->
         timeouts0 = seen.get(("vitals_bus_timeouts_total", bus), 0.0)
         failed0 = seen.get(("vitals_device_polls_failed_total", dev), 0.0)
 
+        bad, timeouts = (
+            value("vitals_bus_bad_frames_total", bus),
+            value("vitals_bus_timeouts_total", bus),
+        )
+        failed = value("vitals_device_polls_failed_total", dev)
         term.fault = "garbage"
-        await _until(lambda: term.faulty >= 3, "three garbage replies")
-        garbage = await scrape()
-        assert garbage[("vitals_bus_bad_frames_total", bus)] > bad0
-        assert garbage[("vitals_device_polls_failed_total", dev)] > failed0
-
+        garbage = await scrape_until(
+            lambda s: bad(s) > bad0 and failed(s) > failed0,
+            "bad frames and failed polls counted while the terminal answers garbage",
+        )
         term.fault, term.dead = None, True
-        before = term.requests
-        await _until(lambda: term.requests >= before + 3, "three requests into silence")
-        silent = await scrape()
-        assert silent[("vitals_bus_timeouts_total", bus)] > timeouts0
-        assert (
-            silent[("vitals_device_polls_failed_total", dev)]
-            > garbage[("vitals_device_polls_failed_total", dev)]
+        silent = await scrape_until(
+            lambda s: timeouts(s) > timeouts0 and failed(s) > failed(garbage),
+            "timeouts and failed polls counted while the terminal is silent",
         )
         assert silent[("vitals_device_state", (*dev, ("state", "online")))] == 0.0
         # nothing reaches a broker: the spool holds it, and says how old it is
