@@ -243,6 +243,9 @@ class ModbusLink:
         self.bad_frames = 0
         self.stray_bytes = 0
         self.connects = 0
+        # ``vitals diag trace``: called with ("tx" | "rx", raw bytes) as they go and come
+        # (RTU links); None, the agent's case, costs one check per frame and per read
+        self.trace: Callable[[str, bytes], None] | None = None
         self._retry_at = 0.0
         self._backoff = 0.0
         self._down_why = ""
@@ -992,6 +995,8 @@ class _RtuLink(ModbusLink):
 
     def _received(self, data: bytes) -> None:
         now = self._last_rx = time.monotonic()
+        if self.trace is not None:
+            self.trace("rx", data)
         if self._waiter is None:
             self._heard(data, now)  # nobody asked: a late reply, noise
             return
@@ -1125,6 +1130,8 @@ class _RtuLink(ModbusLink):
         timer = loop.call_at(expiry, _expire, w)
         confirm = loop.call_at(self._confirm_at, self._confirm) if suspect else None
         try:
+            if self.trace is not None:
+                self.trace("tx", frame)
             self._send(frame)
             reply: bytes = await w
         except TimeoutError:

@@ -14,12 +14,13 @@ from agent.diag.ports import ports_command
 from agent.diag.probe import probe_command
 from agent.diag.read import read_command
 from agent.diag.scan import scan_command
+from agent.diag.trace import trace_command
 from agent.diag.uplink import uplink_command
 
 __all__ = ["diag_app"]
 
 diag_app = typer.Typer(
-    help="Installer diagnostics: ports, bus scan, live read, word order, uplink, support bundle.",
+    help="Installer diagnostics: ports, bus scan, live read, frame trace, word order, uplink, support bundle.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -30,6 +31,7 @@ diag_app.command("read")(read_command)
 diag_app.command("scan")(scan_command)
 diag_app.command("uplink")(uplink_command)
 diag_app.command("bundle")(bundle_command)
+diag_app.command("trace")(trace_command)
 
 
 @diag_app.callback()

@@ -1,0 +1,394 @@
+"""``vitals diag trace``: the raw frames of an RTU bus, each told what it is.
+
+The installer holds the port (or an RTU-over-TCP converter): trace polls the
+device as ``diag read`` does, through the agent's own
+:class:`~agent.transport.ModbusLink`, whose trace hook hands over every byte
+sent and received. :class:`Annotator` cuts what is received into frames
+(:func:`protocols.rtu.response_length`, silence) and names each one: a
+request (numbered), the reply to request #n with its time, an exception
+reply, a CRC error, a late reply (to an earlier request, or after its
+timeout), the adapter's echo of our own request, or garbage. Printed live,
+one line a frame, or ``--json``: one object a frame, for a support bundle.
+
+Tapping the running agent's link is not done: stop the agent (or trace
+another port) to trace a bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from agent.diag._common import OK, USAGE, DiagError, console, die, emit_json, waiting
+from agent.diag._link import open_link
+from agent.diag.read import read_sample, resolve_target
+from protocols.modbus import plan
+from protocols.rtu import crc_ok, frame_time, response_length
+
+__all__ = ["Annotator", "TraceFrame", "trace_command"]
+
+#: what a frame is
+REQUEST, REPLY, EXCEPTION, CRC, LATE, ECHO, GARBAGE = (
+    "request",
+    "reply",
+    "exception",
+    "crc-error",
+    "late",
+    "echo",
+    "garbage",
+)
+_STYLE = {
+    REQUEST: "cyan",
+    REPLY: "green",
+    EXCEPTION: "yellow",
+    CRC: "bold red",
+    LATE: "magenta",
+    ECHO: "dim",
+    GARBAGE: "red",
+}
+
+
+@dataclass(slots=True)
+class TraceFrame:
+    t: float  # seconds since the trace started
+    direction: str  # "tx" or "rx"
+    data: bytes
+    kind: str
+    slave: int | None = None
+    function: int | None = None
+    crc_ok: bool | None = None
+    request: int | None = None  # the request's number (tx), or the one it answers (rx)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "t": round(self.t, 4),
+            "dir": self.direction,
+            "hex": self.data.hex(" "),
+            "kind": self.kind,
+            "slave": self.slave,
+            "function": self.function,
+            "crc_ok": self.crc_ok,
+            "request": self.request,
+            "note": self.note,
+        }
+
+    def line(self) -> Text:
+        arrow = "→" if self.direction == "tx" else "←"
+        what = self.kind + (f" #{self.request}" if self.request is not None else "")
+        return Text.assemble(
+            f"{self.t:9.4f}  {arrow}  ",
+            (f"{what:<14}", _STYLE[self.kind]),
+            f" {self.note:<44} ",
+            (self.data.hex(" "), "dim" if self.kind == ECHO else ""),
+        )
+
+
+@dataclass(slots=True)
+class _Request:
+    n: int
+    slave: int
+    function: int
+    frame: bytes
+    end: float  # monotonic time its last bit left the wire
+    answered: bool = False
+
+
+class Annotator:
+    """The link's trace hook: cuts, names and hands on every frame (``emit``).
+
+    ``timeout_s`` is the link's response timeout (a reply after it is late);
+    ``char_s`` one character's time on the wire (0 over TCP); ``gap_s`` the
+    silence that ends what cannot be cut by its length (garbage).
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[TraceFrame], None],
+        *,
+        timeout_s: float,
+        char_s: float = 0.0,
+        gap_s: float = 0.02,
+    ) -> None:
+        self._emit = emit
+        self.timeout_s = timeout_s
+        self.char_s = char_s
+        self.gap_s = max(gap_s, 0.005)
+        self.t0 = time.monotonic()
+        self.requests: list[_Request] = []
+        self._rx = bytearray()
+        self._rx_at = 0.0
+        self._flush: asyncio.TimerHandle | None = None
+
+    def __call__(self, direction: str, data: bytes) -> None:
+        now = time.monotonic()
+        if direction == "tx":
+            self._cut(now, final=True)
+            req = _Request(
+                len(self.requests) + 1, data[0], data[1], data, now + len(data) * self.char_s
+            )
+            self.requests.append(req)
+            fn = data[1]
+            note = f"slave {data[0]} fn {fn}"
+            if fn in (1, 2, 3, 4) and len(data) >= 8:
+                note += f" @{int.from_bytes(data[2:4], 'big')} x{int.from_bytes(data[4:6], 'big')}"
+            self._out(now, "tx", data, REQUEST, req.slave, fn, True, req.n, note)
+            return
+        if not self._rx:
+            self._rx_at = now
+        self._rx += data
+        self._cut(now, final=False)
+        if self._flush is not None:
+            self._flush.cancel()
+        if self._rx:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(self.gap_s, lambda: self._cut(time.monotonic(), True))
+
+    def _out(
+        self,
+        now: float,
+        direction: str,
+        data: bytes,
+        kind: str,
+        slave: int | None,
+        function: int | None,
+        crc: bool | None,
+        request: int | None,
+        note: str,
+    ) -> None:
+        self._emit(
+            TraceFrame(now - self.t0, direction, data, kind, slave, function, crc, request, note)
+        )
+
+    def _match(self, slave: int, fn: int) -> _Request | None:
+        for req in reversed(self.requests):
+            if req.slave == slave and req.function == fn & 0x7F and not req.answered:
+                return req
+        return None
+
+    def _cut(self, now: float, final: bool) -> None:
+        """Emit the whole frames received; with ``final`` (silence, or a request going
+        out) whatever is left too, as garbage."""
+        rx, at = self._rx, self._rx_at
+        last = self.requests[-1] if self.requests else None
+        while rx:
+            if (
+                last is not None
+                and not last.answered
+                and last.function not in (5, 6)  # those replies are copies of the request
+                and rx.startswith(last.frame)
+            ):
+                del rx[: len(last.frame)]
+                self._out(
+                    at,
+                    "rx",
+                    last.frame,
+                    ECHO,
+                    last.slave,
+                    last.function,
+                    True,
+                    last.n,
+                    "our own request, heard back",
+                )
+                continue
+            n = response_length(rx[:3]) if len(rx) >= 2 else None
+            req = self._match(rx[0], rx[1]) if len(rx) >= 2 else None
+            if n is None or req is None:
+                if not final:
+                    return  # wait: more may come, or silence makes it garbage
+                break
+            if len(rx) < n:
+                if not final:
+                    return
+                break
+            frame = bytes(rx[:n])
+            del rx[:n]
+            slave, fn = frame[0], frame[1]
+            ms = (at - req.end) * 1000
+            if not crc_ok(frame):
+                self._out(
+                    at,
+                    "rx",
+                    frame,
+                    CRC,
+                    slave,
+                    fn,
+                    False,
+                    req.n,
+                    f"slave {slave} fn {fn}: bad CRC, reply to #{req.n} refused",
+                )
+                req.answered = True
+                continue
+            req.answered = True
+            if req is not last or at - req.end > self.timeout_s:
+                after = (at - req.end - self.timeout_s) * 1000
+                self._out(
+                    at,
+                    "rx",
+                    frame,
+                    LATE,
+                    slave,
+                    fn,
+                    True,
+                    req.n,
+                    f"slave {slave}: reply to #{req.n}, {after:.0f} ms after its timeout",
+                )
+            elif fn & 0x80:
+                code = frame[2]
+                self._out(
+                    at,
+                    "rx",
+                    frame,
+                    EXCEPTION,
+                    slave,
+                    fn,
+                    True,
+                    req.n,
+                    f"slave {slave}: exception {code} to #{req.n} in {ms:.0f} ms",
+                )
+            else:
+                self._out(
+                    at,
+                    "rx",
+                    frame,
+                    REPLY,
+                    slave,
+                    fn,
+                    True,
+                    req.n,
+                    f"slave {slave} fn {fn}: reply to #{req.n} in {ms:.0f} ms",
+                )
+        if rx and final:
+            data = bytes(rx)
+            rx.clear()
+            self._out(
+                at,
+                "rx",
+                data,
+                GARBAGE,
+                None,
+                None,
+                crc_ok(data),
+                None,
+                f"{len(data)} bytes that are no reply to a request",
+            )
+        if self._flush is not None and not rx:
+            self._flush.cancel()
+            self._flush = None
+
+
+async def _run(target: Any, samples: int | None, as_json: bool, counts: dict[str, int]) -> None:
+    prof = target.profile
+    requests = plan(prof.specs, max_registers=prof.max_registers, max_gap=prof.max_gap)
+    out = console()
+
+    def emit(f: TraceFrame) -> None:
+        counts[f.kind] = counts.get(f.kind, 0) + 1
+        if as_json:
+            emit_json(f.to_dict())
+        else:
+            out.print(f.line(), soft_wrap=True)
+
+    s = target.link
+    char_s = (
+        0.0 if s.host else frame_time(1, s.baud, 1 + s.bytesize + (s.parity != "N") + s.stopbits)
+    )
+    with waiting(f"opening {s.describe}", quiet=as_json):
+        link = await open_link(s)
+    annotate = Annotator(
+        emit, timeout_s=s.timeout_s, char_s=char_s, gap_s=max(link.inter_frame_s, 0.02)
+    )
+    link.trace = annotate
+    if not as_json:
+        out.print(
+            Text.assemble(
+                (f"trace {s.describe}", "bold"),
+                f"  slave {target.slave}  profile {prof.name}  (Ctrl-C stops)",
+            )
+        )
+    try:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        n = 0
+        while samples is None or n < samples:
+            n += 1
+            await read_sample(link, target.slave, prof, requests, n)
+            next_at += target.interval_s
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+        # what comes after the last request (a late reply) is shown too
+        await asyncio.sleep(max(annotate.gap_s, link.late_window(target.slave)))
+        annotate._cut(time.monotonic(), final=True)
+    finally:
+        link.trace = None
+        link.close()
+
+
+def trace_command(
+    port: Annotated[str | None, typer.Option(help="serial port, e.g. /dev/ttyUSB0")] = None,
+    host: Annotated[str | None, typer.Option(help="RTU-over-TCP converter host")] = None,
+    tcp_port: Annotated[int, typer.Option(help="the converter's TCP port")] = 502,
+    slave: Annotated[int | None, typer.Option(help="slave address (default 1)")] = None,
+    profile: Annotated[str | None, typer.Option(help="device profile name or file")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="a device of the gateway configuration")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="gateway configuration (with --device)")
+    ] = None,
+    baud: Annotated[int | None, typer.Option(help="baud rate (default 9600)")] = None,
+    parity: Annotated[str | None, typer.Option(help="N, E or O (default E)")] = None,
+    stopbits: Annotated[int | None, typer.Option(help="1 or 2")] = None,
+    timeout: Annotated[float | None, typer.Option(help="response timeout, seconds")] = None,
+    interval: Annotated[
+        float | None, typer.Option(help="seconds between polls (default: the profile's)")
+    ] = None,
+    samples: Annotated[int | None, typer.Option(help="stop after this many polls")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per frame")] = False,
+) -> None:
+    """Raw frames of an RTU bus while polling a device: time, direction, hex, what it is."""
+    counts: dict[str, int] = {}
+    try:
+        target = resolve_target(
+            device=device,
+            config=config,
+            port=port,
+            host=host,
+            tcp_port=tcp_port,
+            slave=slave,
+            profile=profile,
+            baud=baud,
+            parity=parity,
+            stopbits=stopbits,
+            timeout=timeout,
+            interval=interval,
+        )
+        if host and not device:  # a host on the command line: an RTU-over-TCP converter
+            target = dataclasses.replace(
+                target, link=dataclasses.replace(target.link, rtu_over_tcp=True)
+            )
+        if target.link.host and not target.link.rtu_over_tcp:
+            raise DiagError(
+                f"{target.link.describe}: Modbus TCP frames are not traced",
+                "trace shows RTU frames: a serial port, or an RTU-over-TCP converter (--host)",
+                USAGE,
+            )
+        if samples is not None and samples < 1:
+            raise DiagError(
+                f"--samples {samples}: at least 1", "leave it out to trace until Ctrl-C", USAGE
+            )
+        if interval is not None and interval <= 0:
+            raise DiagError(f"--interval {interval}: more than 0 seconds", "", USAGE)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a live trace
+            asyncio.run(_run(target, samples, as_json, counts))
+    except DiagError as exc:
+        die(exc, as_json=as_json)
+    raise typer.Exit(OK)

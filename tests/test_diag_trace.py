@@ -1,0 +1,184 @@
+"""``vitals diag trace``: the raw frames of an emulated RTU bus, each annotated.
+
+The bus is :class:`simulator.rtu.RtuBus` on a real pty, its slave's faults
+switched while the trace runs: a good reply, a CRC error (``crc``), a reply
+after the master's timeout (``late``), random bytes (``garbage``), and an
+adapter that hears its own transmission (``echo=True``). The live trace runs
+as a real process in a tmux terminal; ``--json`` is parsed line by line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.profiles import load_profile
+from simulator.rtu import RtuBus, RtuSlave
+
+VITALS = [sys.executable, "-c", "from agent.diag import diag_app; diag_app()"]
+BAUD = 19200
+TIMEOUT_S = 0.2
+
+
+@pytest.fixture
+def slave() -> RtuSlave:
+    s = RtuSlave(load_profile("sound_level_meter"), slave=2)
+    s.delay_s = 0.35  # 'late': after the 0.2 s timeout, within the late window
+    return s
+
+
+def _args(port: str, *more: str) -> list[str]:
+    return [
+        "trace",
+        "--port",
+        port,
+        "--baud",
+        str(BAUD),
+        "--parity",
+        "N",
+        "--slave",
+        "2",
+        "--profile",
+        "sound_level_meter",
+        "--timeout",
+        str(TIMEOUT_S),
+        "--interval",
+        "0.3",
+        *more,
+    ]
+
+
+def _json_trace(port: str, samples: int = 2) -> list[dict[str, Any]]:
+    r = subprocess.run(
+        [*VITALS, *_args(port, "--json", "--samples", str(samples))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def test_json_frames_of_good_crc_late_and_garbage_replies(slave: RtuSlave) -> None:
+    with RtuBus([slave], baud=BAUD) as bus:
+        good = _json_trace(bus.port, samples=1)
+        slave.fault = "crc"
+        crc = _json_trace(bus.port, samples=1)
+        slave.fault = "late"
+        late = _json_trace(bus.port, samples=1)
+        slave.fault = "garbage"
+        garbage = _json_trace(bus.port, samples=1)
+    # a good poll: each request, then its reply, numbered alike, CRC good
+    assert [(f["dir"], f["kind"], f["request"]) for f in good] == [
+        ("tx", "request", 1),
+        ("rx", "reply", 1),
+        ("tx", "request", 2),
+        ("rx", "reply", 2),
+    ]
+    for f in good:
+        assert f["slave"] == 2 and f["crc_ok"] is True
+        assert f["function"] in (3, 4)
+        assert bytes.fromhex(f["hex"])[:2] == bytes([2, f["function"]])
+    assert "reply to #1 in" in good[1]["note"]
+    # the CRC error: the reply's frame, its CRC bad, tied to its request
+    assert [(f["kind"], f["request"], f["crc_ok"]) for f in crc if f["dir"] == "rx"] == [
+        ("crc-error", 1, False),
+        ("crc-error", 2, False),
+    ]
+    assert "bad CRC" in crc[1]["note"]
+    # the late reply: after the request's timeout; diag stops asking after no answer
+    assert [(f["dir"], f["kind"], f["request"]) for f in late] == [
+        ("tx", "request", 1),
+        ("rx", "late", 1),
+    ]
+    assert "after its timeout" in late[1]["note"]
+    assert late[1]["t"] - late[0]["t"] > TIMEOUT_S
+    # random bytes: garbage, answering nothing
+    kinds = [f["kind"] for f in garbage if f["dir"] == "rx"]
+    assert kinds and set(kinds) == {"garbage"}
+    assert all(f["request"] is None for f in garbage if f["dir"] == "rx")
+
+
+def test_an_adapter_echo_is_told_from_the_reply(slave: RtuSlave) -> None:
+    with RtuBus([slave], baud=BAUD, echo=True) as bus:
+        frames = _json_trace(bus.port, samples=1)
+    assert [(f["dir"], f["kind"], f["request"]) for f in frames] == [
+        ("tx", "request", 1),
+        ("rx", "echo", 1),
+        ("rx", "reply", 1),
+        ("tx", "request", 2),
+        ("rx", "echo", 2),
+        ("rx", "reply", 2),
+    ]
+    assert frames[1]["hex"] == frames[0]["hex"]
+
+
+# -- live, in a real terminal ---------------------------------------------------------
+
+
+def _tmux(sock: str, *args: str) -> str:
+    return subprocess.run(
+        ["tmux", "-L", sock, *args], check=True, capture_output=True, text=True, timeout=10
+    ).stdout
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (Debian package)")
+def test_live_trace_annotates_a_crc_error_and_a_late_reply(slave: RtuSlave, tmp_path: Path) -> None:
+    sock = f"vitals-trace-{uuid.uuid4().hex[:8]}"
+    with RtuBus([slave], baud=BAUD) as bus:
+        cmd = " ".join(
+            [*(f"'{a}'" for a in VITALS), *_args(bus.port), f"; echo EXIT=$? > {tmp_path / 'rc'}"]
+        )
+        env = {"TERM": "xterm-256color", "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+        tmux = ["tmux", "-f", "/dev/null", "-L", sock, "new-session", "-d"]
+        subprocess.run(
+            [*tmux, "-x", "160", "-y", "50", "-c", os.getcwd(), cmd],
+            check=True,
+            timeout=10,
+            env=env,
+        )
+        try:
+
+            def wait_for(text: str) -> str:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    screen = _tmux(sock, "capture-pane", "-p", "-J", "-S", "-200", "-t", "0")
+                    if text in screen:
+                        return screen
+                    time.sleep(0.1)
+                pytest.fail(f"not on the screen within 30 s: {text!r}\n{screen}")
+
+            wait_for("reply #2")
+            slave.fault = "crc"
+            wait_for("crc-error #")
+            slave.fault = "late"
+            screen = wait_for("late #")
+            _tmux(sock, "send-keys", "-t", "0", "C-c")
+            deadline = time.monotonic() + 10
+            while not (tmp_path / "rc").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            subprocess.run(["tmux", "-L", sock, "kill-server"], timeout=10, check=False)
+    assert f"trace {bus.port} 19200 8N1" in screen
+    lines = screen.splitlines()
+    reply = next(line for line in lines if "reply #1 " in line)
+    assert "slave 2 fn 3: reply to #1 in" in reply and "02 03 0e" in reply
+    crc = next(line for line in lines if "crc-error #" in line)
+    assert "bad CRC, reply to #" in crc and "refused" in crc
+    late = next(line for line in lines if "late #" in line)
+    assert "after its timeout" in late
+    # the late reply answers the request printed just before it
+    n = late.split("late #")[1].split()[0]
+    before = lines[lines.index(late) - 1]
+    assert f"request #{n} " in before
+    assert (tmp_path / "rc").read_text().strip() == "EXIT=0"
