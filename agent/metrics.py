@@ -31,6 +31,7 @@ on every poll, the hot path this endpoint stays off (docs/decisions.md).
 ``vitals_uplink_connected`` / ``_connects_total``      the broker connection
 ``vitals_events_fired_total`` ...                      edge rules
 ``vitals_commands_total{status,reason}``               signed commands answered
+``vitals_clock_synced`` / ``_jumps_total``             the system clock (NTP) state
 =====================================================  ============================
 """
 
@@ -103,6 +104,19 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily(
             "vitals_uptime_seconds", "Seconds since the agent started", value=stats["uptime_s"]
         )
+        clock = stats.get("clock")
+        if clock is not None:
+            yield GaugeMetricFamily(
+                "vitals_clock_synced",
+                "1 while the system clock is synchronised (NTP); 0: readings are stamped "
+                "from the monotonic clock and corrected at the sync",
+                value=float(bool(clock["synced"])),
+            )
+            yield CounterMetricFamily(
+                "vitals_clock_jumps",
+                "Steps of the wall clock seen while running",
+                value=clock["jumps"],
+            )
         yield GaugeMetricFamily(
             "vitals_epoch", "The agent's epoch (one more each start)", value=stats["epoch"]
         )
@@ -273,6 +287,9 @@ async def serve_metrics(agent: Any, host: str, port: int) -> None:
                 )
             ):
                 stats = agent.statistics()  # a snapshot: fresh dicts and numbers
+                clock: Any = getattr(agent, "clock", None)
+                if hasattr(clock, "synced"):  # agent.clock.SystemClock (not a test's clock)
+                    stats["clock"] = {"synced": clock.synced, "jumps": getattr(clock, "jumps", 0)}
                 spool = getattr(agent, "spool", None)
                 # a spool opened on a full disk keeps its WAL index to itself (agent/status.py)
                 oldest = (

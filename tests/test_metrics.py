@@ -103,6 +103,8 @@ async def test_scraped_counters_move_with_garbage_and_silence(tmp_path: Path) ->
         assert seen[("vitals_device_state", (*dev, ("state", "offline")))] == 0.0
         assert seen[("vitals_bus_online", bus)] == 1.0
         assert seen[("vitals_uplink_connected", ())] == 0.0
+        assert seen[("vitals_clock_synced", ())] in (0.0, 1.0)
+        assert seen[("vitals_clock_jumps_total", ())] >= 0
         assert 0 < seen[("vitals_device_reply_seconds", dev)] < 1.0
         bad0 = seen.get(("vitals_bus_bad_frames_total", bus), 0.0)
         timeouts0 = seen.get(("vitals_bus_timeouts_total", bus), 0.0)
