@@ -176,7 +176,11 @@ class Hub:
         async for msg in client.messages:
             payload = msg.payload
             if isinstance(payload, bytes | bytearray):
-                results[core.handle(msg.topic.value, bytes(payload))] += 1
+                try:
+                    results[core.handle(msg.topic.value, bytes(payload))] += 1
+                except BaseException as exc:  # a write inside (meta, gap, event) failed
+                    self.write_failed = exc
+                    raise
             if msg.qos and self._paho is not None:
                 self._unacked.append((msg.mid, msg.qos))
             if (core.buffered or self._unacked) and not len(client.messages):
