@@ -268,3 +268,31 @@ def test_the_hub_without_the_demo_extra_says_what_to_install(
     assert result.exit_code == 1
     assert "vitals hub needs aiomqtt" in result.output
     assert "pip install 'vitals-gateway[hub]'" in result.output
+
+
+def test_an_outage_is_one_warning_and_one_info_with_capped_jittered_back_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from hub.reconnect import Outage
+
+    log = logging.getLogger("test.outage")
+    caplog.set_level(logging.INFO, logger="test.outage")
+    o = Outage(log, "worker", "127.0.0.1", 1883, first_s=0.25, cap_s=5.0)
+    delays = [o.down(OSError("refused")) for _ in range(12)]
+    assert all(0 < d <= 5.0 for d in delays)
+    assert all(d <= 0.25 * 2**i for i, d in enumerate(delays))
+    assert max(delays[-4:]) > 2.5  # it grew to the cap (each at least half of it)
+    o.up()
+    o.down(OSError("reset"))
+    o.up()
+    lines = [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "worker cannot reach the broker 127.0.0.1"),  # never connected yet
+        ("INFO", "worker back on the broker 127.0.0.1"),
+        ("WARNING", "worker lost the broker 127.0.0.1"),
+        ("INFO", "worker back on the broker 127.0.0.1"),
+    ]
+    assert o.outages == 1
+    assert o.down(OSError("x")) <= 0.25  # the back-off starts again after a recovery
