@@ -32,6 +32,7 @@ from agent.sensors import SensorReader
 from agent.spool import Spool
 from agent.state import Identity, load_hub_key, load_identity, next_epoch
 from agent.status import StatusWriter, summary
+from agent.tap import serve_tap, tap_socket_path
 from agent.tls import tls_context
 from agent.transport import ModbusLink
 from agent.uplink import GapSigner, Uplink, UplinkSettings
@@ -318,13 +319,17 @@ class Agent:
                     StatusWriter(self, on_write=self._notify_status).run(),
                     name="status.write",
                 )
-                metrics = []
+                extras = []
                 if self.config.metrics.listen:  # prometheus-client imported only then
                     from agent.metrics import serve_metrics
 
                     m = self.config.metrics
                     serve = serve_metrics(self, m.host, m.port)
-                    metrics.append(tg.create_task(serve, name="metrics.http"))
+                    extras.append(tg.create_task(serve, name="metrics.http"))
+                rtu = {p.name: p.link for p in self.pollers if hasattr(p.link, "late_cap_s")}
+                if rtu:  # `vitals diag trace --bus NAME` taps these links
+                    tap = serve_tap(rtu, tap_socket_path(self.config.gateway.state_dir))
+                    extras.append(tg.create_task(tap, name="trace.tap"))
                 self.ready.set()
                 self.notifier.ready(f"gateway {self.config.gateway.id}")
                 # start-up objects (configuration, point table, pollers) live as long as
@@ -349,7 +354,7 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     left = max(0.0, drain_until - loop.time())
                     await asyncio.wait_for(self.spool.empty.wait(), left)
-                await _end([uplink, *([events_out] if events_out else []), acks, status, *metrics])
+                await _end([uplink, *([events_out] if events_out else []), acks, status, *extras])
         finally:
             left = self.spool.statistics()["depth_batches"]
             if left:

@@ -182,3 +182,79 @@ def test_live_trace_annotates_a_crc_error_and_a_late_reply(slave: RtuSlave, tmp_
     before = lines[lines.index(late) - 1]
     assert f"request #{n} " in before
     assert (tmp_path / "rc").read_text().strip() == "EXIT=0"
+
+
+# -- tapping the running agent --------------------------------------------------------
+
+
+async def test_tap_the_running_agents_bus(slave: RtuSlave, tmp_path: Path) -> None:
+    import asyncio
+
+    from agent.config import parse_config
+    from agent.service import Agent
+    from agent.state import create_identity
+    from simulator.broker import free_port
+
+    with RtuBus([slave], baud=BAUD) as bus:
+        cfg = parse_config(
+            {
+                "gateway": {"id": "gw-tap", "state_dir": str(tmp_path / "gw")},
+                "uplink": {"host": "127.0.0.1", "port": free_port()},  # no broker there
+                "buses": [
+                    {"name": "rs485", "kind": "rtu", "port": bus.port, "baud": BAUD}
+                    | {"parity": "N", "timeout_s": TIMEOUT_S}
+                ],
+                "devices": [
+                    {"name": "noise", "bus": "rs485", "profile": "sound_level_meter"}
+                    | {"slave": 2, "interval_s": 0.2}
+                ],
+            },
+            source="<tap test>",
+            base=tmp_path,
+        )
+        agent = Agent(cfg, identity=create_identity(cfg.gateway.state_dir), drain_timeout_s=0.5)
+        stop = asyncio.Event()
+        run = asyncio.create_task(agent.run(stop))
+        sock = cfg.gateway.state_dir / "trace.sock"
+
+        async def tap(*more: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                *VITALS,
+                "trace",
+                "--socket",
+                str(sock),
+                "--json",
+                *more,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode is not None
+            return proc.returncode, out.decode(), err.decode()
+
+        try:
+            await asyncio.wait_for(agent.ready.wait(), 10)
+            assert oct(sock.stat().st_mode & 0o777) == "0o660"  # the service group only
+            rc, out, err = await tap("--bus", "rs485", "--frames", "4")
+            assert rc == 0, err
+            good = [json.loads(line) for line in out.splitlines()]
+            slave.fault = "crc"
+            rc, out, err = await tap("--bus", "rs485", "--frames", "6")
+            assert rc == 0, err
+            crc = [json.loads(line) for line in out.splitlines()]
+            rc, out, err = await tap("--bus", "nope")
+            assert rc == 2 and "no RTU bus named 'nope'" in out
+            polls = agent.pollers[0].devices[0].polls
+        finally:
+            stop.set()
+            await asyncio.wait_for(run, 30)
+    # the agent's own requests and replies, tied together (the tap may begin mid-exchange)
+    first = next(i for i, f in enumerate(good) if f["kind"] == "request")
+    req, reply = good[first], good[first + 1]
+    assert (req["kind"], reply["kind"]) == ("request", "reply")
+    assert reply["request"] == req["request"] and reply["crc_ok"] is True
+    assert all(f["slave"] == 2 for f in good if f["kind"] in ("request", "reply"))
+    assert "crc-error" in {f["kind"] for f in crc}
+    assert all(f["crc_ok"] is False for f in crc if f["kind"] == "crc-error")
+    assert polls >= 3  # it polled on while traced
+    assert agent.pollers[0].link.trace is None  # the hook is gone with the client

@@ -10,8 +10,9 @@ reply, a CRC error, a late reply (to an earlier request, or after its
 timeout), the adapter's echo of our own request, or garbage. Printed live,
 one line a frame, or ``--json``: one object a frame, for a support bundle.
 
-Tapping the running agent's link is not done: stop the agent (or trace
-another port) to trace a bus.
+Or ``--bus NAME``: the running agent's own link on that bus, tapped through
+its trace socket (:mod:`agent.tap`, the service group only) while it polls
+on; the frames are named the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +30,22 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from agent.diag._common import OK, USAGE, DiagError, console, die, emit_json, waiting
+from agent.diag._common import (
+    FAILED,
+    OK,
+    PORT,
+    USAGE,
+    DiagError,
+    console,
+    die,
+    emit_json,
+    waiting,
+)
 from agent.diag._link import open_link
 from agent.diag.read import read_sample, resolve_target
+from agent.status import default_status_paths
+from agent.tap import TRACE_SOCKET, tap_socket_path
+from protocols.errors import ConfigError
 from protocols.modbus import plan
 from protocols.rtu import crc_ok, frame_time, response_length
 
@@ -129,8 +144,10 @@ class Annotator:
         self._rx_at = 0.0
         self._flush: asyncio.TimerHandle | None = None
 
-    def __call__(self, direction: str, data: bytes) -> None:
-        now = time.monotonic()
+    def __call__(self, direction: str, data: bytes, now: float | None = None) -> None:
+        """One chunk sent or received; ``now``: when (monotonic; default: now)."""
+        if now is None:
+            now = time.monotonic()
         if direction == "tx":
             self._cut(now, final=True)
             req = _Request(
@@ -332,6 +349,95 @@ async def _run(target: Any, samples: int | None, as_json: bool, counts: dict[str
         link.close()
 
 
+def _tap_paths(socket: Path | None, config: Path | None) -> list[Path]:
+    if socket is not None:
+        return [socket]
+    paths = [p.with_name(TRACE_SOCKET) for p in default_status_paths()]
+    if config is not None:
+        from agent.config import load_config
+
+        try:
+            paths.insert(0, tap_socket_path(load_config(config).gateway.state_dir))
+        except ConfigError as exc:
+            first = exc.problems[0] if exc.problems else (str(config), "invalid")
+            raise DiagError(f"{first[0]}: {first[1]}", "", USAGE) from None
+    return list(dict.fromkeys(paths))
+
+
+async def _tap(
+    bus: str, paths: list[Path], frames: int | None, as_json: bool, counts: dict[str, int]
+) -> None:
+    """Trace ``bus`` of the running agent through its trace socket."""
+    reader = writer = None
+    errors: list[str] = []
+    for path in paths:
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            break
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise DiagError(
+                f"{path}: permission denied",
+                "the agent's frames are for its service group: add yourself to the 'vitals' "
+                "group (sudo usermod -aG vitals $USER) and log in again, or use sudo",
+                PORT,
+            ) from None
+        except OSError as exc:
+            errors.append(f"{path}: {exc.strerror or exc}")
+    if reader is None or writer is None:
+        where = "; ".join(errors) or ", ".join(str(p) for p in paths)
+        raise DiagError(
+            f"no running agent to trace (no trace socket: {where})",
+            "start it ('sudo systemctl start vitals'), or trace a port you hold with --port",
+            FAILED,
+        )
+    try:
+        writer.write(json.dumps({"bus": bus}).encode() + b"\n")
+        hello = json.loads(await reader.readline() or b"{}")
+        if not hello.get("ok"):
+            buses = ", ".join(hello.get("buses", [])) or "(none)"
+            raise DiagError(
+                str(hello.get("error", "the agent closed the trace")), f"RTU buses: {buses}", USAGE
+            )
+        out = console()
+        seen = 0
+
+        def emit(f: TraceFrame) -> None:
+            nonlocal seen
+            seen += 1
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+            if as_json:
+                emit_json(f.to_dict())
+            else:
+                out.print(f.line(), soft_wrap=True)
+
+        annotate = Annotator(
+            emit,
+            timeout_s=float(hello["timeout_s"]),
+            char_s=float(hello["char_s"]),
+            gap_s=max(float(hello["inter_frame_s"]), 0.02),
+        )
+        annotate.t0 = float(hello["t"])
+        if not as_json:
+            out.print(
+                Text.assemble(
+                    (f"trace bus {bus} of the running agent", "bold"),
+                    f"  {hello['link']}  (Ctrl-C stops)",
+                )
+            )
+        while frames is None or seen < frames:
+            line = await reader.readline()
+            if not line:
+                raise DiagError("the agent closed the trace (stopped?)", "", FAILED)
+            msg = json.loads(line)
+            annotate(msg["dir"], bytes.fromhex(msg["hex"]), now=float(msg["t"]))
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
 def trace_command(
     port: Annotated[str | None, typer.Option(help="serial port, e.g. /dev/ttyUSB0")] = None,
     host: Annotated[str | None, typer.Option(help="RTU-over-TCP converter host")] = None,
@@ -353,10 +459,28 @@ def trace_command(
     ] = None,
     samples: Annotated[int | None, typer.Option(help="stop after this many polls")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per frame")] = False,
+    bus: Annotated[
+        str | None, typer.Option(help="tap this bus of the running agent (it keeps polling)")
+    ] = None,
+    socket: Annotated[
+        Path | None, typer.Option(help="the agent's trace socket (default: beside its status)")
+    ] = None,
+    frames: Annotated[int | None, typer.Option(help="with --bus: stop after this many")] = None,
 ) -> None:
-    """Raw frames of an RTU bus while polling a device: time, direction, hex, what it is."""
+    """Raw frames of an RTU bus: time, direction, hex, what it is. Polls a device
+    (--port/--host) or taps the running agent's bus (--bus NAME)."""
     counts: dict[str, int] = {}
     try:
+        if bus is not None:
+            if port or host or device:
+                raise DiagError(
+                    "--bus taps the running agent: no --port, --host or --device with it",
+                    "",
+                    USAGE,
+                )
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(_tap(bus, _tap_paths(socket, config), frames, as_json, counts))
+            raise typer.Exit(OK)
         target = resolve_target(
             device=device,
             config=config,
