@@ -234,6 +234,10 @@ async def test_tap_the_running_agents_bus(slave: RtuSlave, tmp_path: Path) -> No
 
         try:
             await asyncio.wait_for(agent.ready.wait(), 10)
+            for _ in range(100):  # the socket is bound by a task the agent has started
+                if sock.exists():
+                    break
+                await asyncio.sleep(0.05)
             assert oct(sock.stat().st_mode & 0o777) == "0o660"  # the service group only
             rc, out, err = await tap("--bus", "rs485", "--frames", "4")
             assert rc == 0, err

@@ -88,7 +88,11 @@ async def test_scraped_counters_move_with_garbage_and_silence(tmp_path: Path) ->
         async def scrape_until(cond: Callable[[Samples], bool], what: str) -> Samples:
             """Scrape until ``cond`` holds of what the endpoint says (fail naming ``what``)."""
             for _ in range(300):
-                samples = await scrape()
+                try:
+                    samples = await scrape()
+                except OSError:  # not listening yet: the server starts with the agent
+                    await asyncio.sleep(0.1)
+                    continue
                 if cond(samples):
                     return samples
                 await asyncio.sleep(0.1)
