@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,10 +99,13 @@ async def serve_tap(links: Mapping[str, ModbusLink], path: Path) -> None:
                 await writer.wait_closed()
 
     _remove(path)  # left by an agent that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        server = await asyncio.start_unix_server(client, path)
-        os.chmod(path, 0o660)  # the service's user and group only
+        sock.bind(str(path))
+        os.chmod(path, 0o660)  # the service's user and group only, before anyone connects
+        server = await asyncio.start_unix_server(client, sock=sock)
     except OSError as exc:
+        sock.close()
         log.warning(
             "trace socket %s: %s; 'vitals diag trace --bus' cannot tap this agent",
             path,
