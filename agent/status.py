@@ -7,7 +7,7 @@ last error, spool depth and the age of its oldest batch, the last batch the
 broker acknowledged, counters. It goes to ``$RUNTIME_DIRECTORY`` (systemd's
 ``RuntimeDirectory=vitals``: ``/run/vitals``, a tmpfs, so a status written
 every few seconds does not wear the SD card) or else to the state directory.
-It holds no secrets (mode 0644), so ``vitals status`` works for any user in
+It holds no secrets (mode 0640 whatever the umask), so ``vitals status`` works for any user in
 the ``vitals`` group.
 
 :func:`read_status` and :func:`show` are the reader: a status older
@@ -119,6 +119,7 @@ def write_status(path: Path, doc: dict[str, Any]) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            os.fchmod(fd, 0o640)  # the vitals group reads it whatever the umask (unit: 0077)
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         finally:
