@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from agent.clock import Clock, SystemClock
 from agent.config import RuleConfig, RuleTarget
 from agent.mqtt import MqttClient, MqttError
+from agent.uplink import explain
 from protocols import topics
 from protocols.ed25519 import PrivateKey
 from protocols.event import Event, event_topic, seal_event
@@ -476,7 +477,8 @@ class EdgeEvents:
                         self.outbox.popleft()  # only after its PUBACK
                         self.published += 1
             except MqttError as exc:
-                if attempt == 0:
-                    log.warning("event uplink to %s:%d: %s", link.host, link.port, exc)
+                if attempt == 0:  # once per outage, in the uplink's words (no raw errno)
+                    why = explain(exc, link.host, link.port)
+                    log.warning("event uplink: %s (hint: %s)", why.message, why.hint)
             attempt += 1
             await asyncio.sleep(random.uniform(0.25, min(30.0, 0.5 * 2 ** min(attempt, 6))))
