@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.batch import Batcher
-from agent.clock import SystemClock, kernel_synced
+from agent.batch import FIX_BATCHES, Batcher
+from agent.clock import ClockFix, SystemClock, kernel_synced
 from agent.service import Agent
 from agent.state import create_identity
 from drivers.profiles import load_profile
@@ -265,3 +265,86 @@ def test_hub_takes_weeks_old_batches_only_from_an_unsynced_gateway(tmp_path: Pat
 
 def test_kernel_synced_answers() -> None:
     assert isinstance(kernel_synced(), bool)
+
+
+class StepClock:
+    """A clock the test drives: sync state, correction and monotonic time."""
+
+    def __init__(self) -> None:
+        self.synced = False
+        self.fix: ClockFix | None = None
+        self.mono = 0.0
+        self.wall_ms = 1_000
+
+    def now_ms(self) -> int:
+        return self.wall_ms
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    async def sleep_until(self, when: float) -> None:
+        await asyncio.sleep(0)
+
+
+def _batcher(clock: StepClock) -> Batcher:
+    return Batcher(
+        gateway="gw-1",
+        key=KEY,
+        epoch=0,
+        max_readings=100,
+        max_age_s=5.0,
+        encoding="msgpack",
+        clock=clock,
+    )
+
+
+@pytest.mark.parametrize("offset_ms", [35 * 86_400_000, -3_600_000], ids=["behind", "ahead"])
+async def test_batcher_seals_at_the_sync_and_carries_the_fix(offset_ms: int) -> None:
+    clock = StepClock()
+    b = _batcher(clock)
+
+    def reading(ts: int) -> Reading:  # ms after 2023-11-14
+        return Reading(point=1, ts=1_700_000_000_000 + ts, value=1.0, quality=Quality.GOOD)
+
+    await b.add([reading(1_000)])
+    await b.flush()  # seq 0, unsynced
+    await b.add([reading(2_000)])  # open when the clock syncs
+    clock.synced, clock.fix = True, ClockFix(offset_ms, 1_700_000_002_001)
+    await b.add([reading(2_000 + offset_ms)])  # seals seq 1 first
+    await b.flush()  # seq 2
+    sealed = b.take(1000)
+    for _ in range(FIX_BATCHES + 1):
+        await b.add([reading(3_000 + offset_ms)])
+        await b.flush()
+        sealed += b.take(1000)
+    headers = [envelope.parse(s.data).header for s in sealed]
+    assert [h.unsynced for h in headers[:3]] == [True, True, False]
+    assert not any(h.unsynced for h in headers[2:])
+    fixes = [(h.fix_offset_ms, h.fix_until, h.fix_last_seq) for h in headers]
+    # behind: the first batch after the sync is covered too (its stamps >= until)
+    last = 2 if offset_ms > 0 else 1
+    assert fixes[:2] == [(None, None, None)] * 2
+    assert fixes[2 : 2 + FIX_BATCHES] == [(offset_ms, 1_700_000_002_001, last)] * FIX_BATCHES
+    assert fixes[2 + FIX_BATCHES :] == [(None, None, None)] * 2
+
+
+async def test_sealing_age_is_monotonic_whatever_the_wall_clock_does() -> None:
+    clock = StepClock()
+    clock.synced = True
+    b = _batcher(clock)
+    runner = asyncio.create_task(b.run())
+    try:
+        await b.add([Reading(point=1, ts=1_000, value=1.0, quality=Quality.GOOD)])
+        clock.wall_ms += 86_400_000  # forward a day: nothing to seal yet
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert b.batches_sealed == 0
+        clock.mono += 5.0  # five seconds on the monotonic clock: sealed
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert b.batches_sealed == 1
+    finally:
+        runner.cancel()
