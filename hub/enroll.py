@@ -54,18 +54,29 @@ result_topic = topics.enroll_result  # the hub's signed answers
 
 
 def load_or_create_hub_key(path: Path) -> ed25519.PrivateKey:
-    """The hub's Ed25519 key (PEM, mode 0600), created on first use."""
+    """The hub's Ed25519 key (PEM, mode 0600), created on first use.
+
+    Workers starting together may all find none: each writes a key of its own
+    to a temporary file and links it into place (atomic, refused if one is
+    there), so all of them use the one that won, never a half-written one."""
     if not path.exists():
         key = ed25519.PrivateKey.generate()
         pem = key.private_pem()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, pem)
             os.fsync(fd)
         finally:
             os.close(fd)
-        return key
+        try:
+            os.link(tmp, path)
+            return key
+        except FileExistsError:
+            pass  # another worker's key won: read it below
+        finally:
+            os.unlink(tmp)
     if path.stat().st_mode & 0o077:
         raise PermissionError(f"{path}: the hub key must not be readable by others (chmod 600)")
     try:
