@@ -22,11 +22,14 @@ write one database at once, many readers query it.
   ``readings``: a query by time reads only its days' partitions, and every
   index is paid for on each reading stored (a BRIN index on ``ts`` alone
   took the server from 0.5-0.9 to 1.1 µs of CPU a row); add one for the
-  queries you run
-  (docs/hub.md).
+  queries you run (docs/hub.md).
 - **Stats from SQL**: counts, sums and the missing ranges of seqs (window
   functions) are computed by the database; only the small lists of ranges
   come back.
+- **Durable, and patient**: the sessions commit with ``synchronous_commit =
+  on`` (the worker acknowledges to the broker after the commit); a write that
+  loses the server reconnects and runs its transaction again for up to
+  ``RETRY_S``.
 
 ``value`` is ``double precision``; a text value (rare: a serial sensor's
 status word) goes to ``text_value`` with ``value`` NULL.
@@ -64,6 +67,9 @@ log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
 AHEAD_DAYS = 2  # partitions made ahead of today's
+# days back a partition is made for: a gateway's spool keeps 168 h, plus margin;
+# a reading older than that (or beyond the days ahead) goes to readings_default
+PAST_DAYS = 10
 # the batches received in the last hour are loaded into a worker's memory at start, so
 # a redelivery after a restart is dropped at once; an older one is caught by the
 # unique key at the flush. All of them would be too many in a city: two million
@@ -190,6 +196,22 @@ def _copy_rows(b: BatchRow, rs: list[Reading]) -> bytes:
     return bytes(out)
 
 
+def _days_of(batches: list[BatchRow], readings: list[list[Reading]], today: int) -> set[int]:
+    """The days the batches' readings fall on, from ``PAST_DAYS`` ago to the partitions
+    ahead of today (a reading outside goes to ``readings_default``: a gateway whose
+    clock was wrong must not make the hub create a table per day since 1970)."""
+    days: set[int] = set()
+    for b, rs in zip(batches, readings, strict=True):
+        first, last = b[4] // DAY_MS, b[5] // DAY_MS
+        if last - first <= 2:
+            days.update(range(first, last + 1))
+        else:  # a batch spanning days: only those its readings are on
+            days.update(r[1] // DAY_MS for r in rs)
+    if max(days, default=0) >= today:
+        days.update(range(today, today + AHEAD_DAYS + 1))
+    return {d for d in days if today - PAST_DAYS <= d <= today + AHEAD_DAYS}
+
+
 def partition_name(day: int) -> str:
     """The partition of UTC day ``day`` (days since 1970-01-01): ``readings_pYYYYMMDD``."""
     return "readings_p" + time.strftime("%Y%m%d", time.gmtime(day * 86_400))
@@ -261,6 +283,7 @@ class PgStore:
                     str(exc).strip().splitlines()[0],
                 )
         self.db.execute(f"CREATE TABLE readings ({_READINGS_COLUMNS}) PARTITION BY RANGE (ts)")
+        self.db.execute("CREATE TABLE readings_default PARTITION OF readings DEFAULT")
 
     def _is_hypertable(self) -> bool:
         try:
@@ -292,16 +315,26 @@ class PgStore:
         with self.db.transaction():
             self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
             for day in missing:
-                self.db.execute(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF readings"
-                        " FOR VALUES FROM ({}) TO ({})"
-                    ).format(
-                        sql.Identifier(partition_name(day)),
-                        sql.Literal(day * DAY_MS),
-                        sql.Literal((day + 1) * DAY_MS),
+                try:
+                    with self.db.transaction():  # a savepoint: one day may fail alone
+                        self.db.execute(
+                            sql.SQL(
+                                "CREATE TABLE IF NOT EXISTS {} PARTITION OF readings"
+                                " FOR VALUES FROM ({}) TO ({})"
+                            ).format(
+                                sql.Identifier(partition_name(day)),
+                                sql.Literal(day * DAY_MS),
+                                sql.Literal((day + 1) * DAY_MS),
+                            )
+                        )
+                except psycopg.errors.CheckViolation:
+                    # readings_default holds rows of that day already (they came when
+                    # it was out of range): the day stays there
+                    log.warning(
+                        "readings of %s are in readings_default (some arrived before its"
+                        " partition could be made)",
+                        partition_name(day),
                     )
-                )
         self._days.update(missing)
 
     def partitions(self) -> list[str]:
@@ -388,9 +421,7 @@ class PgStore:
         counters: Callable[[list[bool]], Mapping[str, int]],
     ) -> list[bool]:
         if not self.timescale and batches:
-            lo = min(b[4] for b in batches) // DAY_MS
-            hi = max(b[5] for b in batches) // DAY_MS
-            self._ensure_days(range(lo, hi + 1 + (AHEAD_DAYS if hi >= self._today() else 0)))
+            self._ensure_days(_days_of(batches, readings, self._today()))
         order = sorted(range(len(batches)), key=lambda i: batches[i][:3])
         cols = list(zip(*(batches[i] for i in order), strict=True)) if batches else [()] * 8
         with self.db.transaction():

@@ -325,6 +325,27 @@ def test_a_server_gone_for_good_stops_the_hub_with_one_line(
     assert "failed for 1 s" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_wrong_clock_does_not_make_a_partition_per_day(pg_url: str) -> None:
+    """A batch with a reading stamped in 1970 (a gateway before its clock was set)
+    and one now: both stored, the old one in readings_default, no table for each
+    day between."""
+    key = KEYS["gw-pg-1"]
+    now = time.time_ns() // 1_000_000
+    rs = [Reading(0, 86_400_000 * 3 + 5, 1.0), Reading(1, now - 1000, 2.0)]
+    data = envelope.seal(rs, gateway="gw-pg-1", key=key, epoch=1, seq=0)
+    core = _core(pg_url, window_ms=None)
+    assert core.handle(topics.batch("gw-pg-1"), data) == "stored"
+    core.close()
+    rows = _query(pg_url, "SELECT tableoid::regclass::text, point FROM readings ORDER BY point")
+    today = "readings_p" + time.strftime("%Y%m%d", time.gmtime(now // 1000))
+    assert rows == [("readings_default", 0), (today, 1)]
+    store = open_store(pg_url)
+    try:
+        assert len(store.partitions()) <= 5  # type: ignore[attr-defined]
+    finally:
+        store.close()
+
+
 def test_an_unreachable_database_is_one_line(pg_cluster: str) -> None:
     port = pg_cluster.rsplit(":", 1)[1].split("/")[0]
     with pytest.raises(LocalError) as err:
