@@ -6,8 +6,8 @@ this machine's loopback can reach it), stopped and removed afterwards. Never a
 system service. PostgreSQL refuses to run as root: as root, the cluster runs as
 the ``postgres`` user of Debian's package (else ``nobody``).
 
-``python tests/pg_cluster.py`` starts one and prints its URL until Ctrl-C
-(``python -m bench.hub --db`` that URL).
+``python tests/pg_cluster.py`` starts one and prints its URL until Ctrl-C or
+``kill`` (``python -m bench.hub --db`` that URL).
 """
 
 from __future__ import annotations
@@ -140,6 +140,13 @@ def private_cluster(*, settings: dict[str, str] | None = None) -> Iterator[str]:
 
 
 if __name__ == "__main__":
+    import signal
+    import sys
+
+    # Ctrl-C, or `kill` of a background run: stop the server and remove its files
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(0))
     with private_cluster() as url:
         print(url, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
