@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hub.store import is_url
+from hub.store import is_url, shown
 from protocols import envelope, topics
 from protocols.errors import VitalsError
 
@@ -99,7 +99,9 @@ def _trusted(items: list[str]) -> list[tuple[str, bytes]]:
 
 
 def _db_problem(db: str | Path, exc: BaseException) -> typer.Exit:
-    return _fail(f"{db}: {exc}", "pass --db FILE (SQLite, created if new) or --db postgresql://...")
+    return _fail(
+        f"{shown(db)}: {exc}", "pass --db FILE (SQLite, created if new) or --db postgresql://..."
+    )
 
 
 def _require(what: str, *modules: str) -> None:
@@ -271,7 +273,7 @@ def hub(
         failed = failed or exc
     if failed is not None:
         raise _fail(
-            f"hub worker {name} stopped: cannot write to {db}: {failed}",
+            f"hub worker {name} stopped: cannot write to {shown(db)}: {failed}",
             "nothing unwritten was acknowledged: the broker keeps it for this worker's next"
             " start; check the disk or the database",
         )
@@ -306,11 +308,11 @@ def hub_token(
     if not is_url(db):
         parent = Path(db).parent
         if not (parent if str(parent) else Path(".")).is_dir():
-            raise fail(f"{db}: no such directory", "pass --db PATH of the hub's database")
+            raise fail(f"{shown(db)}: no such directory", "pass --db PATH of the hub's database")
     try:
         core = HubCore(db)
     except (OSError, sqlite3.Error, VitalsError) as exc:
-        raise fail(f"{db}: {exc}", "pass --db PATH of the hub's database") from None
+        raise fail(f"{shown(db)}: {exc}", "pass --db PATH of the hub's database") from None
     try:
         desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
         token = desk.issue_token(gateway, ttl_s=ttl * 3600.0)
@@ -352,12 +354,12 @@ def hub_stats_cmd(
 
     db = db or ctx.obj["db"]
     if not is_url(db) and not Path(db).is_file():
-        raise _fail(f"{db}: no hub database here", "pass --db PATH (the hub's --db)")
+        raise _fail(f"{shown(db)}: no hub database here", "pass --db PATH (the hub's --db)")
     try:
         stats: dict[str, Any] = hub_stats(db)
     except sqlite3.Error as exc:
         raise _fail(
-            f"{db}: not a hub database ({exc})", "pass --db PATH (the hub's --db)"
+            f"{shown(db)}: not a hub database ({exc})", "pass --db PATH (the hub's --db)"
         ) from None
     except (OSError, VitalsError) as exc:
         raise _db_problem(db, exc) from None
@@ -367,7 +369,7 @@ def hub_stats_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"hub {db}")
+    t = Table(title=f"hub {shown(db)}")
     for col in (
         "gateway",
         "batches",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain, repeat
 from pathlib import Path
@@ -144,6 +145,20 @@ class Store(Protocol):
 def is_url(target: str | Path) -> bool:
     """Whether ``--db`` names a PostgreSQL database rather than an SQLite file."""
     return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def shown(target: str | Path) -> str:
+    """``--db`` as messages and logs may show it: a URL without its password."""
+    if not is_url(target):
+        return str(target)
+    parts = urllib.parse.urlsplit(str(target))
+    if parts.password is None:
+        return str(target)
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_store(target: str | Path, *, worker: str = "w0", sharded: bool = False) -> Store:

@@ -45,3 +45,23 @@ def test_hub_stats_shows_enrollment_answers(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "enrollment requests: {'malformed': 1}" in r.stdout
     assert "gw-1" not in r.stdout  # a refused request enrolls nobody
+
+
+def test_a_database_password_never_shows() -> None:
+    """`--db postgresql://user:PASSWORD@...` ends up in error lines and logs: without it."""
+    from hub.store import shown
+
+    assert (
+        shown("postgresql://hub:s3cret@db.city:5433/vitals")
+        == "postgresql://hub@db.city:5433/vitals"
+    )
+    assert shown("/var/lib/vitals-hub/hub.sqlite3") == "/var/lib/vitals-hub/hub.sqlite3"
+    r = subprocess.run(
+        [*VITALS, "hub", "stats", "--db", "postgresql://hub:s3cret@127.0.0.1:1/vitals"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "s3cret" not in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith("error: ")
