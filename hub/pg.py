@@ -45,11 +45,11 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, repeat
 from typing import Any, TypeVar
 
-from hub.store import BatchRow, EventRow, GapRow, PointRow
+from hub.store import BatchRow, EventRow, GapRow, PointRow, SqlStore
 from protocols.errors import LocalError
 from protocols.reading import Reading
 
@@ -212,12 +212,18 @@ def _days_of(batches: list[BatchRow], readings: list[list[Reading]], today: int)
     return {d for d in days if today - PAST_DAYS <= d <= today + AHEAD_DAYS}
 
 
+@functools.lru_cache(maxsize=64)
+def _pg(text: str) -> str:
+    """A statement of :class:`~hub.store.SqlStore` with psycopg's placeholders."""
+    return text.replace("?", "%s")
+
+
 def partition_name(day: int) -> str:
     """The partition of UTC day ``day`` (days since 1970-01-01): ``readings_pYYYYMMDD``."""
     return "readings_p" + time.strftime("%Y%m%d", time.gmtime(day * 86_400))
 
 
-class PgStore:
+class PgStore(SqlStore):
     """The hub's tables in one PostgreSQL database; one connection per worker."""
 
     def __init__(self, url: str, *, worker: str = "w0") -> None:
@@ -350,13 +356,8 @@ class PgStore:
 
     # -- start-up -------------------------------------------------------------
 
-    def enrolled_keys(self) -> Iterable[tuple[str, bytes, bytes, bool]]:
-        return [
-            (gw, bytes(kid), bytes(pub), bool(revoked))
-            for gw, kid, pub, revoked in self.db.execute(
-                "SELECT gw, kid, pubkey, revoked FROM gateways"
-            )
-        ]
+    def _run(self, text: str, params: Sequence[object] = ()) -> psycopg.Cursor[Any]:
+        return self.db.execute(_pg(text), params)
 
     def seen(self) -> Iterable[tuple[str, int, int]]:
         since = time.time_ns() // 1_000_000 - SEEN_MS
@@ -364,22 +365,7 @@ class PgStore:
             "SELECT gw, epoch, seq FROM batches WHERE received_ms >= %s", (since,)
         ).fetchall()
 
-    def counters(self) -> dict[str, int]:
-        mine = f"{self.worker}/"
-        return {
-            name[len(mine) :]: int(value)
-            for name, value in self.db.execute(
-                "SELECT name, value FROM counters WHERE left(name, %s) = %s", (len(mine), mine)
-            )
-        }
-
     # -- keys -----------------------------------------------------------------
-
-    def key(self, gateway: str, kid: bytes) -> tuple[bytes, bool] | None:
-        row = self.db.execute(
-            "SELECT pubkey, revoked FROM gateways WHERE gw = %s AND kid = %s", (gateway, kid)
-        ).fetchone()
-        return None if row is None else (bytes(row[0]), bool(row[1]))
 
     def enroll(self, gateway: str, kid: bytes, public_raw: bytes, at: float) -> None:
         self.db.execute(
@@ -388,20 +374,6 @@ class PgStore:
             " enrolled = excluded.enrolled",
             (gateway, kid, public_raw, at),
         )
-
-    def revoke(self, gateway: str, kid: bytes) -> None:
-        self.db.execute(
-            "UPDATE gateways SET revoked = true WHERE gw = %s AND kid = %s", (gateway, kid)
-        )
-
-    def other_keys(self, gateway: str, kid: bytes) -> list[bytes]:
-        return [
-            bytes(k)
-            for (k,) in self.db.execute(
-                "SELECT kid FROM gateways WHERE gw = %s AND kid != %s AND NOT revoked",
-                (gateway, kid),
-            )
-        ]
 
     # -- what the gateways send -------------------------------------------------
 
@@ -536,56 +508,6 @@ class PgStore:
                 " epoch = excluded.epoch",
                 rows,
             )
-
-    # -- the enrollment desk ----------------------------------------------------
-
-    def add_token(self, digest: bytes, gateway: str, issued: float, expires: float) -> None:
-        self.db.execute(
-            "INSERT INTO enroll_tokens (hash, gw, issued, expires) VALUES (%s, %s, %s, %s)",
-            (digest, gateway, issued, expires),
-        )
-
-    def token(self, digest: bytes) -> tuple[str, float, float | None] | None:
-        row = self.db.execute(
-            "SELECT gw, expires, used FROM enroll_tokens WHERE hash = %s", (digest,)
-        ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
-
-    def use_token(self, digest: bytes, kid: bytes, at: float) -> bool:
-        cur = self.db.execute(
-            "UPDATE enroll_tokens SET used = %s, kid = %s WHERE hash = %s AND used IS NULL",
-            (at, kid, digest),
-        )
-        return cur.rowcount == 1
-
-    def rotation(self, gateway: str, old_kid: bytes) -> bytes | None:
-        row = self.db.execute(
-            "SELECT new_kid FROM key_rotations WHERE gw = %s AND old_kid = %s", (gateway, old_kid)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def add_rotation(
-        self, gateway: str, old_kid: bytes, new_kid: bytes, at: float, revoke_at: float
-    ) -> None:
-        self.db.execute(
-            "INSERT INTO key_rotations (gw, old_kid, new_kid, at, revoke_at)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (gateway, old_kid, new_kid, at, revoke_at),
-        )
-
-    def due_rotations(self, now: float) -> list[tuple[str, bytes]]:
-        return [
-            (gw, bytes(kid))
-            for gw, kid in self.db.execute(
-                "SELECT gw, old_kid FROM key_rotations WHERE NOT done AND revoke_at <= %s", (now,)
-            )
-        ]
-
-    def finish_rotation(self, gateway: str, old_kid: bytes) -> None:
-        self.db.execute(
-            "UPDATE key_rotations SET done = true WHERE gw = %s AND old_kid = %s",
-            (gateway, old_kid),
-        )
 
     # -- reading it back ----------------------------------------------------------
 

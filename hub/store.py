@@ -21,7 +21,7 @@ import contextlib
 import re
 import sqlite3
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +31,7 @@ from protocols.reading import Reading
 
 __all__ = [
     "BatchRow",
+    "SqlStore",
     "SqliteStore",
     "Store",
     "is_url",
@@ -326,7 +327,114 @@ def _rows(
     )
 
 
-class SqliteStore:
+class _Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class SqlStore:
+    """The statements SQLite and PostgreSQL share, written once with ``?`` placeholders:
+    a store runs them through :meth:`_run` (``hub.pg`` turns ``?`` into ``%s``).
+    Booleans are written ``true``/``NOT x``: SQLite stores them as 1 and 0."""
+
+    worker: str
+
+    def _run(self, text: str, params: Sequence[object] = ()) -> _Cursor:
+        raise NotImplementedError
+
+    # -- start-up -------------------------------------------------------------
+
+    def enrolled_keys(self) -> Iterable[tuple[str, bytes, bytes, bool]]:
+        return [
+            (gw, bytes(kid), bytes(pub), bool(revoked))
+            for gw, kid, pub, revoked in self._run(
+                "SELECT gw, kid, pubkey, revoked FROM gateways"
+            ).fetchall()
+        ]
+
+    def counters(self) -> dict[str, int]:
+        mine = f"{self.worker}/"
+        return {
+            name[len(mine) :]: int(value)
+            for name, value in self._run(
+                "SELECT name, value FROM counters WHERE substr(name, 1, ?) = ?", (len(mine), mine)
+            ).fetchall()
+        }
+
+    # -- keys -----------------------------------------------------------------
+
+    def key(self, gateway: str, kid: bytes) -> tuple[bytes, bool] | None:
+        row = self._run(
+            "SELECT pubkey, revoked FROM gateways WHERE gw = ? AND kid = ?", (gateway, kid)
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), bool(row[1]))
+
+    def revoke(self, gateway: str, kid: bytes) -> None:
+        self._run("UPDATE gateways SET revoked = true WHERE gw = ? AND kid = ?", (gateway, kid))
+
+    def other_keys(self, gateway: str, kid: bytes) -> list[bytes]:
+        return [
+            bytes(k)
+            for (k,) in self._run(
+                "SELECT kid FROM gateways WHERE gw = ? AND kid != ? AND NOT revoked",
+                (gateway, kid),
+            ).fetchall()
+        ]
+
+    # -- the enrollment desk ----------------------------------------------------
+
+    def add_token(self, digest: bytes, gateway: str, issued: float, expires: float) -> None:
+        self._run(
+            "INSERT INTO enroll_tokens (hash, gw, issued, expires) VALUES (?, ?, ?, ?)",
+            (digest, gateway, issued, expires),
+        )
+
+    def token(self, digest: bytes) -> tuple[str, float, float | None] | None:
+        row = self._run(
+            "SELECT gw, expires, used FROM enroll_tokens WHERE hash = ?", (digest,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def use_token(self, digest: bytes, kid: bytes, at: float) -> bool:
+        cur = self._run(
+            "UPDATE enroll_tokens SET used = ?, kid = ? WHERE hash = ? AND used IS NULL",
+            (at, kid, digest),
+        )
+        return cur.rowcount == 1
+
+    def rotation(self, gateway: str, old_kid: bytes) -> bytes | None:
+        row = self._run(
+            "SELECT new_kid FROM key_rotations WHERE gw = ? AND old_kid = ?", (gateway, old_kid)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def add_rotation(
+        self, gateway: str, old_kid: bytes, new_kid: bytes, at: float, revoke_at: float
+    ) -> None:
+        self._run(
+            "INSERT INTO key_rotations (gw, old_kid, new_kid, at, revoke_at) VALUES (?, ?, ?, ?, ?)",
+            (gateway, old_kid, new_kid, at, revoke_at),
+        )
+
+    def due_rotations(self, now: float) -> list[tuple[str, bytes]]:
+        return [
+            (gw, bytes(kid))
+            for gw, kid in self._run(
+                "SELECT gw, old_kid FROM key_rotations WHERE NOT done AND revoke_at <= ?", (now,)
+            ).fetchall()
+        ]
+
+    def finish_rotation(self, gateway: str, old_kid: bytes) -> None:
+        self._run(
+            "UPDATE key_rotations SET done = true WHERE gw = ? AND old_kid = ?", (gateway, old_kid)
+        )
+
+
+class SqliteStore(SqlStore):
     """The hub's tables in one SQLite file (WAL).
 
     SQLite has one writer per file, so workers on one file take turns for the
@@ -362,49 +470,19 @@ class SqliteStore:
 
     # -- start-up -------------------------------------------------------------
 
-    def enrolled_keys(self) -> Iterable[tuple[str, bytes, bytes, bool]]:
-        for gw, kid, pub, revoked in self.db.execute(
-            "SELECT gw, kid, pubkey, revoked FROM gateways"
-        ):
-            yield gw, bytes(kid), bytes(pub), bool(revoked)
+    def _run(self, text: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        return self.db.execute(text, params)
 
     def seen(self) -> Iterable[tuple[str, int, int]]:
         return self.db.execute("SELECT gw, epoch, seq FROM batches")
 
-    def counters(self) -> dict[str, int]:
-        mine = f"{self.worker}/"
-        return {
-            name[len(mine) :]: int(value)
-            for name, value in self.db.execute(
-                "SELECT name, value FROM counters WHERE substr(name, 1, ?) = ?", (len(mine), mine)
-            )
-        }
-
     # -- keys -----------------------------------------------------------------
-
-    def key(self, gateway: str, kid: bytes) -> tuple[bytes, bool] | None:
-        row = self.db.execute(
-            "SELECT pubkey, revoked FROM gateways WHERE gw = ? AND kid = ?", (gateway, kid)
-        ).fetchone()
-        return None if row is None else (bytes(row[0]), bool(row[1]))
 
     def enroll(self, gateway: str, kid: bytes, public_raw: bytes, at: float) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO gateways (gw, kid, pubkey, revoked, enrolled) VALUES (?, ?, ?, 0, ?)",
             (gateway, kid, public_raw, at),
         )
-
-    def revoke(self, gateway: str, kid: bytes) -> None:
-        self.db.execute("UPDATE gateways SET revoked = 1 WHERE gw = ? AND kid = ?", (gateway, kid))
-
-    def other_keys(self, gateway: str, kid: bytes) -> list[bytes]:
-        return [
-            bytes(k)
-            for (k,) in self.db.execute(
-                "SELECT kid FROM gateways WHERE gw = ? AND kid != ? AND revoked = 0",
-                (gateway, kid),
-            )
-        ]
 
     # -- what the gateways send -------------------------------------------------
 
@@ -520,54 +598,6 @@ class SqliteStore:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-
-    # -- the enrollment desk ----------------------------------------------------
-
-    def add_token(self, digest: bytes, gateway: str, issued: float, expires: float) -> None:
-        self.db.execute(
-            "INSERT INTO enroll_tokens (hash, gw, issued, expires) VALUES (?, ?, ?, ?)",
-            (digest, gateway, issued, expires),
-        )
-
-    def token(self, digest: bytes) -> tuple[str, float, float | None] | None:
-        row = self.db.execute(
-            "SELECT gw, expires, used FROM enroll_tokens WHERE hash = ?", (digest,)
-        ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
-
-    def use_token(self, digest: bytes, kid: bytes, at: float) -> bool:
-        cur = self.db.execute(
-            "UPDATE enroll_tokens SET used = ?, kid = ? WHERE hash = ? AND used IS NULL",
-            (at, kid, digest),
-        )
-        return cur.rowcount == 1
-
-    def rotation(self, gateway: str, old_kid: bytes) -> bytes | None:
-        row = self.db.execute(
-            "SELECT new_kid FROM key_rotations WHERE gw = ? AND old_kid = ?", (gateway, old_kid)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def add_rotation(
-        self, gateway: str, old_kid: bytes, new_kid: bytes, at: float, revoke_at: float
-    ) -> None:
-        self.db.execute(
-            "INSERT INTO key_rotations (gw, old_kid, new_kid, at, revoke_at) VALUES (?, ?, ?, ?, ?)",
-            (gateway, old_kid, new_kid, at, revoke_at),
-        )
-
-    def due_rotations(self, now: float) -> list[tuple[str, bytes]]:
-        return [
-            (gw, bytes(kid))
-            for gw, kid in self.db.execute(
-                "SELECT gw, old_kid FROM key_rotations WHERE done = 0 AND revoke_at <= ?", (now,)
-            )
-        ]
-
-    def finish_rotation(self, gateway: str, old_kid: bytes) -> None:
-        self.db.execute(
-            "UPDATE key_rotations SET done = 1 WHERE gw = ? AND old_kid = ?", (gateway, old_kid)
-        )
 
     # -- reading it back ----------------------------------------------------------
 
