@@ -242,52 +242,6 @@ def resolve_target(
 ) -> Target:
     """The device to read, from the command line or the gateway configuration."""
     check_endpoint(port, host)
-    target = _resolve(
-        device=device,
-        config=config,
-        port=port,
-        host=host,
-        tcp_port=tcp_port,
-        slave=slave,
-        profile=profile,
-        baud=baud,
-        parity=parity,
-        stopbits=stopbits,
-        timeout=timeout,
-        interval=interval,
-    )
-    check_slave(target.slave, tcp=bool(target.link.host))
-    check_line(target.link)
-    return target
-
-
-def _given(value: _T | None, default: _T) -> _T:
-    """The value given on the command line (0 included: it is checked, not replaced)."""
-    return default if value is None else value
-
-
-def _parity(text: str) -> str:
-    p = text.upper()
-    if p not in ("N", "E", "O"):
-        raise DiagError(f"--parity {text}: expected N, E or O", "emulated buses run N", USAGE)
-    return p
-
-
-def _resolve(
-    *,
-    device: str | None,
-    config: Path | None,
-    port: str | None,
-    host: str | None,
-    tcp_port: int,
-    slave: int | None,
-    profile: str | None,
-    baud: int | None,
-    parity: str | None,
-    stopbits: int | None,
-    timeout: float | None,
-    interval: float | None,
-) -> Target:
     if device:
         from agent.config import load_config
 
@@ -319,12 +273,14 @@ def _resolve(
             timeout_s=_given(timeout, bus.timeout_s),
             rtu_over_tcp=bus.kind == "rtu-over-tcp",
         )
-        return Target(
-            link=link,
-            slave=_given(slave, dev.slave),
-            profile=dev.profile,
-            label=f"{dev.name} on {link.describe}",
-            interval_s=_given(interval, dev.interval_s),
+        return _checked(
+            Target(
+                link=link,
+                slave=_given(slave, dev.slave),
+                profile=dev.profile,
+                label=f"{dev.name} on {link.describe}",
+                interval_s=_given(interval, dev.interval_s),
+            )
         )
     if not profile:
         raise DiagError("which profile?", "pass --profile NAME (or --device NAME --config F)", 2)
@@ -344,13 +300,43 @@ def _resolve(
         stopbits=_given(stopbits, 1),
         timeout_s=_given(timeout, 1.0),
     )
-    return Target(
-        link=link,
-        slave=_given(slave, 1),
-        profile=prof,
-        label=link.describe,
-        interval_s=_given(interval, prof.interval_s),
+    return _checked(
+        Target(
+            link=link,
+            slave=_given(slave, 1),
+            profile=prof,
+            label=link.describe,
+            interval_s=_given(interval, prof.interval_s),
+        )
     )
+
+
+def _checked(target: Target) -> Target:
+    """``target`` if its slave address and line settings can be used; else exit 2."""
+    check_slave(target.slave, tcp=bool(target.link.host))
+    check_line(target.link)
+    return target
+
+
+def check_run(samples: int | None, interval: float | None, until: str) -> None:
+    """At least one sample, a positive interval; else exit 2 (``until``: what
+    leaving --samples out does, e.g. "read until Ctrl-C")."""
+    if samples is not None and samples < 1:
+        raise DiagError(f"--samples {samples}: at least 1", f"leave it out to {until}", USAGE)
+    if interval is not None and interval <= 0:
+        raise DiagError(f"--interval {interval}: more than 0 seconds", "", USAGE)
+
+
+def _given(value: _T | None, default: _T) -> _T:
+    """The value given on the command line (0 included: it is checked, not replaced)."""
+    return default if value is None else value
+
+
+def _parity(text: str) -> str:
+    p = text.upper()
+    if p not in ("N", "E", "O"):
+        raise DiagError(f"--parity {text}: expected N, E or O", "emulated buses run N", USAGE)
+    return p
 
 
 @dataclass(slots=True)
@@ -439,12 +425,7 @@ def read_command(
             timeout=timeout,
             interval=interval,
         )
-        if samples is not None and samples < 1:
-            raise DiagError(
-                f"--samples {samples}: at least 1", "leave it out to read until Ctrl-C", USAGE
-            )
-        if interval is not None and interval <= 0:
-            raise DiagError(f"--interval {interval}: more than 0 seconds", "", USAGE)
+        check_run(samples, interval, "read until Ctrl-C")
         tally = _Tally()
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a live read
             asyncio.run(_run(target, samples, as_json, tally))

@@ -42,7 +42,7 @@ from agent.diag._common import (
     waiting,
 )
 from agent.diag._link import open_link
-from agent.diag.read import read_sample, resolve_target
+from agent.diag.read import check_run, read_sample, resolve_target
 from agent.status import default_status_paths
 from agent.tap import TRACE_SOCKET, tap_socket_path
 from protocols.errors import ConfigError
@@ -505,12 +505,7 @@ def trace_command(
                 "trace shows RTU frames: a serial port, or an RTU-over-TCP converter (--host)",
                 USAGE,
             )
-        if samples is not None and samples < 1:
-            raise DiagError(
-                f"--samples {samples}: at least 1", "leave it out to trace until Ctrl-C", USAGE
-            )
-        if interval is not None and interval <= 0:
-            raise DiagError(f"--interval {interval}: more than 0 seconds", "", USAGE)
+        check_run(samples, interval, "trace until Ctrl-C")
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a live trace
             asyncio.run(_run(target, samples, as_json, counts))
     except DiagError as exc:
