@@ -42,13 +42,14 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from agent.config import Config, load_config
 from agent.mqtt import MqttClient
 from agent.transport import ModbusLink
 from protocols import command as cmdproto
 from protocols import topics
+from protocols.command import MAX_COMMAND_BYTES
 from protocols.ed25519 import PrivateKey
 from protocols.envelope import key_id
 from protocols.errors import ConfigError, ProtocolError, SignatureError, VitalsError
@@ -68,10 +69,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[object]]
 SEEN_FILE = "commands.seen"
-
-#: the largest command message the gateway reads; real ones are a few hundred bytes
-#: (a ``read`` naming 30 points is under 1 KiB)
-MAX_COMMAND_BYTES: Final = 4096
 
 
 class CommandRefused(VitalsError):

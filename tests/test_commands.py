@@ -142,8 +142,8 @@ async def test_what_is_no_command_is_counted_never_answered(case: str) -> None:
         data = b""
     elif case == "batch_key_domain":  # a batch signed by the hub key is no command
         data = envelope.seal([envelope.Reading(1, now, 1.0)], gateway=GW, key=HUB, epoch=1, seq=1)
-    else:  # a valid command, but over the limit: dropped before any decoding
-        data = cmd("read", {"device": "d" * MAX_COMMAND_BYTES})
+    else:  # over the limit (no hub makes one: command() refuses): dropped before decoding
+        data = cmd() + bytes(MAX_COMMAND_BYTES)
         reason = "oversized"
     ex = executor(Clock())
     assert await ex.handle(data) is None
@@ -154,9 +154,9 @@ async def test_what_is_no_command_is_counted_never_answered(case: str) -> None:
 
 async def test_a_command_at_the_size_limit_is_executed() -> None:
     ex = executor(Clock(), handlers={"read": _echo_size})
-    pad = MAX_COMMAND_BYTES
+    pad = MAX_COMMAND_BYTES - 300  # the envelope and the header take the rest
     while len(wire := cmd("read", {"device": "d" * pad})) != MAX_COMMAND_BYTES:
-        pad -= len(wire) - MAX_COMMAND_BYTES  # msgpack's length prefixes grow with it
+        pad += MAX_COMMAND_BYTES - len(wire)  # msgpack's length prefixes grow with it
     res = answer(await ex.handle(wire))
     assert (res.status, res.value()) == ("ok", pad)
 
@@ -404,3 +404,8 @@ async def test_the_agents_reload_command_asks_its_supervisor(tmp_path: Path) -> 
     assert not hup.is_set(), "a bad file must not restart the agent"
     assert agent.spool is not None
     await agent.spool.close()
+
+
+def test_the_hub_cannot_make_a_command_the_gateway_would_drop() -> None:
+    with pytest.raises(LocalError, match=f"a gateway reads at most {MAX_COMMAND_BYTES}"):
+        cmd("read", {"device": "d" * MAX_COMMAND_BYTES})
