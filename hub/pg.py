@@ -109,6 +109,13 @@ CREATE TABLE IF NOT EXISTS events (
     since bigint NOT NULL, detail text NOT NULL, received_ms bigint NOT NULL,
     PRIMARY KEY (gw, epoch, seq)
 );
+-- a gateway's clock correction for one epoch (protocols/envelope.py, fix_*): the
+-- readings of its batches seq <= last_seq stamped ts < until are truly at ts + offset_ms
+CREATE TABLE IF NOT EXISTS clock_fixes (
+    gw text NOT NULL, epoch bigint NOT NULL, offset_ms bigint NOT NULL,
+    until bigint NOT NULL, last_seq bigint NOT NULL, received_ms bigint NOT NULL,
+    PRIMARY KEY (gw, epoch)
+);
 CREATE TABLE IF NOT EXISTS counters (name text PRIMARY KEY, value bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS enroll_tokens (
     hash bytea PRIMARY KEY, gw text NOT NULL, issued double precision NOT NULL,
@@ -125,6 +132,15 @@ _READINGS_COLUMNS = """
     gw text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL,
     point integer NOT NULL, ts bigint NOT NULL, value double precision,
     quality smallint NOT NULL, text_value text
+"""
+# readings with each gateway's clock correction applied when read (hub.store's
+# true_readings, the same columns plus text_value): the signed stamps stay as they came
+_TRUE_READINGS = """
+CREATE OR REPLACE VIEW true_readings AS
+SELECT r.gw, r.point, r.ts + coalesce(f.offset_ms, 0) AS ts, r.value, r.text_value,
+       r.quality, r.epoch, r.seq, r.ts AS stamped, f.offset_ms IS NOT NULL AS corrected
+FROM readings r LEFT JOIN clock_fixes f
+  ON f.gw = r.gw AND f.epoch = r.epoch AND r.seq <= f.last_seq AND r.ts < f.until
 """
 _COPY = (
     "COPY readings (gw, epoch, seq, point, ts, value, quality, text_value)"
@@ -240,6 +256,7 @@ class PgStore(SqlStore):
             self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
             self.db.execute(_SCHEMA)
             self._create_readings()
+            self.db.execute(_TRUE_READINGS)
         self._days: set[int] = set()
         if not self.timescale:
             self._days = self._partition_days()

@@ -346,6 +346,18 @@ class SqlStore:
     def _run(self, text: str, params: Sequence[object] = ()) -> _Cursor:
         raise NotImplementedError
 
+    # -- clock corrections ------------------------------------------------------
+
+    def write_clock_fix(self, row: tuple[str, int, int, int, int, int]) -> bool:
+        """Keep a gateway's clock correction (gw, epoch, offset_ms, until, last_seq,
+        received_ms); False if that epoch's was there already."""
+        cur = self._run(
+            "INSERT INTO clock_fixes (gw, epoch, offset_ms, until, last_seq, received_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            row,
+        )
+        return cur.rowcount == 1
+
     # -- start-up -------------------------------------------------------------
 
     def enrolled_keys(self) -> Iterable[tuple[str, bytes, bytes, bool]]:
@@ -577,16 +589,6 @@ class SqliteStore(SqlStore):
         cur = self.db.execute(
             "INSERT OR IGNORE INTO events (gw, epoch, seq, rule, kind, state, device, point, pid,"
             " value, ts, since, detail, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            row,
-        )
-        return cur.rowcount == 1
-
-    def write_clock_fix(self, row: tuple[str, int, int, int, int, int]) -> bool:
-        """Keep a gateway's clock correction (gw, epoch, offset_ms, until, last_seq,
-        received_ms); False if that epoch's was there already."""
-        cur = self.db.execute(
-            "INSERT OR IGNORE INTO clock_fixes (gw, epoch, offset_ms, until, last_seq,"
-            " received_ms) VALUES (?, ?, ?, ?, ?, ?)",
             row,
         )
         return cur.rowcount == 1

@@ -148,6 +148,36 @@ def test_batches_readings_and_stats_from_sql(pg_url: str) -> None:
     assert g2["dropped_batches"] == 2
 
 
+def test_a_clock_correction_re_stamps_when_read(pg_url: str) -> None:
+    """An unsynced gateway's batches, then one carrying the epoch's correction: the
+    stored stamps stay as signed, `true_readings` gives the true time (issue 17)."""
+    core = _core(pg_url)
+    gw, key, day = "gw-pg-0", KEYS["gw-pg-0"], 86_400_000
+    topic = topics.batch(gw)
+    behind = [Reading(1, T0 + i, float(i), Quality.GOOD) for i in range(3)]
+    assert (
+        core.handle(
+            topic, envelope.seal(behind, gateway=gw, key=key, epoch=7, seq=0, unsynced=True)
+        )
+        == "stored"
+    )
+    after = [Reading(1, T0 + day + 10, 9.0, Quality.GOOD)]
+    fixed = envelope.seal(after, gateway=gw, key=key, epoch=7, seq=1, fix=(day, T0 + 5, 0))
+    assert core.handle(topic, fixed) == "stored"
+    assert core.handle(topic, fixed) == "duplicate"  # the correction is kept once
+    core.close()
+    rows = _query(
+        pg_url,
+        "SELECT seq, ts, stamped, corrected FROM true_readings WHERE gw = 'gw-pg-0' ORDER BY seq, ts",
+    )
+    assert rows == [(0, T0 + day + i, T0 + i, True) for i in range(3)] + [
+        (1, T0 + day + 10, T0 + day + 10, False)
+    ]
+    assert _query(pg_url, "SELECT offset_ms, until, last_seq FROM clock_fixes") == [
+        (day, T0 + 5, 0)
+    ]
+
+
 def test_values_of_every_kind(pg_url: str) -> None:
     """A number (int, float, bool) is ``value``; no value is NULL; text is ``text_value``."""
     store = open_store(pg_url)
