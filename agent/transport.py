@@ -642,6 +642,8 @@ class _TcpLink(ModbusLink):
         if not n:
             self._lost(None)  # the device closed the connection
             return
+        if self.trace is not None:
+            self.trace("rx", bytes(self._rx_view[self._rx_len : self._rx_len + n]))
         self._received(n)
 
     def _received(self, nbytes: int) -> None:
@@ -797,6 +799,8 @@ class _TcpLink(ModbusLink):
             return LinkDown(
                 f"{self.describe}: sent {sent} of {len(frame)} bytes (peer not reading)"
             )
+        if self.trace is not None:
+            self.trace("tx", frame)
         return None
 
     def _answer(self, cb: tuple[Done, int, int, int], got: bytes) -> None:

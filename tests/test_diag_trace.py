@@ -5,17 +5,23 @@ switched while the trace runs: a good reply, a CRC error (``crc``), a reply
 after the master's timeout (``late``), random bytes (``garbage``), and an
 adapter that hears its own transmission (``echo=True``). The live trace runs
 as a real process in a tmux terminal; ``--json`` is parsed line by line.
+
+Modbus TCP: :class:`simulator.tcp.TcpTerminal` on a real loopback socket, its
+``fault`` and ``exception`` switched between traces, and a device slow to answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ import pytest
 
 from drivers.profiles import load_profile
 from simulator.rtu import RtuBus, RtuSlave
+from simulator.tcp import TcpTerminal
 
 VITALS = [sys.executable, "-c", "from agent.diag import diag_app; diag_app()"]
 BAUD = 19200
@@ -188,8 +195,6 @@ def test_live_trace_annotates_a_crc_error_and_a_late_reply(slave: RtuSlave, tmp_
 
 
 async def test_tap_the_running_agents_bus(slave: RtuSlave, tmp_path: Path) -> None:
-    import asyncio
-
     from agent.config import parse_config
     from agent.service import Agent
     from agent.state import create_identity
@@ -262,3 +267,114 @@ async def test_tap_the_running_agents_bus(slave: RtuSlave, tmp_path: Path) -> No
     assert all(f["crc_ok"] is False for f in crc if f["kind"] == "crc-error")
     assert polls >= 3  # it polled on while traced
     assert agent.pollers[0].link.trace is None  # the hook is gone with the client
+
+
+# -- Modbus TCP: MBAP frames, against the emulated TCP terminal -----------------------
+
+
+class _SlowTerminal(TcpTerminal):
+    """A terminal whose device takes ``delay_s`` to answer (0: at once).
+
+    It serves from its own thread's event loop, so the wait is the device's only.
+    """
+
+    delay_s = 0.0
+
+    def handle(self, unit: int, pdu: bytes) -> bytes | None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return super().handle(unit, pdu)
+
+
+@pytest.fixture
+def terminal() -> Iterator[_SlowTerminal]:
+    loop = asyncio.new_event_loop()
+    term = _SlowTerminal(load_profile("sound_level_meter"), slave=3)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(term.start(), loop).result(10)
+    try:
+        yield term
+    finally:
+        asyncio.run_coroutine_threadsafe(term.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def _tcp_trace(term: TcpTerminal, samples: int = 1) -> list[dict[str, Any]]:
+    args = ["trace", "--host", "127.0.0.1", "--tcp-port", str(term.port), "--slave", "3"]
+    args += ["--profile", "sound_level_meter", "--timeout", str(TIMEOUT_S), "--interval", "0.5"]
+    r = subprocess.run(
+        [*VITALS, *args, "--json", "--samples", str(samples)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def _tid(f: dict[str, Any]) -> int:
+    return int.from_bytes(bytes.fromhex(f["hex"])[:2], "big")
+
+
+def test_modbus_tcp_frames_cut_by_mbap_and_matched_by_transaction_id(
+    terminal: _SlowTerminal,
+) -> None:
+    good = _tcp_trace(terminal)
+    terminal.exception = 2
+    exception = _tcp_trace(terminal)
+    terminal.exception = None
+    terminal.fault = "trailing"
+    trailing = _tcp_trace(terminal)
+    terminal.fault = "tid"
+    tid = _tcp_trace(terminal)
+    terminal.fault = "garbage"
+    garbage = _tcp_trace(terminal)
+    terminal.fault = None
+    terminal.delay_s = 0.35  # after the 0.2 s timeout
+    late = _tcp_trace(terminal, samples=2)
+    # a good poll: each request, then its reply, tied by the transaction id
+    assert [(f["dir"], f["kind"], f["request"]) for f in good] == [
+        ("tx", "request", 1),
+        ("rx", "reply", 1),
+        ("tx", "request", 2),
+        ("rx", "reply", 2),
+    ]
+    for req, reply in (good[0:2], good[2:4]):
+        assert _tid(req) == _tid(reply)
+        assert f"tid {_tid(req)} unit 3 fn" in req["note"]
+        assert req["slave"] == reply["slave"] == 3 and req["function"] == reply["function"]
+        assert req["crc_ok"] is None  # no CRC in Modbus TCP
+    assert "reply to #1 in" in good[1]["note"] and " ms" in good[1]["note"]
+    # the device refuses: an exception, its code, to its request
+    assert [(f["kind"], f["request"]) for f in exception if f["dir"] == "rx"] == [
+        ("exception", 1),
+        ("exception", 2),
+    ]
+    assert "exception 2 to #1" in exception[1]["note"] and exception[1]["function"] == 0x83
+    # bytes after the reply: the reply, then garbage that is not Modbus TCP
+    assert [(f["dir"], f["kind"]) for f in trailing][:3] == [
+        ("tx", "request"),
+        ("rx", "reply"),
+        ("rx", "garbage"),
+    ]
+    assert bytes.fromhex(trailing[2]["hex"]) == b"\r\nERROR 42\r\n"
+    assert "not Modbus TCP" in trailing[2]["note"]
+    # a transaction id on no request out: garbage, answering nothing
+    rx = [f for f in tid if f["dir"] == "rx"]
+    assert rx and {f["kind"] for f in rx} == {"garbage"}
+    assert f"transaction id {_tid(tid[0]) + 1}, on no request out" in rx[0]["note"]
+    assert all(f["request"] is None for f in rx)
+    # random bytes: garbage
+    rx = [f for f in garbage if f["dir"] == "rx"]
+    assert rx and {f["kind"] for f in rx} == {"garbage"}
+    # the slow device: #1 times out, its reply is late; read before request #2 goes out
+    assert [(f["dir"], f["kind"], f["request"]) for f in late][:3] == [
+        ("tx", "request", 1),
+        ("rx", "late", 1),
+        ("tx", "request", 2),
+    ]
+    assert _tid(late[1]) == _tid(late[0]) and "after its timeout" in late[1]["note"]

@@ -1,14 +1,16 @@
-"""``vitals diag trace``: the raw frames of an RTU bus, each told what it is.
+"""``vitals diag trace``: the raw frames of a bus, each told what it is.
 
-The installer holds the port (or an RTU-over-TCP converter): trace polls the
-device as ``diag read`` does, through the agent's own
+The installer holds the port (or a Modbus TCP device, or an RTU-over-TCP
+converter): trace polls the device as ``diag read`` does, through the agent's own
 :class:`~agent.transport.ModbusLink`, whose trace hook hands over every byte
 sent and received. :class:`Annotator` cuts what is received into frames
 (:func:`protocols.rtu.response_length`, silence) and names each one: a
 request (numbered), the reply to request #n with its time, an exception
 reply, a CRC error, a late reply (to an earlier request, or after its
-timeout), the adapter's echo of our own request, or garbage. Printed live,
-one line a frame, or ``--json``: one object a frame, for a support bundle.
+timeout), the adapter's echo of our own request, or garbage. Modbus TCP
+(``--host`` without ``--rtu-over-tcp``): :class:`MbapAnnotator` cuts by the
+MBAP length and matches replies by transaction id. Printed live, one line a
+frame, or ``--json``: one object a frame, for a support bundle.
 
 Or ``--bus NAME``: the running agent's own link on that bus, tapped through
 its trace socket (:mod:`agent.tap`, the service group only) while it polls
@@ -49,7 +51,7 @@ from protocols.errors import ConfigError
 from protocols.modbus import plan
 from protocols.rtu import crc_ok, frame_time, response_length
 
-__all__ = ["Annotator", "TraceFrame", "trace_command"]
+__all__ = ["Annotator", "MbapAnnotator", "TraceFrame", "trace_command"]
 
 #: what a frame is
 REQUEST, REPLY, EXCEPTION, CRC, LATE, ECHO, GARBAGE = (
@@ -118,6 +120,14 @@ class _Request:
     answered: bool = False
 
 
+def _what(pdu: bytes) -> str:
+    """``slave 2 fn 3 @32 x7``: a request's unit id and PDU, said in a few words."""
+    note = f"slave {pdu[0]} fn {pdu[1]}"
+    if pdu[1] in (1, 2, 3, 4) and len(pdu) >= 6:
+        note += f" @{int.from_bytes(pdu[2:4], 'big')} x{int.from_bytes(pdu[4:6], 'big')}"
+    return note
+
+
 class Annotator:
     """The link's trace hook: cuts, names and hands on every frame (``emit``).
 
@@ -150,15 +160,7 @@ class Annotator:
             now = time.monotonic()
         if direction == "tx":
             self._cut(now, final=True)
-            req = _Request(
-                len(self.requests) + 1, data[0], data[1], data, now + len(data) * self.char_s
-            )
-            self.requests.append(req)
-            fn = data[1]
-            note = f"slave {data[0]} fn {fn}"
-            if fn in (1, 2, 3, 4) and len(data) >= 8:
-                note += f" @{int.from_bytes(data[2:4], 'big')} x{int.from_bytes(data[4:6], 'big')}"
-            self._out(now, "tx", data, REQUEST, req.slave, fn, True, req.n, note)
+            self._sent(now, data)
             return
         if not self._rx:
             self._rx_at = now
@@ -169,6 +171,14 @@ class Annotator:
         if self._rx:
             loop = asyncio.get_running_loop()
             self._flush = loop.call_later(self.gap_s, lambda: self._cut(time.monotonic(), True))
+
+    def _sent(self, now: float, data: bytes) -> None:
+        """A request went out: numbered and shown."""
+        req = _Request(
+            len(self.requests) + 1, data[0], data[1], data, now + len(data) * self.char_s
+        )
+        self.requests.append(req)
+        self._out(now, "tx", data, REQUEST, req.slave, req.function, True, req.n, _what(data))
 
     def _out(
         self,
@@ -303,6 +313,71 @@ class Annotator:
             self._flush = None
 
 
+class MbapAnnotator(Annotator):
+    """Modbus TCP: frames cut by their MBAP length field, matched by transaction id.
+
+    A reply whose transaction id is of a request no longer waited for (it
+    timed out) is late; bytes that are not Modbus TCP (protocol id not 0, a
+    length out of 2..254, a transaction id on no request, half a frame then
+    silence) are garbage: the link drops the connection on them.
+    """
+
+    def __init__(
+        self, emit: Callable[[TraceFrame], None], *, timeout_s: float, gap_s: float = 0.02
+    ) -> None:
+        super().__init__(emit, timeout_s=timeout_s, gap_s=gap_s)
+        self._tids: dict[int, _Request] = {}
+
+    def _sent(self, now: float, data: bytes) -> None:
+        tid = int.from_bytes(data[:2], "big")
+        req = _Request(len(self.requests) + 1, data[6], data[7], data, now)
+        self.requests.append(req)
+        self._tids[tid] = req
+        note = f"tid {tid} {_what(data[6:])}".replace("slave", "unit", 1)
+        self._out(now, "tx", data, REQUEST, req.slave, req.function, None, req.n, note)
+
+    def _cut(self, now: float, final: bool) -> None:
+        rx, at = self._rx, self._rx_at
+        last = self.requests[-1] if self.requests else None
+        why = ""
+        while len(rx) >= 6:
+            tid, proto, length = (int.from_bytes(rx[i : i + 2], "big") for i in (0, 2, 4))
+            if proto != 0 or not 2 <= length <= 254:
+                why = f"not Modbus TCP (protocol id {proto}, length {length})"
+                break
+            if len(rx) < 6 + length:
+                why = f"half a frame ({len(rx)} of {6 + length} bytes)"
+                break
+            frame = bytes(rx[: 6 + length])
+            req = self._tids.get(tid)
+            if req is None or req.answered:
+                why = f"transaction id {tid}, on no request out"
+                break
+            del rx[: 6 + length]
+            req.answered = True
+            unit, fn = frame[6], frame[7]
+            head = f"tid {tid} unit {unit}"
+            if req is not last or at - req.end > self.timeout_s:
+                after = (at - req.end - self.timeout_s) * 1000
+                kind, note = LATE, f"{head}: reply to #{req.n}, {after:.0f} ms after its timeout"
+            elif fn & 0x80:
+                code = frame[8] if len(frame) > 8 else None
+                ms = (at - req.end) * 1000
+                kind, note = EXCEPTION, f"{head}: exception {code} to #{req.n} in {ms:.0f} ms"
+            else:
+                ms = (at - req.end) * 1000
+                kind, note = REPLY, f"{head} fn {fn}: reply to #{req.n} in {ms:.0f} ms"
+            self._out(at, "rx", frame, kind, unit, fn, None, req.n, note)
+        if rx and (final or (why and not why.startswith("half"))):
+            data = bytes(rx)
+            rx.clear()
+            why = why or f"half a frame ({len(data)} bytes)"
+            self._out(at, "rx", data, GARBAGE, None, None, None, None, f"{len(data)} bytes: {why}")
+        if self._flush is not None and not rx:
+            self._flush.cancel()
+            self._flush = None
+
+
 async def _run(target: Any, samples: int | None, as_json: bool, counts: dict[str, int]) -> None:
     prof = target.profile
     requests = plan(prof.specs, max_registers=prof.max_registers, max_gap=prof.max_gap)
@@ -321,8 +396,11 @@ async def _run(target: Any, samples: int | None, as_json: bool, counts: dict[str
     )
     with waiting(f"opening {s.describe}", quiet=as_json):
         link = await open_link(s)
-    annotate = Annotator(
-        emit, timeout_s=s.timeout_s, char_s=char_s, gap_s=max(link.inter_frame_s, 0.02)
+    gap_s = max(link.inter_frame_s, 0.02)
+    annotate = (
+        MbapAnnotator(emit, timeout_s=s.timeout_s, gap_s=gap_s)
+        if s.host and not s.rtu_over_tcp
+        else Annotator(emit, timeout_s=s.timeout_s, char_s=char_s, gap_s=gap_s)
     )
     link.trace = annotate
     if not as_json:
@@ -440,8 +518,11 @@ async def _tap(
 
 def trace_command(
     port: Annotated[str | None, typer.Option(help="serial port, e.g. /dev/ttyUSB0")] = None,
-    host: Annotated[str | None, typer.Option(help="RTU-over-TCP converter host")] = None,
-    tcp_port: Annotated[int, typer.Option(help="the converter's TCP port")] = 502,
+    host: Annotated[str | None, typer.Option(help="Modbus TCP device or gateway host")] = None,
+    tcp_port: Annotated[int, typer.Option(help="its TCP port")] = 502,
+    rtu_over_tcp: Annotated[
+        bool, typer.Option("--rtu-over-tcp", help="--host is an RTU-over-TCP converter")
+    ] = False,
     slave: Annotated[int | None, typer.Option(help="slave address (default 1)")] = None,
     profile: Annotated[str | None, typer.Option(help="device profile name or file")] = None,
     device: Annotated[
@@ -467,8 +548,8 @@ def trace_command(
     ] = None,
     frames: Annotated[int | None, typer.Option(help="with --bus: stop after this many")] = None,
 ) -> None:
-    """Raw frames of an RTU bus: time, direction, hex, what it is. Polls a device
-    (--port/--host) or taps the running agent's bus (--bus NAME)."""
+    """Raw frames of a bus (RTU or Modbus TCP): time, direction, hex, what it is.
+    Polls a device (--port/--host) or taps the running agent's bus (--bus NAME)."""
     counts: dict[str, int] = {}
     try:
         if bus is not None:
@@ -495,15 +576,9 @@ def trace_command(
             timeout=timeout,
             interval=interval,
         )
-        if host and not device:  # a host on the command line: an RTU-over-TCP converter
+        if host and rtu_over_tcp:  # a converter: RTU frames inside the TCP stream
             target = dataclasses.replace(
                 target, link=dataclasses.replace(target.link, rtu_over_tcp=True)
-            )
-        if target.link.host and not target.link.rtu_over_tcp:
-            raise DiagError(
-                f"{target.link.describe}: Modbus TCP frames are not traced",
-                "trace shows RTU frames: a serial port, or an RTU-over-TCP converter (--host)",
-                USAGE,
             )
         check_run(samples, interval, "trace until Ctrl-C")
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a live trace
