@@ -477,6 +477,9 @@ class EdgeEvents:
                         self.outbox.popleft()  # only after its PUBACK
                         self.published += 1
             except MqttError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc  # stopping: no reconnect (uplink.py)
                 if attempt == 0:  # once per outage, in the uplink's words (no raw errno)
                     why = explain(exc, link.host, link.port)
                     log.warning("event uplink: %s (hint: %s)", why.message, why.hint)

@@ -75,4 +75,8 @@ async def agent_with_hub(
         # polling a counter the hub task bumps; no event to wait on
         while core.counters["readings"] < run.polled and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        hub_task.cancel()
+        # the hub's reconnect loop can miss one cancellation (aiomqtt raises MqttError
+        # from a TaskGroup that drops it, Python 3.11): cancel until it has ended
+        while not hub_task.done():
+            hub_task.cancel()
+            await asyncio.wait({hub_task}, timeout=1.0)
