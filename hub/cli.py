@@ -222,9 +222,16 @@ def hub(
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(quiet_closed_sockets)
+
+        def stop() -> None:
+            # again each second until it ends: the reconnect loop can miss one
+            # cancellation (aiomqtt's MqttError from a TaskGroup that dropped it)
+            if task is not None and not task.done():
+                task.cancel()
+                loop.call_later(1.0, stop)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            if task:
-                loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         worker_ = Hub(core, host=host, port=port, shared=shared, persistent=persistent)
         log.info(
             "hub worker %s on %s:%d, prefix %s, database %s%s",
