@@ -8,11 +8,15 @@ Two message kinds on the envelope of :mod:`protocols.envelope` (specified in
     gw   str    the target gateway
     kid  bin 8  the hub key's id
     id   bin 16 command id (random, unique)
-    op   str    ping | read | write | reload | log_level
+    op   str    ping | read | write | reload | log_level | resend
     t    int    hub time at issue, ms
     exp  int    expiry, ms: the gateway refuses the command from then on
 
 The payload is a msgpack map of the operation's arguments (``{}`` for none).
+``resend`` (the hub asks for batches it misses): ``{"epoch": int, "ranges":
+[[lo, hi], ...]}`` (at most :data:`MAX_RESEND_RANGES`); the gateway republishes
+what it holds and answers ``{"resent": n_batches, "not_held": [[epoch, lo, hi],
+...]}``, naming what it no longer holds in a gap notice (reason ``not_held``).
 
 ``vitals/cmd-result/v1`` — signed by the gateway key, on ``{prefix}/{gw}/cmd/result``::
 
@@ -51,6 +55,7 @@ from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
 __all__ = [
     "CMD_DOMAIN",
     "MAX_COMMAND_BYTES",
+    "MAX_RESEND_RANGES",
     "OPS",
     "RESULT_DOMAIN",
     "Command",
@@ -63,7 +68,9 @@ __all__ = [
 
 CMD_DOMAIN: Final = "vitals/cmd/v1"
 RESULT_DOMAIN: Final = "vitals/cmd-result/v1"
-OPS: Final = ("ping", "read", "write", "reload", "log_level")
+OPS: Final = ("ping", "read", "write", "reload", "log_level", "resend")
+#: ``resend`` asks for at most this many ``[lo, hi]`` seq ranges of one epoch
+MAX_RESEND_RANGES: Final = 64
 STATUSES: Final = ("ok", "refused", "failed")
 #: the largest command message, signed and enveloped, that a gateway reads (it drops a
 #: larger one unread and unanswered); real ones are a few hundred bytes (a ``read``

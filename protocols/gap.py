@@ -11,7 +11,10 @@ domain ``vitals/gap/v1``, published QoS 1 on ``{prefix}/{gateway}/gap``::
 
 ``epoch`` in the header is the sender's current boot epoch (the notice may
 name ranges of earlier epochs); ``n`` is the number of ranges; ``reason`` is
-``"spool_full"``, ``"too_old"`` or ``"disk_full"``. Notices are idempotent:
+``"spool_full"``, ``"too_old"``, ``"disk_full"``, ``"not_held"`` (the hub asked
+for batches with a resend command the spool no longer holds) or ``"split"``
+(the batch could not pass the broker and was re-sealed as smaller batches with
+new seqs: its readings are not lost). Notices are idempotent:
 receiving one twice changes nothing.
 """
 
@@ -36,6 +39,7 @@ from protocols.errors import DecodeError, FrameError, LocalError
 __all__ = [
     "GAP_DOMAIN",
     "MAX_RANGES",
+    "NOT_LOST",
     "REASONS",
     "GapHeader",
     "GapRange",
@@ -46,7 +50,9 @@ __all__ = [
 
 GAP_DOMAIN: Final = "vitals/gap/v1"
 MAX_RANGES: Final = 4096
-REASONS: Final = ("spool_full", "too_old", "disk_full")
+REASONS: Final = ("spool_full", "too_old", "disk_full", "not_held", "split")
+#: reasons whose readings are not lost: "split" names a batch re-sealed as smaller ones
+NOT_LOST: Final = frozenset({"split"})
 _U63: Final = 2**63 - 1
 
 _SCHEMA: Final = {"gw": str, "kid": bytes, "epoch": int, "n": int, "enc": str}

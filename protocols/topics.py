@@ -7,6 +7,8 @@
 ``{prefix}/{gateway}/status``      retained "online"/"offline" (the MQTT will)
 ``{prefix}/{gateway}/cmd``         signed commands to the gateway
 ``{prefix}/{gateway}/cmd/result``  signed results of commands
+``{prefix}/{gateway}/receipt``     the hub's signed receipts: what it has stored
+``{prefix}/{gateway}/hb``          the gateway's signed heartbeat: last seq sealed, unconfirmed
 ``{prefix}/enroll/{gateway}``      enrollment requests (signed)
 ``{prefix}/enroll/{gateway}/result``  the hub's signed answer
 ``{prefix}/hub/time``              the hub's clock (retained, each second)
@@ -34,9 +36,11 @@ __all__ = [
     "event",
     "gap",
     "gateway_of",
+    "heartbeat",
     "hub_time",
     "meta",
     "parse",
+    "receipt",
     "shared",
     "status",
     "subscription",
@@ -80,6 +84,16 @@ def cmd_result(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}/{_check(gateway)}/cmd/result"
 
 
+def receipt(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The hub's signed receipts to ``gateway``."""
+    return f"{prefix}/{_check(gateway)}/receipt"
+
+
+def heartbeat(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The gateway's signed heartbeat to the hub."""
+    return f"{prefix}/{_check(gateway)}/hb"
+
+
 def enroll(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}/enroll/{_check(gateway)}"
 
@@ -104,7 +118,7 @@ def gateway_of(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
 
 
 # what follows {prefix}/{gateway}/ in a per-gateway topic
-KINDS = frozenset({"batch", "meta", "event", "gap", "status", "cmd", "cmd/result"})
+KINDS = frozenset({"batch", "meta", "event", "gap", "status", "cmd", "cmd/result", "receipt", "hb"})
 
 
 def parse(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
