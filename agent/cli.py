@@ -198,6 +198,57 @@ def status(
     raise typer.Exit(show(status_file, state_dir, as_json, config=config))
 
 
+@app.command()
+def health(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="VITALS_CONFIG",
+            help="the agent's configuration: the status is looked for in its state_dir "
+            "[default: /etc/vitals/gateway.toml]",
+            show_default=False,
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="VITALS_STATE_DIR", help="the agent's state directory"),
+    ] = None,
+    status_file: Annotated[
+        Path | None,
+        typer.Option(help="this status file only (default: /run/vitals, then the state dir)"),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help='one JSON object: {"health", "exit", "checks"}')
+    ] = False,
+    wait: Annotated[
+        float,
+        typer.Option(help="check every second until healthy or this many seconds passed", min=0.0),
+    ] = 0.0,
+    require_uplink: Annotated[
+        bool, typer.Option(help="an uplink that is not connected is a failure, not degraded")
+    ] = False,
+) -> None:
+    """Is the gateway working? Exit 0 healthy, 1 degraded, 2 failed (an OS updater's check).
+
+    Failed: the agent is not running, a device was never polled, or no device answers.
+    Degraded: a device degraded or offline, the uplink down (spooling), the disk full.
+    """
+    from agent.health import main as health_main
+
+    raise typer.Exit(
+        health_main(
+            config=config,
+            state_dir=state_dir,
+            status_file=status_file,
+            as_json=as_json,
+            wait_s=wait,
+            require_uplink=require_uplink,
+        )
+    )
+
+
 @config_app.command("check")
 def config_check(
     file: Annotated[Path, typer.Argument(help=_CONFIG_HELP)],
