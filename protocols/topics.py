@@ -9,6 +9,8 @@
 ``{prefix}/{gateway}/cmd/result``  signed results of commands
 ``{prefix}/{gateway}/receipt``     the hub's signed receipts: what it has stored
 ``{prefix}/{gateway}/hb``          the gateway's signed heartbeat: last seq sealed, unconfirmed
+``{prefix}/{gateway}/config``      the hub's signed configuration push (retained)
+``{prefix}/{gateway}/config/status``  the gateway's signed report on it (retained)
 ``{prefix}/enroll/{gateway}``      enrollment requests (signed)
 ``{prefix}/enroll/{gateway}/result``  the hub's signed answer
 ``{prefix}/hub/time``              the hub's clock (retained, each second)
@@ -28,6 +30,8 @@ __all__ = [
     "batch",
     "cmd",
     "cmd_result",
+    "config",
+    "config_status",
     "diag",
     "enroll",
     "enroll_filter",
@@ -94,6 +98,16 @@ def heartbeat(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}/{_check(gateway)}/hb"
 
 
+def config(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The hub's signed configuration push to ``gateway`` (retained)."""
+    return f"{prefix}/{_check(gateway)}/config"
+
+
+def config_status(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The gateway's signed report on its configuration (retained)."""
+    return f"{prefix}/{_check(gateway)}/config/status"
+
+
 def enroll(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}/enroll/{_check(gateway)}"
 
@@ -118,7 +132,21 @@ def gateway_of(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
 
 
 # what follows {prefix}/{gateway}/ in a per-gateway topic
-KINDS = frozenset({"batch", "meta", "event", "gap", "status", "cmd", "cmd/result", "receipt", "hb"})
+KINDS = frozenset(
+    {
+        "batch",
+        "meta",
+        "event",
+        "gap",
+        "status",
+        "cmd",
+        "cmd/result",
+        "receipt",
+        "hb",
+        "config",
+        "config/status",
+    }
+)
 
 
 def parse(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
