@@ -131,6 +131,28 @@ class Batcher:
             self._room.set()
         return out
 
+    def reseal(self, readings: list[Reading], *, unsynced: bool, parts: int = 2) -> list[Sealed]:
+        """``readings`` of a batch that could not pass, sealed again as ``parts`` batches
+        with new seqs of this epoch (returned, not queued: the spool swaps them in)."""
+        size = -(-len(readings) // parts)
+        out: list[Sealed] = []
+        for i in range(0, len(readings), size):
+            chunk = readings[i : i + size]
+            seq = self._seq
+            self._seq += 1
+            data = envelope.seal(
+                chunk,
+                gateway=self._gateway,
+                key=self._key,
+                epoch=self._epoch,
+                seq=seq,
+                enc=self._enc,
+                unsynced=unsynced,
+            )
+            out.append(Sealed(self._epoch, seq, len(chunk), min(map(_ts, chunk)), data))
+        self.batches_sealed += len(out)
+        return out
+
     async def run(self) -> None:
         """Seal batches that reach their maximum age. Runs until cancelled."""
         while True:

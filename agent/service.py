@@ -29,17 +29,18 @@ from agent.config import SENSOR_BUS, BusConfig, Config
 from agent.rules import EdgeEvents, EventLink
 from agent.sdnotify import SdNotifier
 from agent.sensors import SensorReader
-from agent.spool import Spool
+from agent.spool import Row, Spool, SpoolRow
 from agent.state import Identity, load_hub_key, load_identity, next_epoch
 from agent.status import StatusWriter, summary
 from agent.tap import serve_tap, tap_socket_path
 from agent.tls import tls_context
 from agent.transport import ModbusLink
-from agent.uplink import GapSigner, Uplink, UplinkSettings
+from agent.uplink import GapSigner, HeartbeatSigner, Uplink, UplinkSettings
 from protocols import envelope
 from protocols.gap import GapRange, seal_gap
 from protocols.payload import PointInfo
 from protocols.reading import Reading
+from protocols.receipt import HeldRange, seal_heartbeat
 
 __all__ = ["CLOSE_RESERVE_S", "Agent", "link_for"]
 
@@ -158,6 +159,33 @@ class Agent:
 
         return sign
 
+    def _heartbeat_signer(self, identity: Identity, epoch: int) -> HeartbeatSigner:
+        gateway, key = self.config.gateway.id, identity.private_key
+
+        def sign(held: Sequence[tuple[int, int, int]]) -> bytes:
+            assert self.batcher is not None
+            return seal_heartbeat(
+                key,
+                gateway,
+                epoch=epoch,
+                sealed=self.batcher.next_seq - 1,
+                held=[HeldRange(*h) for h in held],
+                t_ms=int(time.time() * 1000),
+            )
+
+        return sign
+
+    def _split(self, row: SpoolRow) -> list[Row]:
+        """A spooled batch's readings re-sealed as two batches with new seqs."""
+        assert self.batcher is not None
+        batch = envelope.parse(row.data)
+        parts = self.batcher.reseal(batch.readings(), unsynced=batch.header.unsynced)
+        return [(p.epoch, p.seq, p.n, p.t0, p.data) for p in parts]
+
+    def _sealed(self) -> tuple[int, int]:
+        assert self.batcher is not None
+        return self.epoch, self.batcher.next_seq - 1
+
     async def _setup(self) -> None:
         cfg = self.config
         state = cfg.gateway.state_dir
@@ -207,12 +235,24 @@ class Agent:
             backoff_min_s=up.backoff_min_s,
             backoff_max_s=up.backoff_max_s,
         )
+        hub_key = await asyncio.to_thread(load_hub_key, state)
         self.uplink = Uplink(
             replace(settings, **self._uplink_overrides),
             self.spool,
             meta=self._meta(identity, self.epoch),
             gap_signer=self._gap_signer(identity, self.epoch),
+            hub_key=hub_key,
+            heartbeat=self._heartbeat_signer(identity, self.epoch),
+            splitter=self._split,
+            sealed=self._sealed,
         )
+        if hub_key is None:
+            log.warning(
+                "no hub key in %s: a batch leaves the spool on the broker's PUBACK, not on "
+                "the hub's receipt (a broker that drops it loses it); hint: enroll with "
+                "`vitals provision` to get hub receipts",
+                state,
+            )
         for bus in cfg.buses:
             devices = [
                 PolledDevice(
@@ -256,16 +296,18 @@ class Agent:
                     inter_frame_s=bus.frame_gap_s,
                 )
             )
-        hub_key = await asyncio.to_thread(load_hub_key, state)
         self.commands = CommandExecutor(
             cfg.gateway.id,
             hub_key,
             identity.private_key,
-            agent_handlers(
-                cfg,
-                {p.name: p.link for p in self.pollers},
-                reload=self._request_reload if self._reload is not None else None,
-            ),
+            {
+                **agent_handlers(
+                    cfg,
+                    {p.name: p.link for p in self.pollers},
+                    reload=self._request_reload if self._reload is not None else None,
+                ),
+                "resend": self.uplink.resend,
+            },
             seen_path=state / "commands.seen",
         )
         self.uplink.commands = self.commands
@@ -326,9 +368,9 @@ class Agent:
                     m = self.config.metrics
                     serve = serve_metrics(self, m.host, m.port)
                     extras.append(tg.create_task(serve, name="metrics.http"))
-                rtu = {p.name: p.link for p in self.pollers if hasattr(p.link, "late_cap_s")}
-                if rtu:  # `vitals diag trace --bus NAME` taps these links
-                    tap = serve_tap(rtu, tap_socket_path(self.config.gateway.state_dir))
+                links = {p.name: p.link for p in self.pollers}
+                if links:  # `vitals diag trace --bus NAME` taps these links (RTU and TCP)
+                    tap = serve_tap(links, tap_socket_path(self.config.gateway.state_dir))
                     extras.append(tg.create_task(tap, name="trace.tap"))
                 self.ready.set()
                 self.notifier.ready(f"gateway {self.config.gateway.id}")
@@ -351,6 +393,8 @@ class Agent:
                 self._closing = True
                 self.batcher.has_sealed.set()
                 await writer
+                # tell the hub the last seq sealed: it answers with a receipt for the tail
+                await self.uplink.heartbeat()
                 with contextlib.suppress(TimeoutError):
                     left = max(0.0, drain_until - loop.time())
                     await asyncio.wait_for(self.spool.empty.wait(), left)

@@ -83,8 +83,10 @@ CREATE TABLE IF NOT EXISTS batches (
     n       INTEGER NOT NULL,
     t0      INTEGER NOT NULL,
     created REAL    NOT NULL,
-    data    BLOB    NOT NULL
+    data    BLOB    NOT NULL,
+    sent    REAL             -- when the broker acknowledged it (receipts on); NULL: not yet
 );
+CREATE INDEX IF NOT EXISTS batches_seq ON batches (epoch, seq);
 CREATE TABLE IF NOT EXISTS gaps (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,
     epoch    INTEGER NOT NULL,
@@ -221,6 +223,12 @@ class Spool:
         self._last_id = 0
         self._acks: list[int] = []
         self._acked_ids: set[int] = set()  # acknowledged, delete not yet committed
+        # receipts on: id -> when its last publish was acknowledged or sent again
+        # (monotonic; the dict is in that order, oldest first), until a receipt deletes it
+        self._sent: dict[int, float] = {}
+        self._sent_new: list[int] = []  # acknowledged, not yet marked in the file
+        self._tries: dict[int, int] = {}  # id -> times published again without a receipt
+        self._gone: list[int] = []  # deleted by the spool thread: out of _sent on the loop
         self._next_age_check = 0.0
         self._lost_gaps: list[GapRange] = []  # could not even be written (disk full)
         self._lost_sent = 0  # the first of _lost_gaps in a notice on its way
@@ -253,10 +261,16 @@ class Spool:
         self.dropped_full = 0
         self.dropped_by_reason: dict[str, int] = {}
         self.lost_batches = 0  # never stored: not even an empty spool had room
+        self.sent = 0  # receipts on: PUBACKs (a batch sent again counts again)
+        self.confirmed = 0  # batches a hub receipt deleted
+        self.confirmed_readings = 0
+        self.republished = 0  # batches sent again: no receipt in time, or the hub asked
+        self.split_batches = 0  # batches re-sealed as smaller ones (they could not pass)
+        self.last_confirmed_id = 0  # the newest batch a receipt deleted
         self.moved_aside = 0
         self.added = asyncio.Event()  # set on every append
         self.gaps_added = asyncio.Event()  # set when a gap row is written
-        self.empty = asyncio.Event()  # set while nothing waits for a PUBACK
+        self.empty = asyncio.Event()  # set while nothing waits for a PUBACK (or a receipt)
         self._ack_wake = asyncio.Event()
 
     @classmethod
@@ -383,6 +397,10 @@ class Spool:
             if ok is None or ok[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {ok[0] if ok else 'no answer'}")
             db.executescript(_SCHEMA)
+            if not any(r[1] == "sent" for r in db.execute("PRAGMA table_info(batches)")):
+                # a spool written before receipts: its backlog stays, as not yet sent
+                db.execute("ALTER TABLE batches ADD COLUMN sent REAL")
+                log.info("spool %s: upgraded for hub receipts (its batches are kept)", self.path)
             if self._max_page_count is not None:
                 db.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
         except sqlite3.DatabaseError:
@@ -397,6 +415,12 @@ class Spool:
         ).fetchone()
         self._count, self._bytes, self._last_id = int(row[0]), int(row[1]), int(row[2])
         self._has_gaps = self._db.execute("SELECT 1 FROM gaps LIMIT 1").fetchone() is not None
+        # sent in an earlier run, no receipt yet: the receipt (or the timeout) starts now
+        now = time.monotonic()
+        self._sent = {
+            int(r[0]): now
+            for r in self._db.execute("SELECT id FROM batches WHERE sent IS NOT NULL ORDER BY id")
+        }
         if self._count:
             log.info("spool %s holds %d batches (%d bytes) from before", self.path, *row[:2])
 
@@ -720,6 +744,7 @@ class Spool:
     def _dropped_sync(self, d: _Dropped) -> None:
         """Account for rows whose delete has committed."""
         self._deletes += 1
+        self._gone.extend(d.ids)
         acked_now = self._acked_ids.intersection(d.ids)
         # acknowledged in memory but not yet deleted: delivered, not dropped
         self._count -= len(d.ids)
@@ -842,7 +867,13 @@ class Spool:
         self._ack_wake.set()
 
     async def flush_acks(self) -> None:
-        """Delete every acknowledged batch now, in one transaction."""
+        """Delete every acknowledged batch now, in one transaction (receipts on: mark
+        the acknowledged ones sent)."""
+        if self._sent_new:
+            ids, self._sent_new = self._sent_new, []
+            missing = await self._call(self._sent_sync, ids, time.time())
+            self._gone.extend(missing)
+            self._purge()
         if not self._acks:
             return
         ids, self._acks = self._acks, []
@@ -851,6 +882,35 @@ class Spool:
         if self._tail:  # deleted now, and no longer in _acked_ids: never hand them out again
             gone = set(ids)
             self._tail = deque(r for r in self._tail if r.id not in gone)
+
+    def _sent_sync(self, ids: list[int], now: float) -> list[int]:
+        """Mark batches sent in the file; the ids no longer in it (confirmed, dropped)."""
+        assert self._db is not None
+        db = self._db
+        found: set[int] = set()
+        db.execute("PRAGMA synchronous=OFF")  # like a delete: a lost mark only sends it again
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    int(r[0])
+                    for r in db.execute(
+                        f"UPDATE batches SET sent = ? WHERE id IN ({marks}) RETURNING id",
+                        (now, *chunk),
+                    )
+                )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            # harmless: they stay marked in memory; after a restart they are sent again
+            log.debug("spool %s: could not mark batches sent (%s)", self.path, exc)
+            return []
+        finally:
+            db.execute(f"PRAGMA synchronous={_SYNC[self._durability]}")
+        return [i for i in ids if i not in found]
 
     async def run_acks(self, interval_s: float = 0.05) -> None:
         """Group acknowledgements: delete what arrived every ``interval_s``. Cancel to stop."""
@@ -910,7 +970,262 @@ class Spool:
         self._used -= freed + _ROW_OVERHEAD * gone
         self._acked_ids.difference_update(ids)
 
+    # -- receipts ---------------------------------------------------------------
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        """Receipts on: the broker acknowledged these; they stay until a receipt covers them."""
+        self._purge()
+        now = time.monotonic()
+        sent = self._sent
+        for i in ids:
+            sent.pop(i, None)  # sent again: to the end, in time order
+            sent[i] = now
+        self._sent_new.extend(ids)
+        self.sent += len(ids)
+        self._ack_wake.set()
+
+    def _purge(self) -> None:
+        """Forget the sent marks of batches the spool thread deleted (loop side only)."""
+        gone = self._gone
+        while gone:
+            i = gone.pop()
+            self._sent.pop(i, None)
+            self._tries.pop(i, None)
+
+    async def confirm(self, spans: Sequence[tuple[int, int, int]]) -> int:
+        """Delete the batches a hub receipt covers: ``(epoch, first_seq, last_seq)``
+        spans, inclusive. Returns how many were deleted."""
+        if not spans:
+            return 0
+        rows: list[tuple[int, int]] = await self._call(self._confirm_sync, list(spans))
+        if not rows:
+            return 0
+        ids = {i for i, _ in rows}
+        self._purge()
+        for i in ids:
+            self._sent.pop(i, None)
+            self._tries.pop(i, None)
+        if self._tail:
+            self._tail = deque(r for r in self._tail if r.id not in ids)
+        self.confirmed += len(rows)
+        self.confirmed_readings += sum(n for _, n in rows)
+        self.last_confirmed_id = max(self.last_confirmed_id, *ids)
+        if len(self._acked_ids) >= self._count:
+            self.empty.set()
+        return len(rows)
+
+    def _confirm_sync(self, spans: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+        try:
+            return self._confirm_once_sync(spans)
+        except sqlite3.Error as exc:
+            if not _is_full(exc):
+                # not fatal: the batches stay, and the next receipt names them again
+                log.warning("spool %s: could not delete confirmed batches (%s)", self.path, exc)
+                return []
+            self._make_room_sync(0, exc, drop=False)
+            try:
+                return self._confirm_once_sync(spans)
+            except sqlite3.Error as again:
+                if not _is_full(again):
+                    raise SpoolError(f"spool {self.path}: cannot delete ({again})") from again
+                return []  # the next receipt names them again
+
+    def _confirm_once_sync(self, spans: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+        assert self._db is not None
+        db = self._db
+        out: list[tuple[int, int]] = []
+        freed = 0
+        db.execute("PRAGMA synchronous=OFF")  # the next append's fsync carries it
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for epoch, first, last in spans:
+                for rid, n, size in db.execute(
+                    "DELETE FROM batches WHERE epoch = ? AND seq BETWEEN ? AND ? "
+                    "RETURNING id, n, length(data)",
+                    (epoch, first, last),
+                ):
+                    out.append((int(rid), int(n)))
+                    freed += int(size)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.execute(f"PRAGMA synchronous={_SYNC[self._durability]}")
+        self._count -= len(out)
+        self._bytes -= freed
+        self._used -= freed + _ROW_OVERHEAD * len(out)
+        self._acked_ids.difference_update(i for i, _ in out)
+        return out
+
+    def overdue(self, timeout_s: float) -> list[int]:
+        """Batches sent ``timeout_s`` ago or more with no receipt, oldest first; each is
+        counted as sent again and its clock starts again."""
+        self._purge()
+        now = time.monotonic()
+        cutoff = now - timeout_s
+        out: list[int] = []
+        for i, t in self._sent.items():
+            if t > cutoff:
+                break
+            out.append(i)
+        self._again(out, now)
+        return out
+
+    def _again(self, ids: Sequence[int], now: float) -> None:
+        for i in ids:
+            if self._sent.pop(i, None) is not None:
+                self._sent[i] = now
+            self._tries[i] = self._tries.get(i, 0) + 1
+        self.republished += len(ids)
+
+    def tries(self, rid: int) -> int:
+        """How often the batch ``rid`` was sent again without a receipt."""
+        return self._tries.get(rid, 0)
+
+    async def held(self, epoch: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (id, seq) of the batches of ``epoch`` in the seq ``ranges`` still in the spool."""
+        rows: list[tuple[int, int]] = await self._call(self._held_sync, epoch, list(ranges))
+        return rows
+
+    def _held_sync(self, epoch: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        assert self._db is not None
+        out: list[tuple[int, int]] = []
+        for first, last in ranges:
+            out.extend(
+                (int(r[0]), int(r[1]))
+                for r in self._db.execute(
+                    "SELECT id, seq FROM batches WHERE epoch = ? AND seq BETWEEN ? AND ? "
+                    "ORDER BY seq",
+                    (epoch, first, last),
+                )
+            )
+        return out
+
+    def resend(self, ids: Sequence[int]) -> list[int]:
+        """Of ``ids`` (the hub asked for them), those sent already: they go out again
+        (the others are on their way anyway)."""
+        self._purge()
+        again = [i for i in ids if i in self._sent]
+        self._again(again, time.monotonic())
+        return again
+
+    async def rows(self, ids: Sequence[int]) -> list[SpoolRow]:
+        """The batches ``ids`` still in the spool, in id order."""
+        if not ids:
+            return []
+        found: list[tuple[int, int, int, int, bytes]] = await self._call(self._rows_sync, list(ids))
+        return [SpoolRow(*r) for r in found]
+
+    def _rows_sync(self, ids: list[int]) -> list[tuple[int, int, int, int, bytes]]:
+        assert self._db is not None
+        out: list[tuple[int, int, int, int, bytes]] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            out.extend(
+                self._db.execute(
+                    f"SELECT id, epoch, seq, n, data FROM batches WHERE id IN ({marks})", chunk
+                )
+            )
+        out.sort()
+        return out
+
+    async def held_ranges(self, limit: int = 64) -> list[tuple[int, int, int]]:
+        """What the spool holds as ``(epoch, first_seq, last_seq)`` runs, oldest first, at
+        most ``limit`` of them (the heartbeat's list)."""
+        out: list[tuple[int, int, int]] = await self._call(self._held_ranges_sync, limit)
+        return out
+
+    def _held_ranges_sync(self, limit: int) -> list[tuple[int, int, int]]:
+        assert self._db is not None
+        out: list[tuple[int, int, int]] = []
+        # the (epoch, seq) index alone: no batch's data is read
+        for e, q in self._db.execute("SELECT epoch, seq FROM batches ORDER BY epoch, seq"):
+            epoch, seq = int(e), int(q)
+            if out and out[-1][0] == epoch and out[-1][2] + 1 == seq:
+                out[-1] = (epoch, out[-1][1], seq)
+                continue
+            if len(out) == limit:
+                break
+            out.append((epoch, seq, seq))
+        return out
+
+    async def split(self, old: SpoolRow, parts: Sequence[Row]) -> bool:
+        """Replace the batch ``old`` by ``parts`` (its readings re-sealed with new seqs) and
+        write a gap row naming it (reason ``split``), in one transaction. False when the
+        disk is too full to (it stays, and is tried again)."""
+        done: bool = await self._call(self._split_sync, old, list(parts))
+        if not done:
+            return False
+        self._tail.clear()  # read the new rows from SQLite
+        self._gone.append(old.id)
+        self._purge()
+        self.split_batches += 1
+        self.empty.clear()
+        self.added.set()
+        self.gaps_added.set()
+        return True
+
+    def _split_sync(self, old: SpoolRow, parts: list[Row]) -> bool:
+        assert self._db is not None
+        db = self._db
+        now = time.time()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            gone = db.execute(
+                "DELETE FROM batches WHERE id = ? RETURNING length(data)", (old.id,)
+            ).fetchone()
+            if gone is None:  # confirmed or dropped meanwhile: nothing to split
+                db.execute("ROLLBACK")
+                return False
+            db.executemany(
+                "INSERT INTO batches (epoch, seq, n, t0, created, data) VALUES (?, ?, ?, ?, ?, ?)",
+                [(e, q, n, t0, now, d) for e, q, n, t0, d in parts],
+            )
+            db.execute(
+                "INSERT INTO gaps (epoch, first, last, readings, reason) VALUES (?, ?, ?, ?, ?)",
+                (old.epoch, old.seq, old.seq, old.n, "split"),
+            )
+            last_id = int(db.execute("SELECT max(id) FROM batches").fetchone()[0])
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if not _is_full(exc):
+                raise SpoolError(f"spool {self.path}: cannot split a batch ({exc})") from exc
+            return False
+        added = sum(len(p[4]) for p in parts)
+        self._last_id = last_id
+        self._count += len(parts) - 1
+        self._bytes += added - int(gone[0])
+        self._used += _row_bytes(parts)[0] - _data_bytes(int(gone[0]))
+        self._has_gaps = True
+        return True
+
     # -- gap rows ---------------------------------------------------------------
+
+    async def note_gaps(self, ranges: Sequence[GapRange]) -> None:
+        """Write gap rows for batches the spool does not hold (the hub asked for them):
+        the uplink sends their notice like any other."""
+        if ranges:
+            await self._call(self._note_gaps_sync, list(ranges))
+            self.gaps_added.set()
+            self.added.set()
+
+    def _note_gaps_sync(self, ranges: list[GapRange]) -> None:
+        assert self._db is not None
+        try:
+            self._db.executemany(
+                "INSERT INTO gaps (epoch, first, last, readings, reason) VALUES (?, ?, ?, ?, ?)",
+                [(g.epoch, g.first, g.last, g.readings, g.reason) for g in ranges],
+            )
+        except sqlite3.Error as exc:
+            if not _is_full(exc):
+                raise SpoolError(f"spool {self.path}: cannot write gap rows ({exc})") from exc
+            self._lost_gaps.extend(ranges)  # sent from memory
+        self._has_gaps = True
 
     async def gaps(self, limit: int = 256) -> list[tuple[int, GapRange]]:
         """Gap rows not yet acknowledged by the broker, oldest first, with their row ids."""
@@ -986,18 +1301,19 @@ class Spool:
         if upto_id is None and tail and tail[0].id <= after_id + 1:
             while tail and tail[0].id <= after_id:
                 tail.popleft()  # read by the live reader already
-            acked = self._acked_ids
+            acked, sent = self._acked_ids, self._sent
             out: list[SpoolRow] = []
             for r in tail:
                 if len(out) == limit:
                     break
-                if r.id not in acked:
+                if r.id not in acked and r.id not in sent:
                     out.append(r)
             return out
         rows: list[tuple[int, int, int, int, bytes]] = await self._call(
             self._pending_sync, after_id, limit, upto_id
         )
-        return [SpoolRow(*r) for r in rows if r[0] not in self._acked_ids]
+        skip = self._acked_ids | self._sent.keys()
+        return [SpoolRow(*r) for r in rows if r[0] not in skip]
 
     def _pending_sync(
         self, after_id: int, limit: int, upto_id: int | None
@@ -1007,9 +1323,13 @@ class Spool:
             upto_id = 2**63 - 1
         return self._db.execute(
             "SELECT id, epoch, seq, n, data FROM batches WHERE id > ? AND id <= ? "
-            "ORDER BY id LIMIT ?",
+            "AND sent IS NULL ORDER BY id LIMIT ?",
             (after_id, upto_id, limit),
         ).fetchall()
+
+    def _unconfirmed(self) -> int:
+        self._purge()
+        return len(self._sent)
 
     async def totals(self) -> dict[str, int]:
         """The persistent counters (over every run): dropped_batches, moved_aside..."""
@@ -1032,6 +1352,12 @@ class Spool:
             "dropped_spool_full": self.dropped_by_reason.get("spool_full", 0),
             "dropped_too_old": self.dropped_by_reason.get("too_old", 0),
             "lost_disk_full": self.lost_batches,
+            "sent": self.sent,
+            "sent_unconfirmed": self._unconfirmed(),
+            "confirmed": self.confirmed,
+            "confirmed_readings": self.confirmed_readings,
+            "republished": self.republished,
+            "split": self.split_batches,
             "disk_full": int(self.disk_full),
             "disk_full_events": self.disk_full_events,
             "disk_bytes": self.disk_bytes(),

@@ -43,18 +43,44 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from agent.commands import MAX_COMMAND_BYTES, CommandExecutor, on_message
+from agent.commands import MAX_COMMAND_BYTES, CommandExecutor, CommandRefused, on_message
 from agent.mqtt import MqttClient, MqttError
-from agent.spool import Spool, SpoolRow
+from agent.spool import Row, Spool, SpoolRow
 from protocols import topics
+from protocols.command import MAX_RESEND_RANGES
+from protocols.errors import ProtocolError
 from protocols.gap import GapRange
+from protocols.mqtt import Publish
+from protocols.receipt import MAX_HEARTBEAT_RANGES, parse_receipt
 
-__all__ = ["Failure", "GapSigner", "Uplink", "UplinkSettings", "explain", "gap_topic"]
+__all__ = [
+    "Failure",
+    "GapSigner",
+    "HeartbeatSigner",
+    "Splitter",
+    "Uplink",
+    "UplinkSettings",
+    "explain",
+    "gap_topic",
+]
 
 log = logging.getLogger(__name__)
 
 GapSigner = Callable[[Sequence[GapRange]], bytes]
+#: the signed heartbeat naming the spool's unconfirmed ``(epoch, first, last)`` runs
+HeartbeatSigner = Callable[[Sequence[tuple[int, int, int]]], bytes]
+#: a batch's readings re-sealed as two or more batches with new seqs (spool rows)
+Splitter = Callable[[SpoolRow], list[Row]]
+
+#: receipts and commands share the connection: a receipt is larger than a command
+#: (up to 256 ranges per epoch), and anything larger is dropped unread
+MAX_RECEIVED_BYTES = 64 << 10
+#: a batch whose publish failed with the connection this often is split
+SPLIT_AFTER_RESETS = 2
+#: a batch sent again this often without a receipt, while later ones got theirs, is split
+SPLIT_AFTER_TRIES = 3
 
 
 gap_topic = topics.gap  # signed gap notices, QoS 1
@@ -192,6 +218,12 @@ class UplinkSettings:
     # then at doubling intervals up to warn_every_s
     warn_after_s: float = 60.0
     warn_every_s: float = 600.0
+    # "receipt": a batch leaves the spool on the hub's signed receipt (when the
+    # gateway knows the hub key); "puback": on the broker's PUBACK (the old rule)
+    confirm: str = "receipt"
+    # a batch the broker acknowledged with no receipt after this long is sent again
+    confirm_timeout_s: float = 60.0
+    heartbeat_s: float = 10.0
 
 
 class Uplink:
@@ -202,9 +234,30 @@ class Uplink:
         *,
         meta: bytes | None = None,
         gap_signer: GapSigner | None = None,
+        hub_key: bytes | None = None,
+        heartbeat: HeartbeatSigner | None = None,
+        splitter: Splitter | None = None,
+        sealed: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         if not 0.0 <= settings.backlog_share <= 1.0:
             raise ValueError("backlog_share must be within [0, 1]")
+        if settings.confirm not in ("receipt", "puback"):
+            raise ValueError("confirm must be 'receipt' or 'puback'")
+        #: receipts on: a batch leaves the spool only on the hub's signed receipt
+        self.receipts_on = settings.confirm == "receipt" and hub_key is not None
+        self._hub_key = hub_key
+        self._heartbeat_signer = heartbeat
+        self._splitter = splitter
+        self._sealed = sealed  # (current epoch, last seq sealed in it)
+        self.receipts = 0  # receipts accepted
+        self.receipts_refused = 0  # forged, misaddressed or malformed: ignored
+        self.heartbeats = 0
+        self.resend_asks = 0
+        self._refused_logged = False
+        self._again: deque[int] = deque()  # ids to send again (no receipt, or the hub asked)
+        self._suspect: SpoolRow | None = None  # the oldest publish the connection failed
+        self._resets: dict[int, int] = {}  # id -> connections that failed on it first
+        self._client_now: MqttClient | None = None
         self._s = settings
         self._spool = spool
         self._meta = meta
@@ -243,6 +296,11 @@ class Uplink:
             "last_error": self.last_error,
             "last_hint": self.last_hint,
             "failed_attempts": self._failures,
+            "confirm": "receipt" if self.receipts_on else "puback",
+            "receipts": self.receipts,
+            "receipts_refused": self.receipts_refused,
+            "heartbeats": self.heartbeats,
+            "resend_asks": self.resend_asks,
         }
 
     def _client(self) -> MqttClient:
@@ -259,8 +317,9 @@ class Uplink:
             farewell=(topics.status(s.gateway, s.prefix), b"offline", 0, True),
             connect_timeout=s.connect_timeout_s,
             ack_timeout=s.publish_timeout_s,
-            # commands are the only messages we receive: larger ones are dropped unread
-            max_message_size=MAX_COMMAND_BYTES,
+            # commands (and receipts) are the only messages we receive: larger ones are
+            # dropped unread
+            max_message_size=MAX_RECEIVED_BYTES if self.receipts_on else MAX_COMMAND_BYTES,
             on_drop=self.commands.on_drop if self.commands is not None else None,
         )
 
@@ -292,10 +351,14 @@ class Uplink:
                         self._spool.statistics()["depth_batches"],
                     )
                     self._reset_failures()
+                    self._client_now = client
                     await self._session(client, mark)
             except* MqttError as group:
                 self._last_exc = group.exceptions[0]
                 self.last_error = str(self._last_exc)
+            finally:
+                self._client_now = None
+            await self._after_failure()
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # cancelled while the connection failed: the session's TaskGroup raised
@@ -368,6 +431,8 @@ class Uplink:
         await client.publish(topics.status(s.gateway, s.prefix), b"online", qos=1, retain=True)
         if self.commands is not None:
             await client.subscribe(topics.cmd(s.gateway, s.prefix), qos=1)
+        if self.receipts_on:
+            await client.subscribe(topics.receipt(s.gateway, s.prefix), qos=1)
         if self._meta is not None:
             await client.publish(topics.meta(s.gateway, s.prefix), self._meta, qos=1, retain=True)
         await spool.flush_acks()
@@ -379,11 +444,16 @@ class Uplink:
         back_done = False
         back_sent = live_sent = 0
         read = s.window * 4
+        again: deque[SpoolRow] = deque()
+        self._suspect = None
         spool.added.set()
         if spool.has_gaps:
             spool.gaps_added.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch(client), name="uplink.watch")
+            if self.receipts_on:
+                tg.create_task(self._heartbeats(client), name="uplink.heartbeat")
+                tg.create_task(self._overdue(), name="uplink.overdue")
             while True:
                 if spool.gaps_added.is_set() and self._gap_signer and not self._gap_busy:
                     spool.gaps_added.clear()
@@ -407,19 +477,25 @@ class Uplink:
                         back_done = True
                         if back_sent:
                             log.info("uplink: backlog of %d batches sent", back_sent)
-                if not live and not back:
+                if not again and self._again:
+                    n = min(read, len(self._again))
+                    again.extend(await spool.rows([self._again.popleft() for _ in range(n)]))
+                if not live and not back and not again:
                     await spool.added.wait()
                     continue
                 await room.acquire()
                 await client.drain()  # the socket's buffer is over its mark: wait
-                take_back = bool(back) and (
-                    not live or back_sent <= s.backlog_share * (back_sent + live_sent)
+                take_back = not again and (
+                    bool(back)
+                    and (not live or back_sent <= s.backlog_share * (back_sent + live_sent))
                 )
-                row = back.popleft() if take_back else live.popleft()
+                row = (again or (back if take_back else live)).popleft()
                 try:
                     acked = client.publish_nowait(topic, row.data, qos=1)
                 except MqttError:
                     room.release()
+                    if self._suspect is None:
+                        self._suspect = row
                     raise
                 acked.add_done_callback(functools.partial(self._acked, row, room, take_back))
                 self.in_flight += 1
@@ -433,8 +509,11 @@ class Uplink:
     async def _watch(self, client: MqttClient) -> None:
         """Hand commands to the executor; raise MqttError when the connection fails, which
         ends the session even when the publishing loop is idle."""
+        receipts = topics.receipt(self._s.gateway, self._s.prefix)
         async for msg in client.messages:
-            if self.commands is not None:
+            if self.receipts_on and msg.topic == receipts:
+                await self._on_receipt(msg)
+            elif self.commands is not None:
                 await on_message(client, msg, self.commands, prefix=self._s.prefix)
 
     def _acked(
@@ -445,8 +524,13 @@ class Uplink:
         room.release()
         self.in_flight -= 1
         if fut.cancelled() or fut.exception() is not None:
+            if self._suspect is None:  # the first to fail: the oldest in flight
+                self._suspect = row
             return
-        self._spool.ack([row.id])
+        if self.receipts_on:
+            self._spool.mark_sent([row.id])
+        else:
+            self._spool.ack([row.id])
         self.published += 1
         self.readings_acked += row.n
         if backlog:
@@ -470,3 +554,198 @@ class Uplink:
         finally:
             self._gap_busy = False
             room.release()
+
+    # -- receipts ----------------------------------------------------------------
+
+    async def _on_receipt(self, msg: Publish) -> None:
+        """Delete what a receipt covers, if the hub signed it for us; anything else is
+        counted and ignored (it deletes nothing)."""
+        s = self._s
+        assert self._hub_key is not None
+        try:
+            receipt = parse_receipt(msg.payload)
+            if receipt.header.gw != s.gateway:
+                raise ProtocolError(f"receipt for {receipt.header.gw!r}, not for us")
+            receipt.verify(self._hub_key)
+            epochs = receipt.epochs()
+        except ProtocolError as exc:
+            self.receipts_refused += 1
+            if not self._refused_logged:
+                self._refused_logged = True
+                log.warning(
+                    "uplink: ignored a receipt that is not the hub's for this gateway (%s); "
+                    "it deletes nothing (further ones only counted); hint: if the hub was "
+                    "re-installed, enroll again with `vitals provision`",
+                    exc,
+                )
+            return
+        spans: list[tuple[int, int, int]] = []
+        for e in epochs:
+            if e.upto >= 0:
+                spans.append((e.epoch, 0, e.upto))
+            spans.extend((e.epoch, lo, hi) for lo, hi in e.ranges)
+        self.receipts += 1
+        done = await self._spool.confirm(spans)
+        if done:
+            log.debug("uplink: receipt confirmed %d batches", done)
+
+    async def heartbeat(self) -> bool:
+        """Publish a heartbeat now if connected (the agent does at a clean stop)."""
+        client = self._client_now
+        if client is None or not client.connected or not self.receipts_on:
+            return False
+        await self._heartbeat(client)
+        return True
+
+    async def _heartbeat(self, client: MqttClient) -> None:
+        s = self._s
+        assert self._heartbeat_signer is not None
+        held = await self._spool.held_ranges(MAX_HEARTBEAT_RANGES)
+        done = client.publish_nowait(
+            topics.heartbeat(s.gateway, s.prefix), self._heartbeat_signer(held), qos=1
+        )
+        done.add_done_callback(_retrieved)
+        self.heartbeats += 1
+
+    async def _heartbeats(self, client: MqttClient) -> None:
+        """On connect and every ``heartbeat_s``: the hub answers each with a receipt."""
+        if self._heartbeat_signer is None:
+            return
+        while True:
+            await self._heartbeat(client)
+            await asyncio.sleep(self._s.heartbeat_s)
+
+    async def _overdue(self) -> None:
+        """Send again what the broker acknowledged but the hub did not confirm in time;
+        split a batch that keeps failing while later ones get their receipts."""
+        spool = self._spool
+        timeout = self._s.confirm_timeout_s
+        while True:
+            await asyncio.sleep(min(5.0, max(0.05, timeout / 4)))
+            ids = spool.overdue(timeout)
+            if not ids:
+                continue
+            stuck = [i for i in ids if spool.tries(i) > SPLIT_AFTER_TRIES]
+            later = spool.last_confirmed_id
+            for row in await spool.rows([i for i in stuck if i < later]):
+                if await self._split(row, f"sent {SPLIT_AFTER_TRIES} times with no receipt"):
+                    ids.remove(row.id)
+            log.info(
+                "uplink: %d batches had no receipt in %.0f s: sending again", len(ids), timeout
+            )
+            self._again.extend(ids)
+            spool.added.set()
+
+    async def _after_failure(self) -> None:
+        """A connection failed with publishes in flight: the oldest is suspect; a batch
+        suspect twice (a broker limit below its size resets the connection) is split."""
+        row, self._suspect = self._suspect, None
+        if row is None or not self.receipts_on:
+            return
+        n = self._resets[row.id] = self._resets.get(row.id, 0) + 1
+        if len(self._resets) > 1024:  # old suspects: forget (they were sent since)
+            for k in list(self._resets)[:512]:
+                del self._resets[k]
+        if n >= SPLIT_AFTER_RESETS:
+            del self._resets[row.id]
+            await self._split(row, f"the connection failed {n} times on it")
+
+    async def _split(self, row: SpoolRow, why: str) -> bool:
+        """Re-seal ``row``'s readings as smaller batches with new seqs; the hub is told
+        by a gap notice (reason ``split``) not to wait for the original."""
+        if self._splitter is None or row.n < 2:
+            log.warning(
+                "uplink: batch epoch %d seq %d (%d bytes) cannot pass (%s) and cannot be "
+                "split: it stays in the spool; hint: raise the broker's message size limit",
+                row.epoch,
+                row.seq,
+                len(row.data),
+                why,
+            )
+            return False
+        try:
+            parts = self._splitter(row)
+        except ProtocolError as exc:  # our own batch: never expected
+            log.error("uplink: cannot split batch epoch %d seq %d: %s", row.epoch, row.seq, exc)
+            return False
+        if not await self._spool.split(row, parts):
+            return False
+        log.warning(
+            "uplink: batch epoch %d seq %d (%d readings, %d bytes) did not pass (%s): "
+            "re-sealed as seq %s; hint: the broker's message size limit may be below the "
+            "batch size ([batch] max_readings)",
+            row.epoch,
+            row.seq,
+            row.n,
+            len(row.data),
+            why,
+            ", ".join(str(p[1]) for p in parts),
+        )
+        return True
+
+    async def resend(self, args: dict[str, Any]) -> object:
+        """The ``resend`` command: the hub misses these seqs of an epoch. What the spool
+        holds goes out again; what it does not is named in a gap notice (``not_held``)."""
+        epoch, ranges = args.get("epoch"), args.get("ranges")
+        if (
+            type(epoch) is not int
+            or epoch < 0
+            or type(ranges) is not list
+            or not 1 <= len(ranges) <= MAX_RESEND_RANGES
+            or not all(
+                type(r) is list
+                and len(r) == 2
+                and all(type(v) is int for v in r)
+                and 0 <= r[0] <= r[1]
+                for r in ranges
+            )
+        ):
+            raise CommandRefused(
+                "bad_args", f"epoch: int, ranges: 1 to {MAX_RESEND_RANGES} [lo, hi] seq ranges"
+            )
+        asked = sorted((int(r[0]), int(r[1])) for r in ranges)
+        if self._sealed is not None:  # never name a seq not sealed yet
+            current, last = self._sealed()
+            if epoch > current:
+                asked = []
+            elif epoch == current:
+                asked = [(lo, min(hi, last)) for lo, hi in asked if lo <= last]
+        self.resend_asks += 1
+        held = await self._spool.held(epoch, asked)
+        again = self._spool.resend([i for i, _ in held])
+        self._again.extend(again)
+        self._spool.added.set()
+        seqs = sorted({q for _, q in held})
+        not_held: list[tuple[int, int]] = []
+        k = 0
+        for lo, hi in asked:
+            cur = lo
+            while k < len(seqs) and seqs[k] < lo:
+                k += 1
+            while k < len(seqs) and seqs[k] <= hi:
+                if seqs[k] > cur:
+                    not_held.append((cur, seqs[k] - 1))
+                cur = seqs[k] + 1
+                k += 1
+            if cur <= hi:
+                not_held.append((cur, hi))
+        if not_held:
+            await self._spool.note_gaps(
+                [GapRange(epoch, lo, hi, 0, "not_held") for lo, hi in not_held]
+            )
+        log.info(
+            "uplink: the hub asked for %d ranges of epoch %d: %d batches held (%d sent again), "
+            "%d ranges no longer held",
+            len(asked),
+            epoch,
+            len(held),
+            len(again),
+            len(not_held),
+        )
+        return {"resent": len(held), "not_held": [[epoch, lo, hi] for lo, hi in not_held]}
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    """A heartbeat's PUBACK came, or the connection failed (which the session handles)."""
+    if not fut.cancelled():
+        fut.exception()
