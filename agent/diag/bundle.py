@@ -29,7 +29,6 @@ from typing import Annotated, Any, BinaryIO
 import typer
 
 from agent.diag._common import OK, DiagError, console, die, emit_json, escape, waiting
-from protocols.errors import VitalsError
 
 __all__ = ["bundle_command", "default_output", "make_bundle", "redact_toml"]
 
@@ -39,7 +38,7 @@ PACKAGES = (
     "vitals-gateway",
     "pyserial",
     "msgpack",
-    "cryptography",  # the Ed25519 fallback when the system libcrypto cannot sign
+    "cryptography",  # signs the batches (Ed25519)
     "typer",
     "rich",
 )
@@ -180,12 +179,6 @@ def make_bundle(
             versions["packages"][pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions["packages"][pkg] = None
-    try:  # who signs the batches: the system's OpenSSL, or the fallback
-        from protocols import ed25519
-
-        versions["ed25519"] = ed25519.backend_name()
-    except VitalsError as exc:
-        versions["ed25519"] = f"none: {exc}"
     os_release = Path("/etc/os-release")
     if os_release.exists():
         versions["os_release"] = os_release.read_text()
