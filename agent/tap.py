@@ -6,8 +6,10 @@ runtime directory itself is 0750). A client sends one JSON line,
 ``{"bus": "NAME"}``; the agent answers one line (``{"ok": true, ...}`` with the
 link's timing, or ``{"ok": false, "error": ...}``), then streams every frame
 its link sends and receives on that bus, one line each:
-``{"t": <monotonic s>, "dir": "tx" | "rx", "hex": "..."}``. Polling goes on
-as ever: the trace hook only copies bytes. One client per bus at a time; a
+``{"t": <monotonic s>, "dir": "tx" | "rx", "hex": "..."}``. The answer says how
+to cut them: ``"framing": "rtu"`` (serial, RTU over TCP) or ``"mbap"`` (Modbus
+TCP: the link's requests and the bytes it reads, MBAP headers included). Polling
+goes on as ever: the trace hook only copies bytes. One client per bus at a time; a
 client that does not keep up (more than 1 MiB unread) is dropped. With no
 client the link's hook is None: nothing is done per frame.
 """
@@ -54,11 +56,9 @@ async def serve_tap(links: Mapping[str, ModbusLink], path: Path) -> None:
             except (ValueError, KeyError, TypeError):
                 name = None
             link = links.get(name) if isinstance(name, str) else None
-            if link is None or not hasattr(link, "late_cap_s"):  # RTU links only
-                rtu = sorted(n for n, lk in links.items() if hasattr(lk, "late_cap_s"))
-                error = f"no RTU bus named {name!r} in the running agent"
-                _send(writer, {"ok": False, "error": error, "buses": rtu})
-                link = None
+            if link is None:
+                error = f"no Modbus bus named {name!r} in the running agent"
+                _send(writer, {"ok": False, "error": error, "buses": sorted(links)})
                 return
             if link.trace is not None:
                 _send(writer, {"ok": False, "error": f"bus {name} is traced by another client"})
@@ -73,6 +73,8 @@ async def serve_tap(links: Mapping[str, ModbusLink], path: Path) -> None:
                     "timeout_s": link.timeout_s,
                     "inter_frame_s": link.inter_frame_s,
                     "char_s": getattr(link, "_char", 0.0),
+                    # RTU links have a late window; a Modbus TCP link's frames carry MBAP
+                    "framing": "rtu" if hasattr(link, "late_cap_s") else "mbap",
                     "t": time.monotonic(),
                 },
             )

@@ -252,7 +252,7 @@ async def test_tap_the_running_agents_bus(slave: RtuSlave, tmp_path: Path) -> No
             assert rc == 0, err
             crc = [json.loads(line) for line in out.splitlines()]
             rc, out, err = await tap("--bus", "nope")
-            assert rc == 2 and "no RTU bus named 'nope'" in out
+            assert rc == 2 and "no Modbus bus named 'nope'" in out and "rs485" in out
             polls = agent.pollers[0].devices[0].polls
         finally:
             stop.set()
@@ -378,3 +378,84 @@ def test_modbus_tcp_frames_cut_by_mbap_and_matched_by_transaction_id(
         ("tx", "request", 2),
     ]
     assert _tid(late[1]) == _tid(late[0]) and "after its timeout" in late[1]["note"]
+
+
+async def test_tap_the_running_agents_modbus_tcp_bus(
+    terminal: _SlowTerminal, tmp_path: Path
+) -> None:
+    """``--bus`` on a Modbus TCP bus: the agent's own MBAP frames, tied by transaction id;
+    a slow device's replies come after their timeout and are named late."""
+    from agent.config import parse_config
+    from agent.service import Agent
+    from agent.state import create_identity
+    from simulator.broker import free_port
+
+    cfg = parse_config(
+        {
+            "gateway": {"id": "gw-tap-tcp", "state_dir": str(tmp_path / "gw")},
+            "uplink": {"host": "127.0.0.1", "port": free_port()},  # no broker there
+            "buses": [
+                {"name": "tcp-1", "kind": "tcp", "host": "127.0.0.1"}
+                | {"tcp_port": terminal.port, "timeout_s": TIMEOUT_S}
+            ],
+            "devices": [
+                {"name": "noise", "bus": "tcp-1", "profile": "sound_level_meter"}
+                | {"slave": 3, "interval_s": 0.2}
+            ],
+        },
+        source="<tap test>",
+        base=tmp_path,
+    )
+    agent = Agent(cfg, identity=create_identity(cfg.gateway.state_dir), drain_timeout_s=0.5)
+    stop = asyncio.Event()
+    run = asyncio.create_task(agent.run(stop))
+    sock = cfg.gateway.state_dir / "trace.sock"
+
+    async def tap(*more: str) -> list[dict[str, Any]]:
+        proc = await asyncio.create_subprocess_exec(
+            *VITALS,
+            *("trace", "--socket", str(sock), "--json", "--bus", "tcp-1", *more),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        return [json.loads(line) for line in out.decode().splitlines()]
+
+    try:
+        await asyncio.wait_for(agent.ready.wait(), 10)
+        for _ in range(100):  # the socket is bound by a task the agent has started
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        good = await tap("--frames", "6")
+        terminal.delay_s = 0.35  # after the bus's 0.2 s timeout
+        late = await tap("--frames", "12")
+        terminal.delay_s = 0.0
+        polls = agent.pollers[0].devices[0].polls
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 30)
+    # the agent's requests and their replies, tied by transaction id (the tap may begin
+    # mid-exchange: a reply to a request sent before it is no garbage)
+    assert "garbage" not in {f["kind"] for f in good}
+    first = next(i for i, f in enumerate(good) if f["kind"] == "request")
+    req, reply = good[first], good[first + 1]
+    assert (req["kind"], reply["kind"]) == ("request", "reply")
+    assert reply["request"] == req["request"] and _tid(reply) == _tid(req)
+    assert f"tid {_tid(req)} unit 3 fn" in req["note"] and req["crc_ok"] is None
+    assert "reply to #" in reply["note"] and " ms" in reply["note"]
+    # the slow device: a reply whose transaction id timed out is late, tied to its request
+    assert "garbage" not in {f["kind"] for f in late}
+    sent = {f["request"]: f for f in late if f["kind"] == "request"}
+    lates = [f for f in late if f["kind"] == "late" and f["request"] is not None]
+    assert lates, [(f["dir"], f["kind"]) for f in late]
+    for f in lates:
+        assert "after its timeout" in f["note"]
+        assert _tid(sent[f["request"]]) == _tid(f)
+    # one sent before the tap began, heard after the tap's first request: late too
+    for f in late:
+        if f["dir"] == "rx" and f["request"] is None:
+            assert f["kind"] == "late" and "sent before the trace" in f["note"]
+    assert polls >= 3  # it polled on while traced
+    assert agent.pollers[0].link.trace is None  # the hook is gone with the client

@@ -317,7 +317,8 @@ class MbapAnnotator(Annotator):
     """Modbus TCP: frames cut by their MBAP length field, matched by transaction id.
 
     A reply whose transaction id is of a request no longer waited for (it
-    timed out) is late; bytes that are not Modbus TCP (protocol id not 0, a
+    timed out) is late, as is one to a request sent before a tap began (seen
+    after the tap's first request); bytes that are not Modbus TCP (protocol id not 0, a
     length out of 2..254, a transaction id on no request, half a frame then
     silence) are garbage: the link drops the connection on them.
     """
@@ -327,9 +328,18 @@ class MbapAnnotator(Annotator):
     ) -> None:
         super().__init__(emit, timeout_s=timeout_s, gap_s=gap_s)
         self._tids: dict[int, _Request] = {}
+        self._first_tid: int | None = None
+
+    def _before(self, tid: int) -> bool:
+        """Whether ``tid`` may be of a request sent before the trace began (a tapped
+        link numbers its requests on; it drops replies more than 64 behind)."""
+        first = self._first_tid
+        return first is None or 0 < (first - tid) & 0xFFFF <= 64
 
     def _sent(self, now: float, data: bytes) -> None:
         tid = int.from_bytes(data[:2], "big")
+        if self._first_tid is None:
+            self._first_tid = tid
         req = _Request(len(self.requests) + 1, data[6], data[7], data, now)
         self.requests.append(req)
         self._tids[tid] = req
@@ -350,6 +360,14 @@ class MbapAnnotator(Annotator):
                 break
             frame = bytes(rx[: 6 + length])
             req = self._tids.get(tid)
+            if req is None and self._before(tid):  # a tap that began mid-exchange
+                del rx[: 6 + length]
+                unit, fn = frame[6], frame[7]
+                # after a request of the trace went out, that reply is late
+                kind = LATE if self.requests else EXCEPTION if fn & 0x80 else REPLY
+                note = f"tid {tid} unit {unit} fn {fn}: to a request sent before the trace"
+                self._out(at, "rx", frame, kind, unit, fn, None, None, note)
+                continue
             if req is None or req.answered:
                 why = f"transaction id {tid}, on no request out"
                 break
@@ -476,7 +494,7 @@ async def _tap(
         if not hello.get("ok"):
             buses = ", ".join(hello.get("buses", [])) or "(none)"
             raise DiagError(
-                str(hello.get("error", "the agent closed the trace")), f"RTU buses: {buses}", USAGE
+                str(hello.get("error", "the agent closed the trace")), f"its buses: {buses}", USAGE
             )
         out = console()
         seen = 0
@@ -490,11 +508,11 @@ async def _tap(
             else:
                 out.print(f.line(), soft_wrap=True)
 
-        annotate = Annotator(
-            emit,
-            timeout_s=float(hello["timeout_s"]),
-            char_s=float(hello["char_s"]),
-            gap_s=max(float(hello["inter_frame_s"]), 0.02),
+        timeout_s, gap_s = float(hello["timeout_s"]), max(float(hello["inter_frame_s"]), 0.02)
+        annotate = (
+            MbapAnnotator(emit, timeout_s=timeout_s, gap_s=gap_s)
+            if hello.get("framing") == "mbap"
+            else Annotator(emit, timeout_s=timeout_s, char_s=float(hello["char_s"]), gap_s=gap_s)
         )
         annotate.t0 = float(hello["t"])
         if not as_json:
