@@ -38,7 +38,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Final
 
@@ -140,7 +140,8 @@ class MqttClient:
     ``max_queued_messages`` received messages wait for :attr:`messages`; past
     that, new ones are dropped (the socket is still read: the PUBACKs of our
     publishes must not wait behind messages nobody takes). ``max_message_size``
-    bounds a received message's payload: larger ones are dropped unread.
+    bounds a received message's payload: larger ones are dropped unread;
+    ``topic_caps`` gives topics (exact names) a bound of their own.
     ``on_drop(why, topic, size)`` hears of every drop.
     """
 
@@ -163,6 +164,7 @@ class MqttClient:
         max_message_size: int = mqtt.MAX_PACKET_SIZE,
         max_queued_messages: int = 256,
         on_drop: OnDrop | None = None,
+        topic_caps: Mapping[str, int] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -194,7 +196,7 @@ class MqttClient:
             if farewell is None
             else mqtt.encode_publish(farewell[0], farewell[1], retain=farewell[3])
         )
-        self._decoder = mqtt.Decoder(max_payload=max_message_size)
+        self._decoder = mqtt.Decoder(max_payload=max_message_size, topic_caps=topic_caps)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._connack: asyncio.Future[mqtt.ConnAck] | None = None

@@ -23,6 +23,7 @@ Section numbers (§) and normative statements ([MQTT-x.y.z-n]) are the standard'
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
@@ -416,7 +417,8 @@ class Decoder:
     is buffered. A PUBLISH whose payload is longer than ``max_payload`` bytes is
     no error (anyone may publish a large message to a topic we subscribe to):
     once its topic and packet id are in it is returned as :class:`Skipped` and
-    its payload is dropped as it arrives, never buffered.
+    its payload is dropped as it arrives, never buffered. ``topic_caps`` gives
+    topics (exact names) a cap of their own instead of ``max_payload``.
     """
 
     __slots__ = (
@@ -430,6 +432,7 @@ class Decoder:
         "_type",
         "max_packet_size",
         "max_payload",
+        "topic_caps",
     )
 
     # §2.2.2 the fixed-header flags each packet type must carry; PUBLISH's vary
@@ -462,7 +465,11 @@ class Decoder:
     }
 
     def __init__(
-        self, *, max_packet_size: int = MAX_PACKET_SIZE, max_payload: int = MAX_PACKET_SIZE
+        self,
+        *,
+        max_packet_size: int = MAX_PACKET_SIZE,
+        max_payload: int = MAX_PACKET_SIZE,
+        topic_caps: Mapping[str, int] | None = None,
     ) -> None:
         if max_packet_size < 2:
             raise LocalError("max_packet_size must be at least 2 bytes")
@@ -470,6 +477,7 @@ class Decoder:
             raise LocalError("max_payload must be at least 0 bytes")
         self.max_packet_size = max_packet_size
         self.max_payload = max_payload
+        self.topic_caps = dict(topic_caps or {})
         self._skip = 0  # payload bytes of a skipped PUBLISH still to discard on arrival
         self._buf = bytearray()
         self._pos = 0  # start of the next packet in _buf
@@ -581,11 +589,12 @@ class Decoder:
                 topic, qos, packet_id, _ = self._publish_head(
                     buf, pos + hdr, pos + need, self._flags
                 )
-                taken = min(avail, need)
-                self._pos = pos + taken
-                self._skip = need - taken
-                self._need = 0
-                return Skipped(topic, need - head, qos, packet_id)
+                if need - head > self.topic_caps.get(topic, self.max_payload):
+                    taken = min(avail, need)
+                    self._pos = pos + taken
+                    self._skip = need - taken
+                    self._need = 0
+                    return Skipped(topic, need - head, qos, packet_id)
         if avail < need:
             return None
         start = pos + self._hdr
