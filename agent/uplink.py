@@ -46,10 +46,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.commands import MAX_COMMAND_BYTES, CommandExecutor, CommandRefused, on_message
+from agent.confpush import ConfigReceiver
 from agent.mqtt import MqttClient, MqttError
 from agent.spool import Row, Spool, SpoolRow
 from protocols import topics
 from protocols.command import MAX_RESEND_RANGES
+from protocols.confpush import MAX_CONFIG_BYTES
 from protocols.errors import ProtocolError
 from protocols.gap import GapRange
 from protocols.mqtt import Publish
@@ -255,8 +257,9 @@ class Uplink:
         self.resend_asks = 0
         self._refused_logged = False
         self._again: deque[int] = deque()  # ids to send again (no receipt, or the hub asked)
-        self._suspect: SpoolRow | None = None  # the oldest publish the connection failed
-        self._resets: dict[int, int] = {}  # id -> connections that failed on it first
+        self._failed: list[SpoolRow] = []  # this session's batches the connection failed
+        self._careful = 0  # publishes to make one at a time (after a failure: who did it?)
+        self._resets: dict[int, int] = {}  # id -> connections that failed with it alone
         self._client_now: MqttClient | None = None
         self._s = settings
         self._spool = spool
@@ -273,6 +276,7 @@ class Uplink:
         self.gap_notices = 0
         self.in_flight = 0
         self.commands: CommandExecutor | None = None  # signed commands from the hub
+        self.confpush: ConfigReceiver | None = None  # signed configurations from the hub
         self.last_acked: tuple[int, int] | None = None
         self.last_error = ""
         self.last_hint = ""
@@ -321,6 +325,10 @@ class Uplink:
             # dropped unread
             max_message_size=MAX_RECEIVED_BYTES if self.receipts_on else MAX_COMMAND_BYTES,
             on_drop=self.commands.on_drop if self.commands is not None else None,
+            # a pushed configuration has a cap of its own
+            topic_caps={topics.config(s.gateway, s.prefix): MAX_CONFIG_BYTES}
+            if self.confpush is not None
+            else None,
         )
 
     async def run(self) -> None:
@@ -445,7 +453,8 @@ class Uplink:
         back_sent = live_sent = 0
         read = s.window * 4
         again: deque[SpoolRow] = deque()
-        self._suspect = None
+        self._failed = []
+        one = asyncio.Semaphore(1)  # careful: one batch in flight, to know which fails
         spool.added.set()
         if spool.has_gaps:
             spool.gaps_added.set()
@@ -490,14 +499,18 @@ class Uplink:
                     and (not live or back_sent <= s.backlog_share * (back_sent + live_sent))
                 )
                 row = (again or (back if take_back else live)).popleft()
+                release: tuple[asyncio.Semaphore, ...] = (room,)
+                if self._careful > 0:  # alone in flight: a failure is this batch's
+                    self._careful -= 1
+                    await one.acquire()
+                    release = (room, one)
                 try:
                     acked = client.publish_nowait(topic, row.data, qos=1)
-                except MqttError:
-                    room.release()
-                    if self._suspect is None:
-                        self._suspect = row
+                except MqttError:  # the connection failed already: this one never went out
+                    for sem in release:
+                        sem.release()
                     raise
-                acked.add_done_callback(functools.partial(self._acked, row, room, take_back))
+                acked.add_done_callback(functools.partial(self._acked, row, release, take_back))
                 self.in_flight += 1
                 if take_back:
                     back_sent += 1
@@ -510,22 +523,30 @@ class Uplink:
         """Hand commands to the executor; raise MqttError when the connection fails, which
         ends the session even when the publishing loop is idle."""
         receipts = topics.receipt(self._s.gateway, self._s.prefix)
+        if self.confpush is not None:  # subscribes, publishes its last report
+            await self.confpush.attach(client)
         async for msg in client.messages:
+            if self.confpush is not None and await self.confpush.on_message(client, msg):
+                continue
             if self.receipts_on and msg.topic == receipts:
                 await self._on_receipt(msg)
             elif self.commands is not None:
                 await on_message(client, msg, self.commands, prefix=self._s.prefix)
 
     def _acked(
-        self, row: SpoolRow, room: asyncio.Semaphore, backlog: bool, fut: asyncio.Future[None]
+        self,
+        row: SpoolRow,
+        release: tuple[asyncio.Semaphore, ...],
+        backlog: bool,
+        fut: asyncio.Future[None],
     ) -> None:
         """Done-callback of a batch's publish: its PUBACK came, or the connection failed
         (every publish in flight then fails at once; the batch stays in the spool)."""
-        room.release()
+        for sem in release:
+            sem.release()
         self.in_flight -= 1
         if fut.cancelled() or fut.exception() is not None:
-            if self._suspect is None:  # the first to fail: the oldest in flight
-                self._suspect = row
+            self._failed.append(row)
             return
         if self.receipts_on:
             self._spool.mark_sent([row.id])
@@ -637,11 +658,17 @@ class Uplink:
             spool.added.set()
 
     async def _after_failure(self) -> None:
-        """A connection failed with publishes in flight: the oldest is suspect; a batch
-        suspect twice (a broker limit below its size resets the connection) is split."""
-        row, self._suspect = self._suspect, None
-        if row is None or not self.receipts_on:
+        """A connection failed with batches in flight. With several, the next session
+        sends that many one at a time; a batch alone in flight when the connection
+        fails, twice, is split (a broker limit below its size resets the connection,
+        and MQTT 3.1.1 says nothing else)."""
+        failed, self._failed = self._failed, []
+        if not failed or not self.receipts_on:
             return
+        self._careful = max(self._careful, len(failed))
+        if len(failed) > 1:
+            return
+        row = failed[0]
         n = self._resets[row.id] = self._resets.get(row.id, 0) + 1
         if len(self._resets) > 1024:  # old suspects: forget (they were sent since)
             for k in list(self._resets)[:512]:
