@@ -8,14 +8,18 @@ agent's own event loop (an asyncio handler, no server thread): the counters are 
 where they are kept, never while a poll changes them (the snapshot's text is
 then made in a worker thread).
 
-Labels are only ``bus``, ``device``, ``reason``, ``state``, ``status``: names
-the configuration fixes, never a point or a value, so the series are bounded by
-the configuration. Reply time is a gauge (the last poll's round trip per
-device, ``vitals_device_reply_seconds``): a histogram would need an observation
-on every poll, the hot path this endpoint stays off (docs/decisions.md).
+Labels are only ``bus``, ``device``, ``protocol``, ``reason``, ``state``,
+``status``: names the configuration or the code fixes, never a point or a
+value, so the series are bounded by the configuration. Reply times are a
+histogram per protocol (``vitals_modbus_reply_seconds{protocol}``, buckets
+``agent.bus.REPLY_BUCKETS_S``): each bus's poller adds one to a plain list per
+reply, summed here by the bus's kind at each scrape. Per bus it would be 13
+series a bus, half a point of a core more at 500 Modbus TCP buses
+(docs/decisions.md 26); per device, the last reply's time is a gauge.
 
 =====================================================  ============================
 ``vitals_bus_transactions_total{bus}``                 requests answered or not
+``vitals_modbus_reply_seconds{protocol}``              histogram: rtu, tcp, rtu-over-tcp
 ``vitals_bus_timeouts_total{bus}``                     requests never answered
 ``vitals_bus_bad_frames_total{bus}``                   CRC, framing, MBAP errors
 ``vitals_bus_late_replies_total{bus}``                 replies after their timeout
@@ -27,6 +31,7 @@ on every poll, the hot path this endpoint stays off (docs/decisions.md).
 ``vitals_device_state{bus,device,state}``              1 for the device's state
 ``vitals_spool_batches`` / ``_bytes`` / ``_disk_bytes``  what waits for the broker
 ``vitals_spool_oldest_age_seconds``                    the oldest batch waiting
+``vitals_spool_unconfirmed_batches``                   sent, no hub receipt yet
 ``vitals_spool_dropped_batches_total{reason}``         spool_full, too_old, disk_full
 ``vitals_uplink_connected`` / ``_connects_total``      the broker connection
 ``vitals_events_fired_total`` ...                      edge rules
@@ -44,16 +49,23 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from agent.bus import REPLY_BUCKETS_S
 from agent.status import spool_oldest_age_s
 
-__all__ = ["AgentCollector", "render", "serve_metrics"]
+__all__ = ["AgentCollector", "render", "serve_metrics", "snapshot"]
 
 log = logging.getLogger(__name__)
 
 _STATES = ("unknown", "online", "degraded", "offline")
+_LE = (*(str(b) for b in REPLY_BUCKETS_S), "+Inf")
 
 # (statistics key, metric name, help): per bus, from the poller and its link
 _BUS_COUNTERS = (
@@ -162,6 +174,7 @@ class AgentCollector(Collector):
                     state.add_metric([bus, dev, s], float(d.get("state") == s))
         yield from fams.values()
         yield online
+        yield _replies(buses)
         yield from devs.values()
         yield rtt
         yield state
@@ -180,6 +193,28 @@ class AgentCollector(Collector):
         yield gauge("vitals_spool_disk_full", "1 while the disk is full", "disk_full")
         yield counter("vitals_spool_appended_batches", "Batches written to the spool", "appended")
         yield counter("vitals_spool_acked_batches", "Batches the broker acknowledged", "acked")
+        # hub receipts (docs/reliability.md): sent = the broker has it; confirmed = the hub
+        yield gauge(
+            "vitals_spool_unconfirmed_batches",
+            "Batches the broker acknowledged that wait for the hub's receipt",
+            "sent_unconfirmed",
+        )
+        yield counter(
+            "vitals_spool_sent_batches",
+            "Publishes the broker acknowledged, receipts on (a batch sent again counts again)",
+            "sent",
+        )
+        yield counter(
+            "vitals_spool_confirmed_batches", "Batches the hub's receipt confirmed", "confirmed"
+        )
+        yield counter(
+            "vitals_spool_republished_batches",
+            "Batches published again: no receipt in time, or the hub asked",
+            "republished",
+        )
+        yield counter(
+            "vitals_spool_split_batches", "Batches re-sealed smaller: they could not pass", "split"
+        )
         yield counter(
             "vitals_spool_dropped_readings", "Readings of the batches dropped", "dropped_readings"
         )
@@ -258,6 +293,45 @@ class AgentCollector(Collector):
             yield fam
 
 
+def _replies(buses: Mapping[str, Any]) -> HistogramMetricFamily:
+    """The buses' reply counts (``reply_counts``, per bucket) summed by their ``kind``."""
+    sums: dict[str, tuple[list[int], list[float]]] = {}
+    for b in buses.values():
+        counts, kind = b.get("reply_counts"), b.get("kind")
+        if not isinstance(kind, str) or not counts or len(counts) != len(_LE):
+            continue
+        total, s = sums.setdefault(kind, ([0] * len(_LE), [0.0]))
+        for i, n in enumerate(counts):
+            total[i] += n
+        s[0] += _num(b, "reply_sum_s")
+    fam = HistogramMetricFamily(
+        "vitals_modbus_reply_seconds",
+        "Time from a request's sending to its reply, polls of every bus of the protocol",
+        labels=["protocol"],
+    )
+    for kind, (total, s) in sorted(sums.items()):
+        cumulative, buckets = 0, []
+        for le, n in zip(_LE, total, strict=True):
+            cumulative += n
+            buckets.append((le, float(cumulative)))
+        fam.add_metric([kind], buckets, s[0])
+    return fam
+
+
+def snapshot(agent: Any) -> dict[str, Any]:
+    """``agent.statistics()`` with what the metrics add: each bus's kind (the
+    protocol), the clock's state. On the agent's loop: a copy, then any thread."""
+    stats: dict[str, Any] = agent.statistics()  # a snapshot: fresh dicts and numbers
+    buses = stats.get("buses") or {}
+    for bus in agent.config.buses:
+        if bus.name in buses:
+            buses[bus.name]["kind"] = bus.kind
+    clock: Any = getattr(agent, "clock", None)
+    if hasattr(clock, "synced"):  # agent.clock.SystemClock (not a test's clock)
+        stats["clock"] = {"synced": clock.synced, "jumps": getattr(clock, "jumps", 0)}
+    return stats
+
+
 def render(stats: Mapping[str, Any], oldest_age_s: float | None = None) -> bytes:
     """The Prometheus text of a snapshot of ``Agent.statistics()`` (any thread)."""
     registry = CollectorRegistry(auto_describe=False)
@@ -286,10 +360,7 @@ async def serve_metrics(agent: Any, host: str, port: int) -> None:
                     "/",
                 )
             ):
-                stats = agent.statistics()  # a snapshot: fresh dicts and numbers
-                clock: Any = getattr(agent, "clock", None)
-                if hasattr(clock, "synced"):  # agent.clock.SystemClock (not a test's clock)
-                    stats["clock"] = {"synced": clock.synced, "jumps": getattr(clock, "jumps", 0)}
+                stats = snapshot(agent)
                 spool = getattr(agent, "spool", None)
                 # a spool opened on a full disk keeps its WAL index to itself (agent/status.py)
                 oldest = (

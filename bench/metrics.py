@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from agent.config import parse_config
-from agent.metrics import render
+from agent.metrics import render, snapshot
 from agent.service import Agent
 from agent.state import create_identity
 from agent.status import spool_oldest_age_s
@@ -51,12 +51,12 @@ async def measure(devices: int, scrapes: int, interval_s: float) -> dict[str, ob
         agent = Agent(cfg, identity=create_identity(cfg.gateway.state_dir))
         await agent._setup()
         try:
-            text = render(agent.statistics(), 0.0)
+            text = render(snapshot(agent), 0.0)
             series = sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
             snap, costs = [], []
             for _ in range(scrapes):
                 t0 = time.process_time()
-                stats = agent.statistics()
+                stats = snapshot(agent)
                 t1 = time.process_time()
                 render(stats, 0.0)
                 snap.append(t1 - t0)
