@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import os
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from agent.transport import BadResponse, LinkDown, ModbusLink, NoResponse
+from agent.transport import BadResponse, LinkDown, ModbusLink, NoResponse, _Timer
 from drivers.profiles import load_profile
 from protocols.errors import DeviceException
 from protocols.modbus import Space, decode
@@ -275,6 +276,48 @@ async def test_rtu_reads_writes_and_bits(bus: RtuBus) -> None:
         assert list(await link.read(Space.COIL, 0, 1, 2)) == [False]
     finally:
         link.close()
+
+
+async def test_rtu_request_never_sooner_than_t35_after_the_last_byte_heard(bus: RtuBus) -> None:
+    """The gap before each request is counted from the reply's last byte as it
+    was read (the timer arms early and spins the rest: never before), including
+    after a timeout, when the line is quiet from the timeout on."""
+    bus.slaves[7].fault = "silent"
+    link = _link(bus, timeout=0.02)
+    events: list[tuple[str, float]] = []
+    link.trace = lambda direction, _data: events.append((direction, time.monotonic()))
+    try:
+        for i in range(60):
+            with contextlib.suppress(NoResponse):
+                await link.read(Space.INPUT, 0, 8, 7 if i % 20 == 19 else 1 + i % 5)
+    finally:
+        link.close()
+    gaps = []
+    last_rx = None
+    for direction, t in events:
+        if direction == "rx":
+            last_rx = t
+        elif last_rx is not None:
+            gaps.append(t - last_rx)
+    assert len(gaps) >= 55
+    assert min(gaps) >= link.inter_frame_s == pytest.approx(0.00175)
+    assert link.statistics()["timeouts"] == 3
+
+
+async def test_precise_timer_never_wakes_before_its_instant() -> None:
+    timer = _Timer()
+    if timer._fd < 0:
+        pytest.skip("no timerfd on this system: the timer falls back to asyncio.sleep")
+    try:
+        early = []
+        for _ in range(200):
+            when = time.monotonic() + 0.0005
+            await timer.sleep_until(when)
+            early.append(time.monotonic() - when)
+        assert min(early) >= 0
+        assert 0 < timer._early <= timer.max_early_s  # it learnt to arm early
+    finally:
+        timer.close()
 
 
 async def test_rtu_concurrent_callers_take_turns_on_the_wire(bus: RtuBus) -> None:
