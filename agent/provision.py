@@ -854,24 +854,24 @@ def _error(exc: BaseException, *, as_json: bool) -> typer.Exit:
 
 
 def parse_broker(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` as (host, port); :class:`ValueError` with the reason."""
+    """``HOST:PORT`` as (host, port); :class:`LocalError` with the reason."""
     text = text.strip()
     host, colon, port_text = text.rpartition(":")
     if not colon:
         looks = " (that looks like a gateway id)" if topics.GATEWAY_ID.fullmatch(text) else ""
-        raise ValueError(f"{text!r} is not HOST:PORT{looks}")
+        raise LocalError(f"{text!r} is not HOST:PORT{looks}")
     try:
         port = int(port_text)
     except ValueError:
-        raise ValueError(f"{text!r}: the port {port_text!r} is not a number") from None
+        raise LocalError(f"{text!r}: the port {port_text!r} is not a number") from None
     if not 0 < port < 65536 or not host or any(c.isspace() for c in host):
-        raise ValueError(f"{text!r} is not HOST:PORT")
+        raise LocalError(f"{text!r} is not HOST:PORT")
     return host, port
 
 
 def _check_gateway_id(text: str) -> str:
     if not topics.GATEWAY_ID.fullmatch(text):
-        raise ValueError(
+        raise LocalError(
             f"{text!r} is not a gateway id: lower-case letters, digits and '-', "
             "at most 63, e.g. gw-0042"
         )
@@ -879,10 +879,7 @@ def _check_gateway_id(text: str) -> str:
 
 
 def _check_token(text: str) -> str:
-    try:
-        enroll.token_hub_kid(text)
-    except LocalError as exc:
-        raise ValueError(str(exc)) from None
+    enroll.token_hub_kid(text)  # LocalError with the reason
     return text.strip()
 
 
@@ -897,11 +894,12 @@ def _ask(
     as_json: bool = False,
     required: bool = True,
 ) -> str | None:
-    """A flag's value, checked; else asked on the terminal until the answer is valid."""
+    """A flag's value, checked (``check`` raises :class:`LocalError`); else asked on the
+    terminal until the answer is valid."""
     if value is not None:
         try:
             check(value)
-        except ValueError as exc:
+        except LocalError as exc:
             raise _fail(f"{flag}: {exc}", hint, 2, as_json=as_json) from None
         return value
     if not sys.stdin.isatty():
@@ -921,7 +919,7 @@ def _ask(
             return None
         try:
             check(answer)
-        except ValueError as exc:
+        except LocalError as exc:
             typer.echo(f"  {exc}; {hint}", err=True)
             continue
         return answer

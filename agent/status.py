@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from protocols.errors import LocalError
+
 __all__ = [
     "STATUS_FILE",
     "StatusWriter",
@@ -218,7 +220,9 @@ def summary(doc: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- reader
 
 
-class StatusUnavailable(Exception):
+class StatusUnavailable(LocalError):
+    """No status document could be read: none written yet, unreadable, or not one."""
+
     def __init__(self, message: str, hint: str) -> None:
         super().__init__(message)
         self.message = message
@@ -348,6 +352,25 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
         + ("  [red]DISK FULL[/]: the oldest batches make room" if sp.get("disk_full") else ""),
         soft_wrap=True,
     )
+    if up.get("confirm") == "receipt":
+        con.print(
+            f"hub     receipts on: sent {sp.get('sent', 0)}, confirmed {sp.get('confirmed', 0)}, "
+            f"unconfirmed {sp.get('sent_unconfirmed', 0)} batches"
+            f" (waiting longest {_age(sp.get('unconfirmed_oldest_s'))})"
+            f", sent again {sp.get('republished', 0)}, split {sp.get('split', 0)}"
+            + (
+                f", [red]{up['receipts_refused']} receipts refused[/] (not the hub's key)"
+                if up.get("receipts_refused")
+                else ""
+            ),
+            soft_wrap=True,
+        )
+    elif up.get("confirm") == "puback":
+        con.print(
+            "hub     [yellow]receipts off[/]: a batch leaves the spool on the broker's PUBACK; "
+            "enroll with `vitals provision` to get hub receipts",
+            soft_wrap=True,
+        )
     title = "buses and devices"
     if why:
         title += f" at the last status, {_age(doc.get('age_s'))} ago"

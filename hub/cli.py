@@ -323,7 +323,7 @@ def hub_token(
     try:
         desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
         token = desk.issue_token(gateway, ttl_s=ttl * 3600.0)
-    except (ValueError, PermissionError) as exc:
+    except (ValueError, PermissionError, VitalsError) as exc:
         raise fail(
             str(exc), "a gateway id is a-z, 0-9 and '-'; the hub key must be readable"
         ) from None

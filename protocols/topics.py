@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import re
 
+from protocols.errors import LocalError
+
 __all__ = [
     "DEFAULT_PREFIX",
     "GATEWAY_ID",
@@ -56,7 +58,7 @@ GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 def _check(gateway: str) -> str:
     if not GATEWAY_ID.fullmatch(gateway):
-        raise ValueError(f"invalid gateway id {gateway!r}: use a-z, 0-9 and '-', at most 63")
+        raise LocalError(f"invalid gateway id {gateway!r}: use a-z, 0-9 and '-', at most 63")
     return gateway
 
 
@@ -163,7 +165,7 @@ def parse(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
 def subscription(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
     """The filter of one kind of message from every gateway: ``{prefix}/+/{kind}``."""
     if kind not in KINDS:
-        raise ValueError(f"unknown topic kind {kind!r}")
+        raise LocalError(f"unknown topic kind {kind!r}")
     return f"{prefix}/+/{kind}"
 
 
@@ -184,7 +186,7 @@ def enroll_gateway(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
 def diag(client_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     """``vitals diag uplink``'s round trip: a topic of its own client id."""
     if not client_id or any(c in client_id for c in "+#/"):
-        raise ValueError(f"client id {client_id!r} cannot be a topic level")
+        raise LocalError(f"client id {client_id!r} cannot be a topic level")
     return f"{prefix}/diag/{client_id}"
 
 

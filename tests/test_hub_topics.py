@@ -15,6 +15,7 @@ from drivers.profiles import load_profile
 from hub.core import HubCore, Outcome
 from hub.stats import hub_stats
 from protocols import ed25519, envelope, topics
+from protocols.errors import LocalError
 from protocols.reading import Quality, Reading
 from simulator.broker import MosquittoBroker
 from simulator.demo import demo_config
@@ -48,7 +49,7 @@ def test_topics_parse_what_they_build() -> None:
     assert topics.parse(f"{PREFIX}/gw-1/other", PREFIX) is None
     assert topics.enroll_gateway(topics.enroll("gw-1", PREFIX), PREFIX) == "gw-1"
     assert topics.enroll_gateway(topics.enroll_result("gw-1", PREFIX), PREFIX) is None
-    with pytest.raises(ValueError, match="topic level"):
+    with pytest.raises(LocalError, match="topic level"):
         topics.diag("a/b")
 
 

@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 
 from agent.portlock import lock_holder, process_name
+from protocols.errors import VitalsError
 
 __all__ = [
     "FAILED",
@@ -50,7 +51,7 @@ USAGE = 2
 PORT = 3
 
 
-class DiagError(Exception):
+class DiagError(VitalsError):
     """A problem a technician can fix: one line, a hint, an exit code."""
 
     def __init__(self, message: str, hint: str = "", code: int = FAILED) -> None:

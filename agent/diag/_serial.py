@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.diag._common import PORT, DiagError, explain_os_error, port_busy
-from protocols.errors import DeviceException, FrameError
+from protocols.errors import DeviceException, FrameError, LocalError
 from protocols.rtu import Response, ResponseParser, frame_time, t35
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class LineSettings:
         return f"{self.baud} 8{self.parity}{self.stopbits}"
 
 
-class SettingRefused(Exception):
+class SettingRefused(LocalError):
     """The port cannot take these line settings (a pty and parity)."""
 
 
