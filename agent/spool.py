@@ -1331,6 +1331,13 @@ class Spool:
         self._purge()
         return len(self._sent)
 
+    def _oldest_unconfirmed_s(self) -> float | None:
+        """How long the batch waiting longest for its receipt has waited since it was
+        (last) sent; None when none waits."""
+        for t in self._sent.values():
+            return round(time.monotonic() - t, 1)
+        return None
+
     async def totals(self) -> dict[str, int]:
         """The persistent counters (over every run): dropped_batches, moved_aside..."""
         rows: list[tuple[str, int]] = await self._call(
@@ -1340,7 +1347,7 @@ class Spool:
         )
         return {str(k): int(v) for k, v in rows}
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> dict[str, Any]:
         return {
             "depth_batches": self._count - len(self._acked_ids),
             "depth_bytes": self._bytes,
@@ -1354,6 +1361,7 @@ class Spool:
             "lost_disk_full": self.lost_batches,
             "sent": self.sent,
             "sent_unconfirmed": self._unconfirmed(),
+            "unconfirmed_oldest_s": self._oldest_unconfirmed_s(),
             "confirmed": self.confirmed,
             "confirmed_readings": self.confirmed_readings,
             "republished": self.republished,
