@@ -68,7 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[object]]
-SEEN_FILE = "commands.seen"
 
 
 class CommandRefused(VitalsError):

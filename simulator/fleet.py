@@ -389,10 +389,6 @@ def _served_readings(
     return out
 
 
-def _space_names() -> None:  # pragma: no cover - documentation of the key format
-    """Request keys are ``"{space}:{address}:{count}"`` with ``str(Space)`` on both sides."""
-
-
 # --------------------------------------------------------------------------- the run
 
 
