@@ -459,6 +459,11 @@ class BusPoller:
             },
         }
 
+    # a side job's transactions in the bus's idle time (agent.fwupdate.BusTurns): called
+    # with the instant the next poll falls due, it runs what fits before it; True when
+    # time went by
+    idle: Callable[[float], Awaitable[bool]] | None = None
+
     async def run(self) -> None:
         """Poll forever, one transaction at a time (a task of its own). Cancel to stop."""
         clock = self._clock
@@ -467,6 +472,8 @@ class BusPoller:
             while self._heap:
                 job = self._pick(clock.monotonic())
                 if isinstance(job, float):
+                    if self.idle is not None and await self.idle(job):
+                        continue
                     await clock.sleep_until(job)
                     continue
                 await self._run_job(job)

@@ -50,11 +50,12 @@ if _display_type_rich is not None:
 
 # commands whose modules load only when they are called or listed: `vitals run`
 # never imports the diagnostics or the provisioning code
-_LAZY = ("provision", "keygen", "key", "diag", "hub")
+_LAZY = ("provision", "keygen", "key", "diag", "hub", "firmware")
 
 
 def _lazy_commands() -> dict[str, Any]:
     from agent.diag import diag_app
+    from agent.fwupdate import firmware_app
     from agent.provision import key_app, keygen_command, provision_command
     from hub.cli import hub_app  # the hub is its own package: mounted here, never imported by run
 
@@ -64,6 +65,7 @@ def _lazy_commands() -> dict[str, Any]:
     extra.add_typer(key_app, name="key")
     extra.add_typer(diag_app, name="diag")
     extra.add_typer(hub_app, name="hub")
+    extra.add_typer(firmware_app, name="firmware")
     return dict(typer.main.get_group(extra).commands)
 
 

@@ -7,15 +7,22 @@ from rtu_slave import DEVICE_FAILURE, ILLEGAL_ADDRESS, ILLEGAL_VALUE, ModbusErro
 
 
 class Terminal:
-    """What the Modbus slave reads and writes: the meter, the settings, the counters."""
+    """What the Modbus slave reads and writes: the meter, the settings, the counters,
+    and the bootloader's update receiver (``boot``: registers 48-75, function 21)."""
 
-    def __init__(self, meter, settings, counters=None):
+    def __init__(self, meter, settings, counters=None, boot=None):
         self.meter = meter
         self.settings = settings
         self.counters = counters
+        self.boot = boot
         self.test_fault = 0
         self.boot_ms = time.ticks_ms()
+        self._update = [0] * rm.FWU_PARAMS  # 57-75 as last written: size, version, SHA-256
         self.apply_measurement_settings()
+
+    @property
+    def reboot_requested(self):
+        return self.boot is not None and self.boot.reboot
 
     def apply_measurement_settings(self):
         a = self.settings.active
@@ -54,6 +61,9 @@ class Terminal:
         return regs[addr : addr + count]
 
     def read_holding(self, addr, count):
+        if self.boot is not None and rm.FWU_FIRST <= addr and addr + count <= rm.FWU_LAST + 1:
+            first = addr - rm.FWU_FIRST
+            return self.boot.registers(rm.FW_VERSION)[first : first + count]
         if addr < rm.HR_FIRST or addr + count > rm.HR_LAST + 1:
             raise ModbusError(ILLEGAL_ADDRESS)
         s = self.settings.saved
@@ -71,6 +81,8 @@ class Terminal:
         return regs[first : first + count]
 
     def write_holding(self, addr, values):
+        if self.boot is not None and addr >= rm.FWU_COMMAND:
+            return self._update_command(addr, values)
         if addr < rm.HR_FIRST or addr + len(values) > rm.HR_LAST + 1:
             raise ModbusError(ILLEGAL_ADDRESS)
         changes = []  # validate all before applying any
@@ -120,6 +132,36 @@ class Terminal:
             except OSError as e:
                 raise ModbusError(DEVICE_FAILURE) from e
         self.apply_measurement_settings()
+
+    def _update_command(self, addr, values):
+        """Registers 56-75: the parameters are kept; a write of 56 runs the command."""
+        if addr + len(values) > rm.FWU_LAST + 1:
+            raise ModbusError(ILLEGAL_ADDRESS)
+        for i, v in enumerate(values):
+            if addr + i > rm.FWU_COMMAND:
+                self._update[addr + i - rm.FWU_COMMAND - 1] = v
+        if addr != rm.FWU_COMMAND:
+            return
+        p = self._update
+        sha = bytearray(32)
+        for i in range(16):
+            sha[2 * i] = p[3 + i] >> 8
+            sha[2 * i + 1] = p[3 + i] & 0xFF
+        self._call(self.boot.command, values[0], (p[0] << 16) | p[1], p[2], bytes(sha))
+
+    def write_file(self, file, record, data):
+        """Function 21: file 1.., 10000 two-byte records each, is the image being received."""
+        if self.boot is None or file < 1:
+            raise ModbusError(ILLEGAL_ADDRESS)
+        self._call(self.boot.write, ((file - 1) * 10000 + record) * 2, data)
+
+    def _call(self, fn, *args):
+        from bootloader import Refused
+
+        try:
+            fn(*args)
+        except Refused as e:
+            raise ModbusError(e.args[0])
 
     def ident(self):
         return [

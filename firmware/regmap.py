@@ -48,6 +48,13 @@ HR_FW_VERSION = const(38)  # read only
 HR_TEST_FAULT = const(39)  # bench self-test: 1 = report a sensor fault (exception 04)
 HR_LAST = const(39)
 
+# firmware update control block (holding registers, served by the bootloader; docs/firmware.md)
+FWU_FIRST = const(48)  # 48 state, 49 error, 50-51 bytes received (u32), 52 running version,
+# 53 version of the last image received, 54 largest chunk (bytes), 55 1 while on trial
+FWU_COMMAND = const(56)  # write: 1 begin, 2 commit, 3 abort (with 57-75 written before or along)
+FWU_PARAMS = const(19)  # 57-58 image size (u32), 59 its version, 60-75 its SHA-256
+FWU_LAST = const(75)
+
 BAUDS = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 PARITIES = ("N", "E", "O")
 

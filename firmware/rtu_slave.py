@@ -1,10 +1,11 @@
 """Modbus RTU slave: frames cut by t3.5 silence, CRC-16, function codes 3, 4,
-6, 8, 16 and 43/14; exception responses 01-04; silence on a bad CRC, on a
-frame for another slave and on broadcasts.
+6, 8, 16, 21 (write file record: firmware images) and 43/14; exception
+responses 01-04 and 06; silence on a bad CRC, on a frame for another slave and
+on broadcasts.
 
 The transport is handed in (``port`` with ``wait``/``read_ready``/``write``),
 the device behind it too (``device`` with ``read_input``, ``read_holding``,
-``write_holding``, ``restart`` and ``ident``), so the same code runs on a
+``write_holding``, ``write_file``, ``restart`` and ``ident``), so the same code runs on a
 Pico's UART and on a pty under the unix port.
 """
 
@@ -80,6 +81,7 @@ class RtuSlave:
         self.t35_us = t35_us(baud)
         self.counters = Counters()
         self.restart_requested = False
+        self.answered = 0  # normal (not exception) responses sent
         self._buf = bytearray()
         self._last_rx = time.ticks_us()
 
@@ -129,6 +131,8 @@ class RtuSlave:
         if slave == BROADCAST:
             c.no_response += 1
             return b""
+        if not pdu[0] & 0x80:
+            self.answered += 1
         out = bytearray(1 + len(pdu) + 2)
         out[0] = self.address
         out[1 : 1 + len(pdu)] = pdu
@@ -169,6 +173,8 @@ class RtuSlave:
                 raise ModbusError(ILLEGAL_VALUE)
             dev.write_holding(addr, tuple(_u16(f, 7 + 2 * i) for i in range(count)))
             return f[1:6]
+        if fc == 21:
+            return self._write_file(f, end)
         if fc == 8:
             return self._diagnostics(f, end)
         if fc == 43:
@@ -176,6 +182,24 @@ class RtuSlave:
                 raise ModbusError(ILLEGAL_FUNCTION if end == 5 else ILLEGAL_VALUE)
             return self._device_id(f[3], f[4])
         raise ModbusError(ILLEGAL_FUNCTION)
+
+    def _write_file(self, f, end):
+        """Function 21, write file record: sub-requests of reference type 6, answered by an echo."""
+        if end < 3 or f[2] != end - 3 or not 7 <= f[2] <= 251:
+            raise ModbusError(ILLEGAL_VALUE)
+        pos = 3
+        records = []
+        while pos < end:
+            if end - pos < 7 or f[pos] != 6:
+                raise ModbusError(ILLEGAL_VALUE)
+            file, record, words = _u16(f, pos + 1), _u16(f, pos + 3), _u16(f, pos + 5)
+            if record > 9999 or pos + 7 + 2 * words > end or words == 0:
+                raise ModbusError(ILLEGAL_ADDRESS if record > 9999 else ILLEGAL_VALUE)
+            records.append((file, record, f[pos + 7 : pos + 7 + 2 * words]))
+            pos += 7 + 2 * words
+        for file, record, data in records:
+            self.device.write_file(file, record, data)
+        return f[1:end]
 
     def _diagnostics(self, f, end):
         if end < 4:

@@ -15,7 +15,7 @@ carrying the Modbus exception code to answer with; :func:`encode_response` and
 :func:`exception_response` build the answer.
 
 References: *MODBUS over Serial Line V1.02* (framing, CRC, timing, fc 8) and
-*MODBUS Application Protocol V1.1b3* (PDUs, fc 43/14).
+*MODBUS Application Protocol V1.1b3* (PDUs, fc 21 write file record, fc 43/14).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ __all__ = [
     "Response",
     "ResponseParser",
     "WriteBitsRequest",
+    "WriteFileRecordRequest",
+    "WriteFileRecordResponse",
     "WriteMultipleResponse",
     "WriteRegistersRequest",
     "WriteSingleRequest",
@@ -177,6 +179,18 @@ class WriteRegistersRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteFileRecordRequest:
+    """Function 21, one sub-request (reference type 6): ``data`` (an even number
+    of bytes) into ``file`` from two-byte record ``record`` (0..9999)."""
+
+    slave: int
+    file: int
+    record: int
+    data: bytes
+    function: int = 21
+
+
+@dataclass(frozen=True, slots=True)
 class DiagnosticsRequest:
     """Function 8: ``sub_function`` with its ``data`` (sub-function 0 echoes it)."""
 
@@ -202,6 +216,7 @@ Request = (
     | WriteSingleRequest
     | WriteBitsRequest
     | WriteRegistersRequest
+    | WriteFileRecordRequest
     | DiagnosticsRequest
     | DeviceIdRequest
 )
@@ -268,6 +283,14 @@ def encode_request(req: Request) -> bytes:
         pdu = b"\x10" + _u16("address", req.address) + _u16("count", len(req.values))
         pdu += bytes([2 * len(req.values)])
         pdu += b"".join(_u16("value", v) for v in req.values)
+    elif isinstance(req, WriteFileRecordRequest):
+        if not req.data or len(req.data) % 2 or len(req.data) > MAX_FRAME - 12:
+            raise ValueError(f"{len(req.data)} bytes of record data: even, 2..{MAX_FRAME - 12}")
+        if req.record > 9999:
+            raise ValueError(f"record {req.record} is outside 0..9999")
+        sub = b"\x06" + _u16("file", req.file) + _u16("record", req.record)
+        sub += _u16("record length", len(req.data) // 2) + req.data
+        pdu = b"\x15" + bytes([len(sub)]) + sub
     elif isinstance(req, DiagnosticsRequest):
         if len(req.data) > MAX_FRAME - 6:
             raise ValueError(f"{len(req.data)} bytes of diagnostics data do not fit a frame")
@@ -332,6 +355,8 @@ def request_length(prefix: bytes) -> int | None:
         return 8
     if fc in (15, 16):
         return 9 + prefix[6] if len(prefix) >= 7 else None
+    if fc == 21:
+        return 5 + prefix[2] if len(prefix) >= 3 else None
     if fc == 43:
         return 7
     return None
@@ -356,6 +381,8 @@ def response_length(prefix: bytes | bytearray) -> int | None:
         return 5 + prefix[2] if len(prefix) >= 3 else None
     if fc in (5, 6, 15, 16):
         return 8
+    if fc == 21:  # the echo of the request
+        return 5 + prefix[2] if len(prefix) >= 3 else None
     return None
 
 
@@ -414,6 +441,20 @@ def decode_request(frame: bytes) -> Request:
             return WriteBitsRequest(slave, address, _unpack_bits(data, count))
         values = tuple(int.from_bytes(data[i : i + 2], "big") for i in range(0, nbytes, 2))
         return WriteRegistersRequest(slave, address, values)
+    if fc == 21:
+        if len(body) < 1 or body[0] != len(body) - 1:
+            raise FrameError("function 21 request whose byte count is not its length")
+        if len(body) < 8 or body[1] != 6:
+            raise reject(3, "function 21 takes one sub-request of reference type 6")
+        words = int.from_bytes(body[6:8], "big")
+        if 8 + 2 * words != len(body) or words == 0:
+            raise reject(3, f"record length {words} with {len(body) - 8} data bytes")
+        record = int.from_bytes(body[4:6], "big")
+        if record > 9999:
+            raise reject(2, f"record {record} is outside 0..9999")
+        return WriteFileRecordRequest(
+            slave, int.from_bytes(body[2:4], "big"), record, bytes(body[8:])
+        )
     if fc == 8:
         if len(body) < 2:
             raise FrameError("diagnostics request without a sub-function")
@@ -463,6 +504,17 @@ class WriteMultipleResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteFileRecordResponse:
+    """Function 21: the echo of the request."""
+
+    slave: int
+    file: int
+    record: int
+    data: bytes
+    function: int = 21
+
+
+@dataclass(frozen=True, slots=True)
 class DiagnosticsResponse:
     slave: int
     sub_function: int
@@ -486,6 +538,7 @@ Response = (
     | ReadRegistersResponse
     | WriteSingleResponse
     | WriteMultipleResponse
+    | WriteFileRecordResponse
     | DiagnosticsResponse
     | DeviceIdResponse
 )
@@ -506,6 +559,9 @@ def encode_response(resp: Response) -> bytes:
         pdu = _u16("address", resp.address) + _u16("count", resp.count)
     elif isinstance(resp, DiagnosticsResponse):
         pdu = _u16("sub-function", resp.sub_function) + resp.data
+    elif isinstance(resp, WriteFileRecordResponse):
+        req = WriteFileRecordRequest(resp.slave, resp.file, resp.record, resp.data)
+        pdu = encode_request(req)[2:-2]
     else:
         pdu = bytes(
             [
@@ -590,6 +646,8 @@ class ResponseParser:
             return 8
         if isinstance(req, DiagnosticsRequest):
             return 6 + len(req.data)
+        if isinstance(req, WriteFileRecordRequest):
+            return len(req.data) + 12
         # 43/14: slave fc mei code conformity more next n, then n x (id len value)
         pos = 8
         if len(buf) < pos:
@@ -627,6 +685,10 @@ class ResponseParser:
             if isinstance(req, WriteSingleRequest):
                 return WriteSingleResponse(slave, fc, address, value)
             return WriteMultipleResponse(slave, fc, address, value)
+        if isinstance(req, WriteFileRecordRequest):
+            if frame != encode_request(req):
+                raise FrameError("function 21 answered with other than the echo of the request")
+            return WriteFileRecordResponse(slave, req.file, req.record, req.data)
         if isinstance(req, DiagnosticsRequest):
             sub = int.from_bytes(body[0:2], "big")
             if sub != req.sub_function:

