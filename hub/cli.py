@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from hub.confpush import config_app
 from hub.store import is_url, shown
 from protocols import envelope, topics
 from protocols.errors import VitalsError
@@ -30,6 +31,8 @@ hub_app = typer.Typer(
     help="The hub: verify, deduplicate, store what the gateways send.",
     invoke_without_command=True,
 )
+
+hub_app.add_typer(config_app, name="config")  # `vitals hub config push|status`
 
 _DB_HELP = "hub database: an SQLite file, or a postgresql:// URL"
 
@@ -176,7 +179,7 @@ def hub(
     writing what it holds first. A message is acknowledged to the broker only
     once it is written.
     """
-    ctx.obj = {"db": db}
+    ctx.obj = {"db": db, "broker": broker, "prefix": prefix}
     if ctx.invoked_subcommand is not None:
         return  # `token` and `stats` need no MQTT
     host, port = _broker_addr(broker)
@@ -232,7 +235,14 @@ def hub(
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
-        worker_ = Hub(core, host=host, port=port, shared=shared, persistent=persistent)
+        worker_ = Hub(
+            core,
+            host=host,
+            port=port,
+            shared=shared,
+            persistent=persistent,
+            hub_key=desk.hub_key,  # signs the receipts and the resend asks
+        )
         log.info(
             "hub worker %s on %s:%d, prefix %s, database %s%s",
             name,

@@ -10,7 +10,9 @@ once per (gateway, reason). :class:`hub.worker.Hub` feeds it from MQTT.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import sqlite3
 import time
 from collections import Counter
@@ -23,10 +25,11 @@ from hub.store import BatchRow, SqliteStore, Store, open_store
 from protocols import envelope, topics
 from protocols.errors import ProtocolError, SignatureError
 from protocols.event import parse_event
-from protocols.gap import parse_gap
+from protocols.gap import GapRange, parse_gap
 from protocols.reading import Reading
+from protocols.receipt import MAX_RECEIPT_EPOCHS, EpochReceipt, parse_heartbeat
 
-__all__ = ["HubCore", "Outcome"]
+__all__ = ["HubCore", "Outcome", "SeqRanges"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class Outcome(StrEnum):
     META = "meta"
     GAP = "gap"
     EVENT = "event"
+    HEARTBEAT = "heartbeat"
     IGNORED = "ignored"
     # refusals
     MALFORMED = "malformed"
@@ -52,6 +56,7 @@ class Outcome(StrEnum):
     MALFORMED_META = "malformed_meta"
     MALFORMED_GAP = "malformed_gap"
     MALFORMED_EVENT = "malformed_event"
+    MALFORMED_HEARTBEAT = "malformed_heartbeat"
 
     @property
     def refused(self) -> bool:
@@ -59,14 +64,63 @@ class Outcome(StrEnum):
 
 
 _ACCEPTED = frozenset(
-    {Outcome.STORED, Outcome.DUPLICATE, Outcome.META, Outcome.GAP, Outcome.EVENT, Outcome.IGNORED}
+    {
+        Outcome.STORED,
+        Outcome.DUPLICATE,
+        Outcome.META,
+        Outcome.GAP,
+        Outcome.EVENT,
+        Outcome.HEARTBEAT,
+        Outcome.IGNORED,
+    }
 )
 _MALFORMED = {
     "meta": Outcome.MALFORMED_META,
     "gap": Outcome.MALFORMED_GAP,
     "event": Outcome.MALFORMED_EVENT,
+    "hb": Outcome.MALFORMED_HEARTBEAT,
 }
 _RECHECK_S = 5.0
+_MAX_ASK_RANGES = 64  # protocols.command.MAX_RESEND_RANGES
+
+
+class SeqRanges:
+    """A set of seqs as sorted, disjoint, not touching inclusive ranges."""
+
+    __slots__ = ("r",)
+
+    def __init__(self) -> None:
+        self.r: list[tuple[int, int]] = []
+
+    def add(self, lo: int, hi: int) -> None:
+        r = self.r
+        i = bisect.bisect_left(r, (lo,))
+        if i > 0 and r[i - 1][1] >= lo - 1:
+            i -= 1
+        j, new_lo, new_hi = i, lo, hi
+        while j < len(r) and r[j][0] <= new_hi + 1:
+            new_lo, new_hi = min(new_lo, r[j][0]), max(new_hi, r[j][1])
+            j += 1
+        r[i:j] = [(new_lo, new_hi)]
+
+    @property
+    def top(self) -> int:
+        """The highest seq held, -1 when none."""
+        return self.r[-1][1] if self.r else -1
+
+    def holes(self, top: int) -> list[tuple[int, int]]:
+        """The seqs 0..``top`` not held, as ranges."""
+        out: list[tuple[int, int]] = []
+        expected = 0
+        for lo, hi in self.r:
+            if lo > top:
+                break
+            if lo > expected:
+                out.append((expected, lo - 1))
+            expected = hi + 1
+        if expected <= top:
+            out.append((expected, top))
+        return out
 
 
 class HubCore:
@@ -100,6 +154,8 @@ class HubCore:
         worker: str = "w0",
         sharded: bool = False,
         prefix: str = topics.DEFAULT_PREFIX,
+        hole_grace_s: float = 30.0,
+        receipt_interval_s: float = 1.0,
     ) -> None:
         if isinstance(store, Path | str):
             store = open_store(store, worker=worker, sharded=sharded)
@@ -134,6 +190,17 @@ class HubCore:
         self._unknown: dict[tuple[str, bytes], float] = {}
         # called after each write with the batches and which of them this worker stored
         self.on_flush: Callable[[list[BatchRow], list[bool]], None] | None = None
+        # receipts (protocols.receipt): per gateway, per epoch, the seqs durably accounted
+        # for (written batches, gap notices), loaded from the store at first need
+        self.hole_grace_s = hole_grace_s
+        self.receipt_interval_s = receipt_interval_s
+        self._acct: dict[str, dict[int, SeqRanges]] = {}
+        self._tails: dict[str, dict[int, int]] = {}  # gw -> epoch -> last seq sealed
+        self._due: dict[str, bool] = {}  # gateways owed a receipt -> a heartbeat asked
+        self._sent: dict[str, float] = {}  # gw -> monotonic time of its last receipt
+        self._speaks: set[str] = set()  # gateways that sent a heartbeat: they can resend
+        # (gw, epoch) -> holes: [lo, hi, missing since, last asked] (monotonic seconds)
+        self._holes: dict[tuple[str, int], list[tuple[int, int, float, float]]] = {}
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -200,6 +267,8 @@ class HubCore:
             return self._handle_gap(topic, data)
         if kind == "event":
             return self._handle_event(topic, data)
+        if kind == "hb":
+            return self._handle_heartbeat(topic, data)
         return Outcome.IGNORED
 
     def _handle_batch(self, topic_gw: str, data: bytes) -> Outcome:
@@ -228,6 +297,7 @@ class HubCore:
         if h.seq in seen:
             self.counters["duplicates"] += 1
             self.counters["duplicate_readings"] += h.n
+            self._due.setdefault(h.gw, False)  # the gateway missed a receipt: another
             return Outcome.DUPLICATE
         try:
             readings = batch.readings()
@@ -284,6 +354,10 @@ class HubCore:
         won = self.store.write_batches(batches, readings, self._lost)
         self.counters = self._after
         self._batch_rows, self._batch_readings, self._buffered_readings = [], [], 0
+        # durable now (this worker's or another's claim): owed a receipt
+        for gw, epoch, seq, *_ in batches:
+            self._epoch(gw, epoch).add(seq, seq)
+            self._due.setdefault(gw, False)
         if self.on_flush is not None:
             self.on_flush(batches, won)
 
@@ -308,17 +382,22 @@ class HubCore:
         return {(e, s) for (gw, e), seqs in self._seen.items() if gw == gateway for s in seqs}
 
     def missing(self) -> dict[str, int]:
-        """Per gateway: batches below its highest seq (per epoch) that neither arrived
-        nor were declared dropped in a gap notice this worker received. Cheap (no
-        database): what ``vitals hub stats`` computes exactly from the database."""
+        """Per gateway: batches up to its highest seq (per epoch: arrived, or sealed as
+        its heartbeat said) that neither arrived nor were declared dropped in a gap
+        notice this worker received. Cheap (no database): what ``vitals hub stats``
+        computes exactly from the database."""
         out: dict[str, int] = {}
-        for (gw, epoch), top in self._top.items():
+        tops = dict(self._top)
+        for gw, tails in self._tails.items():
+            for epoch, sealed in tails.items():
+                tops[(gw, epoch)] = max(sealed, tops.get((gw, epoch), -1))
+        for (gw, epoch), top in tops.items():
             dropped = sum(
                 min(last, top) - first + 1
                 for first, last in self._dropped.get((gw, epoch), ())
                 if first <= top
             )
-            n = top + 1 - len(self._seen[(gw, epoch)]) - dropped
+            n = top + 1 - len(self._seen.get((gw, epoch), ())) - dropped
             out[gw] = out.get(gw, 0) + max(0, n)
         return out
 
@@ -358,16 +437,160 @@ class HubCore:
         except ProtocolError as exc:
             return self._refuse(Outcome.MALFORMED_GAP, topic_gw, str(exc))
         self.flush()
+        ranges = [p for g in ranges for p in self._not_stored(topic_gw, g)]
         for g in ranges:
             self._dropped.setdefault((topic_gw, g.epoch), set()).add((g.first, g.last))
         now = time.time_ns() // 10**6
         new = self.store.write_gaps(
             [(topic_gw, g.epoch, g.first, g.last, g.readings, g.reason, now) for g in ranges]
         )
+        for g in ranges:
+            self._epoch(topic_gw, g.epoch).add(g.first, g.last)
+        self._due.setdefault(topic_gw, False)
         self.counters["gap_notices"] += 1
         self.counters["gap_ranges"] += new
         self.store.save_counters(self.counters)
         return Outcome.GAP
+
+    # -- receipts, heartbeats and holes -----------------------------------------------
+
+    def _accounting(self, gw: str) -> dict[int, SeqRanges]:
+        """``gw``'s accounted seqs per epoch, loaded from the store at first need."""
+        acct = self._acct.get(gw)
+        if acct is None:
+            acct = self._acct[gw] = {}
+            for epoch, lo, hi in self.store.accounted(gw):
+                acct.setdefault(epoch, SeqRanges()).add(lo, hi)
+            tails = self._tails.setdefault(gw, {})
+            for epoch, sealed in self.store.tails(gw):
+                tails[epoch] = max(sealed, tails.get(epoch, -1))
+        return acct
+
+    def _epoch(self, gw: str, epoch: int) -> SeqRanges:
+        acct = self._accounting(gw)
+        r = acct.get(epoch)
+        if r is None:
+            r = acct[epoch] = SeqRanges()
+        return r
+
+    def _handle_heartbeat(self, topic: str, data: bytes) -> Outcome:
+        hb = self._open(topic, data, parse_heartbeat, "hb")
+        if isinstance(hb, Outcome):
+            return hb
+        h = hb.header
+        try:
+            held = hb.held()
+        except ProtocolError as exc:
+            return self._refuse(Outcome.MALFORMED_HEARTBEAT, h.gw, str(exc))
+        self._accounting(h.gw)
+        tails = self._tails.setdefault(h.gw, {})
+        said = [(h.epoch, h.sealed)] + [(r.epoch, r.last) for r in held]
+        now_ms = time.time_ns() // 1_000_000
+        rows = []
+        for epoch, last in said:
+            if last > tails.get(epoch, -1):
+                tails[epoch] = last
+                rows.append((h.gw, epoch, last, now_ms))
+        if rows:
+            self.store.write_tails(rows)
+        self._speaks.add(h.gw)
+        self._due[h.gw] = True  # a receipt on request, whatever the rate
+        self.counters["heartbeats"] += 1
+        return Outcome.HEARTBEAT
+
+    def receipt(self, gw: str) -> list[EpochReceipt]:
+        """What the hub durably accounts for of ``gw``: its newest epochs (at most
+        MAX_RECEIPT_EPOCHS; empty when it knows nothing of it)."""
+        acct = self._accounting(gw)
+        newest = sorted((e for e, r in acct.items() if r.r), reverse=True)[:MAX_RECEIPT_EPOCHS]
+        return [EpochReceipt.of(e, acct[e].r) for e in sorted(newest)]
+
+    def receipts_due(self, now: float | None = None) -> list[tuple[str, list[EpochReceipt]]]:
+        """The receipts to send now: each gateway owed one, at most once per
+        ``receipt_interval_s`` unless a heartbeat asked; marks them sent."""
+        now = time.monotonic() if now is None else now
+        out: list[tuple[str, list[EpochReceipt]]] = []
+        for gw, asked in list(self._due.items()):
+            if not asked and now - self._sent.get(gw, -math.inf) < self.receipt_interval_s:
+                continue
+            del self._due[gw]
+            self._sent[gw] = now
+            entries = self.receipt(gw)
+            if entries:
+                out.append((gw, entries))
+        return out
+
+    def holes(self, gw: str) -> dict[int, list[tuple[int, int]]]:
+        """Per epoch, the seqs of ``gw`` neither stored nor named by a gap notice, up to
+        the highest known to exist (stored, noticed, or sealed as its heartbeat said)."""
+        acct = self._accounting(gw)
+        tails = self._tails.get(gw, {})
+        out: dict[int, list[tuple[int, int]]] = {}
+        for epoch in {*acct, *tails}:
+            r = acct.get(epoch) or SeqRanges()
+            missing = r.holes(max(r.top, tails.get(epoch, -1)))
+            if missing:
+                out[epoch] = missing
+        return out
+
+    def asks_due(self, now: float | None = None) -> list[tuple[str, int, list[tuple[int, int]]]]:
+        """(gateway, epoch, ranges) to ask for with a ``resend`` command now: holes of
+        gateways that send heartbeats (older ones cannot resend), missing for
+        ``hole_grace_s``, asked for at most once per ``hole_grace_s``. Before asking,
+        the gateway's accounting is read again from the store (another worker may
+        have stored what this one misses)."""
+        now = time.monotonic() if now is None else now
+        out: list[tuple[str, int, list[tuple[int, int]]]] = []
+        for gw in sorted(self._speaks):
+            due = self._track(gw, now)
+            if due:
+                self._acct.pop(gw, None)  # reload: the store is the truth
+                due = self._track(gw, now)
+            for epoch, ranges in sorted(due.items()):
+                out.append((gw, epoch, ranges[:_MAX_ASK_RANGES]))
+                held = self._holes[(gw, epoch)]
+                self._holes[(gw, epoch)] = [
+                    (lo, hi, since, now if (lo, hi) in ranges[:_MAX_ASK_RANGES] else asked)
+                    for lo, hi, since, asked in held
+                ]
+                self.counters["resend_asks"] += 1
+        return out
+
+    def _track(self, gw: str, now: float) -> dict[int, list[tuple[int, int]]]:
+        """Update how long each hole of ``gw`` has been missing; the ones due an ask."""
+        grace = self.hole_grace_s
+        current = self.holes(gw)
+        for key in [k for k in self._holes if k[0] == gw and k[1] not in current]:
+            del self._holes[key]
+        due: dict[int, list[tuple[int, int]]] = {}
+        for epoch, missing in current.items():
+            old = self._holes.get((gw, epoch), [])
+            new: list[tuple[int, int, float, float]] = []
+            for lo, hi in missing:
+                since, asked = now, -math.inf
+                for olo, ohi, osince, oasked in old:  # a hole that shrank keeps its age
+                    if olo <= hi and lo <= ohi:
+                        since, asked = min(since, osince), max(asked, oasked)
+                new.append((lo, hi, since, asked))
+                if since <= now - grace and asked <= now - grace:
+                    due.setdefault(epoch, []).append((lo, hi))
+            self._holes[(gw, epoch)] = new
+        return due
+
+    def hole_batches(self) -> int:
+        """Batches in the holes tracked (of gateways that send heartbeats)."""
+        return sum(hi - lo + 1 for held in self._holes.values() for lo, hi, _, _ in held)
+
+    def _not_stored(self, gw: str, g: GapRange) -> list[GapRange]:
+        """A "not_held" range without the seqs the hub has (the gateway answered a
+        resend ask after a receipt of them had let it delete them): a batch stored is
+        never also counted dropped. Other reasons are kept as they came."""
+        if g.reason != "not_held":
+            return [g]
+        pieces = [(lo, hi) for lo, hi in self._epoch(gw, g.epoch).holes(g.last) if hi >= g.first]
+        if pieces == [(g.first, g.last)]:
+            return [g]
+        return [GapRange(g.epoch, max(lo, g.first), hi, 0, g.reason) for lo, hi in pieces]
 
     def _handle_event(self, topic: str, data: bytes) -> Outcome:
         sealed = self._open(topic, data, parse_event, "event")

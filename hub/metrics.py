@@ -13,6 +13,9 @@ is one number a gateway: its missing batches and the time of its newest batch.
 ``vitals_hub_enrollments_total{status}``                enrollment requests, by answer
 ``vitals_hub_gap_notices_total``                        signed "I had to drop" notices
 ``vitals_hub_events_total``                             edge events stored
+``vitals_hub_receipts_sent_total``                      signed receipts sent
+``vitals_hub_resend_asks_total``                        resend commands for holes
+``vitals_hub_hole_batches``                             batches missing (tail included)
 ``vitals_hub_missing_batches{gateway}``                 below its newest seq, neither
                                                         arrived nor declared dropped
 ``vitals_hub_gateway_last_batch_timestamp_seconds``     its newest batch's last reading
@@ -97,6 +100,21 @@ class Metrics(Collector):
             c.get("gap_notices", 0),
         )
         yield counter("vitals_hub_events", "Edge events stored", c.get("events", 0))
+        yield counter(
+            "vitals_hub_receipts_sent",
+            "Signed receipts sent to gateways",
+            c.get("receipts_sent", 0),
+        )
+        yield counter(
+            "vitals_hub_resend_asks",
+            "Signed resend commands for batches missing past the grace time",
+            c.get("resend_asks", 0),
+        )
+        yield GaugeMetricFamily(
+            "vitals_hub_hole_batches",
+            "Batches missing from the gateways that send heartbeats (tail included)",
+            value=self.core.hole_batches(),
+        )
         refused = CounterMetricFamily(
             "vitals_hub_refused", "Messages refused, by reason", labels=["reason"]
         )

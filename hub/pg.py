@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, repeat
 from typing import Any, TypeVar
 
-from hub.store import BatchRow, EventRow, GapRow, PointRow, SqlStore
+from hub.store import BatchRow, EventRow, GapRow, PointRow, SqlStore, TailRow
 from protocols.errors import LocalError
 from protocols.reading import Reading
 
@@ -115,6 +115,10 @@ CREATE TABLE IF NOT EXISTS clock_fixes (
     gw text NOT NULL, epoch bigint NOT NULL, offset_ms bigint NOT NULL,
     until bigint NOT NULL, last_seq bigint NOT NULL, received_ms bigint NOT NULL,
     PRIMARY KEY (gw, epoch)
+);
+CREATE TABLE IF NOT EXISTS tails (
+    gw text NOT NULL, epoch bigint NOT NULL, sealed bigint NOT NULL,
+    received_ms bigint NOT NULL, PRIMARY KEY (gw, epoch)
 );
 CREATE TABLE IF NOT EXISTS counters (name text PRIMARY KEY, value bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS enroll_tokens (
@@ -497,6 +501,9 @@ class PgStore(SqlStore):
                 new += cur.rowcount
         return new
 
+    def write_tails(self, rows: list[TailRow]) -> None:
+        self._retry(lambda: SqlStore.write_tails(self, rows))
+
     def write_event(self, row: EventRow) -> bool:
         values = list(row)
         values[9] = None if row[9] is None else str(row[9])
@@ -533,7 +540,7 @@ class PgStore(SqlStore):
         per (gateway, epoch) the count, readings and last seq, and the holes between
         consecutive seqs; only the ranges come back, never a row per batch. The
         totals are :func:`~hub.stats.summarize`'s own, from the counters."""
-        from hub.stats import _minus, _no_batches, summarize
+        from hub.stats import _add_epoch, _minus, _no_batches, summarize
 
         db = self.db
         epochs = db.execute(
@@ -562,11 +569,15 @@ class PgStore(SqlStore):
         readings: Counter[str] = Counter()
         for (gw, _), (_, n, _) in per.items():
             readings[gw] += n
-        for gw, epoch in sorted({*per, *dropped}):
+        sealed = {
+            (gw, epoch): int(last)
+            for gw, epoch, last in db.execute("SELECT gw, epoch, sealed FROM tails")
+        }
+        for gw, epoch in sorted({*per, *dropped, *sealed}):
             count, _, top_seq = per.get((gw, epoch), (0, 0, -1))
             drops = sorted(dropped.get((gw, epoch), []))
             cov = [(f, last) for f, last, _, _ in drops]
-            top = max([top_seq, *(last for _, last in cov)])
+            top = max([top_seq, sealed.get((gw, epoch), -1), *(last for _, last in cov)])
             spans = list(holes.get((gw, epoch), []))
             if top_seq < 0 and top >= 0:
                 spans = [(0, top)]
@@ -575,18 +586,7 @@ class PgStore(SqlStore):
             missing = [m for s in sorted(spans) for m in _minus(list(s), sorted(cov))]
             g = gateways.setdefault(gw, _no_batches())
             g["readings"] = readings[gw]
-            g["batches"] += count
-            g["missing_batches"] += sum(b - a + 1 for a, b in missing)
-            g["dropped_batches"] += sum(last - f + 1 for f, last in cov)
-            g["epochs"][str(epoch)] = {
-                "batches": count,
-                "last_seq": top,
-                "missing": missing,
-                "dropped_by_gateway": [
-                    {"first": f, "last": last, "readings": n, "reason": r}
-                    for f, last, n, r in drops
-                ],
-            }
+            _add_epoch(g, epoch, count, top_seq, missing, drops)
         counters = [(str(k), int(v)) for k, v in db.execute("SELECT name, value FROM counters")]
         out = summarize(counters=counters, batches=[], gaps=[], enrolled=[])
         out["gateways"] = gateways

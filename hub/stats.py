@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from hub.store import is_url, open_store
+from protocols.gap import NOT_LOST
 
 __all__ = ["hub_stats", "sqlite_stats", "summarize"]
+# "missing" below counts every seq up to the last one known to exist: the highest
+# stored, named by a gap notice, or said sealed by the gateway's heartbeat (the tail)
 
 
 def hub_stats(target: str | Path) -> dict[str, Any]:
@@ -36,9 +39,8 @@ def hub_stats(target: str | Path) -> dict[str, Any]:
 
 
 def sqlite_stats(db: sqlite3.Connection) -> dict[str, Any]:
-    has_gaps = db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gaps'"
-    ).fetchone()
+    tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    has_gaps = "gaps" in tables
     return summarize(
         counters=db.execute("SELECT name, value FROM counters"),
         batches=db.execute("SELECT gw, epoch, seq, n FROM batches"),
@@ -46,6 +48,7 @@ def sqlite_stats(db: sqlite3.Connection) -> dict[str, Any]:
         if has_gaps
         else [],
         enrolled=[gw for (gw,) in db.execute("SELECT DISTINCT gw FROM gateways WHERE revoked = 0")],
+        tails=db.execute("SELECT gw, epoch, sealed FROM tails") if "tails" in tables else [],
     )
 
 
@@ -55,9 +58,11 @@ def summarize(
     batches: Iterable[tuple[str, int, int, int]],
     gaps: Iterable[tuple[str, int, int, int, int, str]],
     enrolled: Iterable[str],
+    tails: Iterable[tuple[str, int, int]] = (),
 ) -> dict[str, Any]:
     """The stats from rows: counters ("<worker>/<name>", value), batches (gw, epoch,
-    seq, n), gaps (gw, epoch, first, last, readings, reason), unrevoked gateways."""
+    seq, n), gaps (gw, epoch, first, last, readings, reason), unrevoked gateways, tails
+    (gw, epoch, the last seq the gateway's heartbeat said it sealed)."""
     totals: Counter[str] = Counter()
     for name, v in counters:
         totals[name.split("/", 1)[-1]] += int(v)  # summed over the hub's workers
@@ -69,27 +74,18 @@ def summarize(
     dropped: dict[tuple[str, int], list[tuple[int, int, int, str]]] = {}
     for gw, epoch, first, last, n, reason in gaps:
         dropped.setdefault((gw, epoch), []).append((first, last, n, reason))
+    sealed = {(gw, epoch): int(last) for gw, epoch, last in tails}
     gateways: dict[str, Any] = {}
     # enrolled but silent (a gateway provisioned that never delivered) is shown too, at 0
     for gw in sorted(set(enrolled)):
         gateways[gw] = _no_batches()
-    for gw, epoch in sorted({*per, *dropped}):
+    for gw, epoch in sorted({*per, *dropped, *sealed}):
         seqs = per.get((gw, epoch), [])
         drops = sorted(dropped.get((gw, epoch), []))
         g = gateways.setdefault(gw, _no_batches())
         g["readings"] = readings[gw]
-        missing = _holes(seqs, [(f, last) for f, last, _, _ in drops])
-        g["batches"] += len(seqs)
-        g["missing_batches"] += sum(b - a + 1 for a, b in missing)
-        g["dropped_batches"] += sum(last - f + 1 for f, last, _, _ in drops)
-        g["epochs"][str(epoch)] = {
-            "batches": len(seqs),
-            "last_seq": max([*seqs, *(last for _, last, _, _ in drops)], default=-1),
-            "missing": missing,
-            "dropped_by_gateway": [
-                {"first": f, "last": last, "readings": n, "reason": r} for f, last, n, r in drops
-            ],
-        }
+        missing = _holes(seqs, [(f, last) for f, last, _, _ in drops], sealed.get((gw, epoch), -1))
+        _add_epoch(g, epoch, len(seqs), max([-1, *seqs], default=-1), missing, drops)
     return {
         "batches": totals.get("batches", 0),
         "readings": totals.get("readings", 0),
@@ -105,10 +101,37 @@ def summarize(
     }
 
 
-def _holes(seqs: Iterable[int], covered: list[tuple[int, int]]) -> list[list[int]]:
-    """[first, last] ranges below the highest seq known that are neither delivered nor covered."""
+def _add_epoch(
+    g: dict[str, Any],
+    epoch: int,
+    count: int,
+    top: int,
+    missing: list[list[int]],
+    drops: list[tuple[int, int, int, str]],
+) -> None:
+    """Add one epoch's numbers to a gateway's: ``top`` is its highest seq stored;
+    batches re-sealed smaller (gap reason "split") are neither missing nor dropped."""
+    lost = [(f, last) for f, last, _, r in drops if r not in NOT_LOST]
+    g["batches"] += count
+    g["missing_batches"] += sum(b - a + 1 for a, b in missing)
+    g["dropped_batches"] += sum(last - f + 1 for f, last in lost)
+    g["epochs"][str(epoch)] = {
+        "batches": count,
+        "last_seq": max([top, *(m[1] for m in missing), *(last for _, last, _, _ in drops)]),
+        "missing": missing,
+        "dropped_by_gateway": [
+            {"first": f, "last": last, "readings": n, "reason": r} for f, last, n, r in drops
+        ],
+    }
+
+
+def _holes(
+    seqs: Iterable[int], covered: list[tuple[int, int]], sealed: int = -1
+) -> list[list[int]]:
+    """[first, last] ranges up to the highest seq known (stored, covered, or the last one
+    the gateway said it sealed) that are neither delivered nor covered."""
     marks = sorted(set(seqs))
-    top = max([*marks[-1:], *(last for _, last in covered)], default=-1)
+    top = max([*marks[-1:], *(last for _, last in covered), sealed], default=-1)
     cov = sorted(covered)
     out: list[list[int]] = []
     expected = 0

@@ -34,6 +34,7 @@ __all__ = [
     "SqlStore",
     "SqliteStore",
     "Store",
+    "TailRow",
     "is_url",
     "open_readings",
     "open_store",
@@ -47,6 +48,8 @@ BatchRow = tuple[str, int, int, int, int, int, int, str]
 GapRow = tuple[str, int, int, int, int, str, int]
 # gw, epoch, seq, rule, kind, state, device, point, pid, value, ts, since, detail, received_ms
 EventRow = tuple[str, int, int, str, str, str, str, str, int, object, int, int, str, int]
+# gw, epoch, sealed (the last seq the gateway sealed), received_ms
+TailRow = tuple[str, int, int, int]
 # gw, id, device, name, unit, domain, cls, indicator, epoch
 PointRow = tuple[str, int, str, str, str, str, str, str, int]
 
@@ -104,6 +107,20 @@ class Store(Protocol):
 
     def write_event(self, row: EventRow) -> bool:
         """Insert an event; False if (gw, epoch, seq) was there already."""
+        ...
+
+    # -- receipts (protocols.receipt) ---------------------------------------------
+    def accounted(self, gateway: str) -> list[tuple[int, int, int]]:
+        """(epoch, first, last) ranges of ``gateway``'s seqs the database accounts for:
+        batches stored and ranges named by its gap notices (may overlap)."""
+        ...
+
+    def tails(self, gateway: str) -> list[tuple[int, int]]:
+        """(epoch, last seq sealed) as ``gateway``'s heartbeats said."""
+        ...
+
+    def write_tails(self, rows: list[TailRow]) -> None:
+        """Keep the highest sealed seq per (gw, epoch) of these and those there."""
         ...
 
     def write_points(self, rows: list[PointRow]) -> None:
@@ -211,6 +228,12 @@ CREATE TABLE IF NOT EXISTS clock_fixes (
     gw TEXT NOT NULL, epoch INTEGER NOT NULL, offset_ms INTEGER NOT NULL,
     until INTEGER NOT NULL, last_seq INTEGER NOT NULL, received_ms INTEGER NOT NULL,
     PRIMARY KEY (gw, epoch)
+);
+-- the last seq a gateway said (signed heartbeat) it sealed in an epoch: batches up
+-- to it that are neither stored nor named by a gap notice are missing (the tail)
+CREATE TABLE IF NOT EXISTS tails (
+    gw TEXT NOT NULL, epoch INTEGER NOT NULL, sealed INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL, PRIMARY KEY (gw, epoch)
 );
 -- one row per (worker, counter): "<worker>/<name>"; hub_stats sums over workers
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -357,6 +380,33 @@ class SqlStore:
             row,
         )
         return cur.rowcount == 1
+
+    # -- receipts -------------------------------------------------------------
+
+    def accounted(self, gateway: str) -> list[tuple[int, int, int]]:
+        # runs of consecutive seqs ("gaps and islands"): seq - row_number() is constant
+        # along a run, so only the runs come back, never a row per batch
+        runs = self._run(
+            "SELECT epoch, min(seq), max(seq) FROM ("
+            " SELECT epoch, seq, seq - row_number() OVER (PARTITION BY epoch ORDER BY seq) AS g"
+            " FROM batches WHERE gw = ?) AS s GROUP BY epoch, g",
+            (gateway,),
+        ).fetchall()
+        gaps = self._run("SELECT epoch, first, last FROM gaps WHERE gw = ?", (gateway,))
+        return [(int(e), int(a), int(b)) for e, a, b in [*runs, *gaps.fetchall()]]
+
+    def tails(self, gateway: str) -> list[tuple[int, int]]:
+        rows = self._run("SELECT epoch, sealed FROM tails WHERE gw = ?", (gateway,)).fetchall()
+        return [(int(e), int(s)) for e, s in rows]
+
+    def write_tails(self, rows: list[TailRow]) -> None:
+        for row in rows:
+            self._run(
+                "INSERT INTO tails (gw, epoch, sealed, received_ms) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (gw, epoch) DO UPDATE SET sealed = excluded.sealed,"
+                " received_ms = excluded.received_ms WHERE excluded.sealed > tails.sealed",
+                row,
+            )
 
     # -- start-up -------------------------------------------------------------
 

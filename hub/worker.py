@@ -7,6 +7,7 @@ Several workers split the load of one broker through a shared subscription
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import ssl
@@ -16,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from hub.core import HubCore
 from hub.reconnect import Outage
-from protocols import topics
+from protocols import command, topics
+from protocols.receipt import seal_receipt
 
 if TYPE_CHECKING:
     import aiomqtt
+
+    from protocols import ed25519
 
 __all__ = ["Hub", "quiet_closed_sockets"]
 
@@ -59,6 +63,12 @@ class Hub:
     broker then bounds the messages in flight to a worker by its
     ``max_inflight_messages`` (Mosquitto: 20 by default; 0 is no bound).
 
+    With ``hub_key`` the worker answers for what it stored (issue 15,
+    ``protocols.receipt``): after each write it publishes a signed receipt to each
+    gateway it wrote for (at most once per second per gateway, and once per
+    heartbeat), and asks a gateway that sends heartbeats for the seqs it misses
+    longer than the core's ``hole_grace_s`` with a signed ``resend`` command.
+
     The connection is retried for ever with jittered, capped back-off; an
     outage is logged once when it starts and once when it ends
     (:class:`~hub.reconnect.Outage`).
@@ -79,8 +89,11 @@ class Hub:
         flush_interval_s: float = 0.2,
         backoff_max_s: float = 5.0,
         tls: ssl.SSLContext | None = None,
+        hub_key: ed25519.PrivateKey | None = None,
     ) -> None:
         self.core = core
+        self.hub_key = hub_key
+        self._wake = asyncio.Event()  # a write or a heartbeat: receipts may be due
         self.host, self.port, self.group = host, port, group
         self.prefix = core.prefix if prefix is None else prefix
         self.shared = shared  # amqtt (the demo's embedded broker) has no shared subscriptions
@@ -100,7 +113,7 @@ class Hub:
 
     def _filters(self) -> list[str]:
         out = []
-        for kind in ("batch", "gap", "event"):
+        for kind in ("batch", "gap", "event", "hb"):
             f = topics.subscription(kind, self.prefix)
             out.append(topics.shared(self.group, f) if self.shared else f)
         out.append(topics.subscription("meta", self.prefix))
@@ -116,6 +129,7 @@ class Hub:
             self.write_failed = exc
             raise
         unacked, self._unacked = self._unacked, []
+        self._wake.set()
         paho = self._paho
         if paho is not None:
             for mid, qos in unacked:
@@ -152,6 +166,8 @@ class Hub:
                                 tg.create_task(self._flusher(), name="hub.flush")
                                 tg.create_task(self._receive(client), name="hub.receive")
                                 tg.create_task(self._clock(client), name="hub.time")
+                                if self.hub_key is not None:
+                                    tg.create_task(self._answer(client), name="hub.receipts")
                         finally:
                             # lost or stopping: write what is held; the acks go out only
                             # if the connection is still up (else the session redelivers)
@@ -198,6 +214,43 @@ class Hub:
         while True:
             await client.publish(topic, f"{time.time():.3f}".encode(), qos=0, retain=True)
             await asyncio.sleep(every_s)
+
+    async def _answer(self, client: aiomqtt.Client, every_s: float = 1.0) -> None:
+        """Receipts after each write (and each heartbeat), resend asks for holes."""
+        core, key = self.core, self.hub_key
+        assert key is not None
+        next_holes = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            now = time.monotonic()
+            t_ms = time.time_ns() // 1_000_000
+            for gw, entries in core.receipts_due(now):
+                wire = seal_receipt(key, gw, entries, t_ms)
+                await client.publish(topics.receipt(gw, self.prefix), wire, qos=1)
+                core.counters["receipts_sent"] += 1
+            if now < next_holes:
+                continue
+            next_holes = now + min(5.0, core.hole_grace_s / 3)
+            for gw, epoch, ranges in core.asks_due(now):
+                wire, _ = command.command(
+                    "resend",
+                    {"epoch": epoch, "ranges": [list(r) for r in ranges]},
+                    gateway=gw,
+                    hub_key=key,
+                    now_ms=t_ms,
+                    ttl_ms=max(10_000, int(core.hole_grace_s * 1000)),
+                )
+                log.info(
+                    "hub: asking %s to resend epoch %d seqs %s",
+                    gw,
+                    epoch,
+                    ", ".join(f"{lo}-{hi}" for lo, hi in ranges[:4])
+                    + (" ..." if len(ranges) > 4 else ""),
+                )
+                await client.publish(topics.cmd(gw, self.prefix), wire, qos=1)
 
     async def _flusher(self) -> None:
         while True:

@@ -115,6 +115,14 @@ class EpochReceipt:
     upto: int
     ranges: tuple[tuple[int, int], ...] = ()
 
+    @classmethod
+    def of(cls, epoch: int, ranges: Sequence[tuple[int, int]]) -> EpochReceipt:
+        """The entry for ``ranges`` (sorted, disjoint, not touching): a range from seq 0
+        becomes ``upto``; of the rest the first :data:`MAX_RECEIPT_RANGES` are kept."""
+        if ranges and ranges[0][0] == 0:
+            return cls(epoch, ranges[0][1], tuple(ranges[1 : 1 + MAX_RECEIPT_RANGES]))
+        return cls(epoch, -1, tuple(ranges[:MAX_RECEIPT_RANGES]))
+
     def covers(self, seq: int) -> bool:
         """True if the hub accounts for batch ``seq`` of this epoch."""
         if seq <= self.upto:

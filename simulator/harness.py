@@ -21,8 +21,9 @@ from pathlib import Path
 
 from agent.config import Config
 from agent.service import Agent
-from agent.state import Identity
+from agent.state import Identity, save_hub_key
 from hub.core import HubCore
+from hub.enroll import hub_key_path, load_or_create_hub_key
 from hub.worker import Hub
 
 __all__ = ["Running", "agent_with_hub"]
@@ -52,14 +53,20 @@ async def agent_with_hub(
 ) -> AsyncIterator[Running]:
     """Run the agent of ``config`` and a hub (database ``db``) until the block ends.
 
-    ``shared`` subscribes the hub through ``$share`` (Mosquitto; not amqtt).
+    ``shared`` subscribes the hub through ``$share`` (Mosquitto; not amqtt). The
+    hub signs receipts with the key beside ``db`` (created if new), whose public
+    half is written to the agent's state directory (``hub.pub``).
     Leaving the block sets ``stop`` (unless the agent stopped already), waits for
     the agent's clean stop, then up to ``catch_up_s`` for the hub to hold every
     polled reading. The hub's database stays open: ``run.core.close()`` it.
     """
     core = HubCore(db, prefix=config.uplink.topic_prefix)  # the gateway's topics
     core.enroll(config.gateway.id, identity.public_raw)
-    hub = Hub(core, host=broker_host, port=broker_port, shared=shared)
+    # the hub key beside the database, its public half in the agent's state directory
+    # (what enrollment does): the agent keeps each batch until the hub's receipt
+    hub_key = load_or_create_hub_key(hub_key_path(db))
+    save_hub_key(config.gateway.state_dir, hub_key.public_key().public_bytes_raw())
+    hub = Hub(core, host=broker_host, port=broker_port, shared=shared, hub_key=hub_key)
     agent = Agent(config, identity=identity)
     stop = stop or asyncio.Event()
     async with asyncio.TaskGroup() as tg:

@@ -1,0 +1,333 @@
+"""The hub's side of receipts (issue 15): accounting per (gateway, epoch), receipts
+after the durable write, holes asked for with a signed resend, the tail from a
+heartbeat counted missing, and accounting reloaded from the store after a restart.
+
+The core's tests run on both stores (SQLite, and PostgreSQL in a private cluster
+when its binaries are installed); the worker's through a real Mosquitto, with a
+test client playing the gateway (signed batches and heartbeats in, receipts and
+resend commands out, each verified with the hub key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hub.core import HubCore, Outcome, SeqRanges
+from hub.stats import hub_stats
+from protocols import command, envelope, topics
+from protocols.ed25519 import PrivateKey
+from protocols.gap import GapRange, seal_gap
+from protocols.reading import Reading
+from protocols.receipt import EpochReceipt, HeldRange, parse_receipt, seal_heartbeat
+from simulator.broker import MosquittoBroker, mosquitto_path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pg_cluster import pg_bindir, private_cluster
+
+GW = "gw-rcpt-1"
+KEY = PrivateKey.from_private_bytes(bytes([7]) * 32)
+HUB_KEY = PrivateKey.from_private_bytes(bytes([9]) * 32)
+T0 = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: inside the hub's age window
+_names = itertools.count()
+
+
+def batch(epoch: int, seq: int, n: int = 3) -> bytes:
+    rs = [Reading(point=i, ts=T0 + seq * 1000 + i, value=float(i)) for i in range(n)]
+    return envelope.seal(rs, gateway=GW, key=KEY, epoch=epoch, seq=seq)
+
+
+def heartbeat(epoch: int, sealed: int, held: list[HeldRange] | None = None) -> bytes:
+    return seal_heartbeat(
+        KEY, GW, epoch=epoch, sealed=sealed, held=held or [], t_ms=time.time_ns() // 10**6
+    )
+
+
+def gap(epoch: int, first: int, last: int, reason: str, readings: int = 9) -> bytes:
+    return seal_gap(
+        [GapRange(epoch, first, last, readings, reason)], gateway=GW, key=KEY, epoch=epoch
+    )
+
+
+# ------------------------------------------------------------------------------ stores
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[str | None]:
+    if pg_bindir() is None:
+        yield None
+        return
+    with private_cluster(settings={"fsync": "off", "full_page_writes": "off"}) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The hub database: an SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "hub.sqlite3")
+    cluster = request.getfixturevalue("pg_cluster")
+    if cluster is None:
+        pytest.skip("needs PostgreSQL's initdb and postgres (apt-get install postgresql)")
+    psycopg = pytest.importorskip("psycopg", reason="needs psycopg: pip install '.[postgresql]'")
+    name = f"r{os.getpid()}_{next(_names)}"
+    with psycopg.connect(cluster, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    return cluster.rsplit("/", 1)[0] + "/" + name
+
+
+def new_core(db: str, **kw: float) -> HubCore:
+    core = HubCore(db, flush_readings=1_000_000, **kw)  # type: ignore[arg-type]
+    core.enroll(GW, KEY.public_key().public_bytes_raw())
+    return core
+
+
+# ------------------------------------------------------------------------------ core
+
+
+def test_seq_ranges_merge_and_holes() -> None:
+    r = SeqRanges()
+    for lo, hi in [(5, 5), (0, 1), (3, 3), (2, 2), (9, 12), (7, 7), (6, 6), (20, 21)]:
+        r.add(lo, hi)
+    assert r.r == [(0, 3), (5, 7), (9, 12), (20, 21)]
+    assert r.holes(25) == [(4, 4), (8, 8), (13, 19), (22, 25)]
+    assert r.holes(3) == []
+    r.add(0, 30)
+    assert (r.r, r.top) == ([(0, 30)], 30)
+
+
+def test_receipts_only_after_the_write_and_for_duplicates(db: str) -> None:
+    core = new_core(db)
+    t = topics.batch(GW)
+    try:
+        for seq in (0, 1, 2, 4):
+            assert core.handle(t, batch(3, seq)) == Outcome.STORED
+        assert core.receipts_due(now=100.0) == []  # buffered, not durable: nothing said
+        core.flush()
+        [(gw, entries)] = core.receipts_due(now=100.0)
+        assert (gw, entries) == (GW, [EpochReceipt(3, 2, ((4, 4),))])
+        assert core.receipts_due(now=100.5) == []  # nothing new
+        assert core.handle(t, batch(3, 1)) == Outcome.DUPLICATE
+        assert core.receipts_due(now=100.5) == []  # at most one a second
+        assert core.receipts_due(now=101.0) == [(GW, entries)]  # the duplicate's
+        # a heartbeat asks for one now, whatever the rate
+        assert core.handle(topics.heartbeat(GW), heartbeat(3, 4)) == Outcome.HEARTBEAT
+        assert core.receipts_due(now=101.1) == [(GW, entries)]
+    finally:
+        core.close()
+
+
+def test_holes_and_the_tail_are_asked_for_after_the_grace(db: str) -> None:
+    core = new_core(db, hole_grace_s=30.0)
+    t = topics.batch(GW)
+    try:
+        for seq in (0, 1, 3):
+            core.handle(t, batch(5, seq))
+        core.flush()
+        assert core.asks_due(now=0.0) == []  # no heartbeat yet: it may not resend
+        core.handle(topics.heartbeat(GW), heartbeat(5, 7, [HeldRange(4, 10, 11)]))
+        assert core.holes(GW) == {5: [(2, 2), (4, 7)], 4: [(0, 11)]}
+        assert core.asks_due(now=1000.0) == []  # seen missing now: grace starts
+        assert core.asks_due(now=1029.0) == []
+        core.handle(t, batch(5, 4))  # arrives (buffered, then written): the hole shrinks
+        core.flush()
+        asks = core.asks_due(now=1030.0)  # the shrunk hole keeps its age
+        assert asks == [(GW, 4, [(0, 11)]), (GW, 5, [(2, 2), (5, 7)])]
+        assert core.asks_due(now=1040.0) == []  # asked: not again within the grace
+        assert core.asks_due(now=1060.0) == asks
+        assert core.counters["resend_asks"] == 4
+        assert core.hole_batches() == 1 + 3 + 12
+        stats = hub_stats(db)["gateways"][GW]
+        assert stats["missing_batches"] == 1 + 3 + 12  # the tails from the heartbeat
+        assert stats["epochs"]["5"]["missing"] == [[2, 2], [5, 7]]
+        assert stats["epochs"]["5"]["last_seq"] == 7
+        assert core.missing() == {GW: 16}
+    finally:
+        core.close()
+
+
+def test_gap_notices_account_and_split_is_not_lost(db: str) -> None:
+    core = new_core(db)
+    t = topics.batch(GW)
+    try:
+        for seq in (0, 1, 2, 5):
+            core.handle(t, batch(2, seq))
+        core.flush()
+        # the gateway no longer holds 1..4 (1, 2 were receipted and deleted meanwhile);
+        # seq 4 it re-sealed as smaller batches (6, 7), which arrive
+        assert core.handle(topics.gap(GW), gap(2, 1, 3, "not_held")) == Outcome.GAP
+        assert core.handle(topics.gap(GW), gap(2, 4, 4, "split")) == Outcome.GAP
+        for seq in (6, 7):
+            core.handle(t, batch(2, seq))
+        core.flush()
+        assert core.receipt(GW) == [EpochReceipt(2, 7)]
+        g = hub_stats(db)["gateways"][GW]
+        assert (g["batches"], g["missing_batches"], g["dropped_batches"]) == (6, 0, 1)
+        dropped = g["epochs"]["2"]["dropped_by_gateway"]
+        # only seq 3 is dropped: 1 and 2 are stored, never counted twice
+        assert [(d["first"], d["last"], d["reason"]) for d in dropped] == [
+            (3, 3, "not_held"),
+            (4, 4, "split"),
+        ]
+    finally:
+        core.close()
+
+
+def test_a_restarted_hub_reloads_its_accounting_from_the_store(db: str) -> None:
+    core = new_core(db)
+    t = topics.batch(GW)
+    for seq in [*range(0, 40), *range(45, 50)]:
+        core.handle(t, batch(1, seq))
+    core.handle(topics.gap(GW), gap(1, 40, 41, "spool_full"))
+    core.handle(topics.heartbeat(GW), heartbeat(1, 60))
+    core.close()
+    again = new_core(db)
+    try:
+        assert again.receipt(GW) == [EpochReceipt(1, 41, ((45, 49),))]
+        assert again.holes(GW) == {1: [(42, 44), (50, 60)]}  # the tail survives too
+        assert hub_stats(db)["gateways"][GW]["missing_batches"] == 3 + 11
+    finally:
+        again.close()
+
+
+def test_a_second_worker_learns_from_the_store_before_asking(db: str) -> None:
+    a, b = new_core(db, hole_grace_s=1.0), new_core(db, hole_grace_s=1.0)
+    t = topics.batch(GW)
+    try:
+        a.handle(t, batch(1, 0))
+        a.flush()
+        a.handle(topics.heartbeat(GW), heartbeat(1, 1))
+        assert a.asks_due(now=0.0) == []
+        b.handle(t, batch(1, 1))  # the shared subscription gave seq 1 to the other worker
+        b.flush()
+        assert a.asks_due(now=5.0) == []  # read again from the store: no hole left
+        assert a.receipt(GW) == [EpochReceipt(1, 1)]
+    finally:
+        a.close()
+        b.close()
+
+
+# ------------------------------------------------------------------------------ worker
+
+
+@pytest.fixture
+async def mosquitto_log() -> AsyncIterator[MosquittoBroker]:
+    if not mosquitto_path():
+        pytest.skip("needs the mosquitto binary (apt-get install mosquitto); .ci/run installs it")
+    b = MosquittoBroker(extra_config="log_type subscribe\n")
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.stop()
+
+
+async def _hub_subscribed(broker: MosquittoBroker, client_id: str) -> None:
+    log = broker._dir / "mosquitto.log"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if any(f" {client_id} " in ln and ln.endswith("/+/hb") for ln in text.splitlines()):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{client_id} never subscribed to heartbeats")
+
+
+async def test_the_worker_sends_receipts_after_the_write_and_asks_for_holes(
+    mosquitto_log: MosquittoBroker, tmp_path: Path
+) -> None:
+    aiomqtt = pytest.importorskip("aiomqtt", reason="the hub needs aiomqtt (the hub extra)")
+    from hub.worker import Hub
+
+    dbfile = tmp_path / "hub.sqlite3"
+    core = new_core(str(dbfile), hole_grace_s=1.0)
+    hub = Hub(
+        core,
+        host=mosquitto_log.host,
+        port=mosquitto_log.port,
+        client_id="hub-rcpt",
+        hub_key=HUB_KEY,
+        flush_interval_s=0.05,
+    )
+    stored = sqlite3.connect(f"file:{dbfile}?mode=ro", uri=True)
+    receipts: list[EpochReceipt] = []
+    asks: list[dict[str, object]] = []
+    early: list[int] = []  # seqs a receipt covered before they were in the database
+    got = asyncio.Event()
+
+    async def gateway(client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            assert isinstance(msg.payload, bytes)
+            if msg.topic.matches(topics.receipt(GW)):
+                r = parse_receipt(msg.payload)
+                r.verify(HUB_KEY.public_key())  # the hub's word, signed
+                assert r.header.gw == GW
+                [e] = r.epochs()
+                on_disk = {s for (s,) in stored.execute("SELECT seq FROM batches")}
+                early.extend(s for s in range(0, 50) if e.covers(s) and s not in on_disk)
+                receipts.append(e)
+            else:
+                c = command.parse_command(msg.payload)
+                c.verify(HUB_KEY.public_key())
+                assert c.op == "resend"
+                asks.append(c.args())
+            got.set()
+
+    async def until(pred: Callable[[], object], what: str, within_s: float = 20.0) -> None:
+        deadline = time.monotonic() + within_s
+        while not pred():
+            if listener is not None and listener.done():
+                raise AssertionError(f"the gateway's listener ended: {listener.exception()!r}")
+            got.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {what}: receipts {receipts[-3:]}, asks {asks}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(got.wait(), left)
+
+    hub_task = asyncio.create_task(hub.run())
+    listener: asyncio.Task[None] | None = None
+    try:
+        await _hub_subscribed(mosquitto_log, "hub-rcpt")
+        async with aiomqtt.Client(mosquitto_log.host, mosquitto_log.port) as client:
+            await client.subscribe(topics.receipt(GW), qos=1)
+            await client.subscribe(topics.cmd(GW), qos=1)
+            listener = asyncio.create_task(gateway(client))
+            for seq in (0, 1, 3):
+                await client.publish(topics.batch(GW), batch(1, seq), qos=1)
+            await until(
+                lambda: receipts and receipts[-1] == EpochReceipt(1, 1, ((3, 3),)), "receipt"
+            )
+            # a duplicate is receipted again (its sender missed the first)
+            n = len(receipts)
+            await client.publish(topics.batch(GW), batch(1, 3), qos=1)
+            await until(lambda: len(receipts) > n, "receipt for a duplicate")
+            # the heartbeat names the tail: 2 and 4..5 are missing, asked after the grace
+            await client.publish(topics.heartbeat(GW), heartbeat(1, 5), qos=1)
+            await until(lambda: asks, "resend ask")
+            assert asks[0] == {"epoch": 1, "ranges": [[2, 2], [4, 5]]}
+            assert hub_stats(dbfile)["gateways"][GW]["missing_batches"] == 3
+            for seq in (2, 4, 5):  # the gateway resends
+                await client.publish(topics.batch(GW), batch(1, seq), qos=1)
+            await until(lambda: receipts[-1] == EpochReceipt(1, 5), "full receipt")
+    finally:
+        if listener is not None:
+            listener.cancel()
+            await asyncio.wait({listener})
+        while not hub_task.done():  # its reconnect loop can miss one cancellation
+            hub_task.cancel()
+            await asyncio.wait({hub_task}, timeout=1.0)
+        stored.close()
+    assert early == []  # never a receipt for what was not yet written
+    assert hub_stats(dbfile)["gateways"][GW]["missing_batches"] == 0
+    assert core.counters["receipts_sent"] >= 4
+    core.close()
