@@ -169,9 +169,14 @@ def hub_stats(db: Path) -> dict[str, Any]:
     return dict(json.loads(out.stdout))
 
 
-async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
+async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[str, Any]:
     """Start everything, measure, stop. The blocking subprocess calls are on
-    purpose: nothing else runs on this loop but the broker wrapper."""
+    purpose: nothing else runs on this loop but the broker wrapper.
+
+    With ``sample_s``, the agent's CPU seconds and VmRSS are also sampled every
+    ``sample_s`` over the measured window: ``samples``, ``(s, cpu_s, rss_kb)``
+    (``bench.soak``).
+    """
     from simulator.broker import MosquittoBroker
 
     tmp = Path(tempfile.mkdtemp(prefix="vitals-fleet-"))
@@ -211,7 +216,14 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.warmup)
         c0, t0 = cpu_s(agent.pid), time.monotonic()
         emu_c0, hub_c0 = cpu_s(emu.pid), cpu_s(hub.pid)
-        await asyncio.sleep(args.duration)
+        samples = [(0.0, c0, status_kb(agent.pid, "VmRSS"))]
+        end = t0 + args.duration
+        while (now := time.monotonic()) < end:
+            due = min(end, t0 + len(samples) * sample_s) if sample_s else end
+            await asyncio.sleep(max(0.0, due - now))
+            if sample_s and agent.poll() is None:
+                t = time.monotonic() - t0
+                samples.append((t, cpu_s(agent.pid), status_kb(agent.pid, "VmRSS")))
         c1, t1 = cpu_s(agent.pid), time.monotonic()
         emu_c1, hub_c1 = cpu_s(emu.pid), cpu_s(hub.pid)
         hwm = status_kb(agent.pid, "VmHWM")
@@ -255,6 +267,8 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             "rejected": stats["rejected"],
             "duplicates": stats["duplicates"],
         }
+        if sample_s:
+            result["samples"] = [(round(t, 1), round(c, 2), kb) for t, c, kb in samples]
     finally:
         for p in (agent, emu, hub):
             if p.poll() is None:
@@ -271,6 +285,19 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def delivered(r: dict[str, Any]) -> bool:
+    """Every served poll arrived (but those in flight at SIGTERM), no gap, no rejection."""
+    return (
+        r["readings_expected"] - r["readings_at_hub"] <= r["terminals"] * POINTS
+        and not r["rejected"]
+        and r["missing_batch_ranges"] == 0
+    )
+
+
+CPU_TARGET_PCT = 4.0  # issue 18: of one core, the median of three runs
+RSS_TARGET_MB = 48.0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.tcp_fleet", description=__doc__.split("\n")[0]
@@ -278,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds (default 60)")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--terminals", type=int, default=500)
+    ap.add_argument(
+        "--runs", type=int, default=1, help="whole runs one after the other; the median CPU counts"
+    )
     ap.add_argument(
         "--profile-agent", type=Path, help="run the agent under cProfile, stats to this file"
     )
@@ -299,26 +329,40 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(args.count, args.profile))
         return 0
     m = machine()
-    r = asyncio.run(orchestrate(args))
-    ok_all = (
-        r["readings_expected"] - r["readings_at_hub"] <= r["terminals"] * POINTS
-        and not r["rejected"]
-        and r["missing_batch_ranges"] == 0
-    )
-    ok_cpu = r["agent_cpu_pct_one_core"] <= 6.0
-    ok_rss = r["agent_peak_rss_mb"] < 40.0
+    runs = [asyncio.run(orchestrate(args)) for _ in range(max(1, args.runs))]
+    cpus = sorted(r["agent_cpu_pct_one_core"] for r in runs)
+    cpu = cpus[len(cpus) // 2]
+    rss = max(r["agent_peak_rss_mb"] for r in runs)
+    ok_all = all(delivered(r) for r in runs)
+    ok_cpu = cpu <= CPU_TARGET_PCT
+    ok_rss = rss <= RSS_TARGET_MB
+    r = runs[-1]
     print(f"machine: {m['nproc']} cores, {m['cpu']}, Python {m['python']}")
     print(
-        f"{r['terminals']} terminals x {r['points']} points at 1 Hz, {r['duration_s']} s measured\n"
+        f"{r['terminals']} terminals x {r['points']} points at 1 Hz, {r['duration_s']} s measured,"
+        f" {len(runs)} run(s)\n"
     )
+    each = ", ".join(str(x["agent_cpu_pct_one_core"]) for x in runs)
     rows = [
-        ("agent CPU, % of one core", f"{r['agent_cpu_pct_one_core']}", "<= 6", ok_cpu),
-        ("agent peak RSS (VmHWM), MB", f"{r['agent_peak_rss_mb']}", "< 40", ok_rss),
-        ("readings expected (served polls x 30)", f"{r['readings_expected']}", "", None),
-        ("readings verified at the hub", f"{r['readings_at_hub']}", "all*", ok_all),
+        ("agent CPU, % of one core (median)", f"{cpu}", f"<= {CPU_TARGET_PCT:g}", ok_cpu),
+        ("  each run", each, "", None),
+        ("agent peak RSS (VmHWM), MB (max)", f"{rss}", f"<= {RSS_TARGET_MB:g}", ok_rss),
+        (
+            "readings expected (served polls x 30)",
+            " + ".join(str(x["readings_expected"]) for x in runs),
+            "",
+            None,
+        ),
+        (
+            "readings verified at the hub",
+            " + ".join(str(x["readings_at_hub"]) for x in runs),
+            "all*",
+            ok_all,
+        ),
         (
             "missing batch ranges / rejected",
-            f"{r['missing_batch_ranges']} / {r['rejected'] or 0}",
+            f"{sum(x['missing_batch_ranges'] for x in runs)} / "
+            f"{sum(x['rejected'] or 0 for x in runs)}",
             "0 / 0",
             ok_all,
         ),
@@ -330,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<40} {value:>14} {target:>8} {mark}")
     print("* all but the polls in flight at SIGTERM, at most one per bus")
     print(json.dumps({"bench": "tcp_fleet", "machine": m, **r,
+                      "agent_cpu_pct_runs": [x["agent_cpu_pct_one_core"] for x in runs],
+                      "agent_cpu_pct_median": cpu, "agent_peak_rss_mb_max": rss,
+                      "readings_verified_all_runs": sum(x["readings_at_hub"] for x in runs),
                       "pass": {"delivered": ok_all, "cpu": ok_cpu, "rss": ok_rss}}))  # fmt: skip
     return 0 if ok_all and ok_cpu and ok_rss else 1
 
