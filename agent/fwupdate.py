@@ -481,6 +481,12 @@ def update_command(
     bus = next(b for b in cfg.buses if b.name == dev.bus)
     if bus.kind not in ("rtu", "rtu-over-tcp", "tcp"):
         raise _die(f"{device} is on a {bus.kind} bus", "firmware goes over Modbus buses only", 2)
+    if bus.kind == "rtu":
+        from agent.diag._common import port_busy, port_holder
+
+        if port_holder(bus.port) is not None:
+            busy = port_busy(bus.port)
+            raise _die(busy.message, busy.hint, 1)
     state = state_dir or cfg.gateway.state_dir
     try:
         keys = load_firmware_keys(state, key or ())
@@ -595,3 +601,56 @@ async def _update_on_bus(
     if poller is not None:
         polls = {d.name: d.polls for d in poller.devices}
     return {**outcome.as_dict(), "other_devices_polls": polls}
+
+
+@firmware_app.command("pack")
+def pack_command(
+    directory: Annotated[
+        Path, typer.Argument(help="the firmware directory (its .py/.mpy modules)")
+    ],
+    model: Annotated[str, typer.Option(help="the terminals' product code, e.g. VX-SLM-1")],
+    version: Annotated[str, typer.Option(help="MAJOR.MINOR, e.g. 1.1 (register value 101)")],
+    key: Annotated[Path, typer.Option(help="the firmware private key (PKCS#8 PEM)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="the image file to write")],
+) -> None:
+    """Build and sign a firmware image (the vendor's side; the key never goes to a gateway)."""
+    try:
+        major, minor = (int(x) for x in version.split("."))
+        if not (0 <= minor < 100 and 0 < major * 100 + minor <= 0xFFFF):
+            raise ValueError
+    except ValueError:
+        raise _die(f"--version {version}: expected MAJOR.MINOR", "e.g. --version 1.1", 2) from None
+    try:
+        private = ed25519.PrivateKey.from_pem(key.read_bytes())
+        payload = fwimage.pack_dir(directory)
+    except KeyFormatError as exc:
+        raise _die(f"{key}: {exc}", "vitals keygen writes one", 2) from None
+    except OSError as exc:
+        raise _die(f"{exc.filename}: {exc.strerror}", "", 2) from None
+    files = fwimage.unpack_slot(payload)
+    if "app.py" not in files and "app.mpy" not in files:
+        raise _die(f"{directory}: no app.py", "point at the firmware directory", 2)
+    data = fwimage.build(payload, model=model, version=major * 100 + minor, key=private)
+    output.write_bytes(data)
+    pub = private.public_key().public_bytes_raw().hex()
+    typer.echo(f"{output}: {model} {version}, {len(files)} files, {len(payload)} bytes")
+    typer.echo(f"firmware key (install as <state_dir>/firmware-keys/NAME.pub): {pub}")
+
+
+@firmware_app.command("show")
+def show_command(
+    image: Annotated[Path, typer.Argument(help="a firmware image (.vfw)")],
+) -> None:
+    """What an image holds: its manifest and files (not a verification: update does that)."""
+    try:
+        parsed = fwimage.parse(image.read_bytes())
+        files = fwimage.unpack_slot(parsed.payload)
+    except OSError as exc:
+        raise _die(f"{image}: {exc.strerror}", "", 2) from None
+    except fwimage.ImageRefused as exc:
+        raise _die(f"{image}: {exc}", "", 1) from None
+    m = parsed.manifest
+    typer.echo(f"model {m.model}, version {fwimage.version_text(m.version)}, {m.size} bytes")
+    typer.echo(f"sha256 {m.sha256.hex()}")
+    typer.echo(f"signed by firmware key {m.kid.hex()}")
+    typer.echo("files: " + ", ".join(f"{n} ({len(b)})" for n, b in sorted(files.items())))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from protocols import ed25519, fwimage
 from protocols.errors import FrameError
@@ -110,3 +113,54 @@ def test_write_file_record_refusals() -> None:
     other = encode_request(WriteFileRecordRequest(1, 1, 1, b"ab"))
     with pytest.raises(FrameError, match="echo"):
         ResponseParser(req).feed(other)
+
+
+def test_vendor_packs_and_shows_an_image(key: ed25519.PrivateKey, tmp_path: Path) -> None:
+    from agent.cli import app
+
+    src = tmp_path / "fw"
+    shutil.copytree(FIRMWARE_DIR, src, ignore=shutil.ignore_patterns("__pycache__"))
+    pem = tmp_path / "firmware.pem"
+    pem.write_bytes(key.private_pem())
+    out = tmp_path / "vx-slm-1-1.1.vfw"
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        [
+            "firmware",
+            "pack",
+            str(src),
+            "--model",
+            "VX-SLM-1",
+            "--version",
+            "1.1",
+            "--key",
+            str(pem),
+            "-o",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert key.public_key().public_bytes_raw().hex() in r.output
+    m = fwimage.verify(fwimage.parse(out.read_bytes()), [key.public_key()])
+    assert (m.model, m.version) == ("VX-SLM-1", 101)
+    r = runner.invoke(app, ["firmware", "show", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "model VX-SLM-1, version 1.1" in r.output and "app.py (" in r.output
+    r = runner.invoke(
+        app,
+        [
+            "firmware",
+            "pack",
+            str(src),
+            "--model",
+            "VX-SLM-1",
+            "--version",
+            "one",
+            "--key",
+            str(pem),
+            "-o",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 2 and "expected MAJOR.MINOR" in r.output
