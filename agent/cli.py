@@ -97,7 +97,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Check gateway configuration files.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Check gateway configuration files; the versions the hub pushed.", no_args_is_help=True
+)
 sim_app = typer.Typer(help="Emulated terminals for benches and tests.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(sim_app, name="sim")
@@ -268,6 +270,114 @@ def config_check(
     else:
         typer.echo(text)
     raise typer.Exit(code)
+
+
+_ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="VITALS_CONFIG",
+        help="the agent's configuration: names its state_dir [default: /etc/vitals/gateway.toml]",
+        show_default=False,
+    ),
+]
+_StateOpt = Annotated[
+    Path | None, typer.Option(envvar="VITALS_STATE_DIR", help="the agent's state directory")
+]
+
+
+def _pushed_store(config: Path | None, state_dir: Path | None) -> Any:
+    from agent.confpush import ConfigStore
+    from agent.status import StatusUnavailable, _state_dir_of
+
+    try:
+        sd = state_dir or _state_dir_of(config) or DEFAULT_STATE
+    except StatusUnavailable as exc:
+        raise _fail(exc.message, exc.hint) from None
+    return ConfigStore.of(sd), sd
+
+
+@config_app.command("history")
+def config_history(
+    config: _ConfigOpt = None,
+    state_dir: _StateOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """The configurations the hub pushed: versions kept, outcomes, which one runs."""
+    import time as _time
+
+    store, sd = _pushed_store(config, state_dir)
+    doc = {
+        "state_dir": str(sd),
+        "active": store.active,
+        "trial": store.trial,
+        "kept": store.kept(),
+        "history": store.state.get("history") or [],
+    }
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    running = f"version {store.active}" if store.active else "the local configuration file"
+    typer.echo(f"running {running}; kept: {', '.join(map(str, doc['kept'])) or 'none'}")
+    for h in doc["history"]:
+        at = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(float(h.get("at") or 0)))
+        why = f"  {h['reason']}" if h.get("reason") else ""
+        typer.echo(f"  {at}  version {h.get('version')}  {h.get('status')}{why}")
+
+
+@config_app.command("rollback")
+def config_rollback(
+    version: Annotated[
+        int | None,
+        typer.Argument(help="a kept version (default: the newest kept one below the running one)"),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="back to the local file (--config), no pushed one")
+    ] = False,
+    config: _ConfigOpt = None,
+    state_dir: _StateOpt = None,
+) -> None:
+    """Run an earlier pushed configuration (or the local file); the agent reloads on it."""
+    import os
+    import signal
+
+    from agent.status import StatusUnavailable, default_status_paths, read_status
+
+    store, sd = _pushed_store(config, state_dir)
+    if local:
+        target = 0
+    elif version is not None:
+        target = version
+    else:
+        older = [v for v in store.kept() if v < store.active]
+        target = older[-1] if older else 0
+    if target and target not in store.kept():
+        raise _fail(
+            f"version {target} is not kept in {store.dir}",
+            f"kept: {', '.join(map(str, store.kept())) or 'none'}; or --local",
+        )
+    try:
+        store.set_active(target, "by hand (vitals config rollback)")
+    except OSError as exc:
+        raise _fail(
+            f"{store.dir}: {exc.strerror or exc}", "run as the agent's user: sudo -u vitals ..."
+        ) from None
+    name = f"version {target}" if target else "the local configuration file"
+    try:
+        _, doc, why = read_status(default_status_paths(sd))
+        pid = 0 if why else int(doc.get("pid") or 0)
+    except StatusUnavailable:
+        pid = 0
+    if pid:
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError:
+            pid = 0
+    if pid:
+        typer.echo(f"{name} is active; the agent (pid {pid}) reloads on it")
+    else:
+        typer.echo(f"{name} is active from the agent's next start (systemctl restart vitals)")
 
 
 def _broker_addr(broker: str) -> tuple[str, int]:

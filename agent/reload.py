@@ -6,6 +6,11 @@ its state directory: the identity key and the spool live there), is refused
 with the reason and the running one stays. :func:`supervise` runs the agent
 and, on each accepted reload, stops it the normal way (seal, spool, drain:
 nothing is lost) and starts it again on the new configuration.
+
+With a :class:`agent.confpush.ConfigStore` (``pushed``), the file it runs and
+re-reads is the active version the hub pushed (``state_dir/config/v{N}.toml``)
+rather than ``path``, which stays the fallback; a version on trial that the agent
+cannot start on, or that was on trial when the process died, is rolled back here.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config, load_config
+from agent.confpush import ConfigStore, roll_back_on_failure
 from agent.sdnotify import SdNotifier
 from protocols.errors import ConfigError
 
@@ -55,6 +61,7 @@ async def supervise(
     hup: asyncio.Event,
     run_agent: RunAgent,
     notifier: SdNotifier | None = None,
+    pushed: ConfigStore | None = None,
 ) -> Config:
     """Run ``run_agent(config, agent_stop)`` until ``stop``; reload on ``hup``.
 
@@ -62,11 +69,32 @@ async def supervise(
     """
     notifier = notifier or SdNotifier(None)
     cfg = config
+    if pushed is not None:
+        why = pushed.recover()
+        if why:
+            log.error("%s", why)
+        cfg = _pushed_or(pushed, path, cfg)
+
+    def current() -> Path:
+        return path if pushed is None else pushed.effective(path)
+
+    async def guarded(c: Config, agent_stop: asyncio.Event) -> bool:
+        """Run the agent; True when it failed on a version on trial (rolled back)."""
+        try:
+            await run_agent(c, agent_stop)
+        except Exception as exc:
+            why = "" if pushed is None else roll_back_on_failure(pushed, exc)
+            if not why:
+                raise
+            log.error("%s", why)
+            return True
+        return False
+
     while True:
         agent_stop = asyncio.Event()
         restart = False
         async with asyncio.TaskGroup() as tg:
-            agent = tg.create_task(run_agent(cfg, agent_stop), name="agent")
+            agent = tg.create_task(guarded(cfg, agent_stop), name="agent")
             while not agent.done():
                 waiters = [asyncio.ensure_future(e.wait()) for e in (stop, hup)]
                 await asyncio.wait([*waiters, agent], return_when=asyncio.FIRST_COMPLETED)
@@ -78,19 +106,35 @@ async def supervise(
                     break
                 if hup.is_set():
                     hup.clear()
-                    new, why = try_reload(path, cfg)
+                    new, why = try_reload(current(), cfg)
                     if new is None:
                         log.error(
                             "reload of %s refused, keeping the running configuration: %s", path, why
                         )
                         notifier.status(f"reload refused: {why}")
                         continue
-                    log.info("reloading %s", path)
+                    log.info("reloading %s", current())
                     notifier.reloading()
                     cfg = new
                     restart = True
                     agent_stop.set()
                     break
+        if agent.result() and pushed is not None:  # failed on a version on trial
+            cfg = _pushed_or(pushed, path, config)
+            restart = True
         if not restart:
             return cfg
         notifier.ready("configuration reloaded")
+
+
+def _pushed_or(pushed: ConfigStore, path: Path, fallback: Config) -> Config:
+    """The configuration of the active pushed version, else ``fallback`` (``path``'s)."""
+    eff = pushed.effective(path)
+    if eff == path:
+        return fallback
+    new, why = try_reload(eff, fallback)
+    if new is None:
+        log.error("the pushed configuration %s cannot run (%s): running %s", eff, why, path)
+        return fallback
+    log.info("running the configuration the hub pushed: %s (fallback %s)", eff, path)
+    return new

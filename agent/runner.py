@@ -76,6 +76,7 @@ def run(config: Path, state_dir: Path | None = None, log_level: str | None = Non
     Returns the exit status: 0 after a clean stop, 1 when it cannot start.
     """
     from agent.config import Config, load_config
+    from agent.confpush import ConfigStore
     from agent.reload import supervise
     from agent.sdnotify import SdNotifier
     from agent.service import Agent
@@ -111,7 +112,13 @@ def run(config: Path, state_dir: Path | None = None, log_level: str | None = Non
             async with asyncio.TaskGroup() as tg:
                 watchdog = tg.create_task(notifier.run_watchdog(), name="sd.watchdog")
                 await supervise(
-                    cfg, config, stop=stop, hup=hup, run_agent=run_agent, notifier=notifier
+                    cfg,
+                    config,
+                    stop=stop,
+                    hup=hup,
+                    run_agent=run_agent,
+                    notifier=notifier,
+                    pushed=ConfigStore.of(state_dir or cfg.gateway.state_dir),
                 )
                 watchdog.cancel()
         finally:

@@ -26,6 +26,7 @@ from agent.bus import BusPoller, PolledDevice, TcpEngine
 from agent.clock import Clock, SystemClock
 from agent.commands import CommandExecutor, agent_handlers
 from agent.config import SENSOR_BUS, BusConfig, Config
+from agent.confpush import ConfigReceiver, ConfigStore
 from agent.rules import EdgeEvents, EventLink
 from agent.sdnotify import SdNotifier
 from agent.sensors import SensorReader
@@ -128,6 +129,7 @@ class Agent:
         self._reload = reload  # asks whoever runs the agent to reload (the "reload" command)
         self.commands: CommandExecutor | None = None
         self.events: EdgeEvents | None = None
+        self.confpush: ConfigReceiver | None = None
 
     @property
     def buses(self) -> list[BusPoller | SensorReader]:
@@ -311,6 +313,17 @@ class Agent:
             seen_path=state / "commands.seen",
         )
         self.uplink.commands = self.commands
+        self.confpush = ConfigReceiver(
+            gateway=cfg.gateway.id,
+            hub_key=hub_key,
+            key=identity.private_key,
+            store=await asyncio.to_thread(ConfigStore.of, state),
+            config=cfg,
+            stats=self.statistics,
+            reload=self._reload,
+            prefix=cfg.uplink.topic_prefix,
+        )
+        self.uplink.confpush = self.confpush  # pushed configurations, on its connection
         log.info(
             "agent %s epoch %d: %d buses, %d devices, %d points, kid %s",
             cfg.gateway.id,
@@ -362,6 +375,8 @@ class Agent:
                     name="status.write",
                 )
                 extras = []
+                if self.confpush is not None:  # a pushed version on trial: keep or roll back
+                    extras.append(tg.create_task(self.confpush.run_trial(), name="config.trial"))
                 if self.config.metrics.listen:  # prometheus-client imported only then
                     from agent.metrics import serve_metrics
 
@@ -465,4 +480,6 @@ class Agent:
             out["events"] = self.events.statistics()
         if self.commands is not None:
             out["commands"] = self.commands.statistics()
+        if self.confpush is not None:
+            out["config_push"] = self.confpush.statistics()
         return out
