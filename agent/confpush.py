@@ -9,7 +9,8 @@ gateway refuses it, in order, when it is
    answered at most once a second, not retained: they may come from anyone);
 3. ``replayed``: its version is not above every version this gateway has seen
    (a retained copy of the last one it took is ignored silently);
-4. ``busy``: another pushed configuration is on trial;
+4. ``not_supported``: the agent runs in-process (demo, fleet) and cannot reload;
+   ``busy``: another pushed configuration is on trial (neither uses the version up);
 5. ``invalid``: it does not pass ``vitals config check`` (the problems are the reason);
 6. ``identity``: it changes the gateway id, the state directory (the key lives
    there) or the TLS certificate and key.
@@ -415,6 +416,8 @@ class ConfigReceiver:
             if retained and p.v == store.highest:
                 return None, False, False  # the retained copy of the last one taken
             return self._refuse(p.v, f"replayed: version {p.v} is not above {store.highest}")
+        if self._reload is None:  # an agent run in-process (demo, fleet): cannot reload
+            return self._refuse(p.v, "not_supported: this agent cannot reload", consume=False)
         if store.trial is not None:
             # not used up: its retained copy comes again on a later connection
             return self._refuse(
