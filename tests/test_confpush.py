@@ -361,3 +361,27 @@ async def test_pushes_through_mosquitto_to_a_real_agent(
     text = (tmp_path / "agent.log").read_text()
     assert proc.returncode == 0, text[-3000:]
     assert "configuration version 2 rolled back to version 1" in text
+
+
+def test_config_history_and_rollback_by_hand(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    state = tmp_path / "state"
+    store = ConfigStore.of(state)
+    for v in (1, 2):
+        store.begin_trial(v, f"# version {v}\n", {"trial_s": 5})
+        store.commit()
+    run = CliRunner()
+    sd = ["--state-dir", str(state)]
+    out = run.invoke(app, ["config", "history", *sd])
+    assert out.exit_code == 0 and "running version 2; kept: 1, 2" in out.output
+    out = run.invoke(app, ["config", "rollback", *sd])
+    assert out.exit_code == 0 and "version 1 is active from the agent's next start" in out.output
+    assert ConfigStore.of(state).active == 1
+    out = run.invoke(app, ["config", "rollback", "7", *sd])
+    assert out.exit_code == 1 and "version 7 is not kept" in out.output
+    out = run.invoke(app, ["config", "rollback", "--local", *sd])
+    assert out.exit_code == 0 and ConfigStore.of(state).active == 0
+    assert ConfigStore.of(state).effective(tmp_path / "gw.toml") == tmp_path / "gw.toml"
