@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 BAUD = 115200  # a 34 kB image in about 10 s; at 9600 baud it is 12 times that
-INTERVAL_S = 0.5  # the other terminal's poll interval
+INTERVAL_S = 1.0  # the other terminal's poll interval
 MODEL = "VX-SLM-1"
 
 
