@@ -508,8 +508,9 @@ async def run_fleet(
 ) -> FleetResult:
     from rich.console import Console
 
-    from agent.state import create_identity
+    from agent.state import create_identity, save_hub_key
     from hub.core import HubCore
+    from hub.enroll import load_or_create_hub_key
     from hub.worker import Hub
     from simulator.broker import free_port, make_broker
 
@@ -530,12 +531,16 @@ async def run_fleet(
     agent_port = proxy.port if proxy else broker.port
     hub_target: Path | str = hub_db or work / "hub.sqlite3"  # --hub-db: PostgreSQL
     core = HubCore(hub_target)
+    # the hub's key (its public half goes to each gateway, as enrollment does): the
+    # gateways keep each batch until the hub's signed receipt
+    hub_key = load_or_create_hub_key(work / "hub.key")
     hub = Hub(
         core,
         host=broker.host,
         port=broker.port,
         shared=broker.shared_subscriptions,
         client_id="vitals-fleet-hub",
+        hub_key=hub_key,
     )
     emulators: list[subprocess.Popen[bytes]] = []
     runs: list[GatewayRun] = []
@@ -601,6 +606,7 @@ async def run_fleet(
             for gw in runs:
                 ident = await asyncio.to_thread(create_identity, gw.state_dir, exist_ok=True)
                 core.enroll(gw.name, ident.public_raw)
+                save_hub_key(gw.state_dir, hub_key.public_key().public_bytes_raw())
                 gw.config_path.write_text(_gateway_config(gw, agent_port, scenario, max_age_s))
                 try:
                     load_config(gw.config_path)
