@@ -516,6 +516,9 @@ class HubCore:
             del self._due[gw]
             self._sent[gw] = now
             entries = self.receipt(gw)
+            tails = self._tails.get(gw)
+            if not entries and asked and tails:  # every heartbeat is answered: "nothing yet"
+                entries = [EpochReceipt(max(tails), -1)]
             if entries:
                 out.append((gw, entries))
         return out

@@ -109,6 +109,9 @@ def test_receipts_only_after_the_write_and_for_duplicates(db: str) -> None:
     core = new_core(db)
     t = topics.batch(GW)
     try:
+        # a heartbeat is answered even before anything is stored: "nothing yet"
+        core.handle(topics.heartbeat(GW), heartbeat(3, -1, [HeldRange(3, 0, 0)]))
+        assert core.receipts_due(now=99.0) == [(GW, [EpochReceipt(3, -1)])]
         for seq in (0, 1, 2, 4):
             assert core.handle(t, batch(3, seq)) == Outcome.STORED
         assert core.receipts_due(now=100.0) == []  # buffered, not durable: nothing said
