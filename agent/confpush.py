@@ -306,6 +306,7 @@ class ConfigReceiver:
         self.counters: Counter[str] = Counter()
         self._client: MqttClient | None = None
         self._next_answer = -float("inf")
+        self._lock = asyncio.Lock()  # one change of the store at a time (they run in threads)
 
     def statistics(self) -> dict[str, Any]:
         t = self.store.trial
@@ -347,9 +348,10 @@ class ConfigReceiver:
             return False
         self._client = client
         online = [name for name, d in _devices(self._stats()) if d.get("state") == "online"]
-        answer, retain, reload = await asyncio.to_thread(
-            self.handle, msg.payload, msg.retain, online
-        )
+        async with self._lock:
+            answer, retain, reload = await asyncio.to_thread(
+                self.handle, msg.payload, msg.retain, online
+            )
         if answer is not None:
             self._publish(answer, retain=retain)
         if reload and self._reload is not None:
@@ -495,7 +497,8 @@ class ConfigReceiver:
                 await self._roll_back(version, why)
                 return
             if ok:
-                await asyncio.to_thread(self.store.commit)
+                async with self._lock:
+                    await asyncio.to_thread(self.store.commit)
                 log.info("configuration version %d works: kept", version)
                 data = self._report(version, "applied")
                 await asyncio.to_thread(self.store.save_report, data)
@@ -504,7 +507,8 @@ class ConfigReceiver:
             await asyncio.sleep(self.poll_s)
 
     async def _roll_back(self, version: int, reason: str) -> None:
-        _, now = await asyncio.to_thread(self.store.rollback, reason)
+        async with self._lock:
+            _, now = await asyncio.to_thread(self.store.rollback, reason)
         log.error("configuration version %d rolled back to %s: %s", version, _name(now), reason)
         data = self._report(version, "rolled_back", reason)
         await asyncio.to_thread(self.store.save_report, data)
