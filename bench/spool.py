@@ -10,9 +10,12 @@
 2. **Drain**: the real :class:`~agent.service.Agent`, polling emulated Modbus
    TCP terminals (live readings keep coming), starts with a spool that holds
    a backlog of ``--readings`` readings (batches of 500, like a gateway that
-   was offline) and a private Mosquitto on 127.0.0.1. Time runs from the
-   uplink's connect to the PUBACK of the backlog's last batch; the live
-   batches sealed meanwhile and their delivery are reported too.
+   was offline), a private Mosquitto on 127.0.0.1 and the real hub worker in a
+   process of its own, which stores the batches and answers with signed
+   receipts (docs/reliability.md). Time runs from the agent's start to the
+   receipt that deletes the backlog's last batch (``--puback``: to its PUBACK,
+   the old rule, no hub); the live batches sealed meanwhile and their delivery
+   are reported too.
 
 Needs the ``mosquitto`` binary. The figures in ``bench/README.md`` say which
 machine they came from.
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import platform
 import random
 import tempfile
@@ -36,7 +40,7 @@ import aiomqtt
 from agent.config import parse_config
 from agent.service import Agent
 from agent.spool import Spool
-from agent.state import create_identity, next_epoch
+from agent.state import create_identity, next_epoch, save_hub_key
 from drivers.profiles import load_profile
 from protocols import ed25519, envelope
 from protocols.reading import Reading
@@ -58,15 +62,16 @@ def _write_bytes() -> int:
 
 
 def backlog(
-    key: ed25519.PrivateKey, epoch: int, readings: int
+    key: ed25519.PrivateKey, epoch: int, readings: int, t0: int = T0
 ) -> list[tuple[int, int, int, int, bytes]]:
-    """Signed batches of ``readings`` realistic readings: 50 points at 1 Hz, random walks."""
+    """Signed batches of ``readings`` realistic readings: 50 points at 1 Hz, random walks,
+    from ``t0`` (ms)."""
     rng = random.Random(1)
     level = [rng.uniform(10, 90) for _ in range(POINTS)]
     rows = []
     n_batches = math.ceil(readings / PER_BATCH)
     per_poll = POINTS
-    t = T0
+    t = t0
     for seq in range(n_batches):
         rs: list[Reading] = []
         while len(rs) < PER_BATCH:
@@ -108,11 +113,34 @@ async def amplification(
     }
 
 
-async def drain(readings: int, where: Path, durability: str) -> dict[str, Any]:
+def _hub_process(db: str, host: str, port: int, pub: bytes, ready: Any) -> None:
+    """The hub worker, in a process of its own (as on its own machine)."""
+    from hub.core import HubCore
+    from hub.enroll import hub_key_path, load_or_create_hub_key
+    from hub.worker import Hub
+
+    async def main() -> None:
+        core = HubCore(Path(db))
+        core.enroll(GW, pub)
+        key = load_or_create_hub_key(hub_key_path(Path(db)))
+        hub = Hub(core, host=host, port=port, shared=False, hub_key=key)
+        task = asyncio.create_task(hub.run())
+        await hub.subscribed.wait()
+        ready.set()
+        await task
+
+    asyncio.run(main())
+
+
+async def drain(
+    readings: int, where: Path, durability: str, receipts: bool = True
+) -> dict[str, Any]:
     state = where / "gw"
     ident = create_identity(state)
     epoch = next_epoch(state)
-    rows = backlog(ident.private_key, epoch, readings)
+    # an outage that ended now: the hub takes readings of the last days only
+    start = int(time.time() * 1000) - math.ceil(readings / POINTS) * 1000
+    rows = backlog(ident.private_key, epoch, readings, start)
     spool = await Spool.open(state / "spool.sqlite3", durability=durability)
     await spool.append(rows)
     await spool.close()
@@ -123,6 +151,23 @@ async def drain(readings: int, where: Path, durability: str) -> dict[str, Any]:
         await t.start()
     broker = MosquittoBroker()
     await broker.start()
+    hub = None
+    if receipts:
+        from hub.enroll import hub_key_path, load_or_create_hub_key
+
+        db = where / "hub.sqlite3"
+        hub_key = load_or_create_hub_key(hub_key_path(db))
+        save_hub_key(state, hub_key.public_key().public_bytes_raw())
+        ctx = multiprocessing.get_context("spawn")
+        ready = ctx.Event()
+        hub = ctx.Process(
+            target=_hub_process,
+            args=(str(db), broker.host, broker.port, ident.public_raw, ready),
+            daemon=True,
+        )
+        hub.start()
+        if not await asyncio.to_thread(ready.wait, 30):
+            raise RuntimeError("the hub worker did not subscribe within 30 s")
     cfg = parse_config(
         {
             "gateway": {"id": GW, "state_dir": str(state)},
@@ -170,6 +215,10 @@ async def drain(readings: int, where: Path, durability: str) -> dict[str, Any]:
             # a bench polling a counter: no event to wait on; 5 ms resolution is plenty
             while agent.uplink.backlog_acked < len(rows):  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
+            if receipts:  # until the hub's receipts have deleted the whole backlog
+                last = len(rows) - 1
+                while await agent.spool.held(epoch, [(0, last)]):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
             dt = time.perf_counter() - t0
             live_polled = agent.batcher.readings_in - live0
             up = agent.uplink.statistics()
@@ -178,6 +227,7 @@ async def drain(readings: int, where: Path, durability: str) -> dict[str, Any]:
             await run
             sub.cancel()
             out = {
+                "confirm": "receipt" if receipts else "puback",
                 "backlog_readings": n_backlog,
                 "backlog_batches": len(rows),
                 "drain_s": round(dt, 2),
@@ -189,6 +239,9 @@ async def drain(readings: int, where: Path, durability: str) -> dict[str, Any]:
                 "batches_at_subscriber": received[0],
             }
     finally:
+        if hub is not None:
+            hub.terminate()
+            hub.join(10)
         await broker.stop()
         for t in terms:
             await t.stop()
@@ -199,13 +252,16 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--readings", type=int, default=1_000_000)
     ap.add_argument("--durability", default="full", help="policy of the drain run")
+    ap.add_argument(
+        "--puback", action="store_true", help="drain without a hub: the PUBACK deletes (old rule)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="vitals-bench-spool-", dir="/var/tmp") as tmp:
         where = Path(tmp)
         key = ed25519.PrivateKey.from_private_bytes(bytes(32))
         rows = backlog(key, 1, args.readings)
         amp = [await amplification(rows, d, where) for d in ("full", "normal", "off")]
-        dr = await drain(args.readings, where, args.durability)
+        dr = await drain(args.readings, where, args.durability, receipts=not args.puback)
     payload = amp[0]["payload_bytes"]
     print(f"spool bench on {platform.machine()} {platform.python_version()}, disk under {tmp}")
     print(
@@ -220,7 +276,7 @@ async def main() -> None:
         )
     print()
     print(
-        f"drain ({args.durability}): {dr['drain_readings_per_s']} readings/s "
+        f"drain ({args.durability}, {dr['confirm']}): {dr['drain_readings_per_s']} readings/s "
         f"({dr['drain_s']} s), live meanwhile {dr['live_readings_per_s']} readings/s, "
         f"{dr['live_batches_sent_meanwhile']} live batches sent, spool left "
         f"{dr['spool_left_after_stop']}, batches at a subscriber {dr['batches_at_subscriber']}"
