@@ -402,6 +402,7 @@ class EdgeEvents:
         self.has_events = asyncio.Event()
         self.dropped = 0
         self.published = 0
+        self.connects = 0  # connections made by publish()
         self.on_event: Callable[[Event], None] | None = None
 
     def _queue(self, events: Iterable[Event]) -> None:
@@ -467,15 +468,29 @@ class EdgeEvents:
                     ack_timeout=10.0,  # a PUBACK that late: reconnect and resend
                 ) as client:
                     attempt = 0
-                    while True:
-                        if not self.outbox:
-                            self.has_events.clear()
-                            await self.has_events.wait()
-                            continue
-                        _, _, data = self.outbox[0]
-                        await client.publish(topic, data, qos=1)
-                        self.outbox.popleft()  # only after its PUBACK
-                        self.published += 1
+                    self.connects += 1
+                    # idle, the connection is watched: a broker restarted while no event
+                    # is due is noticed at once and the connection made again, so the
+                    # next event does not first fail on a dead socket and back off
+                    lost = asyncio.ensure_future(_until_lost(client))
+                    try:
+                        while True:
+                            if not self.outbox:
+                                self.has_events.clear()
+                                due = asyncio.ensure_future(self.has_events.wait())
+                                await asyncio.wait({due, lost}, return_when=asyncio.FIRST_COMPLETED)
+                                due.cancel()
+                                if lost.done():
+                                    lost.result()  # raises the connection's MqttError
+                                continue
+                            _, _, data = self.outbox[0]
+                            await client.publish(topic, data, qos=1)
+                            self.outbox.popleft()  # only after its PUBACK
+                            self.published += 1
+                    finally:
+                        lost.cancel()
+                        if lost.done() and not lost.cancelled():
+                            lost.exception()  # retrieved: the publish saw the same failure
             except MqttError as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -484,4 +499,13 @@ class EdgeEvents:
                     why = explain(exc, link.host, link.port)
                     log.warning("event uplink: %s (hint: %s)", why.message, why.hint)
             attempt += 1
-            await asyncio.sleep(random.uniform(0.25, min(30.0, 0.5 * 2 ** min(attempt, 6))))
+            # the first attempts come quickly (a broker restart takes a second or so)
+            await asyncio.sleep(random.uniform(0.05, min(30.0, 0.1 * 2 ** min(attempt, 9))))
+
+
+async def _until_lost(client: MqttClient) -> None:
+    """Return never; raise :class:`MqttError` when the connection fails (nothing is
+    received on the event connection: it subscribes to nothing)."""
+    async for _ in client.messages:
+        pass
+    await asyncio.get_running_loop().create_future()  # a clean disconnect: ours, at a stop

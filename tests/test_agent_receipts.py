@@ -19,16 +19,18 @@ import pytest
 
 from agent.batch import Batcher
 from agent.clock import SystemClock
+from agent.rules import EdgeEvents, EventLink
 from agent.spool import Row, Spool, SpoolRow
 from agent.uplink import Uplink, UplinkSettings
 from hub.core import HubCore
 from hub.worker import Hub
 from protocols import envelope, topics
 from protocols.ed25519 import PrivateKey
+from protocols.event import Event
 from protocols.gap import seal_gap
 from protocols.reading import Reading
 from protocols.receipt import EpochReceipt, HeldRange, parse_heartbeat, seal_heartbeat, seal_receipt
-from simulator.broker import MosquittoBroker, mosquitto_path
+from simulator.broker import MosquittoBroker, free_port, mosquitto_path
 
 pytestmark = pytest.mark.mosquitto
 
@@ -336,4 +338,37 @@ async def test_batch_that_resets_the_connection_is_split_and_reaches_the_hub(
         assert "split" in reasons
         await spool.close()
     finally:
+        await broker.stop()
+
+
+async def test_event_connection_notices_a_broker_restart_while_idle(tmp_path: Path) -> None:
+    """The event publisher watches its idle connection: a broker restarted while no
+    event is due is noticed and the connection made again before the next event, which
+    then goes out on a live connection (docs/events.md)."""
+    if not mosquitto_path():
+        pytest.skip("needs the mosquitto binary (apt-get install mosquitto)")
+    port = free_port()
+    broker = MosquittoBroker(port)
+    await broker.start()
+    events = EdgeEvents([], gateway=GW, key=KEY, epoch=EPOCH)
+    link = EventLink(host=broker.host, port=port, keepalive_s=30)
+    task = asyncio.create_task(events.publish(link))
+    try:
+        await _until(lambda: events.connects == 1)
+        await broker.stop()
+        await broker.start()  # the same port, no persistence: the session is gone
+        # no event is due, yet the publisher is connected again (keepalive 30 s: it
+        # did not wait for a ping to find the old connection dead)
+        await _until(lambda: events.connects == 2)
+        got: list[tuple[str, bytes]] = []
+        async with _listener(broker, got):
+            events._queue(
+                [Event("r1", "threshold", "fired", "dev", "p", 0, 1.0, 1, 1, "1.0 above 0")]
+            )
+            await _until(lambda: any(t.endswith("/event") for t, _ in got))
+        assert events.published == 1 and events.connects == 2
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         await broker.stop()
