@@ -810,14 +810,14 @@ class TcpEngine:
             return  # stopped while the read was on the wire
         clock = self._clock
         try:
-            if isinstance(result, TransportError):
+            if not isinstance(result, Exception):  # registers or bits: the common case
+                poll.replied(result, clock.monotonic(), clock.now_ms())
+            elif isinstance(result, TransportError):
                 poll.failed(result, clock.now_ms())
             elif isinstance(result, DeviceException):
                 poll.refused(result, clock.now_ms())
-            elif isinstance(result, Exception):
-                raise result
             else:
-                poll.replied(result, clock.monotonic(), clock.now_ms())
+                raise result
             self._send(i, poll)
         except Exception as exc:  # a bug: not to be lost in the reactor's callback
             self._fail(exc)

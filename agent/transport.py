@@ -546,6 +546,8 @@ def _reactor(loop: asyncio.AbstractEventLoop) -> _Reactor:
 
 _MBAP = struct.Struct(">HHHB")
 _MBAP_HEAD = struct.Struct(">HHH")
+# a whole read request (MBAP header, function, address, count), packed at once
+_READ_FRAME = struct.Struct(">HHHBBHH")
 
 
 # A Modbus TCP frame is at most 6 + 254 bytes and the buffer never keeps more
@@ -649,7 +651,7 @@ class _TcpLink(ModbusLink):
         if sock is None:
             return
         try:
-            n = sock.recv_into(self._rx_view[self._rx_len :])
+            n = sock.recv_into(self._rx_view[self._rx_len :] if self._rx_len else self._rx_view)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -786,7 +788,8 @@ class _TcpLink(ModbusLink):
             return False  # read() connects (or says why it cannot)
         fc = _READ_FC[space]
         self.requests += 1
-        failed = self._send(sock, slave, _read_pdu(fc, address, count))
+        self._tid = tid = (self._tid + 1) & 0xFFFF
+        failed = self._put(sock, _READ_FRAME.pack(tid, 0, 6, slave, fc, address, count))
         if failed is not None:
             loop.call_soon(done, failed)
             return True
@@ -802,7 +805,10 @@ class _TcpLink(ModbusLink):
         whose buffer is full has a peer that stopped reading long ago.
         """
         self._tid = tid = (self._tid + 1) & 0xFFFF
-        frame = _MBAP.pack(tid, 0, len(pdu) + 1, slave) + pdu
+        return self._put(sock, _MBAP.pack(tid, 0, len(pdu) + 1, slave) + pdu)
+
+    def _put(self, sock: socket.socket, frame: bytes) -> LinkDown | None:
+        """Send a whole request frame; the error if the link broke."""
         try:
             sent = sock.send(frame)
         except (BlockingIOError, InterruptedError):
