@@ -1,9 +1,13 @@
-"""The spool: every sealed batch on disk until the broker has acknowledged it.
+"""The spool: every sealed batch on disk until the hub has confirmed it.
 
 SQLite in WAL mode, one row per batch. The spool is the single source of truth
 for delivery: a batch is appended (and, with durability ``full``, fsynced)
-before it counts as spooled, and deleted only after its PUBACK. All SQLite
-calls run on one dedicated thread so the event loop never blocks on disk.
+before it counts as spooled, and deleted only after the hub's signed receipt
+covers it (:meth:`Spool.confirm`; the PUBACK only marks it sent,
+:meth:`Spool.mark_sent`), or, on a gateway that does not know the hub's key,
+after its PUBACK (:meth:`Spool.ack`). Sent batches with no receipt in time
+are handed out again by :meth:`Spool.overdue`. All SQLite calls run on one
+dedicated thread so the event loop never blocks on disk.
 
 Durability policies (``[spool] durability``):
 - ``full``: ``synchronous=FULL``; a batch reported as spooled survives a power cut.

@@ -1,7 +1,14 @@
-"""The uplink: spooled batches to the broker over MQTT QoS 1.
+"""The uplink: spooled batches to the broker over MQTT QoS 1, confirmed by the hub.
 
-A batch leaves the spool only when its PUBACK arrives; a lost connection
-simply restarts from the oldest unacknowledged batch (the hub drops the
+With the hub's key (receipts on, docs/reliability.md "Hub receipts"): a PUBACK
+marks a batch sent; the hub's signed receipt on ``{prefix}/{gateway}/receipt``
+deletes it; a sent batch with no receipt after ``confirm_timeout_s`` is
+published again; a signed heartbeat (the last seq sealed, what the spool
+holds) goes out on connect, every ``heartbeat_s`` and at a clean stop; the
+hub's ``resend`` command is :meth:`Uplink.resend`; a batch that cannot pass is
+split (:meth:`Uplink._after_failure`, :meth:`Uplink._overdue`). Without the
+key a batch leaves the spool when its PUBACK arrives. Either way a lost
+connection simply restarts from the oldest unsent batch (the hub drops the
 duplicates by (gateway, epoch, seq)).
 
 Draining. Before each connection attempt the spool is cut in two at its newest
