@@ -65,7 +65,7 @@ ERRORS = (
     "the new image crashed at boot",
     "the new image did not confirm in time",
 )
-REJECTED, ROLLED_BACK, CONFIRMED, TRIAL = 5, 6, 4, 3
+REBOOTING, TRIAL, CONFIRMED, REJECTED, ROLLED_BACK = 2, 3, 4, 5, 6
 CHUNK_MAX = 240
 FIRMWARE_KEYS_DIR = "firmware-keys"
 
@@ -214,6 +214,7 @@ class FirmwareUpdate:
         self.reboot_wait_s = reboot_wait_s
         self._progress = progress or (lambda n, size, phase: None)
         self._slowest = 0.0
+        self._held = 0  # bytes the terminal acknowledged
         self.outcome = Outcome(False, "not started")
 
     # -- one transaction each, in the bus's idle time
@@ -279,17 +280,31 @@ class FirmwareUpdate:
     async def _run(self, out: Outcome) -> None:
         m = self.manifest
         target = fwimage.version_text(m.version)
+        deadline = time.monotonic() + 10.0  # it may be booting (a commit before, a power-on)
+        while True:
+            try:
+                st = await self.status()
+                break
+            except (TransportError, DeviceException) as exc:
+                if isinstance(exc, DeviceException) or time.monotonic() > deadline:
+                    raise UpdateFailed(
+                        f"the terminal does not answer the update registers: {exc}"
+                    ) from None
+            await asyncio.sleep(0.5)
         try:
             model = await self.model()
-            st = await self.status()
-        except (TransportError, DeviceException) as exc:
-            raise UpdateFailed(
-                f"the terminal does not answer the update registers: {exc}"
-            ) from None
+        except (TransportError, DeviceException):
+            model = ""
         if model != m.model:
-            raise UpdateFailed(f"the image is for {m.model}, the terminal is a {model or '?'}")
+            raise UpdateFailed(
+                f"the image is for {m.model}, the terminal does not identify as one "
+                f"({model or 'identification object 1 unreadable'})"
+            )
         out.version_before = out.version_after = st.version
-        if st.version == m.version and st.state != TRIAL:
+        if st.state in (TRIAL, REBOOTING):  # an image committed before: it settles first
+            st = await self._settle()
+            out.version_after = st.version
+        if st.version == m.version:
             out.ok = True
             out.message = f"the terminal already runs {target}"
             return
@@ -298,7 +313,7 @@ class FirmwareUpdate:
         self._progress(st.received, size, "sending")
         if st.received:
             out.resumed_at.append(st.received)
-        offset = st.received
+        offset = self._held = st.received
         failures = 0
         while offset < size:
             chunk_max = min(CHUNK_MAX, st.chunk_max or CHUNK_MAX)
@@ -316,7 +331,7 @@ class FirmwareUpdate:
                     ) from None
                 out.resent += 1
                 st = await self.status()
-                offset = st.received
+                offset = self._held = st.received
                 continue
             except TransportError:
                 failures += 1
@@ -324,13 +339,13 @@ class FirmwareUpdate:
                 if failures <= self.retries:
                     continue
                 st = await self._wait_for_terminal("the terminal went silent during the transfer")
-                offset = st.received
+                offset = self._held = st.received
                 out.resumed_at.append(offset)
                 failures = 0
                 continue
             failures = 0
             out.chunks += 1
-            offset = min(size, offset + len(data))
+            offset = self._held = min(size, offset + len(data))
             self._progress(offset, size, "sending")
         self._progress(size, size, "checking")
         await self._commit(out)
@@ -354,10 +369,22 @@ class FirmwareUpdate:
                     raise UpdateFailed("the terminal does not answer") from None
             await asyncio.sleep(1.0)  # a previous image is still on trial
 
+    async def _settle(self) -> Status:
+        """Wait while an image committed earlier is rebooting or on trial (our reads
+        are its first good exchanges: it confirms, or it rolls back)."""
+        deadline = time.monotonic() + self.reboot_wait_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+            with contextlib.suppress(TransportError, DeviceException):
+                st = await self.status()
+                if st.state not in (TRIAL, REBOOTING):
+                    return st
+        raise UpdateFailed("the image committed before is still on trial: try again later")
+
     async def _wait_for_terminal(self, why: str) -> Status:
         """Wait until the terminal answers again (a power cut), then begin again: it resumes."""
         deadline = time.monotonic() + self.silent_wait_s
-        self._progress(0, self.manifest.size, "waiting for the terminal")
+        self._progress(self._held, self.manifest.size, "waiting for the terminal")
         while time.monotonic() < deadline:
             await asyncio.sleep(0.5)
             with contextlib.suppress(TransportError):

@@ -250,6 +250,35 @@ async def test_gateway_restart_mid_transfer_resumes(
     assert version_of(bus) == 101
 
 
+async def test_gateway_restart_after_the_commit_finds_the_new_version(
+    bus: FirmwareTerminal, key: ed25519.PrivateKey
+) -> None:
+    """The gateway dies while the terminal boots the new image: the next run sends
+    nothing again; its reads are the image's first good exchanges, it confirms."""
+    image = verified(make_image(key, 101), key)
+    gw = Gateway(bus)
+    committed = asyncio.Event()
+
+    def progress(n: int, size: int, phase: str) -> None:
+        if phase == "rebooting":
+            committed.set()
+
+    upd = gw.update(image)
+    upd._progress = progress
+    first = asyncio.create_task(gw.run(upd))
+    await committed.wait()
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    gw.link.close()
+    again = Gateway(bus)
+    out = await again.run(again.update(image))
+    assert out.ok and out.message == "the terminal already runs 1.1", out.message
+    assert out.chunks == 0
+    assert boot_state(bus)["state"] == 4  # confirmed
+    assert version_of(bus) == 101
+
+
 # ---------------------------------------------------------------- corruption
 
 
