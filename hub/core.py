@@ -198,7 +198,9 @@ class HubCore:
         self._tails: dict[str, dict[int, int]] = {}  # gw -> epoch -> last seq sealed
         self._due: dict[str, bool] = {}  # gateways owed a receipt -> a heartbeat asked
         self._sent: dict[str, float] = {}  # gw -> monotonic time of its last receipt
-        self._speaks: set[str] = set()  # gateways that sent a heartbeat: they can resend
+        # gateways that sent a heartbeat (they can resend) -> the epochs it named: its
+        # current one and those its spool still holds (the only ones worth asking for)
+        self._speaks: dict[str, set[int]] = {}
         # (gw, epoch) -> holes: [lo, hi, missing since, last asked] (monotonic seconds)
         self._holes: dict[tuple[str, int], list[tuple[int, int, float, float]]] = {}
 
@@ -493,7 +495,7 @@ class HubCore:
                 rows.append((h.gw, epoch, last, now_ms))
         if rows:
             self.store.write_tails(rows)
-        self._speaks.add(h.gw)
+        self._speaks[h.gw] = {epoch for epoch, _ in said}
         self._due[h.gw] = True  # a receipt on request, whatever the rate
         self.counters["heartbeats"] += 1
         return Outcome.HEARTBEAT
@@ -523,13 +525,14 @@ class HubCore:
                 out.append((gw, entries))
         return out
 
-    def holes(self, gw: str) -> dict[int, list[tuple[int, int]]]:
-        """Per epoch, the seqs of ``gw`` neither stored nor named by a gap notice, up to
-        the highest known to exist (stored, noticed, or sealed as its heartbeat said)."""
+    def holes(self, gw: str, epochs: set[int] | None = None) -> dict[int, list[tuple[int, int]]]:
+        """Per epoch (of ``epochs``, default all), the seqs of ``gw`` neither stored nor
+        named by a gap notice, up to the highest known to exist (stored, noticed, or
+        sealed as its heartbeat said)."""
         acct = self._accounting(gw)
         tails = self._tails.get(gw, {})
         out: dict[int, list[tuple[int, int]]] = {}
-        for epoch in {*acct, *tails}:
+        for epoch in {*acct, *tails} if epochs is None else epochs:
             r = acct.get(epoch) or SeqRanges()
             missing = r.holes(max(r.top, tails.get(epoch, -1)))
             if missing:
@@ -538,7 +541,8 @@ class HubCore:
 
     def asks_due(self, now: float | None = None) -> list[tuple[str, int, list[tuple[int, int]]]]:
         """(gateway, epoch, ranges) to ask for with a ``resend`` command now: holes of
-        gateways that send heartbeats (older ones cannot resend), missing for
+        gateways that send heartbeats (older ones cannot resend), in the epochs the
+        last heartbeat named (what the gateway may still hold), missing for
         ``hole_grace_s``, asked for at most once per ``hole_grace_s``. Before asking,
         the gateway's accounting is read again from the store (another worker may
         have stored what this one misses)."""
@@ -562,7 +566,7 @@ class HubCore:
     def _track(self, gw: str, now: float) -> dict[int, list[tuple[int, int]]]:
         """Update how long each hole of ``gw`` has been missing; the ones due an ask."""
         grace = self.hole_grace_s
-        current = self.holes(gw)
+        current = self.holes(gw, self._speaks.get(gw, set()))
         for key in [k for k in self._holes if k[0] == gw and k[1] not in current]:
             del self._holes[key]
         due: dict[int, list[tuple[int, int]]] = {}
