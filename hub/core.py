@@ -501,11 +501,16 @@ class HubCore:
         return Outcome.HEARTBEAT
 
     def receipt(self, gw: str) -> list[EpochReceipt]:
-        """What the hub durably accounts for of ``gw``: its newest epochs (at most
-        MAX_RECEIPT_EPOCHS; empty when it knows nothing of it)."""
+        """What the hub durably accounts for of ``gw``: the epochs its last heartbeat
+        named first (what its spool holds), then its newest, MAX_RECEIPT_EPOCHS in all
+        (empty when the hub knows nothing of it)."""
         acct = self._accounting(gw)
-        newest = sorted((e for e, r in acct.items() if r.r), reverse=True)[:MAX_RECEIPT_EPOCHS]
-        return [EpochReceipt.of(e, acct[e].r) for e in sorted(newest)]
+        known = [e for e, r in acct.items() if r.r]
+        named = self._speaks.get(gw, set())
+        first = sorted(e for e in known if e in named)
+        newest = sorted((e for e in known if e not in named), reverse=True)
+        chosen = (first + newest)[:MAX_RECEIPT_EPOCHS]
+        return [EpochReceipt.of(e, acct[e].r) for e in sorted(chosen)]
 
     def receipts_due(self, now: float | None = None) -> list[tuple[str, list[EpochReceipt]]]:
         """The receipts to send now: each gateway owed one, at most once per

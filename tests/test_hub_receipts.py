@@ -185,6 +185,20 @@ def test_gap_notices_account_and_split_is_not_lost(db: str) -> None:
         core.close()
 
 
+def test_a_receipt_names_the_epochs_the_gateway_holds_first(db: str) -> None:
+    core = new_core(db)
+    try:
+        for epoch in range(1, 71):  # a gateway that restarted 70 times
+            core.handle(topics.batch(GW), batch(epoch, 0))
+        core.flush()
+        assert [e.epoch for e in core.receipt(GW)] == list(range(7, 71))  # the newest 64
+        # its spool still holds a batch of epoch 2: that epoch is in the receipt
+        core.handle(topics.heartbeat(GW), heartbeat(70, 0, [HeldRange(2, 0, 0)]))
+        assert [e.epoch for e in core.receipt(GW)] == [2, *range(8, 71)]
+    finally:
+        core.close()
+
+
 def test_a_restarted_hub_reloads_its_accounting_from_the_store(db: str) -> None:
     core = new_core(db)
     t = topics.batch(GW)
