@@ -622,7 +622,10 @@ class Uplink:
         client = self._client_now
         if client is None or not client.connected or not self.receipts_on:
             return False
-        await self._heartbeat(client)
+        try:
+            await self._heartbeat(client)
+        except MqttError:  # the connection failed meanwhile: the session says so
+            return False
         return True
 
     async def _heartbeat(self, client: MqttClient) -> None:
@@ -670,7 +673,7 @@ class Uplink:
         fails, twice, is split (a broker limit below its size resets the connection,
         and MQTT 3.1.1 says nothing else)."""
         failed, self._failed = self._failed, []
-        if not failed or not self.receipts_on:
+        if not failed:
             return
         self._careful = max(self._careful, len(failed))
         if len(failed) > 1:
