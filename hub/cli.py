@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from hub.confpush import config_app
+from hub.firmware import firmware_app
 from hub.store import is_url, shown
 from protocols import envelope, topics
 from protocols.errors import VitalsError
@@ -33,6 +34,7 @@ hub_app = typer.Typer(
 )
 
 hub_app.add_typer(config_app, name="config")  # `vitals hub config push|status`
+hub_app.add_typer(firmware_app, name="firmware")  # `vitals hub firmware push|status`
 
 _DB_HELP = "hub database: an SQLite file, or a postgresql:// URL"
 
@@ -394,6 +396,7 @@ def hub_stats_cmd(
         "epochs",
         "missing batches",
         "dropped by gateway",
+        "split",
     ):
         t.add_column(col, justify="right" if col != "gateway" else "left")
     for gw, g in stats["gateways"].items():
@@ -404,11 +407,21 @@ def hub_stats_cmd(
             str(len(g["epochs"])),
             str(g["missing_batches"]),
             str(g["dropped_batches"]),
+            str(g["split_batches"]),
         )
     Console(highlight=False).print(t)
     typer.echo(
         f"duplicates dropped: {stats['duplicates']}  gap notices: {stats['gap_notices']}  "
         f"rejected: {stats['rejected'] or 'none'}"
+    )
+    typer.echo(
+        f"receipts sent: {stats['receipts_sent']}  heartbeats: {stats['heartbeats']}  "
+        f"resend asks: {stats['resend_asks']}"
+        + (
+            ""
+            if stats["heartbeats"]
+            else "  (no heartbeat yet: gateways without the hub key run without receipts)"
+        )
     )
     if stats.get("enrollments"):
         typer.echo(f"enrollment requests: {stats['enrollments']}")

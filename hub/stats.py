@@ -92,6 +92,9 @@ def summarize(
         "duplicates": totals.get("duplicates", 0),
         "duplicate_readings": totals.get("duplicate_readings", 0),
         "gap_notices": totals.get("gap_notices", 0),
+        "receipts_sent": totals.get("receipts_sent", 0),
+        "resend_asks": totals.get("resend_asks", 0),
+        "heartbeats": totals.get("heartbeats", 0),
         "rejected": {k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith("rejected.")},
         # enrollment requests by the desk's answer: "enrolled" and every refusal
         "enrollments": {
@@ -115,6 +118,7 @@ def _add_epoch(
     g["batches"] += count
     g["missing_batches"] += sum(b - a + 1 for a, b in missing)
     g["dropped_batches"] += sum(last - f + 1 for f, last in lost)
+    g["split_batches"] += sum(last - f + 1 for f, last, _, r in drops if r in NOT_LOST)
     g["epochs"][str(epoch)] = {
         "batches": count,
         "last_seq": max([top, *(m[1] for m in missing), *(last for _, last, _, _ in drops)]),
@@ -161,4 +165,11 @@ def _minus(span: list[int], cov: list[tuple[int, int]]) -> list[list[int]]:
 
 
 def _no_batches() -> dict[str, Any]:
-    return {"batches": 0, "readings": 0, "missing_batches": 0, "dropped_batches": 0, "epochs": {}}
+    return {
+        "batches": 0,
+        "readings": 0,
+        "missing_batches": 0,
+        "dropped_batches": 0,
+        "split_batches": 0,  # re-sealed smaller by the gateway: their readings are stored
+        "epochs": {},
+    }

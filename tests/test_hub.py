@@ -119,7 +119,14 @@ def test_forged_or_misrouted_gap_notices_are_refused(core: HubCore, tmp_path: Pa
     s = hub_stats(tmp_path / "hub.sqlite3")
     # enrolled, so listed, but nothing refused counted for it
     assert s["gateways"] == {
-        GW: {"batches": 0, "readings": 0, "missing_batches": 0, "dropped_batches": 0, "epochs": {}}
+        GW: {
+            "batches": 0,
+            "readings": 0,
+            "missing_batches": 0,
+            "dropped_batches": 0,
+            "split_batches": 0,
+            "epochs": {},
+        }
     }
     assert s["rejected"] == {
         "unknown_key": 1,

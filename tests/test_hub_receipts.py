@@ -175,6 +175,7 @@ def test_gap_notices_account_and_split_is_not_lost(db: str) -> None:
         assert core.receipt(GW) == [EpochReceipt(2, 7)]
         g = hub_stats(db)["gateways"][GW]
         assert (g["batches"], g["missing_batches"], g["dropped_batches"]) == (6, 0, 1)
+        assert g["split_batches"] == 1
         dropped = g["epochs"]["2"]["dropped_by_gateway"]
         # only seq 3 is dropped: 1 and 2 are stored, never counted twice
         assert [(d["first"], d["last"], d["reason"]) for d in dropped] == [
