@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiomqtt
 import pytest
+from typer.testing import CliRunner
 
 from agent.batch import Batcher
+from agent.cli import app
 from agent.clock import SystemClock
 from agent.rules import EdgeEvents, EventLink
 from agent.spool import Row, Spool, SpoolRow
+from agent.status import build_status
 from agent.uplink import Uplink, UplinkSettings
 from hub.core import HubCore
 from hub.worker import Hub
@@ -158,6 +163,29 @@ async def _publish(broker: MosquittoBroker, topic: str, payload: bytes) -> None:
         await c.publish(topic, payload, qos=1)
 
 
+def _status(tmp_path: Path, spool: Spool, up: Uplink) -> str:
+    """What `vitals status` prints for this spool and uplink."""
+    stats = {
+        "gateway": GW,
+        "epoch": EPOCH,
+        "uptime_s": 1.0,
+        "spool": spool.statistics(),
+        "uplink": up.statistics(),
+        "buses": {},
+    }
+    agent = SimpleNamespace(
+        statistics=lambda: stats,
+        config=SimpleNamespace(
+            source=tmp_path / "gw.toml", gateway=SimpleNamespace(state_dir=tmp_path)
+        ),
+    )
+    path = tmp_path / "status.json"
+    path.write_text(json.dumps(build_status(agent)))
+    r = CliRunner().invoke(app, ["status", "--status-file", str(path)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
 async def test_acknowledged_batch_is_sent_again_until_a_receipt_deletes_it(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -174,6 +202,8 @@ async def test_acknowledged_batch_is_sent_again_until_a_receipt_deletes_it(
         assert spool.statistics()["depth_batches"] == 3, "a PUBACK deletes nothing"
         assert spool.statistics()["sent_unconfirmed"] == 3
         assert spool.republished >= 3
+        out = _status(tmp_path, spool, up)
+        assert "receipts on: sent " in out and "unconfirmed 3 batches (waiting longest" in out
         # the heartbeat names what the spool holds and the last seq sealed
         hb = parse_heartbeat([p for t, p in got if t.endswith("/hb")][-1])
         hb.verify(KEY.public_key())
