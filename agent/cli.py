@@ -55,7 +55,7 @@ _LAZY = ("provision", "keygen", "key", "diag", "hub", "firmware")
 
 def _lazy_commands() -> dict[str, Any]:
     from agent.diag import diag_app
-    from agent.fwupdate import firmware_app
+    from agent.fwupdate_cli import firmware_app
     from agent.provision import key_app, keygen_command, provision_command
     from hub.cli import hub_app  # the hub is its own package: mounted here, never imported by run
 

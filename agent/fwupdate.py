@@ -17,23 +17,22 @@ puts a byte on the bus. Then, on the terminal (docs/firmware.md, "Updates"):
 5. wait until it confirms the new version, or reports that the old one came
    back (a crash at boot, no confirmation in time).
 
-``vitals firmware update --device D IMAGE`` runs this for a technician, with
-the bus's other devices polled meanwhile and a progress bar.
+``vitals firmware update --device D IMAGE`` (agent/fwupdate_cli.py) runs this
+for a technician, with the bus's other devices polled meanwhile and a progress
+bar; a running agent runs it for the hub (:class:`FirmwareCommands`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from agent.bus import BusPoller
 from agent.transport import ModbusLink, TransportError
@@ -45,10 +44,10 @@ from protocols.rtu import WriteFileRecordRequest, encode_request, frame_time
 __all__ = [
     "CHUNK_MAX",
     "BusTurns",
+    "FirmwareCommands",
     "FirmwareUpdate",
     "Outcome",
     "UpdateFailed",
-    "firmware_app",
     "load_firmware_keys",
 ]
 
@@ -68,6 +67,8 @@ ERRORS = (
 REBOOTING, TRIAL, CONFIRMED, REJECTED, ROLLED_BACK = 2, 3, 4, 5, 6
 CHUNK_MAX = 240
 FIRMWARE_KEYS_DIR = "firmware-keys"
+
+log = logging.getLogger(__name__)
 
 
 class UpdateFailed(RemoteError):
@@ -430,6 +431,108 @@ class FirmwareUpdate:
         )
 
 
+# --------------------------------------------------------------------------- from the hub
+
+PART_BYTES = 3000  # image bytes per ``firmware`` command (a command is at most 4 KiB)
+
+
+class FirmwareCommands:
+    """The ``firmware`` command of a running agent (``vitals hub firmware push``).
+
+    ``{"device": D, "action": "part", "offset": n, "total": size, "data": bytes,
+    "key": hex}`` hands over the image in parts (the first part names the
+    firmware key: the command is signed by the hub, so the hub names it); with
+    the last part the image is verified (that key or one of
+    ``<state_dir>/firmware-keys``) and the update starts in the background,
+    in the idle time of the device's bus poller. ``{"device": D, "action":
+    "status"}`` answers its progress, then its outcome.
+    """
+
+    def __init__(self, config: Any, pollers: Any, state_dir: Path) -> None:
+        self._config = config
+        self._pollers = pollers  # bus name -> BusPoller
+        self._state_dir = state_dir
+        self._parts: dict[str, tuple[bytearray, str]] = {}  # device -> (image so far, key hex)
+        self._tasks: dict[str, asyncio.Task[Outcome]] = {}
+        self.status: dict[str, dict[str, Any]] = {}  # device -> progress or outcome
+
+    async def handle(self, args: dict[str, Any]) -> object:
+        from agent.commands import CommandRefused
+
+        name = args.get("device")
+        try:
+            dev = self._config.device(name) if type(name) is str else None
+        except KeyError:
+            dev = None
+        if dev is None:
+            raise CommandRefused("unknown_device", str(name))
+        poller = self._pollers.get(dev.bus)
+        if poller is None:
+            raise CommandRefused("not_modbus", f"{dev.name} is not on a polled Modbus bus")
+        action = args.get("action", "status")
+        if action == "status":
+            return self.status.get(dev.name) or {"state": "idle"}
+        if action != "part":
+            raise CommandRefused("bad_args", "action: part or status")
+        task = self._tasks.get(dev.name)
+        if task is not None and not task.done():
+            raise CommandRefused("busy", f"{dev.name} is being updated")
+        offset, total, data = args.get("offset"), args.get("total"), args.get("data")
+        if type(offset) is not int or type(total) is not int or type(data) is not bytes:
+            raise CommandRefused("bad_args", "offset, total (int) and data (bytes)")
+        if not 0 < total <= 1 << 20:
+            raise CommandRefused("bad_args", f"an image of {total} bytes")
+        if offset == 0:
+            self._parts[dev.name] = (bytearray(), str(args.get("key") or ""))
+        buf, key = self._parts.get(dev.name, (bytearray(), ""))
+        if offset != len(buf):
+            raise CommandRefused("bad_offset", f"expected offset {len(buf)}")
+        buf += data
+        if len(buf) < total:
+            return {"received": len(buf)}
+        del self._parts[dev.name]
+        try:
+            keys = await asyncio.to_thread(
+                load_firmware_keys, self._state_dir, [key] if key else []
+            )
+            image = fwimage.parse(bytes(buf))
+            fwimage.verify(image, keys)
+        except (fwimage.ImageRefused, KeyFormatError) as exc:
+            self.status[dev.name] = {"state": "refused", "ok": False, "message": str(exc)}
+            raise CommandRefused("image_refused", str(exc)) from None
+        self._start(dev, poller, image)
+        return {"received": len(buf), "started": True}
+
+    def _start(self, dev: Any, poller: BusPoller, image: fwimage.FirmwareImage) -> None:
+        turns = BusTurns(poller)
+        st = self.status[dev.name] = {
+            "state": "sending",
+            "image": fwimage.version_text(image.manifest.version),
+            "held": 0,
+            "size": image.manifest.size,
+        }
+
+        def progress(n: int, size: int, phase: str) -> None:
+            st.update(state=phase, held=n)
+
+        baud = self._config.bus(dev.bus).baud
+        upd = FirmwareUpdate(
+            poller.link, dev.slave, image, turns=turns, baud=baud, progress=progress
+        )
+
+        async def run() -> Outcome:
+            turns.attach()
+            try:
+                out = await upd.run()
+            finally:
+                turns.detach()
+            self.status[dev.name] = {"state": "done", "image": st["image"], **out.as_dict()}
+            log.info("firmware update of %s: %s", dev.name, out.message)
+            return out
+
+        self._tasks[dev.name] = asyncio.create_task(run(), name=f"firmware {dev.name}")
+
+
 # --------------------------------------------------------------------------- keys
 
 
@@ -450,234 +553,3 @@ def load_firmware_keys(state_dir: Path, extra: Sequence[str] = ()) -> list[ed255
         except (ValueError, KeyFormatError):
             raise KeyFormatError(f"{where}: not a firmware public key (64 hex digits)") from None
     return keys
-
-
-# --------------------------------------------------------------------------- the command
-
-firmware_app = typer.Typer(
-    help="Terminal firmware: update a terminal behind this gateway.", no_args_is_help=True
-)
-
-
-def _die(message: str, hint: str = "", code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    if hint:
-        typer.echo(f"hint: {hint}", err=True)
-    return typer.Exit(code)
-
-
-@firmware_app.command("update")
-def update_command(
-    image: Annotated[Path, typer.Argument(help="the signed firmware image (.vfw)")],
-    device: Annotated[
-        str, typer.Option("--device", "-d", help="the terminal, by its name in the configuration")
-    ],
-    config: Annotated[
-        Path,
-        typer.Option("--config", "-c", envvar="VITALS_CONFIG", help="the gateway configuration"),
-    ] = Path("/etc/vitals/gateway.toml"),
-    state_dir: Annotated[
-        Path | None, typer.Option(envvar="VITALS_STATE_DIR", help="override [gateway] state_dir")
-    ] = None,
-    key: Annotated[
-        list[str] | None,
-        typer.Option("--key", help="a trusted firmware public key (hex, or a file); repeatable"),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="the outcome as JSON")] = False,
-) -> None:
-    """Update one terminal's firmware over its own bus; the bus's other devices keep being polled.
-
-    Stop the agent first (it holds the port). Run the same command again after
-    an interruption: the transfer resumes where the terminal's flash says.
-    """
-    from agent.config import load_config
-    from protocols.errors import ConfigError
-
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        raise _die(
-            str(exc).splitlines()[0], f"check it with: vitals config check -c {config}", 2
-        ) from None
-    except OSError as exc:
-        raise _die(f"{config}: {exc.strerror}", "name the configuration with --config", 2) from None
-    dev = next((d for d in cfg.devices if d.name == device), None)
-    if dev is None:
-        names = ", ".join(d.name for d in cfg.devices) or "none"
-        raise _die(f"no device {device!r} in {config}", f"devices: {names}", 2)
-    bus = next(b for b in cfg.buses if b.name == dev.bus)
-    if bus.kind not in ("rtu", "rtu-over-tcp", "tcp"):
-        raise _die(f"{device} is on a {bus.kind} bus", "firmware goes over Modbus buses only", 2)
-    if bus.kind == "rtu":
-        from agent.diag._common import port_busy, port_holder
-
-        if port_holder(bus.port) is not None:
-            busy = port_busy(bus.port)
-            raise _die(busy.message, busy.hint, 1)
-    state = state_dir or cfg.gateway.state_dir
-    try:
-        keys = load_firmware_keys(state, key or ())
-        data = image.read_bytes()
-    except KeyFormatError as exc:
-        raise _die(
-            str(exc), "a .pub file holds the 64 hex digits of the raw public key", 2
-        ) from None
-    except OSError as exc:
-        raise _die(f"{image}: {exc.strerror}", "name the image file", 2) from None
-    if not keys:
-        raise _die(
-            "no trusted firmware key",
-            f"install the vendor's key as {state / FIRMWARE_KEYS_DIR}/NAME.pub, or pass --key",
-            2,
-        )
-    try:
-        parsed = fwimage.parse(data)
-        manifest = fwimage.verify(parsed, keys)
-    except fwimage.ImageRefused as exc:
-        raise _die(
-            f"image refused, nothing was sent: {exc}", "ask for a correctly signed image", 1
-        ) from None
-    outcome = asyncio.run(_update_on_bus(cfg, bus, dev, parsed, quiet=as_json))
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {"device": device, "image": fwimage.version_text(manifest.version), **outcome}
-            )
-        )
-    elif outcome["ok"]:
-        typer.secho(f"{device}: {outcome['message']} ({outcome['seconds']} s)", fg="green")
-    else:
-        typer.secho(f"error: {device}: {outcome['message']}", fg="red", err=True)
-        typer.echo(
-            "hint: run the command again to resume; the terminal keeps its working firmware",
-            err=True,
-        )
-    raise typer.Exit(0 if outcome["ok"] else 1)
-
-
-async def _update_on_bus(
-    cfg: Any, bus: Any, dev: Any, image: fwimage.FirmwareImage, *, quiet: bool
-) -> dict[str, Any]:
-    """Poll the bus's devices (readings dropped) and update ``dev`` in the idle time."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from agent.bus import PolledDevice
-    from agent.clock import SystemClock
-    from agent.service import link_for
-
-    link = link_for(bus)
-    polls: dict[str, int] = {}
-
-    async def sink(readings: list[Any]) -> None:
-        return None
-
-    devices = [
-        PolledDevice(
-            name=d.name,
-            slave=d.slave,
-            interval_s=d.interval_s,
-            max_registers=d.profile.max_registers,
-            max_gap=d.profile.max_gap,
-            points=cfg.points.of(d),
-        )
-        for d in cfg.devices
-        if d.bus == bus.name and d.enabled and d.name != dev.name
-    ]
-    poller = (
-        BusPoller(
-            bus.name,
-            link,
-            devices,
-            sink,
-            SystemClock(),
-            retries=bus.retries,
-            inter_frame_s=bus.frame_gap_s,
-        )
-        if devices
-        else None
-    )
-    turns = BusTurns(poller)
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        disable=quiet,
-    )
-    task = bar.add_task(dev.name, total=image.manifest.size)
-
-    def progress(n: int, size: int, phase: str) -> None:
-        bar.update(task, completed=n, description=f"{dev.name}: {phase}")
-
-    upd = FirmwareUpdate(link, dev.slave, image, turns=turns, baud=bus.baud, progress=progress)
-    poll_task = None
-    with bar:
-        try:
-            if poller is not None:
-                turns.attach()
-                poll_task = asyncio.create_task(poller.run(), name=f"poll {bus.name}")
-            outcome = await upd.run()
-        finally:
-            turns.detach()
-            if poll_task is not None:
-                poll_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poll_task
-            else:
-                link.close()
-    if poller is not None:
-        polls = {d.name: d.polls for d in poller.devices}
-    return {**outcome.as_dict(), "other_devices_polls": polls}
-
-
-@firmware_app.command("pack")
-def pack_command(
-    directory: Annotated[
-        Path, typer.Argument(help="the firmware directory (its .py/.mpy modules)")
-    ],
-    model: Annotated[str, typer.Option(help="the terminals' product code, e.g. VX-SLM-1")],
-    version: Annotated[str, typer.Option(help="MAJOR.MINOR, e.g. 1.1 (register value 101)")],
-    key: Annotated[Path, typer.Option(help="the firmware private key (PKCS#8 PEM)")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="the image file to write")],
-) -> None:
-    """Build and sign a firmware image (the vendor's side; the key never goes to a gateway)."""
-    try:
-        major, minor = (int(x) for x in version.split("."))
-        if not (0 <= minor < 100 and 0 < major * 100 + minor <= 0xFFFF):
-            raise ValueError
-    except ValueError:
-        raise _die(f"--version {version}: expected MAJOR.MINOR", "e.g. --version 1.1", 2) from None
-    try:
-        private = ed25519.PrivateKey.from_pem(key.read_bytes())
-        payload = fwimage.pack_dir(directory)
-    except KeyFormatError as exc:
-        raise _die(f"{key}: {exc}", "vitals keygen writes one", 2) from None
-    except OSError as exc:
-        raise _die(f"{exc.filename}: {exc.strerror}", "", 2) from None
-    files = fwimage.unpack_slot(payload)
-    if "app.py" not in files and "app.mpy" not in files:
-        raise _die(f"{directory}: no app.py", "point at the firmware directory", 2)
-    data = fwimage.build(payload, model=model, version=major * 100 + minor, key=private)
-    output.write_bytes(data)
-    pub = private.public_key().public_bytes_raw().hex()
-    typer.echo(f"{output}: {model} {version}, {len(files)} files, {len(payload)} bytes")
-    typer.echo(f"firmware key (install as <state_dir>/firmware-keys/NAME.pub): {pub}")
-
-
-@firmware_app.command("show")
-def show_command(
-    image: Annotated[Path, typer.Argument(help="a firmware image (.vfw)")],
-) -> None:
-    """What an image holds: its manifest and files (not a verification: update does that)."""
-    try:
-        parsed = fwimage.parse(image.read_bytes())
-        files = fwimage.unpack_slot(parsed.payload)
-    except OSError as exc:
-        raise _die(f"{image}: {exc.strerror}", "", 2) from None
-    except fwimage.ImageRefused as exc:
-        raise _die(f"{image}: {exc}", "", 1) from None
-    m = parsed.manifest
-    typer.echo(f"model {m.model}, version {fwimage.version_text(m.version)}, {m.size} bytes")
-    typer.echo(f"sha256 {m.sha256.hex()}")
-    typer.echo(f"signed by firmware key {m.kid.hex()}")
-    typer.echo("files: " + ", ".join(f"{n} ({len(b)})" for n, b in sorted(files.items())))

@@ -27,6 +27,7 @@ from agent.clock import Clock, SystemClock
 from agent.commands import CommandExecutor, agent_handlers
 from agent.config import SENSOR_BUS, BusConfig, Config
 from agent.confpush import ConfigReceiver, ConfigStore
+from agent.fwupdate import FirmwareCommands
 from agent.rules import EdgeEvents, EventLink
 from agent.sdnotify import SdNotifier
 from agent.sensors import SensorReader
@@ -309,6 +310,8 @@ class Agent:
                     reload=self._request_reload if self._reload is not None else None,
                 ),
                 "resend": self.uplink.resend,
+                # a firmware image the hub pushes, sent in the idle time of the bus
+                "firmware": FirmwareCommands(cfg, {p.name: p for p in self.pollers}, state).handle,
             },
             seen_path=state / "commands.seen",
         )

@@ -68,7 +68,7 @@ __all__ = [
 
 CMD_DOMAIN: Final = "vitals/cmd/v1"
 RESULT_DOMAIN: Final = "vitals/cmd-result/v1"
-OPS: Final = ("ping", "read", "write", "reload", "log_level", "resend")
+OPS: Final = ("ping", "read", "write", "reload", "log_level", "resend", "firmware")
 #: ``resend`` asks for at most this many ``[lo, hi]`` seq ranges of one epoch
 MAX_RESEND_RANGES: Final = 64
 STATUSES: Final = ("ok", "refused", "failed")
