@@ -590,8 +590,14 @@ class HubCore:
         return due
 
     def hole_batches(self) -> int:
-        """Batches in the holes tracked (of gateways that send heartbeats)."""
-        return sum(hi - lo + 1 for held in self._holes.values() for lo, hi, _, _ in held)
+        """Batches missing now from the gateways that send heartbeats, in the epochs
+        their last heartbeat named (tail included): what :meth:`asks_due` would ask."""
+        return sum(
+            hi - lo + 1
+            for gw, epochs in self._speaks.items()
+            for missing in self.holes(gw, epochs).values()
+            for lo, hi in missing
+        )
 
     def _not_stored(self, gw: str, g: GapRange) -> list[GapRange]:
         """A "not_held" range without the seqs the hub has (the gateway answered a

@@ -348,4 +348,12 @@ async def test_the_worker_sends_receipts_after_the_write_and_asks_for_holes(
     assert early == []  # never a receipt for what was not yet written
     assert hub_stats(dbfile)["gateways"][GW]["missing_batches"] == 0
     assert core.counters["receipts_sent"] >= 4
+    pytest.importorskip("prometheus_client", reason="the metrics need the hub extra")
+    from hub.metrics import Metrics
+
+    text = Metrics(core).text().decode()
+    sent = next(ln for ln in text.splitlines() if ln.startswith("vitals_hub_receipts_sent_total"))
+    assert float(sent.split()[-1]) == core.counters["receipts_sent"]
+    assert "vitals_hub_resend_asks_total 1.0" in text
+    assert "vitals_hub_hole_batches 0.0" in text
     core.close()
