@@ -13,7 +13,8 @@ this process.
    with T(n bytes) = n x 10 bits / baud (8N1: the emulated bus runs without
    parity, as ptys refuse it), t3.5 from ``protocols.rtu.t35`` (3.5 x 11 bit
    times, 1.75 ms above 19200) and the emulator's turnaround (1 ms). The
-   figure is achieved transactions/s over the wire limit's; target >= 0.90.
+   figure is achieved transactions/s over the wire limit's; targets (issue 18)
+   >= 0.98 at 9600 baud and >= 0.95 at 115200.
 
 2. **One dead device**: slave 8 never answers; the intervals are chosen so
    the healthy bus (all 8) would be about half busy (interval = 16 x the wire
@@ -53,6 +54,7 @@ PROFILE = "sound_level_meter"
 TURNAROUND_S = 0.001
 SLAVES = 8
 TIMEOUT_S = {9600: 0.1, 115200: 0.03}  # ~4x and ~6x the reply's own wire time
+TARGET = {9600: 0.98, 115200: 0.95}  # of the wire limit
 
 
 def machine() -> dict[str, Any]:
@@ -278,10 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'all':>9} {'':>6} {r['mean_err']:>9.2%} {r['p99_err']:>8.2%} "
             f"{(r['steady_mean_err'] or 0):>12.2%} {r['steady_p99_err']:>11.2%}"
         )
-    ok_tp = all(r["fraction"] >= 0.90 for r in tp)
+    ok_tp = all(r["fraction"] >= TARGET[r["baud"]] for r in tp)
     ok_dead = all(r["steady_p99_err"] <= 0.10 and r["mean_err"] <= 0.10 for r in dd)
     print(
-        f"\nthroughput >= 0.90 of the wire limit: {'PASS' if ok_tp else 'FAIL'}; "
+        f"\nthroughput >= 0.98 (9600) and 0.95 (115200) of the wire limit: "
+        f"{'PASS' if ok_tp else 'FAIL'}; "
         f"seven keep their interval within 10 % (mean, steady p99): {'PASS' if ok_dead else 'FAIL'}"
     )
     for r in dd:
