@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from hub.store import BatchRow, SqliteStore, Store, open_store
+from hub.store import BatchRow, SqliteStore, Store, TailRow, open_store
 from protocols import envelope, topics
 from protocols.errors import ProtocolError, SignatureError
 from protocols.event import parse_event
@@ -196,6 +196,7 @@ class HubCore:
         self.receipt_interval_s = receipt_interval_s
         self._acct: dict[str, dict[int, SeqRanges]] = {}
         self._tails: dict[str, dict[int, int]] = {}  # gw -> epoch -> last seq sealed
+        self._tail_rows: list[TailRow] = []  # tails not yet written
         self._due: dict[str, bool] = {}  # gateways owed a receipt -> a heartbeat asked
         self._sent: dict[str, float] = {}  # gw -> monotonic time of its last receipt
         # gateways that sent a heartbeat (they can resend) -> the epochs it named: its
@@ -348,6 +349,9 @@ class HubCore:
         was not written must not be acknowledged (:meth:`hub.worker.Hub.commit`)."""
         if self.closed:
             return
+        if self._tail_rows:  # heartbeats' tails: one transaction per flush, not per message
+            self.store.write_tails(self._tail_rows)
+            self._tail_rows = []
         if not self._batch_rows:  # refusals are counted too
             self.store.save_counters(self.counters)
             return
@@ -493,8 +497,7 @@ class HubCore:
             if last > tails.get(epoch, -1):
                 tails[epoch] = last
                 rows.append((h.gw, epoch, last, now_ms))
-        if rows:
-            self.store.write_tails(rows)
+        self._tail_rows.extend(rows)  # written at the next flush
         self._speaks[h.gw] = {epoch for epoch, _ in said}
         self._due[h.gw] = True  # a receipt on request, whatever the rate
         self.counters["heartbeats"] += 1

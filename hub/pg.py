@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, repeat
 from typing import Any, TypeVar
 
-from hub.store import BatchRow, EventRow, GapRow, PointRow, SqlStore, TailRow
+from hub.store import UPSERT_TAIL, BatchRow, EventRow, GapRow, PointRow, SqlStore, TailRow
 from protocols.errors import LocalError
 from protocols.reading import Reading
 
@@ -502,7 +502,11 @@ class PgStore(SqlStore):
         return new
 
     def write_tails(self, rows: list[TailRow]) -> None:
-        self._retry(lambda: SqlStore.write_tails(self, rows))
+        self._retry(lambda: self._write_tails(rows))
+
+    def _write_tails(self, rows: list[TailRow]) -> None:
+        with self.db.transaction():
+            self.db.cursor().executemany(_pg(UPSERT_TAIL), rows)
 
     def write_event(self, row: EventRow) -> bool:
         values = list(row)

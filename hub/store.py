@@ -263,6 +263,12 @@ _INSERT_BATCH = (
     "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms, worker)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# a tail only grows: a heartbeat delivered late never lowers it
+UPSERT_TAIL = (
+    "INSERT INTO tails (gw, epoch, sealed, received_ms) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (gw, epoch) DO UPDATE SET sealed = excluded.sealed,"
+    " received_ms = excluded.received_ms WHERE excluded.sealed > tails.sealed"
+)
 _WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -400,13 +406,7 @@ class SqlStore:
         return [(int(e), int(s)) for e, s in rows]
 
     def write_tails(self, rows: list[TailRow]) -> None:
-        for row in rows:
-            self._run(
-                "INSERT INTO tails (gw, epoch, sealed, received_ms) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (gw, epoch) DO UPDATE SET sealed = excluded.sealed,"
-                " received_ms = excluded.received_ms WHERE excluded.sealed > tails.sealed",
-                row,
-            )
+        raise NotImplementedError  # one transaction: SqliteStore's and hub.pg's own
 
     # -- start-up -------------------------------------------------------------
 
@@ -634,6 +634,10 @@ class SqliteStore(SqlStore):
                 rows,
             )
         return max(0, cur.rowcount)
+
+    def write_tails(self, rows: list[TailRow]) -> None:
+        with self._transaction():
+            self.db.executemany(UPSERT_TAIL, rows)
 
     def write_event(self, row: EventRow) -> bool:
         cur = self.db.execute(
