@@ -131,6 +131,7 @@ class Agent:
         self.commands: CommandExecutor | None = None
         self.events: EdgeEvents | None = None
         self.confpush: ConfigReceiver | None = None
+        self.firmware: FirmwareCommands | None = None
 
     @property
     def buses(self) -> list[BusPoller | SensorReader]:
@@ -299,6 +300,7 @@ class Agent:
                     inter_frame_s=bus.frame_gap_s,
                 )
             )
+        self.firmware = FirmwareCommands(cfg, {p.name: p for p in self.pollers}, state)
         self.commands = CommandExecutor(
             cfg.gateway.id,
             hub_key,
@@ -311,7 +313,7 @@ class Agent:
                 ),
                 "resend": self.uplink.resend,
                 # a firmware image the hub pushes, sent in the idle time of the bus
-                "firmware": FirmwareCommands(cfg, {p.name: p for p in self.pollers}, state).handle,
+                "firmware": self.firmware.handle,
             },
             seen_path=state / "commands.seen",
         )
@@ -485,4 +487,7 @@ class Agent:
             out["commands"] = self.commands.statistics()
         if self.confpush is not None:
             out["config_push"] = self.confpush.statistics()
+        if self.firmware is not None and self.firmware.status:
+            # per device: progress, then the outcome (vitals status, vitals hub firmware status)
+            out["firmware"] = {d: dict(st) for d, st in self.firmware.status.items()}
         return out

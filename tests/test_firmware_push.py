@@ -108,9 +108,15 @@ async def test_the_hub_pushes_an_image_and_is_told_how_it_went(
             # an image the hub cannot verify is never sent
             code, out = await hub_cli(mosquitto, db, "firmware", "push", GW, "noise-1", str(good))
             assert code == 1 and "image refused, nothing was sent" in out
-            # the neighbour was polled all along (the agent's status file)
-            status = json.loads((state / "status.json").read_text())
-            assert "noise-2" in json.dumps(status)
+            # vitals status shows the outcome too (the status file, written every 5 s)
+            for _ in range(80):
+                status = json.loads((state / "status.json").read_text())
+                shown = status.get("firmware", {}).get("noise-1", {})
+                if shown.get("image") == "1.2" and shown.get("state") == "done":
+                    break
+                await asyncio.sleep(0.1)
+            assert shown["state"] == "done" and shown["ok"] is False, status.get("firmware")
+            assert shown["message"] == "the new image crashed at boot: 1.1 runs again"
         finally:
             proc.send_signal(15)
             await asyncio.wait_for(proc.wait(), 30)
