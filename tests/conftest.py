@@ -12,6 +12,50 @@ import pytest
 
 from simulator.broker import EmbeddedBroker, MosquittoBroker, make_broker, mosquitto_path
 
+# The slow system tests: whole processes, real brokers, databases and firmware
+# restarted or killed, faults injected for real, minutes of traffic. Marked
+# ``system`` here, by file (or by test where a file is mostly quick), so a developer
+# runs the rest alone with ``pytest -m "not system"``; CI runs everything.
+SYSTEM_FILES = frozenset(
+    {
+        "test_crash.py",  # kill -9 under load, 22 times
+        "test_outage.py",
+        "test_fleet.py",
+        "test_e2e.py",
+        "test_lying_broker.py",
+        "test_firmware_hil.py",  # the HIL suite against the firmware under MicroPython
+        "test_fwupdate.py",  # firmware updates under MicroPython: power cuts, restarts
+        "test_hub_pg.py",  # a PostgreSQL cluster of its own
+        "test_hub_resilience.py",  # Mosquitto restarted twenty times under a live hub
+    }
+)
+SYSTEM_PREFIXES = ("test_fault_",)  # the field's faults, injected for real
+SYSTEM_DIRS = frozenset({"journeys"})  # a person's whole path through the installed CLI
+SYSTEM_TESTS = frozenset(  # a real agent in a subprocess, from start to verified batch
+    {
+        "test_confpush.py::test_pushes_through_mosquitto_to_a_real_agent",
+        "test_health.py::test_three_outcomes_of_a_real_agent",
+        "test_diag_trace.py::test_tap_the_running_agents_modbus_tcp_bus",
+        "test_provision.py::test_from_nothing_to_a_verified_batch_with_one_command",
+    }
+)
+
+
+def _is_system(item: pytest.Item) -> bool:
+    name = item.path.name
+    return (
+        name in SYSTEM_FILES
+        or name.startswith(SYSTEM_PREFIXES)
+        or item.path.parent.name in SYSTEM_DIRS
+        or f"{name}::{getattr(item, 'originalname', item.name)}" in SYSTEM_TESTS
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_system(item):
+            item.add_marker(pytest.mark.system)
+
 
 def pytest_report_header(config: pytest.Config) -> str:
     exe = mosquitto_path()
