@@ -25,6 +25,7 @@ SYSTEM_FILES = frozenset(
         "test_lying_broker.py",
         "test_firmware_hil.py",  # the HIL suite against the firmware under MicroPython
         "test_fwupdate.py",  # firmware updates under MicroPython: power cuts, restarts
+        "test_firmware_push.py",  # the hub pushes firmware through Mosquitto to a real agent
         "test_hub_pg.py",  # a PostgreSQL cluster of its own
         "test_hub_resilience.py",  # Mosquitto restarted twenty times under a live hub
     }
