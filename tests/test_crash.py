@@ -1,7 +1,9 @@
 """kill -9 under load, many times: nothing the agent reported as spooled is lost.
 
 The agent runs as a subprocess (``vitals run --config F``) polling emulated
-Modbus TCP terminals fast, through a real Mosquitto, to a hub in this process.
+Modbus TCP terminals fast, through a real Mosquitto, to a hub in this process
+that signs receipts (the agent knows its key: a batch leaves the spool on the
+hub's receipt).
 It is killed with SIGKILL at random moments and restarted each time; a last
 run is stopped with SIGTERM. Every batch the agent logged as spooled
 ("spooled epoch=E seq=S n=N t0=T", written only after the spool's commit
@@ -24,8 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.state import save_hub_key
 from drivers.profiles import load_profile
 from hub.core import HubCore
+from hub.enroll import hub_key_path, load_or_create_hub_key
 from hub.stats import hub_stats
 from hub.worker import Hub
 from simulator.broker import MosquittoBroker
@@ -113,7 +117,10 @@ async def test_kill_9_at_random_moments_loses_nothing_spooled(
 
     core = HubCore(tmp_path / "hub.sqlite3")
     core.enroll(GW, bytes.fromhex(pub))
-    hub = Hub(core, host=mosquitto.host, port=mosquitto.port, shared=False)
+    # receipts on: a batch leaves the spool only on the hub's signed receipt
+    hub_key = load_or_create_hub_key(hub_key_path(tmp_path / "hub.sqlite3"))
+    save_hub_key(state, hub_key.public_key().public_bytes_raw())
+    hub = Hub(core, host=mosquitto.host, port=mosquitto.port, shared=False, hub_key=hub_key)
     logs: list[Path] = []
     try:
         async with asyncio.TaskGroup() as tg:
@@ -177,3 +184,6 @@ async def test_kill_9_at_random_moments_loses_nothing_spooled(
     assert stats["gateways"][GW]["dropped_batches"] == 0
     # the final run stopped on SIGTERM and said so
     assert "stopping: sealing the open batch" in logs[-1].read_text()
+    # every run confirmed by the hub's receipts, not by the broker's PUBACK
+    assert not [f.name for f in logs if "no hub key" in f.read_text(errors="replace")]
+    assert "receipt confirmed" in logs[-1].read_text()

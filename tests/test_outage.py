@@ -5,7 +5,8 @@ The agent keeps polling and spooling while the broker is away, reconnects
 live batches keep flowing. At the end every polled reading is at the hub and
 the spool is empty. The hub keeps a persistent session on a broker with
 persistence, so what the agent publishes before the hub is back is queued for
-the hub (without that, a PUBACK from the broker proves nothing end to end).
+the hub; and a batch leaves the agent's spool only on the hub's signed receipt
+(the agent knows the hub key), not on the broker's PUBACK.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import pytest
 
 from agent.config import parse_config
 from agent.service import Agent
-from agent.state import create_identity
+from agent.state import create_identity, save_hub_key
 from drivers.profiles import load_profile
 from hub.core import HubCore
+from hub.enroll import hub_key_path, load_or_create_hub_key
 from hub.stats import hub_stats
 from hub.worker import Hub
 from simulator.broker import MosquittoBroker, mosquitto_path
@@ -75,6 +77,10 @@ async def test_two_30_s_broker_outages_lose_nothing(tmp_path: Path, persist: Pat
     ident = create_identity(cfg.gateway.state_dir)
     core = HubCore(tmp_path / "hub.sqlite3")
     core.enroll(cfg.gateway.id, ident.public_raw)
+    # receipts on: the gateway knows the hub key (as enrollment teaches it) and a batch
+    # leaves its spool only on the hub's signed receipt
+    hub_key = load_or_create_hub_key(hub_key_path(tmp_path / "hub.sqlite3"))
+    save_hub_key(cfg.gateway.state_dir, hub_key.public_key().public_bytes_raw())
     hub = Hub(
         core,
         host=broker.host,
@@ -82,6 +88,7 @@ async def test_two_30_s_broker_outages_lose_nothing(tmp_path: Path, persist: Pat
         shared=False,
         persistent=True,
         client_id="hub-outage-test",
+        hub_key=hub_key,
     )
     agent = Agent(
         cfg,
@@ -141,4 +148,5 @@ async def test_two_30_s_broker_outages_lose_nothing(tmp_path: Path, persist: Pat
     assert gw["missing_batches"] == 0 and gw["dropped_batches"] == 0
     assert stats["rejected"] == {}
     assert up["connects"] == 3
+    assert up["confirm"] == "receipt" and up["receipts"] > 0 and up["receipts_refused"] == 0
     assert up["live_batches_sent"] > 0 and up["backlog_batches_sent"] > 0
