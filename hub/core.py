@@ -27,7 +27,7 @@ from protocols.errors import ProtocolError, SignatureError
 from protocols.event import parse_event
 from protocols.gap import GapRange, parse_gap
 from protocols.reading import Reading
-from protocols.receipt import MAX_RECEIPT_EPOCHS, EpochReceipt, parse_heartbeat
+from protocols.receipt import MAX_RECEIPT_EPOCHS, EpochReceipt, HeldRange, parse_heartbeat
 
 __all__ = ["HubCore", "Outcome", "SeqRanges"]
 
@@ -108,18 +108,20 @@ class SeqRanges:
         """The highest seq held, -1 when none."""
         return self.r[-1][1] if self.r else -1
 
-    def holes(self, top: int) -> list[tuple[int, int]]:
-        """The seqs 0..``top`` not held, as ranges."""
+    def missing(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The seqs ``lo..hi`` not held, as ranges."""
         out: list[tuple[int, int]] = []
-        expected = 0
-        for lo, hi in self.r:
-            if lo > top:
+        expected = lo
+        for a, b in self.r[max(0, bisect.bisect_left(self.r, (lo,)) - 1) :]:
+            if a > hi:
                 break
-            if lo > expected:
-                out.append((expected, lo - 1))
-            expected = hi + 1
-        if expected <= top:
-            out.append((expected, top))
+            if b < expected:
+                continue
+            if a > expected:
+                out.append((expected, a - 1))
+            expected = b + 1
+        if expected <= hi:
+            out.append((expected, hi))
         return out
 
 
@@ -191,7 +193,7 @@ class HubCore:
         # called after each write with the batches and which of them this worker stored
         self.on_flush: Callable[[list[BatchRow], list[bool]], None] | None = None
         # receipts (protocols.receipt): per gateway, per epoch, the seqs durably accounted
-        # for (written batches, gap notices), loaded from the store at first need
+        # for (written batches, gap notices) as far as this worker knows
         self.hole_grace_s = hole_grace_s
         self.receipt_interval_s = receipt_interval_s
         self._acct: dict[str, dict[int, SeqRanges]] = {}
@@ -199,9 +201,11 @@ class HubCore:
         self._tail_rows: list[TailRow] = []  # tails not yet written
         self._due: dict[str, bool] = {}  # gateways owed a receipt -> a heartbeat asked
         self._sent: dict[str, float] = {}  # gw -> monotonic time of its last receipt
-        # gateways that sent a heartbeat (they can resend) -> the epochs it named: its
-        # current one and those its spool still holds (the only ones worth asking for)
-        self._speaks: dict[str, set[int]] = {}
+        # gateways that sent a heartbeat (they can resend) -> its last one's (epoch,
+        # sealed, ranges its spool still holds)
+        self._speaks: dict[str, tuple[int, int, list[HeldRange]]] = {}
+        # (gw, epoch) -> the highest seq the store accounted for at its first heartbeat
+        self._floor: dict[tuple[str, int], int] = {}
         # (gw, epoch) -> holes: [lo, hi, missing since, last asked] (monotonic seconds)
         self._holes: dict[tuple[str, int], list[tuple[int, int, float, float]]] = {}
 
@@ -459,25 +463,25 @@ class HubCore:
         return Outcome.GAP
 
     # -- receipts, heartbeats and holes -----------------------------------------------
-
-    def _accounting(self, gw: str) -> dict[int, SeqRanges]:
-        """``gw``'s accounted seqs per epoch, loaded from the store at first need."""
-        acct = self._acct.get(gw)
-        if acct is None:
-            acct = self._acct[gw] = {}
-            for epoch, lo, hi in self.store.accounted(gw):
-                acct.setdefault(epoch, SeqRanges()).add(lo, hi)
-            tails = self._tails.setdefault(gw, {})
-            for epoch, sealed in self.store.tails(gw):
-                tails[epoch] = max(sealed, tails.get(epoch, -1))
-        return acct
+    #
+    # What a worker accounts for of a gateway is in memory: what it wrote since it
+    # started, and what the store holds of the ranges the gateway's heartbeats say
+    # it still holds, read when a heartbeat names them (never a gateway's whole
+    # history: a year of one epoch is 100 000 batches).
 
     def _epoch(self, gw: str, epoch: int) -> SeqRanges:
-        acct = self._accounting(gw)
+        acct = self._acct.setdefault(gw, {})
         r = acct.get(epoch)
         if r is None:
             r = acct[epoch] = SeqRanges()
         return r
+
+    def _load(self, gw: str, epoch: int, lo: int, hi: int) -> None:
+        """Add what the store accounts for of ``gw``'s seqs ``lo..hi`` that memory lacks."""
+        r = self._epoch(gw, epoch)
+        for a, b in r.missing(lo, hi):
+            for x, y in self.store.accounted(gw, epoch, a, b):
+                r.add(max(x, a), min(y, b))
 
     def _handle_heartbeat(self, topic: str, data: bytes) -> Outcome:
         hb = self._open(topic, data, parse_heartbeat, "hb")
@@ -488,28 +492,30 @@ class HubCore:
             held = hb.held()
         except ProtocolError as exc:
             return self._refuse(Outcome.MALFORMED_HEARTBEAT, h.gw, str(exc))
-        self._accounting(h.gw)
+        for r in held:  # what it waits a receipt for: does the store have it?
+            self._load(h.gw, r.epoch, r.first, r.last)
+        if (h.gw, h.epoch) not in self._floor:  # the tail starts above what is stored
+            self._floor[(h.gw, h.epoch)] = self.store.top(h.gw, h.epoch)
         tails = self._tails.setdefault(h.gw, {})
         said = [(h.epoch, h.sealed)] + [(r.epoch, r.last) for r in held]
         now_ms = time.time_ns() // 1_000_000
-        rows = []
         for epoch, last in said:
             if last > tails.get(epoch, -1):
                 tails[epoch] = last
-                rows.append((h.gw, epoch, last, now_ms))
-        self._tail_rows.extend(rows)  # written at the next flush
-        self._speaks[h.gw] = {epoch for epoch, _ in said}
+                self._tail_rows.append((h.gw, epoch, last, now_ms))  # written at the next flush
+        self._speaks[h.gw] = (h.epoch, h.sealed, held)
         self._due[h.gw] = True  # a receipt on request, whatever the rate
         self.counters["heartbeats"] += 1
         return Outcome.HEARTBEAT
 
     def receipt(self, gw: str) -> list[EpochReceipt]:
-        """What the hub durably accounts for of ``gw``: the epochs its last heartbeat
-        named first (what its spool holds), then its newest, MAX_RECEIPT_EPOCHS in all
-        (empty when the hub knows nothing of it)."""
-        acct = self._accounting(gw)
+        """What this worker knows the store accounts for of ``gw``: the epochs its last
+        heartbeat named first (what its spool holds), then its newest,
+        MAX_RECEIPT_EPOCHS in all (empty when it knows nothing of it)."""
+        acct = self._acct.get(gw, {})
         known = [e for e, r in acct.items() if r.r]
-        named = self._speaks.get(gw, set())
+        spoke = self._speaks.get(gw)
+        named = {spoke[0], *(r.epoch for r in spoke[2])} if spoke else set()
         first = sorted(e for e in known if e in named)
         newest = sorted((e for e in known if e not in named), reverse=True)
         chosen = (first + newest)[:MAX_RECEIPT_EPOCHS]
@@ -526,47 +532,56 @@ class HubCore:
             del self._due[gw]
             self._sent[gw] = now
             entries = self.receipt(gw)
-            tails = self._tails.get(gw)
-            if not entries and asked and tails:  # every heartbeat is answered: "nothing yet"
-                entries = [EpochReceipt(max(tails), -1)]
+            spoke = self._speaks.get(gw)
+            if not entries and asked and spoke:  # every heartbeat is answered: "nothing yet"
+                entries = [EpochReceipt(spoke[0], -1)]
             if entries:
                 out.append((gw, entries))
         return out
 
-    def holes(self, gw: str, epochs: set[int] | None = None) -> dict[int, list[tuple[int, int]]]:
-        """Per epoch (of ``epochs``, default all), the seqs of ``gw`` neither stored nor
-        named by a gap notice, up to the highest known to exist (stored, noticed, or
-        sealed as its heartbeat said)."""
-        acct = self._accounting(gw)
-        tails = self._tails.get(gw, {})
+    def holes(self, gw: str) -> dict[int, list[tuple[int, int]]]:
+        """Per epoch, the seqs ``gw``'s last heartbeat says exist that the hub does not
+        account for: of the ranges it still holds, and its tail (above the highest
+        stored, up to the last sealed)."""
+        spoke = self._speaks.get(gw)
+        if spoke is None:
+            return {}
+        epoch, sealed, held = spoke
+        want: dict[int, SeqRanges] = {}
+        for r in held:
+            want.setdefault(r.epoch, SeqRanges()).add(r.first, r.last)
+        floor = max(self._floor.get((gw, epoch), -1), self._epoch(gw, epoch).top)
+        if sealed > floor:
+            want.setdefault(epoch, SeqRanges()).add(floor + 1, sealed)
         out: dict[int, list[tuple[int, int]]] = {}
-        for epoch in {*acct, *tails} if epochs is None else epochs:
-            r = acct.get(epoch) or SeqRanges()
-            missing = r.holes(max(r.top, tails.get(epoch, -1)))
+        for e, w in want.items():
+            have = self._epoch(gw, e)
+            missing = [m for lo, hi in w.r for m in have.missing(lo, hi)]
             if missing:
-                out[epoch] = missing
+                out[e] = missing
         return out
 
     def asks_due(self, now: float | None = None) -> list[tuple[str, int, list[tuple[int, int]]]]:
-        """(gateway, epoch, ranges) to ask for with a ``resend`` command now: holes of
-        gateways that send heartbeats (older ones cannot resend), in the epochs the
-        last heartbeat named (what the gateway may still hold), missing for
-        ``hole_grace_s``, asked for at most once per ``hole_grace_s``. Before asking,
-        the gateway's accounting is read again from the store (another worker may
-        have stored what this one misses)."""
+        """(gateway, epoch, ranges) to ask for with a ``resend`` command now: the
+        :meth:`holes` of gateways that send heartbeats (older ones cannot resend),
+        missing for ``hole_grace_s``, asked for at most once per ``hole_grace_s``.
+        Before asking, those ranges are read again from the store (another worker
+        may have stored them)."""
         now = time.monotonic() if now is None else now
         out: list[tuple[str, int, list[tuple[int, int]]]] = []
         for gw in sorted(self._speaks):
             due = self._track(gw, now)
             if due:
-                self._acct.pop(gw, None)  # reload: the store is the truth
+                for epoch, ranges in due.items():
+                    for lo, hi in ranges:
+                        self._load(gw, epoch, lo, hi)
                 due = self._track(gw, now)
             for epoch, ranges in sorted(due.items()):
-                out.append((gw, epoch, ranges[:_MAX_ASK_RANGES]))
-                held = self._holes[(gw, epoch)]
+                asked = ranges[:_MAX_ASK_RANGES]
+                out.append((gw, epoch, asked))
                 self._holes[(gw, epoch)] = [
-                    (lo, hi, since, now if (lo, hi) in ranges[:_MAX_ASK_RANGES] else asked)
-                    for lo, hi, since, asked in held
+                    (lo, hi, since, now if (lo, hi) in asked else when)
+                    for lo, hi, since, when in self._holes[(gw, epoch)]
                 ]
                 self.counters["resend_asks"] += 1
         return out
@@ -574,7 +589,7 @@ class HubCore:
     def _track(self, gw: str, now: float) -> dict[int, list[tuple[int, int]]]:
         """Update how long each hole of ``gw`` has been missing; the ones due an ask."""
         grace = self.hole_grace_s
-        current = self.holes(gw, self._speaks.get(gw, set()))
+        current = self.holes(gw)
         for key in [k for k in self._holes if k[0] == gw and k[1] not in current]:
             del self._holes[key]
         due: dict[int, list[tuple[int, int]]] = {}
@@ -593,12 +608,12 @@ class HubCore:
         return due
 
     def hole_batches(self) -> int:
-        """Batches missing now from the gateways that send heartbeats, in the epochs
-        their last heartbeat named (tail included): what :meth:`asks_due` would ask."""
+        """Batches missing now of what the gateways' heartbeats say exist (tail
+        included): what :meth:`asks_due` asks for once the grace is over."""
         return sum(
             hi - lo + 1
-            for gw, epochs in self._speaks.items()
-            for missing in self.holes(gw, epochs).values()
+            for gw in self._speaks
+            for missing in self.holes(gw).values()
             for lo, hi in missing
         )
 
@@ -608,10 +623,11 @@ class HubCore:
         never also counted dropped. Other reasons are kept as they came."""
         if g.reason != "not_held":
             return [g]
-        pieces = [(lo, hi) for lo, hi in self._epoch(gw, g.epoch).holes(g.last) if hi >= g.first]
+        self._load(gw, g.epoch, g.first, g.last)
+        pieces = self._epoch(gw, g.epoch).missing(g.first, g.last)
         if pieces == [(g.first, g.last)]:
             return [g]
-        return [GapRange(g.epoch, max(lo, g.first), hi, 0, g.reason) for lo, hi in pieces]
+        return [GapRange(g.epoch, lo, hi, 0, g.reason) for lo, hi in pieces]
 
     def _handle_event(self, topic: str, data: bytes) -> Outcome:
         sealed = self._open(topic, data, parse_event, "event")

@@ -501,6 +501,12 @@ class PgStore(SqlStore):
                 new += cur.rowcount
         return new
 
+    def accounted(self, gateway: str, epoch: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        return self._retry(lambda: SqlStore.accounted(self, gateway, epoch, lo, hi))
+
+    def top(self, gateway: str, epoch: int) -> int:
+        return self._retry(lambda: SqlStore.top(self, gateway, epoch))
+
     def write_tails(self, rows: list[TailRow]) -> None:
         self._retry(lambda: self._write_tails(rows))
 

@@ -110,13 +110,14 @@ class Store(Protocol):
         ...
 
     # -- receipts (protocols.receipt) ---------------------------------------------
-    def accounted(self, gateway: str) -> list[tuple[int, int, int]]:
-        """(epoch, first, last) ranges of ``gateway``'s seqs the database accounts for:
-        batches stored and ranges named by its gap notices (may overlap)."""
+    def accounted(self, gateway: str, epoch: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Ranges of ``gateway``'s seqs ``lo..hi`` of ``epoch`` the database accounts
+        for: batches stored and ranges named by its gap notices (may overlap, may
+        reach beyond lo..hi)."""
         ...
 
-    def tails(self, gateway: str) -> list[tuple[int, int]]:
-        """(epoch, last seq sealed) as ``gateway``'s heartbeats said."""
+    def top(self, gateway: str, epoch: int) -> int:
+        """The highest seq of ``epoch`` stored or named by a gap notice; -1 if none."""
         ...
 
     def write_tails(self, rows: list[TailRow]) -> None:
@@ -389,21 +390,28 @@ class SqlStore:
 
     # -- receipts -------------------------------------------------------------
 
-    def accounted(self, gateway: str) -> list[tuple[int, int, int]]:
+    def accounted(self, gateway: str, epoch: int, lo: int, hi: int) -> list[tuple[int, int]]:
         # runs of consecutive seqs ("gaps and islands"): seq - row_number() is constant
         # along a run, so only the runs come back, never a row per batch
         runs = self._run(
-            "SELECT epoch, min(seq), max(seq) FROM ("
-            " SELECT epoch, seq, seq - row_number() OVER (PARTITION BY epoch ORDER BY seq) AS g"
-            " FROM batches WHERE gw = ?) AS s GROUP BY epoch, g",
-            (gateway,),
+            "SELECT min(seq), max(seq) FROM ("
+            " SELECT seq, seq - row_number() OVER (ORDER BY seq) AS g FROM batches"
+            " WHERE gw = ? AND epoch = ? AND seq BETWEEN ? AND ?) AS s GROUP BY g",
+            (gateway, epoch, lo, hi),
         ).fetchall()
-        gaps = self._run("SELECT epoch, first, last FROM gaps WHERE gw = ?", (gateway,))
-        return [(int(e), int(a), int(b)) for e, a, b in [*runs, *gaps.fetchall()]]
+        gaps = self._run(
+            "SELECT first, last FROM gaps WHERE gw = ? AND epoch = ? AND first <= ? AND last >= ?",
+            (gateway, epoch, hi, lo),
+        ).fetchall()
+        return [(int(a), int(b)) for a, b in [*runs, *gaps]]
 
-    def tails(self, gateway: str) -> list[tuple[int, int]]:
-        rows = self._run("SELECT epoch, sealed FROM tails WHERE gw = ?", (gateway,)).fetchall()
-        return [(int(e), int(s)) for e, s in rows]
+    def top(self, gateway: str, epoch: int) -> int:
+        row = self._run(
+            "SELECT max(t) FROM (SELECT max(seq) AS t FROM batches WHERE gw = ? AND epoch = ?"
+            " UNION ALL SELECT max(last) FROM gaps WHERE gw = ? AND epoch = ?) AS s",
+            (gateway, epoch, gateway, epoch),
+        ).fetchone()
+        return -1 if row is None or row[0] is None else int(row[0])
 
     def write_tails(self, rows: list[TailRow]) -> None:
         raise NotImplementedError  # one transaction: SqliteStore's and hub.pg's own

@@ -99,8 +99,8 @@ def test_seq_ranges_merge_and_holes() -> None:
     for lo, hi in [(5, 5), (0, 1), (3, 3), (2, 2), (9, 12), (7, 7), (6, 6), (20, 21)]:
         r.add(lo, hi)
     assert r.r == [(0, 3), (5, 7), (9, 12), (20, 21)]
-    assert r.holes(25) == [(4, 4), (8, 8), (13, 19), (22, 25)]
-    assert r.holes(3) == []
+    assert r.missing(0, 25) == [(4, 4), (8, 8), (13, 19), (22, 25)]
+    assert (r.missing(0, 3), r.missing(6, 10), r.missing(30, 31)) == ([], [(8, 8)], [(30, 31)])
     r.add(0, 30)
     assert (r.r, r.top) == ([(0, 30)], 30)
 
@@ -137,20 +137,24 @@ def test_holes_and_the_tail_are_asked_for_after_the_grace(db: str) -> None:
             core.handle(t, batch(5, seq))
         core.flush()
         assert core.asks_due(now=0.0) == []  # no heartbeat yet: it may not resend
-        core.handle(topics.heartbeat(GW), heartbeat(5, 7, [HeldRange(4, 10, 11)]))
-        assert core.holes(GW) == {5: [(2, 2), (4, 7)], 4: [(0, 11)]}
+        # it still holds 10..11 of its last epoch, and 2, 4..7 of this one (0, 1, 3
+        # were receipted); 4..7 are the tail: nothing above 3 reached the hub
+        held = [HeldRange(4, 10, 11), HeldRange(5, 2, 2), HeldRange(5, 4, 7)]
+        core.handle(topics.heartbeat(GW), heartbeat(5, 7, held))
+        assert core.holes(GW) == {5: [(2, 2), (4, 7)], 4: [(10, 11)]}
         assert core.asks_due(now=1000.0) == []  # seen missing now: grace starts
         assert core.asks_due(now=1029.0) == []
         core.handle(t, batch(5, 4))  # arrives (buffered, then written): the hole shrinks
         core.flush()
         asks = core.asks_due(now=1030.0)  # the shrunk hole keeps its age
-        assert asks == [(GW, 4, [(0, 11)]), (GW, 5, [(2, 2), (5, 7)])]
+        assert asks == [(GW, 4, [(10, 11)]), (GW, 5, [(2, 2), (5, 7)])]
         assert core.asks_due(now=1040.0) == []  # asked: not again within the grace
         assert core.asks_due(now=1060.0) == asks
         assert core.counters["resend_asks"] == 4
-        assert core.hole_batches() == 1 + 3 + 12
+        assert core.hole_batches() == 1 + 3 + 2
         stats = hub_stats(db)["gateways"][GW]
-        assert stats["missing_batches"] == 1 + 3 + 12  # the tails from the heartbeat
+        # the tails from the heartbeat: all of epoch 4 up to 11 is missing at the hub
+        assert stats["missing_batches"] == 1 + 3 + 12
         assert stats["epochs"]["5"]["missing"] == [[2, 2], [5, 7]]
         assert stats["epochs"]["5"]["last_seq"] == 7
         assert core.missing() == {GW: 16}
@@ -210,8 +214,11 @@ def test_a_restarted_hub_reloads_its_accounting_from_the_store(db: str) -> None:
     core.close()
     again = new_core(db)
     try:
+        assert again.receipt(GW) == []  # nothing read yet: a receipt says only what it knows
+        # the gateway's heartbeat names what it waits a receipt for: read from the store
+        again.handle(topics.heartbeat(GW), heartbeat(1, 60, [HeldRange(1, 0, 60)]))
         assert again.receipt(GW) == [EpochReceipt(1, 41, ((45, 49),))]
-        assert again.holes(GW) == {1: [(42, 44), (50, 60)]}  # the tail survives too
+        assert again.holes(GW) == {1: [(42, 44), (50, 60)]}
         assert hub_stats(db)["gateways"][GW]["missing_batches"] == 3 + 11
     finally:
         again.close()
@@ -223,7 +230,8 @@ def test_a_second_worker_learns_from_the_store_before_asking(db: str) -> None:
     try:
         a.handle(t, batch(1, 0))
         a.flush()
-        a.handle(topics.heartbeat(GW), heartbeat(1, 1))
+        a.handle(topics.heartbeat(GW), heartbeat(1, 1, [HeldRange(1, 1, 1)]))
+        assert a.holes(GW) == {1: [(1, 1)]}
         assert a.asks_due(now=0.0) == []
         b.handle(t, batch(1, 1))  # the shared subscription gave seq 1 to the other worker
         b.flush()
@@ -330,7 +338,8 @@ async def test_the_worker_sends_receipts_after_the_write_and_asks_for_holes(
             await client.publish(topics.batch(GW), batch(1, 3), qos=1)
             await until(lambda: len(receipts) > n, "receipt for a duplicate")
             # the heartbeat names the tail: 2 and 4..5 are missing, asked after the grace
-            await client.publish(topics.heartbeat(GW), heartbeat(1, 5), qos=1)
+            held = [HeldRange(1, 2, 2), HeldRange(1, 4, 5)]
+            await client.publish(topics.heartbeat(GW), heartbeat(1, 5, held), qos=1)
             await until(lambda: asks, "resend ask")
             assert asks[0] == {"epoch": 1, "ranges": [[2, 2], [4, 5]]}
             assert hub_stats(dbfile)["gateways"][GW]["missing_batches"] == 3
