@@ -252,10 +252,9 @@ class Agent:
         )
         if hub_key is None:
             log.warning(
-                "no hub key in %s: a batch leaves the spool on the broker's PUBACK, not on "
-                "the hub's receipt (a broker that drops it loses it); hint: enroll with "
-                "`vitals provision` to get hub receipts",
-                state,
+                "no hub key (hub.pub in the state directory): a batch leaves the spool on "
+                "the broker's PUBACK, not on the hub's receipt (a broker that drops it "
+                "loses it); hint: enroll with `vitals provision` to get hub receipts"
             )
         for bus in cfg.buses:
             devices = [
