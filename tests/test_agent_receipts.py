@@ -23,16 +23,18 @@ from typer.testing import CliRunner
 from agent.batch import Batcher
 from agent.cli import app
 from agent.clock import SystemClock
+from agent.commands import CommandExecutor
 from agent.rules import EdgeEvents, EventLink
 from agent.spool import Row, Spool, SpoolRow
 from agent.status import build_status
 from agent.uplink import Uplink, UplinkSettings
 from hub.core import HubCore
 from hub.worker import Hub
+from protocols import command as cmdproto
 from protocols import envelope, topics
 from protocols.ed25519 import PrivateKey
 from protocols.event import Event
-from protocols.gap import seal_gap
+from protocols.gap import parse_gap, seal_gap
 from protocols.reading import Reading
 from protocols.receipt import EpochReceipt, HeldRange, parse_heartbeat, seal_heartbeat, seal_receipt
 from simulator.broker import MosquittoBroker, free_port, mosquitto_path
@@ -402,3 +404,48 @@ async def test_event_connection_notices_a_broker_restart_while_idle(tmp_path: Pa
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await broker.stop()
+
+
+async def test_hub_asks_again_held_batches_go_out_the_rest_is_named_not_held(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The hub's signed ``resend`` over the real command path: what the spool holds is
+    published again, what it does not (or never sealed) is named in a gap notice with
+    reason ``not_held``, and the signed answer says both."""
+    b = _batcher()
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    rows = [await _seal(b, _readings(2, seed=i)) for i in range(6)]
+    await spool.append(rows)
+    up = _uplink(spool, mosquitto, b, confirm_timeout_s=600.0)
+    up.commands = CommandExecutor(GW, HUB_PUB, KEY, {"resend": up.resend})
+    got: list[tuple[str, bytes]] = []
+    async with _listener(mosquitto, got), _running(up, spool):
+        await _until(
+            lambda: spool.statistics()["sent_unconfirmed"] == 6 and len(_batches(got)) == 6
+        )
+        # the hub stored 0..1 and 3: the receipt deletes them; 2, 4, 5 stay
+        receipt = seal_receipt(HUB_KEY, GW, [EpochReceipt(EPOCH, 1, ((3, 3),))], 1)
+        await _publish(mosquitto, topics.receipt(GW), receipt)
+        await _until(lambda: spool.statistics()["depth_batches"] == 3)
+        sent_before = len(_batches(got))
+        wire, _ = cmdproto.command(
+            "resend",
+            {"epoch": EPOCH, "ranges": [[0, 2], [4, 9]]},
+            gateway=GW,
+            hub_key=HUB_KEY,
+            now_ms=int(time.time() * 1000),
+        )
+        await _publish(mosquitto, topics.cmd(GW), wire)
+        await _until(lambda: any(t.endswith("/cmd/result") for t, _ in got))
+        answer = cmdproto.parse_result(next(p for t, p in got if t.endswith("/cmd/result")))
+        answer.verify(KEY.public_key())
+        assert answer.status == "ok"
+        # 9 was never sealed (the last seq is 5): never named, whatever the hub asks
+        assert answer.value() == {"resent": 3, "not_held": [[EPOCH, 0, 1]]}
+        await _until(lambda: any(t.endswith("/gap") for t, _ in got))
+        await _until(lambda: len(_batches(got)) == sent_before + 3)
+    assert sorted(_batches(got)[sent_before:]) == [2, 4, 5]
+    gap = parse_gap(next(p for t, p in got if t.endswith("/gap")))
+    gap.verify(KEY.public_key())
+    assert [(g.first, g.last, g.reason) for g in gap.ranges()] == [(0, 1, "not_held")]
+    await spool.close()
