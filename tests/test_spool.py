@@ -328,3 +328,37 @@ async def test_drops_across_appends_extend_one_gap_row_unless_it_is_being_sent(
     await spool.gaps_sent([gaps[0][0]])
     assert [g for _, g in await spool.gaps()] == [g for _, g in later[1:]]
     await spool.close()
+
+
+async def test_sent_rows_wait_for_a_receipt_across_a_restart(tmp_path: Path) -> None:
+    """Receipts on: a PUBACK marks a row sent (persisted), the live read skips it, a
+    restart keeps it sent; only a receipt's spans delete rows; a split swaps a row for
+    its parts and a 'split' gap row at once."""
+    path = tmp_path / "spool.sqlite3"
+    spool = await Spool.open(path, durability="normal")
+    await spool.append(_rows(1, range(6)))
+    first = await spool.pending(0, 10)
+    spool.mark_sent([r.id for r in first[:4]])
+    await spool.flush_acks()
+    assert [r.seq for r in await spool.pending(0, 10)] == [4, 5]
+    assert spool.statistics()["sent_unconfirmed"] == 4 and not spool.empty.is_set()
+    await spool.close()
+
+    spool = await Spool.open(path, durability="normal")
+    assert [r.seq for r in await spool.pending(0, 10)] == [4, 5], "sent stays sent"
+    assert spool.statistics()["sent_unconfirmed"] == 4
+    assert await spool.held_ranges() == [(1, 0, 5)]
+    assert spool.overdue(3600.0) == [] and len(spool.overdue(0.0)) == 4
+    assert await spool.confirm([(1, 0, 1), (1, 3, 3), (2, 0, 99)]) == 3
+    assert await spool.held_ranges() == [(1, 2, 2), (1, 4, 5)]
+    assert spool.statistics()["sent_unconfirmed"] == 1 and spool.confirmed == 3
+    (row,) = [r for r in await spool.rows([first[2].id]) if r.seq == 2]
+    parts = _rows(1, range(6, 8), size=500, n=5)
+    assert await spool.split(row, parts)
+    assert await spool.held_ranges() == [(1, 4, 7)]
+    assert spool.statistics()["sent_unconfirmed"] == 0
+    gaps = await spool.gaps()
+    assert [(g.first, g.last, g.readings, g.reason) for _, g in gaps] == [(2, 2, 10, "split")]
+    assert await spool.confirm([(1, 0, 7)]) == 4
+    assert spool.empty.is_set()
+    await spool.close()
