@@ -268,6 +268,7 @@ class Uplink:
         self._careful = 0  # publishes to make one at a time (after a failure: who did it?)
         self._resets: dict[int, int] = {}  # id -> connections that failed with it alone
         self._client_now: MqttClient | None = None
+        self._receipt_at = -float("inf")  # when the last receipt came (monotonic)
         self._s = settings
         self._spool = spool
         self._meta = meta
@@ -613,6 +614,7 @@ class Uplink:
                 spans.append((e.epoch, 0, e.upto))
             spans.extend((e.epoch, lo, hi) for lo, hi in e.ranges)
         self.receipts += 1
+        self._receipt_at = time.monotonic()
         done = await self._spool.confirm(spans)
         if done:
             log.debug("uplink: receipt confirmed %d batches", done)
@@ -648,17 +650,41 @@ class Uplink:
 
     async def _overdue(self) -> None:
         """Send again what the broker acknowledged but the hub did not confirm in time;
-        split a batch that keeps failing while later ones get their receipts."""
+        split a batch sent again 3 times while the hub answers (its receipts, to the
+        heartbeats at least, arrive) but never names it: something on the way drops it.
+
+        While no receipt comes at all (the hub is down), the wait doubles after each
+        round, up to 16 times ``confirm_timeout_s``: the backlog is not sent over the
+        modem again every minute for nothing. The heartbeat's receipt, once the hub is
+        back, deletes what it has, and it asks for the rest."""
         spool = self._spool
-        timeout = self._s.confirm_timeout_s
+        s = self._s
+        base = s.confirm_timeout_s
+        quiet = 0  # rounds sent again while the hub said nothing
         while True:
-            await asyncio.sleep(min(5.0, max(0.05, timeout / 4)))
+            await asyncio.sleep(min(5.0, max(0.05, base / 4)))
+            # the hub answers every heartbeat: silence for 3 of them means it is away
+            alive = time.monotonic() - self._receipt_at < 3 * s.heartbeat_s + base
+            if alive:
+                quiet = 0
+            timeout = base * 2 ** min(quiet, 4)
             ids = spool.overdue(timeout)
             if not ids:
                 continue
+            if not alive:
+                quiet += 1
+                log.info(
+                    "uplink: %d batches had no receipt in %.0f s and the hub says nothing: "
+                    "sending again, next time after %.0f s",
+                    len(ids),
+                    timeout,
+                    base * 2 ** min(quiet, 4),
+                )
+                self._again.extend(ids)
+                spool.added.set()
+                continue
             stuck = [i for i in ids if spool.tries(i) > SPLIT_AFTER_TRIES]
-            later = spool.last_confirmed_id
-            for row in await spool.rows([i for i in stuck if i < later]):
+            for row in await spool.rows(stuck):
                 if await self._split(row, f"sent {SPLIT_AFTER_TRIES} times with no receipt"):
                     ids.remove(row.id)
             log.info(
