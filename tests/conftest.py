@@ -32,6 +32,7 @@ SYSTEM_FILES = frozenset(
 )
 SYSTEM_PREFIXES = ("test_fault_",)  # the field's faults, injected for real
 SYSTEM_DIRS = frozenset({"journeys"})  # a person's whole path through the installed CLI
+# and every test parametrized "postgresql": a private cluster of its own (tests/pg_cluster.py)
 SYSTEM_TESTS = frozenset(  # a real agent in a subprocess, from start to verified batch
     {
         "test_confpush.py::test_pushes_through_mosquitto_to_a_real_agent",
@@ -49,6 +50,7 @@ def _is_system(item: pytest.Item) -> bool:
         or name.startswith(SYSTEM_PREFIXES)
         or item.path.parent.name in SYSTEM_DIRS
         or f"{name}::{getattr(item, 'originalname', item.name)}" in SYSTEM_TESTS
+        or "postgresql" in getattr(getattr(item, "callspec", None), "id", "").split("-")
     )
 
 
