@@ -46,6 +46,7 @@ __all__ = [
     "BusTurns",
     "FirmwareCommands",
     "FirmwareUpdate",
+    "NoIdleTime",
     "Outcome",
     "UpdateFailed",
     "load_firmware_keys",
@@ -73,6 +74,10 @@ log = logging.getLogger(__name__)
 
 class UpdateFailed(RemoteError):
     """The terminal did not take the image (the message says what it runs now)."""
+
+
+class NoIdleTime(TransportError):
+    """The bus's poller gave no turn in time: its polls fill the line, or it stopped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +138,7 @@ class BusTurns:
         self._asked = asyncio.Event()
         self._want: tuple[asyncio.Future[None], asyncio.Future[None], float] | None = None
         self.granted = 0
+        self.grant_timeout_s = 60.0
 
     def attach(self) -> None:
         if self._poller is not None:
@@ -153,7 +159,14 @@ class BusTurns:
         self._want = (granted, release, cost_s)
         self._asked.set()
         try:
-            await granted
+            try:
+                async with asyncio.timeout(self.grant_timeout_s):
+                    await granted  # cancelled with us: the poller skips it
+            except TimeoutError:
+                raise NoIdleTime(
+                    f"bus {self._poller.name}: no idle time for a chunk in "
+                    f"{self.grant_timeout_s:.0f} s (its polls fill it, or it stopped)"
+                ) from None
             yield
         finally:
             if not release.done():
@@ -225,11 +238,16 @@ class FirmwareUpdate:
         return max(wire + 0.03, 1.5 * self._slowest) + self.link.inter_frame_s
 
     async def _timed(self, cost: float, call: Callable[[], Any]) -> Any:
-        async with self.turns.turn(cost):
-            t0 = time.monotonic()
-            result = await call()
-            self._slowest = max(self._slowest, time.monotonic() - t0)
-            return result
+        try:
+            async with self.turns.turn(cost):
+                t0 = time.monotonic()
+                result = await call()
+                self._slowest = max(self._slowest, time.monotonic() - t0)
+                return result
+        except NoIdleTime as exc:  # waiting longer would not help: say so now
+            raise UpdateFailed(
+                f"{exc}; stopped at byte {self._held}, the terminal keeps it for the next try"
+            ) from None
 
     async def status(self) -> Status:
         regs = await self._timed(

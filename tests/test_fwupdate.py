@@ -64,6 +64,8 @@ def make_image(key: ed25519.PrivateKey, version: int = 101, **replace: str) -> b
 
 def transact(port: str, req: ReadRequest) -> ReadRegistersResponse:
     with serial.Serial(port, BAUD, timeout=1.0) as ser:
+        time.sleep(0.05)  # a reply to a poller cancelled mid-request may still be on its way
+        ser.reset_input_buffer()
         ser.write(encode_request(req))
         parser = ResponseParser(req)
         while True:
@@ -95,13 +97,13 @@ class Gateway:
     """The gateway's side of the bus: a real link, the poller of the other terminal
     (slave 2, every INTERVAL_S), and updates of slave 1 in the poller's idle time."""
 
-    def __init__(self, fw: FirmwareTerminal) -> None:
+    def __init__(self, fw: FirmwareTerminal, interval_s: float = INTERVAL_S) -> None:
         self.link = ModbusLink.serial(fw.port, baud=BAUD, parity="N", timeout_s=0.3)
         profile = load_profile("sound_level_meter")
         points = list(enumerate(profile.points))
         self.laeq = next(i for i, p in points if p.spec.name == "laeq")
         other = PolledDevice(
-            "noise-2", 2, INTERVAL_S, profile.max_registers, profile.max_gap, points
+            "noise-2", 2, interval_s, profile.max_registers, profile.max_gap, points
         )
         self.readings: list[Reading] = []
         self.poller = BusPoller(
@@ -187,6 +189,20 @@ async def test_an_update_to_the_running_version_sends_nothing(
     out = await gw.run(gw.update(verified(make_image(key, 100), key)))
     assert out.ok and out.message == "the terminal already runs 1.0"
     assert out.chunks == 0 and not (bus.flash / "fwboot.json").exists()
+
+
+async def test_a_bus_without_idle_time_stops_the_transfer_not_the_polls(
+    bus: FirmwareTerminal, key: ed25519.PrivateKey
+) -> None:
+    """Polled back to back, the bus never has a chunk's time free: the update gives
+    up saying so, and the neighbour's polls were never pushed back by a chunk."""
+    gw = Gateway(bus, interval_s=0.02)  # every 20 ms: never a chunk's time free
+    gw.turns.grant_timeout_s = 2.0
+    out = await gw.run(gw.update(verified(make_image(key, 101), key)))
+    assert not out.ok
+    assert "no idle time for a chunk in 2 s" in out.message, out.message
+    assert out.chunks == 0 and version_of(bus) == 100
+    assert len(gw.other_polls(0, 2**63)) > 50  # the neighbour, meanwhile: polled on and on
 
 
 # ---------------------------------------------------------------- interruptions
