@@ -479,9 +479,12 @@ class HubCore:
     def _load(self, gw: str, epoch: int, lo: int, hi: int) -> None:
         """Add what the store accounts for of ``gw``'s seqs ``lo..hi`` that memory lacks."""
         r = self._epoch(gw, epoch)
-        for a, b in r.missing(lo, hi):
+        missing = r.missing(lo, hi)
+        if missing:  # one query over the span, however fragmented
+            a, b = missing[0][0], missing[-1][1]
             for x, y in self.store.accounted(gw, epoch, a, b):
-                r.add(max(x, a), min(y, b))
+                if x <= b and y >= a:
+                    r.add(max(x, a), min(y, b))
 
     def _handle_heartbeat(self, topic: str, data: bytes) -> Outcome:
         hb = self._open(topic, data, parse_heartbeat, "hb")
