@@ -233,6 +233,7 @@ class FirmwareTerminal:
             os.set_blocking(master, False)
             while os.read(master, 4096):
                 pass
+        os.set_blocking(master, True)  # the firmware's reads and writes expect a blocking fd
         argv = [self._interpreter, str(self.firmware_dir / "main.py"), "--fd", str(master)]
         argv += ["--slave", str(unit.slave), "--baud", str(self.baud)]
         argv += ["--state", str(unit.state)]

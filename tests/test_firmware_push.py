@@ -76,7 +76,9 @@ async def test_the_hub_pushes_an_image_and_is_told_how_it_went(
     )
     bad.write_bytes(make_image(vendor, 102, **{"device.py": broken}))
     vendor_hex = vendor.public_key().public_bytes_raw().hex()
-    async with FirmwareTerminal(slave=1, baud=BAUD, others=(2,), seed=1, trial_s=10) as fw:
+    async with FirmwareTerminal(
+        slave=1, baud=BAUD, others=(2,), seed=1, trial_s=10, ready_timeout_s=30
+    ) as fw:
         cfg = tmp_path / "gateway.toml"
         write_config(cfg, state, mosquitto, fw.port)
         log = tmp_path / "agent.log"
