@@ -7,7 +7,6 @@ Several workers split the load of one broker through a shared subscription
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import ssl
@@ -93,7 +92,7 @@ class Hub:
     ) -> None:
         self.core = core
         self.hub_key = hub_key
-        self._wake = asyncio.Event()  # a write or a heartbeat: receipts may be due
+        self._written = False  # a write since the last look: receipts may be due
         self.host, self.port, self.group = host, port, group
         self.prefix = core.prefix if prefix is None else prefix
         self.shared = shared  # amqtt (the demo's embedded broker) has no shared subscriptions
@@ -129,7 +128,7 @@ class Hub:
             self.write_failed = exc
             raise
         unacked, self._unacked = self._unacked, []
-        self._wake.set()
+        self._written = True
         paho = self._paho
         if paho is not None:
             for mid, qos in unacked:
@@ -216,15 +215,20 @@ class Hub:
             await asyncio.sleep(every_s)
 
     async def _answer(self, client: aiomqtt.Client, every_s: float = 1.0) -> None:
-        """Receipts after each write (and each heartbeat), resend asks for holes."""
+        """Receipts after each write (and each heartbeat), resend asks for holes.
+
+        It looks every 50 ms whether a write happened (no timeout around a wait: on
+        Python 3.11 a cancellation landing as the timeout expires can be taken for
+        the timeout, and SIGTERM must end the worker)."""
         core, key = self.core, self.hub_key
         assert key is not None
-        next_holes = 0.0
+        next_look = next_holes = 0.0
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(every_s):
-                    await self._wake.wait()
-            self._wake.clear()
+            await asyncio.sleep(0.05)
+            if not self._written and time.monotonic() < next_look:
+                continue
+            self._written = False
+            next_look = time.monotonic() + every_s
             now = time.monotonic()
             t_ms = time.time_ns() // 1_000_000
             for gw, entries in core.receipts_due(now):

@@ -233,10 +233,13 @@ interval_s = 0.1
         # broker (a request sent while it is away is not kept for it, as for any client
         # without a session; a technician's provision says "no answer" and is run again)
         def desk_back() -> bool:
+            # an outage starts "lost the broker", or "cannot reach the broker" when the
+            # desk never had it (its first connection timed out on a loaded machine)
             text = hub_log.read_text(errors="replace")
-            return text.count("enrollment desk lost the broker") == text.count(
-                "enrollment desk back on the broker"
+            down = text.count("enrollment desk lost the broker") + text.count(
+                "enrollment desk cannot reach the broker"
             )
+            return down == text.count("enrollment desk back on the broker")
 
         await _wait("the enrollment desk back on the broker", desk_back, 20)
         issued = await asyncio.to_thread(
