@@ -78,9 +78,12 @@ def update_command(
     if bus.kind not in ("rtu", "rtu-over-tcp", "tcp"):
         raise _die(f"{device} is on a {bus.kind} bus", "firmware goes over Modbus buses only", 2)
     if bus.kind == "rtu":
-        from agent.diag._common import port_busy, port_holder
+        import os
 
-        if port_holder(bus.port) is not None:
+        from agent.diag._common import port_busy
+        from agent.portlock import lock_holder
+
+        if lock_holder(bus.port) not in (None, os.getpid()):  # the agent locks its ports
             busy = port_busy(bus.port)
             raise _die(busy.message, busy.hint, 1)
     state = state_dir or cfg.gateway.state_dir

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -486,3 +488,36 @@ async def test_an_image_that_never_confirms_is_rolled_back_at_its_deadline(
     assert out.message == "the new image did not confirm in time: 1.0 runs again"
     assert version_of(bus) == 100
     assert boot_state(bus)["error"] == 5
+
+
+def test_cli_refuses_a_port_the_agent_holds(
+    bus: FirmwareTerminal, key: ed25519.PrivateKey, tmp_path: Path
+) -> None:
+    """The agent locks its ports (flock): the command names the holder, sends nothing."""
+    cfg = write_config(tmp_path, bus.port)
+    image = tmp_path / "noise-1.1.vfw"
+    image.write_bytes(make_image(key, 101))
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD_PORT, bus.port], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+            before = frames_heard(bus)
+            code, output = cli(
+                "firmware", "update", "--device", "noise-1", "--config", str(cfg),
+                "--key", key.public_key().public_bytes_raw().hex(), str(image),
+            )  # fmt: skip
+        finally:
+            holder.kill()
+    assert code == 1, output
+    assert f"error: {bus.port}: port busy: held by python" in output
+    assert "hint:" in output
+    assert frames_heard(bus) == before + 1
+
+
+HOLD_PORT = (
+    "import sys, time, serial\n"
+    "s = serial.Serial(sys.argv[1], exclusive=True)\n"
+    "print('holding', flush=True)\n"
+    "time.sleep(60)\n"
+)
