@@ -4,7 +4,8 @@ The image is verified first (``protocols.fwimage.verify``: the signature of a
 trusted firmware key, the payload's size and SHA-256): a refused image never
 puts a byte on the bus. Then, on the terminal (docs/firmware.md, "Updates"):
 
-1. read its control block (holding 48-55) and its model (identification object 1);
+1. read its control block (holding 48-55; wait while it boots or an image is on
+   trial) and its model (identification object 1);
 2. *begin* (holding 56-75: size, version, SHA-256): a terminal that already
    holds part of this very image keeps it, and says how much (50-51);
 3. send the rest in chunks with function 21 (write file record), each in the
@@ -56,7 +57,6 @@ __all__ = [
 FWU_STATUS = 48
 FWU_COMMAND = 56
 CMD_BEGIN, CMD_COMMIT = 1, 2
-STATES = ("idle", "receiving", "rebooting", "trial", "confirmed", "rejected", "rolled back")
 ERRORS = (
     "",
     "the received image's SHA-256 is wrong",
@@ -130,7 +130,7 @@ class BusTurns:
     Attached to a :class:`BusPoller` (``poller.idle``), it is called whenever
     nothing is due before the next poll; it grants a waiting :meth:`turn`
     only if its cost fits before that poll, so the devices polled keep their
-    intervals. Without a poller (or before it runs) a turn is granted at once.
+    intervals. Without a poller, or detached from it, a turn is granted at once.
     """
 
     def __init__(self, poller: BusPoller | None = None) -> None:
@@ -227,7 +227,8 @@ class FirmwareUpdate:
         self.silent_wait_s = silent_wait_s
         self.reboot_wait_s = reboot_wait_s
         self._progress = progress or (lambda n, size, phase: None)
-        self._slowest = 0.0
+        self._slowest = 0.0  # the slowest clean exchange: a chunk's cost is 1.5 times it
+        self._clean = True
         self._held = 0  # bytes the terminal acknowledged
         self.outcome = Outcome(False, "not started")
 
@@ -238,11 +239,16 @@ class FirmwareUpdate:
         return max(wire + 0.03, 1.5 * self._slowest) + self.link.inter_frame_s
 
     async def _timed(self, cost: float, call: Callable[[], Any]) -> Any:
+        # an exchange after a failed one waits out the link's late window first: not
+        # what an exchange costs, so only one after a success is measured
+        clean, self._clean = self._clean, False
         try:
             async with self.turns.turn(cost):
                 t0 = time.monotonic()
                 result = await call()
-                self._slowest = max(self._slowest, time.monotonic() - t0)
+                if clean:
+                    self._slowest = max(self._slowest, time.monotonic() - t0)
+                self._clean = True
                 return result
         except NoIdleTime as exc:  # waiting longer would not help: say so now
             raise UpdateFailed(
