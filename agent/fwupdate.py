@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bus import BusPoller
-from agent.transport import ModbusLink, TransportError
+from agent.transport import LinkDown, ModbusLink, TransportError
 from protocols import ed25519, fwimage
 from protocols.errors import DeviceException, KeyFormatError, RemoteError
 from protocols.modbus import Space
@@ -65,7 +65,7 @@ ERRORS = (
     "the new image crashed at boot",
     "the new image did not confirm in time",
 )
-REBOOTING, TRIAL, CONFIRMED, REJECTED, ROLLED_BACK = 2, 3, 4, 5, 6
+RECEIVING, REBOOTING, TRIAL, CONFIRMED, REJECTED, ROLLED_BACK = 1, 2, 3, 4, 5, 6
 CHUNK_MAX = 240
 FIRMWARE_KEYS_DIR = "firmware-keys"
 
@@ -110,6 +110,7 @@ class Outcome:
     resent: int = 0  # chunks sent again (no answer, a gap)
     resumed_at: list[int] = field(default_factory=list)  # byte offsets a transfer resumed from
     seconds: float = 0.0
+    verdict: str = ""  # the terminal's own: "rejected" or "rolled back" (the image is bad)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +122,7 @@ class Outcome:
             "resent": self.resent,
             "resumed_at": self.resumed_at,
             "seconds": round(self.seconds, 1),
+            "verdict": self.verdict,
         }
 
 
@@ -298,6 +300,9 @@ class FirmwareUpdate:
         except UpdateFailed as exc:
             out.ok = False
             out.message = str(exc)
+        except (TransportError, DeviceException) as exc:
+            out.ok = False
+            out.message = f"{exc}: stopped at byte {self._held}; run it again to resume"
         finally:
             out.seconds = time.monotonic() - t0
         return out
@@ -311,7 +316,7 @@ class FirmwareUpdate:
                 st = await self.status()
                 break
             except (TransportError, DeviceException) as exc:
-                if isinstance(exc, DeviceException) or time.monotonic() > deadline:
+                if isinstance(exc, DeviceException | LinkDown) or time.monotonic() > deadline:
                     raise UpdateFailed(
                         f"the terminal does not answer the update registers: {exc}"
                     ) from None
@@ -422,6 +427,7 @@ class FirmwareUpdate:
             await self._command([CMD_COMMIT])
         except DeviceException:
             st = await self.status()
+            out.verdict = "rejected"
             raise UpdateFailed(
                 f"{st.why or 'the terminal refused the image'}: rejected; "
                 f"it keeps running {fwimage.version_text(st.version)}"
@@ -439,11 +445,15 @@ class FirmwareUpdate:
             except (TransportError, DeviceException):
                 continue  # resetting
             out.version_after = st.version
+            if st.state == RECEIVING and st.received >= m.size:
+                await self._commit(out)  # the commit did not arrive: again
+                continue
             if st.state == CONFIRMED and st.version == m.version:
                 out.ok = True
                 out.message = f"updated to {fwimage.version_text(m.version)}"
                 return
             if st.state in (ROLLED_BACK, REJECTED):
+                out.verdict = "rolled back" if st.state == ROLLED_BACK else "rejected"
                 raise UpdateFailed(
                     f"{st.why}: {fwimage.version_text(st.version)} runs again"
                     if st.state == ROLLED_BACK
@@ -548,6 +558,9 @@ class FirmwareCommands:
             turns.attach()
             try:
                 out = await upd.run()
+            except Exception as exc:  # a task of its own: its end is always reported
+                log.exception("firmware update of %s failed", dev.name)
+                out = Outcome(False, f"{type(exc).__name__}: {exc}")
             finally:
                 turns.detach()
             self.status[dev.name] = {"state": "done", "image": st["image"], **out.as_dict()}

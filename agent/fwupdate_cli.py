@@ -120,10 +120,13 @@ def update_command(
         typer.secho(f"{device}: {outcome['message']} ({outcome['seconds']} s)", fg="green")
     else:
         typer.secho(f"error: {device}: {outcome['message']}", fg="red", err=True)
-        typer.echo(
-            "hint: run the command again to resume; the terminal keeps its working firmware",
-            err=True,
-        )
+        if outcome["verdict"]:
+            hint = "the terminal refused this image and runs its old one: tell the image's vendor"
+        elif outcome["chunks"] or outcome["resumed_at"]:
+            hint = "run the command again to resume; the terminal keeps its working firmware"
+        else:
+            hint = f"nothing was sent; does it answer? vitals diag read --config {config} --device {device}"
+        typer.echo(f"hint: {hint}", err=True)
     raise typer.Exit(0 if outcome["ok"] else 1)
 
 

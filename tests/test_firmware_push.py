@@ -107,6 +107,7 @@ async def test_the_hub_pushes_an_image_and_is_told_how_it_went(
             assert code == 0, out
             st = json.loads(out)
             assert st["ok"] is False and st["version_after"] == "1.1" and st["image"] == "1.2"
+            assert st["verdict"] == "rolled back"
             # an image the hub cannot verify is never sent
             code, out = await hub_cli(mosquitto, db, "firmware", "push", GW, "noise-1", str(good))
             assert code == 1 and "image refused, nothing was sent" in out

@@ -332,6 +332,7 @@ async def test_a_chunk_corrupted_past_the_crc_fails_the_terminals_hash_check(
     out = await gw.run(gw.update(tampered))
     assert not out.ok
     assert out.message == ("the received image's SHA-256 is wrong: rejected; it keeps running 1.0")
+    assert out.verdict == "rejected"
     assert version_of(bus) == 100
     state = boot_state(bus)
     assert state["state"] == 5 and state["error"] == 1 and state["active"] == "a"
@@ -467,6 +468,7 @@ async def test_an_image_crashing_at_boot_brings_the_old_version_back(
     out = await gw.run(gw.update(verified(make_image(key, 102, **{"device.py": broken}), key)))
     assert not out.ok
     assert out.message == "the new image crashed at boot: 1.0 runs again"
+    assert out.verdict == "rolled back"
     assert out.version_after == 100
     assert version_of(bus) == 100
     state = boot_state(bus)
