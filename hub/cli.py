@@ -228,12 +228,18 @@ def hub(
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(quiet_closed_sockets)
 
-        def stop() -> None:
-            # again each second until it ends: the reconnect loop can miss one
-            # cancellation (aiomqtt's MqttError from a TaskGroup that dropped it)
+        def stop(again: bool = False) -> None:
+            # again each second until it ends: a task can miss one cancellation
+            # (aiomqtt's MqttError from a TaskGroup that dropped it; Python 3.11's
+            # wait_for inside a publish), and a TaskGroup cancels its tasks only
+            # once, so from the second second on every task is cancelled again
             if task is not None and not task.done():
                 task.cancel()
-                loop.call_later(1.0, stop)
+                if again:
+                    for t in asyncio.all_tasks(loop):
+                        if t is not task:
+                            t.cancel()
+                loop.call_later(1.0, stop, True)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)

@@ -24,13 +24,25 @@ if TYPE_CHECKING:
 
     from protocols import ed25519
 
-__all__ = ["Hub", "quiet_closed_sockets"]
+__all__ = ["Hub", "publish", "quiet_closed_sockets"]
 
 log = logging.getLogger(__name__)
 # the MQTT client's own log: it says "failed to receive on socket" (at ERROR) for every
 # outage the worker reports itself, once, in its own words (hub.reconnect)
 _client_log = logging.getLogger("hub.mqtt")
 _client_log.setLevel(logging.CRITICAL)
+
+
+async def publish(client: aiomqtt.Client, topic: str, data: bytes, **kw: Any) -> None:
+    """``client.publish``, honouring a cancellation it swallowed: aiomqtt waits with
+    ``asyncio.wait_for``, which on Python 3.11 returns the result when the publish
+    completes as the cancellation lands, and a TaskGroup cancels its tasks once.
+    The task still says it is being cancelled: without this the worker can outlive
+    SIGTERM for good."""
+    await client.publish(topic, data, **kw)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def quiet_closed_sockets(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -211,7 +223,7 @@ class Hub:
         gateway's clock against it (MQTT itself carries no time)."""
         topic = topics.hub_time(self.prefix)
         while True:
-            await client.publish(topic, f"{time.time():.3f}".encode(), qos=0, retain=True)
+            await publish(client, topic, f"{time.time():.3f}".encode(), qos=0, retain=True)
             await asyncio.sleep(every_s)
 
     async def _answer(self, client: aiomqtt.Client, every_s: float = 1.0) -> None:
@@ -233,7 +245,7 @@ class Hub:
             t_ms = time.time_ns() // 1_000_000
             for gw, entries in core.receipts_due(now):
                 wire = seal_receipt(key, gw, entries, t_ms)
-                await client.publish(topics.receipt(gw, self.prefix), wire, qos=1)
+                await publish(client, topics.receipt(gw, self.prefix), wire, qos=1)
                 core.counters["receipts_sent"] += 1
             if now < next_holes:
                 continue
@@ -254,7 +266,7 @@ class Hub:
                     ", ".join(f"{lo}-{hi}" for lo, hi in ranges[:4])
                     + (" ..." if len(ranges) > 4 else ""),
                 )
-                await client.publish(topics.cmd(gw, self.prefix), wire, qos=1)
+                await publish(client, topics.cmd(gw, self.prefix), wire, qos=1)
 
     async def _flusher(self) -> None:
         while True:
