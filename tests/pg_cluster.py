@@ -56,6 +56,24 @@ def _run_as() -> tuple[int, int] | None:
     raise RuntimeError("running as root and no 'postgres' or 'nobody' user to run PostgreSQL as")
 
 
+def _ready(bindir: Path, proc: subprocess.Popen[bytes], port: int, root: Path, last: bool) -> bool:
+    """Wait until the cluster answers; False if it lost its port to another process."""
+    deadline = time.monotonic() + 30
+    while True:
+        ready = subprocess.run(
+            [bindir / "pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", USER],
+            check=False,
+        )
+        if ready.returncode == 0:
+            return True
+        if proc.poll() is not None or time.monotonic() > deadline:
+            text = (root / "postgres.log").read_text(errors="replace")
+            if proc.poll() is not None and "Address already in use" in text and not last:
+                return False
+            raise RuntimeError("private PostgreSQL did not start: " + text[-2000:])
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def private_cluster(*, settings: dict[str, str] | None = None) -> Iterator[str]:
     """Start a private cluster; yields ``postgresql://vitals@127.0.0.1:PORT/vitals``.
@@ -87,34 +105,27 @@ def private_cluster(*, settings: dict[str, str] | None = None) -> Iterator[str]:
         )
         if init.returncode:
             raise RuntimeError(f"initdb failed: {init.stderr.decode(errors='replace')[-2000:]}")
-        port = _free_port()
-        opts = {
-            "listen_addresses": "127.0.0.1",
-            "unix_socket_directories": str(sock),
-            "port": str(port),
-            "max_wal_size": "4GB",  # no checkpoint storm in the middle of a bench
-            **(settings or {}),
-        }
-        cmd: list[object] = [bindir / "postgres", "-D", data]
-        for k, v in opts.items():
-            cmd += ["-c", f"{k}={v}"]
-        log = open(root / "postgres.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, **kw)
-        log.close()
-        deadline = time.monotonic() + 30
-        while True:
-            ready = subprocess.run(
-                [bindir / "pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", USER],
-                check=False,
+        # a free port can be taken by another process before postgres binds it (two
+        # suites at once): start again on another one
+        for attempt in range(5):
+            port = _free_port()
+            opts = {
+                "listen_addresses": "127.0.0.1",
+                "unix_socket_directories": str(sock),
+                "port": str(port),
+                "max_wal_size": "4GB",  # no checkpoint storm in the middle of a bench
+                **(settings or {}),
+            }
+            cmd: list[object] = [bindir / "postgres", "-D", data]
+            for k, v in opts.items():
+                cmd += ["-c", f"{k}={v}"]
+            log = open(root / "postgres.log", "wb")  # noqa: SIM115 - closed below
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, **kw
             )
-            if ready.returncode == 0:
+            log.close()
+            if _ready(bindir, proc, port, root, last=attempt == 4):
                 break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    "private PostgreSQL did not start: "
-                    + (root / "postgres.log").read_text(errors="replace")[-2000:]
-                )
-            time.sleep(0.1)
         subprocess.run(
             [bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", USER, DATABASE],
             check=True,
