@@ -538,7 +538,9 @@ class FirmwareCommands:
         return {"received": len(buf), "started": True}
 
     def _start(self, dev: Any, poller: BusPoller, image: fwimage.FirmwareImage) -> None:
-        turns = BusTurns(poller)
+        # a Modbus TCP bus is polled by the TcpEngine, not by its poller's task: no idle
+        # hook there (nor a shared line: one connection per device), transactions just queue
+        turns = BusTurns(None if poller.link.callbacks else poller)
         st = self.status[dev.name] = {
             "state": "sending",
             "image": fwimage.version_text(image.manifest.version),
