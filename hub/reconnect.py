@@ -42,6 +42,8 @@ class Outage:
                 self.where,
                 time.monotonic() - self.since,
             )
+        elif not self.had:
+            self.log.info("%s on the broker %s", self.what, self.where)
         self.had, self.since, self.attempts = True, None, 0
 
     def down(self, exc: BaseException) -> float:

@@ -196,6 +196,13 @@ interval_s = 0.1
     agent: subprocess.Popen[bytes] | None = None
     try:
         await _hub_time_after(broker.port, 0.0)
+        # the enrollment desk connects on its own: have it on the broker before the
+        # first restart, so that "cannot reach" below means what it says
+        await _wait(
+            "the enrollment desk on the broker",
+            lambda: "enrollment desk on the broker" in hub_log.read_text(errors="replace"),
+            20,
+        )
 
         # 1. idle: nobody sends, the broker comes and goes
         for _ in range(RESTARTS):
