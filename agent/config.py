@@ -129,6 +129,8 @@ class UplinkConfig:
     backlog_share: float = 0.5  # share of the window the backlog gets while live data flows
     backoff_min_s: float = 0.5  # reconnect back-off: jittered, doubling, capped
     backoff_max_s: float = 30.0
+    confirm_timeout_s: float = 60.0  # a sent batch with no hub receipt after this goes again
+    heartbeat_s: float = 10.0  # the signed heartbeat naming what the spool holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +430,8 @@ class Config:
                 "backlog_share": self.uplink.backlog_share,
                 "backoff_min_s": self.uplink.backoff_min_s,
                 "backoff_max_s": self.uplink.backoff_max_s,
+                "confirm_timeout_s": self.uplink.confirm_timeout_s,
+                "heartbeat_s": self.uplink.heartbeat_s,
                 "tls": {
                     "enabled": tls.enabled,
                     "ca_file": str(tls.ca_file) if tls.ca_file else "",
@@ -650,6 +654,8 @@ def _uplink(t: Table, gateway_id: str, base: Path) -> UplinkConfig:
     backoff_max_s = t.get_float("backoff_max_s", 30.0, lo=0.1, hi=3600.0)
     if backoff_max_s < backoff_min_s:
         t.add("backoff_max_s", f"{backoff_max_s:g} is below backoff_min_s ({backoff_min_s:g})")
+    confirm_timeout_s = t.get_float("confirm_timeout_s", 60.0, lo=1.0, hi=86400.0)
+    heartbeat_s = t.get_float("heartbeat_s", 10.0, lo=1.0, hi=3600.0)
     tls = _tls(t.get_table("tls"), base)
     t.finish()
     return UplinkConfig(
@@ -665,6 +671,8 @@ def _uplink(t: Table, gateway_id: str, base: Path) -> UplinkConfig:
         backlog_share=backlog_share,
         backoff_min_s=backoff_min_s,
         backoff_max_s=backoff_max_s,
+        confirm_timeout_s=confirm_timeout_s,
+        heartbeat_s=heartbeat_s,
     )
 
 

@@ -238,6 +238,8 @@ class Agent:
             backlog_share=up.backlog_share,
             backoff_min_s=up.backoff_min_s,
             backoff_max_s=up.backoff_max_s,
+            confirm_timeout_s=up.confirm_timeout_s,
+            heartbeat_s=up.heartbeat_s,
         )
         hub_key = await asyncio.to_thread(load_hub_key, state)
         self.uplink = Uplink(

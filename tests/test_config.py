@@ -316,6 +316,14 @@ BROKEN: list[tuple[str, str, list[tuple[str, str]]]] = [
         [("uplink.port", "value 70000 out of range 1..65535")],
     ),
     (
+        "receipt timeout out of range",
+        GOOD + "[uplink]\nconfirm_timeout_s = 0.5\nheartbeat_s = 7200\n",
+        [
+            ("uplink.confirm_timeout_s", "value 0.5 out of range 1.0..86400.0"),
+            ("uplink.heartbeat_s", "value 7200 out of range 1.0..3600.0"),
+        ],
+    ),
+    (
         "password without username",
         GOOD + '[uplink]\npassword = "x"\n',
         [("uplink.password", "a password needs a username")],
@@ -510,3 +518,12 @@ def test_configuration_md_documents_every_rule_key_and_links_only_real_files() -
         if "://" not in target:
             assert (EXAMPLES.parent / target).exists(), f"configuration.md links to {target}"
     assert "DESIGN.md" not in doc  # not in this repository
+
+
+def test_receipt_timings_are_read(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, GOOD + "[uplink]\nconfirm_timeout_s = 5\nheartbeat_s = 2.5\n")
+    )
+    assert (cfg.uplink.confirm_timeout_s, cfg.uplink.heartbeat_s) == (5.0, 2.5)
+    default = load_config(write(tmp_path, GOOD, "default.toml"))
+    assert (default.uplink.confirm_timeout_s, default.uplink.heartbeat_s) == (60.0, 10.0)
