@@ -687,6 +687,8 @@ class Uplink:
             for row in await spool.rows(stuck):
                 if await self._split(row, f"sent {SPLIT_AFTER_TRIES} times with no receipt"):
                     ids.remove(row.id)
+            if not ids:  # every one was split: its parts go out as new batches
+                continue
             log.info(
                 "uplink: %d batches had no receipt in %.0f s: sending again", len(ids), timeout
             )
