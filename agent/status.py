@@ -403,6 +403,19 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
         counters["batches"] = (
             f"{batch.get('readings_in', 0)} readings in, {batch.get('batches_sealed', 0)} sealed"
         )
+    for dev, fw in (doc.get("firmware") or {}).items():  # updates through the gateway
+        if fw.get("state") == "done":
+            verdict = "[green]updated[/]" if fw.get("ok") else "[red]failed[/]"
+            counters[f"firmware {dev}"] = (
+                f"{verdict} to {fw.get('image', '?')} (was {fw.get('version_before', '?')}, "
+                f"now {fw.get('version_after', '?')}): {escape(str(fw.get('message', '')))}"
+            )
+        else:
+            size, held = int(fw.get("size") or 0), int(fw.get("held") or 0)
+            share = f" ({100 * held // size} %)" if size else ""
+            counters[f"firmware {dev}"] = (
+                f"{fw.get('state', '?')} {fw.get('image', '?')}: {held} of {size} bytes{share}"
+            )
     for k, v in counters.items():
         con.print(f"{k}: {v}", soft_wrap=True)
 

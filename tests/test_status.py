@@ -123,6 +123,27 @@ def test_cli_shows_a_bus_down_and_a_full_disk_with_their_reasons(tmp_path: Path)
     assert "dropped 3 (3 disk full)" in r.output and "DISK FULL" in r.output
 
 
+def test_cli_shows_firmware_updates_in_progress_and_done(tmp_path: Path) -> None:
+    from agent.fwupdate import Outcome
+    from protocols.fwimage import version_text
+
+    doc = build_status(_fake_agent(tmp_path))
+    failed = Outcome(False, "the terminal rolled back: the image crashed at boot", 0x10200, 0x10200)
+    doc["firmware"] = {
+        "noise-1": {"state": "sending", "image": "1.3.0", "held": 12000, "size": 48000},
+        "rain-2": {"state": "done", "image": "1.3.0", **failed.as_dict()},
+    }
+    (tmp_path / "status.json").write_text(json.dumps(doc))
+    r = runner.invoke(
+        app, ["status", "--status-file", str(tmp_path / "status.json")], env={"COLUMNS": "200"}
+    )
+    assert r.exit_code == 0, r.output
+    assert "firmware noise-1: sending 1.3.0: 12000 of 48000 bytes (25 %)" in r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("firmware rain-2"))
+    assert "failed to 1.3.0" in line and "crashed at boot" in line
+    assert f"now {version_text(0x10200)}" in line
+
+
 def test_cli_json(tmp_path: Path) -> None:
     doc = build_status(_fake_agent(tmp_path))
     (tmp_path / "status.json").write_text(json.dumps(doc))
