@@ -6,8 +6,13 @@ specified in ``docs/envelope.md``.
 ``vitals/receipt/v1`` — hub -> gateway, signed by the HUB key, QoS 1, on
 ``{prefix}/{gw}/receipt``::
 
-    protected = {"gw": str, "kid": bin(8), "t": int, "n": int, "enc": "msgpack"}
+    protected = {"gw": str, "kid": bin(8), "t": int, "n": int, "enc": "msgpack",
+                 ["kind": "event"]}
     payload   = msgpack [[epoch, upto, [[lo, hi], ...]], ...]     (n entries)
+
+``kind`` names the seq series: absent, the gateway's batches (``"batch"`` is
+never written); ``"event"``, its edge events (:mod:`protocols.event`, their own
+seq per epoch). Any other value is refused.
 
 For each epoch the hub accounts for, ``upto`` is the highest seq such that
 every seq ``0..upto`` is durably accounted for (a batch stored, or named by a
@@ -54,6 +59,7 @@ __all__ = [
     "MAX_RECEIPT_EPOCHS",
     "MAX_RECEIPT_RANGES",
     "RECEIPT_DOMAIN",
+    "RECEIPT_KINDS",
     "EpochReceipt",
     "HeartbeatHeader",
     "HeldRange",
@@ -75,6 +81,8 @@ MAX_RECEIPT_EPOCHS: Final = 64
 #: unconfirmed ranges in one heartbeat
 MAX_HEARTBEAT_RANGES: Final = 64
 _U63: Final = 2**63 - 1
+#: the seq series a receipt names: batches (the header has no ``kind``) or edge events
+RECEIPT_KINDS: Final = ("batch", "event")
 
 _RECEIPT_SCHEMA: Final = {"gw": str, "kid": bytes, "t": int, "n": int, "enc": str}
 _HB_SCHEMA: Final = {
@@ -152,6 +160,7 @@ class ReceiptHeader:
     t: int
     n: int
     enc: str
+    kind: str = "batch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +202,17 @@ class SealedReceipt:
 
 
 def seal_receipt(
-    hub_key: ed25519.PrivateKey, gw: str, epochs: Sequence[EpochReceipt], t_ms: int
+    hub_key: ed25519.PrivateKey,
+    gw: str,
+    epochs: Sequence[EpochReceipt],
+    t_ms: int,
+    *,
+    kind: str = "batch",
 ) -> bytes:
-    """The wire bytes of the hub's signed receipt to ``gw`` (1 to MAX_RECEIPT_EPOCHS epochs)."""
+    """The wire bytes of the hub's signed receipt to ``gw`` (1 to MAX_RECEIPT_EPOCHS
+    epochs) for its batches, or (``kind="event"``) for its edge events."""
+    if kind not in RECEIPT_KINDS:
+        raise LocalError(f"a receipt names batches or events, not {kind!r}")
     if not 1 <= len(epochs) <= MAX_RECEIPT_EPOCHS:
         raise LocalError(f"a receipt names 1 to {MAX_RECEIPT_EPOCHS} epochs, got {len(epochs)}")
     if len({e.epoch for e in epochs}) != len(epochs):
@@ -214,13 +231,19 @@ def seal_receipt(
         "n": len(epochs),
         "enc": "msgpack",
     }
+    if kind != "batch":
+        protected["kind"] = kind
     return sign_message(RECEIPT_DOMAIN, protected, payload, hub_key)
 
 
 def parse_receipt(data: bytes) -> SealedReceipt:
     """A receipt's parts and checked header; no crypto. :class:`FrameError` if malformed."""
     msg = parse_message(data)
-    header = ReceiptHeader(**msg.fields(_RECEIPT_SCHEMA))  # type: ignore[arg-type]
+    fields = msg.fields(_RECEIPT_SCHEMA, {"kind": str})
+    # one encoding per meaning: batches have no "kind", events have "event"
+    if fields.get("kind", "event") != "event":
+        raise FrameError(f"receipt header: unknown kind {fields['kind']!r}")
+    header = ReceiptHeader(**fields)  # type: ignore[arg-type]
     if not 1 <= len(header.gw) <= MAX_GATEWAY_LEN or len(header.kid) != 8:
         raise FrameError("receipt header: bad gw or kid")
     if header.enc != "msgpack":

@@ -51,6 +51,23 @@ def test_receipt_round_trip_verifies_with_the_hub_key_only() -> None:
         parse_receipt(forged).verify(HUB.public_key())
 
 
+def test_event_receipt_is_its_own_series_under_the_same_signature() -> None:
+    entries = [EpochReceipt(7, 4, ((6, 9),))]
+    batches = parse_receipt(seal_receipt(HUB, "gw-1", entries, T))
+    events = parse_receipt(seal_receipt(HUB, "gw-1", entries, T, kind="event"))
+    assert (batches.header.kind, events.header.kind) == ("batch", "event")
+    events.verify(HUB.public_key())
+    assert events.epochs() == entries
+    # the kind is signed: the header of an event receipt cannot be swapped for a batch's
+    forged = type(events.message)(
+        batches.message.protected, events.message.payload, events.message.signature
+    )
+    with pytest.raises(SignatureError):
+        forged.verify(RECEIPT_DOMAIN, HUB.public_key(), kid=key_id(HUB))
+    with pytest.raises(LocalError):
+        seal_receipt(HUB, "gw-1", entries, T, kind="meta")
+
+
 def test_covers() -> None:
     e = EpochReceipt(3, 41, ((43, 50), (60, 60)))
     assert all(e.covers(s) for s in (0, 41, 43, 50, 60))
@@ -194,11 +211,21 @@ _entries = st.lists(
 )
 
 
-@given(_entries)
-def test_fuzz_receipts_round_trip(entries: list[EpochReceipt]) -> None:
-    r = parse_receipt(seal_receipt(HUB, "gw-1", entries, T))
+@given(_entries, st.sampled_from(["batch", "event"]))
+def test_fuzz_receipts_round_trip(entries: list[EpochReceipt], kind: str) -> None:
+    r = parse_receipt(seal_receipt(HUB, "gw-1", entries, T, kind=kind))
     r.verify(HUB.public_key())
     assert r.epochs() == entries
+    assert r.header.kind == kind
+
+
+@given(st.text(max_size=12).filter(lambda k: k != "event"))
+def test_fuzz_receipt_kinds_other_than_event_refused(kind: str) -> None:
+    """A batch receipt has no "kind" (one encoding per meaning): an explicit
+    "batch", and every other word, is refused before any signature check."""
+    prot = {"gw": "gw-1", "kid": key_id(HUB), "t": T, "n": 1, "enc": "msgpack", "kind": kind}
+    with pytest.raises(FrameError):
+        parse_receipt(sign_message(RECEIPT_DOMAIN, prot, pack([[3, 1, []]]), HUB))
 
 
 @given(st.binary(max_size=400))
