@@ -173,6 +173,15 @@ def hub(
     metrics_host: Annotated[
         str, typer.Option(help="address the metrics endpoint listens on")
     ] = "127.0.0.1",
+    hole_grace: Annotated[
+        float,
+        typer.Option(
+            help="seconds a batch a gateway's heartbeat names may be missing before the"
+            " hub asks the gateway to send it again (a signed resend command)",
+            min=1.0,
+            max=86400.0,
+        ),
+    ] = 30.0,
 ) -> None:
     """Run a hub worker (several split the load with --shared).
 
@@ -205,7 +214,7 @@ def hub(
         socket.gethostname() if persistent else f"{socket.gethostname()}-{os.getpid()}"
     )
     try:
-        core = HubCore(db, worker=name, sharded=sharded, prefix=prefix)
+        core = HubCore(db, worker=name, sharded=sharded, prefix=prefix, hole_grace_s=hole_grace)
     except (OSError, sqlite3.Error, VitalsError) as exc:
         raise _db_problem(db, exc) from None
     for gw, key in trusted:

@@ -217,6 +217,8 @@ interval_s = 0.1
                 "--worker",
                 "hub-lying",
                 "--persistent" if persistent else "--no-persistent",
+                "--hole-grace",  # ask for holes after 5 s, not the default 30 s
+                "5",
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
