@@ -14,8 +14,13 @@ watches a silent device).
 :class:`EdgeEvents` is the agent's side: engine + signer + a bounded outbox of
 sealed event messages, and :meth:`EdgeEvents.publish` sends them over MQTT QoS 1
 on their own connection, so an event never queues behind the batch backlog.
-The outbox is memory only: events lost in a crash can be recomputed from the
-readings, which are in the spool.
+The outbox is durable (a table in the spool's file, :meth:`Spool.event_put`):
+an event leaves it on the hub's signed receipt of kind "event" (which the
+uplink's connection receives and hands over: :meth:`EdgeEvents.confirm`), or
+on its PUBACK when the gateway does not know the hub key; one the broker
+acknowledged with no receipt after ``confirm_timeout_s`` is sent again, and
+the hub drops the duplicate by (gateway, epoch, seq). docs/events.md,
+"Delivery and durability".
 """
 
 from __future__ import annotations
@@ -25,19 +30,23 @@ import datetime
 import logging
 import random
 import ssl
+import time
 import zoneinfo
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.clock import Clock, SystemClock
 from agent.config import RuleConfig, RuleTarget
 from agent.mqtt import MqttClient, MqttError
+from agent.spool import Spool
 from agent.uplink import explain
 from protocols import topics
 from protocols.ed25519 import PrivateKey
 from protocols.event import Event, event_topic, seal_event
 from protocols.reading import Quality, Reading
+from protocols.receipt import EpochReceipt
 
 __all__ = ["EdgeEvents", "RuleEngine"]
 
@@ -377,9 +386,11 @@ class EdgeEvents:
     """Rules, signer and outbox of one agent.
 
     ``observe(readings)`` runs the rules and seals what fires into the outbox
-    (it never waits); ``run_ticks()`` raises offline events once a second;
-    ``publish(link)`` sends the outbox, oldest first, QoS 1, reconnecting
-    with jittered back-off. All three are cheap enough to sit in the bus path.
+    (it never waits; the write to disk goes to the spool's thread); ``run_ticks()``
+    raises offline events and sends overdue ones again once a second;
+    ``publish(link)`` sends the outbox, oldest first, QoS 1, reconnecting with
+    jittered back-off; ``confirm(entries)`` deletes what an event receipt covers.
+    With ``receipts`` off (no hub key) the PUBACK deletes.
     """
 
     def __init__(
@@ -391,29 +402,94 @@ class EdgeEvents:
         epoch: int,
         clock: Clock | None = None,
         max_outbox: int = 1024,
+        confirm_timeout_s: float = 60.0,
     ) -> None:
         self.engine = RuleEngine(rules, clock=clock)
         self.gateway = gateway
         self._key = key
         self._epoch = epoch
         self._seq = 0
-        self.outbox: deque[tuple[int, Event, bytes]] = deque()
+        #: (epoch, seq) -> sealed event, oldest first, until confirmed
+        self.outbox: dict[tuple[int, int], bytes] = {}
+        #: acknowledged by the broker, no receipt yet: (epoch, seq) -> when (monotonic)
+        self._sent: dict[tuple[int, int], float] = {}
         self._max_outbox = max_outbox
+        self.confirm_timeout_s = confirm_timeout_s
+        self.receipts = False  # the agent sets it: the uplink knows the hub key
+        self.store: Spool | None = None
+        self._writes: set[asyncio.Future[Any]] = set()
         self.has_events = asyncio.Event()
         self.dropped = 0
-        self.published = 0
+        self.published = 0  # PUBACKs (an event sent again counts again)
+        self.confirmed = 0  # deleted by a hub receipt
+        self.republished = 0  # sent again: no receipt in time
+        self.memory_only = 0  # could not be written (the disk is full): kept in memory
         self.connects = 0  # connections made by publish()
         self.on_event: Callable[[Event], None] | None = None
+
+    async def load(self, store: Spool) -> None:
+        """Keep the outbox in ``store`` from now on; what an earlier run left there
+        (killed, or stopped before its receipt) goes out first."""
+        self.store = store
+        held = await store.events_held()
+        earlier = {(e, s): d for e, s, d in held if (e, s) not in self.outbox}
+        self.outbox = {**earlier, **self.outbox}
+        over = list(self.outbox)[: max(0, len(self.outbox) - self._max_outbox)]
+        if over:
+            self.dropped += len(over)
+            self._remove(over)
+        if earlier:
+            log.info("%d edge events from before wait for the hub: sending them", len(earlier))
+            self.has_events.set()
+
+    def _disk(self, work: Coroutine[Any, Any, Any]) -> None:
+        fut = asyncio.ensure_future(work)
+        self._writes.add(fut)
+        fut.add_done_callback(self._written)
+
+    def _written(self, fut: asyncio.Future[Any]) -> None:
+        self._writes.discard(fut)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:  # not a full disk (that is False): a spool that fails
+            log.error("edge events: the outbox on disk failed (%s); kept in memory", exc)
+        elif fut.result() is False:
+            self.memory_only += 1
+            if self.memory_only == 1:
+                log.warning(
+                    "edge events: the disk is full: an event is kept in memory only (lost "
+                    "if the agent stops before the hub confirms it); hint: free space under "
+                    "the state directory"
+                )
+
+    async def flush(self) -> None:
+        """Wait for the outbox's writes to disk (tests, and a clean stop)."""
+        while self._writes:
+            await asyncio.wait(set(self._writes))
+
+    def _remove(self, keys: Sequence[tuple[int, int]]) -> None:
+        for k in keys:
+            self.outbox.pop(k, None)
+            self._sent.pop(k, None)
+        if keys and self.store is not None:
+            self._disk(self.store.event_delete(keys))
 
     def _queue(self, events: Iterable[Event]) -> None:
         for e in events:
             seq = self._seq
             self._seq += 1
             data = seal_event(e, gateway=self.gateway, key=self._key, epoch=self._epoch, seq=seq)
-            if len(self.outbox) >= self._max_outbox:
-                self.outbox.popleft()
+            drop: list[tuple[int, int]] = []
+            while len(self.outbox) >= self._max_outbox:
+                k = next(iter(self.outbox))
+                del self.outbox[k]
+                self._sent.pop(k, None)
+                drop.append(k)
                 self.dropped += 1
-            self.outbox.append((seq, e, data))
+            self.outbox[(self._epoch, seq)] = data
+            if self.store is not None:
+                self._disk(self.store.event_put((self._epoch, seq, data), drop))
             log.info(
                 "event %s %s on %s%s: %s",
                 e.rule,
@@ -425,6 +501,34 @@ class EdgeEvents:
             if self.on_event is not None:
                 self.on_event(e)
             self.has_events.set()
+
+    def confirm(self, entries: Sequence[EpochReceipt]) -> int:
+        """Delete the events a verified event receipt covers (the uplink calls this);
+        the number deleted."""
+        by_epoch = {e.epoch: e for e in entries}
+        done = [k for k in self.outbox if (r := by_epoch.get(k[0])) is not None and r.covers(k[1])]
+        self._remove(done)
+        self.confirmed += len(done)
+        if done:
+            log.debug("edge events: a hub receipt confirmed %d events", len(done))
+        return len(done)
+
+    def overdue(self, now: float | None = None) -> int:
+        """Send again what the broker acknowledged and the hub did not confirm within
+        ``confirm_timeout_s``; the number."""
+        limit = (time.monotonic() if now is None else now) - self.confirm_timeout_s
+        late = [k for k, t in self._sent.items() if t <= limit]
+        for k in late:
+            del self._sent[k]
+        if late:
+            self.republished += len(late)
+            log.info(
+                "edge events: %d had no hub receipt in %.0f s: sending again",
+                len(late),
+                self.confirm_timeout_s,
+            )
+            self.has_events.set()
+        return len(late)
 
     def observe(self, readings: Iterable[Reading]) -> None:
         """Run the rules on ``readings`` (call it for every batch a bus yields)."""
@@ -441,15 +545,26 @@ class EdgeEvents:
         while True:
             await self.engine.clock.sleep(interval_s)
             self.tick()
+            if self._sent:
+                self.overdue()
 
     def statistics(self) -> dict[str, int]:
         return {
             **self.engine.statistics(),
             "next_seq": self._seq,
             "outbox": len(self.outbox),
+            "unconfirmed": len(self._sent),
             "published": self.published,
+            "confirmed": self.confirmed,
+            "republished": self.republished,
             "dropped": self.dropped,
+            "memory_only": self.memory_only,
         }
+
+    def _next(self) -> tuple[int, int] | None:
+        """The oldest event not sent (or sent again), if any."""
+        sent = self._sent
+        return next((k for k in self.outbox if k not in sent), None)
 
     async def publish(self, link: EventLink) -> None:
         """Send the outbox forever on a connection of its own. Cancel to stop."""
@@ -475,7 +590,8 @@ class EdgeEvents:
                     lost = asyncio.ensure_future(_until_lost(client))
                     try:
                         while True:
-                            if not self.outbox:
+                            key = self._next()
+                            if key is None:
                                 self.has_events.clear()
                                 due = asyncio.ensure_future(self.has_events.wait())
                                 await asyncio.wait({due, lost}, return_when=asyncio.FIRST_COMPLETED)
@@ -483,10 +599,14 @@ class EdgeEvents:
                                 if lost.done():
                                     lost.result()  # raises the connection's MqttError
                                 continue
-                            _, _, data = self.outbox[0]
-                            await client.publish(topic, data, qos=1)
-                            self.outbox.popleft()  # only after its PUBACK
+                            await client.publish(topic, self.outbox[key], qos=1)
                             self.published += 1
+                            if key not in self.outbox:  # confirmed meanwhile
+                                continue
+                            if self.receipts:  # it waits for the hub's receipt
+                                self._sent[key] = time.monotonic()
+                            else:  # no hub key: the PUBACK is all we get
+                                self._remove([key])
                     finally:
                         lost.cancel()
                         if lost.done() and not lost.cancelled():

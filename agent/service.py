@@ -242,8 +242,9 @@ class Agent:
             heartbeat_s=up.heartbeat_s,
         )
         hub_key = await asyncio.to_thread(load_hub_key, state)
+        settings = replace(settings, **self._uplink_overrides)
         self.uplink = Uplink(
-            replace(settings, **self._uplink_overrides),
+            settings,
             self.spool,
             meta=self._meta(identity, self.epoch),
             gap_signer=self._gap_signer(identity, self.epoch),
@@ -252,6 +253,11 @@ class Agent:
             splitter=self._split,
             sealed=self._sealed,
         )
+        if self.events is not None:  # its outbox on disk; its receipts via the uplink
+            await self.events.load(self.spool)
+            self.events.receipts = self.uplink.receipts_on
+            self.events.confirm_timeout_s = settings.confirm_timeout_s
+            self.uplink.on_event_receipt = self.events.confirm
         if hub_key is None:
             log.warning(
                 "no hub key (hub.pub in the state directory): a batch leaves the spool on "

@@ -48,6 +48,10 @@ that it has room again. A spool on a full disk opens without needing a byte
 (the WAL index then lives in the process's memory: ``locking_mode=EXCLUSIVE``).
 Why a reserve and not the alternatives: ``docs/decisions.md`` 21.
 
+The same file holds the edge events' outbox (table ``events``: :meth:`Spool.event_put`,
+:meth:`Spool.event_delete`, :meth:`Spool.events_held`; docs/events.md), written on
+the same thread under the same durability and disk-full rules.
+
 A spool file that SQLite cannot open or whose ``quick_check`` fails is moved
 aside (``spool.sqlite3.damaged-<time>``) with an error line, counted, and a
 fresh spool is started.
@@ -100,6 +104,12 @@ CREATE TABLE IF NOT EXISTS gaps (
     reason   TEXT    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS events (     -- the edge events' outbox (agent.rules.EdgeEvents)
+    epoch   INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    data    BLOB    NOT NULL,           -- the sealed vitals/event/v1 message
+    PRIMARY KEY (epoch, seq)
+);
 """
 
 # Spool rows sealed before this are dropped as too old; checked at most this often.
@@ -1230,6 +1240,83 @@ class Spool:
                 raise SpoolError(f"spool {self.path}: cannot write gap rows ({exc})") from exc
             self._lost_gaps.extend(ranges)  # sent from memory
         self._has_gaps = True
+
+    # -- the edge events' outbox ---------------------------------------------------
+    #
+    # Sealed events wait here (beside the batches, in the same file and thread: one
+    # fsync policy, one disk-full rule) until the hub's event receipt, or their PUBACK
+    # without the hub key, lets agent.rules.EdgeEvents delete them. A handful of rows
+    # of ~300 bytes: they count in the spool's pages like everything in its file.
+
+    async def events_held(self) -> list[tuple[int, int, bytes]]:
+        """Every (epoch, seq, data) in the outbox, oldest first (read at start)."""
+        rows: list[tuple[int, int, bytes]] = await self._call(self._events_held_sync)
+        return rows
+
+    def _events_held_sync(self) -> list[tuple[int, int, bytes]]:
+        assert self._db is not None
+        q = "SELECT epoch, seq, data FROM events ORDER BY epoch, seq"
+        return [(int(e), int(s), bytes(d)) for e, s, d in self._db.execute(q)]
+
+    async def event_put(
+        self, row: tuple[int, int, bytes], drop: Sequence[tuple[int, int]] = ()
+    ) -> bool:
+        """Keep a sealed event (and delete ``drop``, pushed out of the bounded outbox, in
+        the same transaction). False when the disk is full even after making room the
+        way an append does: the event then lives in memory only. Never raises for that."""
+        deletes = self._deletes
+        ok: bool = await self._call(self._event_put_sync, row, list(drop))
+        if self._deletes != deletes:
+            self._tail.clear()  # batches were dropped for room: read from SQLite
+        return ok
+
+    def _event_put_sync(self, row: tuple[int, int, bytes], drop: list[tuple[int, int]]) -> bool:
+        assert self._db is not None
+        db = self._db
+        for attempt in range(3):
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    if drop:
+                        db.executemany("DELETE FROM events WHERE epoch = ? AND seq = ?", drop)
+                    db.execute(
+                        "INSERT OR REPLACE INTO events (epoch, seq, data) VALUES (?, ?, ?)", row
+                    )
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+                return True
+            except sqlite3.Error as exc:
+                if not _is_full(exc):
+                    raise SpoolError(f"spool {self.path}: cannot keep an event ({exc})") from exc
+                if attempt == 2 or not self._make_room_sync(len(row[2]) + _ROW_OVERHEAD, exc):
+                    return False
+        return False
+
+    async def event_delete(self, keys: Sequence[tuple[int, int]]) -> None:
+        """Delete events (their receipt came). On a full disk the rows stay: sent again
+        after a restart, the hub drops the duplicate and confirms them again."""
+        if keys:
+            await self._call(self._event_delete_sync, list(keys))
+
+    def _event_delete_sync(self, keys: list[tuple[int, int]]) -> None:
+        assert self._db is not None
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM events WHERE epoch = ? AND seq = ?", keys)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if not _is_full(exc):
+                raise SpoolError(f"spool {self.path}: cannot delete events ({exc})") from exc
+            log.debug("spool %s: events not deleted (%s): the disk is full", self.path, exc)
 
     async def gaps(self, limit: int = 256) -> list[tuple[int, GapRange]]:
         """Gap rows not yet acknowledged by the broker, oldest first, with their row ids."""

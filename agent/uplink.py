@@ -62,7 +62,7 @@ from protocols.confpush import MAX_CONFIG_BYTES
 from protocols.errors import ProtocolError
 from protocols.gap import GapRange
 from protocols.mqtt import Publish
-from protocols.receipt import MAX_HEARTBEAT_RANGES, parse_receipt
+from protocols.receipt import MAX_HEARTBEAT_RANGES, EpochReceipt, parse_receipt
 
 __all__ = [
     "Failure",
@@ -260,6 +260,10 @@ class Uplink:
         self._sealed = sealed  # (current epoch, last seq sealed in it)
         self.receipts = 0  # receipts accepted
         self.receipts_refused = 0  # forged, misaddressed or malformed: ignored
+        # receipts of kind "event" arrive here too (one subscription, one check of the
+        # hub's signature) and are handed to the edge events' outbox
+        self.event_receipts = 0
+        self.on_event_receipt: Callable[[list[EpochReceipt]], object] | None = None
         self.heartbeats = 0
         self.resend_asks = 0
         self._refused_logged = False
@@ -311,6 +315,7 @@ class Uplink:
             "confirm": "receipt" if self.receipts_on else "puback",
             "receipts": self.receipts,
             "receipts_refused": self.receipts_refused,
+            "event_receipts": self.event_receipts,
             "heartbeats": self.heartbeats,
             "resend_asks": self.resend_asks,
         }
@@ -608,13 +613,18 @@ class Uplink:
                     exc,
                 )
             return
+        self._receipt_at = time.monotonic()
+        if receipt.header.kind == "event":  # the edge events' series, not the batches'
+            self.event_receipts += 1
+            if self.on_event_receipt is not None:
+                self.on_event_receipt(epochs)
+            return
         spans: list[tuple[int, int, int]] = []
         for e in epochs:
             if e.upto >= 0:
                 spans.append((e.epoch, 0, e.upto))
             spans.extend((e.epoch, lo, hi) for lo, hi in e.ranges)
         self.receipts += 1
-        self._receipt_at = time.monotonic()
         done = await self._spool.confirm(spans)
         if done:
             log.debug("uplink: receipt confirmed %d batches", done)

@@ -208,6 +208,11 @@ class HubCore:
         self._floor: dict[tuple[str, int], int] = {}
         # (gw, epoch) -> holes: [lo, hi, missing since, last asked] (monotonic seconds)
         self._holes: dict[tuple[str, int], list[tuple[int, int, float, float]]] = {}
+        # edge events (receipts of kind "event"): per gateway, per epoch, the event seqs
+        # this worker stored or found stored (a duplicate: the gateway missed the receipt)
+        self._ev_acct: dict[str, dict[int, SeqRanges]] = {}
+        self._ev_due: set[str] = set()
+        self._ev_sent: dict[str, float] = {}
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -542,6 +547,24 @@ class HubCore:
                 out.append((gw, entries))
         return out
 
+    def event_receipts_due(self, now: float | None = None) -> list[tuple[str, list[EpochReceipt]]]:
+        """The event receipts (kind "event") to send now: each gateway with an event
+        stored since its last one, at most once per ``receipt_interval_s``; the newest
+        MAX_RECEIPT_EPOCHS epochs this worker stored events of."""
+        now = time.monotonic() if now is None else now
+        out: list[tuple[str, list[EpochReceipt]]] = []
+        for gw in list(self._ev_due):
+            if now - self._ev_sent.get(gw, -math.inf) < self.receipt_interval_s:
+                continue
+            self._ev_due.discard(gw)
+            self._ev_sent[gw] = now
+            acct = self._ev_acct[gw]
+            for old in sorted(acct)[:-MAX_RECEIPT_EPOCHS]:  # boots long gone: forgotten
+                del acct[old]
+            chosen = sorted(acct)
+            out.append((gw, [EpochReceipt.of(e, acct[e].r) for e in chosen]))
+        return out
+
     def holes(self, gw: str) -> dict[int, list[tuple[int, int]]]:
         """Per epoch, the seqs ``gw``'s last heartbeat says exist that the hub does not
         account for: of the ranges it still holds, and its tail (above the highest
@@ -659,6 +682,9 @@ class HubCore:
                 time.time_ns() // 1_000_000,
             )
         )
+        # written (autocommit): durable now, owed an event receipt either way
+        self._ev_acct.setdefault(h.gw, {}).setdefault(h.epoch, SeqRanges()).add(h.seq, h.seq)
+        self._ev_due.add(h.gw)
         if not new:
             self.counters["duplicate_events"] += 1
             return Outcome.DUPLICATE

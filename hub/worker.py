@@ -77,7 +77,8 @@ class Hub:
     With ``hub_key`` the worker answers for what it stored (issue 15,
     ``protocols.receipt``): after each write it publishes a signed receipt to each
     gateway it wrote for (at most once per second per gateway, and once per
-    heartbeat), and asks a gateway that sends heartbeats for the seqs it misses
+    heartbeat), a receipt of kind "event" after each edge event it stored (at most
+    once per second per gateway), and asks a gateway that sends heartbeats for the seqs it misses
     longer than the core's ``hole_grace_s`` with a signed ``resend`` command.
 
     The connection is retried for ever with jittered, capped back-off; an
@@ -237,6 +238,10 @@ class Hub:
         next_look = next_holes = 0.0
         while True:
             await asyncio.sleep(0.05)
+            for gw, entries in core.event_receipts_due():  # events are written as they come
+                wire = seal_receipt(key, gw, entries, time.time_ns() // 1_000_000, kind="event")
+                await publish(client, topics.receipt(gw, self.prefix), wire, qos=1)
+                core.counters["event_receipts_sent"] += 1
             if not self._written and time.monotonic() < next_look:
                 continue
             self._written = False

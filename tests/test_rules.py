@@ -332,8 +332,8 @@ async def test_edge_events_seal_in_order_and_tick() -> None:
     edge.on_event = seen.append
     pid = cfg.point_ids[("gas-1", "co")]
     edge.observe([Reading(pid, T0, 40.0), Reading(pid, T0 + S, 20.0)])
-    assert [seq for seq, _, _ in edge.outbox] == [0, 1]
-    sealed = parse_event(edge.outbox[0][2])
+    assert list(edge.outbox) == [(4, 0), (4, 1)]
+    sealed = parse_event(edge.outbox[(4, 0)])
     sealed.verify(key.public_key())
     assert (sealed.header.epoch, sealed.header.seq) == (4, 0)
     assert sealed.event().state == "fired" and edge.has_events.is_set()
@@ -342,7 +342,7 @@ async def test_edge_events_seal_in_order_and_tick() -> None:
         await asyncio.sleep(0)
     ticks.cancel()
     # the offline event pushed the oldest one out of the bounded outbox
-    assert [seq for seq, _, _ in edge.outbox] == [1, 2]
+    assert list(edge.outbox) == [(4, 1), (4, 2)]
     assert edge.statistics()["dropped"] == 1
     assert [e.rule for e in seen] == ["gas", "gas", "off"]
 
