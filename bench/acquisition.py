@@ -190,7 +190,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     for driver in args.drivers:
         mine = [r for r in rounds if r["driver"] == driver]
         medians[driver] = {
-            key: statistics.median(r[key] for r in mine)
+            key: round(statistics.median(r[key] for r in mine), 2)
             for key in ("cpu_pct", "user_pct", "system_pct", "cpu_us_per_poll", "wakeups_per_s")
         }
         medians[driver]["cpu_pct_rounds"] = [r["cpu_pct"] for r in mine]
