@@ -35,7 +35,7 @@ time is a gauge.
 ``vitals_spool_unconfirmed_batches``                   sent, no hub receipt yet
 ``vitals_spool_dropped_batches_total{reason}``         spool_full, too_old, disk_full
 ``vitals_uplink_connected`` / ``_connects_total``      the broker connection
-``vitals_events_fired_total`` ...                      edge rules
+``vitals_events_fired_total`` ... ``_outbox``          edge rules, events waiting for the hub
 ``vitals_commands_total{status,reason}``               signed commands answered
 ``vitals_clock_synced`` / ``_jumps_total``             the system clock (NTP) state
 =====================================================  ============================
@@ -276,10 +276,15 @@ class AgentCollector(Collector):
                 ("cleared", "Edge rules that cleared"),
                 ("published", "Edge events the broker acknowledged"),
                 ("dropped", "Edge events dropped (outbox full)"),
+                ("confirmed", "Edge events a hub receipt confirmed"),
+                ("republished", "Edge events sent again (no hub receipt in time)"),
             ):
                 yield CounterMetricFamily(f"vitals_events_{key}", doc, value=_num(ev, key))
             yield GaugeMetricFamily(
                 "vitals_events_active", "Edge rules fired, not cleared", value=_num(ev, "active")
+            )
+            yield GaugeMetricFamily(
+                "vitals_events_outbox", "Edge events waiting for the hub", value=_num(ev, "outbox")
             )
         cmds = stats.get("commands")
         if cmds is not None:
