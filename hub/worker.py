@@ -240,8 +240,8 @@ class Hub:
             await asyncio.sleep(0.05)
             for gw, entries in core.event_receipts_due():  # events are written as they come
                 wire = seal_receipt(key, gw, entries, time.time_ns() // 1_000_000, kind="event")
+                core.counters["event_receipts_sent"] += 1  # counted as it goes (below)
                 await publish(client, topics.receipt(gw, self.prefix), wire, qos=1)
-                core.counters["event_receipts_sent"] += 1
             if not self._written and time.monotonic() < next_look:
                 continue
             self._written = False
@@ -250,8 +250,10 @@ class Hub:
             t_ms = time.time_ns() // 1_000_000
             for gw, entries in core.receipts_due(now):
                 wire = seal_receipt(key, gw, entries, t_ms)
-                await publish(client, topics.receipt(gw, self.prefix), wire, qos=1)
+                # counted as it goes out: the gateway may have it before the broker's
+                # PUBACK returns here, and a stop then must not lose the count
                 core.counters["receipts_sent"] += 1
+                await publish(client, topics.receipt(gw, self.prefix), wire, qos=1)
             if now < next_holes:
                 continue
             next_holes = now + min(5.0, core.hole_grace_s / 3)
