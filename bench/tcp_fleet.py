@@ -199,6 +199,14 @@ async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[s
     )
     pub = next(ln.split()[-1] for ln in keygen.stdout.splitlines() if ln.startswith("public key"))
     db = tmp / "hub.sqlite3"
+    # receipts on, as in the field: the hub's key beside its database, its public half
+    # in the gateway's state (what enrollment does); a batch leaves the spool on the
+    # hub's signed receipt
+    from agent.state import save_hub_key
+    from hub.enroll import hub_key_path, load_or_create_hub_key
+
+    hub_key = load_or_create_hub_key(hub_key_path(db))
+    save_hub_key(state, hub_key.public_key().public_bytes_raw())
     hub = subprocess.Popen(  # noqa: ASYNC220
         [py, "-m", "agent", "hub", "--db", str(db), "--broker", f"{broker.host}:{broker.port}",
          "--trust", f"{GATEWAY}={pub}"],
