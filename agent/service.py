@@ -13,7 +13,6 @@ nothing is lost on a stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import time
@@ -51,6 +50,10 @@ log = logging.getLogger(__name__)
 #: of the stop's bound, the time kept for closing after the drain: the MQTT
 #: connections' goodbye (at most 1 s each, at once) and the spool's close
 CLOSE_RESERVE_S = 2.0
+#: at a stop, once every batch is sent (the broker's PUBACK), how long the drain
+#: still waits for the hub's receipts (a hub answers within about a second); what
+#: it has not confirmed by then stays in the spool and goes again at the next start
+RECEIPT_GRACE_S = 2.0
 
 
 async def _end(tasks: Sequence[asyncio.Task[Any]]) -> None:
@@ -422,9 +425,7 @@ class Agent:
                 await writer
                 # tell the hub the last seq sealed: it answers with a receipt for the tail
                 await self.uplink.heartbeat()
-                with contextlib.suppress(TimeoutError):
-                    left = max(0.0, drain_until - loop.time())
-                    await asyncio.wait_for(self.spool.empty.wait(), left)
+                await self._drain(drain_until)
                 await _end([uplink, *([events_out] if events_out else []), acks, status, *extras])
         finally:
             left = self.spool.statistics()["depth_batches"]
@@ -442,6 +443,28 @@ class Agent:
             if gc_thresholds is not None:
                 gc.set_threshold(*gc_thresholds)
             await self.spool.close()
+
+    async def _drain(self, until: float) -> None:
+        """Wait until the spool is empty (every batch confirmed) or ``until`` (loop
+        time); once every batch is sent, receipts get :data:`RECEIPT_GRACE_S` more, so
+        a hub that is away does not hold every stop and reload for the whole bound."""
+        assert self.spool is not None
+        loop, spool = asyncio.get_running_loop(), self.spool
+        all_sent_at: float | None = None
+        while not spool.empty.is_set() and loop.time() < until:
+            st = spool.statistics()
+            if st["depth_batches"] > st["sent_unconfirmed"]:
+                all_sent_at = None  # some still wait for their PUBACK
+            elif all_sent_at is None:
+                all_sent_at = loop.time()
+            elif loop.time() - all_sent_at >= RECEIPT_GRACE_S:
+                log.info(
+                    "stopping: %d sent batches without the hub's receipt yet; they go "
+                    "again at the next start (the hub drops what it already has)",
+                    st["sent_unconfirmed"],
+                )
+                return
+            await asyncio.sleep(0.05)
 
     async def _request_reload(self) -> None:
         assert self._reload is not None
