@@ -120,10 +120,16 @@ def _view(agent: Agent, hub: Hub, rate: float, broker_kind: str, elapsed: float)
         f"broker: {broker_kind}  {'[green]connected' if up.get('connected') else '[red]offline'}[/]",
         f"{elapsed:5.0f} s",
     )
+    # with the hub's key (the demo's hub signs receipts) a batch leaves the spool on
+    # the hub's receipt; without it, on the broker's PUBACK
+    if up.get("confirm") == "receipt":
+        left = f"confirmed by the hub {sp.get('confirmed', 0)}"
+    else:
+        left = f"acked {sp.get('acked', 0)}"
     head.add_row(
         f"readings polled [b]{b.get('readings_in', 0)}[/] ({rate:.0f}/s)",
         f"batches sealed {b.get('batches_sealed', 0)} · spooled {sp.get('appended', 0)} · "
-        f"acked {sp.get('acked', 0)} · in spool {sp.get('depth_batches', 0)}",
+        f"{left} · in spool {sp.get('depth_batches', 0)}",
         f"hub verified [b]{hub_c['batches']}[/] batches / [b]{hub_c['readings']}[/] readings, "
         f"rejected {sum(v for k, v in hub_c.items() if k.startswith('rejected.'))}, "
         f"events {hub_c['events']}",
