@@ -206,7 +206,8 @@ async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[s
     from hub.enroll import hub_key_path, load_or_create_hub_key
 
     hub_key = load_or_create_hub_key(hub_key_path(db))
-    save_hub_key(state, hub_key.public_key().public_bytes_raw())
+    if not args.no_receipts:
+        save_hub_key(state, hub_key.public_key().public_bytes_raw())
     hub = subprocess.Popen(  # noqa: ASYNC220
         [py, "-m", "agent", "hub", "--db", str(db), "--broker", f"{broker.host}:{broker.port}",
          "--trust", f"{GATEWAY}={pub}"],
@@ -312,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds (default 60)")
     ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument(
+        "--no-receipts",
+        action="store_true",
+        help="no hub key in the gateway's state: batches leave the spool on the PUBACK",
+    )
     ap.add_argument("--terminals", type=int, default=500)
     ap.add_argument(
         "--runs", type=int, default=1, help="whole runs one after the other; the median CPU counts"
