@@ -180,6 +180,9 @@ class HubCore:
         self._fixes: set[tuple[str, int]] = set()  # (gw, epoch) of clock corrections kept
         # ranges gateways declared dropped (gap notices) since this worker started
         self._dropped: dict[tuple[str, int], set[tuple[int, int]]] = {}
+        # seqs gateways re-sealed as smaller batches (gap notices "split") since this
+        # worker started: an original arriving late would store its readings twice
+        self._split: dict[tuple[str, int], SeqRanges] = {}
         self.closed = False
         # per buffered batch: its claim row and its readings
         self._batch_rows: list[BatchRow] = []
@@ -310,6 +313,13 @@ class HubCore:
             self.counters["duplicates"] += 1
             self.counters["duplicate_readings"] += h.n
             self._due.setdefault(h.gw, False)  # the gateway missed a receipt: another
+            return Outcome.DUPLICATE
+        split = self._split.get((h.gw, h.epoch))
+        if split is not None and not split.missing(h.seq, h.seq):
+            # re-sealed by the gateway as smaller batches: its readings are theirs
+            self.counters["duplicates"] += 1
+            self.counters["duplicate_readings"] += h.n
+            self._due.setdefault(h.gw, False)
             return Outcome.DUPLICATE
         try:
             readings = batch.readings()
@@ -455,6 +465,8 @@ class HubCore:
         ranges = [p for g in ranges for p in self._not_stored(topic_gw, g)]
         for g in ranges:
             self._dropped.setdefault((topic_gw, g.epoch), set()).add((g.first, g.last))
+            if g.reason == "split":
+                self._split.setdefault((topic_gw, g.epoch), SeqRanges()).add(g.first, g.last)
         now = time.time_ns() // 10**6
         new = self.store.write_gaps(
             [(topic_gw, g.epoch, g.first, g.last, g.readings, g.reason, now) for g in ranges]

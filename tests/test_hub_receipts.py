@@ -177,6 +177,10 @@ def test_gap_notices_account_and_split_is_not_lost(db: str) -> None:
             core.handle(t, batch(2, seq))
         core.flush()
         assert core.receipt(GW) == [EpochReceipt(2, 7)]
+        # the original of the split batch, late (a broker that held it): its readings
+        # are in 6 and 7 already, so it is a duplicate, not stored twice
+        assert core.handle(t, batch(2, 4)) == Outcome.DUPLICATE
+        core.flush()
         g = hub_stats(db)["gateways"][GW]
         assert (g["batches"], g["missing_batches"], g["dropped_batches"]) == (6, 0, 1)
         assert g["split_batches"] == 1
