@@ -173,27 +173,32 @@ def run(
     runner.exec_agent(config, state_dir, log_level)
 
 
+# the options of the commands that read the running agent's status file
+_StatusConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="VITALS_CONFIG",
+        help="the agent's configuration: the status is looked for in its state_dir "
+        "[default: /etc/vitals/gateway.toml]",
+        show_default=False,
+    ),
+]
+_StateOpt = Annotated[
+    Path | None, typer.Option(envvar="VITALS_STATE_DIR", help="the agent's state directory")
+]
+_StatusFileOpt = Annotated[
+    Path | None,
+    typer.Option(help="this status file only (default: /run/vitals, then the state dir)"),
+]
+
+
 @app.command()
 def status(
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            envvar="VITALS_CONFIG",
-            help="the agent's configuration: the status is looked for in its state_dir "
-            "[default: /etc/vitals/gateway.toml]",
-            show_default=False,
-        ),
-    ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(envvar="VITALS_STATE_DIR", help="the agent's state directory"),
-    ] = None,
-    status_file: Annotated[
-        Path | None,
-        typer.Option(help="this status file only (default: /run/vitals, then the state dir)"),
-    ] = None,
+    config: _StatusConfigOpt = None,
+    state_dir: _StateOpt = None,
+    status_file: _StatusFileOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="the status document as JSON")] = False,
 ) -> None:
     """The running agent's state: buses, devices, spool, uplink, counters."""
@@ -204,25 +209,9 @@ def status(
 
 @app.command()
 def health(
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            envvar="VITALS_CONFIG",
-            help="the agent's configuration: the status is looked for in its state_dir "
-            "[default: /etc/vitals/gateway.toml]",
-            show_default=False,
-        ),
-    ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(envvar="VITALS_STATE_DIR", help="the agent's state directory"),
-    ] = None,
-    status_file: Annotated[
-        Path | None,
-        typer.Option(help="this status file only (default: /run/vitals, then the state dir)"),
-    ] = None,
+    config: _StatusConfigOpt = None,
+    state_dir: _StateOpt = None,
+    status_file: _StatusFileOpt = None,
     as_json: Annotated[
         bool, typer.Option("--json", help='one JSON object: {"health", "exit", "checks"}')
     ] = False,
@@ -281,9 +270,6 @@ _ConfigOpt = Annotated[
         help="the agent's configuration: names its state_dir [default: /etc/vitals/gateway.toml]",
         show_default=False,
     ),
-]
-_StateOpt = Annotated[
-    Path | None, typer.Option(envvar="VITALS_STATE_DIR", help="the agent's state directory")
 ]
 
 
