@@ -12,6 +12,7 @@ polled reading reached the hub, verified.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import shutil
@@ -225,14 +226,18 @@ async def run_demo(
                 Live(console=console, refresh_per_second=4, transient=False) if live else None
             )
             with live_view if live_view else contextlib.nullcontext():
-                last_n, last_t, rate = 0, time.monotonic(), 0.0
+                # the rate over the last 5 s: terminals answer once a second or
+                # slower, so a half-second window alone read 0/s between polls
+                window: collections.deque[tuple[float, int]] = collections.deque(maxlen=10)
+                window.append((time.monotonic(), 0))
                 while not run.agent_task.done():
                     await asyncio.sleep(0.5)
                     if live_view and agent.batcher:
                         now = time.monotonic()
                         n = agent.batcher.readings_in
-                        rate = (n - last_n) / max(1e-3, now - last_t)
-                        last_n, last_t = n, now
+                        t0, n0 = window[0]
+                        rate = (n - n0) / max(1e-3, now - t0)
+                        window.append((now, n))
                         live_view.update(_view(agent, run.hub, rate, kind, now - t_start))
             if live_view and not console.is_terminal:
                 console.line()  # a log file gets the last view ended by a newline
