@@ -13,9 +13,7 @@ import asyncio
 import itertools
 import math
 import random
-import selectors
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 
@@ -26,64 +24,9 @@ from drivers.profiles import Point, load_profile
 from protocols.errors import DecodeError, DeviceException
 from protocols.modbus import DataType, Order, PointSpec, Space, decode, encode
 from protocols.reading import Quality, Reading
+from tests.virtual_time import VirtualClock, run_virtual
 
 # --------------------------------------------------------------------------- doubles
-
-
-class _JumpSelector(selectors.DefaultSelector):
-    def __init__(self) -> None:
-        super().__init__()
-        self.loop: VirtualLoop | None = None
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = super().select(0)
-        if ready or timeout == 0:
-            return ready
-        if timeout is None:
-            raise RuntimeError("deadlock: every task waits and no timer is set")
-        assert self.loop is not None
-        self.loop.virtual += timeout  # nothing can happen before the next timer: jump there
-        return []
-
-
-class VirtualLoop(asyncio.SelectorEventLoop):
-    """An event loop on virtual time that jumps to the next timer when idle."""
-
-    def __init__(self) -> None:
-        sel = _JumpSelector()
-        super().__init__(sel)
-        sel.loop = self
-        self.virtual = 1000.0
-
-    def time(self) -> float:
-        return self.virtual
-
-
-class VirtualClock:
-    """The agent's Clock protocol on a :class:`VirtualLoop`."""
-
-    def __init__(self, loop: VirtualLoop) -> None:
-        self.loop = loop
-
-    def now_ms(self) -> int:
-        return 1_780_000_000_000 + round(self.loop.time() * 1000)
-
-    def monotonic(self) -> float:
-        return self.loop.time()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(0.0, seconds))
-
-    async def sleep_until(self, when: float) -> None:
-        await asyncio.sleep(max(0.0, when - self.loop.time()))
-
-
-def run_virtual(factory: Callable[[VirtualClock], Coroutine[Any, Any, None]]) -> None:
-    loop = VirtualLoop()
-    try:
-        loop.run_until_complete(factory(VirtualClock(loop)))
-    finally:
-        loop.close()
 
 
 class FakeLink(ModbusLink):
