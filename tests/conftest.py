@@ -6,11 +6,13 @@ embedded amqtt broker otherwise; the header line of the run says which.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import pytest
 
 from simulator.broker import EmbeddedBroker, MosquittoBroker, make_broker, mosquitto_path
+from tests.virtual_time import VirtualClock, VirtualLoop
 
 # The slow system tests: whole processes, real brokers, databases and firmware
 # restarted or killed, faults injected for real, minutes of traffic. Marked
@@ -54,10 +56,37 @@ def _is_system(item: pytest.Item) -> bool:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "virtual_time: the async test runs on a VirtualLoop (tests/virtual_time.py)"
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _is_system(item):
             item.add_marker(pytest.mark.system)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """``@pytest.mark.virtual_time``: the async test runs on a VirtualLoop (tests/virtual_time.py).
+
+    Every other async test gets the loop it would get anyway (the policy's).
+    """
+    if item.get_closest_marker("virtual_time"):
+        return {"virtual": VirtualLoop}
+    return {"asyncio": lambda: asyncio.get_event_loop_policy().new_event_loop()}
+
+
+@pytest.fixture
+async def virtual_clock() -> VirtualClock:
+    """The agent's Clock on the running VirtualLoop (the test is marked ``virtual_time``)."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, VirtualLoop):
+        pytest.fail("virtual_clock needs @pytest.mark.virtual_time on the test", pytrace=False)
+    return VirtualClock(loop)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
