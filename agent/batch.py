@@ -2,10 +2,12 @@
 
 A batch is sealed when it holds ``max_readings`` readings or when its oldest
 reading is ``max_age_s`` old, whichever comes first. Sealing (msgpack + Ed25519)
-happens here, once. Sealed batches wait in a bounded hand-over list for the
-spool writer: a batch is in that list the moment it is sealed (so cancelling a
-bus task can never lose one), and when the list is full the buses wait, so a
-slow disk slows the buses down instead of eating memory.
+happens here, once. Sealed batches go to the spool writer through a closable
+channel (:attr:`Batcher.sealed`, :class:`agent.channel.Channel`): a batch is in
+it the moment it is sealed (so cancelling a bus task can never lose one), and
+when it is full the buses wait, so a slow disk slows the buses down instead of
+eating memory. :meth:`Batcher.close` seals what is open and closes the channel:
+the writer spools what is left in it and ends.
 
 Clock truth (:mod:`agent.clock`): a batch holds readings of one clock state
 only. While the gateway's clock is unsynchronised its batches say so
@@ -18,14 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import itemgetter
 
+from agent.channel import Channel
 from agent.clock import Clock
 from protocols import envelope
 from protocols.ed25519 import PrivateKey
+from protocols.payload import Encoding
 from protocols.reading import Reading
 
 __all__ = ["FIX_BATCHES", "Batcher", "Sealed"]
@@ -59,7 +62,7 @@ class Batcher:
         epoch: int,
         max_readings: int,
         max_age_s: float,
-        encoding: str,
+        encoding: Encoding,
         clock: Clock,
         max_pending: int = 64,
     ) -> None:
@@ -70,11 +73,8 @@ class Batcher:
         self._max_age = max_age_s
         self._enc = encoding
         self._clock = clock
-        self._sealed: deque[Sealed] = deque()
-        self._max_pending = max_pending
-        self.has_sealed = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        #: sealed batches on their way to the spool writer, its only receiver
+        self.sealed: Channel[Sealed] = Channel(max_pending)
         self._open: list[Reading] = []
         self._opened_at = 0.0
         self._seq = 0
@@ -95,7 +95,7 @@ class Batcher:
             "readings_in": self.readings_in,
             "open_readings": len(self._open),
             "batches_sealed": self.batches_sealed,
-            "sealed_waiting": len(self._sealed),
+            "sealed_waiting": len(self.sealed),
             # 0 while readings are stamped from the monotonic clock (no NTP sync yet)
             "clock_synced": int(self._synced),
         }
@@ -118,18 +118,19 @@ class Batcher:
                 await self._seal()
 
     async def flush(self) -> None:
-        """Seal whatever is open (at shutdown)."""
+        """Seal whatever is open."""
         if self._open:
             await self._seal()
 
+    async def close(self) -> None:
+        """At a stop, once the buses are stopped: seal what is open and close
+        :attr:`sealed`, so the spool writer ends once it has spooled every batch."""
+        await self.flush()
+        self.sealed.close()
+
     def take(self, limit: int) -> list[Sealed]:
-        """Hand up to ``limit`` sealed batches, oldest first, to the spool writer."""
-        out = [self._sealed.popleft() for _ in range(min(limit, len(self._sealed)))]
-        if not self._sealed:
-            self.has_sealed.clear()
-        if len(self._sealed) < self._max_pending:
-            self._room.set()
-        return out
+        """Up to ``limit`` sealed batches, oldest first, now (``[]``: none waits)."""
+        return self.sealed.take(limit)
 
     def reseal(self, readings: list[Reading], *, unsynced: bool, parts: int = 2) -> list[Sealed]:
         """``readings`` of a batch that could not pass, sealed again as ``parts`` batches
@@ -203,8 +204,5 @@ class Batcher:
             self._fix_left -= 1
         t0 = min(map(_ts, readings))
         self.batches_sealed += 1
-        self._sealed.append(Sealed(self._epoch, seq, len(readings), t0, data))
-        self.has_sealed.set()
-        if len(self._sealed) >= self._max_pending:
-            self._room.clear()
-            await self._room.wait()
+        # in the channel at once; only the wait for room that follows is cancellable
+        await self.sealed.send(Sealed(self._epoch, seq, len(readings), t0, data))

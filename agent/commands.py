@@ -156,7 +156,9 @@ class CommandExecutor:
         (``dropped.overflow``)."""
         self._count("refused" if why == "oversized" else "dropped", why)
 
-    def _answer(self, cid: bytes, status: str, reason: str = "", value: object = None) -> bytes:
+    def _answer(
+        self, cid: bytes, status: cmdproto.ResultStatus, reason: str = "", value: object = None
+    ) -> bytes:
         self._count(status, reason)
         return cmdproto.result(
             gateway=self.gateway_id,

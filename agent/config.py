@@ -22,12 +22,15 @@ import zoneinfo
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Final, Literal, TypeAlias, get_args, overload
 
 from drivers._schema import Problems, Table, did_you_mean, read_toml
 from drivers.profiles import Point, Profile, available_profiles, load_profile
 from protocols import topics
 from protocols.errors import ConfigError
+from protocols.event import KINDS as RULE_KINDS
+from protocols.event import EventKind
+from protocols.payload import ENCODINGS, Encoding
 from protocols.rtu import t35
 
 __all__ = [
@@ -55,7 +58,8 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _NAME_HELP = "use a-z, 0-9, '.', '_' and '-', starting with a letter or digit, at most 63"
 _TOPIC = re.compile(r"[^/#+\s][^#+\s]*(?<!/)")
 
-BUS_KINDS = ("rtu", "tcp", "rtu-over-tcp", "serial-sensor")
+BusKind: TypeAlias = Literal["rtu", "tcp", "rtu-over-tcp", "serial-sensor"]
+BUS_KINDS: Final[tuple[BusKind, ...]] = get_args(BusKind)
 SENSOR_BUS = "serial-sensor"  # one streaming non-Modbus sensor (PMS5003, SDS011, GPS) on a port
 _SERIAL_KEYS = ("port", "baud", "parity", "stopbits", "bytesize", "discard_echo")
 _NET_KEYS = ("host", "tcp_port")
@@ -70,7 +74,6 @@ _KIND_KEYS = {
 }
 _NET_KINDS = ("tcp", "rtu-over-tcp")
 SECRET = "***"
-RULE_KINDS = ("threshold", "rate", "stuck", "offline")
 # keys each rule kind accepts beyond id, kind, device (and point)
 _RULE_KEYS = {
     "threshold": {"above", "below", "clear", "for_s", "window", "timezone"},
@@ -137,7 +140,7 @@ class UplinkConfig:
 class BatchConfig:
     max_readings: int = 5000
     max_age_s: float = 5.0
-    encoding: str = "msgpack+zlib"  # or "msgpack"
+    encoding: Encoding = "msgpack+zlib"  # or "msgpack"
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +169,7 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class BusConfig:
     name: str
-    kind: str  # rtu | tcp | rtu-over-tcp
+    kind: BusKind
     port: str = ""  # rtu
     baud: int = 9600  # rtu (and rtu-over-tcp, for t3.5 only)
     parity: str = "E"  # rtu: N E O
@@ -334,7 +337,7 @@ class RuleConfig:
     """
 
     id: str
-    kind: str
+    kind: EventKind
     device: str  # a device name or a glob over device names ("weather-*")
     point: str  # "" for offline rules
     targets: tuple[RuleTarget, ...]
@@ -700,9 +703,7 @@ def _batch(t: Table) -> BatchConfig:
     out = BatchConfig(
         max_readings=t.get_int("max_readings", 5000, lo=1, hi=10000),
         max_age_s=t.get_float("max_age_s", 5.0, lo=0.05, hi=3600.0),
-        encoding=t.get_str(
-            "encoding", "msgpack+zlib", choices=["msgpack+zlib", "msgpack"], what="encoding"
-        ),
+        encoding=t.get_choice("encoding", ENCODINGS, "msgpack+zlib", what="encoding"),
     )
     t.finish()
     return out
@@ -758,7 +759,7 @@ def _metrics(t: Table) -> MetricsConfig:
 def _bus(t: Table) -> BusConfig | None:
     before = len(t.problems.items)
     name = t.get_str("name", required=True, pattern=_NAME, pattern_help=_NAME_HELP)
-    kind = t.get_str("kind", required=True, choices=BUS_KINDS, what="bus kind")
+    kind = t.get_choice("kind", BUS_KINDS, required=True, what="bus kind")
     t.known(*_SERIAL_KEYS, *_NET_KEYS)
     if kind:
         allowed = _KIND_KEYS[kind]
@@ -781,7 +782,7 @@ def _bus(t: Table) -> BusConfig | None:
         host = t.get_str("host", required=True, nonempty=True, max_len=253)
     bus = BusConfig(
         name=name,
-        kind=kind,
+        kind=kind or "rtu",  # None: a problem is recorded and this bus dropped below
         port=port,
         baud=t.get_int("baud", 9600, lo=1200, hi=921600) if kind != "tcp" else 9600,
         parity=t.get_str("parity", "E", choices=["N", "E", "O"], what="parity")
@@ -917,7 +918,7 @@ def _rule(
 ) -> RuleConfig | None:
     before = len(t.problems.items)
     rid = t.get_str("id", required=True, pattern=_NAME, pattern_help=_NAME_HELP)
-    kind = t.get_str("kind", required=True, choices=RULE_KINDS, what="rule kind")
+    kind = t.get_choice("kind", RULE_KINDS, required=True, what="rule kind")
     device = t.get_str("device", required=True, nonempty=True)
     t.known("point", *_ALL_RULE_KEYS)
     if kind:

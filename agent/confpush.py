@@ -360,7 +360,9 @@ class ConfigReceiver:
 
     # -- a push -------------------------------------------------------------------------
 
-    def _report(self, version: int, status: str, reason: str = "", details: object = None) -> bytes:
+    def _report(
+        self, version: int, status: confpush.ReportStatus, reason: str = "", details: object = None
+    ) -> bytes:
         self.counters[f"{status}.{reason.split(':')[0]}" if status == "refused" else status] += 1
         return confpush.report(
             gateway=self.gateway,

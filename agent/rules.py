@@ -44,7 +44,7 @@ from agent.spool import Spool
 from agent.uplink import explain
 from protocols import topics
 from protocols.ed25519 import PrivateKey
-from protocols.event import Event, event_topic, seal_event
+from protocols.event import Event, EventState, event_topic, seal_event
 from protocols.reading import Quality, Reading
 from protocols.receipt import EpochReceipt
 
@@ -85,7 +85,7 @@ class _State:
         self.fired = False
         self.since = 0  # ms: when the current condition began
 
-    def event(self, state: str, value: Number | None, ts: int, detail: str) -> Event:
+    def event(self, state: EventState, value: Number | None, ts: int, detail: str) -> Event:
         self.fired = state == "fired"
         since = min(self.since, ts) if self.since else ts
         t = self.target

@@ -128,7 +128,6 @@ class Agent:
         self.pollers: list[BusPoller] = []
         self.sensors: list[SensorReader] = []  # serial-sensor buses: nothing to poll
         self.ready = asyncio.Event()
-        self._closing = False
         self.notifier = notifier or SdNotifier(None)
         self._reload = reload  # asks whoever runs the agent to reload (the "reload" command)
         self.commands: CommandExecutor | None = None
@@ -419,9 +418,7 @@ class Agent:
                     wire = 2 * max(p.link.timeout_s for p in by_engine)
                     await engine.finish(min(wire, max(0.0, drain_until - loop.time())))
                 await _end([*pollers, aging, *([ticks] if ticks else [])])
-                await self.batcher.flush()
-                self._closing = True
-                self.batcher.has_sealed.set()
+                await self.batcher.close()  # the writer spools what is left, then ends
                 await writer
                 # tell the hub the last seq sealed: it answers with a receipt for the tail
                 await self.uplink.heartbeat()
@@ -481,22 +478,15 @@ class Agent:
         self.notifier.status(summary(doc))
 
     async def _write_spool(self) -> None:
+        """The batcher's sealed batches into the spool, until the batcher closes them."""
         assert self.batcher is not None and self.spool is not None
-        b = self.batcher
-        while True:
-            items = b.take(64)  # group commit: one fsync for all that waits
-            if items:
-                stored = await self.spool.append(
-                    [(s.epoch, s.seq, s.n, s.t0, s.data) for s in items]
-                )
-                if log.isEnabledFor(logging.DEBUG):
-                    # the crash test's record of what was reported as spooled
-                    for epoch, seq, n, t0, _ in stored:
-                        log.debug("spooled epoch=%d seq=%d n=%d t0=%d", epoch, seq, n, t0)
-                continue
-            if self._closing:
-                return
-            await b.has_sealed.wait()
+        # group commit: one fsync for all that waits
+        while items := await self.batcher.sealed.receive(64):
+            stored = await self.spool.append([(s.epoch, s.seq, s.n, s.t0, s.data) for s in items])
+            if log.isEnabledFor(logging.DEBUG):
+                # the crash test's record of what was reported as spooled
+                for epoch, seq, n, t0, _ in stored:
+                    log.debug("spooled epoch=%d seq=%d n=%d t0=%d", epoch, seq, n, t0)
 
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -71,10 +71,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from protocols.errors import LocalError
-from protocols.gap import GapRange
+from protocols.gap import GapRange, GapReason
 
 __all__ = ["Spool", "SpoolError", "SpoolRow"]
 
@@ -191,7 +191,7 @@ def _row_bytes(rows: Sequence[Row]) -> tuple[int, int]:
     return pages, pages + pages // 170 + 12 * _PAGE
 
 
-def _ranges(rows: Sequence[tuple[int, int, int]], reason: str) -> list[GapRange]:
+def _ranges(rows: Sequence[tuple[int, int, int]], reason: GapReason) -> list[GapRange]:
     """(epoch, seq, n) rows, in id order, as contiguous per-epoch ranges."""
     out: list[GapRange] = []
     for epoch, seq, n in sorted(rows):
@@ -211,7 +211,7 @@ class _Dropped:
     freed: int  # their data bytes
     readings: int
     ranges: list[GapRange]
-    reason: str
+    reason: GapReason
 
 
 class Spool:
@@ -463,13 +463,14 @@ class Spool:
         """What the spool's files take on disk: database, WAL, WAL index and reserve."""
         return sum(_size(Path(f"{self.path}{s}")) for s in ("", "-wal", "-shm", "-reserve"))
 
-    def _limit_sync(self, txn: int) -> tuple[int, str]:
+    def _limit_sync(self, txn: int) -> tuple[int, GapReason]:
         """The most the database's pages may hold after a transaction of ``txn`` WAL
         bytes, and what sets it: ``spool_full`` (``max_bytes``) or ``disk_full`` (the
         file system)."""
         # beside the pages: a WAL of up to its limit plus this transaction, its index, the reserve
         wal = self._wal_limit + txn
-        limit, reason = self._max_bytes - wal - _SHM - self._reserve_size, "spool_full"
+        limit = self._max_bytes - wal - _SHM - self._reserve_size
+        reason: GapReason = "spool_full"
         now = time.monotonic()
         free = self._free
         if now >= self._free_next or free < self._max_bytes + _MARGIN + wal:
@@ -712,7 +713,7 @@ class Spool:
                 break
         return cut
 
-    def _delete_rows_sync(self, where: str, arg: Any, reason: str) -> _Dropped | None:
+    def _delete_rows_sync(self, where: str, arg: Any, reason: GapReason) -> _Dropped | None:
         """Delete the batches matching ``where`` and write their gap rows and counters,
         inside the caller's transaction; :meth:`_dropped_sync` once it commits."""
         assert self._db is not None
@@ -787,7 +788,7 @@ class Spool:
         if d.reason == "too_old":
             self._dropping.pop(d.reason)  # a line each time (at most every 30 s)
 
-    def _delete_sync(self, where: str, arg: Any, reason: str) -> int:
+    def _delete_sync(self, where: str, arg: Any, reason: GapReason) -> int:
         """Delete the batches matching ``where`` in a transaction of its own, writing
         their gap rows; returns the bytes freed."""
         assert self._db is not None
@@ -806,7 +807,7 @@ class Spool:
         self._dropped_sync(d)
         return d.freed
 
-    def _drop_oldest_sync(self, need_bytes: int, reason: str, keep: int = 1) -> int:
+    def _drop_oldest_sync(self, need_bytes: int, reason: GapReason, keep: int = 1) -> int:
         """Drop the oldest batches until ``need_bytes`` are freed (keeps ``keep`` newest)."""
         cut = self._oldest_cut_sync(need_bytes, keep)
         return self._delete_sync("id <= ?", cut, reason) if cut else 0
@@ -832,7 +833,7 @@ class Spool:
         if len(self._acked_ids) >= self._count:
             self.empty.set()
 
-    def _lost_sync(self, rows: list[tuple[int, int, int]], reason: str) -> None:
+    def _lost_sync(self, rows: list[tuple[int, int, int]], reason: GapReason) -> None:
         """Batches that never made it into the spool: a gap row, or in memory if even that fails."""
         assert self._db is not None
         ranges = _ranges(rows, reason)
@@ -1333,7 +1334,9 @@ class Spool:
             (limit + len(self._gaps_done),),
         ):
             if int(rid) not in self._gaps_done:
-                out.append((int(rid), GapRange(int(e), int(f), int(last), int(n), str(reason))))
+                out.append(
+                    (int(rid), GapRange(int(e), int(f), int(last), int(n), cast(GapReason, reason)))
+                )
         out = out[:limit]
         # being sent: no longer extended by later drops
         self._gaps_handed = max([self._gaps_handed, *(i for i, _ in out)])

@@ -19,6 +19,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar, overload
 
 from protocols.errors import ConfigError
 
@@ -30,6 +31,8 @@ __all__ = [
     "read_toml",
     "type_name",
 ]
+
+_S = TypeVar("_S", bound=str)
 
 
 class Problems:
@@ -215,6 +218,34 @@ class Table:
             self.add(key, f"invalid value '{value}': {pattern_help or pattern.pattern}")
             return default
         return value
+
+    @overload
+    def get_choice(self, key: str, choices: Sequence[_S], default: _S, *, what: str = "") -> _S: ...
+
+    @overload
+    def get_choice(
+        self,
+        key: str,
+        choices: Sequence[_S],
+        default: None = None,
+        *,
+        required: bool = False,
+        what: str = "",
+    ) -> _S | None: ...
+
+    def get_choice(
+        self,
+        key: str,
+        choices: Sequence[_S],
+        default: _S | None = None,
+        *,
+        required: bool = False,
+        what: str = "",
+    ) -> _S | None:
+        """One of ``choices``, typed as they are (a ``Literal`` kind stays one):
+        ``default`` when the key is absent or (a problem recorded) none of them."""
+        value = self.get_str(key, required=required, choices=choices, what=what)
+        return next((c for c in choices if c == value), default)
 
     def get_int(
         self,

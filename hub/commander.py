@@ -38,7 +38,7 @@ class Commander:
     def build(
         self,
         gateway: str,
-        op: str,
+        op: command.Op,
         args: Mapping[str, Any] | None = None,
         *,
         ttl_s: float = 60.0,
@@ -70,7 +70,7 @@ class Commander:
         self,
         client: aiomqtt.Client,
         gateway: str,
-        op: str,
+        op: command.Op,
         args: Mapping[str, Any] | None = None,
         *,
         ttl_s: float = 60.0,

@@ -162,14 +162,16 @@ class EnrollmentDesk:
         )
         return result_topic(topic_gw, self.prefix), answer
 
-    def _decide(self, topic_gw: str, req: enroll.EnrollRequest) -> tuple[str, bytes, str]:
+    def _decide(
+        self, topic_gw: str, req: enroll.EnrollRequest
+    ) -> tuple[enroll.EnrollStatus, bytes, str]:
         if req.gw != topic_gw:
             return "topic_mismatch", b"", f"request names {req.gw!r}"
         if req.is_rotation:
             return self._rotate(req)
         return self._first(req)
 
-    def _first(self, req: enroll.EnrollRequest) -> tuple[str, bytes, str]:
+    def _first(self, req: enroll.EnrollRequest) -> tuple[enroll.EnrollStatus, bytes, str]:
         row = self.store.token(_hash(req.token))
         if row is None or row[0] != req.gw:
             return "bad_token", b"", "no such token for this gateway"
@@ -196,7 +198,7 @@ class EnrollmentDesk:
         )
         return enroll.ENROLLED, kid, ""
 
-    def _rotate(self, req: enroll.EnrollRequest) -> tuple[str, bytes, str]:
+    def _rotate(self, req: enroll.EnrollRequest) -> tuple[enroll.EnrollStatus, bytes, str]:
         row = self.store.key(req.gw, req.kid)
         if row is None:
             return "unknown_key", b"", f"kid {req.kid.hex()} is not enrolled for {req.gw}"

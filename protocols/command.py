@@ -37,7 +37,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeAlias, get_args
 
 import msgpack
 
@@ -58,8 +58,11 @@ __all__ = [
     "MAX_RESEND_RANGES",
     "OPS",
     "RESULT_DOMAIN",
+    "STATUSES",
     "Command",
     "CommandResult",
+    "Op",
+    "ResultStatus",
     "command",
     "parse_command",
     "parse_result",
@@ -68,10 +71,13 @@ __all__ = [
 
 CMD_DOMAIN: Final = "vitals/cmd/v1"
 RESULT_DOMAIN: Final = "vitals/cmd-result/v1"
-OPS: Final = ("ping", "read", "write", "reload", "log_level", "resend", "firmware")
+Op: TypeAlias = Literal["ping", "read", "write", "reload", "log_level", "resend", "firmware"]
+OPS: Final[tuple[Op, ...]] = get_args(Op)
 #: ``resend`` asks for at most this many ``[lo, hi]`` seq ranges of one epoch
 MAX_RESEND_RANGES: Final = 64
-STATUSES: Final = ("ok", "refused", "failed")
+#: "ok", or "refused" (never executed), or "failed" (executed, went wrong)
+ResultStatus: TypeAlias = Literal["ok", "refused", "failed"]
+STATUSES: Final[tuple[ResultStatus, ...]] = get_args(ResultStatus)
 #: the largest command message, signed and enveloped, that a gateway reads (it drops a
 #: larger one unread and unanswered); real ones are a few hundred bytes (a ``read``
 #: naming 30 points is under 1 KiB)
@@ -100,7 +106,7 @@ class Command:
     gw: str
     kid: bytes
     id: bytes
-    op: str
+    op: Op
     t: int
     exp: int
     message: SignedMessage
@@ -124,7 +130,7 @@ class Command:
 
 
 def command(
-    op: str,
+    op: Op,
     args: Mapping[str, Any] | None = None,
     *,
     gateway: str,
@@ -176,7 +182,7 @@ class CommandResult:
     gw: str
     kid: bytes
     id: bytes
-    status: str
+    status: ResultStatus
     reason: str
     t: int
     message: SignedMessage
@@ -199,7 +205,7 @@ def result(
     gateway: str,
     key: ed25519.PrivateKey,
     command_id: bytes,
-    status: str,
+    status: ResultStatus,
     reason: str = "",
     value: object = None,
     now_ms: int,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeAlias, get_args
 
 import msgpack
 
@@ -57,6 +57,7 @@ __all__ = [
     "STATUSES",
     "ConfigPush",
     "ConfigReport",
+    "ReportStatus",
     "parse_push",
     "parse_report",
     "push",
@@ -65,7 +66,8 @@ __all__ = [
 
 PUSH_DOMAIN: Final = "vitals/config/v1"
 REPORT_DOMAIN: Final = "vitals/config-report/v1"
-STATUSES: Final = ("trying", "applied", "rolled_back", "refused")
+ReportStatus: TypeAlias = Literal["trying", "applied", "rolled_back", "refused"]
+STATUSES: Final[tuple[ReportStatus, ...]] = get_args(ReportStatus)
 #: the largest push, signed and enveloped, a gateway reads (its own MQTT cap for the
 #: config topic; commands keep theirs, 4 KiB). The full example configuration is
 #: 6 KiB; a cabinet with 200 devices and their rules stays under 100 KiB.
@@ -166,7 +168,7 @@ class ConfigReport:
     gw: str
     kid: bytes
     v: int
-    status: str
+    status: ReportStatus
     reason: str
     running: int
     t: int
@@ -189,7 +191,7 @@ def report(
     gateway: str,
     key: ed25519.PrivateKey,
     version: int,
-    status: str,
+    status: ReportStatus,
     running: int,
     now_ms: int,
     reason: str = "",

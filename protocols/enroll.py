@@ -41,7 +41,7 @@ import base64
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, TypeAlias
 
 import msgpack
 
@@ -63,6 +63,7 @@ __all__ = [
     "RESULT_DOMAIN",
     "EnrollRequest",
     "EnrollResult",
+    "EnrollStatus",
     "new_token",
     "parse_request",
     "parse_result",
@@ -74,6 +75,19 @@ __all__ = [
 ENROLL_DOMAIN: Final = "vitals/enroll/v1"
 POP_DOMAIN: Final = "vitals/enroll-pop/v1"
 RESULT_DOMAIN: Final = "vitals/enroll-result/v1"
+#: the result's ``status``: ``"enrolled"``, or why the hub refused
+EnrollStatus: TypeAlias = Literal[
+    "enrolled",
+    "malformed",
+    "topic_mismatch",
+    "bad_token",
+    "token_used",
+    "token_expired",
+    "bad_signature",
+    "unknown_key",
+    "revoked_key",
+    "already_rotated",
+]
 ENROLLED: Final = "enrolled"
 MAX_TOKEN_LEN: Final = 128
 MAX_DETAIL_LEN: Final = 512
@@ -243,7 +257,7 @@ def result(
     gateway: str,
     hub_key: ed25519.PrivateKey,
     nonce: bytes,
-    status: str,
+    status: EnrollStatus,
     enrolled: bytes = b"",
     detail: str = "",
     now_ms: int,

@@ -35,6 +35,7 @@ from protocols.payload import (
     MAX_PAYLOAD_BYTES,
     MAX_READINGS,
     MAX_TS,
+    Encoding,
     PointInfo,
     decode_points,
     decode_readings,
@@ -272,7 +273,7 @@ class BatchHeader:
     t0: int
     t1: int
     n: int
-    enc: str
+    enc: Encoding
     clock: str = ""
     fix_offset_ms: int | None = None
     fix_until: int | None = None
@@ -344,7 +345,7 @@ def seal(
     key: ed25519.PrivateKey,
     epoch: int,
     seq: int,
-    enc: str = "msgpack+zlib",
+    enc: Encoding = "msgpack+zlib",
     unsynced: bool = False,
     fix: tuple[int, int, int] | None = None,
 ) -> bytes:
@@ -416,7 +417,7 @@ class MetaHeader:
     kid: bytes
     epoch: int
     n: int
-    enc: str
+    enc: Encoding
 
 
 _META_SCHEMA: Final[Mapping[str, type]] = {
@@ -457,7 +458,7 @@ def seal_meta(
     gateway: str,
     key: ed25519.PrivateKey,
     epoch: int,
-    enc: str = "msgpack+zlib",
+    enc: Encoding = "msgpack+zlib",
 ) -> bytes:
     """The wire bytes of the signed point table of ``gateway`` for ``epoch``."""
     _check_gateway(gateway)

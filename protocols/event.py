@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, TypeAlias, get_args
 
 import msgpack
 
@@ -46,6 +46,8 @@ __all__ = [
     "STATES",
     "Event",
     "EventHeader",
+    "EventKind",
+    "EventState",
     "SealedEvent",
     "event_topic",
     "parse_event",
@@ -53,8 +55,10 @@ __all__ = [
 ]
 
 EVENT_DOMAIN: Final = "vitals/event/v1"
-KINDS: Final = ("threshold", "rate", "stuck", "offline")
-STATES: Final = ("fired", "cleared")
+EventKind: TypeAlias = Literal["threshold", "rate", "stuck", "offline"]
+EventState: TypeAlias = Literal["fired", "cleared"]
+KINDS: Final[tuple[EventKind, ...]] = get_args(EventKind)
+STATES: Final[tuple[EventState, ...]] = get_args(EventState)
 MAX_TEXT: Final = 256  # rule ids, names and details
 _U63: Final = 2**63 - 1
 _SCHEMA: Final = {"gw": str, "kid": bytes, "epoch": int, "seq": int, "enc": str}
@@ -70,8 +74,8 @@ class Event:
     """One edge event, as the rule engine makes it and the hub reads it."""
 
     rule: str
-    kind: str
-    state: str
+    kind: EventKind
+    state: EventState
     device: str
     point: str
     pid: int

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, TypeAlias, get_args
 
 import msgpack
 
@@ -43,6 +43,7 @@ __all__ = [
     "REASONS",
     "GapHeader",
     "GapRange",
+    "GapReason",
     "SealedGap",
     "parse_gap",
     "seal_gap",
@@ -50,9 +51,10 @@ __all__ = [
 
 GAP_DOMAIN: Final = "vitals/gap/v1"
 MAX_RANGES: Final = 4096
-REASONS: Final = ("spool_full", "too_old", "disk_full", "not_held", "split")
+GapReason: TypeAlias = Literal["spool_full", "too_old", "disk_full", "not_held", "split"]
+REASONS: Final[tuple[GapReason, ...]] = get_args(GapReason)
 #: reasons whose readings are not lost: "split" names a batch re-sealed as smaller ones
-NOT_LOST: Final = frozenset({"split"})
+NOT_LOST: Final[frozenset[GapReason]] = frozenset({"split"})
 _U63: Final = 2**63 - 1
 
 _SCHEMA: Final = {"gw": str, "kid": bytes, "epoch": int, "n": int, "enc": str}
@@ -66,7 +68,7 @@ class GapRange:
     first: int
     last: int
     readings: int
-    reason: str
+    reason: GapReason
 
 
 @dataclass(frozen=True, slots=True)

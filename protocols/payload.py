@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, pairwise, repeat
 from operator import itemgetter, mul, sub, truediv
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, TypeAlias, cast, get_args
 
 import msgpack
 
@@ -71,6 +71,7 @@ __all__ = [
     "MAX_POINT_ID",
     "MAX_READINGS",
     "MAX_TS",
+    "Encoding",
     "Kind",
     "PointInfo",
     "choose_layout",
@@ -81,7 +82,8 @@ __all__ = [
     "encode_readings_span",
 ]
 
-ENCODINGS: Final = ("msgpack", "msgpack+zlib")
+Encoding: TypeAlias = Literal["msgpack", "msgpack+zlib"]
+ENCODINGS: Final[tuple[Encoding, ...]] = get_args(Encoding)
 LAYOUTS: Final = (1, 2)
 """Readings payload layouts: 1 series by point, 2 columns (docs/envelope.md section 3)."""
 COLUMNS_TAG: Final = -2
@@ -150,7 +152,7 @@ def _pack(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def _compress(raw: bytes, enc: str) -> bytes:
+def _compress(raw: bytes, enc: Encoding) -> bytes:
     if enc == "msgpack":
         return raw
     if enc == "msgpack+zlib":
@@ -364,7 +366,7 @@ def _bad_reading(readings: Sequence[Reading]) -> LocalError:
 
 
 def encode_readings(
-    readings: Sequence[Reading], *, enc: str = "msgpack+zlib", layout: int | None = None
+    readings: Sequence[Reading], *, enc: Encoding = "msgpack+zlib", layout: int | None = None
 ) -> bytes:
     """The payload bytes of ``readings``: see :func:`encode_readings_span`."""
     return encode_readings_span(readings, enc=enc, layout=layout)[0]
@@ -387,7 +389,7 @@ def _few_repeats(points: Sequence[int]) -> bool:
 
 
 def encode_readings_span(
-    readings: Sequence[Reading], *, enc: str = "msgpack+zlib", layout: int | None = None
+    readings: Sequence[Reading], *, enc: Encoding = "msgpack+zlib", layout: int | None = None
 ) -> tuple[bytes, int, int]:
     """The payload bytes of ``readings`` (1 to :data:`MAX_READINGS` of them), and
     their earliest and latest timestamps.
@@ -743,7 +745,7 @@ def _sub_block(
     )
 
 
-def encode_points(points: Sequence[PointInfo], *, enc: str = "msgpack+zlib") -> bytes:
+def encode_points(points: Sequence[PointInfo], *, enc: Encoding = "msgpack+zlib") -> bytes:
     """The point-table payload: ``[[id, device, name, unit, domain, cls, indicator]...]``."""
     rows: list[list[object]] = []
     seen: set[int] = set()
@@ -766,7 +768,7 @@ def encode_points(points: Sequence[PointInfo], *, enc: str = "msgpack+zlib") -> 
 # --------------------------------------------------------------------------- decoding
 
 
-def _decompress(data: bytes, enc: str) -> bytes:
+def _decompress(data: bytes, enc: Encoding) -> bytes:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise DecodeError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     if enc == "msgpack":
@@ -910,7 +912,7 @@ def _flags(raw: object, count: int, where: str) -> dict[int, int]:
     return out
 
 
-def decode_readings(data: bytes, *, enc: str = "msgpack+zlib") -> list[Reading]:
+def decode_readings(data: bytes, *, enc: Encoding = "msgpack+zlib") -> list[Reading]:
     """The readings of a payload made by :func:`encode_readings`.
 
     Raises :class:`DecodeError` naming what is wrong, for any input.
@@ -1011,7 +1013,7 @@ def _decode_columns(obj: list[Any]) -> list[Reading]:
     return out
 
 
-def decode_points(data: bytes, *, enc: str = "msgpack+zlib") -> list[PointInfo]:
+def decode_points(data: bytes, *, enc: Encoding = "msgpack+zlib") -> list[PointInfo]:
     """The rows of a point-table payload made by :func:`encode_points`."""
     obj = _unpack(_decompress(data, enc), "point table")
     if type(obj) is not list:

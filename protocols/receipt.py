@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeAlias, get_args
 
 import msgpack
 
@@ -64,6 +64,7 @@ __all__ = [
     "HeartbeatHeader",
     "HeldRange",
     "ReceiptHeader",
+    "ReceiptKind",
     "SealedHeartbeat",
     "SealedReceipt",
     "parse_heartbeat",
@@ -82,7 +83,8 @@ MAX_RECEIPT_EPOCHS: Final = 64
 MAX_HEARTBEAT_RANGES: Final = 64
 _U63: Final = 2**63 - 1
 #: the seq series a receipt names: batches (the header has no ``kind``) or edge events
-RECEIPT_KINDS: Final = ("batch", "event")
+ReceiptKind: TypeAlias = Literal["batch", "event"]
+RECEIPT_KINDS: Final[tuple[ReceiptKind, ...]] = get_args(ReceiptKind)
 
 _RECEIPT_SCHEMA: Final = {"gw": str, "kid": bytes, "t": int, "n": int, "enc": str}
 _HB_SCHEMA: Final = {
@@ -160,7 +162,7 @@ class ReceiptHeader:
     t: int
     n: int
     enc: str
-    kind: str = "batch"
+    kind: ReceiptKind = "batch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +209,7 @@ def seal_receipt(
     epochs: Sequence[EpochReceipt],
     t_ms: int,
     *,
-    kind: str = "batch",
+    kind: ReceiptKind = "batch",
 ) -> bytes:
     """The wire bytes of the hub's signed receipt to ``gw`` (1 to MAX_RECEIPT_EPOCHS
     epochs) for its batches, or (``kind="event"``) for its edge events."""

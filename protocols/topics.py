@@ -22,6 +22,7 @@ several hub workers split the load.
 from __future__ import annotations
 
 import re
+from typing import Final, Literal, TypeAlias, get_args
 
 from protocols.errors import LocalError
 
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "GATEWAY_ID",
     "KINDS",
+    "TopicKind",
     "batch",
     "cmd",
     "cmd_result",
@@ -134,24 +136,23 @@ def gateway_of(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
 
 
 # what follows {prefix}/{gateway}/ in a per-gateway topic
-KINDS = frozenset(
-    {
-        "batch",
-        "meta",
-        "event",
-        "gap",
-        "status",
-        "cmd",
-        "cmd/result",
-        "receipt",
-        "hb",
-        "config",
-        "config/status",
-    }
-)
+TopicKind: TypeAlias = Literal[
+    "batch",
+    "meta",
+    "event",
+    "gap",
+    "status",
+    "cmd",
+    "cmd/result",
+    "receipt",
+    "hb",
+    "config",
+    "config/status",
+]
+KINDS: Final[frozenset[TopicKind]] = frozenset(get_args(TopicKind))
 
 
-def parse(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
+def parse(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, TopicKind] | None:
     """``(gateway, kind)`` of a per-gateway topic (kind as in :data:`KINDS`), or None."""
     head = prefix + "/"
     if not topic.startswith(head):
@@ -162,7 +163,7 @@ def parse(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
     return gw, kind
 
 
-def subscription(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
+def subscription(kind: TopicKind, prefix: str = DEFAULT_PREFIX) -> str:
     """The filter of one kind of message from every gateway: ``{prefix}/+/{kind}``."""
     if kind not in KINDS:
         raise LocalError(f"unknown topic kind {kind!r}")
