@@ -17,7 +17,7 @@ from pathlib import Path
 
 from drivers._schema import Problems, Table, did_you_mean, read_toml
 from protocols import nmea, pms5003, sds011
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, LocalError
 from protocols.modbus import DataType, Order, PointSpec, Space
 
 __all__ = [
@@ -127,11 +127,11 @@ class Profile:
         return self.protocol != "modbus"
 
     def point(self, name: str) -> Point:
-        """The point called ``name``; :class:`KeyError` if there is none."""
+        """The point called ``name``; :class:`LocalError` if there is none."""
         for p in self.points:
             if p.name == name:
                 return p
-        raise KeyError(name)
+        raise LocalError(f"profile {self.name}: no point named {name!r}")
 
     @property
     def specs(self) -> tuple[PointSpec, ...]:

@@ -225,7 +225,7 @@ def hub(
             raise _fail(f"--trust {gw}: {exc}", "check the gateway id and its key", 2) from None
     try:
         desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
-    except (OSError, ValueError) as exc:
+    except (OSError, VitalsError) as exc:
         core.close()
         raise _fail(
             f"the hub key: {exc}", "the hub key beside the database must be the hub's own, mode 600"
@@ -350,7 +350,7 @@ def hub_token(
     try:
         desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
         token = desk.issue_token(gateway, ttl_s=ttl * 3600.0)
-    except (ValueError, PermissionError, VitalsError) as exc:
+    except (OSError, VitalsError) as exc:
         raise fail(
             str(exc), "a gateway id is a-z, 0-9 and '-'; the hub key must be readable"
         ) from None

@@ -142,7 +142,7 @@ def _open(db: str, gateway: str) -> tuple[Any, ed25519.PrivateKey | None]:
         return core, None
     try:
         return core, load_or_create_hub_key(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, VitalsError) as exc:
         core.close()
         raise _fail(f"the hub key: {exc}", "the hub key beside the database, mode 600") from None
 

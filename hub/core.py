@@ -23,7 +23,7 @@ from typing import Any
 
 from hub.store import BatchRow, SqliteStore, Store, TailRow, open_store
 from protocols import envelope, topics
-from protocols.errors import ProtocolError, SignatureError
+from protocols.errors import LocalError, ProtocolError, SignatureError
 from protocols.event import parse_event
 from protocols.gap import GapRange, parse_gap
 from protocols.reading import Reading
@@ -221,7 +221,7 @@ class HubCore:
     def db(self) -> sqlite3.Connection:
         """The SQLite connection of an SQLite store (tests and the demo look inside)."""
         if not isinstance(self.store, SqliteStore):
-            raise TypeError("HubCore.db: the store is not SQLite")
+            raise LocalError("HubCore.db: the store is not SQLite")
         return self.store.db
 
     # -- keys -----------------------------------------------------------------

@@ -38,7 +38,7 @@ from hub.core import HubCore
 from hub.reconnect import Outage
 from hub.store import is_url
 from protocols import ed25519, enroll, envelope, topics
-from protocols.errors import KeyFormatError, ProtocolError, SignatureError
+from protocols.errors import KeyFormatError, LocalError, ProtocolError, SignatureError
 
 __all__ = [
     "EnrollmentDesk",
@@ -78,11 +78,11 @@ def load_or_create_hub_key(path: Path) -> ed25519.PrivateKey:
         finally:
             os.unlink(tmp)
     if path.stat().st_mode & 0o077:
-        raise PermissionError(f"{path}: the hub key must not be readable by others (chmod 600)")
+        raise LocalError(f"{path}: the hub key must not be readable by others (chmod 600)")
     try:
         return ed25519.PrivateKey.from_pem(path.read_bytes())
     except KeyFormatError as exc:
-        raise ValueError(f"{path}: not an Ed25519 PKCS#8 PEM key: {exc}") from exc
+        raise KeyFormatError(f"{path}: not an Ed25519 PKCS#8 PEM key: {exc}") from exc
 
 
 def _hash(token: str) -> bytes:

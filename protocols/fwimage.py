@@ -33,7 +33,7 @@ from typing import Final
 
 from protocols import ed25519
 from protocols.envelope import key_id
-from protocols.errors import InvalidSignature, ProtocolError
+from protocols.errors import InvalidSignature, LocalError, ProtocolError
 
 __all__ = [
     "DOMAIN",
@@ -99,7 +99,7 @@ def pack_slot(files: Mapping[str, bytes]) -> bytes:
     out = bytearray()
     for name in sorted(files):
         if not _NAME.fullmatch(name):
-            raise ValueError(f"{name!r}: a module file name (letters, digits, _; .py or .mpy)")
+            raise LocalError(f"{name!r}: a module file name (letters, digits, _; .py or .mpy)")
         raw = name.encode()
         out += bytes([len(raw)]) + raw + len(files[name]).to_bytes(4, "big") + files[name]
     return bytes(out)
@@ -138,7 +138,7 @@ def pack_dir(directory: str | Path, *, replace: Mapping[str, bytes] | None = Non
 def build(payload: bytes, *, model: str, version: int, key: ed25519.PrivateKey) -> bytes:
     """A signed image file of ``payload`` for terminals of ``model``."""
     if not 0 < version <= 0xFFFF:
-        raise ValueError(f"version {version}: 1..65535 (major * 100 + minor)")
+        raise LocalError(f"version {version}: 1..65535 (major * 100 + minor)")
     manifest = Manifest(model, version, len(payload), hashlib.sha256(payload).digest(), key_id(key))
     body = manifest.encode()
     return MAGIC + len(body).to_bytes(2, "big") + body + key.sign(DOMAIN + body) + payload

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from protocols import ed25519, fwimage
-from protocols.errors import FrameError
+from protocols.errors import FrameError, LocalError
 from protocols.rtu import (
     RequestRejected,
     ResponseParser,
@@ -68,7 +68,7 @@ def test_an_image_of_an_unknown_key_is_refused(key: ed25519.PrivateKey) -> None:
 
 
 def test_slot_names_are_plain_module_files() -> None:
-    with pytest.raises(ValueError, match="module file name"):
+    with pytest.raises(LocalError, match="module file name"):
         fwimage.pack_slot({"../boot.py": b""})
     with pytest.raises(fwimage.ImageRefused, match="truncated"):
         fwimage.unpack_slot(fwimage.pack_slot({"app.py": b"abc"})[:-1])

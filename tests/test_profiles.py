@@ -15,7 +15,7 @@ from drivers.profiles import (
     available_profiles,
     load_profile,
 )
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, LocalError
 from protocols.modbus import DataType, Order, Space, plan, register_count
 
 SHIPPED = [
@@ -159,7 +159,7 @@ def test_sound_level_meter_register_map_point_by_point() -> None:
     assert profile.point("laeq").indicator == "LAeq"
     assert profile.point("laeq").in_range(55.0)
     assert not profile.point("laeq").in_range(141.0)
-    with pytest.raises(KeyError):
+    with pytest.raises(LocalError, match="no point named 'nope'"):
         profile.point("nope")
 
 

@@ -290,7 +290,7 @@ def test_hub_key_file_is_private(tmp_path: Path) -> None:
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert load_or_create_hub_key(path).public_key() == key.public_key()
     path.chmod(0o644)
-    with pytest.raises(PermissionError):
+    with pytest.raises(LocalError, match="chmod 600"):
         load_or_create_hub_key(path)
 
 
