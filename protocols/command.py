@@ -39,18 +39,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias, get_args
 
-import msgpack
-
 from protocols import ed25519
 from protocols.envelope import (
-    MAX_GATEWAY_LEN,
     PublicKeyLike,
     SignedMessage,
+    check_sender,
     key_id,
+    pack,
     parse_message,
     sign_message,
+    unpack,
 )
-from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
+from protocols.errors import DecodeError, FrameError, LocalError
 
 __all__ = [
     "CMD_DOMAIN",
@@ -95,10 +95,6 @@ _RESULT_SCHEMA: Final = {
 }
 
 
-def _pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
-
-
 @dataclass(frozen=True, slots=True)
 class Command:
     """A parsed command: well formed, signature not yet verified, args not yet decoded."""
@@ -112,18 +108,11 @@ class Command:
     message: SignedMessage
 
     def verify(self, hub_public: PublicKeyLike) -> None:
-        if key_id(hub_public) != self.kid:
-            raise SignatureError("command kid is not the hub key's")
-        self.message.verify(CMD_DOMAIN, hub_public)
+        self.message.verify(CMD_DOMAIN, hub_public, kid=self.kid)
 
     def args(self) -> dict[str, Any]:
         """The argument map (str keys); :class:`DecodeError` if it is not one."""
-        try:
-            obj = msgpack.unpackb(
-                self.message.payload, raw=False, strict_map_key=True, max_ext_len=0
-            )
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise DecodeError(f"command arguments are not msgpack: {exc}") from exc
+        obj = unpack(self.message.payload, "command arguments", strict_map_key=True, max_ext_len=0)
         if type(obj) is not dict:
             raise DecodeError("command arguments must be a msgpack map")
         return obj
@@ -143,7 +132,7 @@ def command(
     if op not in OPS:
         raise LocalError(f"unknown command {op!r}; one of {', '.join(OPS)}")
     cid = command_id if command_id is not None else secrets.token_bytes(_ID_LEN)
-    payload = _pack(dict(args or {}))
+    payload = pack(dict(args or {}))
     protected: dict[str, str | bytes | int] = {
         "gw": gateway,
         "kid": key_id(hub_key),
@@ -166,10 +155,7 @@ def parse_command(data: bytes) -> Command:
     msg = parse_message(data)
     f = msg.fields(_CMD_SCHEMA)
     cmd = Command(message=msg, **f)  # type: ignore[arg-type]  # types checked by fields()
-    if not 1 <= len(cmd.gw) <= MAX_GATEWAY_LEN:
-        raise FrameError(f"protected header: gw must be 1 to {MAX_GATEWAY_LEN} chars")
-    if len(cmd.kid) != 8:
-        raise FrameError("protected header: kid must be 8 bytes")
+    check_sender(cmd.gw, cmd.kid)
     if len(cmd.id) != _ID_LEN:
         raise FrameError(f"protected header: id must be {_ID_LEN} bytes")
     if len(data) > MAX_COMMAND_BYTES:
@@ -188,16 +174,11 @@ class CommandResult:
     message: SignedMessage
 
     def verify(self, gateway_public: PublicKeyLike) -> None:
-        if key_id(gateway_public) != self.kid:
-            raise SignatureError("result kid is not the gateway key's")
-        self.message.verify(RESULT_DOMAIN, gateway_public)
+        self.message.verify(RESULT_DOMAIN, gateway_public, kid=self.kid)
 
     def value(self) -> Any:
         """The operation's answer, decoded."""
-        try:
-            return msgpack.unpackb(self.message.payload, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise DecodeError(f"result value is not msgpack: {exc}") from exc
+        return unpack(self.message.payload, "result value", strict_map_key=False)
 
 
 def result(
@@ -221,7 +202,7 @@ def result(
         "reason": reason[:512],
         "t": now_ms,
     }
-    return sign_message(RESULT_DOMAIN, protected, _pack(value), key)
+    return sign_message(RESULT_DOMAIN, protected, pack(value), key)
 
 
 def parse_result(data: bytes) -> CommandResult:
@@ -230,6 +211,5 @@ def parse_result(data: bytes) -> CommandResult:
     res = CommandResult(message=msg, **f)  # type: ignore[arg-type]  # types checked by fields()
     if res.status not in STATUSES:
         raise FrameError(f"protected header: unknown status {res.status!r}")
-    if len(res.kid) != 8:
-        raise FrameError("protected header: kid must be 8 bytes")
+    check_sender(res.gw, res.kid)
     return res

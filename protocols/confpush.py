@@ -36,18 +36,18 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias, get_args
 
-import msgpack
-
 from protocols import ed25519
 from protocols.envelope import (
-    MAX_GATEWAY_LEN,
     PublicKeyLike,
     SignedMessage,
+    check_sender,
     key_id,
+    pack,
     parse_message,
     sign_message,
+    unpack,
 )
-from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
+from protocols.errors import DecodeError, FrameError, LocalError
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -99,9 +99,7 @@ class ConfigPush:
     message: SignedMessage
 
     def verify(self, hub_public: PublicKeyLike) -> None:
-        if key_id(hub_public) != self.kid:
-            raise SignatureError("config push kid is not the hub key's")
-        self.message.verify(PUSH_DOMAIN, hub_public)
+        self.message.verify(PUSH_DOMAIN, hub_public, kid=self.kid)
 
     def text(self) -> str:
         """The configuration file; :class:`DecodeError` if it is not UTF-8."""
@@ -150,10 +148,7 @@ def parse_push(data: bytes) -> ConfigPush:
     msg = parse_message(data)
     f = msg.fields(_PUSH_SCHEMA)
     p = ConfigPush(message=msg, **f)  # type: ignore[arg-type]  # types checked by fields()
-    if not 1 <= len(p.gw) <= MAX_GATEWAY_LEN:
-        raise FrameError(f"protected header: gw must be 1 to {MAX_GATEWAY_LEN} chars")
-    if len(p.kid) != 8:
-        raise FrameError("protected header: kid must be 8 bytes")
+    check_sender(p.gw, p.kid)
     if p.v < 1:
         raise FrameError("protected header: v must be 1 or more")
     if not 1 <= p.trial <= MAX_TRIAL_S:
@@ -175,15 +170,10 @@ class ConfigReport:
     message: SignedMessage
 
     def verify(self, gateway_public: PublicKeyLike) -> None:
-        if key_id(gateway_public) != self.kid:
-            raise SignatureError("report kid is not the gateway key's")
-        self.message.verify(REPORT_DOMAIN, gateway_public)
+        self.message.verify(REPORT_DOMAIN, gateway_public, kid=self.kid)
 
     def details(self) -> Any:
-        try:
-            return msgpack.unpackb(self.message.payload, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise DecodeError(f"report details are not msgpack: {exc}") from exc
+        return unpack(self.message.payload, "report details", strict_map_key=False)
 
 
 def report(
@@ -209,8 +199,7 @@ def report(
         "running": running,
         "t": now_ms,
     }
-    payload: bytes = msgpack.packb(details, use_bin_type=True)
-    return sign_message(REPORT_DOMAIN, protected, payload, key)
+    return sign_message(REPORT_DOMAIN, protected, pack(details), key)
 
 
 def parse_report(data: bytes) -> ConfigReport:
@@ -219,6 +208,5 @@ def parse_report(data: bytes) -> ConfigReport:
     r = ConfigReport(message=msg, **f)  # type: ignore[arg-type]  # types checked by fields()
     if r.status not in STATUSES:
         raise FrameError(f"protected header: unknown status {r.status!r}")
-    if len(r.kid) != 8:
-        raise FrameError("protected header: kid must be 8 bytes")
+    check_sender(r.gw, r.kid)
     return r

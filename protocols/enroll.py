@@ -43,14 +43,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
-import msgpack
-
 from protocols import ed25519
 from protocols.envelope import (
     MAX_GATEWAY_LEN,
     PublicKeyLike,
     SignedMessage,
+    check_sender,
     key_id,
+    pack,
     parse_message,
     sign_message,
     signed_bytes,
@@ -132,10 +132,7 @@ def token_hub_kid(token: str) -> bytes:
 
 
 def _check_sizes(gw: str, kid: bytes, nonce: bytes) -> None:
-    if not 1 <= len(gw) <= MAX_GATEWAY_LEN:
-        raise FrameError(f"protected header: gw must be 1 to {MAX_GATEWAY_LEN} chars")
-    if len(kid) != 8:
-        raise FrameError("protected header: kid must be 8 bytes")
+    check_sender(gw, kid)
     if len(nonce) != _NONCE_LEN:
         raise FrameError(f"protected header: nonce must be {_NONCE_LEN} bytes")
 
@@ -199,8 +196,7 @@ def request(
         "nonce": nonce,
     }
     # the very bytes sign_message packs: the proof covers what is sent
-    prot: bytes = msgpack.packb(protected, use_bin_type=True)
-    pop = new_key.sign(signed_bytes(POP_DOMAIN, prot, b""))
+    pop = new_key.sign(signed_bytes(POP_DOMAIN, pack(protected), b""))
     return sign_message(ENROLL_DOMAIN, protected, pop, signer), nonce
 
 

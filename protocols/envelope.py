@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeAlias, cast
+from typing import Any, ClassVar, Final, Generic, Protocol, TypeAlias, TypeVar, cast
 
 import msgpack
 
@@ -52,10 +52,13 @@ __all__ = [
     "BatchHeader",
     "MetaHeader",
     "PublicKeyLike",
+    "Sealed",
     "SealedBatch",
     "SealedMeta",
     "SignedMessage",
+    "check_sender",
     "key_id",
+    "pack",
     "parse",
     "parse_message",
     "parse_meta",
@@ -63,6 +66,7 @@ __all__ = [
     "seal_meta",
     "sign_message",
     "signed_bytes",
+    "unpack",
 ]
 
 VERSION: Final = 1
@@ -79,8 +83,21 @@ _KID_LEN: Final = 8
 _U63: Final = 2**63 - 1
 
 
-def _pack(obj: object) -> bytes:
+def pack(obj: object) -> bytes:
+    """msgpack with bin and str apart: how every protected map and payload is packed."""
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+_pack = pack  # the old private name (tests/test_commands.py, bench/cmd_flood.py)
+
+
+def unpack(payload: bytes, what: str, **limits: int | bool) -> Any:
+    """One msgpack value (str as str), read with msgpack's ``limits``
+    (``max_array_len``...); :class:`DecodeError` naming ``what`` if it is not one."""
+    try:
+        return msgpack.unpackb(payload, raw=False, **limits)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise DecodeError(f"{what} is not msgpack: {exc}") from exc
 
 
 def _public(public_key: PublicKeyLike) -> ed25519.PublicKey:
@@ -225,16 +242,43 @@ def parse_message(data: bytes) -> SignedMessage:
     return SignedMessage(protected, payload, signature)
 
 
+class _Header(Protocol):
+    @property
+    def kid(self) -> bytes: ...
+
+
+H = TypeVar("H", bound=_Header)
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed(Generic[H]):
+    """A parsed message of one kind (its ``DOMAIN``): the ``header`` checked, the
+    signature not yet (the receiver looks the key up by ``header.kid`` first)."""
+
+    DOMAIN: ClassVar[str]
+    header: H
+    message: SignedMessage
+
+    def verify(self, public_key: PublicKeyLike) -> None:
+        """:class:`SignatureError` unless ``public_key``, the one ``kid`` names, signed it."""
+        self.message.verify(self.DOMAIN, public_key, kid=self.header.kid)
+
+
 def _check_range(what: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise FrameError(f"protected header: {what} {value} is outside [{low}, {high}]")
 
 
-def _check_common(gw: str, kid: bytes, epoch: int, enc: str) -> None:
+def check_sender(gw: str, kid: bytes) -> None:
+    """:class:`FrameError` unless ``gw`` is 1 to 64 chars and ``kid`` 8 bytes (every kind)."""
     if not 1 <= len(gw) <= MAX_GATEWAY_LEN:
         raise FrameError(f"protected header: gw must be 1 to {MAX_GATEWAY_LEN} chars")
     if len(kid) != _KID_LEN:
         raise FrameError(f"protected header: kid must be {_KID_LEN} bytes, got {len(kid)}")
+
+
+def _check_common(gw: str, kid: bytes, epoch: int, enc: str) -> None:
+    check_sender(gw, kid)
     if enc not in ENCODINGS:
         raise FrameError(f"protected header: unknown enc {enc!r}")
     _check_range("epoch", epoch, 0, _U63)

@@ -26,16 +26,16 @@ import math
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias, get_args
 
-import msgpack
-
 from protocols import ed25519, topics
 from protocols.envelope import (
     MAX_GATEWAY_LEN,
-    PublicKeyLike,
-    SignedMessage,
+    Sealed,
+    check_sender,
     key_id,
+    pack,
     parse_message,
     sign_message,
+    unpack,
 )
 from protocols.errors import DecodeError, FrameError, LocalError
 from protocols.payload import MAX_TS
@@ -128,24 +128,16 @@ def _check_event(e: Event, err: type[Exception]) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class SealedEvent:
+class SealedEvent(Sealed[EventHeader]):
     """A parsed event: header checked, signature not yet verified."""
 
-    header: EventHeader
-    message: SignedMessage
-
-    def verify(self, public_key: PublicKeyLike) -> None:
-        """Raise :class:`SignatureError` unless ``public_key`` (matching ``kid``) signed it."""
-        self.message.verify(EVENT_DOMAIN, public_key, kid=self.header.kid)
+    DOMAIN = EVENT_DOMAIN
 
     def event(self) -> Event:
         """The event, every field checked; :class:`DecodeError` if anything is off."""
-        try:
-            obj = msgpack.unpackb(
-                self.message.payload, raw=False, max_array_len=10, max_map_len=0, max_ext_len=0
-            )
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise DecodeError(f"event payload is not one msgpack value: {exc}") from exc
+        obj = unpack(
+            self.message.payload, "event payload", max_array_len=10, max_map_len=0, max_ext_len=0
+        )
         if type(obj) is not list or len(obj) != 10:
             raise DecodeError("event payload must be an array of 10 items")
         rule, kind, state, device, point, pid, value, ts, since, detail = obj
@@ -177,7 +169,7 @@ def seal_event(
         if type(v) is not int or not 0 <= v <= _U63:
             raise LocalError(f"{name} must be an int in [0, 2**63-1], got {v!r}")
     _check_event(event, LocalError)
-    payload = msgpack.packb(
+    payload = pack(
         [
             event.rule,
             event.kind,
@@ -189,8 +181,7 @@ def seal_event(
             event.ts,
             event.since,
             event.detail,
-        ],
-        use_bin_type=True,
+        ]
     )
     protected: dict[str, str | bytes | int] = {
         "gw": gateway,
@@ -207,10 +198,7 @@ def parse_event(data: bytes) -> SealedEvent:
     msg = parse_message(data)
     f = msg.fields(_SCHEMA)
     header = EventHeader(**f)  # type: ignore[arg-type]  # types checked by fields()
-    if not 1 <= len(header.gw) <= MAX_GATEWAY_LEN:
-        raise FrameError(f"event header: gw must be 1 to {MAX_GATEWAY_LEN} chars")
-    if len(header.kid) != 8:
-        raise FrameError(f"event header: kid must be 8 bytes, got {len(header.kid)}")
+    check_sender(header.gw, header.kid)
     if header.enc != "msgpack":
         raise FrameError(f"event header: unknown enc {header.enc!r}")
     if not 0 <= header.epoch <= _U63 or not 0 <= header.seq <= _U63:

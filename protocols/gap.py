@@ -24,15 +24,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias, get_args
 
-import msgpack
-
 from protocols import ed25519
 from protocols.envelope import (
-    PublicKeyLike,
-    SignedMessage,
+    Sealed,
+    check_sender,
     key_id,
+    pack,
     parse_message,
     sign_message,
+    unpack,
 )
 from protocols.errors import DecodeError, FrameError, LocalError
 
@@ -81,21 +81,14 @@ class GapHeader:
 
 
 @dataclass(frozen=True, slots=True)
-class SealedGap:
+class SealedGap(Sealed[GapHeader]):
     """A parsed gap notice: header checked, signature not yet."""
 
-    header: GapHeader
-    message: SignedMessage
-
-    def verify(self, public_key: PublicKeyLike) -> None:
-        self.message.verify(GAP_DOMAIN, public_key, kid=self.header.kid)
+    DOMAIN = GAP_DOMAIN
 
     def ranges(self) -> list[GapRange]:
         """The dropped ranges, each checked; :class:`DecodeError` if anything is off."""
-        try:
-            obj = msgpack.unpackb(self.message.payload, raw=False, max_array_len=MAX_RANGES)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise DecodeError(f"gap payload is not msgpack: {exc}") from exc
+        obj = unpack(self.message.payload, "gap payload", max_array_len=MAX_RANGES)
         if type(obj) is not list or len(obj) != self.header.n:
             raise DecodeError(f"gap payload must be an array of n={self.header.n} ranges")
         out: list[GapRange] = []
@@ -122,9 +115,7 @@ def seal_gap(
     for g in ranges:
         if g.reason not in REASONS or not 0 <= g.first <= g.last:
             raise LocalError(f"bad gap range {g!r}")
-    payload = msgpack.packb(
-        [[g.epoch, g.first, g.last, g.readings, g.reason] for g in ranges], use_bin_type=True
-    )
+    payload = pack([[g.epoch, g.first, g.last, g.readings, g.reason] for g in ranges])
     protected: dict[str, str | bytes | int] = {
         "gw": gateway,
         "kid": key_id(key),
@@ -140,8 +131,7 @@ def parse_gap(data: bytes) -> SealedGap:
     msg = parse_message(data)
     f = msg.fields(_SCHEMA)
     header = GapHeader(**f)  # type: ignore[arg-type]  # types checked by fields()
-    if not 1 <= len(header.gw) <= 64 or len(header.kid) != 8:
-        raise FrameError("gap header: bad gw or kid")
+    check_sender(header.gw, header.kid)
     if header.enc != "msgpack":
         raise FrameError(f"gap header: unknown enc {header.enc!r}")
     if not 1 <= header.n <= MAX_RANGES or not 0 <= header.epoch <= _U63:

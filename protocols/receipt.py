@@ -38,18 +38,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias, get_args
-
-import msgpack
+from typing import Final, Literal, TypeAlias, get_args
 
 from protocols import ed25519
 from protocols.envelope import (
     MAX_GATEWAY_LEN,
-    PublicKeyLike,
-    SignedMessage,
+    Sealed,
+    check_sender,
     key_id,
+    pack,
     parse_message,
     sign_message,
+    unpack,
 )
 from protocols.errors import DecodeError, FrameError, LocalError
 
@@ -95,19 +95,6 @@ _HB_SCHEMA: Final = {
     "t": int,
     "enc": str,
 }
-
-
-def _pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def _unpack(payload: bytes, what: str, max_len: int) -> Any:
-    try:
-        return msgpack.unpackb(
-            payload, raw=False, max_array_len=max_len, max_map_len=0, max_ext_len=0
-        )
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise DecodeError(f"{what} payload is not msgpack: {exc}") from exc
 
 
 def _is_u63(v: object) -> bool:
@@ -166,19 +153,20 @@ class ReceiptHeader:
 
 
 @dataclass(frozen=True, slots=True)
-class SealedReceipt:
-    """A parsed receipt: header checked, signature not yet."""
+class SealedReceipt(Sealed[ReceiptHeader]):
+    """A parsed receipt: header checked, signature (the hub's) not yet."""
 
-    header: ReceiptHeader
-    message: SignedMessage
-
-    def verify(self, hub_public: PublicKeyLike) -> None:
-        """:class:`SignatureError` unless the hub key (matching ``kid``) signed it."""
-        self.message.verify(RECEIPT_DOMAIN, hub_public, kid=self.header.kid)
+    DOMAIN = RECEIPT_DOMAIN
 
     def epochs(self) -> list[EpochReceipt]:
         """The per-epoch entries, each checked; :class:`DecodeError` if anything is off."""
-        obj = _unpack(self.message.payload, "receipt", max(MAX_RECEIPT_RANGES, MAX_RECEIPT_EPOCHS))
+        obj = unpack(
+            self.message.payload,
+            "receipt payload",
+            max_array_len=max(MAX_RECEIPT_RANGES, MAX_RECEIPT_EPOCHS),
+            max_map_len=0,
+            max_ext_len=0,
+        )
         if type(obj) is not list or len(obj) != self.header.n:
             raise DecodeError(f"receipt payload must be an array of n={self.header.n} epochs")
         out: list[EpochReceipt] = []
@@ -225,7 +213,7 @@ def seal_receipt(
             raise LocalError(f"bad receipt entry {e!r}: {problem}")
     if not 1 <= len(gw) <= MAX_GATEWAY_LEN or not _is_u63(t_ms):
         raise LocalError("bad gateway id or time for a receipt")
-    payload = _pack([[e.epoch, e.upto, [list(r) for r in e.ranges]] for e in epochs])
+    payload = pack([[e.epoch, e.upto, [list(r) for r in e.ranges]] for e in epochs])
     protected: dict[str, str | bytes | int] = {
         "gw": gw,
         "kid": key_id(hub_key),
@@ -246,8 +234,7 @@ def parse_receipt(data: bytes) -> SealedReceipt:
     if fields.get("kind", "event") != "event":
         raise FrameError(f"receipt header: unknown kind {fields['kind']!r}")
     header = ReceiptHeader(**fields)  # type: ignore[arg-type]
-    if not 1 <= len(header.gw) <= MAX_GATEWAY_LEN or len(header.kid) != 8:
-        raise FrameError("receipt header: bad gw or kid")
+    check_sender(header.gw, header.kid)
     if header.enc != "msgpack":
         raise FrameError(f"receipt header: unknown enc {header.enc!r}")
     if not 1 <= header.n <= MAX_RECEIPT_EPOCHS or not _is_u63(header.t):
@@ -278,19 +265,20 @@ class HeartbeatHeader:
 
 
 @dataclass(frozen=True, slots=True)
-class SealedHeartbeat:
-    """A parsed heartbeat: header checked, signature not yet."""
+class SealedHeartbeat(Sealed[HeartbeatHeader]):
+    """A parsed heartbeat: header checked, signature (the gateway's) not yet."""
 
-    header: HeartbeatHeader
-    message: SignedMessage
-
-    def verify(self, gateway_public: PublicKeyLike) -> None:
-        """:class:`SignatureError` unless the gateway key (matching ``kid``) signed it."""
-        self.message.verify(HEARTBEAT_DOMAIN, gateway_public, kid=self.header.kid)
+    DOMAIN = HEARTBEAT_DOMAIN
 
     def held(self) -> list[HeldRange]:
         """The unconfirmed ranges, each checked; :class:`DecodeError` if anything is off."""
-        obj = _unpack(self.message.payload, "heartbeat", MAX_HEARTBEAT_RANGES)
+        obj = unpack(
+            self.message.payload,
+            "heartbeat payload",
+            max_array_len=MAX_HEARTBEAT_RANGES,
+            max_map_len=0,
+            max_ext_len=0,
+        )
         if type(obj) is not list:
             raise DecodeError("heartbeat payload must be an array")
         out: list[HeldRange] = []
@@ -323,7 +311,7 @@ def seal_heartbeat(
         raise LocalError("bad gateway id, epoch or time for a heartbeat")
     if type(sealed) is not int or not -1 <= sealed < _U63:
         raise LocalError(f"sealed must be -1 or a seq, got {sealed!r}")
-    payload = _pack([[h.epoch, h.first, h.last] for h in held])
+    payload = pack([[h.epoch, h.first, h.last] for h in held])
     protected: dict[str, str | bytes | int] = {
         "gw": gw,
         "kid": key_id(key),
@@ -339,8 +327,7 @@ def parse_heartbeat(data: bytes) -> SealedHeartbeat:
     """A heartbeat's parts and checked header; no crypto. :class:`FrameError` if malformed."""
     msg = parse_message(data)
     header = HeartbeatHeader(**msg.fields(_HB_SCHEMA))  # type: ignore[arg-type]
-    if not 1 <= len(header.gw) <= MAX_GATEWAY_LEN or len(header.kid) != 8:
-        raise FrameError("heartbeat header: bad gw or kid")
+    check_sender(header.gw, header.kid)
     if header.enc != "msgpack":
         raise FrameError(f"heartbeat header: unknown enc {header.enc!r}")
     if not _is_u63(header.epoch) or not _is_u63(header.t) or not -1 <= header.sealed < _U63:
