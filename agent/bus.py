@@ -5,27 +5,16 @@ says (the task awaits each transaction before it starts the next, so on a
 serial line two requests are never in flight). Every device's points are
 grouped by poll interval and each group planned once (``protocols.modbus.plan``)
 into the fewest read requests: a *job* with a due time on the monotonic clock.
-The loop runs the earliest due job, then moves its due time on by exactly one
-interval, so intervals do not drift however long a transaction took; when it
-fell behind by whole intervals it skips them (counted as ``overruns``) rather
-than bursting to catch up.
-
-Device states (transitions counted per kind in ``PolledDevice.transitions``):
-
-* ``online``: the last poll was answered in full.
-* ``degraded``: the last poll was answered in part (an exception response, a
-  point that did not decode) or the device has been silent fewer than
-  ``offline_after`` polls in a row.
-* ``offline``: silent ``offline_after`` polls in a row. An offline device is
-  probed once per back-off period (twice its interval, doubling up to
-  ``max_backoff_s``), with a single request and no retry; its jobs that fall
-  due meanwhile are skipped without touching the bus. So a dead device costs
-  its bus at most one timeout per back-off period, and its neighbours keep
-  their intervals. The first answer brings it back ``online``.
-
-"Silent" means :class:`~agent.transport.TransportError`: no reply, a garbled
-reply, or the link down; each such request is retried ``retries`` times
-before the poll counts as failed (not for an offline device).
+What is due when, retries, back-off and the device states (online, degraded,
+offline) are the sans-IO machine of ``protocols.poll`` (its tables say every
+transition); this module carries its transactions and turns replies into
+readings. The loop runs the earliest due job, then moves its due time on by
+exactly one interval, so intervals do not drift however long a transaction
+took; when it fell behind by whole intervals it skips them (counted as
+``overruns``) rather than bursting to catch up. A dead device costs its bus
+at most one timeout per back-off period, and its neighbours keep their
+intervals. "Silent" means :class:`~agent.transport.TransportError`: no reply,
+a garbled reply, or the link down.
 
 Quality of readings:
 
@@ -56,12 +45,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import enum
 import functools
 import heapq
 import logging
 import math
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -80,6 +67,7 @@ from protocols.modbus import (
     plan,
     register_count,
 )
+from protocols.poll import Answer, DeviceState, DeviceStatus, Failed, Job, Poll, Schedule
 from protocols.reading import Quality, Reading
 
 __all__ = ["BusPoller", "DeviceState", "PolledDevice", "TcpEngine"]
@@ -94,7 +82,6 @@ _new_reading = tuple.__new__
 _OUT = Quality.OUT_OF_RANGE
 _STALE = Quality.STALE
 _COMM = Quality.COMM_ERROR
-_PHASE_GRID_S = 0.1
 #: upper bounds of the reply-time histogram's buckets (seconds), counted per bus in
 #: ``BusPoller.reply_counts`` (one more: above the last), exposed per protocol by
 #: agent/metrics.py. Modbus TCP on a LAN answers in 1-5 ms; a TCP-to-RTU gateway or an
@@ -103,16 +90,9 @@ REPLY_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _bucket = functools.partial(bisect.bisect_left, REPLY_BUCKETS_S)
 
 
-class DeviceState(enum.StrEnum):
-    UNKNOWN = "unknown"
-    ONLINE = "online"
-    DEGRADED = "degraded"
-    OFFLINE = "offline"
-
-
 @dataclass
-class PolledDevice:
-    """A device of a bus with its planned requests and its live state."""
+class PolledDevice(DeviceStatus):
+    """A device of a bus with its planned requests; its live state is the schedule's."""
 
     name: str
     slave: int
@@ -120,19 +100,12 @@ class PolledDevice:
     max_registers: int
     max_gap: int
     points: Sequence[tuple[int, Point]]  # (gateway point id, point)
-    state: DeviceState = DeviceState.UNKNOWN
-    transitions: Counter[str] = field(default_factory=Counter)  # "online->degraded": n
-    failures_in_row: int = 0
-    polls: int = 0
-    polls_failed: int = 0
-    polls_skipped: int = 0  # jobs skipped while offline, in back-off
     last_error: str = ""
     last_rtt_ms: float = 0.0
-    retry_at: float = 0.0
-    backoff_s: float = 0.0
-    _values: dict[str, object] = field(default_factory=dict, repr=False)
-    # set by the poller: writes the values kept as raw registers into the dict
-    _refresh: Callable[[dict[str, object]], None] | None = field(default=None, repr=False)
+    # the values of the points decoded as read, by name (the poller's slow path, sensors)
+    decoded: dict[str, object] = field(default_factory=dict, repr=False)
+    # set by the poller: writes the values it keeps as raw registers into the dict
+    refresh: Callable[[dict[str, object]], None] | None = field(default=None, repr=False)
 
     @property
     def last_values(self) -> dict[str, object]:
@@ -141,16 +114,18 @@ class PolledDevice:
         The poller keeps the last good reply of each request rather than 15,000
         values a second: they are decoded here, when someone asks.
         """
-        if self._refresh is not None:
-            self._refresh(self._values)
-        return self._values
+        if self.refresh is not None:
+            self.refresh(self.decoded)
+        return self.decoded
 
-    def _set(self, state: DeviceState) -> None:
-        if state is not self.state:
-            if self.state is not DeviceState.UNKNOWN:
-                log.info("device %s: %s -> %s", self.name, self.state, state)
-            self.transitions[f"{self.state}->{state}"] += 1
-            self.state = state
+    def set_state(self, state: DeviceState) -> None:
+        """Move to ``state`` (counted, logged): for devices that no schedule polls."""
+        self.said(self.enter(state))
+
+    def said(self, old: DeviceState | None) -> None:
+        """Log a move from ``old`` to the current state (None: no move)."""
+        if old is not None and old is not DeviceState.UNKNOWN:
+            log.info("device %s: %s -> %s", self.name, old, self.state)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -249,100 +224,43 @@ def _point_ids(points: Sequence[tuple[int, Point]]) -> Sequence[int]:
     return tuple(ids)
 
 
-@dataclass(slots=True)
-class _Job:
+@dataclass(slots=True, eq=False, kw_only=True)
+class _Job(Job):
+    """A job of the schedule with what its polls need: the compiled requests, the point ids."""
+
     device: PolledDevice
-    interval_s: float
     requests: tuple[_Request, ...]
     pids: Sequence[int]  # k -> point id
     # the last good reply of each request: the last values of its fast points,
     # decoded only when someone asks
     regs: list[Sequence[int] | None]
-    due: float = 0.0
-    order: int = 0
-    slot: float | None = None  # the grid slot of a deferred probe (``due`` is then later)
-
-    def __lt__(self, other: _Job) -> bool:
-        return (self.due, self.order) < (other.due, other.order)
 
 
 class _Poll:
-    """One poll of a job in progress: its requests in turn, with retries, and its readings.
+    """One poll of a job in progress: the machine's steps, and the readings so far.
 
     The same steps whoever carries the transactions: :meth:`BusPoller._run_job`
-    awaits them one by one, :class:`TcpEngine` gets them back from the reactor.
+    awaits them one by one, :class:`TcpEngine` gets them back from the reactor;
+    both hand each result to :meth:`BusPoller.answer`.
     """
 
-    __slots__ = ("attempt", "job", "n", "out", "partial", "poller", "silent", "t_start")
+    __slots__ = ("job", "out", "step", "t_start")
 
-    def __init__(self, poller: BusPoller, job: _Job) -> None:
-        self.poller, self.job = poller, job
-        self.n = 0  # the request in turn
-        self.attempt = 0  # retries of it so far
+    def __init__(self, step: Poll[_Job]) -> None:
+        self.step = step
+        self.job = step.job
         self.out: list[Reading] = []
-        self.silent = False  # a transport failure: the device did not answer
-        self.partial = False  # it answered, but not all of it
-        self.t_start = 0.0
+        self.t_start = 0.0  # of the try in turn: the reply time is the answered request's
 
     @property
     def request(self) -> ReadRequest | None:
         """The request to send now; None when the poll is over."""
-        reqs = self.job.requests
-        return reqs[self.n].request if self.n < len(reqs) else None
+        n = self.step.request
+        return None if n is None else self.job.requests[n].request
 
     def sent(self, now: float) -> None:
-        self.poller.transactions += 1
-        self.t_start = now  # of this try: the reply time is the answered request's
-
-    def replied(self, regs: Sequence[int] | Sequence[bool], now: float, ts: int) -> None:
-        p = self.poller
-        if p.link_error:
-            p._link_up()
-        rtt = now - self.t_start
-        self.job.device.last_rtt_ms = rtt * 1000
-        p.reply_counts[_bucket(rtt)] += 1  # the histogram: two additions per reply
-        p.reply_sum_s += rtt
-        if not self.poller._decode(self.job, self.n, regs, ts, self.out):
-            self.partial = True
-        self.n += 1
-        self.attempt = 0
-
-    def refused(self, exc: DeviceException, ts: int) -> None:
-        """An exception reply: this request's points fail, the next requests go on."""
-        dev = self.job.device
-        if self.poller.link_error:
-            self.poller._link_up()
-        self.partial = True
-        dev.last_error = str(exc)
-        self.poller._failed(dev, self.job, (self.n,), self.out, ts, silent=False)
-        self.n += 1
-        self.attempt = 0
-
-    def failed(self, exc: TransportError, ts: int) -> None:
-        """No usable reply: retry the request, or fail it and every one after it."""
-        p, dev = self.poller, self.job.device
-        if isinstance(exc, LinkDown):
-            p._link_down(exc)
-        else:
-            if p.link_error:  # the link carried the request: it is up, the device silent
-                p._link_up()
-            p.timeouts += 1
-            self.attempt += 1
-            # a device that failed its last poll too gets no retry
-            if self.attempt <= p._retries and not dev.failures_in_row:
-                return
-        self.silent = True
-        dev.last_error = str(exc)
-        # a silent device will not answer the next request either
-        end = len(self.job.requests)
-        p._failed(dev, self.job, range(self.n, end), self.out, ts, silent=True)
-        self.n = end
-
-    def finish(self) -> list[Reading]:
-        p = self.poller
-        p._account(self.job.device, self.silent, self.partial)
-        p.readings += len(self.out)
-        return self.out
+        self.step.sent()
+        self.t_start = now
 
 
 class BusPoller:
@@ -350,6 +268,8 @@ class BusPoller:
 
     ``inter_frame_s`` is the silence to keep between transactions (t3.5 on
     RTU): handed to the link, which counts it from the last byte on the line.
+    ``retries``, ``offline_after`` and ``max_backoff_s`` are the schedule's
+    (:class:`protocols.poll.Schedule`, public as ``schedule``).
     """
 
     def __init__(
@@ -370,33 +290,66 @@ class BusPoller:
         self.devices = list(devices)
         self._sink = sink
         self._clock = clock
-        self._retries = retries
         if inter_frame_s > link.inter_frame_s:
             link.inter_frame_s = inter_frame_s
-        self._offline_after = max(1, offline_after)
-        self._max_backoff = max_backoff_s
         self._jobs: list[_Job] = []
-        self._heap: list[_Job] = []
         self._last: dict[int, PointValue] = {}  # point id -> last good value
-        self.transactions = 0
-        self.timeouts = 0
-        self.overruns = 0
-        self.deferred = 0  # suspect polls moved into idle time
         self.readings = 0
-        self.link_error = ""  # why the link is down; "" while it is up
-        self.link_downs = 0
         self.reply_counts = [0] * (len(REPLY_BUCKETS_S) + 1)  # replies per bucket
         self.reply_sum_s = 0.0
         for dev in self.devices:
+            dev.backoff_first_s = max(1.0, dev.interval_s * 2)
             pids = _point_ids(dev.points)
             groups: dict[float, list[tuple[int, Point]]] = {}
             for k, (_, point) in enumerate(dev.points):
                 groups.setdefault(point.interval_s or dev.interval_s, []).append((k, point))
             for interval, members in sorted(groups.items()):
                 reqs = _compiled(tuple(members), dev.max_registers, dev.max_gap)
-                job = _Job(dev, interval, reqs, pids, [None] * len(reqs), order=len(self._jobs))
-                self._jobs.append(job)
-            dev._refresh = functools.partial(self._refresh_values, dev)
+                self._jobs.append(
+                    _Job(
+                        interval,
+                        len(reqs),
+                        order=len(self._jobs),
+                        device=dev,
+                        requests=reqs,
+                        pids=pids,
+                        regs=[None] * len(reqs),
+                    )
+                )
+            dev.refresh = functools.partial(self._refresh_values, dev)
+        self.schedule = Schedule(
+            self._jobs,
+            retries=retries,
+            offline_after=offline_after,
+            max_backoff_s=max_backoff_s,
+            suspect_cost=self._suspect_cost,
+        )
+
+    # the schedule's counters, for statistics() and tests
+    @property
+    def transactions(self) -> int:
+        return self.schedule.transactions
+
+    @property
+    def timeouts(self) -> int:
+        return self.schedule.timeouts
+
+    @property
+    def overruns(self) -> int:
+        return self.schedule.overruns
+
+    @property
+    def deferred(self) -> int:
+        return self.schedule.deferred
+
+    @property
+    def link_error(self) -> str:
+        return self.schedule.link_error
+
+    def _suspect_cost(self, job: _Job) -> float:
+        """What a poll of a device that may stay silent costs the bus: timeout, silence, gap."""
+        link = self.link
+        return link.timeout_s + link.late_window(job.device.slave) + link.inter_frame_s
 
     def _refresh_values(self, dev: PolledDevice, values: dict[str, object]) -> None:
         for job in self._jobs:
@@ -420,26 +373,16 @@ class BusPoller:
                 out[pid] = last[pid]
         return out
 
-    def _link_down(self, exc: LinkDown) -> None:
-        """The link failed: the bus is offline, said once at WARNING with the reason."""
-        if not self.link_error:
-            self.link_downs += 1
-            log.warning("bus %s offline: %s", self.name, exc)
-        self.link_error = str(exc)
-
-    def _link_up(self) -> None:
-        log.info("bus %s online again (%s)", self.name, self.link.describe)
-        self.link_error = ""
-
     def statistics(self) -> dict[str, object]:
+        s = self.schedule
         return {
-            "state": "offline" if self.link_error else "online",
-            "last_error": self.link_error,
-            "link_downs": self.link_downs,
-            "transactions": self.transactions,
-            "timeouts": self.timeouts,
-            "overruns": self.overruns,
-            "deferred": self.deferred,
+            "state": "offline" if s.link_error else "online",
+            "last_error": s.link_error,
+            "link_downs": s.link_downs,
+            "transactions": s.transactions,
+            "timeouts": s.timeouts,
+            "overruns": s.overruns,
+            "deferred": s.deferred,
             "readings": self.readings,
             "reply_counts": list(self.reply_counts),  # per REPLY_BUCKETS_S, then above
             "reply_sum_s": self.reply_sum_s,
@@ -466,100 +409,88 @@ class BusPoller:
 
     async def run(self) -> None:
         """Poll forever, one transaction at a time (a task of its own). Cancel to stop."""
-        clock = self._clock
-        self._start(clock.monotonic())
+        clock, schedule = self._clock, self.schedule
         try:
-            while self._heap:
-                job = self._pick(clock.monotonic())
+            if schedule.start(clock.monotonic()) is None:
+                return  # no jobs
+            while True:
+                job = schedule.next(clock.monotonic())
                 if isinstance(job, float):
                     if self.idle is not None and await self.idle(job):
                         continue
                     await clock.sleep_until(job)
                     continue
                 await self._run_job(job)
-                self._done(job, clock.monotonic())
+                schedule.done(job, clock.monotonic())
         finally:
             self.link.close()
 
-    # The schedule, in three steps that both drivers share: this task (run) and
-    # the TcpEngine that polls every Modbus TCP bus from one task.
+    # A poll's steps, shared by this bus's task (run) and the TcpEngine that polls
+    # every Modbus TCP bus from one task: begin, answer each request, end.
 
-    def _start(self, now: float) -> None:
-        # every bus starts on a common 100 ms grid, so the polls of many buses at
-        # the same interval fall due at the same instants and share wake-ups
-        start = math.ceil(now / _PHASE_GRID_S) * _PHASE_GRID_S
-        self._heap = list(self._jobs)
-        for job in self._heap:
-            job.due = start
-        heapq.heapify(self._heap)
+    def begin(self, job: _Job) -> _Poll:
+        """A poll of ``job``, which the schedule said is due."""
+        return _Poll(self.schedule.poll(job))
 
-    def _pick(self, now: float) -> _Job | float:
-        """The job to run now (it stays at the top of the heap), or when to look again."""
-        heap = self._heap
-        while True:
-            job = heap[0]
-            if job.due > now:
-                return job.due
-            dev = job.device
-            if dev.state is DeviceState.OFFLINE and now < dev.retry_at:
-                # in back-off: stay on the job's grid, first slot at or after retry_at
-                skip = math.ceil((dev.retry_at - job.due) / job.interval_s)
-                dev.polls_skipped += skip
-                job.due += skip * job.interval_s
-                heapq.heapreplace(heap, job)
-                continue
-            if dev.failures_in_row and len(heap) > 1 and self._defer(job, heap, now):
-                heapq.heapreplace(heap, job)
-                continue
-            return job
+    def answer(
+        self, poll: _Poll, result: Sequence[int] | Sequence[bool] | Exception, now: float, ts: int
+    ) -> None:
+        """What the request in turn got (registers or bits, or the error): readings, next step.
 
-    def _done(self, job: _Job, now: float) -> None:
-        """``job`` (the top of the heap) ran: its next due time, whole intervals on."""
-        if job.slot is not None:
-            job.due, job.slot = job.slot, None
-        job.due += job.interval_s
-        if job.due <= now:
-            missed = math.floor((now - job.due) / job.interval_s) + 1
-            self.overruns += missed
-            job.due += missed * job.interval_s
-        heapq.heapreplace(self._heap, job)
-
-    def _defer(self, job: _Job, heap: list[_Job], now: float) -> bool:
-        """Move a suspect device's poll into the bus's idle time, if it has some.
-
-        A device that failed its last poll will likely cost a whole timeout;
-        run it only when that fits before the next job of the bus falls due,
-        so its neighbours keep their slots. Never later than one interval (or
-        back-off period) after its slot: on a bus without idle time it takes
-        its turn anyway.
+        ``result`` is a reply, a :class:`DeviceException` or a
+        :class:`TransportError`; any other exception is a bug, raised here.
         """
-        nxt = min(j.due for j in heap[1:3])
-        link = self.link
-        cost = link.timeout_s + link.late_window(job.device.slave) + link.inter_frame_s
-        if nxt - now >= cost + 0.002:
-            return False
-        slot = job.due if job.slot is None else job.slot
-        if now - slot >= max(job.interval_s, job.device.backoff_s):
-            return False
-        job.slot = slot
-        job.due = max(nxt, now) + 1e-6
-        self.deferred += 1
-        return True
+        job, step = poll.job, poll.step
+        if not isinstance(result, Exception):  # registers or bits: the common case
+            rtt = now - poll.t_start
+            job.device.last_rtt_ms = rtt * 1000
+            self.reply_counts[_bucket(rtt)] += 1  # the histogram: two additions per reply
+            self.reply_sum_s += rtt
+            ok = self._decode(job, step.n, result, ts, poll.out)
+            answer = Answer.REPLY if ok else Answer.PARTIAL
+        elif isinstance(result, DeviceException):
+            answer = Answer.EXCEPTION
+        elif isinstance(result, LinkDown):
+            answer = Answer.LINK_DOWN
+        elif isinstance(result, TransportError):
+            answer = Answer.SILENCE
+        else:
+            raise result
+        was_down = self.schedule.link_error
+        failed = step.feed(answer, str(result) if answer is Answer.LINK_DOWN else "")
+        if was_down or answer is Answer.LINK_DOWN:
+            self._link_said(was_down)
+        if failed is not None:
+            job.device.last_error = str(result)
+            self._failed(job, failed, poll.out, ts)
+
+    def end(self, poll: _Poll, now: float) -> list[Reading]:
+        """The poll is over: its device's state moves on; its readings."""
+        dev = poll.job.device
+        dev.said(poll.step.finish(now))
+        self.readings += len(poll.out)
+        return poll.out
+
+    def _link_said(self, was_down: str) -> None:
+        """The link went down (said once, at WARNING, with the reason) or came back."""
+        down = self.schedule.link_error
+        if down and not was_down:
+            log.warning("bus %s offline: %s", self.name, down)
+        elif was_down and not down:
+            log.info("bus %s online again (%s)", self.name, self.link.describe)
 
     async def _run_job(self, job: _Job) -> None:
-        poll = _Poll(self, job)
+        poll = self.begin(job)
         clock, link, slave = self._clock, self.link, job.device.slave
         while (req := poll.request) is not None:
             poll.sent(clock.monotonic())
+            result: Sequence[int] | Sequence[bool] | Exception
             try:
-                regs = await link.read(req.space, req.address, req.count, slave)
-            except TransportError as exc:
-                poll.failed(exc, clock.now_ms())
-            except DeviceException as exc:
-                poll.refused(exc, clock.now_ms())
-            else:
-                poll.replied(regs, clock.monotonic(), clock.now_ms())
-        out = poll.finish()
+                result = await link.read(req.space, req.address, req.count, slave)
+            except (TransportError, DeviceException) as exc:
+                result = exc
+            self.answer(poll, result, clock.monotonic(), clock.now_ms())
+        out = self.end(poll, clock.monotonic())
         if out:
             await self._sink(out)
 
@@ -590,7 +521,7 @@ class BusPoller:
                 q = _GOOD if lo <= value <= hi else _OUT  # type: ignore[operator]
                 append(_new_reading(Reading, (pids[k], ts, value, q)))
         last = self._last
-        names = dev._values
+        names = dev.decoded
         ok = True
         for k, point, off, _, lo, hi in creq.slow:
             pid = pids[k]
@@ -611,28 +542,15 @@ class BusPoller:
                 append(Reading(pid, ts, value, _OUT))
         return ok
 
-    def _failed(
-        self,
-        dev: PolledDevice,
-        job: _Job,
-        ns: Sequence[int],
-        out: list[Reading],
-        ts: int,
-        *,
-        silent: bool,
-    ) -> None:
+    def _failed(self, job: _Job, failed: Failed, out: list[Reading], ts: int) -> None:
         """Readings for requests that got no usable reply.
 
-        A silent device that is only degraded (this failure will not make it
-        offline) repeats each point's last good value as STALE; otherwise, and
-        for exception replies, COMM_ERROR without a value.
+        STALE, the last good value repeated, when the schedule says the device
+        is only degraded; otherwise COMM_ERROR without a value.
         """
-        stale = silent and (
-            dev.state is not DeviceState.OFFLINE and dev.failures_in_row + 1 < self._offline_after
-        )
         pids = job.pids
-        for n in ns:
-            last = self._last_values(job, n) if stale else {}
+        for n in range(failed.first, failed.end):
+            last = self._last_values(job, n) if failed.stale else {}
             for k in job.requests[n].idx:
                 pid = pids[k]
                 value = last.get(pid)
@@ -640,26 +558,6 @@ class BusPoller:
                     out.append(Reading(pid, ts, None, _COMM))
                 else:
                     out.append(Reading(pid, ts, value, _STALE))
-
-    def _account(self, dev: PolledDevice, silent: bool, partial: bool) -> None:
-        dev.polls += 1
-        if not silent:
-            dev.failures_in_row = 0
-            dev.backoff_s = 0.0
-            if partial:
-                dev.polls_failed += 1
-            dev._set(DeviceState.DEGRADED if partial else DeviceState.ONLINE)
-            return
-        dev.polls_failed += 1
-        dev.failures_in_row += 1
-        if dev.failures_in_row >= self._offline_after:
-            dev.backoff_s = min(
-                self._max_backoff, dev.backoff_s * 2 or max(1.0, dev.interval_s * 2)
-            )
-            dev.retry_at = self._clock.monotonic() + dev.backoff_s
-            dev._set(DeviceState.OFFLINE)
-        else:
-            dev._set(DeviceState.DEGRADED)
 
 
 # --------------------------------------------------------------------------- one task for many buses
@@ -675,7 +573,8 @@ class TcpEngine:
     (:meth:`ModbusLink.start_read`), and the replies come back from the
     transport's reactor in batches, each moving its poll on to its next
     request, retry or end. Each bus keeps its own schedule, states, back-off
-    and deferral (the same :class:`BusPoller` methods its task would use), and
+    and deferral (its :class:`protocols.poll.Schedule`, and the poll steps of
+    :class:`BusPoller` its task would use), and
     its one-transaction-at-a-time rule. The readings of all polls that ended
     together go to the sink in one call.
 
@@ -704,9 +603,9 @@ class TcpEngine:
         loop = asyncio.get_running_loop()
         now = clock.monotonic()
         for i, p in enumerate(self.pollers):
-            p._start(now)
-            if p._heap:
-                heapq.heappush(self._heap, (p._heap[0].due, i, p))
+            due = p.schedule.start(now)
+            if due is not None:
+                heapq.heappush(self._heap, (due, i, p))
         self._running = True
         heap = self._heap
         try:
@@ -758,7 +657,7 @@ class TcpEngine:
         """Start the bus's next poll if it is due, else put the bus back in the heap."""
         if self._stopping:
             return
-        job = p._pick(now)
+        job = p.schedule.next(now)
         if isinstance(job, float):
             heapq.heappush(self._heap, (job, i, p))
             w = self._wake
@@ -766,34 +665,33 @@ class TcpEngine:
                 w.set_result(None)  # earlier than the engine sleeps for
             return
         self._in_flight += 1
-        self._send(i, _Poll(p, job))
+        self._send(i, p, p.begin(job))
 
-    def _send(self, i: int, poll: _Poll) -> None:
+    def _send(self, i: int, p: BusPoller, poll: _Poll) -> None:
         """Send the poll's request in turn, or end the poll."""
-        p = poll.poller
         req = poll.request
         if req is None:
             self._in_flight -= 1
             if self._stopping and not self._in_flight:
                 self._quiet.set()
-            self._out += poll.finish()
             now = self._clock.monotonic()
-            p._done(poll.job, now)
+            self._out += p.end(poll, now)
+            p.schedule.done(poll.job, now)
             w = self._wake
             if w is not None and not w.done():
                 w.set_result(None)
             self._next(i, p, now)
             return
         poll.sent(self._clock.monotonic())
-        done = functools.partial(self._answer, i, poll)
+        done = functools.partial(self._answer, i, p, poll)
         if not p.link.start_read(req.space, req.address, req.count, poll.job.device.slave, done):
-            task = asyncio.get_running_loop().create_task(self._read(i, poll, req))
+            task = asyncio.get_running_loop().create_task(self._read(i, p, poll, req))
             self._slow.add(task)
             task.add_done_callback(self._slow.discard)
 
-    async def _read(self, i: int, poll: _Poll, req: ReadRequest) -> None:
+    async def _read(self, i: int, p: BusPoller, poll: _Poll, req: ReadRequest) -> None:
         try:
-            regs: Sequence[int] | Sequence[bool] | Exception = await poll.poller.link.read(
+            regs: Sequence[int] | Sequence[bool] | Exception = await p.link.read(
                 req.space, req.address, req.count, poll.job.device.slave
             )
         except (TransportError, DeviceException) as exc:
@@ -801,24 +699,17 @@ class TcpEngine:
         except Exception as exc:
             self._fail(exc)
             return
-        self._answer(i, poll, regs)
+        self._answer(i, p, poll, regs)
 
     def _answer(
-        self, i: int, poll: _Poll, result: Sequence[int] | Sequence[bool] | Exception
+        self, i: int, p: BusPoller, poll: _Poll, result: Sequence[int] | Sequence[bool] | Exception
     ) -> None:
         if not self._running:
             return  # stopped while the read was on the wire
         clock = self._clock
         try:
-            if not isinstance(result, Exception):  # registers or bits: the common case
-                poll.replied(result, clock.monotonic(), clock.now_ms())
-            elif isinstance(result, TransportError):
-                poll.failed(result, clock.now_ms())
-            elif isinstance(result, DeviceException):
-                poll.refused(result, clock.now_ms())
-            else:
-                raise result
-            self._send(i, poll)
+            p.answer(poll, result, clock.monotonic(), clock.now_ms())
+            self._send(i, p, poll)
         except Exception as exc:  # a bug: not to be lost in the reactor's callback
             self._fail(exc)
 

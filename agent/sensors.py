@@ -141,7 +141,7 @@ class SensorReader:
                     out = [self._checked(r, dev) for r in readings]
                     dev.polls += 1
                     dev.failures_in_row = 0
-                    dev._set(DeviceState.ONLINE)
+                    dev.set_state(DeviceState.ONLINE)
                     self.readings += len(out)
                     await self._sink(out)
             except SensorSilent as exc:
@@ -170,7 +170,7 @@ class SensorReader:
         dev.last_error = why
         dev.polls_failed += 1
         dev.failures_in_row += 1
-        dev._set(DeviceState.OFFLINE)
+        dev.set_state(DeviceState.OFFLINE)
         ts = self._clock.now_ms()
         out = [Reading(pid, ts, None, Quality.COMM_ERROR) for pid in self._points]
         self.readings += len(out)
