@@ -21,7 +21,8 @@ import typer
 import typer.core
 
 from agent import runner
-from protocols.errors import ConfigError
+from protocols.address import host_port
+from protocols.errors import ConfigError, LocalError
 
 __all__ = ["app", "main"]
 
@@ -367,14 +368,10 @@ def config_rollback(
 
 
 def _broker_addr(broker: str) -> tuple[str, int]:
-    host, _, port = broker.rpartition(":")
     try:
-        number = int(port)
-    except ValueError:
-        number = 0
-    if not 0 < number < 65536:
-        raise _fail(f"--broker {broker!r} is not HOST:PORT", "e.g. --broker 127.0.0.1:1883", 2)
-    return host or "127.0.0.1", number
+        return host_port(broker, default_host="127.0.0.1")
+    except LocalError as exc:
+        raise _fail(f"--broker {exc}", "e.g. --broker 127.0.0.1:1883", 2) from None
 
 
 # -- the demo and the simulators ------------------------------------------------

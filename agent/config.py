@@ -27,7 +27,8 @@ from typing import Any, Final, Literal, TypeAlias, get_args, overload
 from drivers._schema import Problems, Table, did_you_mean, read_toml
 from drivers.profiles import Point, Profile, available_profiles, load_profile
 from protocols import topics
-from protocols.errors import ConfigError
+from protocols.address import host_port
+from protocols.errors import ConfigError, LocalError
 from protocols.event import KINDS as RULE_KINDS
 from protocols.event import EventKind
 from protocols.payload import ENCODINGS, Encoding
@@ -738,9 +739,9 @@ def _metrics(t: Table) -> MetricsConfig:
     t.finish()
     if not listen:
         return MetricsConfig(allow_remote=allow_remote)
-    host, sep, port_s = listen.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+    try:
+        host, port = host_port(listen)
+    except LocalError:
         t.add("listen", f"'{listen}' is not host:port; write e.g. \"127.0.0.1:9108\"")
         return MetricsConfig()
     try:
@@ -753,7 +754,7 @@ def _metrics(t: Table) -> MetricsConfig:
             f"{host} is not a loopback address: anyone who reaches it reads the gateway's "
             "counters; set allow_remote = true to mean it, or listen on 127.0.0.1",
         )
-    return MetricsConfig(listen=listen, host=host, port=int(port_s), allow_remote=allow_remote)
+    return MetricsConfig(listen=listen, host=host, port=port, allow_remote=allow_remote)
 
 
 def _bus(t: Table) -> BusConfig | None:

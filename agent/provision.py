@@ -78,6 +78,7 @@ from agent.state import (
 from agent.tls import tls_context
 from agent.uplink import explain
 from protocols import enroll, envelope, topics
+from protocols.address import host_port
 from protocols.ed25519 import PrivateKey
 from protocols.errors import ConfigError, LocalError, ProtocolError, RemoteError, VitalsError
 
@@ -856,17 +857,9 @@ def _error(exc: BaseException, *, as_json: bool) -> typer.Exit:
 def parse_broker(text: str) -> tuple[str, int]:
     """``HOST:PORT`` as (host, port); :class:`LocalError` with the reason."""
     text = text.strip()
-    host, colon, port_text = text.rpartition(":")
-    if not colon:
-        looks = " (that looks like a gateway id)" if topics.GATEWAY_ID.fullmatch(text) else ""
-        raise LocalError(f"{text!r} is not HOST:PORT{looks}")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise LocalError(f"{text!r}: the port {port_text!r} is not a number") from None
-    if not 0 < port < 65536 or not host or any(c.isspace() for c in host):
-        raise LocalError(f"{text!r} is not HOST:PORT")
-    return host, port
+    if topics.GATEWAY_ID.fullmatch(text):
+        raise LocalError(f"{text!r} is not HOST:PORT (that looks like a gateway id)")
+    return host_port(text)
 
 
 def _check_gateway_id(text: str) -> str:

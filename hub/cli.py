@@ -24,7 +24,8 @@ from hub.confpush import config_app
 from hub.firmware import firmware_app
 from hub.store import is_url, shown
 from protocols import envelope, topics
-from protocols.errors import VitalsError
+from protocols.address import host_port
+from protocols.errors import LocalError, VitalsError
 
 __all__ = ["hub_app"]
 
@@ -75,14 +76,10 @@ def _setup_logging() -> None:
 
 
 def _broker_addr(broker: str) -> tuple[str, int]:
-    host, _, port = broker.rpartition(":")
     try:
-        number = int(port)
-    except ValueError:
-        number = 0
-    if not 0 < number < 65536:
-        raise _fail(f"--broker {broker!r} is not HOST:PORT", "e.g. --broker 127.0.0.1:1883", 2)
-    return host or "127.0.0.1", number
+        return host_port(broker, default_host="127.0.0.1")
+    except LocalError as exc:
+        raise _fail(f"--broker {exc}", "e.g. --broker 127.0.0.1:1883", 2) from None
 
 
 def _trusted(items: list[str]) -> list[tuple[str, bytes]]:

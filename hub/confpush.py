@@ -23,7 +23,8 @@ import typer
 from hub.enroll import hub_key_path
 from hub.store import is_url, shown
 from protocols import confpush, ed25519, topics
-from protocols.errors import ProtocolError, SignatureError
+from protocols.address import host_port
+from protocols.errors import LocalError, ProtocolError, SignatureError
 
 __all__ = ["config_app", "latest_report", "push_config", "versions_path"]
 
@@ -149,10 +150,10 @@ def _open(db: str, gateway: str) -> tuple[Any, ed25519.PrivateKey | None]:
 
 def _broker(ctx: typer.Context, broker: str | None) -> tuple[str, int]:
     given = broker or (ctx.obj or {}).get("broker") or "127.0.0.1:1883"
-    host, _, port = given.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise _fail(f"--broker {given!r} is not HOST:PORT", "e.g. --broker 127.0.0.1:1883", 2)
-    return host or "127.0.0.1", int(port)
+    try:
+        return host_port(given, default_host="127.0.0.1")
+    except LocalError as exc:
+        raise _fail(f"--broker {exc}", "e.g. --broker 127.0.0.1:1883", 2) from None
 
 
 def _line(rep: confpush.ConfigReport) -> str:

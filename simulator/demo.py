@@ -31,6 +31,7 @@ from agent.service import Agent
 from agent.state import create_identity
 from drivers.profiles import load_profile
 from hub.worker import Hub
+from protocols.address import host_port
 from simulator.broker import EmbeddedBroker, make_broker
 from simulator.harness import agent_with_hub
 from simulator.tcp import TcpTerminal
@@ -187,9 +188,8 @@ async def run_demo(
             loop.add_signal_handler(sig, stop.set)
     tmp = Path(state_dir or tempfile.mkdtemp(prefix="vitals-demo-"))
     if broker:
-        host, _, port = broker.rpartition(":")
         mqtt: Any = None
-        addr = (host or "127.0.0.1", int(port))
+        addr = host_port(broker, default_host="127.0.0.1")
         kind = f"external {broker}"
     else:
         mqtt = make_broker("embedded")
