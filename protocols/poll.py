@@ -209,10 +209,14 @@ class Schedule(Generic[J]):
         A device that failed its last poll will likely cost a whole timeout: run
         it when that fits before the next job falls due, so its neighbours keep
         their slots. Never later than one interval (or back-off period) after
-        its slot: on a bus without idle time it takes its turn anyway.
+        its slot: on a bus without idle time it takes its turn anyway. Never
+        behind another suspect: two would make way for each other, a
+        microsecond at a time, until that interval was over.
         """
-        heap = self._heap
-        nxt = min(j.due for j in heap[1:3])
+        following = min(self._heap[1:3])  # the job due after this one
+        if following.device.failures_in_row:
+            return False
+        nxt = following.due
         if nxt - now >= self.suspect_cost(job) + 0.002:
             return False
         slot = job.due if job.slot is None else job.slot
