@@ -44,7 +44,6 @@ time is a gauge.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -60,6 +59,7 @@ from prometheus_client.registry import Collector
 
 from agent.bus import REPLY_BUCKETS_S
 from agent.status import spool_oldest_age_s
+from drivers.scrape import start_endpoint
 
 __all__ = ["AgentCollector", "render", "serve_metrics", "snapshot"]
 
@@ -350,49 +350,19 @@ async def serve_metrics(agent: Any, host: str, port: int) -> None:
     An address that cannot be bound is said once at ERROR: the agent polls on."""
     db = agent.config.gateway.state_dir / "spool.sqlite3"
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(10):
-                request = await reader.readline()
-                while (await reader.readline()).strip():  # the headers: not needed
-                    pass
-            parts = request.decode("latin-1").split()
-            if (
-                len(parts) >= 2
-                and parts[0] in ("GET", "HEAD")
-                and parts[1].split("?")[0]
-                in (
-                    "/metrics",
-                    "/",
-                )
-            ):
-                stats = snapshot(agent)
-                spool = getattr(agent, "spool", None)
-                # a spool opened on a full disk keeps its WAL index to itself (agent/status.py)
-                oldest = (
-                    None
-                    if getattr(spool, "exclusive", False)
-                    else await asyncio.to_thread(spool_oldest_age_s, db)
-                )
-                body = await asyncio.to_thread(render, stats, oldest)
-                status, ctype = "200 OK", CONTENT_TYPE_LATEST
-            else:
-                body, status, ctype = b"not found: GET /metrics\n", "404 Not Found", "text/plain"
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + (body if parts[:1] != ["HEAD"] else b""))
-            await writer.drain()
-        except (TimeoutError, OSError, UnicodeError) as exc:
-            log.debug("metrics request: %s", exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+    async def scrape() -> bytes:
+        stats = snapshot(agent)
+        spool = getattr(agent, "spool", None)
+        # a spool opened on a full disk keeps its WAL index to itself (agent/status.py)
+        oldest = (
+            None
+            if getattr(spool, "exclusive", False)
+            else await asyncio.to_thread(spool_oldest_age_s, db)
+        )
+        return await asyncio.to_thread(render, stats, oldest)
 
     try:
-        server = await asyncio.start_server(answer, host, port)
+        server = await start_endpoint(scrape, host, port, content_type=CONTENT_TYPE_LATEST)
     except OSError as exc:
         log.error(
             "metrics: cannot listen on %s:%d (%s); the agent runs without its endpoint: "
@@ -402,6 +372,5 @@ async def serve_metrics(agent: Any, host: str, port: int) -> None:
             exc.strerror or exc,
         )
         return
-    log.info("metrics on http://%s:%d/metrics", host, server.sockets[0].getsockname()[1])
     async with server:
         await server.serve_forever()

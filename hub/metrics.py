@@ -30,8 +30,6 @@ is one number a gateway: its missing batches and the time of its newest batch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -40,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from drivers.scrape import start_endpoint
 from hub.store import BatchRow
 
 if TYPE_CHECKING:
@@ -47,8 +46,6 @@ if TYPE_CHECKING:
     from hub.worker import Hub
 
 __all__ = ["Metrics", "start_metrics"]
-
-log = logging.getLogger(__name__)
 
 _LAG_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400)
 
@@ -169,40 +166,7 @@ async def start_metrics(
     """Listen for ``GET /metrics`` (Prometheus text format); OSError if the address
     cannot be bound. Serves until the server is closed (``serve_forever``)."""
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(10):
-                request = await reader.readline()
-                while (await reader.readline()).strip():  # the headers: not needed
-                    pass
-            parts = request.decode("latin-1").split()
-            if (
-                len(parts) >= 2
-                and parts[0] in ("GET", "HEAD")
-                and parts[1].split("?")[0]
-                in (
-                    "/metrics",
-                    "/",
-                )
-            ):
-                body = metrics.text()
-                status, ctype = "200 OK", CONTENT_TYPE_LATEST
-            else:
-                body, status, ctype = b"not found: GET /metrics\n", "404 Not Found", "text/plain"
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + (body if parts[:1] != ["HEAD"] else b""))
-            await writer.drain()
-        except (TimeoutError, OSError, UnicodeError) as exc:
-            log.debug("metrics request: %s", exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+    async def render() -> bytes:
+        return metrics.text()
 
-    server = await asyncio.start_server(answer, host, port)
-    bound = server.sockets[0].getsockname()[1]
-    log.info("metrics on http://%s:%d/metrics", host, bound)
-    return server
+    return await start_endpoint(render, host, port, content_type=CONTENT_TYPE_LATEST)
