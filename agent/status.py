@@ -28,12 +28,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 from protocols.errors import LocalError
 
 __all__ = [
     "STATUS_FILE",
+    "RunState",
     "StatusWriter",
     "build_status",
     "default_status_paths",
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 FORMAT = 1
+#: the document's ``state``: written by the agent ``running`` or ``stopped``; a reader
+#: that finds it stale says ``stopped`` (the agent is gone) or ``hung``
+RunState: TypeAlias = Literal["running", "stopped", "hung"]
 
 
 def default_status_paths(state_dir: Path | None = None) -> list[Path]:
@@ -84,7 +88,9 @@ def spool_oldest_age_s(db: Path, now: float | None = None) -> float | None:
     return max(0.0, (now or time.time()) - float(row[0]))
 
 
-def build_status(agent: Any, *, state: str = "running", interval_s: float = 5.0) -> dict[str, Any]:
+def build_status(
+    agent: Any, *, state: RunState = "running", interval_s: float = 5.0
+) -> dict[str, Any]:
     """The status document of ``agent`` (an :class:`agent.service.Agent`)."""
     stats: dict[str, Any] = dict(agent.statistics())
     cfg = agent.config
@@ -170,7 +176,7 @@ class StatusWriter:
         # one WARNING line when writing starts failing, one INFO line when it works again
         self._failing = False
 
-    async def write_once(self, state: str = "running") -> None:
+    async def write_once(self, state: RunState = "running") -> None:
         doc = await asyncio.to_thread(
             build_status, self.agent, state=state, interval_s=self.interval_s
         )
