@@ -179,18 +179,22 @@ async def _stop_all_at_once(lane: int, run: int, rng: random.Random, workdir: Pa
 
 @pytest.mark.timeout(1200)
 async def test_sigterm_ends_the_agent_whatever_broker_and_terminal_do(tmp_path: Path) -> None:
-    """50 times (VITALS_SIGTERM_RUNS), five agents at a time."""
+    """50 times (VITALS_SIGTERM_RUNS), five agents at a time: a run starts as soon as
+    one ends (a round waiting for its slowest run, a frozen broker's, doubled the time)."""
     runs = int(os.environ.get("VITALS_SIGTERM_RUNS", "50"))
     lanes = 5
     rng = random.Random(int(os.environ.get("VITALS_SIGTERM_SEED", "19")))
-    took: list[float] = []
-    for first in range(0, runs, lanes):
-        batch = range(first, min(first + lanes, runs))
-        took += await asyncio.gather(
-            *(
-                _stop_all_at_once(i % lanes, i, random.Random(rng.random()), tmp_path / f"r{i}")
-                for i in batch
+    seeds = [rng.random() for _ in range(runs)]
+    at_once = asyncio.Semaphore(lanes)
+
+    async def run(i: int) -> float:
+        async with at_once:
+            return await _stop_all_at_once(
+                i % lanes, i, random.Random(seeds[i]), tmp_path / f"r{i}"
             )
-        )
+
+    async with asyncio.TaskGroup() as tg:  # one failure stops (and cleans up) the others
+        tasks = [tg.create_task(run(i)) for i in range(runs)]
+    took = [t.result() for t in tasks]
     assert len(took) == runs
     print(f"\nSIGTERM with broker and terminal stopping: {runs} runs, longest {max(took):.1f} s")
