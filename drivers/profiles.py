@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final, Literal, TypeAlias, get_args
 
 from drivers._schema import Problems, Table, did_you_mean, read_toml
 from protocols import nmea, pms5003, sds011
@@ -22,6 +23,7 @@ from protocols.modbus import DataType, Order, PointSpec, Space
 
 __all__ = [
     "SHIPPED_DIR",
+    "DeviceProtocol",
     "Point",
     "Profile",
     "available_profiles",
@@ -37,12 +39,13 @@ _PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 # A profile speaks Modbus, or is a serial sensor that streams frames of its own
 # protocol: its points then name the quantities the parser yields, nothing more.
-SENSOR_QUANTITIES: dict[str, frozenset[str]] = {
+DeviceProtocol: TypeAlias = Literal["modbus", "pms5003", "sds011", "nmea"]
+PROTOCOLS: Final[tuple[DeviceProtocol, ...]] = get_args(DeviceProtocol)
+SENSOR_QUANTITIES: dict[DeviceProtocol, frozenset[str]] = {
     "pms5003": pms5003.QUANTITIES,
     "sds011": sds011.QUANTITIES,
     "nmea": nmea.QUANTITIES,
 }
-PROTOCOLS = ("modbus", *SENSOR_QUANTITIES)
 MAX_REGISTERS = 125  # read holding/input registers: at most 125 per request
 MAX_BITS = 2000  # read coils/discrete inputs: at most 2000 per request
 MAX_STRING = 123  # registers of a string point (what one write request carries)
@@ -120,7 +123,7 @@ class Profile:
     # "modbus", or a streaming serial sensor ("pms5003", "sds011", "nmea"), whose
     # points are the parser's quantities: their ``spec`` is a placeholder that no
     # Modbus request is ever planned from
-    protocol: str = "modbus"
+    protocol: DeviceProtocol = "modbus"
 
     @property
     def is_sensor(self) -> bool:
@@ -225,7 +228,7 @@ def parse_profile(
     max_gap = head.get_int("max_gap", 0, lo=0, hi=MAX_REGISTERS)
     interval_s = head.get_float("interval_s", 1.0, lo=MIN_INTERVAL_S, hi=MAX_INTERVAL_S)
     order = Order(head.get_str("order", "ABCD", choices=[o.value for o in Order], what="order"))
-    protocol = head.get_str("protocol", "modbus", choices=list(PROTOCOLS), what="protocol")
+    protocol = head.get_choice("protocol", PROTOCOLS, "modbus", what="protocol")
     head.finish()
 
     points: list[Point] = []
@@ -261,7 +264,7 @@ def parse_profile(
         order=order,
         max_bits=max_bits,
         path=path,
-        protocol=protocol or "modbus",
+        protocol=protocol,
     )
 
 
@@ -288,7 +291,7 @@ def _range(t: Table, *, refuse_for: str | None = None) -> tuple[float, float] | 
     return low, high
 
 
-def _parse_sensor_point(t: Table, index: int, protocol: str) -> Point | None:
+def _parse_sensor_point(t: Table, index: int, protocol: DeviceProtocol) -> Point | None:
     """One ``[[points]]`` table of a serial-sensor profile: a quantity of its parser."""
     before = len(t.problems.items)
     known = SENSOR_QUANTITIES[protocol]
