@@ -35,6 +35,7 @@ __all__ = [
     "LinkError",
     "SensorSilent",
     "SerialSensor",
+    "StreamClosed",
     "open_serial",
 ]
 
@@ -77,6 +78,11 @@ class SensorSilent(RemoteError):
 class LinkError(RemoteError):
     """The serial link failed: the port cannot be opened, a read failed, the stream ended
     (a USB adapter unplugged, a pty closed)."""
+
+
+class StreamClosed(LocalError):
+    """The stream was closed here (:meth:`FdStream.close`): a read or write after that,
+    or one waiting when it happened, is ours to stop, not a broken link."""
 
 
 class SerialSensor(Generic[F]):
@@ -152,7 +158,8 @@ class FdStream:
     """``async read``/``write`` on a non-blocking file descriptor (tty, pty, pipe).
 
     Uses the event loop's reader/writer callbacks: no thread, no polling. EIO (what a
-    pty returns once its other end is gone) reads as end of stream.
+    pty returns once its other end is gone) reads as end of stream; a read or write on
+    a stream closed here raises :class:`StreamClosed`.
     """
 
     def __init__(self, fd: int, *, close: Callable[[], None] | None = None) -> None:
@@ -160,9 +167,15 @@ class FdStream:
         self.fd = fd
         self._close = close if close is not None else (lambda: os.close(fd))
         self._closed = False
+        self._waiting: asyncio.Future[None] | None = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamClosed(f"fd {self.fd} was closed here")
 
     async def read(self, n: int) -> bytes:
         while True:
+            self._check_open()
             try:
                 return os.read(self.fd, n)
             except BlockingIOError:
@@ -175,6 +188,7 @@ class FdStream:
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
+            self._check_open()
             try:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
@@ -192,17 +206,26 @@ class FdStream:
             loop.add_writer(self.fd, wake)
         else:
             loop.add_reader(self.fd, wake)
+        self._waiting = ready
         try:
             await ready
         finally:
-            if writable:
-                loop.remove_writer(self.fd)
-            else:
-                loop.remove_reader(self.fd)
+            self._waiting = None
+            if not self._closed:  # close() took the callbacks off before the fd went
+                if writable:
+                    loop.remove_writer(self.fd)
+                else:
+                    loop.remove_reader(self.fd)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            waiting = self._waiting
+            if waiting is not None and not waiting.done():
+                loop = waiting.get_loop()
+                loop.remove_reader(self.fd)
+                loop.remove_writer(self.fd)
+                waiting.set_exception(StreamClosed(f"fd {self.fd} was closed here"))
             self._close()
 
 

@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from drivers.serial_sensors import FdStream, LinkError, SensorSilent, SerialSensor, open_serial
+from drivers.serial_sensors import (
+    FdStream,
+    LinkError,
+    SensorSilent,
+    SerialSensor,
+    StreamClosed,
+    open_serial,
+)
 from protocols import nmea, pms5003, sds011
 from protocols.errors import LocalError
 from simulator.serial_sensors import (
@@ -178,3 +185,17 @@ async def test_send_command(pipe: tuple[FdStream, int]) -> None:
 def test_open_serial_missing_port() -> None:
     with pytest.raises(LinkError):
         open_serial("/dev/does-not-exist-vitals")
+
+
+async def test_a_stream_closed_here_is_not_a_broken_link(pipe: tuple[FdStream, int]) -> None:
+    stream, _ = pipe
+    waiting = asyncio.create_task(stream.read(16))
+    await asyncio.sleep(0)  # the read waits for the fd to be readable
+    stream.close()
+    with pytest.raises(StreamClosed):
+        await waiting
+    with pytest.raises(StreamClosed) as err:
+        await stream.read(16)
+    assert isinstance(err.value, LocalError) and not isinstance(err.value, LinkError)
+    with pytest.raises(StreamClosed):
+        await stream.write(b"x")
