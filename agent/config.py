@@ -31,8 +31,8 @@ from protocols.address import host_port
 from protocols.errors import ConfigError, LocalError
 from protocols.event import KINDS as RULE_KINDS
 from protocols.event import EventKind
+from protocols.modbus.rtu import t35
 from protocols.payload import ENCODINGS, Encoding
-from protocols.rtu import t35
 
 __all__ = [
     "DEFAULT_PATH",

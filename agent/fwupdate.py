@@ -40,7 +40,8 @@ from agent.transport import LinkDown, ModbusLink, TransportError
 from protocols import ed25519, fwimage
 from protocols.errors import DeviceException, KeyFormatError, RemoteError
 from protocols.modbus import Space
-from protocols.rtu import WriteFileRecordRequest, encode_request, frame_time
+from protocols.modbus.pdu import WriteFileRecordRequest
+from protocols.modbus.rtu import encode_request, frame_time
 
 __all__ = [
     "CHUNK_MAX",

@@ -55,7 +55,6 @@ import math
 import os
 import select
 import socket
-import struct
 import termios
 import time
 import weakref
@@ -65,9 +64,11 @@ from typing import Any, NoReturn
 import serial
 
 from agent.portlock import port_error, refused_parity
-from protocols.errors import DeviceException, RemoteError
-from protocols.modbus import Space
-from protocols.rtu import crc16, crc_ok, frame_time, response_length, t35
+from protocols.errors import DeviceException, FrameError, RemoteError
+from protocols.modbus import Space, mbap
+from protocols.modbus import pdu as modbus_pdu
+from protocols.modbus.pdu import read_items, read_request, registers, reply_length
+from protocols.modbus.rtu import adu, crc_ok, frame_time, response_length, t35
 
 __all__ = [
     "BadResponse",
@@ -98,40 +99,6 @@ class BadResponse(TransportError):
 
 class LinkDown(TransportError):
     """The serial port or TCP connection is not usable."""
-
-
-# --------------------------------------------------------------------------- PDUs
-
-_READ_FC = {Space.COIL: 1, Space.DISCRETE: 2, Space.HOLDING: 3, Space.INPUT: 4}
-_REGS: dict[int, struct.Struct] = {}
-
-
-def _regs_struct(n: int) -> struct.Struct:
-    s = _REGS.get(n)
-    if s is None:
-        s = _REGS[n] = struct.Struct(f">{n}H")
-    return s
-
-
-def _read_pdu(fc: int, address: int, count: int) -> bytes:
-    return struct.pack(">BHH", fc, address, count)
-
-
-def _items(fc: int, count: int, reply: bytes) -> Sequence[int] | Sequence[bool]:
-    """The registers or bits of a checked read reply."""
-    if fc > 2:
-        return _regs_struct(count).unpack_from(reply, 2)
-    data = reply[2:]
-    return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
-
-
-def _reply_len(fc: int, count: int) -> int:
-    """Length of the normal reply PDU (function code included) to a request."""
-    if fc in (3, 4):
-        return 2 + 2 * count
-    if fc in (1, 2):
-        return 2 + (count + 7) // 8
-    return 5  # 5, 6, 15, 16 echo address and value / quantity
 
 
 # --------------------------------------------------------------------------- precise timer
@@ -352,9 +319,11 @@ class ModbusLink:
         self, space: Space, address: int, count: int, slave: int
     ) -> Sequence[int] | Sequence[bool]:
         """Registers (function 3, 4) or bits (1, 2) ``address .. address+count-1``."""
-        fc = _READ_FC[space]
-        reply = await self._request(slave, _read_pdu(fc, address, count), _reply_len(fc, count))
-        return _items(fc, count, reply)
+        fc = space.read_function
+        reply = await self._request(
+            slave, read_request(fc, address, count), reply_length(fc, count)
+        )
+        return read_items(fc, count, reply)
 
     # A link that can carry a read without a task waiting for it says so here
     # (the TcpEngine polls such links; others go through read()).
@@ -373,26 +342,9 @@ class ModbusLink:
     async def write(
         self, function: int, address: int, payload: list[int] | bool, slave: int
     ) -> None:
-        """Function 5 (``bool``), 6 (one word), 15 (bits as 0/1) or 16 (words)."""
-        if function == 5:
-            pdu = struct.pack(">BHH", 5, address, 0xFF00 if payload else 0)
-        elif function == 6:
-            assert isinstance(payload, list)
-            pdu = struct.pack(">BHH", 6, address, payload[0])
-        elif function == 15:
-            assert isinstance(payload, list)
-            packed = bytearray((len(payload) + 7) // 8)
-            for i, b in enumerate(payload):
-                if b:
-                    packed[i >> 3] |= 1 << (i & 7)
-            pdu = struct.pack(">BHHB", 15, address, len(payload), len(packed)) + bytes(packed)
-        elif function == 16:
-            assert isinstance(payload, list)
-            pdu = struct.pack(
-                f">BHHB{len(payload)}H", 16, address, len(payload), 2 * len(payload), *payload
-            )
-        else:
-            raise ValueError(f"not a write function: {function}")
+        """Function 5 (``bool``), 6 (one word), 15 (bits as 0/1) or 16 (words);
+        :class:`~protocols.errors.LocalError` for anything else."""
+        pdu = modbus_pdu.encode_write(function, address, payload)
         reply = await self._request(slave, pdu, 5)
         if reply[:5] != pdu[:5]:
             raise BadResponse(f"{self.describe}: slave {slave} echoed {reply.hex()} to a write")
@@ -547,12 +499,6 @@ def _reactor(loop: asyncio.AbstractEventLoop) -> _Reactor:
     return r
 
 
-_MBAP = struct.Struct(">HHHB")
-_MBAP_HEAD = struct.Struct(">HHH")
-# a whole read request (MBAP header, function, address, count), packed at once
-_READ_FRAME = struct.Struct(">HHHBBHH")
-
-
 # A Modbus TCP frame is at most 6 + 254 bytes and the buffer never keeps more
 # than the start of one after a read: there is always room for the next read
 # (a long frame behind another may take two). 500 links: 256 KiB.
@@ -592,8 +538,8 @@ class _TcpLink(ModbusLink):
         self._rx = bytearray(_RX_SIZE)
         self._rx_view = memoryview(self._rx)
         self._rx_len = 0  # bytes of self._rx holding data not parsed yet
-        self._tid = 0  # of the last request sent
-        self._acked = 0  # of the last reply received: those in between timed out
+        # transaction ids: the one on the wire, the late replies still allowed
+        self._tx = mbap.Transactions()
         self._waiter: asyncio.Future[bytes] | None = None
         self._deadline = 0.0
         self._used = False  # a reply came on this connection
@@ -621,7 +567,7 @@ class _TcpLink(ModbusLink):
         except (OSError, TimeoutError) as exc:
             raise LinkDown(f"{self.describe}: cannot connect ({exc or 'timeout'})") from exc
         self._sock, self._loop, self._rx_len, self._used = sock, loop, 0, False
-        self._acked = self._tid
+        self._tx.open()
         self._reactor = _reactor(loop)
         self._reactor.add(self, sock.fileno())
 
@@ -668,36 +614,32 @@ class _TcpLink(ModbusLink):
         self._received(n)
 
     def _received(self, nbytes: int) -> None:
-        rx = self._rx
+        rx, tx = self._rx, self._tx
         got: bytes | None = None
         filled = self._rx_len + nbytes
         pos = 0
         while filled - pos >= 8:
-            tid, proto, length = _MBAP_HEAD.unpack_from(rx, pos)
-            if proto != 0 or not 2 <= length <= 254:
+            try:
+                tid, end = mbap.decode_header(rx, pos)
+            except FrameError:
                 self._fault(f"{filled - pos} bytes that are not Modbus TCP")
                 return
-            end = pos + 6 + length
+            end += pos
             if end > filled:
                 break
-            w = self._waiter
-            if (
-                tid == self._tid
-                and got is None
-                and (self._cb is not None or (w is not None and not w.done()))
-            ):
-                got = bytes(rx[pos + 6 : end])  # unit id first, then the PDU
-                self._acked = tid
-            elif 0 < (tid - self._acked) & 0xFFFF <= (self._tid - self._acked) & 0xFFFF:
-                self._acked = tid  # the late reply to a request that timed out: dropped
-                self.stray_bytes += end - pos
-            else:
-                self._fault(f"a reply with transaction id {tid}, which is on no request out")
+            try:
+                mine = tx.receive(tid)  # the transaction table says whose reply it is
+            except FrameError as exc:
+                self._fault(str(exc))
                 return
+            if mine:
+                got = bytes(rx[pos + 6 : end])  # unit id first, then the PDU
+            else:  # the late reply to a request that timed out: dropped
+                self.stray_bytes += end - pos
             pos = end
         rest = filled - pos
         if rest:
-            if self._acked == self._tid:  # nothing more is due: what follows is not a reply
+            if not tx.due:  # nothing more is due: what follows is not a reply
                 self._fault(f"{rest} bytes after the reply")
                 return
             if pos:
@@ -713,10 +655,10 @@ class _TcpLink(ModbusLink):
             self._answer(cb, got)  # after the buffer is settled: done may send the next read
             return
         w = self._waiter
-        if w is not None:
+        if w is not None and not w.done():  # done: its caller gave up (cancelled)
             self._last_reply = time.monotonic() if self.inter_frame_s else 0.0
             w.set_result(got)
-            self._settled()
+        self._settled()
 
     def _fault(self, why: str) -> LinkDown:
         """The device broke the framing: fail the request on the wire, reconnect; the error."""
@@ -764,8 +706,7 @@ class _TcpLink(ModbusLink):
         if self._rx_len:  # part of a reply: where the next frame starts is lost
             self._fault(f"half a reply ({self._rx_len} bytes), then silence")
             return
-        if (self._tid - self._acked) & 0xFFFF > 64:  # late replies of long ago: no longer
-            self._acked = (self._tid - 64) & 0xFFFF
+        self._tx.expire()
         w = self._waiter
         if w is not None and not w.done():
             w.set_exception(TimeoutError())
@@ -789,10 +730,9 @@ class _TcpLink(ModbusLink):
         sock, loop, reactor = self._sock, self._loop, self._reactor
         if sock is None or loop is None or reactor is None:
             return False  # read() connects (or says why it cannot)
-        fc = _READ_FC[space]
+        fc = space.read_function
         self.requests += 1
-        self._tid = tid = (self._tid + 1) & 0xFFFF
-        failed = self._put(sock, _READ_FRAME.pack(tid, 0, 6, slave, fc, address, count))
+        failed = self._put(sock, mbap.read_request(self._tx.send(), slave, fc, address, count))
         if failed is not None:
             loop.call_soon(done, failed)
             return True
@@ -807,8 +747,7 @@ class _TcpLink(ModbusLink):
         A request is at most 260 bytes, sent whole by one ``send``: a socket
         whose buffer is full has a peer that stopped reading long ago.
         """
-        self._tid = tid = (self._tid + 1) & 0xFFFF
-        return self._put(sock, _MBAP.pack(tid, 0, len(pdu) + 1, slave) + pdu)
+        return self._put(sock, mbap.adu(self._tx.send(), slave, pdu))
 
     def _put(self, sock: socket.socket, frame: bytes) -> LinkDown | None:
         """Send a whole request frame; the error if the link broke."""
@@ -835,13 +774,13 @@ class _TcpLink(ModbusLink):
             self.replies += 1  # the common case, checked as _pdu and _checked would
             if self._faults:
                 self._answered()
-            done(_regs_struct(count).unpack_from(got, 3))
+            done(registers(count).unpack_from(got, 3))
             return
         result: Sequence[int] | Sequence[bool] | Exception
         try:
-            reply_len = _reply_len(fc, count)
+            reply_len = reply_length(fc, count)
             pdu = self._pdu(slave, fc, reply_len, got)
-            result = _items(fc, count, self._checked(slave, fc, reply_len, pdu))
+            result = read_items(fc, count, self._checked(slave, fc, reply_len, pdu))
         except (TransportError, DeviceException) as exc:
             result = exc
         done(result)
@@ -885,6 +824,7 @@ class _TcpLink(ModbusLink):
             raise NoResponse(f"{self.describe}: no response from unit {slave}") from None
         finally:
             self._waiter = None
+            self._tx.abandon()
             self._settled()
         return self._pdu(slave, pdu[0], reply_len, got)
 
@@ -921,6 +861,7 @@ class _TcpLink(ModbusLink):
             sock.close()
         cb, self._cb = self._cb, None
         w = self._waiter
+        self._tx.abandon()
         self._settled()
         if w is not None and not w.done():
             w.set_exception(error)
@@ -1130,8 +1071,7 @@ class _RtuLink(ModbusLink):
             self._answer(self._candidate)
 
     async def _exchange(self, slave: int, pdu: bytes, reply_len: int) -> bytes:
-        frame = bytes([slave]) + pdu
-        frame += crc16(frame).to_bytes(2, "little")
+        frame = adu(slave, pdu)
         await self._quiet_line()
         loop = asyncio.get_running_loop()
         w = self._waiter = loop.create_future()

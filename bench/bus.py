@@ -11,7 +11,7 @@ this process.
        T(request) + t3.5 + turnaround + T(reply) + t3.5
 
    with T(n bytes) = n x 10 bits / baud (8N1: the emulated bus runs without
-   parity, as ptys refuse it), t3.5 from ``protocols.rtu.t35`` (3.5 x 11 bit
+   parity, as ptys refuse it), t3.5 from ``protocols.modbus.rtu.t35`` (3.5 x 11 bit
    times, 1.75 ms above 19200) and the emulator's turnaround (1 ms). The
    figure is achieved transactions/s over the wire limit's; targets (issue 18)
    >= 0.98 at 9600 baud and >= 0.95 at 115200.
@@ -47,8 +47,8 @@ from agent.clock import SystemClock
 from agent.transport import ModbusLink
 from drivers.profiles import load_profile
 from protocols.modbus import Space
+from protocols.modbus.rtu import frame_time, t35
 from protocols.reading import Reading
-from protocols.rtu import frame_time, t35
 
 PROFILE = "sound_level_meter"
 TURNAROUND_S = 0.001

@@ -1,4 +1,4 @@
-"""The master's side of the HIL bench: pyserial plus protocols.rtu."""
+"""The master's side of the HIL bench: pyserial plus protocols.modbus.rtu."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 import serial
 
 from protocols.errors import ProtocolError
-from protocols.rtu import Request, Response, ResponseParser, encode_request, frame_time, t35
+from protocols.modbus.pdu import Request, Response
+from protocols.modbus.rtu import ResponseParser, encode_request, frame_time, t35
 
 __all__ = ["Bus", "Target"]
 
 
 @dataclass
 class Bus:
-    """The master's side of the line: pyserial plus protocols.rtu, one
+    """The master's side of the line: pyserial plus protocols.modbus.rtu, one
     transaction at a time, with t3.5 of silence before each request."""
 
     ser: serial.Serial

@@ -9,7 +9,7 @@ import pytest
 
 from hil.bus import Bus, Target
 from protocols.errors import DeviceException
-from protocols.rtu import (
+from protocols.modbus.pdu import (
     DeviceIdRequest,
     DeviceIdResponse,
     DiagnosticsRequest,
@@ -20,9 +20,8 @@ from protocols.rtu import (
     WriteRegistersRequest,
     WriteSingleRequest,
     WriteSingleResponse,
-    encode_request,
-    with_crc,
 )
+from protocols.modbus.rtu import encode_request, with_crc
 
 # the sound level meter's map (drivers/profiles/sound_level_meter.toml + firmware/regmap.py)
 HR_AVERAGING = 32

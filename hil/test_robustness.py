@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from hil.bus import Bus, Target
-from protocols.rtu import ReadRegistersResponse, ReadRequest, encode_request
+from protocols.modbus.pdu import ReadRegistersResponse, ReadRequest
+from protocols.modbus.rtu import encode_request
 
 HR_FW_VERSION = 38
 

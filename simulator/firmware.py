@@ -48,7 +48,8 @@ from pathlib import Path
 from types import TracebackType
 
 from protocols.errors import LocalError, ProtocolError
-from protocols.rtu import ReadRequest, ResponseParser, encode_request, frame_time
+from protocols.modbus.pdu import ReadRequest
+from protocols.modbus.rtu import ResponseParser, encode_request, frame_time
 from simulator.pty import PtyPair, line_baud, open_pty
 
 __all__ = ["FIRMWARE_DIR", "FirmwareError", "FirmwareTerminal", "find_micropython", "main"]

@@ -41,7 +41,6 @@ import os
 import random
 import signal
 import sqlite3
-import struct
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols import topics
+from protocols.modbus.pdu import READ
 from simulator.scenario import Scenario
 
 __all__ = ["FleetResult", "main", "run_fleet"]
@@ -139,7 +139,7 @@ async def _emulate(spec_path: Path) -> None:
                 return bytes([fc | 0x80, 4])  # server device failure
             out = super().handle(unit, pdu)
             if out is not None and fc <= 4 and len(pdu) == 5 and out[:1] == pdu[:1]:
-                _, address, count = struct.unpack(">BHH", pdu)
+                _, address, count = READ.unpack(pdu)
                 served[self.key][f"{_fc_space(fc)}:{address}:{count}"] += 1
             return out
 

@@ -31,7 +31,7 @@ import time
 import tty
 from dataclasses import dataclass, field
 
-from protocols.rtu import frame_time
+from protocols.modbus.rtu import frame_time
 
 __all__ = ["PtyPair", "line_baud", "open_pty", "paced_write"]
 

@@ -65,7 +65,7 @@ from typing import Any
 from drivers.profiles import Profile
 from protocols.errors import FrameError
 from protocols.modbus import Space
-from protocols.rtu import (
+from protocols.modbus.pdu import (
     ReadBitsResponse,
     ReadRegistersResponse,
     ReadRequest,
@@ -76,6 +76,8 @@ from protocols.rtu import (
     WriteRegistersRequest,
     WriteSingleRequest,
     WriteSingleResponse,
+)
+from protocols.modbus.rtu import (
     decode_request,
     encode_response,
     exception_response,

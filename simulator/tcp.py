@@ -40,7 +40,22 @@ import struct
 from collections.abc import Sequence
 
 from drivers.profiles import Profile
-from protocols.modbus import Space
+from protocols.errors import FrameError, LocalError
+from protocols.modbus import Space, mbap
+from protocols.modbus.pdu import (
+    ReadBitsResponse,
+    ReadRegistersResponse,
+    ReadRequest,
+    RequestRejected,
+    WriteBitsRequest,
+    WriteMultipleResponse,
+    WriteRegistersRequest,
+    WriteSingleRequest,
+    WriteSingleResponse,
+    decode_request,
+    encode_response,
+    exception_response,
+)
 from simulator.broker import HOST
 from simulator.signals import IllegalAddress, ProfileRegisters, Signal
 
@@ -48,27 +63,9 @@ __all__ = ["FAULTS", "TcpTerminal", "start_terminals"]
 
 log = logging.getLogger(__name__)
 
-_MBAP = struct.Struct(">HHHB")
-_READ = struct.Struct(">BHH")
 _FC_SPACE = {1: Space.COIL, 2: Space.DISCRETE, 3: Space.HOLDING, 4: Space.INPUT}
-_REGS: dict[int, struct.Struct] = {}
 FAULTS = ("trailing", "garbage", "tid", "proto", "length", "unit", "unsolicited", "half", "reset")
 _TRAILING = b"\r\nERROR 42\r\n"  # what a confused firmware might print after its reply
-
-
-def _pack_regs(words: Sequence[int]) -> bytes:
-    s = _REGS.get(len(words))
-    if s is None:
-        s = _REGS[len(words)] = struct.Struct(f">{len(words)}H")
-    return s.pack(*words)
-
-
-def _pack_bits(bits: Sequence[int]) -> bytes:
-    out = bytearray((len(bits) + 7) // 8)
-    for i, b in enumerate(bits):
-        if b:
-            out[i >> 3] |= 1 << (i & 7)
-    return bytes(out)
 
 
 class _Conn(asyncio.Protocol):
@@ -96,17 +93,18 @@ class _Conn(asyncio.Protocol):
         t = self._transport
         out = []
         while len(buf) >= 8:
-            tid, proto, length, unit = _MBAP.unpack_from(buf)
-            if proto != 0 or not 2 <= length <= 254:
+            try:
+                tid, end = mbap.decode_header(buf)
+            except FrameError:
                 if t is not None:
                     t.close()
                 return
-            end = 6 + length
             if len(buf) < end:
                 break
+            unit = buf[6]
             reply = self._term.handle(unit, buf[7:end])
             if reply is not None:
-                frame = _MBAP.pack(tid, 0, len(reply) + 1, unit) + reply
+                frame = mbap.adu(tid, unit, reply)
                 if self._term.fault is None:
                     out.append(frame)
                 elif not self._broken(frame, out):
@@ -148,7 +146,7 @@ class _Conn(asyncio.Protocol):
                 t.abort()
                 return False
         else:
-            raise ValueError(f"unknown fault {fault!r}: expected one of {', '.join(FAULTS)}")
+            raise LocalError(f"unknown fault {fault!r}: expected one of {', '.join(FAULTS)}")
         return True
 
     def close(self) -> None:
@@ -203,45 +201,39 @@ class TcpTerminal:
             return None
         fc = pdu[0]
         if self.exception is not None:
-            return bytes([fc | 0x80, self.exception])
+            return exception_response(fc, self.exception)
         regs = self.units.get(unit)
         if regs is None:
-            return bytes([fc | 0x80, 11])  # gateway target device failed to respond
+            return exception_response(fc, 11)  # gateway target device failed to respond
         try:
-            if fc <= 4 and len(pdu) == 5:
-                _, address, count = _READ.unpack(pdu)
-                space = _FC_SPACE[fc]
-                limit = 2000 if fc <= 2 else 125
-                if not 1 <= count <= limit:
-                    return bytes([fc | 0x80, 3])
-                words = regs.read(space, address, count)
-                data = _pack_bits(words) if fc <= 2 else _pack_regs(words)
-                return bytes([fc, len(data)]) + data
-            if fc in (5, 6) and len(pdu) == 5:
-                _, address, value = _READ.unpack(pdu)
+            req = decode_request(unit, pdu)
+        except RequestRejected as exc:
+            return exception_response(fc, exc.code)
+        except FrameError:
+            return exception_response(fc, 3)  # a length that contradicts its fields
+        try:
+            if isinstance(req, ReadRequest):
+                words = regs.read(_FC_SPACE[fc], req.address, req.count)
+                if fc <= 2:
+                    return encode_response(ReadBitsResponse(unit, fc, tuple(map(bool, words))))
+                return encode_response(ReadRegistersResponse(unit, fc, tuple(words)))
+            if isinstance(req, WriteSingleRequest):
                 if fc == 5:
-                    if value not in (0, 0xFF00):
-                        return bytes([fc | 0x80, 3])
-                    regs.write(Space.COIL, address, [int(value == 0xFF00)])
+                    regs.write(Space.COIL, req.address, [int(req.value == 0xFF00)])
                 else:
-                    regs.write(Space.HOLDING, address, [value])
-                return pdu
-            if fc in (15, 16) and len(pdu) >= 6:
-                _, address, count = _READ.unpack_from(pdu)
-                data = pdu[6:]
-                if fc == 16:
-                    if len(data) != 2 * count or not 1 <= count <= 123:
-                        return bytes([fc | 0x80, 3])
-                    regs.write(Space.HOLDING, address, struct.unpack(f">{count}H", data))
-                else:
-                    if len(data) != (count + 7) // 8 or not 1 <= count <= 1968:
-                        return bytes([fc | 0x80, 3])
-                    bits = [data[i >> 3] >> (i & 7) & 1 for i in range(count)]
-                    regs.write(Space.COIL, address, bits)
-                return pdu[:5]
+                    regs.write(Space.HOLDING, req.address, [req.value])
+                return encode_response(WriteSingleResponse(unit, fc, req.address, req.value))
+            if isinstance(req, WriteRegistersRequest):
+                words = list(req.values)
+                regs.write(Space.HOLDING, req.address, words)
+            elif isinstance(req, WriteBitsRequest):
+                words = [int(b) for b in req.bits]
+                regs.write(Space.COIL, req.address, words)
+            else:
+                return exception_response(fc, 1)  # diagnostics, file records: not here
+            return encode_response(WriteMultipleResponse(unit, fc, req.address, len(words)))
         except IllegalAddress:
-            return bytes([fc | 0x80, 2])
-        return bytes([fc | 0x80, 1])
+            return exception_response(fc, 2)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

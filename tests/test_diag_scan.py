@@ -36,9 +36,10 @@ from agent.diag.scan import (
     parse_slaves,
     scan,
 )
-from protocols import rtu
 from protocols.errors import ProtocolError
-from protocols.rtu import Response, ResponseParser
+from protocols.modbus import pdu, rtu
+from protocols.modbus.pdu import Response
+from protocols.modbus.rtu import ResponseParser
 
 runner = CliRunner()
 
@@ -53,15 +54,15 @@ class Terminal:
 
     def answer(self, frame: bytes) -> bytes:
         req = rtu.decode_request(frame)
-        if isinstance(req, rtu.ReadRequest) and req.function == 3:
+        if isinstance(req, pdu.ReadRequest) and req.function == 3:
             if self.register0 is None:
                 return rtu.exception_response(self.slave, 3, 2)
-            return rtu.encode_response(rtu.ReadRegistersResponse(self.slave, 3, (self.register0,)))
-        if isinstance(req, rtu.DeviceIdRequest):
+            return rtu.encode_response(pdu.ReadRegistersResponse(self.slave, 3, (self.register0,)))
+        if isinstance(req, pdu.DeviceIdRequest):
             if not self.ident:
                 return rtu.exception_response(self.slave, 43, 1)
             return rtu.encode_response(
-                rtu.DeviceIdResponse(self.slave, 1, 0x01, False, 0, dict(self.ident))
+                pdu.DeviceIdResponse(self.slave, 1, 0x01, False, 0, dict(self.ident))
             )
         return rtu.exception_response(self.slave, req.function, 1)
 

@@ -46,8 +46,8 @@ from agent.transport import ModbusLink, TransportError, _RtuLink
 from drivers.profiles import Point
 from protocols.errors import DeviceException
 from protocols.modbus import DataType, PointSpec, Space
+from protocols.modbus.rtu import crc16
 from protocols.reading import Quality, Reading
-from protocols.rtu import crc16
 
 TRUE = 7
 LATE = 0xBEEF  # 48879, the value of the issue

@@ -18,14 +18,13 @@ import serial
 from pymodbus.client import AsyncModbusSerialClient
 
 from drivers.profiles import load_profile
-from protocols.rtu import (
+from protocols.modbus.pdu import (
     DiagnosticsRequest,
     ReadRegistersResponse,
     ReadRequest,
-    ResponseParser,
     WriteSingleRequest,
-    encode_request,
 )
+from protocols.modbus.rtu import ResponseParser, encode_request
 from simulator.firmware import FIRMWARE_DIR, FirmwareTerminal, find_micropython
 
 MICROPYTHON = find_micropython()

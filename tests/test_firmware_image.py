@@ -1,4 +1,4 @@
-"""Signed firmware images (protocols.fwimage) and function 21 (protocols.rtu), in CPython."""
+"""Signed firmware images (protocols.fwimage) and function 21 (protocols.modbus.rtu), in CPython."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from typer.testing import CliRunner
 
 from protocols import ed25519, fwimage
 from protocols.errors import FrameError, LocalError
-from protocols.rtu import (
-    RequestRejected,
+from protocols.modbus.pdu import RequestRejected, WriteFileRecordRequest, WriteFileRecordResponse
+from protocols.modbus.rtu import (
     ResponseParser,
-    WriteFileRecordRequest,
-    WriteFileRecordResponse,
     decode_request,
     encode_request,
     encode_response,
@@ -92,11 +90,11 @@ def test_write_file_record_both_ways() -> None:
 
 
 def test_write_file_record_refusals() -> None:
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(LocalError, match="even"):
         encode_request(WriteFileRecordRequest(1, 1, 0, b"abc"))
-    with pytest.raises(ValueError, match="record 10000"):
+    with pytest.raises(LocalError, match="record 10000"):
         encode_request(WriteFileRecordRequest(1, 1, 10000, b"ab"))
-    with pytest.raises(ValueError, match=r"even, 2\.\.244"):
+    with pytest.raises(LocalError, match=r"even, 2\.\.244"):
         encode_request(WriteFileRecordRequest(1, 1, 0, bytes(246)))
     assert len(encode_request(WriteFileRecordRequest(1, 1, 0, bytes(244)))) == 256
     bad_type = bytes([1, 0x15, 9, 7, 0, 1, 0, 0, 0, 1, 0xAB, 0xCD])

@@ -30,8 +30,9 @@ from agent.fwupdate import BusTurns, FirmwareUpdate, Outcome
 from agent.transport import ModbusLink
 from drivers.profiles import load_profile
 from protocols import ed25519, fwimage
+from protocols.modbus.pdu import ReadRegistersResponse, ReadRequest
+from protocols.modbus.rtu import ResponseParser, encode_request
 from protocols.reading import Quality, Reading
-from protocols.rtu import ReadRegistersResponse, ReadRequest, ResponseParser, encode_request
 from simulator.firmware import FIRMWARE_DIR, FirmwareError, FirmwareTerminal, find_micropython
 
 pytestmark = pytest.mark.skipif(

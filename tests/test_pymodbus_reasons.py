@@ -34,7 +34,7 @@ from pymodbus.exceptions import ModbusIOException
 from agent.transport import ModbusLink, TransportError
 from drivers.profiles import load_profile
 from protocols.modbus import Space
-from protocols.rtu import crc16
+from protocols.modbus.rtu import crc16
 from simulator.rtu import RtuBus, RtuSlave
 
 LATE = 0xBEEF  # the value a late reply carries: never a true reading of register 0 or 1

@@ -1,4 +1,4 @@
-"""protocols.rtu: one golden table drives encoders and decoders, byte by byte
+"""protocols.modbus.rtu (and pdu): one golden table drives encoders and decoders, byte by byte
 too; the parsers never fail with anything but our own errors."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols import rtu
-from protocols.errors import DeviceException, FrameError, ProtocolError
-from protocols.rtu import (
+from protocols.errors import DeviceException, FrameError, LocalError, ProtocolError
+from protocols.modbus import rtu
+from protocols.modbus.pdu import (
     DeviceIdRequest,
     DeviceIdResponse,
     DiagnosticsRequest,
@@ -23,13 +23,13 @@ from protocols.rtu import (
     Request,
     RequestRejected,
     Response,
-    ResponseParser,
     WriteBitsRequest,
     WriteMultipleResponse,
     WriteRegistersRequest,
     WriteSingleRequest,
     WriteSingleResponse,
 )
+from protocols.modbus.rtu import ResponseParser
 
 H = bytes.fromhex
 
@@ -278,11 +278,11 @@ def test_requests_to_ignore(case: str, frame: bytes) -> None:
 
 
 def test_builders_refuse_impossible_requests() -> None:
-    with pytest.raises(ValueError, match="count"):
+    with pytest.raises(LocalError, match="count"):
         rtu.read_holding_registers(1, 0, 126)
-    with pytest.raises(ValueError, match=r"outside 0\.\.65535"):
+    with pytest.raises(LocalError, match=r"outside 0\.\.65535"):
         rtu.write_register(1, 0, 70000)
-    with pytest.raises(ValueError, match="broadcast"):
+    with pytest.raises(LocalError, match="broadcast"):
         ResponseParser(ReadRequest(0, 3, 0, 1))
 
 
@@ -293,7 +293,7 @@ def test_timing() -> None:
     assert rtu.t35(38400) == 0.00175  # fixed above 19200 baud
     assert rtu.t35(115200) == 0.00175
     assert rtu.t15(115200) == 0.00075
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalError):
         rtu.frame_time(1, 0)
 
 

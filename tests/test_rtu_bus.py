@@ -23,8 +23,8 @@ from agent.clock import SystemClock
 from agent.transport import ModbusLink
 from drivers.profiles import load_profile
 from protocols.modbus import Space, decode
+from protocols.modbus.rtu import crc16, read_input_registers
 from protocols.reading import Quality, Reading
-from protocols.rtu import crc16, read_input_registers
 from simulator.rtu import RtuBus, RtuSlave, main
 
 SLM = load_profile("sound_level_meter")

@@ -24,14 +24,13 @@ from pymodbus.client import AsyncModbusSerialClient
 from drivers.profiles import Point, Profile, available_profiles, load_profile
 from protocols import nmea, pms5003, sds011
 from protocols.modbus import Space, decode, register_count
-from protocols.rtu import (
+from protocols.modbus.pdu import (
     DiagnosticsRequest,
     ReadRegistersResponse,
     ReadRequest,
-    ResponseParser,
     WriteSingleRequest,
-    encode_request,
 )
+from protocols.modbus.rtu import ResponseParser, encode_request
 from simulator.demo import DEMO_DEVICES
 from simulator.firmware import FirmwareTerminal, find_micropython
 from simulator.rtu import RtuBus, RtuSlave

@@ -19,7 +19,7 @@ from agent.transport import BadResponse, LinkDown, ModbusLink, NoResponse, _Time
 from drivers.profiles import load_profile
 from protocols.errors import DeviceException
 from protocols.modbus import Space, decode
-from protocols.rtu import crc16
+from protocols.modbus.rtu import crc16
 from simulator.rtu import RtuBus, RtuSlave
 from simulator.tcp import TcpTerminal
 

@@ -11,7 +11,7 @@ by quietly dropping ``PARENB``; both are :class:`SettingRefused`.
 
 ``diag scan`` needs what a poller does not: exact, short response timeouts
 computed from the baud rate, switching line settings many times. So it talks
-RTU itself (:mod:`protocols.rtu` builds the frames and parses the replies)
+RTU itself (:mod:`protocols.modbus.rtu` builds the frames and parses the replies)
 on a port from :func:`open_port`, read with ``add_reader``
 (:class:`RawSerialPort`).
 """
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 from agent.diag._common import PORT, DiagError, explain_os_error, port_busy
 from protocols.errors import DeviceException, FrameError, LocalError
-from protocols.rtu import Response, ResponseParser, frame_time, t35
+from protocols.modbus.pdu import Response
+from protocols.modbus.rtu import ResponseParser, frame_time, t35
 
 if TYPE_CHECKING:
     import serial

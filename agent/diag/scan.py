@@ -19,7 +19,7 @@ as ``late`` with the turnaround that would catch it. Since a silent address
 costs exactly one timeout plus that silence, the duration of a scan is known
 before it starts: it is printed first.
 
-Frames are built and parsed by :mod:`protocols.rtu`; the port is driven by
+Frames are built and parsed by :mod:`protocols.modbus.rtu`; the port is driven by
 :class:`agent.diag._serial.RawSerialPort` (our own RTU master, for exact
 timeouts). The scanner itself only needs :class:`ScanPort`, so tests drive it
 with a fake bus.
@@ -47,16 +47,8 @@ from rich.table import Table
 from agent.diag._common import FAILED, OK, PORT, USAGE, DiagError, console, die, emit_json, escape
 from agent.diag._serial import LateAnswer, LineSettings, RawSerialPort, SettingRefused
 from protocols.errors import DeviceException, FrameError
-from protocols.rtu import (
-    DeviceIdRequest,
-    DeviceIdResponse,
-    ReadRequest,
-    Response,
-    ResponseParser,
-    encode_request,
-    frame_time,
-    t35,
-)
+from protocols.modbus.pdu import DeviceIdRequest, DeviceIdResponse, ReadRequest, Response
+from protocols.modbus.rtu import ResponseParser, encode_request, frame_time, t35
 
 __all__ = [
     "BAUDS",

@@ -4,7 +4,7 @@ The installer holds the port (or a Modbus TCP device, or an RTU-over-TCP
 converter): trace polls the device as ``diag read`` does, through the agent's own
 :class:`~agent.transport.ModbusLink`, whose trace hook hands over every byte
 sent and received. :class:`Annotator` cuts what is received into frames
-(:func:`protocols.rtu.response_length`, silence) and names each one: a
+(:func:`protocols.modbus.rtu.response_length`, silence) and names each one: a
 request (numbered), the reply to request #n with its time, an exception
 reply, a CRC error, a late reply (to an earlier request, or after its
 timeout), the adapter's echo of our own request, or garbage. Modbus TCP
@@ -47,9 +47,9 @@ from agent.diag._link import open_link
 from agent.diag.read import check_run, read_sample, resolve_target
 from agent.status import default_status_paths
 from agent.tap import TRACE_SOCKET, tap_socket_path
-from protocols.errors import ConfigError
-from protocols.modbus import plan
-from protocols.rtu import crc_ok, frame_time, response_length
+from protocols.errors import ConfigError, FrameError
+from protocols.modbus import mbap, plan
+from protocols.modbus.rtu import crc_ok, frame_time, response_length
 
 __all__ = ["Annotator", "MbapAnnotator", "TraceFrame", "trace_command"]
 
@@ -351,17 +351,18 @@ class MbapAnnotator(Annotator):
         last = self.requests[-1] if self.requests else None
         why = ""
         while len(rx) >= 6:
-            tid, proto, length = (int.from_bytes(rx[i : i + 2], "big") for i in (0, 2, 4))
-            if proto != 0 or not 2 <= length <= 254:
-                why = f"not Modbus TCP (protocol id {proto}, length {length})"
+            try:
+                tid, size = mbap.decode_header(rx)
+            except FrameError as exc:
+                why = str(exc)
                 break
-            if len(rx) < 6 + length:
-                why = f"half a frame ({len(rx)} of {6 + length} bytes)"
+            if len(rx) < size:
+                why = f"half a frame ({len(rx)} of {size} bytes)"
                 break
-            frame = bytes(rx[: 6 + length])
+            frame = bytes(rx[:size])
             req = self._tids.get(tid)
             if req is None and self._before(tid):  # a tap that began mid-exchange
-                del rx[: 6 + length]
+                del rx[:size]
                 unit, fn = frame[6], frame[7]
                 # after a request of the trace went out, that reply is late
                 kind = LATE if self.requests else EXCEPTION if fn & 0x80 else REPLY
@@ -371,7 +372,7 @@ class MbapAnnotator(Annotator):
             if req is None or req.answered:
                 why = f"transaction id {tid}, on no request out"
                 break
-            del rx[: 6 + length]
+            del rx[:size]
             req.answered = True
             unit, fn = frame[6], frame[7]
             head = f"tid {tid} unit {unit}"
