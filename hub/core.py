@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hub.store import BatchRow, SqliteStore, Store, TailRow, open_store
 from protocols import envelope, topics
@@ -74,13 +74,14 @@ _ACCEPTED = frozenset(
         Outcome.IGNORED,
     }
 )
-_MALFORMED = {
+_MALFORMED: dict[topics.TopicKind, Outcome] = {
     "meta": Outcome.MALFORMED_META,
     "gap": Outcome.MALFORMED_GAP,
     "event": Outcome.MALFORMED_EVENT,
     "hb": Outcome.MALFORMED_HEARTBEAT,
 }
 _RECHECK_S = 5.0
+_S = TypeVar("_S", bound=envelope.Sealed[Any])
 _MAX_ASK_RANGES = 64  # protocols.command.MAX_RESEND_RANGES
 
 
@@ -431,7 +432,9 @@ class HubCore:
         """Batches verified but not yet written."""
         return len(self._batch_rows)
 
-    def _open(self, topic: str, data: bytes, parse: Any, what: str) -> Any:
+    def _open(
+        self, topic: str, data: bytes, parse: Callable[[bytes], _S], what: topics.TopicKind
+    ) -> _S | Outcome:
         """Parse a signed message, check it names the topic's gateway, look up its
         key and verify it: the parsed message, or the refusal (an :class:`Outcome`).
 

@@ -474,23 +474,14 @@ _META_SCHEMA: Final[Mapping[str, type]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class SealedMeta:
+class SealedMeta(Sealed[MetaHeader]):
     """A parsed point table: header checked, signature and payload not yet."""
 
-    header: MetaHeader
-    protected: bytes
-    payload: bytes
-    signature: bytes
-
-    def verify(self, public_key: PublicKeyLike) -> None:
-        """Raise :class:`SignatureError` unless ``public_key`` (matching ``kid``) signed it."""
-        SignedMessage(self.protected, self.payload, self.signature).verify(
-            META_DOMAIN, public_key, kid=self.header.kid
-        )
+    DOMAIN = META_DOMAIN
 
     def points(self) -> list[PointInfo]:
         """The point table, checked against the header's ``n``."""
-        out = decode_points(self.payload, enc=self.header.enc)
+        out = decode_points(self.message.payload, enc=self.header.enc)
         if len(out) != self.header.n:
             raise DecodeError(f"meta header says n={self.header.n}, payload holds {len(out)}")
         return out
@@ -525,4 +516,4 @@ def parse_meta(data: bytes) -> SealedMeta:
     header = MetaHeader(**f)  # type: ignore[arg-type]  # types checked by fields()
     _check_common(header.gw, header.kid, header.epoch, header.enc)
     _check_range("n", header.n, 0, MAX_READINGS)
-    return SealedMeta(header, msg.protected, msg.payload, msg.signature)
+    return SealedMeta(header, msg)
