@@ -14,6 +14,7 @@ from protocols.ed25519 import PrivateKey
 from protocols.errors import ConfigError
 from protocols.event import Event, parse_event
 from protocols.reading import Quality, Reading
+from tests.virtual_time import VirtualClock
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 T0 = 1_767_225_600_000  # 2026-01-01 00:00:00 UTC
@@ -21,6 +22,8 @@ S = 1000
 
 
 class FakeClock:
+    """A wall clock the test sets (the rule engine reads it; nothing here sleeps on it)."""
+
     def __init__(self, ms: int = T0) -> None:
         self.ms = ms
 
@@ -29,10 +32,6 @@ class FakeClock:
 
     def monotonic(self) -> float:
         return self.ms / 1000
-
-    async def sleep(self, seconds: float) -> None:
-        self.ms += int(seconds * 1000)
-        await asyncio.sleep(0)
 
 
 BASE = {
@@ -320,9 +319,11 @@ def test_shipped_example_rules() -> None:
 # -- the agent side ----------------------------------------------------------------
 
 
-async def test_edge_events_seal_in_order_and_tick() -> None:
+@pytest.mark.virtual_time
+async def test_edge_events_seal_in_order_and_tick(virtual_clock: VirtualClock) -> None:
     key = PrivateKey.generate()
-    clock = FakeClock()
+    clock = virtual_clock
+    start = clock.now_ms()
     cfg = config(
         {"id": "gas", "kind": "threshold", "device": "gas-1", "point": "co", "above": 35},
         {"id": "off", "kind": "offline", "device": "noise-1", "after_s": 2},
@@ -338,13 +339,15 @@ async def test_edge_events_seal_in_order_and_tick() -> None:
     assert (sealed.header.epoch, sealed.header.seq) == (4, 0)
     assert sealed.event().state == "fired" and edge.has_events.is_set()
     ticks = asyncio.create_task(edge.run_ticks(1.0))
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await asyncio.sleep(1.5)  # one tick: noise-1 silent for 1 s of its 2
+    assert [e.rule for e in seen] == ["gas", "gas"]
+    await asyncio.sleep(1.0)  # the second tick, 2 s after the start: offline
     ticks.cancel()
+    assert [e.rule for e in seen] == ["gas", "gas", "off"]
+    assert seen[-1].ts == start + 2 * S and seen[-1].since == start
     # the offline event pushed the oldest one out of the bounded outbox
     assert list(edge.outbox) == [(4, 1), (4, 2)]
     assert edge.statistics()["dropped"] == 1
-    assert [e.rule for e in seen] == ["gas", "gas", "off"]
 
 
 # -- config validation -------------------------------------------------------------
