@@ -33,6 +33,7 @@ from protocols.reading import Quality, Reading
 from simulator.broker import MosquittoBroker
 from simulator.demo import demo_config
 from simulator.tcp import TcpTerminal
+from tests.virtual_time import VirtualClock
 
 DAY_NS = 86_400 * 10**9
 TERMINALS = {"noise-1": "sound_level_meter", "weather-1": "weather_station"}
@@ -272,29 +273,20 @@ def test_kernel_synced_answers() -> None:
     assert isinstance(kernel_synced(), bool)
 
 
-class StepClock:
-    """A clock the test drives: sync state, correction and monotonic time."""
+class WallOnVirtualTime(VirtualClock):
+    """Monotonic time and sleeps from the VirtualLoop; the wall clock set by the test."""
 
-    def __init__(self) -> None:
-        self.synced = False
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock.loop)
+        self.synced = True
         self.fix: ClockFix | None = None
-        self.mono = 0.0
         self.wall_ms = 1_000
 
     def now_ms(self) -> int:
         return self.wall_ms
 
-    def monotonic(self) -> float:
-        return self.mono
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(0)
-
-    async def sleep_until(self, when: float) -> None:
-        await asyncio.sleep(0)
-
-
-def _batcher(clock: StepClock) -> Batcher:
+def _batcher(clock: VirtualClock) -> Batcher:
     return Batcher(
         gateway="gw-1",
         key=KEY,
@@ -306,9 +298,13 @@ def _batcher(clock: StepClock) -> Batcher:
     )
 
 
+@pytest.mark.virtual_time
 @pytest.mark.parametrize("offset_ms", [35 * 86_400_000, -3_600_000], ids=["behind", "ahead"])
-async def test_batcher_seals_at_the_sync_and_carries_the_fix(offset_ms: int) -> None:
-    clock = StepClock()
+async def test_batcher_seals_at_the_sync_and_carries_the_fix(
+    offset_ms: int, virtual_clock: VirtualClock
+) -> None:
+    clock = WallOnVirtualTime(virtual_clock)
+    clock.synced = False
     b = _batcher(clock)
 
     def reading(ts: int) -> Reading:  # ms after 2023-11-14
@@ -336,20 +332,21 @@ async def test_batcher_seals_at_the_sync_and_carries_the_fix(offset_ms: int) -> 
     assert fixes[2 + FIX_BATCHES :] == [(None, None, None)] * 2
 
 
-async def test_sealing_age_is_monotonic_whatever_the_wall_clock_does() -> None:
-    clock = StepClock()
-    clock.synced = True
-    b = _batcher(clock)
+@pytest.mark.virtual_time
+async def test_sealing_age_is_monotonic_whatever_the_wall_clock_does(
+    virtual_clock: VirtualClock,
+) -> None:
+    clock = WallOnVirtualTime(virtual_clock)
+    b = _batcher(clock)  # max_age_s=5.0
     runner = asyncio.create_task(b.run())
     try:
         await b.add([Reading(point=1, ts=1_000, value=1.0, quality=Quality.GOOD)])
         clock.wall_ms += 86_400_000  # forward a day: nothing to seal yet
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await asyncio.sleep(2.0)
+        clock.wall_ms -= 2 * 86_400_000  # back two days: still nothing
+        await asyncio.sleep(2.999)
         assert b.batches_sealed == 0
-        clock.mono += 5.0  # five seconds on the monotonic clock: sealed
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await asyncio.sleep(0.002)  # five seconds on the monotonic clock: sealed
         assert b.batches_sealed == 1
     finally:
         runner.cancel()
