@@ -20,12 +20,12 @@ from typing import Annotated, Any
 
 import typer
 
+from hub._cli import DB_HELP, broker_addr, fail
 from hub.confpush import config_app
 from hub.firmware import firmware_app
 from hub.store import is_url, shown
 from protocols import envelope, topics
-from protocols.address import host_port
-from protocols.errors import LocalError, VitalsError
+from protocols.errors import VitalsError
 
 __all__ = ["hub_app"]
 
@@ -36,16 +36,6 @@ hub_app = typer.Typer(
 
 hub_app.add_typer(config_app, name="config")  # `vitals hub config push|status`
 hub_app.add_typer(firmware_app, name="firmware")  # `vitals hub firmware push|status`
-
-_DB_HELP = "hub database: an SQLite file, or a postgresql:// URL"
-
-
-def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
-    """One line naming what is wrong, one with what to do; exit 1 (2: a usage error)."""
-    typer.secho(f"error: {message}", fg="red", err=True)
-    if hint:
-        typer.echo(f"hint: {hint}", err=True)
-    return typer.Exit(code)
 
 
 _STORE_ERRORS = (OSError, sqlite3.Error, VitalsError)
@@ -75,13 +65,6 @@ def _setup_logging() -> None:
     root.setLevel(logging.INFO)
 
 
-def _broker_addr(broker: str) -> tuple[str, int]:
-    try:
-        return host_port(broker, default_host="127.0.0.1")
-    except LocalError as exc:
-        raise _fail(f"--broker {exc}", "e.g. --broker 127.0.0.1:1883", 2) from None
-
-
 def _trusted(items: list[str]) -> list[tuple[str, bytes]]:
     out = []
     for item in items:
@@ -91,7 +74,7 @@ def _trusted(items: list[str]) -> list[tuple[str, bytes]]:
         except ValueError:
             key = b""
         if not gw or len(key) != 32:
-            raise _fail(
+            raise fail(
                 f"--trust {item!r}: expected GATEWAY=64 hex digits (an Ed25519 public key)",
                 "the gateway's 'public key' line of 'vitals key show' (or 'vitals keygen')",
                 2,
@@ -101,7 +84,7 @@ def _trusted(items: list[str]) -> list[tuple[str, bytes]]:
 
 
 def _db_problem(db: str | Path, exc: BaseException) -> typer.Exit:
-    return _fail(
+    return fail(
         f"{shown(db)}: {exc}", "pass --db FILE (SQLite, created if new) or --db postgresql://..."
     )
 
@@ -111,7 +94,7 @@ def _require(what: str, *modules: str) -> None:
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise _fail(
+        raise fail(
             f"{what} needs {' and '.join(missing)}, not part of a gateway's install",
             "pip install 'vitals-gateway[hub]'",
         )
@@ -120,7 +103,7 @@ def _require(what: str, *modules: str) -> None:
 @hub_app.callback()
 def hub(
     ctx: typer.Context,
-    db: Annotated[str, typer.Option(help=_DB_HELP)] = "hub.sqlite3",
+    db: Annotated[str, typer.Option(help=DB_HELP)] = "hub.sqlite3",
     broker: Annotated[str, typer.Option(help="MQTT broker HOST:PORT")] = "127.0.0.1:1883",
     prefix: Annotated[
         str, typer.Option(help="topic prefix: the gateways' [uplink] topic_prefix")
@@ -190,10 +173,10 @@ def hub(
     ctx.obj = {"db": db, "broker": broker, "prefix": prefix}
     if ctx.invoked_subcommand is not None:
         return  # `token` and `stats` need no MQTT
-    host, port = _broker_addr(broker)
+    host, port = broker_addr(broker)
     trusted = _trusted(trust or [])
     if sharded and not worker:
-        raise _fail("--sharded needs --worker NAME", "the name is the shard's file", 2)
+        raise fail("--sharded needs --worker NAME", "the name is the shard's file", 2)
     _require("vitals hub", "aiomqtt")
     if metrics_port is not None:
         _require("vitals hub --metrics-port", "prometheus_client")
@@ -219,12 +202,12 @@ def hub(
             core.enroll(gw, key)
         except (ValueError, VitalsError) as exc:
             core.close()
-            raise _fail(f"--trust {gw}: {exc}", "check the gateway id and its key", 2) from None
+            raise fail(f"--trust {gw}: {exc}", "check the gateway id and its key", 2) from None
     try:
         desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
     except (OSError, VitalsError) as exc:
         core.close()
-        raise _fail(
+        raise fail(
             f"the hub key: {exc}", "the hub key beside the database must be the hub's own, mode 600"
         ) from None
     log = logging.getLogger("hub")
@@ -292,7 +275,7 @@ def hub(
         pass
     except _Refused as exc:
         core.close()
-        raise _fail(exc.args[0], exc.args[1]) from None
+        raise fail(exc.args[0], exc.args[1]) from None
     except BaseExceptionGroup as group:  # a task's error: the database's are the ones expected
         failed = _first(group)
         if not isinstance(failed, _STORE_ERRORS):
@@ -303,7 +286,7 @@ def hub(
     except _STORE_ERRORS as exc:
         failed = failed or exc
     if failed is not None:
-        raise _fail(
+        raise fail(
             f"hub worker {name} stopped: cannot write to {shown(db)}: {failed}",
             "nothing unwritten was acknowledged: the broker keeps it for this worker's next"
             " start; check the disk or the database",
@@ -316,9 +299,7 @@ def hub_token(
     ctx: typer.Context,
     gateway: Annotated[str, typer.Argument(help="gateway id the token is for")],
     ttl: Annotated[float, typer.Option(help="validity in hours", min=0.01)] = 24.0,
-    db: Annotated[
-        str | None, typer.Option(help=f"{_DB_HELP}; also accepted before 'token'")
-    ] = None,
+    db: Annotated[str | None, typer.Option(help=f"{DB_HELP}; also accepted before 'token'")] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="one JSON object: token, gateway, expiry, hub key id")
     ] = False,
@@ -330,25 +311,25 @@ def hub_token(
     if db is None:
         db = ctx.obj["db"] if ctx.obj else "hub.sqlite3"
 
-    def fail(message: str, hint: str) -> typer.Exit:
+    def refuse(message: str, hint: str) -> typer.Exit:
         if as_json:
             typer.echo(json.dumps({"ok": False, "error": message, "hint": hint}))
             return typer.Exit(1)
-        return _fail(message, hint)
+        return fail(message, hint)
 
     if not is_url(db):
         parent = Path(db).parent
         if not (parent if str(parent) else Path(".")).is_dir():
-            raise fail(f"{shown(db)}: no such directory", "pass --db PATH of the hub's database")
+            raise refuse(f"{shown(db)}: no such directory", "pass --db PATH of the hub's database")
     try:
         core = HubCore(db)
     except (OSError, sqlite3.Error, VitalsError) as exc:
-        raise fail(f"{shown(db)}: {exc}", "pass --db PATH of the hub's database") from None
+        raise refuse(f"{shown(db)}: {exc}", "pass --db PATH of the hub's database") from None
     try:
         desk = EnrollmentDesk(core, load_or_create_hub_key(hub_key_path(db)))
         token = desk.issue_token(gateway, ttl_s=ttl * 3600.0)
     except (OSError, VitalsError) as exc:
-        raise fail(
+        raise refuse(
             str(exc), "a gateway id is a-z, 0-9 and '-'; the hub key must be readable"
         ) from None
     finally:
@@ -375,9 +356,7 @@ def hub_token(
 @hub_app.command("stats")
 def hub_stats_cmd(
     ctx: typer.Context,
-    db: Annotated[
-        str | None, typer.Option(help=f"{_DB_HELP}; also accepted before 'stats'")
-    ] = None,
+    db: Annotated[str | None, typer.Option(help=f"{DB_HELP}; also accepted before 'stats'")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
 ) -> None:
     """Delivered, duplicate, rejected and missing batches, per gateway (enrolled ones too)."""
@@ -385,11 +364,11 @@ def hub_stats_cmd(
 
     db = db or ctx.obj["db"]
     if not is_url(db) and not Path(db).is_file():
-        raise _fail(f"{shown(db)}: no hub database here", "pass --db PATH (the hub's --db)")
+        raise fail(f"{shown(db)}: no hub database here", "pass --db PATH (the hub's --db)")
     try:
         stats: dict[str, Any] = hub_stats(db)
     except sqlite3.Error as exc:
-        raise _fail(
+        raise fail(
             f"{shown(db)}: not a hub database ({exc})", "pass --db PATH (the hub's --db)"
         ) from None
     except (OSError, VitalsError) as exc:

@@ -20,11 +20,11 @@ from typing import Annotated, Any
 
 import typer
 
+from hub._cli import DB_HELP, broker_addr, fail
 from hub.enroll import hub_key_path
 from hub.store import is_url, shown
 from protocols import confpush, ed25519, topics
-from protocols.address import host_port
-from protocols.errors import LocalError, ProtocolError, SignatureError
+from protocols.errors import ProtocolError, SignatureError
 
 __all__ = ["config_app", "latest_report", "push_config", "versions_path"]
 
@@ -33,14 +33,6 @@ config_app = typer.Typer(
 )
 
 FINAL = ("applied", "rolled_back", "refused")
-_DB_HELP = "hub database: an SQLite file, or a postgresql:// URL"
-
-
-def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    if hint:
-        typer.echo(f"hint: {hint}", err=True)
-    return typer.Exit(code)
 
 
 def versions_path(db: str | Path) -> Path:
@@ -133,11 +125,11 @@ def _open(db: str, gateway: str) -> tuple[Any, ed25519.PrivateKey | None]:
     from protocols.errors import VitalsError
 
     if not is_url(db) and not Path(db).is_file():
-        raise _fail(f"{shown(db)}: no hub database here", "pass --db PATH (the hub's --db)")
+        raise fail(f"{shown(db)}: no hub database here", "pass --db PATH (the hub's --db)")
     try:
         core = HubCore(db)
     except (OSError, sqlite3.Error, VitalsError) as exc:
-        raise _fail(f"{shown(db)}: {exc}", "pass --db PATH (the hub's --db)") from None
+        raise fail(f"{shown(db)}: {exc}", "pass --db PATH (the hub's --db)") from None
     path = hub_key_path(db)
     if not path.exists():
         return core, None
@@ -145,15 +137,11 @@ def _open(db: str, gateway: str) -> tuple[Any, ed25519.PrivateKey | None]:
         return core, load_or_create_hub_key(path)
     except (OSError, VitalsError) as exc:
         core.close()
-        raise _fail(f"the hub key: {exc}", "the hub key beside the database, mode 600") from None
+        raise fail(f"the hub key: {exc}", "the hub key beside the database, mode 600") from None
 
 
 def _broker(ctx: typer.Context, broker: str | None) -> tuple[str, int]:
-    given = broker or (ctx.obj or {}).get("broker") or "127.0.0.1:1883"
-    try:
-        return host_port(given, default_host="127.0.0.1")
-    except LocalError as exc:
-        raise _fail(f"--broker {exc}", "e.g. --broker 127.0.0.1:1883", 2) from None
+    return broker_addr(broker or (ctx.obj or {}).get("broker") or "127.0.0.1:1883")
 
 
 def _line(rep: confpush.ConfigReport) -> str:
@@ -173,7 +161,7 @@ def _as_dict(rep: confpush.ConfigReport) -> dict[str, Any]:
     }
 
 
-_Db = Annotated[str | None, typer.Option(help=f"{_DB_HELP}; also accepted before 'config'")]
+_Db = Annotated[str | None, typer.Option(help=f"{DB_HELP}; also accepted before 'config'")]
 _Broker = Annotated[
     str | None, typer.Option(help="MQTT broker HOST:PORT; also accepted before 'config'")
 ]
@@ -214,12 +202,12 @@ def push_cmd(
         text = file.read_text(encoding="utf-8")
         doc = tomllib.loads(text)
     except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(f"{file}: cannot be read ({exc})", "pass the configuration file") from None
+        raise fail(f"{file}: cannot be read ({exc})", "pass the configuration file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise _fail(f"{file}: TOML syntax error: {exc}", f"vitals config check {file}") from None
+        raise fail(f"{file}: TOML syntax error: {exc}", f"vitals config check {file}") from None
     named = (doc.get("gateway") or {}).get("id")
     if named != gateway:
-        raise _fail(
+        raise fail(
             f"{file} is for gateway {named!r}, not {gateway!r}",
             "a gateway refuses a configuration that changes its id",
             2,
@@ -227,7 +215,7 @@ def push_cmd(
     core, key = _open(db, gateway)
     if key is None:
         core.close()
-        raise _fail(
+        raise fail(
             f"no hub key at {hub_key_path(db)}",
             "pushes are signed with the key the gateways pinned at enrollment: run from the hub's directory",
         )
@@ -239,7 +227,7 @@ def push_cmd(
             try:
                 wire = push_config(text, gateway=gateway, version=v, hub_key=key, trial_s=trial)
             except ProtocolError as exc:
-                raise _fail(str(exc), "a smaller file") from None
+                raise fail(str(exc), "a smaller file") from None
             await c.publish(topics.config(gateway, prefix), wire, qos=1, retain=True)
             _save_version(db, gateway, v)
             if not as_json:
@@ -266,7 +254,7 @@ def push_cmd(
     try:
         v, rep = asyncio.run(_main())
     except aiomqtt.MqttError as exc:
-        raise _fail(
+        raise fail(
             f"broker {host}:{port}: {exc}", "is the broker running? --broker HOST:PORT"
         ) from None
     finally:
@@ -309,7 +297,7 @@ def status_cmd(
     try:
         rep = asyncio.run(_main())
     except aiomqtt.MqttError as exc:
-        raise _fail(
+        raise fail(
             f"broker {host}:{port}: {exc}", "is the broker running? --broker HOST:PORT"
         ) from None
     finally:
@@ -317,7 +305,7 @@ def status_cmd(
     if rep is None:
         if as_json:
             typer.echo(json.dumps({"report": None}))
-        raise _fail(
+        raise fail(
             f"no signed configuration report from {gateway} on the broker",
             "it was never pushed one, has not connected since, or is not enrolled here"
             " (its reports are checked against its enrolled key)",

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from hub._cli import fail
 from hub.confpush import _broker, _open
 from hub.enroll import hub_key_path
 from protocols import ed25519, fwimage, topics
@@ -41,13 +42,6 @@ _Broker = Annotated[
 ]
 
 
-def _fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    if hint:
-        typer.echo(f"hint: {hint}", err=True)
-    return typer.Exit(code)
-
-
 def _keys(db: str, given: list[str]) -> list[ed25519.PublicKey]:
     texts = []
     keydir = hub_key_path(db).parent / "firmware-keys"
@@ -61,7 +55,7 @@ def _keys(db: str, given: list[str]) -> list[ed25519.PublicKey]:
         try:
             out.append(ed25519.PublicKey.from_public_bytes(bytes.fromhex(text.strip())))
         except (ValueError, KeyFormatError):
-            raise _fail(f"{where}: not a firmware public key", "64 hex digits", 2) from None
+            raise fail(f"{where}: not a firmware public key", "64 hex digits", 2) from None
     return out
 
 
@@ -81,7 +75,7 @@ async def _status(c: Any, commander: Any, gateway: str, device: str) -> dict[str
         c, gateway, "firmware", {"device": device, "action": "status"}, timeout_s=10.0
     )
     if res.status != "ok":
-        raise _fail(f"{gateway} refused: {res.reason}", "vitals hub firmware status later")
+        raise fail(f"{gateway} refused: {res.reason}", "vitals hub firmware status later")
     value = res.value()
     return dict(value) if isinstance(value, dict) else {}
 
@@ -118,13 +112,13 @@ def push_cmd(
     try:
         data = image.read_bytes()
     except OSError as exc:
-        raise _fail(f"{image}: {exc.strerror}", "name the image file", 2) from None
+        raise fail(f"{image}: {exc.strerror}", "name the image file", 2) from None
     keys = _keys(db, key or [])
     try:
         parsed = fwimage.parse(data)
         manifest = fwimage.verify(parsed, keys)
     except fwimage.ImageRefused as exc:
-        raise _fail(
+        raise fail(
             f"image refused, nothing was sent: {exc}",
             "name the vendor's firmware key with --key (or firmware-keys/*.pub beside the hub key)",
         ) from None
@@ -132,7 +126,7 @@ def push_cmd(
     core, hub_key = _open(db, gateway)
     if hub_key is None:
         core.close()
-        raise _fail(f"no hub key at {hub_key_path(db)}", "run from the hub's directory (--db)")
+        raise fail(f"no hub key at {hub_key_path(db)}", "run from the hub's directory (--db)")
 
     async def _main() -> dict[str, Any] | None:
         async with aiomqtt.Client(host, port, identifier=f"vitals-hub-fw-{os.getpid()}") as c:
@@ -150,7 +144,7 @@ def push_cmd(
                 res = await commander.send(c, gateway, "firmware", args, timeout_s=10.0)
                 if res.status != "ok":
                     detail = res.value() if res.status == "refused" else res.reason
-                    raise _fail(f"{gateway} refused the image: {res.reason}: {detail}", "")
+                    raise fail(f"{gateway} refused the image: {res.reason}: {detail}", "")
             if not as_json:
                 typer.echo(
                     f"sent {fwimage.version_text(manifest.version)} for {device} to {gateway} "
@@ -172,9 +166,9 @@ def push_cmd(
     try:
         st = asyncio.run(_main())
     except aiomqtt.MqttError as exc:
-        raise _fail(f"broker {host}:{port}: {exc}", "--broker HOST:PORT") from None
+        raise fail(f"broker {host}:{port}: {exc}", "--broker HOST:PORT") from None
     except TimeoutError:
-        raise _fail(f"{gateway} did not answer", "is it connected? vitals hub stats") from None
+        raise fail(f"{gateway} did not answer", "is it connected? vitals hub stats") from None
     finally:
         core.close()
     if as_json:
@@ -208,7 +202,7 @@ def status_cmd(
     core, hub_key = _open(db, gateway)
     if hub_key is None:
         core.close()
-        raise _fail(f"no hub key at {hub_key_path(db)}", "run from the hub's directory (--db)")
+        raise fail(f"no hub key at {hub_key_path(db)}", "run from the hub's directory (--db)")
 
     async def _main() -> dict[str, Any]:
         async with aiomqtt.Client(host, port, identifier=f"vitals-hub-fw-{os.getpid()}") as c:
@@ -217,9 +211,9 @@ def status_cmd(
     try:
         st = asyncio.run(_main())
     except aiomqtt.MqttError as exc:
-        raise _fail(f"broker {host}:{port}: {exc}", "--broker HOST:PORT") from None
+        raise fail(f"broker {host}:{port}: {exc}", "--broker HOST:PORT") from None
     except TimeoutError:
-        raise _fail(f"{gateway} did not answer", "is it connected? vitals hub stats") from None
+        raise fail(f"{gateway} did not answer", "is it connected? vitals hub stats") from None
     finally:
         core.close()
     typer.echo(json.dumps(st) if as_json else _line(device, st))
