@@ -17,6 +17,7 @@ from protocols.reading import Quality, Reading
 from simulator.broker import EmbeddedBroker, MosquittoBroker
 from simulator.harness import agent_with_hub
 from simulator.serial_sensors import SerialSensorEmulator
+from tests.virtual_time import VirtualClock
 
 
 def config(
@@ -165,12 +166,13 @@ async def test_the_agent_reads_a_pms5003_and_notices_when_it_falls_silent(
     assert core.counters["readings"] == len(seen)
 
 
+@pytest.mark.virtual_time
 async def test_a_missing_sensor_port_is_one_warning_with_a_hint_and_the_reader_retries(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, virtual_clock: VirtualClock
 ) -> None:
     """A serial sensor whose adapter is not plugged in: the bus goes offline with a
-    reason an installer can act on (no raw errno), says it once, and keeps trying."""
-    from agent.clock import SystemClock
+    reason an installer can act on (no raw errno), says it once, and keeps trying
+    (after 1, 2, 4 ... s, at most every 60 s; on virtual time, to the instant)."""
     from agent.sensors import SensorReader
 
     missing = tmp_path / "ttyUSB9"
@@ -190,19 +192,23 @@ async def test_a_missing_sensor_port_is_one_warning_with_a_hint_and_the_reader_r
         protocol="pms5003",
         device=dev,
         sink=sink,
-        clock=SystemClock(),
-        max_backoff_s=0.05,
+        clock=virtual_clock,
+        max_backoff_s=60.0,
     )
+    reopens_at: dict[float, int] = {}
     with caplog.at_level("WARNING", logger="agent.sensors"):
+        t0 = virtual_clock.monotonic()
         task = asyncio.create_task(reader.run())
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            if reader.reopens >= 3:
-                break
+        # reopened at 1, 3, 7, 15, 31, 63, then every 60 s: 123, 183
+        for t in (0.5, 1.5, 2.5, 3.5, 62.5, 63.5, 122.5, 123.5, 183.5):
+            await asyncio.sleep(t - (virtual_clock.monotonic() - t0))
+            reopens_at[t] = reader.reopens
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert reader.reopens >= 3, "the reader keeps trying"
+    assert reopens_at == {
+        0.5: 0, 1.5: 1, 2.5: 1, 3.5: 2, 62.5: 5, 63.5: 6, 122.5: 6, 123.5: 7, 183.5: 8
+    }  # fmt: skip
     assert dev.state is DeviceState.OFFLINE
     assert "no such port" in dev.last_error and "Errno" not in dev.last_error
     assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
