@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.sdnotify import SdNotifier
+from tests.virtual_time import VirtualClock
 
 
 @pytest.fixture
@@ -91,19 +92,24 @@ def test_watchdog_period_from_env(env: dict[str, str], expected: float | None) -
     assert SdNotifier.from_env(env).watchdog_s == expected
 
 
-async def test_watchdog_task_pings_while_healthy(listener: tuple[str, socket.socket]) -> None:
+@pytest.mark.virtual_time
+async def test_watchdog_task_pings_at_half_the_period_while_healthy(
+    listener: tuple[str, socket.socket], virtual_clock: VirtualClock
+) -> None:
     path, s = listener
-    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "20000", "WATCHDOG_PID": str(os.getpid())}
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}
     n = SdNotifier.from_env(env)
     healthy = True
     task = asyncio.create_task(n.run_watchdog(lambda: healthy))
-    loop = asyncio.get_running_loop()
-    got = await loop.run_in_executor(None, _recv, s)
-    assert got == {"WATCHDOG": "1"}
+    await asyncio.sleep(31)  # pings at 0, 15 and 30 s
+    assert n.sent == 3
+    assert [_recv(s) for _ in range(3)] == [{"WATCHDOG": "1"}] * 3
     healthy = False
-    sent = n.sent
-    await asyncio.sleep(0.05)  # several periods: no ping while unhealthy
-    assert n.sent == sent
+    await asyncio.sleep(60)  # 45, 60, 75, 90: withheld while unhealthy
+    assert n.sent == 3
+    healthy = True
+    await asyncio.sleep(15)  # 105: healthy again
+    assert n.sent == 4 and _recv(s) == {"WATCHDOG": "1"}
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
