@@ -5,7 +5,7 @@
 ``vitals/cmd-result/v1`` answer, or None when it does not answer. In order:
 
 0. ``oversized``    more than :data:`MAX_COMMAND_BYTES`: refused before any
-   decoding (the MQTT client drops it unread already: :meth:`CommandExecutor.on_drop`);
+   decoding (the MQTT client drops it already: :meth:`CommandExecutor.on_drop`);
 1. ``malformed``    not a well-formed command (unsigned bytes, garbage);
 2. ``no_hub_key``   this gateway was never enrolled (it knows no hub key);
 3. ``unknown_key`` / ``bad_signature``  not signed by the hub key learnt at enrollment;
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config, load_config
-from agent.mqtt import MqttClient
+from agent.mqtt import Message, MqttClient, topic_matches
 from agent.transport import ModbusLink
 from protocols import command as cmdproto
 from protocols import topics
@@ -54,7 +54,6 @@ from protocols.ed25519 import PrivateKey
 from protocols.envelope import key_id
 from protocols.errors import ConfigError, ProtocolError, SignatureError, VitalsError
 from protocols.modbus import decode, register_count, write_request
-from protocols.mqtt import Publish, topic_matches
 
 __all__ = [
     "MAX_COMMAND_BYTES",
@@ -233,7 +232,7 @@ class CommandExecutor:
 
 async def on_message(
     client: MqttClient,
-    message: Publish,
+    message: Message,
     executor: CommandExecutor,
     *,
     prefix: str = topics.DEFAULT_PREFIX,

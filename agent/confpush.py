@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config, load_config
-from agent.mqtt import MqttClient, MqttError
+from agent.mqtt import Message, MqttClient, MqttError
 from protocols import confpush, topics
 from protocols.ed25519 import PrivateKey
 from protocols.envelope import key_id
 from protocols.errors import ConfigError, ProtocolError, SignatureError
-from protocols.mqtt import Publish
 
 __all__ = ["KEEP", "ConfigReceiver", "ConfigStore", "judge"]
 
@@ -342,7 +341,7 @@ class ConfigReceiver:
             return
         done.add_done_callback(lambda f: None if f.cancelled() else f.exception())
 
-    async def on_message(self, client: MqttClient, msg: Publish) -> bool:
+    async def on_message(self, client: MqttClient, msg: Message) -> bool:
         """Handle ``msg`` if it is a push for us; whether it was one."""
         if msg.topic != self.topic:
             return False

@@ -1,10 +1,31 @@
-"""The agent's MQTT 3.1.1 client: asyncio plumbing around :mod:`protocols.mqtt`.
+"""The agent's MQTT connection: a thin adapter on aiomqtt (paho-mqtt underneath).
 
-What a gateway needs and nothing more (docs/decisions.md, 17): connect with
-credentials, TLS and a will; publish at QoS 0 or 1 with many QoS 1 messages in
-flight; subscribe; receive messages; keep the connection alive; disconnect.
-One connection per instance: reconnecting is the caller's loop (the uplink's
-back-off), with a new :class:`MqttClient`.
+One MQTT client in the project (docs/decisions.md, 38): aiomqtt, which the
+hub uses too. This module adds what a gateway needs on top of it:
+
+- **MQTT 5 where the broker speaks it**, 3.1.1 where it does not (the embedded
+  amqtt broker): the first CONNECT says 5; a broker that refuses the version
+  (CONNACK "unsupported protocol version", or a close before any CONNACK) is
+  asked again in 3.1.1, silently, and remembered for this host and port.
+  :attr:`MqttClient.max_packet_size` is the CONNACK's Maximum Packet Size when
+  the broker names one (MQTT 5): the uplink splits a batch that would exceed
+  it before sending (agent/uplink.py).
+- **Every waiting publish fails at once when the connection does** (aiomqtt
+  leaves each to its own timeout): a publish is a Future in a dict keyed by
+  packet id, done on its PUBACK; no task per publish.
+- **Our close vs theirs** (trio's split): a connection the broker or the
+  network broke raises :class:`MqttError` (a :class:`RemoteError`); one we
+  closed ourselves raises :class:`MqttClosed` (a :class:`LocalError`), and
+  :attr:`MqttClient.messages` simply ends.
+- An acknowledgement later than ``ack_timeout`` declares the connection dead;
+  a silent broker is noticed by the keepalive (paho pings after ``keepalive``
+  s of silence and closes when the PINGRESP does not come within another
+  ``keepalive``: a dead broker is noticed within 2 keepalives, idle or not).
+- Inbound size caps: a message over ``max_message_size`` (or its topic's cap in
+  ``topic_caps``), or one that finds ``max_queued_messages`` waiting, is dropped,
+  counted (``oversized``, ``overflow``) and told to ``on_drop``. Under MQTT 5 the
+  CONNECT also tells the broker our Maximum Packet Size, so it does not send
+  larger ones at all.
 
     async with MqttClient(host, port, client_id="gw-1", will=(topic, b"offline", 1, True)) as c:
         await c.publish("a/b", b"...", qos=1)         # returns on PUBACK
@@ -12,40 +33,50 @@ back-off), with a new :class:`MqttClient`.
         await c.subscribe("a/cmd", qos=1)
         async for message in c.messages: ...
 
-Every failure of the connection raises :class:`MqttError`: a refused CONNACK
-(``return_code`` and its meaning), a connect that times out, a lost
-connection, a broker silent for 1.5 keepalives, an acknowledgement that does
-not come within ``ack_timeout``, a malformed packet from the broker. When the
-connection fails, every publish and subscribe still waiting fails with it at
-once, so nothing waits for a timeout. A misuse (a wildcard in a topic name, QoS
-2) raises :class:`LocalError` and leaves the connection alone.
+One connection per instance: reconnecting is the caller's loop (the uplink's
+back-off), with a new :class:`MqttClient`.
 
-Costs, per QoS 1 publish: one encoded packet, one ``transport.write``, one
-Future and a dict entry keyed by packet id until the PUBACK; no task.
-
-Inbound messages never hold back the acknowledgements of our own publishes:
-the socket is always read. A message whose payload is over
-``max_message_size`` is dropped unread (never buffered whole), one that finds
-``max_queued_messages`` waiting for :attr:`messages` is dropped too; both are
-counted (``oversized``, ``overflow``) and reported to ``on_drop``. Every
-inbound QoS 1 message is answered with PUBACK at once, dropped or queued: it
-is ours, and the broker's window of messages in flight to us stays open.
+What of aiomqtt and paho is private and reached here (decisions 38): aiomqtt's
+``Client._client`` (the paho client: its ``publish``/``subscribe`` give the
+packet id our Futures are keyed by), its callbacks ``_on_connect``,
+``_on_disconnect``, ``_on_publish``, ``_on_subscribe``, ``_on_message``
+(overridden: CONNACK properties, fail-all-at-once, our Futures, our caps) and
+its ``_connected``/``_disconnected`` futures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Any
 
-from protocols import mqtt
-from protocols.errors import LocalError, ProtocolError, RemoteError
+import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-__all__ = ["MqttClient", "MqttError", "OnDrop", "Will"]
+from protocols.errors import LocalError, RemoteError
+
+__all__ = [
+    "MAX_PACKET_SIZE",
+    "Message",
+    "MqttClient",
+    "MqttClosed",
+    "MqttError",
+    "MqttRefused",
+    "OnDrop",
+    "Will",
+    "topic_matches",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +84,43 @@ log = logging.getLogger(__name__)
 Will = tuple[str, bytes, int, bool]
 #: told of each inbound message dropped: (why: "oversized" | "overflow", topic, payload size)
 OnDrop = Callable[[str, str, int], None]
+#: the largest MQTT packet there is (a 4-byte remaining length)
+MAX_PACKET_SIZE = 268_435_455
 
-_PINGREQ: Final = mqtt.encode_pingreq()
-_DISCONNECT: Final = mqtt.encode_disconnect()
+#: CONNACK return codes of MQTT 3.1.1 (MQTT 5 reason codes name themselves)
+_REFUSALS = {
+    1: "unacceptable protocol version",
+    2: "client identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+#: MQTT 5 CONNACK reason codes, mapped to the 3.1.1 code of the same meaning (the
+#: uplink's hints and the tests speak 3.1.1: 4 and 5 are credentials)
+_V5_TO_V3 = {0x84: 1, 0x85: 2, 0x88: 3, 0x86: 4, 0x8C: 4, 0x87: 5, 0x8A: 5}
+#: host:port pairs whose broker refused MQTT 5: asked in 3.1.1 at once from then on
+_NO_V5: set[tuple[str, int]] = set()
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether ``topic`` matches ``topic_filter`` (``+`` and ``#`` wildcards)."""
+    return bool(paho.topic_matches_sub(topic_filter, topic))
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message the broker delivered to us."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
 
 
 class MqttError(RemoteError):
-    """The MQTT connection failed or was refused; ``return_code`` is the CONNACK's
-    when the broker refused the connection (``reason`` its meaning), else None."""
+    """The broker or the network broke the connection, or refused it: ``return_code``
+    is the CONNACK's (3.1.1 numbering; ``reason`` its meaning) when the broker
+    refused the connection, else None."""
 
     def __init__(self, message: str, *, return_code: int | None = None) -> None:
         super().__init__(message)
@@ -70,37 +130,100 @@ class MqttError(RemoteError):
     def reason(self) -> str | None:
         if self.return_code is None:
             return None
-        return mqtt.ConnAck(False, self.return_code).reason
+        return _REFUSALS.get(self.return_code, f"refused (code {self.return_code})")
 
 
-class _Wire(asyncio.Protocol):
-    """The transport's callbacks, handed to the client (which is not a Protocol itself)."""
+class MqttRefused(MqttError):
+    """The broker refused one message (an MQTT 5 PUBACK reason code of 0x80 or more:
+    not authorized, quota exceeded, ...); the connection stays."""
 
-    def __init__(self, client: MqttClient) -> None:
-        self.client = client
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.client._transport = transport
+class MqttClosed(LocalError):
+    """The connection was closed by us (:meth:`MqttClient.disconnect`): not a fault of
+    the broker's; what still waited on it fails with this."""
 
-    def data_received(self, data: bytes) -> None:
-        self.client._data_received(data)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client._connection_lost(exc)
+class _Session(aiomqtt.Client):
+    """aiomqtt's client with its paho callbacks routed to the :class:`MqttClient`."""
 
-    def pause_writing(self) -> None:
-        self.client._writing_paused = True
+    def __init__(self, owner: MqttClient, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.owner = owner
+        self.connack_properties: Properties | None = None
+        self.socket_closed = asyncio.Event()
 
-    def resume_writing(self) -> None:
-        self.client._resume_writing()
+    @property
+    def wire(self) -> paho.Client:
+        """aiomqtt's paho client (private to aiomqtt: see the module's docstring)."""
+        return self._client
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        self.connack_properties = properties
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        if self._connected.cancelled():  # our connect timed out or was cancelled
+            return
+        if not self._connected.done():  # closed before any CONNACK: aiomqtt would wait
+            self._connected.set_exception(_ClosedEarly(reason_code, "closed before CONNACK"))
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        self.owner._acked(mid, reason_code)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None = None,
+    ) -> None:
+        self.owner._subacked(mid, reason_codes)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self.owner._received(message)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        super()._on_socket_close(client, userdata, sock)
+        self._loop.call_soon_threadsafe(self.socket_closed.set)
+
+    async def closed(self, within: float) -> None:
+        """Wait until paho closed its socket (the peer closed it), ``within`` s at most."""
+        if self._client.socket() is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self.socket_closed.wait()
 
 
 class _Messages:
-    """``async for message in client.messages``: received PUBLISH packets, in order.
+    """``async for message in client.messages``: received messages, in order.
 
-    Ends when the client disconnects; raises :class:`MqttError` when the
-    connection fails (after the messages received before the failure).
+    Ends when we disconnect; raises :class:`MqttError` when the connection
+    fails (after the messages received before the failure).
     """
 
     def __init__(self, client: MqttClient) -> None:
@@ -109,11 +232,11 @@ class _Messages:
     def __aiter__(self) -> _Messages:
         return self
 
-    async def __anext__(self) -> mqtt.Publish:
+    async def __anext__(self) -> Message:
         c = self._c
         while not c._inbox:
             if c._error is not None:
-                if c._closing:
+                if isinstance(c._error, MqttClosed):
                     raise StopAsyncIteration
                 raise c._failure()
             if c._loop is None:
@@ -128,21 +251,16 @@ class _Messages:
 
 
 class MqttClient:
-    """One MQTT 3.1.1 connection (see the module's docstring).
+    """One MQTT connection (see the module's docstring).
 
-    ``keepalive`` (s, 0: off): a PINGREQ goes out when nothing was sent or
-    received for that long, and the connection is declared dead when nothing
-    at all was received for 1.5 times that long. ``ack_timeout`` (s, None:
-    none): the connection is declared dead when the oldest unacknowledged
-    publish or subscribe waited that long. ``connect_timeout`` bounds the TCP
-    connection, the TLS handshake and the CONNACK together. ``tls`` checks the
-    broker's name against ``server_hostname`` (default ``host``).
-    ``max_queued_messages`` received messages wait for :attr:`messages`; past
-    that, new ones are dropped (the socket is still read: the PUBACKs of our
-    publishes must not wait behind messages nobody takes). ``max_message_size``
-    bounds a received message's payload: larger ones are dropped unread;
-    ``topic_caps`` gives topics (exact names) a bound of their own.
-    ``on_drop(why, topic, size)`` hears of every drop.
+    ``keepalive`` (s, 0: off). ``ack_timeout`` (s, None: none): the connection
+    is declared dead when the oldest unacknowledged publish or subscribe waited
+    that long. ``connect_timeout`` bounds the TCP connection, the TLS handshake
+    and the CONNACK together. ``tls`` checks the broker's name against ``host``.
+    ``max_in_flight`` QoS 1 publishes are on the wire at once; more wait in
+    paho's queue, in order, until PUBACKs free their place. ``farewell`` is
+    published (QoS 0) just before a clean DISCONNECT, which makes the broker
+    drop the will: a clean stop still leaves "offline" retained.
     """
 
     def __init__(
@@ -155,73 +273,61 @@ class MqttClient:
         password: str | None = None,
         keepalive: int = 60,
         tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
         will: Will | None = None,
         farewell: Will | None = None,
         clean_session: bool = True,
         connect_timeout: float = 10.0,
         ack_timeout: float | None = None,
-        max_message_size: int = mqtt.MAX_PACKET_SIZE,
+        max_message_size: int = MAX_PACKET_SIZE,
         max_queued_messages: int = 256,
+        max_in_flight: int = 128,
         on_drop: OnDrop | None = None,
         topic_caps: Mapping[str, int] | None = None,
     ) -> None:
+        if password is not None and username is None:
+            raise LocalError("an MQTT password needs a user name")
+        if len(client_id.encode()) > 65535:
+            raise LocalError("the MQTT client id is longer than 65535 bytes")
+        if will is not None:
+            _check_topic(will[0])
+            if will[2] not in (0, 1):
+                raise LocalError(f"the will's QoS is 0 or 1, not {will[2]}")
         self.host = host
         self.port = port
         self.client_id = client_id
         self.keepalive = keepalive
+        self._username = username
+        self._password = password
         self._tls = tls
-        self._server_hostname = server_hostname
+        self._will = will
+        self._farewell = farewell
+        self._clean_session = clean_session
         self._connect_timeout = connect_timeout
         self._ack_timeout = ack_timeout
+        self._max_message_size = max_message_size
+        self._topic_caps = dict(topic_caps or {})
         self._max_queued = max(1, max_queued_messages)
+        self._max_in_flight = max(1, max_in_flight)
         self._on_drop = on_drop
-        will_topic, will_payload, will_qos, will_retain = will or (None, b"", 0, False)
-        # encoded now: a bad will or an overlong client id is a LocalError before any I/O
-        self._connect_packet = mqtt.encode_connect(
-            client_id,
-            keepalive=keepalive,
-            clean_session=clean_session,
-            username=username,
-            password=password,
-            will_topic=will_topic,
-            will_payload=will_payload,
-            will_qos=will_qos,
-            will_retain=will_retain,
-        )
-        # said by the client itself (QoS 0) just before a clean DISCONNECT, which makes
-        # the broker drop the will: so a clean stop still leaves "offline" retained
-        self._farewell = (
-            b""
-            if farewell is None
-            else mqtt.encode_publish(farewell[0], farewell[1], retain=farewell[3])
-        )
-        self._decoder = mqtt.Decoder(max_payload=max_message_size, topic_caps=topic_caps)
+        self._session: _Session | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._transport: asyncio.Transport | None = None
-        self._connack: asyncio.Future[mqtt.ConnAck] | None = None
-        self._connected = False
-        self._closing = False  # we are disconnecting on purpose
-        self._closed: asyncio.Future[None] | None = None  # done at connection_lost
-        self._error: MqttError | None = None  # set once: why the connection is over
+        self._error: MqttError | MqttClosed | None = None  # set once: why it is over
         # packet id -> (Future, loop time sent); dicts keep the oldest first
         self._pending: dict[int, tuple[asyncio.Future[None], float]] = {}
-        self._subs: dict[int, tuple[asyncio.Future[mqtt.SubAck], float]] = {}
-        self._next_id = 0
-        self._writing_paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
-        self._inbox: deque[mqtt.Publish] = deque()
+        self._subs: dict[int, tuple[asyncio.Future[int], float]] = {}
+        self._inbox: deque[Message] = deque()
         self._inbox_waiter: asyncio.Future[None] | None = None
-        self._last_rx = self._last_tx = 0.0
-        self._ping_sent = False
         self._timer: asyncio.TimerHandle | None = None
+        #: the MQTT version spoken on this connection (5 or 4: 3.1.1), once connected
+        self.protocol = 0
+        #: the broker's Maximum Packet Size (MQTT 5 CONNACK), None when it names none
+        self.max_packet_size: int | None = None
         self.counters = {
             "published": 0,
             "acked": 0,
             "received": 0,
             "oversized": 0,
             "overflow": 0,
-            "pings": 0,
         }
 
     # -- public API -----------------------------------------------------------
@@ -229,17 +335,12 @@ class MqttClient:
     @property
     def connected(self) -> bool:
         """Whether the broker accepted the connection and it has not failed or closed."""
-        return self._connected and self._error is None
+        return self._session is not None and self._error is None
 
     @property
     def in_flight(self) -> int:
         """QoS 1 publishes waiting for their PUBACK."""
         return len(self._pending)
-
-    @property
-    def writing_paused(self) -> bool:
-        """Whether the transport's write buffer is over its high-water mark (see :meth:`drain`)."""
-        return self._writing_paused
 
     @property
     def messages(self) -> _Messages:
@@ -248,6 +349,21 @@ class MqttClient:
 
     def statistics(self) -> dict[str, int]:
         return {**self.counters, "in_flight": len(self._pending), "queued": len(self._inbox)}
+
+    def packet_size(self, topic: str, payload_size: int, qos: int = 1) -> int:
+        """The size of the PUBLISH packet carrying ``payload_size`` bytes on ``topic``."""
+        rest = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if self.protocol == 5 else 0)
+        rest += payload_size
+        head = 2
+        while rest >= 128 ** (head - 1) and head < 5:
+            head += 1
+        return head + rest
+
+    def fits(self, topic: str, payload_size: int) -> bool:
+        """Whether a QoS 1 publish of ``payload_size`` bytes on ``topic`` is within the
+        broker's Maximum Packet Size (always, when the broker names none)."""
+        limit = self.max_packet_size
+        return limit is None or self.packet_size(topic, payload_size) <= limit
 
     async def __aenter__(self) -> MqttClient:
         await self.connect()
@@ -259,261 +375,301 @@ class MqttClient:
         await self.disconnect()
 
     async def connect(self) -> None:
-        """Open the connection and wait for the broker's CONNACK (``connect_timeout`` in all)."""
+        """Open the connection and wait for the broker's CONNACK (``connect_timeout`` in all):
+        MQTT 5 first, 3.1.1 if the broker refuses the version."""
         if self._loop is not None:
             raise LocalError("an MqttClient connects once; make a new one to reconnect")
-        loop = self._loop = asyncio.get_running_loop()
-        self._connack = loop.create_future()
-        self._closed = loop.create_future()
-        where = f"{self.host}:{self.port}"
+        self._loop = asyncio.get_running_loop()
+        where = (self.host, self.port)
+        if where not in _NO_V5:
+            try:
+                await self._connect(5)
+                return
+            except _VersionRefused:
+                log.debug("mqtt %s:%d: no MQTT 5, asking in 3.1.1", *where)
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                try:
-                    await loop.create_connection(
-                        lambda: _Wire(self),
-                        self.host,
-                        self.port,
-                        ssl=self._tls,
-                        server_hostname=(self._server_hostname or self.host) if self._tls else None,
-                    )
-                except OSError as exc:  # refused, unreachable, DNS, TLS verification
-                    raise MqttError(f"cannot connect to {where}: {exc}") from exc
-                self._last_rx = loop.time()
-                self._write(self._connect_packet)
-                ack = await self._connack
-        except TimeoutError as exc:
-            step = "CONNACK" if self._transport is not None else "TCP/TLS connection"
-            err = MqttError(f"no {step} from {where} within {self._connect_timeout:g} s")
-            self._fail(err)
-            raise err from exc
-        except MqttError as exc:
-            self._fail(exc)
-            raise
-        except BaseException:  # cancelled: leave no socket behind
-            self._fail(MqttError(f"connect to {where} cancelled"))
-            raise
-        finally:
-            if self._connack.done() and not self._connack.cancelled():
-                self._connack.exception()  # retrieved: connect raises the failure itself
-        if not ack.accepted:
-            err = MqttError(
-                f"broker {where} refused the connection: {ack.reason} "
-                f"(CONNACK return code {ack.return_code})",
-                return_code=ack.return_code,
-            )
-            self._fail(err)
-            raise err
-        self._schedule(loop.time())
+            await self._connect(4)
+            _NO_V5.add(where)  # 3.1.1 only: from now on asked in 3.1.1 at once
+        except _VersionRefused as exc:
+            raise MqttError(
+                f"broker {self.host}:{self.port} refused the connection: "
+                "unacceptable protocol version (CONNACK return code 1)",
+                return_code=1,
+            ) from exc
 
     async def disconnect(self) -> None:
         """Send the farewell if any, then DISCONNECT (the broker drops the will), and close.
 
-        Publishes still waiting for their PUBACK fail with :class:`MqttError`.
+        Publishes still waiting for their PUBACK fail with :class:`MqttClosed`.
         """
-        transport = self._transport
-        if self._closing or transport is None or self._closed is None:
+        session = self._session
+        if session is None or self._error is not None:
+            if session is not None:
+                self._abort(session)
             return
-        self._closing = True
-        if self._error is None:
-            if self._farewell:
-                transport.write(self._farewell)
-            transport.write(_DISCONNECT)
-            self._fail(MqttError("the client disconnected"), abort=False)
-        transport.close()  # after the buffered bytes (DISCONNECT last) are written
+        self._fail(MqttClosed(f"the client disconnected from {self.host}:{self.port}"))
+        if self._farewell is not None:
+            topic, payload, _, retain = self._farewell
+            session.wire.publish(topic, payload, 0, retain)
         try:
-            await asyncio.wait({self._closed}, timeout=1.0)
-        finally:  # a broker that does not read, or we are cancelled: drop the socket
-            if not self._closed.done():
-                transport.abort()
+            async with asyncio.timeout(1.0):
+                await session.__aexit__(None, None, None)
+        except (TimeoutError, aiomqtt.MqttError):  # a broker that does not read: drop it
+            self._abort(session)
 
     def publish_nowait(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> asyncio.Future[None]:
-        """Write a PUBLISH now; the Future is done on its PUBACK (QoS 1) or at once (QoS 0).
+        """Queue a PUBLISH now; the Future is done on its PUBACK (QoS 1) or at once (QoS 0).
 
-        The Future fails with :class:`MqttError` if the connection does. Await
-        :meth:`drain` between publishes to respect the transport's flow control.
+        The Future fails with :class:`MqttError` if the connection does (at once,
+        with every other one waiting), or with :class:`MqttRefused` if the broker
+        refuses the message (an MQTT 5 PUBACK reason code of 0x80 or more).
         """
-        if self._error is not None or not self._connected or self._loop is None:
+        session = self._session
+        if self._error is not None or session is None or self._loop is None:
             raise self._failure()
+        if qos not in (0, 1):
+            raise LocalError(f"this client publishes at QoS 0 or 1, not {qos}")
+        _check_topic(topic)
         fut: asyncio.Future[None] = self._loop.create_future()
-        if qos == 0:
-            self._write(mqtt.encode_publish(topic, payload, retain=retain))
-            fut.set_result(None)
-        else:
-            pid = self._new_id()
-            data = mqtt.encode_publish(topic, payload, qos=qos, retain=retain, packet_id=pid)
-            self._pending[pid] = (fut, self._loop.time())
-            self._write(data)
+        info = session.wire.publish(topic, payload, qos, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:  # paho lost the socket already
+            raise MqttError(
+                f"connection to {self.host}:{self.port} lost: {paho.error_string(info.rc)}"
+            )
         self.counters["published"] += 1
+        if qos == 0:
+            fut.set_result(None)
+            return fut
+        self._pending[info.mid] = (fut, self._loop.time())
+        self._arm()
         return fut
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
-        """Publish; return once the PUBACK arrived (QoS 1) or the packet was written (QoS 0)."""
-        if self._writing_paused:
-            await self.drain()
+        """Publish; return once the PUBACK arrived (QoS 1) or the packet was queued (QoS 0)."""
         await self.publish_nowait(topic, payload, qos=qos, retain=retain)
 
     async def drain(self) -> None:
-        """Wait until the transport's write buffer is below its high-water mark."""
+        """Raise the connection's failure if it failed; let the socket's writer run."""
         if self._error is not None:
             raise self._failure()
-        if not self._writing_paused or self._loop is None:
-            return
-        waiter = self._loop.create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
-        if self._error is not None:
-            raise self._failure()
+        await asyncio.sleep(0)
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> int:
         """Subscribe and wait for the SUBACK; the granted QoS.
 
-        :class:`MqttError` when the broker refuses the filter (SUBACK 0x80).
+        :class:`MqttError` when the broker refuses the filter.
         """
         if qos not in (0, 1):
             raise LocalError(f"this client subscribes at QoS 0 or 1, not {qos}")
-        if self._error is not None or not self._connected or self._loop is None:
+        session = self._session
+        if self._error is not None or session is None or self._loop is None:
             raise self._failure()
-        pid = self._new_id()
-        data = mqtt.encode_subscribe(pid, [(topic_filter, qos)])
-        fut: asyncio.Future[mqtt.SubAck] = self._loop.create_future()
-        self._subs[pid] = (fut, self._loop.time())
-        self._write(data)
-        ack = await fut
-        code = ack.return_codes[0]
-        if code == mqtt.SUBACK_FAILURE:
+        try:
+            rc, mid = session.wire.subscribe(topic_filter, qos)
+        except ValueError as exc:
+            raise LocalError(f"bad topic filter {topic_filter!r}: {exc}") from None
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise MqttError(f"connection to {self.host}:{self.port} lost: {paho.error_string(rc)}")
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._subs[mid] = (fut, self._loop.time())
+        self._arm()
+        code = await fut
+        if code >= 0x80:
             raise MqttError(
                 f"broker {self.host}:{self.port} refused the subscription "
-                f"to {topic_filter!r} (SUBACK 0x80)"
+                f"to {topic_filter!r} (SUBACK 0x{code:02X})"
             )
         return code
 
-    # -- internals ------------------------------------------------------------
+    # -- connecting -------------------------------------------------------------
 
-    def _failure(self) -> MqttError:
-        """A fresh MqttError saying why the connection is over (one per waiter: an
-        exception instance raised in several tasks would collect all their tracebacks)."""
-        err = self._error
-        if err is None:
-            return MqttError(f"not connected to {self.host}:{self.port}")
-        copy = MqttError(str(err), return_code=err.return_code)
-        copy.__cause__ = err.__cause__
-        return copy
-
-    def _new_id(self) -> int:
-        if len(self._pending) + len(self._subs) >= 65535:
-            raise LocalError("65535 packets in flight: every MQTT packet id is taken")
-        pid = self._next_id
-        while True:
-            pid = pid % 65535 + 1
-            if pid not in self._pending and pid not in self._subs:
-                self._next_id = pid
-                return pid
-
-    def _write(self, data: bytes) -> None:
-        assert self._transport is not None and self._loop is not None
-        self._transport.write(data)
-        self._last_tx = self._loop.time()
-
-    def _resume_writing(self) -> None:
-        self._writing_paused = False
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    def _data_received(self, data: bytes) -> None:
-        assert self._loop is not None
-        self._last_rx = self._loop.time()
-        dec = self._decoder
-        dec.receive(data)
-        pending = self._pending
+    async def _connect(self, version: int) -> None:
+        v5 = version == 5
+        will = None
+        if self._will is not None:
+            topic, payload, qos, retain = self._will
+            will = aiomqtt.Will(topic, payload, qos, retain)
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            # the broker sends us nothing larger than what we would keep (a little
+            # over the largest cap: topic and header)
+            biggest = max([self._max_message_size, *self._topic_caps.values()])
+            if biggest + 1024 < MAX_PACKET_SIZE:
+                properties.MaximumPacketSize = biggest + 1024
+            if not self._clean_session:
+                properties.SessionExpiryInterval = 0xFFFFFFFF
+        session = _Session(
+            self,
+            hostname=self.host,
+            port=self.port,
+            username=self._username,
+            password=self._password,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=will,
+            clean_session=None if v5 else self._clean_session,
+            clean_start=self._clean_session if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=self.keepalive,
+            timeout=self._connect_timeout,
+            max_inflight_messages=self._max_in_flight,
+            properties=properties,
+            tls_context=self._tls,
+        )
+        session.wire.connect_timeout = self._connect_timeout
+        if self._tls is not None:
+            session.wire._ssl_wrap_socket = self._tls_wrapper()  # type: ignore[method-assign,assignment]
+        where = f"{self.host}:{self.port}"
         try:
-            while (p := dec.next_packet()) is not None:
-                if type(p) is mqtt.PubAck and self._connected:  # the hot path: one per batch
-                    entry = pending.pop(p.packet_id, None)
-                    if entry is not None:
-                        self.counters["acked"] += 1
-                        if not entry[0].done():
-                            entry[0].set_result(None)
-                else:
-                    self._dispatch(p)
-        except ProtocolError as exc:
-            err = MqttError(f"malformed packet from {self.host}:{self.port}: {exc}")
-            err.__cause__ = exc
-            self._fail(err)
-        except MqttError as err:
-            self._fail(err)
+            async with asyncio.timeout(self._connect_timeout):
+                await session.__aenter__()
+        except TimeoutError as exc:
+            self._abort(session)
+            step = "CONNACK" if session.wire.socket() is not None else "TCP/TLS connection"
+            raise MqttError(f"no {step} from {where} within {self._connect_timeout:g} s") from exc
+        except aiomqtt.MqttError as exc:
+            # a refusing broker closes the connection itself: let it (amqtt leaks its
+            # socket when we are quicker), then drop ours if it did not
+            await session.closed(0.5)
+            self._abort(session)
+            raise self._refusal(exc, v5) from exc
+        except BaseException:  # cancelled: leave no socket behind
+            self._abort(session)
+            raise
+        self._session = session
+        self.protocol = version
+        props = session.connack_properties
+        if v5 and props is not None and hasattr(props, "MaximumPacketSize"):
+            self.max_packet_size = int(props.MaximumPacketSize)
+        session._disconnected.add_done_callback(self._lost)
 
-    def _dispatch(self, p: mqtt.Packet) -> None:
-        if not self._connected:
-            if isinstance(p, mqtt.ConnAck) and self._connack and not self._connack.done():
-                # accepted: what follows in the same chunk is already part of the session
-                self._connected = p.accepted
-                self._connack.set_result(p)
-                return
-            raise MqttError(f"broker sent {type(p).__name__} before CONNACK")
-        if isinstance(p, mqtt.Publish | mqtt.Skipped):
-            if p.qos == 2:
-                raise MqttError(
-                    f"broker sent a QoS 2 message on {p.topic!r}; "
-                    "this client subscribes at QoS 0 or 1"
-                )
-            if p.qos == 1:
-                self._write(mqtt.encode_puback(p.packet_id))  # queued or dropped: ours now
-            if isinstance(p, mqtt.Skipped):
-                self._drop("oversized", p.topic, p.size)
-            elif len(self._inbox) >= self._max_queued:
-                self._drop("overflow", p.topic, len(p.payload))
-            else:
-                self.counters["received"] += 1
-                self._inbox.append(p)
-                waiter = self._inbox_waiter
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
-        elif isinstance(p, mqtt.PingResp):
-            self._ping_sent = False
-        elif isinstance(p, mqtt.SubAck):
-            entry = self._subs.pop(p.packet_id, None)
-            if entry is not None and not entry[0].done():
-                entry[0].set_result(p)
-        elif isinstance(p, mqtt.PubAck):
-            pass  # handled in _data_received
-        elif isinstance(p, mqtt.ConnAck):
-            raise MqttError("broker sent a second CONNACK")
-        else:  # PUBREC, PUBREL, PUBCOMP, UNSUBACK: answers to what we never send
-            raise MqttError(f"broker sent an unexpected {type(p).__name__}")
+    def _tls_wrapper(self) -> Callable[[socket.socket], ssl.SSLSocket]:
+        """paho's TLS handshake, closing the socket when it fails (paho 2.2 leaves it to
+        the garbage collector: one file descriptor per failed attempt, a ResourceWarning).
+        The context decides everything (the name is checked against ``host``)."""
+        ctx, host, timeout = self._tls, self.host, self._connect_timeout
+        assert ctx is not None
+
+        def wrap(tcp: socket.socket) -> ssl.SSLSocket:
+            sock = ctx.wrap_socket(tcp, server_hostname=host, do_handshake_on_connect=False)
+            try:
+                sock.settimeout(timeout)
+                sock.do_handshake()
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+        return wrap
+
+    def _refusal(self, exc: aiomqtt.MqttError, v5: bool) -> MqttError | _VersionRefused:
+        """Our error for a failed aiomqtt connect (its cause is kept as ``__context__``)."""
+        where = f"{self.host}:{self.port}"
+        rc = exc.rc if isinstance(exc, aiomqtt.MqttCodeError) else None
+        if isinstance(exc, MqttConnectError) and rc is not None:
+            code = int(rc.value) if isinstance(rc, ReasonCode) else int(rc)
+            code = _V5_TO_V3.get(code, code)  # paho names 3.1.1 codes in MQTT 5 terms
+            if code == 1:
+                return _VersionRefused(str(exc))
+            name = _REFUSALS.get(code) or (str(rc) if isinstance(rc, ReasonCode) else "")
+            err = MqttError(
+                f"broker {where} refused the connection: {name} (CONNACK return code {code})",
+                return_code=code,
+            )
+            return err
+        if isinstance(exc, _ClosedEarly):
+            # a 3.1.1 broker may close on a version it does not know, or answer in 3.1.1
+            # (paho reads that as a protocol error under MQTT 5): ask in 3.1.1
+            if v5:
+                return _VersionRefused(str(exc))
+            return MqttError(f"connection to {where} lost: closed by the broker before CONNACK")
+        cause = exc.__context__
+        if isinstance(cause, OSError):
+            return MqttError(f"cannot connect to {where}: {cause}")
+        return MqttError(f"cannot connect to {where}: {exc}")
+
+    # -- paho's callbacks (through _Session) ----------------------------------
+
+    def _acked(self, mid: int, reason: ReasonCode) -> None:
+        entry = self._pending.pop(mid, None)
+        if entry is None:
+            return
+        fut = entry[0]
+        if fut.done():
+            return
+        self.counters["acked"] += 1
+        if reason.is_failure:
+            fut.set_exception(
+                MqttRefused(f"broker {self.host}:{self.port} refused the message: {reason}")
+            )
+        else:
+            fut.set_result(None)
+
+    def _subacked(self, mid: int, codes: list[ReasonCode]) -> None:
+        entry = self._subs.pop(mid, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(int(codes[0].value) if codes else 0x80)
+
+    def _received(self, m: paho.MQTTMessage) -> None:
+        topic = m.topic
+        size = len(m.payload)
+        if size > self._topic_caps.get(topic, self._max_message_size):
+            self._drop("oversized", topic, size)
+        elif len(self._inbox) >= self._max_queued:
+            self._drop("overflow", topic, size)
+        else:
+            self.counters["received"] += 1
+            self._inbox.append(Message(topic, bytes(m.payload), m.qos, bool(m.retain)))
+            waiter = self._inbox_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _drop(self, why: str, topic: str, size: int) -> None:
         self.counters[why] += 1
         if self._on_drop is not None:
             self._on_drop(why, topic, size)
 
-    def _connection_lost(self, exc: Exception | None) -> None:
-        if self._error is None:
-            why = f"{exc}" if exc else "closed by the broker"
-            err = MqttError(f"connection to {self.host}:{self.port} lost: {why}")
-            err.__cause__ = exc
-            self._fail(err, abort=False)
-        self._transport = None
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
+    def _lost(self, done: asyncio.Future[None]) -> None:
+        """aiomqtt's ``_disconnected`` is done: the connection is over."""
+        exc = None if done.cancelled() else done.exception()
+        if exc is None:
+            why = "closed by the broker"
+        elif isinstance(exc, aiomqtt.MqttCodeError) and isinstance(exc.rc, int):
+            why = paho.error_string(exc.rc).rstrip(".").lower()
+        else:
+            why = str(exc)
+        err = MqttError(f"connection to {self.host}:{self.port} lost: {why}")
+        err.__cause__ = exc
+        self._fail(err)
 
-    def _fail(self, err: MqttError, *, abort: bool = True) -> None:
-        """The connection is over: remember why, fail every waiter, drop the socket."""
+    # -- failing ----------------------------------------------------------------
+
+    def _failure(self) -> MqttError | MqttClosed:
+        """A fresh error saying why the connection is over (one per waiter: an exception
+        instance raised in several tasks would collect all their tracebacks)."""
+        err = self._error
+        if err is None:
+            return MqttError(f"not connected to {self.host}:{self.port}")
+        if isinstance(err, MqttClosed):
+            return MqttClosed(str(err))
+        copy = MqttError(str(err), return_code=err.return_code)
+        copy.__cause__ = err.__cause__
+        return copy
+
+    def _fail(self, err: MqttError | MqttClosed) -> None:
+        """The connection is over: remember why (the first reason), fail every waiter."""
         if self._error is None:
             self._error = err
-            if not self._closing:
+            if isinstance(err, MqttError):
                 log.debug("mqtt %s:%d: %s", self.host, self.port, err)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if abort and self._transport is not None:
-            self._transport.abort()
-        waiting: list[asyncio.Future[None] | asyncio.Future[mqtt.SubAck]] = []
+        waiting: list[asyncio.Future[None] | asyncio.Future[int]] = []
         waiting += [f for f, _ in self._pending.values()]
         waiting += [f for f, _ in self._subs.values()]
         self._pending.clear()
@@ -521,61 +677,54 @@ class MqttClient:
         for fut in waiting:
             if not fut.done():
                 fut.set_exception(self._failure())
-        if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(self._failure())
-        for w in [*self._drain_waiters, *([self._inbox_waiter] if self._inbox_waiter else [])]:
-            if not w.done():
-                w.set_result(None)  # they look at _error when they wake
-        self._drain_waiters.clear()
+        waiter = self._inbox_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # it looks at _error when it wakes
 
-    # -- keepalive and acknowledgement timeouts -------------------------------
+    def _abort(self, session: _Session) -> None:
+        """Drop the socket without a DISCONNECT (the broker publishes the will): paho
+        reads the end of the stream and closes its side, as for any lost connection."""
+        sock = session.wire.socket()
+        if not isinstance(sock, socket.socket):  # none (never opened, or closed already)
+            return
+        with contextlib.suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
 
-    def _oldest_unacked(self) -> float | None:
-        """When the oldest publish or subscribe still waiting was sent (dicts keep order)."""
+    # -- acknowledgement timeout ------------------------------------------------
+
+    def _arm(self) -> None:
+        if self._ack_timeout is None or self._timer is not None or self._loop is None:
+            return
         sent = [next(iter(d.values()))[1] for d in (self._pending, self._subs) if d]
-        return min(sent) if sent else None
-
-    def _schedule(self, at: float) -> None:
-        assert self._loop is not None
-        self._timer = self._loop.call_at(at, self._tick)
+        if sent:
+            self._timer = self._loop.call_at(min(sent) + self._ack_timeout, self._tick)
 
     def _tick(self) -> None:
-        """Ping when idle, declare the connection dead when the broker is silent or an
-        acknowledgement is late, then sleep until the next thing that may be due."""
         self._timer = None
-        loop = self._loop
-        if self._error is not None or self._transport is None or loop is None:
+        loop, t, session = self._loop, self._ack_timeout, self._session
+        if self._error is not None or loop is None or t is None or session is None:
             return
-        now = loop.time()
-        due = now + 3600.0
-        k = self.keepalive
-        if k:
-            silent = now - self._last_rx
-            if silent >= 1.5 * k:
-                self._fail(
-                    MqttError(
-                        f"broker {self.host}:{self.port} silent for {silent:.1f} s "
-                        f"(keepalive {k} s): connection declared dead"
-                    )
+        sent = [next(iter(d.values()))[1] for d in (self._pending, self._subs) if d]
+        if sent and loop.time() - min(sent) >= t - 1e-3:
+            self._fail(
+                MqttError(
+                    f"no acknowledgement from {self.host}:{self.port} within {t:g} s: "
+                    "connection declared dead"
                 )
-                return
-            if not self._ping_sent and (now - self._last_tx >= k or silent >= k):
-                self._write(_PINGREQ)
-                self._ping_sent = True
-                self.counters["pings"] += 1
-            due = self._last_rx + 1.5 * k
-            if not self._ping_sent:
-                due = min(due, min(self._last_tx, self._last_rx) + k)
-        t = self._ack_timeout
-        if t is not None:
-            oldest = self._oldest_unacked()
-            if oldest is not None and now - oldest >= t:
-                self._fail(
-                    MqttError(
-                        f"no acknowledgement from {self.host}:{self.port} within {t:g} s: "
-                        "connection declared dead"
-                    )
-                )
-                return
-            due = min(due, (now if oldest is None else oldest) + t)
-        self._schedule(max(due, now + 0.001))
+            )
+            self._abort(session)
+            return
+        self._arm()
+
+
+class _ClosedEarly(aiomqtt.MqttCodeError):
+    """The connection ended before any CONNACK (internal)."""
+
+
+class _VersionRefused(Exception):
+    """The broker does not speak the MQTT version we asked for (internal: retried)."""
+
+
+def _check_topic(topic: str) -> None:
+    if not topic or "+" in topic or "#" in topic or len(topic.encode()) > 65535:
+        raise LocalError(f"bad MQTT topic name {topic!r} (empty, too long, or a wildcard)")

@@ -6,7 +6,8 @@ deletes it; a sent batch with no receipt after ``confirm_timeout_s`` is
 published again; a signed heartbeat (the last seq sealed, what the spool
 holds) goes out on connect, every ``heartbeat_s`` and at a clean stop; the
 hub's ``resend`` command is :meth:`Uplink.resend`; a batch that cannot pass is
-split (:meth:`Uplink._after_failure`, :meth:`Uplink._overdue`). Without the
+split (before sending when the broker's MQTT 5 CONNACK names a maximum packet
+size below it; :meth:`Uplink._after_failure`, :meth:`Uplink._overdue`). Without the
 key a batch leaves the spool when its PUBACK arrives. Either way a lost
 connection simply restarts from the oldest unsent batch (the hub drops the
 duplicates by (gateway, epoch, seq)).
@@ -34,7 +35,8 @@ deliver. A connection that
 fails (lost, refused, a broker silent for 1.5 keepalives, a PUBACK later than
 ``publish_timeout_s``) fails every publish in flight at once: the session ends
 and the next one resends them. The connection is :class:`agent.mqtt.MqttClient`
-(docs/decisions.md, 17): a publish is a Future and a done-callback, no task.
+(aiomqtt, MQTT 5 where the broker speaks it: docs/decisions.md, 38): a publish is
+a Future and a done-callback, no task.
 """
 
 from __future__ import annotations
@@ -54,14 +56,13 @@ from typing import Any
 
 from agent.commands import MAX_COMMAND_BYTES, CommandExecutor, CommandRefused, on_message
 from agent.confpush import ConfigReceiver
-from agent.mqtt import MqttClient, MqttError
+from agent.mqtt import Message, MqttClient, MqttError, MqttRefused
 from agent.spool import Row, Spool, SpoolRow
 from protocols import topics
 from protocols.command import MAX_RESEND_RANGES
 from protocols.confpush import MAX_CONFIG_BYTES
 from protocols.errors import ProtocolError
 from protocols.gap import GapRange
-from protocols.mqtt import Publish
 from protocols.receipt import MAX_HEARTBEAT_RANGES, EpochReceipt, parse_receipt
 
 __all__ = [
@@ -267,6 +268,7 @@ class Uplink:
         self.heartbeats = 0
         self.resend_asks = 0
         self._refused_logged = False
+        self._batch_refused_logged = False
         self._again: deque[int] = deque()  # ids to send again (no receipt, or the hub asked)
         self._failed: list[SpoolRow] = []  # this session's batches the connection failed
         self._careful = 0  # publishes to make one at a time (after a failure: who did it?)
@@ -335,7 +337,7 @@ class Uplink:
             connect_timeout=s.connect_timeout_s,
             ack_timeout=s.publish_timeout_s,
             # commands (and receipts) are the only messages we receive: larger ones are
-            # dropped unread
+            # dropped (under MQTT 5 the broker is told, and does not send them)
             max_message_size=MAX_RECEIVED_BYTES if self.receipts_on else MAX_COMMAND_BYTES,
             on_drop=self.commands.on_drop if self.commands is not None else None,
             # a pushed configuration has a cap of its own
@@ -512,6 +514,14 @@ class Uplink:
                     and (not live or back_sent <= s.backlog_share * (back_sent + live_sent))
                 )
                 row = (again or (back if take_back else live)).popleft()
+                if not client.fits(topic, len(row.data)):  # MQTT 5: the broker said its limit
+                    room.release()
+                    await self._split(
+                        row,
+                        f"{client.packet_size(topic, len(row.data))} bytes, over the broker's "
+                        f"maximum packet size of {client.max_packet_size}",
+                    )
+                    continue
                 release: tuple[asyncio.Semaphore, ...] = (room,)
                 if self._careful > 0:  # alone in flight: a failure is this batch's
                     self._careful -= 1
@@ -558,7 +568,11 @@ class Uplink:
         for sem in release:
             sem.release()
         self.in_flight -= 1
-        if fut.cancelled() or fut.exception() is not None:
+        exc = None if fut.cancelled() else fut.exception()
+        if isinstance(exc, MqttRefused):  # MQTT 5: the broker said no (its ACL, a quota)
+            self._refused(row, exc)
+            return
+        if fut.cancelled() or exc is not None:
             self._failed.append(row)
             return
         if self.receipts_on:
@@ -570,6 +584,25 @@ class Uplink:
         if backlog:
             self.backlog_acked += 1
         self.last_acked = (row.epoch, row.seq)
+
+    def _refused(self, row: SpoolRow, exc: MqttRefused) -> None:
+        """The broker refused a batch (an MQTT 5 PUBACK reason code; a 3.1.1 broker
+        acknowledges and drops it instead). It stays in the spool: with receipts it
+        counts as sent, so the receipt rules (sent again, split after 3 tries) apply as
+        to a PUBACK that lied; without, the next connection sends it again."""
+        if self.receipts_on:
+            self._spool.mark_sent([row.id])
+        if not self._batch_refused_logged:
+            self._batch_refused_logged = True
+            log.warning(
+                "uplink: %s (batch epoch %d seq %d); it stays in the spool (further "
+                "refusals not logged); hint: the broker's ACL must let this gateway publish "
+                "on %s",
+                exc,
+                row.epoch,
+                row.seq,
+                topics.batch(self._s.gateway, self._s.prefix),
+            )
 
     async def _send_gaps(self, client: MqttClient, room: asyncio.Semaphore) -> None:
         assert self._gap_signer is not None
@@ -591,7 +624,7 @@ class Uplink:
 
     # -- receipts ----------------------------------------------------------------
 
-    async def _on_receipt(self, msg: Publish) -> None:
+    async def _on_receipt(self, msg: Message) -> None:
         """Delete what a receipt covers, if the hub signed it for us; anything else is
         counted and ignored (it deletes nothing)."""
         s = self._s
@@ -709,7 +742,9 @@ class Uplink:
         """A connection failed with batches in flight. With several, the next session
         sends that many one at a time; a batch alone in flight when the connection
         fails, twice, is split (a broker limit below its size resets the connection,
-        and MQTT 3.1.1 says nothing else)."""
+        and a broker that names no maximum packet size, as MQTT 3.1.1 cannot, says
+        nothing else). Under MQTT 5 a broker that names its limit has the batches over
+        it split before they are sent (:meth:`_session`)."""
         failed, self._failed = self._failed, []
         if not failed:
             return

@@ -1,7 +1,7 @@
 """A lying MQTT broker for the tests: a TCP proxy in front of a real one.
 
 Clients connect to the proxy (127.0.0.1, a free port); it connects each of them
-to the real broker and relays whole MQTT 3.1.1 packets both ways, cut by their
+to the real broker and relays whole MQTT packets (3.1.1 or 5) both ways, cut by their
 fixed headers. Every QoS 1 PUBLISH a client sends is decided by ``rule(topic,
 size)`` (``size``: the whole packet, header included):
 
@@ -12,11 +12,11 @@ size)`` (``size``: the whole packet, header included):
 - ``CUT``: the connection is closed before the packet is relayed, the way a
   broker closes it on a packet over ``max_packet_size``.
 
-The PUBLISH packets themselves are decoded with :class:`protocols.mqtt.Decoder`
-and the PUBACK encoded with :func:`protocols.mqtt.encode_puback`; the proxy only
-adds what a client-side codec has no use for: cutting a client's stream into
-packets (the decoder refuses CONNECT, SUBSCRIBE, PINGREQ: a server never sends
-them).
+The proxy reads the packets itself (:func:`split_packets`, :func:`_publish`):
+it is the tests' independent peer, so it shares no code with the client under
+test (paho, through agent/mqtt.py). It needs only a PUBLISH's type, QoS, topic
+and packet id, which MQTT 3.1.1 and 5 lay out alike (MQTT 5's properties come
+after the packet id), and its PUBACK is the 4 bytes both versions accept.
 
     async with MqttProxy(broker.host, broker.port) as proxy:
         proxy.rule = lie_on("/batch")   # agents connect to proxy.port
@@ -32,13 +32,23 @@ import enum
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
-from protocols import mqtt
-from protocols.errors import ProtocolError
 from simulator.broker import HOST
 
-__all__ = ["CUT", "LIE", "PASS", "Action", "MqttProxy", "lie_on", "pass_all", "split_packets"]
+__all__ = [
+    "CUT",
+    "LIE",
+    "PASS",
+    "Action",
+    "MqttProxy",
+    "Publish",
+    "lie_on",
+    "pass_all",
+    "puback",
+    "split_packets",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +102,32 @@ def split_packets(buf: bytearray) -> list[bytes]:
     return out
 
 
-def _publish(packet: bytes) -> mqtt.Publish | None:
-    """The PUBLISH ``packet`` decoded, or None if it is another packet type."""
-    if packet[0] >> 4 != mqtt.PUBLISH:
+@dataclass(frozen=True)
+class Publish:
+    topic: str
+    qos: int
+    packet_id: int
+
+
+def _publish(packet: bytes) -> Publish | None:
+    """The PUBLISH ``packet``'s topic, QoS and packet id, or None for another packet
+    type (§3.3: the topic, then the packet id when QoS > 0)."""
+    if packet[0] >> 4 != 3:
         return None
-    p = mqtt.Decoder(max_packet_size=len(packet), max_payload=len(packet)).feed(packet)
-    return p[0] if p and isinstance(p[0], mqtt.Publish) else None
+    qos = (packet[0] >> 1) & 3
+    i = 1
+    while packet[i] & 0x80:  # the Remaining Length
+        i += 1
+    i += 1
+    n = int.from_bytes(packet[i : i + 2], "big")
+    topic = packet[i + 2 : i + 2 + n].decode()
+    pid = int.from_bytes(packet[i + 2 + n : i + 4 + n], "big") if qos else 0
+    return Publish(topic, qos, pid)
+
+
+def puback(packet_id: int) -> bytes:
+    """A PUBACK for ``packet_id`` (success: MQTT 5 allows the reason code left out)."""
+    return b"\x40\x02" + packet_id.to_bytes(2, "big")
 
 
 class MqttProxy:
@@ -191,7 +221,7 @@ class MqttProxy:
         lock: asyncio.Lock,
     ) -> None:
         buf = bytearray()
-        with contextlib.suppress(OSError, ValueError, ProtocolError):
+        with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
             while data := await reader.read(65536):
                 buf += data
                 for packet in split_packets(buf):
@@ -202,7 +232,7 @@ class MqttProxy:
                         if action is LIE:
                             self.lied[pub.topic] += 1
                             async with lock:
-                                client.write(mqtt.encode_puback(pub.packet_id))
+                                client.write(puback(pub.packet_id))
                             continue
                         if action is CUT:
                             self.cut[pub.topic] += 1

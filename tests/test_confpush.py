@@ -22,7 +22,7 @@ from agent.reload import supervise
 from agent.state import create_identity, save_hub_key
 from drivers.profiles import load_profile
 from hub.core import HubCore
-from protocols import confpush, ed25519, mqtt, topics
+from protocols import confpush, ed25519, topics
 from protocols.errors import FrameError, LocalError, SignatureError
 from simulator.broker import MosquittoBroker, free_port
 from simulator.tcp import TcpTerminal
@@ -72,24 +72,6 @@ def test_report_round_trip() -> None:
     assert (r.v, r.status, r.running, r.details()) == (3, "rolled_back", 2, {"checks": ["x"]})
     with pytest.raises(SignatureError):
         r.verify(HUB_PUB)
-
-
-def _publish(topic: str, payload: bytes) -> bytes:
-    return mqtt.encode_publish(topic, payload, qos=1, packet_id=7)
-
-
-def test_decoder_caps_per_topic_byte_by_byte() -> None:
-    """Commands keep their 4 KiB cap; the config topic takes 256 KiB; both fed a byte
-    at a time, and an oversized command is skipped without being buffered."""
-    big = b"c" * 100_000
-    stream = _publish("vitals/v1/gw/cmd", big) + _publish("vitals/v1/gw/config", big)
-    d = mqtt.Decoder(max_payload=4096, topic_caps={"vitals/v1/gw/config": 256 * 1024})
-    out: list[mqtt.Packet] = []
-    for i in range(len(stream)):
-        out += d.feed(stream[i : i + 1])
-        assert len(d.buffered) <= 100_100
-    assert isinstance(out[0], mqtt.Skipped) and out[0].topic == "vitals/v1/gw/cmd"
-    assert isinstance(out[1], mqtt.Publish) and out[1].payload == big
 
 
 # --------------------------------------------------------------------------- the gateway's side

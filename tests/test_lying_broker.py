@@ -20,8 +20,11 @@ ee0f73f, the PUBACK deleting the batch):
   without one (before: 28 of 269 lost, 1,680 readings);
 - the broker's message size limit below a batch's size: ``message_size_limit``
   (a PUBACK and the batch dropped; before: 18 of 19 batches lost, 15,389
-  readings) and ``max_packet_size`` (the connection closed on it; before: the
-  uplink stuck on the first batch, 19 of 19 never delivered, hub stats 0 missing).
+  readings), ``max_packet_size`` (named in the MQTT 5 CONNACK: the batch is split
+  before it is sent; before receipts, under MQTT 3.1.1, the connection closed on
+  it: the uplink stuck on the first batch, 19 of 19 never delivered, hub stats 0
+  missing) and a limit no broker names (the proxy closes the connection on the
+  batch: split after the second reset).
 
 In every case every batch the gateway sealed (its debug line "spooled epoch=E
 seq=S n=N t0=T", written after the spool's commit, and its warning naming the
@@ -53,16 +56,17 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
+from agent.mqtt import MqttClient, MqttError
 from agent.service import Agent
 from agent.state import create_identity, save_hub_key
 from drivers.profiles import load_profile
 from hub.enroll import hub_key_path, load_or_create_hub_key
-from protocols import mqtt, topics
+from protocols import topics
 from simulator.broker import MosquittoBroker, mosquitto_path
 from simulator.tcp import TcpTerminal
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mqtt_proxy import CUT, MqttProxy, lie_on, pass_all
+from mqtt_proxy import CUT, PASS, Action, MqttProxy, lie_on, pass_all
 
 pytestmark = [
     pytest.mark.mosquitto,
@@ -355,7 +359,7 @@ interval_s = 0.1
         the last seq is the gateway's last sealed one, and delivered + missing +
         dropped + split is every batch it sealed."""
         made = self.made()
-        g = (await self.stats())["gateways"][GW]
+        g: dict[str, Any] = (await self.stats())["gateways"][GW]
         for e in sorted({e for e, _ in made}):
             last = max(s for ee, s in made if ee == e)
             assert str(e) in g["epochs"], f"epoch {e} (sealed up to {last}) unknown at the hub"
@@ -470,16 +474,9 @@ async def test_the_proxy_lies_relays_and_cuts(mosquitto: MosquittoBroker) -> Non
         assert got == [("t/meta", b"kept")]
         assert proxy.lied == {"t/batch": 1} and proxy.passed == {"t/meta": 1}
         proxy.rule = lambda topic, size: CUT
-        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-        writer.write(mqtt.encode_connect("cut-victim"))
-        assert mqtt.Decoder().feed(await asyncio.wait_for(reader.read(4), 5)) == [
-            mqtt.ConnAck(False, 0)
-        ]
-        writer.write(mqtt.encode_publish("t/x", b"x", qos=1, packet_id=1))
-        assert await asyncio.wait_for(reader.read(), 5) == b"", "no PUBACK: the end of the stream"
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        async with MqttClient(proxy.host, proxy.port, client_id="cut-victim") as c:
+            with pytest.raises(MqttError, match="lost"):  # no PUBACK: the end of the stream
+                await asyncio.wait_for(c.publish("t/x", b"x", qos=1), 5)
         assert proxy.cut == {"t/x": 1}
 
 
@@ -586,24 +583,46 @@ async def test_hub_killed_with_kill_9_and_restarted(tmp_path: Path, session: str
 QUICK = {"confirm_timeout_s": 2.0, "heartbeat_s": 2.0}
 
 
-@pytest.mark.parametrize("limit", ["message_size_limit", "max_packet_size"])
-async def test_broker_size_limit_below_a_batch(tmp_path: Path, limit: str) -> None:
-    """Batches of ~870 readings (~1650 bytes, 3 s of polling) through a broker that
-    takes 1200 bytes at most (the point table, 1053, passes): message_size_limit
-    acknowledges and drops every one of them, max_packet_size closes the connection
-    on each. Once the devices go quiet (the last batch is small) they are split into
-    batches that pass while the gateway runs, never dropped.
+def _cut_over_1200(topic: str, size: int) -> Action:
+    """A broker that closes the connection on a batch over 1200 bytes without having
+    said its limit (MQTT 3.1.1 cannot; Mosquitto behind the proxy names none)."""
+    return CUT if size > 1200 and topic.endswith("/batch") else PASS
 
-    With message_size_limit only the hub's silence tells: the agent runs in this
-    process with a 2 s receipt timeout (60 s by default, not in the configuration
-    file) to keep the test short; with max_packet_size, ``vitals run`` as it ships."""
-    async with world(
+
+LIMITS = ["message_size_limit", "max_packet_size", "unnamed-cut"]
+
+
+def _limited(tmp_path: Path, limit: str) -> Any:
+    """The world of a size limit of 1200 bytes: Mosquitto's message_size_limit (a
+    PUBACK, the batch dropped), its max_packet_size (named in the MQTT 5 CONNACK: split
+    before sending), or the proxy cutting the connection on a batch over it with no
+    limit named (the reset-twice rule of MQTT 3.1.1 brokers)."""
+    return world(
         tmp_path,
-        broker_config=f"{limit} 1200\n",
+        proxy=limit == "unnamed-cut",
+        broker_config=f"{limit} 1200\n" if limit != "unnamed-cut" else "",
         max_readings=2000,
         max_age_s=3.0,
         overrides=QUICK if limit == "message_size_limit" else None,
-    ) as (w, _):
+    )
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+async def test_broker_size_limit_below_a_batch(tmp_path: Path, limit: str) -> None:
+    """Batches of ~870 readings (~1650 bytes, 3 s of polling) through a broker that
+    takes 1200 bytes at most (the point table, 1053, passes): message_size_limit
+    acknowledges and drops every one of them; max_packet_size, named in Mosquitto's
+    MQTT 5 CONNACK, has them split before they are sent (the connection never fails
+    on one); a limit nobody names closes the connection on each, twice, then the
+    batch is split. Once the devices go quiet (the last batch is small) they have
+    passed, split, while the gateway runs, never dropped.
+
+    With message_size_limit only the hub's silence tells: the agent runs in this
+    process with a 2 s receipt timeout (60 s by default, not in the configuration
+    file) to keep the test short; otherwise ``vitals run`` as it ships."""
+    async with _limited(tmp_path, limit) as (w, proxy):
+        if proxy is not None:
+            proxy.rule = _cut_over_1200
         await w.start_agent()
         await asyncio.sleep(6.5)
         for t in w.terms:  # the devices go quiet: no new batch, the backlog must go
@@ -613,24 +632,27 @@ async def test_broker_size_limit_below_a_batch(tmp_path: Path, limit: str) -> No
         delivered = await w.wait_delivered(10) and delivered
         big = sum(1 for n, _ in w.sealed().values() if n >= 700)
         report = await w.assert_exactly_once()
+        logs = "".join(f.read_text(errors="replace") for f in w.agent_logs)
     print(f"\n{limit} 1200: {big} batches over the limit; {report}")
     assert big >= 2, "no batch over the limit: the test proves nothing"
     assert delivered, "the batches over the limit did not pass while the gateway ran"
+    if limit == "max_packet_size":  # split before sending, never by a reset
+        assert "over the broker's maximum packet size of 1200" in logs
+        assert "the connection failed" not in logs and "uplink to" not in logs, "a reset"
+    if limit == "unnamed-cut":
+        assert proxy is not None and sum(proxy.cut.values()) >= 2
+        assert "the connection failed 2 times on it" in logs
 
 
-@pytest.mark.parametrize("limit", ["message_size_limit", "max_packet_size"])
+@pytest.mark.parametrize("limit", LIMITS)
 async def test_every_batch_over_the_size_limit_passes_while_traffic_flows(
     tmp_path: Path, limit: str
 ) -> None:
     """As above, but the devices keep their pace: every batch is over the limit and
     the queue must not wait for a small one (the issue: 'never blocking the queue')."""
-    async with world(
-        tmp_path,
-        broker_config=f"{limit} 1200\n",
-        max_readings=2000,
-        max_age_s=3.0,
-        overrides=QUICK if limit == "message_size_limit" else None,
-    ) as (w, _):
+    async with _limited(tmp_path, limit) as (w, proxy):
+        if proxy is not None:
+            proxy.rule = _cut_over_1200
         await w.start_agent()
         await asyncio.sleep(6.5)
         first = set(w.sealed())
