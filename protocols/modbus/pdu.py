@@ -325,25 +325,25 @@ def decode_request(slave: int, pdu: bytes | bytearray) -> Request:
     if not pdu:
         raise FrameError("empty PDU")
     fc, body = pdu[0], pdu[1:]
-
-    def reject(code: int, why: str) -> RequestRejected:
-        return RequestRejected(slave, fc, code, why)
-
     if fc in (1, 2, 3, 4, 5, 6):
         if len(body) != 4:
             raise FrameError(f"function {fc} request has {len(body)} data bytes, not 4")
         _, address, value = READ.unpack(pdu)
         if fc == 5:
             if value not in (0, 0xFF00):
-                raise reject(3, f"coil value {value:04x} is neither 0000 nor FF00")
+                raise RequestRejected(
+                    slave, fc, 3, f"coil value {value:04x} is neither 0000 nor FF00"
+                )
             return WriteSingleRequest(slave, fc, address, value)
         if fc == 6:
             return WriteSingleRequest(slave, fc, address, value)
         limit = MAX_READ_BITS if fc in (1, 2) else MAX_READ_REGISTERS
         if not 1 <= value <= limit:
-            raise reject(3, f"count {value} is outside 1..{limit}")
+            raise RequestRejected(slave, fc, 3, f"count {value} is outside 1..{limit}")
         if address + value > 0x10000:
-            raise reject(2, f"{value} items from {address} run past the address space")
+            raise RequestRejected(
+                slave, fc, 2, f"{value} items from {address} run past the address space"
+            )
         return ReadRequest(slave, fc, address, value)
     if fc in (15, 16):
         if len(body) < 5:
@@ -355,9 +355,11 @@ def decode_request(slave: int, pdu: bytes | bytearray) -> Request:
         limit = MAX_WRITE_BITS if fc == 15 else MAX_WRITE_REGISTERS
         want = (count + 7) // 8 if fc == 15 else 2 * count
         if not 1 <= count <= limit or nbytes != want:
-            raise reject(3, f"count {count} with byte count {nbytes}")
+            raise RequestRejected(slave, fc, 3, f"count {count} with byte count {nbytes}")
         if address + count > 0x10000:
-            raise reject(2, f"{count} items from {address} run past the address space")
+            raise RequestRejected(
+                slave, fc, 2, f"{count} items from {address} run past the address space"
+            )
         if fc == 15:
             return WriteBitsRequest(slave, address, unpack_bits(data, count))
         return WriteRegistersRequest(slave, address, registers(count).unpack(data))
@@ -365,13 +367,17 @@ def decode_request(slave: int, pdu: bytes | bytearray) -> Request:
         if len(body) < 1 or body[0] != len(body) - 1:
             raise FrameError("function 21 request whose byte count is not its length")
         if len(body) < 8 or body[1] != 6:
-            raise reject(3, "function 21 takes one sub-request of reference type 6")
+            raise RequestRejected(
+                slave, fc, 3, "function 21 takes one sub-request of reference type 6"
+            )
         words = int.from_bytes(body[6:8], "big")
         if 8 + 2 * words != len(body) or words == 0:
-            raise reject(3, f"record length {words} with {len(body) - 8} data bytes")
+            raise RequestRejected(
+                slave, fc, 3, f"record length {words} with {len(body) - 8} data bytes"
+            )
         record = int.from_bytes(body[4:6], "big")
         if record > 9999:
-            raise reject(2, f"record {record} is outside 0..9999")
+            raise RequestRejected(slave, fc, 2, f"record {record} is outside 0..9999")
         return WriteFileRecordRequest(
             slave, int.from_bytes(body[2:4], "big"), record, bytes(body[8:])
         )
@@ -383,11 +389,13 @@ def decode_request(slave: int, pdu: bytes | bytearray) -> Request:
         if len(body) != 3:
             raise FrameError(f"function 43 request has {len(body)} data bytes, not 3")
         if body[0] != 14:
-            raise reject(1, f"MEI type {body[0]} is not 14 (device identification)")
+            raise RequestRejected(
+                slave, fc, 1, f"MEI type {body[0]} is not 14 (device identification)"
+            )
         if body[1] not in (1, 2, 3, 4):
-            raise reject(3, f"read device id code {body[1]} is outside 1..4")
+            raise RequestRejected(slave, fc, 3, f"read device id code {body[1]} is outside 1..4")
         return DeviceIdRequest(slave, body[1], body[2])
-    raise reject(1, f"function {fc} is not supported")
+    raise RequestRejected(slave, fc, 1, f"function {fc} is not supported")
 
 
 # ---------------------------------------------------------------- responses
@@ -471,11 +479,11 @@ def encode_response(resp: Response) -> bytes:
         packed = pack_bits(resp.bits)
         body = bytes([len(packed)]) + packed
     elif isinstance(resp, ReadRegistersResponse):
-        for r in resp.registers:
-            _u16("register", r)
-        body = bytes([2 * len(resp.registers)]) + registers(len(resp.registers)).pack(
-            *resp.registers
-        )
+        n = len(resp.registers)
+        try:
+            body = bytes([2 * n]) + registers(n).pack(*resp.registers)
+        except (struct.error, ValueError) as exc:  # ValueError: more than 127 registers
+            raise LocalError(f"registers {resp.registers!r} do not fit a response") from exc
     elif isinstance(resp, WriteSingleResponse):
         body = _u16("address", resp.address) + _u16("value", resp.value)
     elif isinstance(resp, WriteMultipleResponse):

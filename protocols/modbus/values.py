@@ -110,7 +110,10 @@ class Space(enum.StrEnum):
 
     @property
     def read_function(self) -> int:
-        return {"coil": 1, "discrete": 2, "holding": 3, "input": 4}[self.value]
+        return _READ_FUNCTION[self]
+
+
+_READ_FUNCTION = {Space.COIL: 1, Space.DISCRETE: 2, Space.HOLDING: 3, Space.INPUT: 4}
 
 
 class DataType(enum.StrEnum):
