@@ -39,6 +39,7 @@ __all__ = [
     "BatchConfig",
     "BusConfig",
     "Config",
+    "Confirm",
     "DeviceConfig",
     "GatewayConfig",
     "LogConfig",
@@ -119,8 +120,20 @@ class TlsConfig:
     insecure: bool = False  # skip hostname and chain checks: for a bench only
 
 
+#: what deletes a spooled batch: the hub's signed receipt (when the gateway has the
+#: hub's key), or the broker's PUBACK
+Confirm: TypeAlias = Literal["receipt", "puback"]
+
+
 @dataclass(frozen=True, slots=True)
 class UplinkConfig:
+    """How this gateway talks to its broker: one value, passed whole to the uplink
+    (:class:`agent.uplink.Uplink`), never copied field by field. ``[uplink]`` of the
+    file with the gateway's id and the client id resolved, and the uplink's tuning
+    that the file does not set (tests and benches do, with ``dataclasses.replace``).
+    """
+
+    gateway: str = ""  # [gateway] id: the topics' gateway and the default client id
     host: str = "127.0.0.1"
     port: int = 1883
     client_id: str = ""  # resolved: "vitals-<gateway id>" when left empty
@@ -135,6 +148,16 @@ class UplinkConfig:
     backoff_max_s: float = 30.0
     confirm_timeout_s: float = 60.0  # a sent batch with no hub receipt after this goes again
     heartbeat_s: float = 10.0  # the signed heartbeat naming what the spool holds
+    # not in the file
+    confirm: Confirm = "receipt"  # "puback": the old rule, even with the hub's key
+    publish_timeout_s: float = 30.0  # a PUBACK later than this: the connection failed
+    # a broker (or a NAT, a proxy) that accepts TCP but never answers CONNECT must
+    # not hold the uplink for the publish timeout: give up and back off sooner
+    connect_timeout_s: float = 10.0
+    # a failure that lasts is logged again at WARNING: first after warn_after_s,
+    # then at doubling intervals up to warn_every_s
+    warn_after_s: float = 60.0
+    warn_every_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -663,6 +686,7 @@ def _uplink(t: Table, gateway_id: str, base: Path) -> UplinkConfig:
     tls = _tls(t.get_table("tls"), base)
     t.finish()
     return UplinkConfig(
+        gateway=gateway_id,
         host=host,
         port=port,
         client_id=client_id or f"vitals-{gateway_id}",

@@ -36,7 +36,7 @@ from agent.status import StatusWriter, summary
 from agent.tap import serve_tap, tap_socket_path
 from agent.tls import tls_context
 from agent.transport import ModbusLink
-from agent.uplink import GapSigner, HeartbeatSigner, Uplink, UplinkSettings
+from agent.uplink import GapSigner, HeartbeatSigner, Uplink
 from protocols import envelope
 from protocols.gap import GapRange, seal_gap
 from protocols.payload import PointInfo
@@ -224,30 +224,13 @@ class Agent:
                 epoch=self.epoch,
                 clock=self.clock,
             )
-        up = cfg.uplink
-        self._tls = tls_context(up.tls)
-        settings = UplinkSettings(
-            gateway=cfg.gateway.id,
-            host=up.host,
-            port=up.port,
-            client_id=up.client_id,
-            keepalive_s=up.keepalive_s,
-            prefix=up.topic_prefix,
-            username=up.username or None,
-            password=up.password or None,
-            tls=self._tls,
-            window=up.window,
-            backlog_share=up.backlog_share,
-            backoff_min_s=up.backoff_min_s,
-            backoff_max_s=up.backoff_max_s,
-            confirm_timeout_s=up.confirm_timeout_s,
-            heartbeat_s=up.heartbeat_s,
-        )
+        self._tls = tls_context(cfg.uplink.tls)
         hub_key = await asyncio.to_thread(load_hub_key, state)
-        settings = replace(settings, **self._uplink_overrides)
+        settings = replace(cfg.uplink, **self._uplink_overrides)  # tests: quicker timings
         self.uplink = Uplink(
             settings,
             self.spool,
+            tls=self._tls,
             meta=self._meta(identity, self.epoch),
             gap_signer=self._gap_signer(identity, self.epoch),
             hub_key=hub_key,

@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from agent.channel import Notify
 from protocols.errors import LocalError
 from protocols.gap import GapRange, GapReason
 
@@ -282,8 +283,10 @@ class Spool:
         self.split_batches = 0  # batches re-sealed as smaller ones (they could not pass)
         self.last_confirmed_id = 0  # the newest batch a receipt deleted
         self.moved_aside = 0
-        self.added = asyncio.Event()  # set on every append
-        self.gaps_added = asyncio.Event()  # set when a gap row is written
+        #: to the uplink, its only receiver: something to send (batches appended, gap
+        #: rows written, batches due again); tokens coalesce, nobody else touches it
+        self.news = Notify()
+        self._due: deque[int] = deque()  # ids to hand out again, oldest first
         self.empty = asyncio.Event()  # set while nothing waits for a PUBACK (or a receipt)
         self._ack_wake = asyncio.Event()
 
@@ -309,9 +312,7 @@ class Spool:
         await spool._call(spool._open_sync)
         if spool._count == 0:
             spool.empty.set()
-        if spool._has_gaps:
-            spool.gaps_added.set()
-        spool.added.set()
+        spool.news.send()  # what it holds from before, gap rows too
         return spool
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -613,12 +614,10 @@ class Spool:
         self.appended += len(stored)
         if stored:
             self.empty.clear()
-            self.added.set()
         elif len(self._acked_ids) >= self._count:
             self.empty.set()
-        if self._has_gaps:
-            self.gaps_added.set()
-            self.added.set()
+        if stored or self._has_gaps:
+            self.news.send()
         return stored
 
     def _append_sync(self, batches: list[Row]) -> tuple[list[Row], int]:
@@ -828,8 +827,7 @@ class Spool:
         if self._deletes != deletes:
             self._tail.clear()
         if self._has_gaps:
-            self.gaps_added.set()
-            self.added.set()
+            self.news.send()
         if len(self._acked_ids) >= self._count:
             self.empty.set()
 
@@ -1120,11 +1118,24 @@ class Spool:
 
     def resend(self, ids: Sequence[int]) -> list[int]:
         """Of ``ids`` (the hub asked for them), those sent already: they go out again
-        (the others are on their way anyway)."""
+        (:meth:`send_again`; the others are on their way anyway)."""
         self._purge()
         again = [i for i in ids if i in self._sent]
         self._again(again, time.monotonic())
+        self.send_again(again)
         return again
+
+    def send_again(self, ids: Sequence[int]) -> None:
+        """Hand these batches out again (their receipt is late, or the hub asked):
+        :meth:`due` gives them to the uplink, which :attr:`news` wakes."""
+        if ids:
+            self._due.extend(ids)
+            self.news.send()
+
+    def due(self, limit: int) -> list[int]:
+        """Up to ``limit`` ids of batches to send again, oldest first (:meth:`send_again`)."""
+        due = self._due
+        return [due.popleft() for _ in range(min(limit, len(due)))]
 
     async def rows(self, ids: Sequence[int]) -> list[SpoolRow]:
         """The batches ``ids`` still in the spool, in id order."""
@@ -1179,8 +1190,7 @@ class Spool:
         self._purge()
         self.split_batches += 1
         self.empty.clear()
-        self.added.set()
-        self.gaps_added.set()
+        self.news.send()
         return True
 
     def _split_sync(self, old: SpoolRow, parts: list[Row]) -> bool:
@@ -1226,8 +1236,7 @@ class Spool:
         the uplink sends their notice like any other."""
         if ranges:
             await self._call(self._note_gaps_sync, list(ranges))
-            self.gaps_added.set()
-            self.added.set()
+            self.news.send()
 
     def _note_gaps_sync(self, ranges: list[GapRange]) -> None:
         assert self._db is not None
@@ -1345,6 +1354,8 @@ class Spool:
     async def gaps_sent(self, ids: Sequence[int]) -> None:
         """Delete gap rows whose notice the broker has acknowledged."""
         await self._call(self._gaps_sent_sync, list(ids))
+        if self._has_gaps:  # written while that notice was on its way
+            self.news.send()
 
     def _gaps_sent_sync(self, ids: list[int]) -> None:
         assert self._db is not None

@@ -51,10 +51,11 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from agent.commands import MAX_COMMAND_BYTES, CommandExecutor, CommandRefused, on_message
+from agent.config import UplinkConfig
 from agent.confpush import ConfigReceiver
 from agent.mqtt import Message, MqttClient, MqttError, MqttRefused
 from agent.spool import Row, Spool, SpoolRow
@@ -71,7 +72,6 @@ __all__ = [
     "HeartbeatSigner",
     "Splitter",
     "Uplink",
-    "UplinkSettings",
     "explain",
     "gap_topic",
 ]
@@ -205,43 +205,16 @@ def explain(exc: BaseException, host: str, port: int) -> Failure:
     return Failure("other", text, _DIAG, False)
 
 
-@dataclass(frozen=True)
-class UplinkSettings:
-    gateway: str
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = ""
-    keepalive_s: int = 30
-    prefix: str = topics.DEFAULT_PREFIX
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: ssl.SSLContext | None = field(default=None, repr=False)
-    window: int = 32
-    backlog_share: float = 0.5
-    backoff_min_s: float = 0.5
-    backoff_max_s: float = 30.0
-    publish_timeout_s: float = 30.0
-    # a broker (or a NAT, a proxy) that accepts TCP but never answers CONNECT must
-    # not hold the uplink for the publish timeout: give up and back off sooner
-    connect_timeout_s: float = 10.0
-    # a failure that lasts is logged again at WARNING: first after warn_after_s,
-    # then at doubling intervals up to warn_every_s
-    warn_after_s: float = 60.0
-    warn_every_s: float = 600.0
-    # "receipt": a batch leaves the spool on the hub's signed receipt (when the
-    # gateway knows the hub key); "puback": on the broker's PUBACK (the old rule)
-    confirm: str = "receipt"
-    # a batch the broker acknowledged with no receipt after this long is sent again
-    confirm_timeout_s: float = 60.0
-    heartbeat_s: float = 10.0
-
-
 class Uplink:
+    """Publishes what ``spool`` holds to the broker ``settings`` names (passed whole,
+    :class:`agent.config.UplinkConfig`), over ``tls`` when given."""
+
     def __init__(
         self,
-        settings: UplinkSettings,
+        settings: UplinkConfig,
         spool: Spool,
         *,
+        tls: ssl.SSLContext | None = None,
         meta: bytes | None = None,
         gap_signer: GapSigner | None = None,
         hub_key: bytes | None = None,
@@ -269,13 +242,13 @@ class Uplink:
         self.resend_asks = 0
         self._refused_logged = False
         self._batch_refused_logged = False
-        self._again: deque[int] = deque()  # ids to send again (no receipt, or the hub asked)
         self._failed: list[SpoolRow] = []  # this session's batches the connection failed
         self._careful = 0  # publishes to make one at a time (after a failure: who did it?)
         self._resets: dict[int, int] = {}  # id -> connections that failed with it alone
         self._client_now: MqttClient | None = None
         self._receipt_at = -float("inf")  # when the last receipt came (monotonic)
         self._s = settings
+        self._tls = tls
         self._spool = spool
         self._meta = meta
         self._gap_signer = gap_signer
@@ -328,12 +301,12 @@ class Uplink:
             s.host,
             s.port,
             client_id=s.client_id or f"vitals-{s.gateway}",
-            username=s.username,
-            password=s.password,
+            username=s.username or None,
+            password=s.password or None,
             keepalive=s.keepalive_s,
-            tls=s.tls,
-            will=(topics.status(s.gateway, s.prefix), b"offline", 1, True),
-            farewell=(topics.status(s.gateway, s.prefix), b"offline", 0, True),
+            tls=self._tls,
+            will=(topics.status(s.gateway, s.topic_prefix), b"offline", 1, True),
+            farewell=(topics.status(s.gateway, s.topic_prefix), b"offline", 0, True),
             connect_timeout=s.connect_timeout_s,
             ack_timeout=s.publish_timeout_s,
             # commands (and receipts) are the only messages we receive: larger ones are
@@ -341,7 +314,7 @@ class Uplink:
             max_message_size=MAX_RECEIVED_BYTES if self.receipts_on else MAX_COMMAND_BYTES,
             on_drop=self.commands.on_drop if self.commands is not None else None,
             # a pushed configuration has a cap of its own
-            topic_caps={topics.config(s.gateway, s.prefix): MAX_CONFIG_BYTES}
+            topic_caps={topics.config(s.gateway, s.topic_prefix): MAX_CONFIG_BYTES}
             if self.confpush is not None
             else None,
         )
@@ -451,15 +424,19 @@ class Uplink:
     async def _session(self, client: MqttClient, mark: int) -> None:
         s = self._s
         spool = self._spool
-        await client.publish(topics.status(s.gateway, s.prefix), b"online", qos=1, retain=True)
+        await client.publish(
+            topics.status(s.gateway, s.topic_prefix), b"online", qos=1, retain=True
+        )
         if self.commands is not None:
-            await client.subscribe(topics.cmd(s.gateway, s.prefix), qos=1)
+            await client.subscribe(topics.cmd(s.gateway, s.topic_prefix), qos=1)
         if self.receipts_on:
-            await client.subscribe(topics.receipt(s.gateway, s.prefix), qos=1)
+            await client.subscribe(topics.receipt(s.gateway, s.topic_prefix), qos=1)
         if self._meta is not None:
-            await client.publish(topics.meta(s.gateway, s.prefix), self._meta, qos=1, retain=True)
+            await client.publish(
+                topics.meta(s.gateway, s.topic_prefix), self._meta, qos=1, retain=True
+            )
         await spool.flush_acks()
-        topic = topics.batch(s.gateway, s.prefix)
+        topic = topics.batch(s.gateway, s.topic_prefix)
         room = asyncio.Semaphore(s.window)
         back_cursor, live_cursor = 0, mark
         back: deque[SpoolRow] = deque()
@@ -470,28 +447,23 @@ class Uplink:
         again: deque[SpoolRow] = deque()
         self._failed = []
         one = asyncio.Semaphore(1)  # careful: one batch in flight, to know which fails
-        spool.added.set()
-        if spool.has_gaps:
-            spool.gaps_added.set()
+        look = True  # read new batches: at the start, on the spool's news, while pages come full
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch(client), name="uplink.watch")
             if self.receipts_on:
                 tg.create_task(self._heartbeats(client), name="uplink.heartbeat")
                 tg.create_task(self._overdue(), name="uplink.overdue")
             while True:
-                if spool.gaps_added.is_set() and self._gap_signer and not self._gap_busy:
-                    spool.gaps_added.clear()
+                if spool.has_gaps and self._gap_signer and not self._gap_busy:
                     self._gap_busy = True
                     await room.acquire()
                     tg.create_task(self._send_gaps(client, room), name="uplink.gap")
-                if not live and spool.added.is_set():
-                    spool.added.clear()
+                if not live and (look or spool.news.take()):
                     rows = await spool.pending(live_cursor, read)
                     if rows:
                         live.extend(rows)
                         live_cursor = rows[-1].id
-                    if len(rows) == read:
-                        spool.added.set()  # more where these came from
+                    look = len(rows) == read  # more where these came from
                 if not back and not back_done:
                     rows = await spool.pending(back_cursor, read, upto_id=mark)
                     if rows:
@@ -501,11 +473,10 @@ class Uplink:
                         back_done = True
                         if back_sent:
                             log.info("uplink: backlog of %d batches sent", back_sent)
-                if not again and self._again:
-                    n = min(read, len(self._again))
-                    again.extend(await spool.rows([self._again.popleft() for _ in range(n)]))
+                if not again and (due := spool.due(read)):
+                    again.extend(await spool.rows(due))
                 if not live and not back and not again:
-                    await spool.added.wait()
+                    look = await spool.news.wait()
                     continue
                 await room.acquire()
                 await client.drain()  # the socket's buffer is over its mark: wait
@@ -545,7 +516,7 @@ class Uplink:
     async def _watch(self, client: MqttClient) -> None:
         """Hand commands to the executor; raise MqttError when the connection fails, which
         ends the session even when the publishing loop is idle."""
-        receipts = topics.receipt(self._s.gateway, self._s.prefix)
+        receipts = topics.receipt(self._s.gateway, self._s.topic_prefix)
         if self.confpush is not None:  # subscribes, publishes its last report
             await self.confpush.attach(client)
         async for msg in client.messages:
@@ -554,7 +525,7 @@ class Uplink:
             if self.receipts_on and msg.topic == receipts:
                 await self._on_receipt(msg)
             elif self.commands is not None:
-                await on_message(client, msg, self.commands, prefix=self._s.prefix)
+                await on_message(client, msg, self.commands, prefix=self._s.topic_prefix)
 
     def _acked(
         self,
@@ -601,7 +572,7 @@ class Uplink:
                 exc,
                 row.epoch,
                 row.seq,
-                topics.batch(self._s.gateway, self._s.prefix),
+                topics.batch(self._s.gateway, self._s.topic_prefix),
             )
 
     async def _send_gaps(self, client: MqttClient, room: asyncio.Semaphore) -> None:
@@ -611,13 +582,10 @@ class Uplink:
             if not rows:
                 return
             data = self._gap_signer([g for _, g in rows])
-            await client.publish(gap_topic(self._s.gateway, self._s.prefix), data, qos=1)
+            await client.publish(gap_topic(self._s.gateway, self._s.topic_prefix), data, qos=1)
             await self._spool.gaps_sent([i for i, _ in rows])
             self.gap_notices += 1
             log.info("uplink: gap notice for %d dropped ranges acknowledged", len(rows))
-            if self._spool.has_gaps:
-                self._spool.gaps_added.set()
-                self._spool.added.set()
         finally:
             self._gap_busy = False
             room.release()
@@ -678,7 +646,7 @@ class Uplink:
         assert self._heartbeat_signer is not None
         held = await self._spool.held_ranges(MAX_HEARTBEAT_RANGES)
         done = client.publish_nowait(
-            topics.heartbeat(s.gateway, s.prefix), self._heartbeat_signer(held), qos=1
+            topics.heartbeat(s.gateway, s.topic_prefix), self._heartbeat_signer(held), qos=1
         )
         done.add_done_callback(_retrieved)
         self.heartbeats += 1
@@ -723,8 +691,7 @@ class Uplink:
                     timeout,
                     base * 2 ** min(quiet, 4),
                 )
-                self._again.extend(ids)
-                spool.added.set()
+                spool.send_again(ids)
                 continue
             stuck = [i for i in ids if spool.tries(i) > SPLIT_AFTER_TRIES]
             for row in await spool.rows(stuck):
@@ -735,8 +702,7 @@ class Uplink:
             log.info(
                 "uplink: %d batches had no receipt in %.0f s: sending again", len(ids), timeout
             )
-            self._again.extend(ids)
-            spool.added.set()
+            spool.send_again(ids)
 
     async def _after_failure(self) -> None:
         """A connection failed with batches in flight. With several, the next session
@@ -822,9 +788,7 @@ class Uplink:
                 asked = [(lo, min(hi, last)) for lo, hi in asked if lo <= last]
         self.resend_asks += 1
         held = await self._spool.held(epoch, asked)
-        again = self._spool.resend([i for i, _ in held])
-        self._again.extend(again)
-        self._spool.added.set()
+        again = self._spool.resend([i for i, _ in held])  # the spool hands them out again
         seqs = sorted({q for _, q in held})
         not_held: list[tuple[int, int]] = []
         k = 0

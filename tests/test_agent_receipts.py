@@ -24,10 +24,11 @@ from agent.batch import Batcher
 from agent.cli import app
 from agent.clock import SystemClock
 from agent.commands import CommandExecutor
+from agent.config import UplinkConfig
 from agent.rules import EdgeEvents, EventLink
 from agent.spool import Row, Spool, SpoolRow
 from agent.status import build_status
-from agent.uplink import Uplink, UplinkSettings
+from agent.uplink import Uplink
 from hub.core import HubCore
 from hub.worker import Hub
 from protocols import command as cmdproto
@@ -75,7 +76,7 @@ def _readings(n: int, point: int = 0, seed: int = 0) -> list[Reading]:
 def _uplink(
     spool: Spool, broker: MosquittoBroker, b: Batcher | None = None, **kw: object
 ) -> Uplink:
-    settings = UplinkSettings(
+    settings = UplinkConfig(
         gateway=GW,
         host=broker.host,
         port=broker.port,

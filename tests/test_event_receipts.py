@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import UplinkConfig
 from agent.rules import EdgeEvents, EventLink
 from agent.spool import Spool
-from agent.uplink import Uplink, UplinkSettings
+from agent.uplink import Uplink
 from hub.core import HubCore, Outcome
 from protocols import envelope, topics
 from protocols.ed25519 import PrivateKey
@@ -149,7 +150,7 @@ async def test_forged_receipts_delete_nothing(mosquitto: MosquittoBroker, tmp_pa
     event; a batch receipt never does, and an event receipt never deletes a batch."""
     aiomqtt = pytest.importorskip("aiomqtt", reason="the test's hub client needs aiomqtt")
     spool = await Spool.open(tmp_path / "spool.sqlite3", durability="off")
-    settings = UplinkSettings(gateway=GW, host=mosquitto.host, port=mosquitto.port)
+    settings = UplinkConfig(gateway=GW, host=mosquitto.host, port=mosquitto.port)
     uplink = Uplink(settings, spool, hub_key=HUB_KEY.public_key().public_bytes_raw())
     events = EdgeEvents([], gateway=GW, key=KEY, epoch=EPOCH)
     await events.load(spool)

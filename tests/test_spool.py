@@ -172,7 +172,7 @@ async def test_over_max_bytes_drops_the_oldest_and_writes_gap_rows(tmp_path: Pat
     assert gaps[0][1].first == 0 and gaps[-1][1].last == st["dropped_batches"] - 1
     assert sum(g.last - g.first + 1 for _, g in gaps) == st["dropped_batches"]
     assert sum(g.readings for _, g in gaps) == st["dropped_readings"]
-    assert spool.gaps_added.is_set()
+    assert spool.news.take()
     await spool.gaps_sent([i for i, _ in gaps])
     assert await spool.gaps() == []
     assert not spool.has_gaps
@@ -203,7 +203,7 @@ async def test_gap_rows_survive_a_restart(tmp_path: Path) -> None:
     await spool.append(_rows(1, range(4), size=300_000))
     await spool.close()
     spool = await Spool.open(path, max_bytes=MiB)
-    assert spool.has_gaps and spool.gaps_added.is_set()
+    assert spool.has_gaps and spool.news.take()
     assert [g for _, g in await spool.gaps()] == [GapRange(1, 0, 1, 20, "spool_full")]
     await spool.close()
 
@@ -361,4 +361,49 @@ async def test_sent_rows_wait_for_a_receipt_across_a_restart(tmp_path: Path) -> 
     assert [(g.first, g.last, g.readings, g.reason) for _, g in gaps] == [(2, 2, 10, "split")]
     assert await spool.confirm([(1, 0, 7)]) == 4
     assert spool.empty.is_set()
+    await spool.close()
+
+
+async def test_the_spools_news_coalesces_and_names_what_to_send(tmp_path: Path) -> None:
+    """The uplink's one wake-up: a token the spool sends (appends, gap rows, batches due
+    again), that never grows however often it is sent while the uplink is busy."""
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    assert spool.news.take()  # at open: whatever it holds from before
+    assert not spool.news.take()
+    for i in range(50):
+        await spool.append(_rows(1, range(i, i + 1)))
+    assert spool.news.take() and not spool.news.take()  # 50 appends, one token
+    assert spool.news.statistics()["dropped"] == 49
+    await spool.append([])  # nothing stored, no gap rows: no news
+    assert not spool.news.take()
+
+    rows = await spool.pending(0, 10)
+    spool.mark_sent([r.id for r in rows])
+    assert spool.due(10) == []
+    # the hub asks for two of them: due again, and the uplink is woken
+    assert spool.resend([rows[0].id, rows[1].id]) == [rows[0].id, rows[1].id]
+    assert spool.news.take()
+    assert spool.due(1) == [rows[0].id] and spool.due(10) == [rows[1].id]
+    assert spool.due(10) == []
+    spool.send_again([rows[2].id])  # no receipt in time
+    assert spool.news.take() and spool.due(10) == [rows[2].id]
+    spool.send_again([])
+    assert not spool.news.take()
+    await spool.close()
+
+
+async def test_gap_rows_written_while_a_notice_is_out_wake_the_uplink_again(
+    tmp_path: Path,
+) -> None:
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    spool.news.take()
+    await spool.note_gaps([GapRange(1, 0, 0, 0, "not_held")])
+    assert spool.news.take() and spool.has_gaps
+    out = await spool.gaps()  # the notice goes out with this row...
+    await spool.note_gaps([GapRange(1, 5, 5, 0, "not_held")])  # ...and one more is written
+    spool.news.take()
+    await spool.gaps_sent([i for i, _ in out])
+    assert spool.has_gaps and spool.news.take()  # the second needs a notice of its own
+    await spool.gaps_sent([i for i, _ in await spool.gaps()])
+    assert not spool.has_gaps and not spool.news.take()
     await spool.close()

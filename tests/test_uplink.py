@@ -13,8 +13,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from agent.config import UplinkConfig
 from agent.spool import Spool
-from agent.uplink import Uplink, UplinkSettings, gap_topic
+from agent.uplink import Uplink, gap_topic
 from protocols import envelope, topics
 from protocols.ed25519 import PrivateKey
 from protocols.gap import parse_gap, seal_gap
@@ -71,7 +72,7 @@ async def test_backlog_oldest_first_while_live_batches_get_their_share(
     got: list[tuple[str, bytes]] = []
     ready = asyncio.Event()
     up = Uplink(
-        UplinkSettings(
+        UplinkConfig(
             gateway=GW, host=mosquitto.host, port=mosquitto.port, window=1, backlog_share=0.5
         ),
         spool,
@@ -110,7 +111,7 @@ async def test_unreachable_broker_at_start_is_normal(
     port = free_port()
     spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
     await spool.append([_row(1, s) for s in range(5)])
-    up = Uplink(UplinkSettings(gateway=GW, port=port, backoff_min_s=0.05, backoff_max_s=0.2), spool)
+    up = Uplink(UplinkConfig(gateway=GW, port=port, backoff_min_s=0.05, backoff_max_s=0.2), spool)
     broker = MosquittoBroker(port)
     got: list[tuple[str, bytes]] = []
     ready = asyncio.Event()
@@ -165,7 +166,7 @@ async def test_dropped_batches_reach_the_hub_as_a_signed_gap_notice(
         return seal_gap(list(ranges), gateway=GW, key=KEY, epoch=2)  # type: ignore[call-overload]
 
     up = Uplink(
-        UplinkSettings(gateway=GW, host=mosquitto.host, port=mosquitto.port), spool, gap_signer=sign
+        UplinkConfig(gateway=GW, host=mosquitto.host, port=mosquitto.port), spool, gap_signer=sign
     )
     got: list[tuple[str, bytes]] = []
     ready = asyncio.Event()
@@ -200,7 +201,7 @@ async def test_a_broker_that_accepts_tcp_but_never_answers_connect_is_retried(
     server = await asyncio.start_server(mute, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
-    settings = UplinkSettings(
+    settings = UplinkConfig(
         gateway=GW,
         port=port,
         connect_timeout_s=0.3,
@@ -242,12 +243,12 @@ def _ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "agent.uplink"]
 
 
-def _quick(**kw: object) -> UplinkSettings:
+def _quick(**kw: object) -> UplinkConfig:
     """Settings that retry and re-warn within a fraction of a second."""
     base: dict[str, object] = dict(
         gateway=GW, backoff_min_s=0.02, backoff_max_s=0.05, warn_after_s=0.3, warn_every_s=0.6
     )
-    return UplinkSettings(**{**base, **kw})  # type: ignore[arg-type]
+    return UplinkConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
 async def test_an_untrusted_broker_certificate_reaches_warning_at_once_and_again(
@@ -274,7 +275,7 @@ async def test_an_untrusted_broker_certificate_reaches_warning_at_once_and_again
     spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
     await spool.append([_row(1, 0)])
     ctx = tls_context(TlsConfig(enabled=True, ca_file=wrong[2]))
-    up = Uplink(_quick(host="127.0.0.1", port=tls_port, tls=ctx), spool)
+    up = Uplink(_quick(host="127.0.0.1", port=tls_port), spool, tls=ctx)
     try:
         with caplog.at_level(logging.INFO, logger="agent.uplink"):
             await _run_until(
