@@ -390,7 +390,7 @@ def demo(
     """Agent, emulated terminals, broker and hub, live. Ctrl-C stops it."""
     if broker is not None:
         _broker_addr(broker)
-    _require_demo_extra("vitals demo", "aiomqtt", "amqtt")
+    _require_demo_extra("vitals demo", "amqtt")  # the embedded broker (aiomqtt is core)
     from simulator.demo import run_demo
 
     setup_logging("warning")
@@ -615,7 +615,6 @@ def sim_fleet(
     """
     if broker not in ("auto", "mosquitto", "embedded"):
         raise _fail(f"--broker {broker!r}", "choose from auto, mosquitto, embedded", 2)
-    _require_demo_extra("vitals sim fleet", "aiomqtt")
     from simulator import fleet
     from simulator.scenario import load_scenario
 

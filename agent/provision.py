@@ -62,7 +62,6 @@ import typer
 from tomlkit.exceptions import TOMLKitError
 
 from agent.config import Config, TlsConfig, load_config, parse_config
-from agent.mqtt import MqttClient, MqttError
 from agent.state import (
     HUB_KEY_FILE,
     KEY_FILE,
@@ -76,7 +75,6 @@ from agent.state import (
     save_hub_key,
 )
 from agent.tls import tls_context
-from agent.uplink import explain
 from protocols import enroll, envelope, topics
 from protocols.address import host_port
 from protocols.ed25519 import PrivateKey
@@ -543,6 +541,10 @@ async def enroll_key(
     does not answer in ``timeout_s``, :class:`BrokerUnreachable` when the broker
     cannot be reached. ``progress`` is told each step (for a spinner).
     """
+    # imported here: `vitals keygen`, `vitals hub token` need no MQTT client
+    from agent.mqtt import MqttClient, MqttError
+    from agent.uplink import explain
+
     data, nonce = enroll.request(
         gateway=gateway,
         new_key=new_key.private_key,

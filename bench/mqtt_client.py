@@ -1,4 +1,5 @@
-"""QoS 1 publish round trips: the agent's MQTT client against aiomqtt, in process.
+"""QoS 1 publish round trips: aiomqtt as it comes against aiomqtt through the agent's
+adapter (agent/mqtt.py), in process.
 
 ``python -m bench.mqtt_client [--publishes 2000] [--window 32] [--rounds 5]``
 
@@ -6,12 +7,13 @@ A private Mosquitto on a free loopback port; each client publishes
 ``--publishes`` messages of 750 bytes (a signed batch of ~250 readings) at QoS 1
 to one topic with ``--window`` in flight, the way each uplink does it:
 
-- ``aiomqtt``: the uplink before decision 17: a Semaphore and one task per
-  publish awaiting ``client.publish`` (``max_inflight_messages = window + 4``);
-- ``vitals``: the uplink now: ``publish_nowait`` and a done-callback per
-  Future, no task;
-- ``vitals-tasks``: ``await client.publish`` in one task per publish, like the
-  aiomqtt pattern, to separate the client's cost from the pattern's.
+- ``aiomqtt``: aiomqtt's own API: a Semaphore and one task per publish awaiting
+  ``client.publish`` (``max_inflight_messages = window + 4``; MQTT 3.1.1);
+- ``vitals``: the uplink: the adapter's ``publish_nowait`` and a done-callback
+  per Future, no task (MQTT 5);
+- ``vitals-tasks``: ``await client.publish`` through the adapter in one task per
+  publish, like the aiomqtt pattern, to separate the adapter's cost from the
+  pattern's.
 
 Reported per publish (median of the rounds): wall time, and this process's CPU
 time (client, event loop and the kernel's share of our socket calls; the

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from agent.config import load_config
@@ -72,7 +73,6 @@ pytestmark = [
     pytest.mark.mosquitto,
     pytest.mark.skipif(mosquitto_path() is None, reason="needs the mosquitto binary"),
 ]
-aiomqtt = pytest.importorskip("aiomqtt", reason="the hub needs aiomqtt (the hub extra)")
 
 GW = "gw-lying-1"
 PROFILES = ("sound_level_meter", "weather_station", "gas_detector")

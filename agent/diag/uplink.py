@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -50,8 +50,10 @@ from agent.diag._common import (
     escape,
     waiting,
 )
-from agent.mqtt import MqttClient, MqttError
 from protocols import topics
+
+if TYPE_CHECKING:  # imported when the check runs: `vitals hub token` needs no MQTT
+    from agent.mqtt import MqttClient
 
 __all__ = ["Step", "UplinkTarget", "check_uplink", "uplink_command"]
 
@@ -253,6 +255,8 @@ def _cert_detail(cert: dict[str, Any] | None, sslobj: Any) -> tuple[str, str]:
 async def _mqtt_steps(
     t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: float, say: Progress
 ) -> list[Step]:
+    from agent.mqtt import MqttClient, MqttError
+
     steps: list[Step] = []
     say("mqtt: connecting")
     client_id = f"{t.client_id or 'vitals'}-diag-{uuid.uuid4().hex[:6]}"
@@ -322,6 +326,8 @@ async def _mqtt_steps(
 
 
 async def _clock_step(client: MqttClient, prefix: str) -> Step:
+    from agent.mqtt import MqttError
+
     topic = topics.hub_time(prefix)
     # the retained copy comes first but may be up to a second old: wait a little for a
     # fresh one (the hub publishes every second) and fall back on the retained one
