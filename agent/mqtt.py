@@ -48,23 +48,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import socket
 import ssl
+import sys
+import types
+import urllib
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import aiomqtt
-import paho.mqtt.client as paho
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
-from protocols.errors import LocalError, RemoteError
+def _lazy_urllib_request() -> None:
+    """paho imports urllib.request (http.client, email: 3 MB of a gateway's 48) for
+    proxy settings it reads only when PySocks is installed: a stand-in module imports
+    the real one on first use (anyone who uses it gets the real thing)."""
+    if "urllib.request" in sys.modules:
+        return
+    stand_in = types.ModuleType("urllib.request")
+
+    def real(name: str) -> Any:
+        if sys.modules.get("urllib.request") is stand_in:
+            del sys.modules["urllib.request"]
+        module = importlib.import_module("urllib.request")  # binds urllib.request too
+        return getattr(module, name)
+
+    stand_in.__getattr__ = real  # type: ignore[method-assign]
+    sys.modules["urllib.request"] = stand_in
+    urllib.request = stand_in  # what `import urllib.request` binds on the package
+
+
+_lazy_urllib_request()
+
+# after the stand-in above
+import aiomqtt  # noqa: E402
+import paho.mqtt.client as paho  # noqa: E402
+from aiomqtt.exceptions import MqttConnectError  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
+
+from protocols.errors import LocalError, RemoteError  # noqa: E402
 
 __all__ = [
     "MAX_PACKET_SIZE",
