@@ -132,9 +132,17 @@ class Batcher:
         """Up to ``limit`` sealed batches, oldest first, now (``[]``: none waits)."""
         return self.sealed.take(limit)
 
-    def reseal(self, readings: list[Reading], *, unsynced: bool, parts: int = 2) -> list[Sealed]:
+    def reseal(
+        self,
+        readings: list[Reading],
+        *,
+        unsynced: bool,
+        split_of: tuple[int, int] | None = None,
+        parts: int = 2,
+    ) -> list[Sealed]:
         """``readings`` of a batch that could not pass, sealed again as ``parts`` batches
-        with new seqs of this epoch (returned, not queued: the spool swaps them in)."""
+        with new seqs of this epoch (returned, not queued: the spool swaps them in),
+        each naming ``split_of`` (that batch's epoch and seq) in its header."""
         size = -(-len(readings) // parts)
         out: list[Sealed] = []
         for i in range(0, len(readings), size):
@@ -149,6 +157,7 @@ class Batcher:
                 seq=seq,
                 enc=self._enc,
                 unsynced=unsynced,
+                split_of=split_of,
             )
             out.append(Sealed(self._epoch, seq, len(chunk), min(map(_ts, chunk)), data))
         self.batches_sealed += len(out)

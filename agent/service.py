@@ -185,7 +185,9 @@ class Agent:
         """A spooled batch's readings re-sealed as two batches with new seqs."""
         assert self.batcher is not None
         batch = envelope.parse(row.data)
-        parts = self.batcher.reseal(batch.readings(), unsynced=batch.header.unsynced)
+        parts = self.batcher.reseal(
+            batch.readings(), unsynced=batch.header.unsynced, split_of=(row.epoch, row.seq)
+        )
         return [(p.epoch, p.seq, p.n, p.t0, p.data) for p in parts]
 
     def _sealed(self) -> tuple[int, int]:

@@ -279,6 +279,7 @@ class Spool:
         self.sent = 0  # receipts on: PUBACKs (a batch sent again counts again)
         self.confirmed = 0  # batches a hub receipt deleted
         self.confirmed_readings = 0
+        self.refused_by_hub = 0  # batches a hub receipt of kind "refused" deleted (settled)
         self.republished = 0  # batches sent again: no receipt in time, or the hub asked
         self.split_batches = 0  # batches re-sealed as smaller ones (they could not pass)
         self.last_confirmed_id = 0  # the newest batch a receipt deleted
@@ -1005,9 +1006,10 @@ class Spool:
             self._sent.pop(i, None)
             self._tries.pop(i, None)
 
-    async def confirm(self, spans: Sequence[tuple[int, int, int]]) -> int:
+    async def confirm(self, spans: Sequence[tuple[int, int, int]], *, refused: bool = False) -> int:
         """Delete the batches a hub receipt covers: ``(epoch, first_seq, last_seq)``
-        spans, inclusive. Returns how many were deleted."""
+        spans, inclusive (``refused``: a receipt of kind "refused", the hub will never
+        store them; counted refused, not confirmed). Returns how many were deleted."""
         if not spans:
             return 0
         rows: list[tuple[int, int]] = await self._call(self._confirm_sync, list(spans))
@@ -1020,8 +1022,11 @@ class Spool:
             self._tries.pop(i, None)
         if self._tail:
             self._tail = deque(r for r in self._tail if r.id not in ids)
-        self.confirmed += len(rows)
-        self.confirmed_readings += sum(n for _, n in rows)
+        if refused:
+            self.refused_by_hub += len(rows)
+        else:
+            self.confirmed += len(rows)
+            self.confirmed_readings += sum(n for _, n in rows)
         self.last_confirmed_id = max(self.last_confirmed_id, *ids)
         if len(self._acked_ids) >= self._count:
             self.empty.set()
@@ -1469,6 +1474,7 @@ class Spool:
             "unconfirmed_oldest_s": self._oldest_unconfirmed_s(),
             "confirmed": self.confirmed,
             "confirmed_readings": self.confirmed_readings,
+            "refused_by_hub": self.refused_by_hub,
             "republished": self.republished,
             "split": self.split_batches,
             "disk_full": int(self.disk_full),

@@ -365,6 +365,11 @@ def render(path: Path, doc: dict[str, Any], why: str) -> None:
             f" (waiting longest {_age(sp.get('unconfirmed_oldest_s'))})"
             f", sent again {sp.get('republished', 0)}, split {sp.get('split', 0)}"
             + (
+                f", [red]refused by the hub {sp['refused_by_hub']}[/] (see the log)"
+                if sp.get("refused_by_hub")
+                else ""
+            )
+            + (
                 f", [red]{up['receipts_refused']} receipts refused[/] (not the hub's key)"
                 if up.get("receipts_refused")
                 else ""

@@ -64,7 +64,7 @@ from protocols.command import MAX_RESEND_RANGES
 from protocols.confpush import MAX_CONFIG_BYTES
 from protocols.errors import ProtocolError
 from protocols.gap import GapRange
-from protocols.receipt import MAX_HEARTBEAT_RANGES, EpochReceipt, parse_receipt
+from protocols.receipt import MAX_HEARTBEAT_RANGES, EpochReceipt, RefusedRange, parse_receipt
 
 __all__ = [
     "Failure",
@@ -84,6 +84,11 @@ HeartbeatSigner = Callable[[Sequence[tuple[int, int, int]]], bytes]
 #: a batch's readings re-sealed as two or more batches with new seqs (spool rows)
 Splitter = Callable[[SpoolRow], list[Row]]
 
+#: what to check when the hub refuses batches for good, by its reason
+_REFUSAL_HINTS: dict[str, str] = {
+    "too_old": "older than the hub takes (8 days): the spool kept them long, or the clock was wrong",
+    "bad_payload": "the gateway's software and the hub's disagree on the batch format",
+}
 #: receipts and commands share the connection: a receipt is larger than a command
 #: (up to 256 ranges per epoch), and anything larger is dropped unread
 MAX_RECEIVED_BYTES = 64 << 10
@@ -602,7 +607,8 @@ class Uplink:
             if receipt.header.gw != s.gateway:
                 raise ProtocolError(f"receipt for {receipt.header.gw!r}, not for us")
             receipt.verify(self._hub_key)
-            epochs = receipt.epochs()
+            refused = receipt.refused() if receipt.header.kind == "refused" else None
+            epochs = receipt.epochs() if refused is None else []
         except ProtocolError as exc:
             self.receipts_refused += 1
             if not self._refused_logged:
@@ -615,6 +621,10 @@ class Uplink:
                 )
             return
         self._receipt_at = time.monotonic()
+        if refused is not None:  # settled: the hub will never store these
+            self.receipts += 1
+            await self._on_refused(refused)
+            return
         if receipt.header.kind == "event":  # the edge events' series, not the batches'
             self.event_receipts += 1
             if self.on_event_receipt is not None:
@@ -629,6 +639,26 @@ class Uplink:
         done = await self._spool.confirm(spans)
         if done:
             log.debug("uplink: receipt confirmed %d batches", done)
+
+    async def _on_refused(self, refused: list[RefusedRange]) -> None:
+        """Delete the batches the hub refused for good; one line per reason."""
+        by_reason: dict[str, list[RefusedRange]] = {}
+        for r in refused:
+            by_reason.setdefault(r.reason, []).append(r)
+        for reason, ranges in sorted(by_reason.items()):
+            done = await self._spool.confirm(
+                [(r.epoch, r.first, r.last) for r in ranges], refused=True
+            )
+            if done:
+                log.warning(
+                    "uplink: the hub refused %d batches for good (%s: epoch/seq %s); deleted "
+                    "from the spool; hint: %s",
+                    done,
+                    reason,
+                    ", ".join(f"{r.epoch}/{r.first}-{r.last}" for r in ranges[:4])
+                    + (" ..." if len(ranges) > 4 else ""),
+                    _REFUSAL_HINTS.get(reason, "see the hub's log"),
+                )
 
     async def heartbeat(self) -> bool:
         """Publish a heartbeat now if connected (the agent does at a clean stop)."""

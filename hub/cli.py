@@ -388,6 +388,7 @@ def hub_stats_cmd(
         "missing batches",
         "dropped by gateway",
         "split",
+        "refused",
     ):
         t.add_column(col, justify="right" if col != "gateway" else "left")
     for gw, g in stats["gateways"].items():
@@ -399,6 +400,7 @@ def hub_stats_cmd(
             str(g["missing_batches"]),
             str(g["dropped_batches"]),
             str(g["split_batches"]),
+            str(g["refused_batches"]),
         )
     Console(highlight=False).print(t)
     typer.echo(

@@ -21,13 +21,19 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hub.store import BatchRow, SqliteStore, Store, TailRow, open_store
+from hub.store import REFUSED, BatchRow, SqliteStore, Store, TailRow, open_store
 from protocols import envelope, topics
 from protocols.errors import LocalError, ProtocolError, SignatureError
 from protocols.event import parse_event
 from protocols.gap import GapRange, parse_gap
 from protocols.reading import Reading
-from protocols.receipt import MAX_RECEIPT_EPOCHS, EpochReceipt, HeldRange, parse_heartbeat
+from protocols.receipt import (
+    MAX_RECEIPT_EPOCHS,
+    EpochReceipt,
+    HeldRange,
+    RefusedRange,
+    parse_heartbeat,
+)
 
 __all__ = ["HubCore", "Outcome", "SeqRanges"]
 
@@ -181,9 +187,17 @@ class HubCore:
         self._fixes: set[tuple[str, int]] = set()  # (gw, epoch) of clock corrections kept
         # ranges gateways declared dropped (gap notices) since this worker started
         self._dropped: dict[tuple[str, int], set[tuple[int, int]]] = {}
-        # seqs gateways re-sealed as smaller batches (gap notices "split") since this
-        # worker started: an original arriving late would store its readings twice
+        # seqs gateways re-sealed as smaller batches (gap notices "split", and the
+        # originals a stored part named): an original arriving late would store its
+        # readings twice. Loaded at start: few rows, and a restart must not forget them
         self._split: dict[tuple[str, int], SeqRanges] = {}
+        for gw, epoch, first, last in store.splits():
+            self._split.setdefault((gw, epoch), SeqRanges()).add(first, last)
+        # authentic batches refused for good (too_old, bad_payload), settled: recorded
+        # (gaps table, reason "refused:<why>"), never asked for again, and owed a
+        # receipt of kind "refused" (gw -> (epoch, reason) -> seqs) that deletes them
+        self._refused: dict[tuple[str, int], SeqRanges] = {}
+        self._refusals: dict[str, dict[tuple[int, str], SeqRanges]] = {}
         self.closed = False
         # per buffered batch: its claim row and its readings
         self._batch_rows: list[BatchRow] = []
@@ -302,30 +316,25 @@ class HubCore:
             batch.verify(key)
         except SignatureError as exc:
             return self._refuse(Outcome.BAD_SIGNATURE, h.gw, str(exc))
+        seen = self._seen.setdefault((h.gw, h.epoch), set())
+        split = self._split.get((h.gw, h.epoch))
+        # stored already, or re-sealed by the gateway as smaller batches (its readings
+        # are theirs): a duplicate, and the gateway missed a receipt: another
+        if h.seq in seen or (split is not None and not split.missing(h.seq, h.seq)):
+            return self._duplicate(h.gw, h.n)
         # a gateway whose clock is not synchronised may be weeks behind: its batches are
         # never refused for their times (replay protection is the (gw, epoch, seq) key)
         now_ms = time.time_ns() // 1_000_000
         if self.window_ms is not None and not h.unsynced and h.t1 < now_ms - self.window_ms:
-            return self._refuse(
-                Outcome.TOO_OLD, h.gw, f"t1 {h.t1} is behind the {self.window_ms} ms window"
+            return self._settle_refused(
+                Outcome.TOO_OLD, h, f"t1 {h.t1} is behind the {self.window_ms} ms window"
             )
-        seen = self._seen.setdefault((h.gw, h.epoch), set())
-        if h.seq in seen:
-            self.counters["duplicates"] += 1
-            self.counters["duplicate_readings"] += h.n
-            self._due.setdefault(h.gw, False)  # the gateway missed a receipt: another
-            return Outcome.DUPLICATE
-        split = self._split.get((h.gw, h.epoch))
-        if split is not None and not split.missing(h.seq, h.seq):
-            # re-sealed by the gateway as smaller batches: its readings are theirs
-            self.counters["duplicates"] += 1
-            self.counters["duplicate_readings"] += h.n
-            self._due.setdefault(h.gw, False)
-            return Outcome.DUPLICATE
         try:
             readings = batch.readings()
         except ProtocolError as exc:
-            return self._refuse(Outcome.BAD_PAYLOAD, h.gw, str(exc))
+            return self._settle_refused(Outcome.BAD_PAYLOAD, h, str(exc))
+        if h.split_of is not None and not self._part_of_new(h):
+            return self._duplicate(h.gw, h.n)
         seen.add(h.seq)
         if h.fix_offset_ms is not None:
             self._clock_fix(h, now_ms)
@@ -341,6 +350,70 @@ class HubCore:
         if self._buffered_readings >= self.flush_readings:
             self.flush()
         return Outcome.STORED
+
+    def _duplicate(self, gw: str, n: int) -> Outcome:
+        self.counters["duplicates"] += 1
+        self.counters["duplicate_readings"] += n
+        self._due.setdefault(gw, False)
+        return Outcome.DUPLICATE
+
+    def _part_of_new(self, h: envelope.BatchHeader) -> bool:
+        """A part of a split batch (its header names the original): True to store it,
+        the original then counted split (so it is refused if it comes later); False if
+        the original was stored first (the broker delivered it late): the part is
+        settled as split, never stored, so no reading is stored twice."""
+        assert h.split_of is not None
+        epoch, seq = h.split_of
+        now_ms = time.time_ns() // 1_000_000
+        if seq in self._seen.get((h.gw, epoch), ()) or self.store.has_batch(h.gw, epoch, seq):
+            self.flush()  # the original durable before a receipt settles its part
+            self._write_split(h.gw, h.epoch, h.seq, h.n, now_ms)
+            self.counters["split_parts_settled"] += 1
+            return False
+        split = self._split.get((h.gw, epoch))
+        if split is None or split.missing(seq, seq):
+            # durable before the part is: a restart must still refuse the original
+            self._write_split(h.gw, epoch, seq, 0, now_ms)
+        return True
+
+    def _write_split(self, gw: str, epoch: int, seq: int, n: int, now_ms: int) -> None:
+        """Record batch ``seq`` as split (its readings stored in other batches)."""
+        self.store.write_gaps([(gw, epoch, seq, seq, n, "split", now_ms)])
+        self._split.setdefault((gw, epoch), SeqRanges()).add(seq, seq)
+        self._dropped.setdefault((gw, epoch), set()).add((seq, seq))
+        self._epoch(gw, epoch).add(seq, seq)
+        self._due.setdefault(gw, False)
+
+    def _settle_refused(self, reason: Outcome, h: envelope.BatchHeader, detail: str) -> Outcome:
+        """Refuse an authentic batch for good, and settle it: recorded at once (the gaps
+        table, reason "refused:<reason>"), and a receipt of kind "refused" owed to the
+        gateway, which deletes it. Sent again, it is refused (and owed) again."""
+        self._refuse(reason, h.gw, detail)
+        done = self._refused.setdefault((h.gw, h.epoch), SeqRanges())
+        if done.missing(h.seq, h.seq):
+            now_ms = time.time_ns() // 1_000_000
+            self.store.write_gaps(
+                [(h.gw, h.epoch, h.seq, h.seq, h.n, REFUSED + str(reason), now_ms)]
+            )
+            done.add(h.seq, h.seq)
+        owed = self._refusals.setdefault(h.gw, {})
+        owed.setdefault((h.epoch, str(reason)), SeqRanges()).add(h.seq, h.seq)
+        return reason
+
+    def refusals_due(self) -> list[tuple[str, list[RefusedRange]]]:
+        """The receipts of kind "refused" to send now (each at most MAX_RECEIPT_EPOCHS
+        ranges): every batch refused for good since the last call."""
+        out: list[tuple[str, list[RefusedRange]]] = []
+        for gw, owed in self._refusals.items():
+            ranges = [
+                RefusedRange(epoch, lo, hi, reason)
+                for (epoch, reason), seqs in sorted(owed.items())
+                for lo, hi in seqs.r
+            ]
+            for i in range(0, len(ranges), MAX_RECEIPT_EPOCHS):
+                out.append((gw, ranges[i : i + MAX_RECEIPT_EPOCHS]))
+        self._refusals.clear()
+        return out
 
     def _clock_fix(self, h: envelope.BatchHeader, now_ms: int) -> None:
         """Keep a gateway's clock correction for its epoch (once; readings are
@@ -423,7 +496,12 @@ class HubCore:
                 for first, last in self._dropped.get((gw, epoch), ())
                 if first <= top
             )
-            n = top + 1 - len(self._seen.get((gw, epoch), ())) - dropped
+            refused = sum(
+                min(hi, top) - lo + 1
+                for lo, hi in self._refused.get((gw, epoch), SeqRanges()).r
+                if lo <= top
+            )
+            n = top + 1 - len(self._seen.get((gw, epoch), ())) - dropped - refused
             out[gw] = out.get(gw, 0) + max(0, n)
         return out
 
@@ -598,6 +676,9 @@ class HubCore:
         for e, w in want.items():
             have = self._epoch(gw, e)
             missing = [m for lo, hi in w.r for m in have.missing(lo, hi)]
+            refused = self._refused.get((gw, e))
+            if refused is not None:  # settled: refused for good, never asked for
+                missing = [p for a, b in missing for p in refused.missing(a, b)]
             if missing:
                 out[e] = missing
         return out
@@ -661,8 +742,10 @@ class HubCore:
     def _not_stored(self, gw: str, g: GapRange) -> list[GapRange]:
         """A "not_held" range without the seqs the hub has (the gateway answered a
         resend ask after a receipt of them had let it delete them): a batch stored is
-        never also counted dropped. Other reasons are kept as they came."""
-        if g.reason != "not_held":
+        never also counted dropped. A "split" range likewise (the original came before
+        the notice: stored, its parts are settled as split when they come). Other
+        reasons are kept as they came."""
+        if g.reason not in ("not_held", "split"):
             return [g]
         self._load(gw, g.epoch, g.first, g.last)
         pieces = self._epoch(gw, g.epoch).missing(g.first, g.last)

@@ -507,6 +507,9 @@ class PgStore(SqlStore):
     def top(self, gateway: str, epoch: int) -> int:
         return self._retry(lambda: SqlStore.top(self, gateway, epoch))
 
+    def has_batch(self, gateway: str, epoch: int, seq: int) -> bool:
+        return self._retry(lambda: SqlStore.has_batch(self, gateway, epoch, seq))
+
     def write_tails(self, rows: list[TailRow]) -> None:
         self._retry(lambda: self._write_tails(rows))
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hub.store import is_url, open_store
+from hub.store import REFUSED, is_url, open_store
 from protocols.gap import NOT_LOST
 
 __all__ = ["hub_stats", "sqlite_stats", "summarize"]
@@ -113,18 +113,27 @@ def _add_epoch(
     drops: list[tuple[int, int, int, str]],
 ) -> None:
     """Add one epoch's numbers to a gateway's: ``top`` is its highest seq stored;
-    batches re-sealed smaller (gap reason "split") are neither missing nor dropped."""
-    lost = [(f, last) for f, last, _, r in drops if r not in NOT_LOST]
+    batches re-sealed smaller (gap reason "split") are neither missing nor dropped,
+    nor are the batches the hub refused for good (reason "refused:<why>": settled,
+    counted refused)."""
+    refused = [d for d in drops if d[3].startswith(REFUSED)]
+    said = [d for d in drops if not d[3].startswith(REFUSED)]
+    lost = [(f, last) for f, last, _, r in said if r not in NOT_LOST]
     g["batches"] += count
     g["missing_batches"] += sum(b - a + 1 for a, b in missing)
     g["dropped_batches"] += sum(last - f + 1 for f, last in lost)
-    g["split_batches"] += sum(last - f + 1 for f, last, _, r in drops if r in NOT_LOST)
+    g["split_batches"] += sum(last - f + 1 for f, last, _, r in said if r in NOT_LOST)
+    g["refused_batches"] += sum(last - f + 1 for f, last, _, _ in refused)
     g["epochs"][str(epoch)] = {
         "batches": count,
         "last_seq": max([top, *(m[1] for m in missing), *(last for _, last, _, _ in drops)]),
         "missing": missing,
         "dropped_by_gateway": [
-            {"first": f, "last": last, "readings": n, "reason": r} for f, last, n, r in drops
+            {"first": f, "last": last, "readings": n, "reason": r} for f, last, n, r in said
+        ],
+        "refused_by_hub": [
+            {"first": f, "last": last, "readings": n, "reason": r.removeprefix(REFUSED)}
+            for f, last, n, r in refused
         ],
     }
 
@@ -171,5 +180,6 @@ def _no_batches() -> dict[str, Any]:
         "missing_batches": 0,
         "dropped_batches": 0,
         "split_batches": 0,  # re-sealed smaller by the gateway: their readings are stored
+        "refused_batches": 0,  # authentic, refused by the hub for good (settled, not missing)
         "epochs": {},
     }

@@ -30,6 +30,7 @@ from protocols.errors import LocalError
 from protocols.reading import Reading
 
 __all__ = [
+    "REFUSED",
     "BatchRow",
     "SqlStore",
     "SqliteStore",
@@ -41,6 +42,11 @@ __all__ = [
     "shard_dir",
     "shards",
 ]
+
+#: the gaps table's reason for a batch the hub refused for good: "refused:" + the
+#: refusal ("too_old", "bad_payload"); settled, neither missing nor dropped, and no
+#: batch receipt covers it (a receipt of kind "refused" does)
+REFUSED = "refused:"
 
 # gw, epoch, seq, n, t0, t1, received_ms, worker
 BatchRow = tuple[str, int, int, int, int, int, int, str]
@@ -67,6 +73,14 @@ class Store(Protocol):
 
     def seen(self) -> Iterable[tuple[str, int, int]]:
         """Every stored batch: (gateway, epoch, seq)."""
+        ...
+
+    def splits(self) -> Iterable[tuple[str, int, int, int]]:
+        """Every range recorded split (gap reason "split"): (gateway, epoch, first, last)."""
+        ...
+
+    def has_batch(self, gateway: str, epoch: int, seq: int) -> bool:
+        """Whether batch (gateway, epoch, seq) is stored."""
         ...
 
     def counters(self) -> dict[str, int]:
@@ -113,7 +127,7 @@ class Store(Protocol):
     def accounted(self, gateway: str, epoch: int, lo: int, hi: int) -> list[tuple[int, int]]:
         """Ranges of ``gateway``'s seqs ``lo..hi`` of ``epoch`` the database accounts
         for: batches stored and ranges named by its gap notices (may overlap, may
-        reach beyond lo..hi)."""
+        reach beyond lo..hi); not the batches the hub refused (:data:`REFUSED`)."""
         ...
 
     def top(self, gateway: str, epoch: int) -> int:
@@ -400,8 +414,9 @@ class SqlStore:
             (gateway, epoch, lo, hi),
         ).fetchall()
         gaps = self._run(
-            "SELECT first, last FROM gaps WHERE gw = ? AND epoch = ? AND first <= ? AND last >= ?",
-            (gateway, epoch, hi, lo),
+            "SELECT first, last FROM gaps WHERE gw = ? AND epoch = ? AND first <= ? AND last >= ?"
+            " AND substr(reason, 1, ?) != ?",
+            (gateway, epoch, hi, lo, len(REFUSED), REFUSED),
         ).fetchall()
         return [(int(a), int(b)) for a, b in [*runs, *gaps]]
 
@@ -415,6 +430,23 @@ class SqlStore:
 
     def write_tails(self, rows: list[TailRow]) -> None:
         raise NotImplementedError  # one transaction: SqliteStore's and hub.pg's own
+
+    def splits(self) -> Iterable[tuple[str, int, int, int]]:
+        return [
+            (str(gw), int(e), int(a), int(b))
+            for gw, e, a, b in self._run(
+                "SELECT gw, epoch, first, last FROM gaps WHERE reason = 'split'"
+            ).fetchall()
+        ]
+
+    def has_batch(self, gateway: str, epoch: int, seq: int) -> bool:
+        return (
+            self._run(
+                "SELECT 1 FROM batches WHERE gw = ? AND epoch = ? AND seq = ?",
+                (gateway, epoch, seq),
+            ).fetchone()
+            is not None
+        )
 
     # -- start-up -------------------------------------------------------------
 

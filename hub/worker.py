@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from hub.core import HubCore
 from hub.reconnect import Outage
 from protocols import command, topics
-from protocols.receipt import seal_receipt
+from protocols.receipt import seal_receipt, seal_refusal
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -78,7 +78,9 @@ class Hub:
     ``protocols.receipt``): after each write it publishes a signed receipt to each
     gateway it wrote for (at most once per second per gateway, and once per
     heartbeat), a receipt of kind "event" after each edge event it stored (at most
-    once per second per gateway), and asks a gateway that sends heartbeats for the seqs it misses
+    once per second per gateway), a receipt of kind "refused" for the batches it
+    refused for good (too old, a payload that does not decode: the gateway deletes
+    them), and asks a gateway that sends heartbeats for the seqs it misses
     longer than the core's ``hole_grace_s`` with a signed ``resend`` command.
 
     The connection is retried for ever with jittered, capped back-off; an
@@ -241,6 +243,11 @@ class Hub:
             for gw, entries in core.event_receipts_due():  # events are written as they come
                 wire = seal_receipt(key, gw, entries, time.time_ns() // 1_000_000, kind="event")
                 core.counters["event_receipts_sent"] += 1  # counted as it goes (below)
+                await publish(client, topics.receipt(gw, self.prefix), wire, qos=1)
+            # batches refused for good were recorded as they came: settle them now
+            for gw, refused in core.refusals_due():
+                wire = seal_refusal(key, gw, refused, time.time_ns() // 1_000_000)
+                core.counters["refusals_sent"] += 1
                 await publish(client, topics.receipt(gw, self.prefix), wire, qos=1)
             if not self._written and time.monotonic() < next_look:
                 continue

@@ -307,7 +307,10 @@ class BatchHeader:
     (its readings are stamped from its monotonic clock); ``fix_offset_ms``,
     ``fix_until`` and ``fix_last_seq`` (all three or none) are the gateway's clock
     correction for this epoch: readings of batches ``seq <= fix_last_seq`` stamped
-    ``ts < fix_until`` are truly at ``ts + fix_offset_ms``.
+    ``ts < fix_until`` are truly at ``ts + fix_offset_ms``. ``split_epoch`` and
+    ``split_seq`` (both or none) name the batch this one is a part of: its readings
+    re-sealed smaller because it could not pass the broker (the hub stores the
+    original or its parts, never both).
     """
 
     gw: str
@@ -322,6 +325,15 @@ class BatchHeader:
     fix_offset_ms: int | None = None
     fix_until: int | None = None
     fix_last_seq: int | None = None
+    split_epoch: int | None = None
+    split_seq: int | None = None
+
+    @property
+    def split_of(self) -> tuple[int, int] | None:
+        """(epoch, seq) of the batch this one is a part of, or None."""
+        if self.split_epoch is None or self.split_seq is None:
+            return None
+        return self.split_epoch, self.split_seq
 
     @property
     def unsynced(self) -> bool:
@@ -344,9 +356,12 @@ _BATCH_OPTIONAL: Final[Mapping[str, type]] = {
     "fix_offset_ms": int,
     "fix_until": int,
     "fix_last_seq": int,
+    "split_epoch": int,
+    "split_seq": int,
 }
 CLOCK_UNSYNCED: Final = "unsynced"
 _FIX_KEYS: Final = ("fix_offset_ms", "fix_until", "fix_last_seq")
+_SPLIT_KEYS: Final = ("split_epoch", "split_seq")
 _MAX_OFFSET_MS: Final = 100 * 366 * 86_400_000  # a century either way
 
 
@@ -392,11 +407,13 @@ def seal(
     enc: Encoding = "msgpack+zlib",
     unsynced: bool = False,
     fix: tuple[int, int, int] | None = None,
+    split_of: tuple[int, int] | None = None,
 ) -> bytes:
     """The wire bytes of a signed batch of ``readings`` (1 to MAX_READINGS of them).
 
     ``unsynced``: stamped while the gateway's clock was not synchronised.
     ``fix``: the epoch's clock correction ``(offset_ms, until, last_seq)``.
+    ``split_of``: ``(epoch, seq)`` of the batch these readings were re-sealed from.
     Raises :class:`LocalError` for arguments or readings that cannot be encoded.
     """
     _check_gateway(gateway)
@@ -421,6 +438,10 @@ def seal(
         protected["clock"] = CLOCK_UNSYNCED
     if fix is not None:
         protected.update(zip(_FIX_KEYS, fix, strict=True))
+    if split_of is not None:
+        _check_counter("split_epoch", split_of[0])
+        _check_counter("split_seq", split_of[1])
+        protected.update(zip(_SPLIT_KEYS, split_of, strict=True))
     return sign_message(BATCH_DOMAIN, protected, payload, key)
 
 
@@ -447,6 +468,12 @@ def parse(data: bytes) -> SealedBatch:
             _FIX_KEYS, (-_MAX_OFFSET_MS, 0, 0), (_MAX_OFFSET_MS, MAX_TS, _U63), strict=True
         ):
             _check_range(name, cast(int, f[name]), low, high)
+    has_split = [k in f for k in _SPLIT_KEYS]
+    if any(has_split):
+        if not all(has_split):
+            raise FrameError("protected header: split_epoch and split_seq go together")
+        for name in _SPLIT_KEYS:
+            _check_range(name, cast(int, f[name]), 0, _U63)
     return SealedBatch(header, msg.protected, msg.payload, msg.signature)
 
 

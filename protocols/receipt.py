@@ -12,7 +12,16 @@ specified in ``docs/envelope.md``.
 
 ``kind`` names the seq series: absent, the gateway's batches (``"batch"`` is
 never written); ``"event"``, its edge events (:mod:`protocols.event`, their own
-seq per epoch). Any other value is refused.
+seq per epoch); ``"refused"``, batches the hub refused for good (below). Any
+other value is refused.
+
+A receipt of kind ``"refused"`` settles authentic batches the hub will never
+store (a batch behind its age window, a payload that does not decode): the
+gateway deletes them and counts them refused. Its payload is a list of ranges
+with the hub's reason (``[a-z_]``, 1 to 32 characters: ``"too_old"``,
+``"bad_payload"``; a gateway takes any such word)::
+
+    payload   = msgpack [[epoch, first, last, reason], ...]     (n ranges)
 
 For each epoch the hub accounts for, ``upto`` is the highest seq such that
 every seq ``0..upto`` is durably accounted for (a batch stored, or named by a
@@ -36,9 +45,10 @@ possibly none). The hub answers each heartbeat with a receipt.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, TypeAlias, get_args
+from typing import Any, Final, Literal, TypeAlias, get_args
 
 from protocols import ed25519
 from protocols.envelope import (
@@ -65,12 +75,14 @@ __all__ = [
     "HeldRange",
     "ReceiptHeader",
     "ReceiptKind",
+    "RefusedRange",
     "SealedHeartbeat",
     "SealedReceipt",
     "parse_heartbeat",
     "parse_receipt",
     "seal_heartbeat",
     "seal_receipt",
+    "seal_refusal",
 ]
 
 RECEIPT_DOMAIN: Final = "vitals/receipt/v1"
@@ -82,8 +94,9 @@ MAX_RECEIPT_EPOCHS: Final = 64
 #: unconfirmed ranges in one heartbeat
 MAX_HEARTBEAT_RANGES: Final = 64
 _U63: Final = 2**63 - 1
-#: the seq series a receipt names: batches (the header has no ``kind``) or edge events
-ReceiptKind: TypeAlias = Literal["batch", "event"]
+#: the seq series a receipt names: batches (the header has no ``kind``), edge events,
+#: or batches the hub refused for good
+ReceiptKind: TypeAlias = Literal["batch", "event", "refused"]
 RECEIPT_KINDS: Final[tuple[ReceiptKind, ...]] = get_args(ReceiptKind)
 
 _RECEIPT_SCHEMA: Final = {"gw": str, "kid": bytes, "t": int, "n": int, "enc": str}
@@ -95,6 +108,9 @@ _HB_SCHEMA: Final = {
     "t": int,
     "enc": str,
 }
+
+
+_REASON: Final = re.compile(r"[a-z_]{1,32}")
 
 
 def _is_u63(v: object) -> bool:
@@ -143,6 +159,26 @@ class EpochReceipt:
 
 
 @dataclass(frozen=True, slots=True)
+class RefusedRange:
+    """Batches ``first..last`` (inclusive) of ``epoch`` the hub refused for good, and why."""
+
+    epoch: int
+    first: int
+    last: int
+    reason: str
+
+    def check(self) -> str | None:
+        """What is wrong with this range, or None."""
+        if not (_is_u63(self.epoch) and _is_u63(self.first) and _is_u63(self.last)):
+            return "epoch, first, last out of range"
+        if self.first > self.last:
+            return "first > last"
+        if type(self.reason) is not str or not _REASON.fullmatch(self.reason):
+            return "reason must be 1 to 32 of a-z and _"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class ReceiptHeader:
     gw: str
     kid: bytes
@@ -160,6 +196,8 @@ class SealedReceipt(Sealed[ReceiptHeader]):
 
     def epochs(self) -> list[EpochReceipt]:
         """The per-epoch entries, each checked; :class:`DecodeError` if anything is off."""
+        if self.header.kind == "refused":
+            raise DecodeError("a receipt of kind 'refused' lists refused ranges, not epochs")
         obj = unpack(
             self.message.payload,
             "receipt payload",
@@ -190,6 +228,31 @@ class SealedReceipt(Sealed[ReceiptHeader]):
             out.append(e)
         return out
 
+    def refused(self) -> list[RefusedRange]:
+        """The refused ranges of a receipt of kind "refused", each checked;
+        :class:`DecodeError` if anything is off."""
+        if self.header.kind != "refused":
+            raise DecodeError(f"a receipt of kind {self.header.kind!r} lists no refused ranges")
+        obj = unpack(
+            self.message.payload,
+            "refusal payload",
+            max_array_len=MAX_RECEIPT_EPOCHS,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+        if type(obj) is not list or len(obj) != self.header.n:
+            raise DecodeError(f"refusal payload must be an array of n={self.header.n} ranges")
+        out: list[RefusedRange] = []
+        for i, item in enumerate(obj):
+            if type(item) is not list or len(item) != 4:
+                raise DecodeError(f"refused range {i} must be [epoch, first, last, reason]")
+            r = RefusedRange(*item)
+            problem = r.check()
+            if problem is not None:
+                raise DecodeError(f"refused range {i}: {problem}")
+            out.append(r)
+        return out
+
 
 def seal_receipt(
     hub_key: ed25519.PrivateKey,
@@ -201,7 +264,7 @@ def seal_receipt(
 ) -> bytes:
     """The wire bytes of the hub's signed receipt to ``gw`` (1 to MAX_RECEIPT_EPOCHS
     epochs) for its batches, or (``kind="event"``) for its edge events."""
-    if kind not in RECEIPT_KINDS:
+    if kind not in ("batch", "event"):
         raise LocalError(f"a receipt names batches or events, not {kind!r}")
     if not 1 <= len(epochs) <= MAX_RECEIPT_EPOCHS:
         raise LocalError(f"a receipt names 1 to {MAX_RECEIPT_EPOCHS} epochs, got {len(epochs)}")
@@ -211,27 +274,48 @@ def seal_receipt(
         problem = e.check()
         if problem is not None:
             raise LocalError(f"bad receipt entry {e!r}: {problem}")
+    payload = [[e.epoch, e.upto, [list(r) for r in e.ranges]] for e in epochs]
+    return _seal(hub_key, gw, payload, t_ms, kind)
+
+
+def seal_refusal(
+    hub_key: ed25519.PrivateKey, gw: str, ranges: Sequence[RefusedRange], t_ms: int
+) -> bytes:
+    """The wire bytes of the hub's signed receipt of kind "refused": ``ranges`` (1 to
+    MAX_RECEIPT_EPOCHS) of ``gw``'s batches it will never store, each with its reason."""
+    if not 1 <= len(ranges) <= MAX_RECEIPT_EPOCHS:
+        raise LocalError(f"a refusal names 1 to {MAX_RECEIPT_EPOCHS} ranges, got {len(ranges)}")
+    for r in ranges:
+        problem = r.check()
+        if problem is not None:
+            raise LocalError(f"bad refused range {r!r}: {problem}")
+    payload = [[r.epoch, r.first, r.last, r.reason] for r in ranges]
+    return _seal(hub_key, gw, payload, t_ms, "refused")
+
+
+def _seal(
+    hub_key: ed25519.PrivateKey, gw: str, payload: list[list[Any]], t_ms: int, kind: ReceiptKind
+) -> bytes:
     if not 1 <= len(gw) <= MAX_GATEWAY_LEN or not _is_u63(t_ms):
         raise LocalError("bad gateway id or time for a receipt")
-    payload = pack([[e.epoch, e.upto, [list(r) for r in e.ranges]] for e in epochs])
     protected: dict[str, str | bytes | int] = {
         "gw": gw,
         "kid": key_id(hub_key),
         "t": t_ms,
-        "n": len(epochs),
+        "n": len(payload),
         "enc": "msgpack",
     }
     if kind != "batch":
         protected["kind"] = kind
-    return sign_message(RECEIPT_DOMAIN, protected, payload, hub_key)
+    return sign_message(RECEIPT_DOMAIN, protected, pack(payload), hub_key)
 
 
 def parse_receipt(data: bytes) -> SealedReceipt:
     """A receipt's parts and checked header; no crypto. :class:`FrameError` if malformed."""
     msg = parse_message(data)
     fields = msg.fields(_RECEIPT_SCHEMA, {"kind": str})
-    # one encoding per meaning: batches have no "kind", events have "event"
-    if fields.get("kind", "event") != "event":
+    # one encoding per meaning: batches have no "kind", events "event", refusals "refused"
+    if fields.get("kind", "event") not in ("event", "refused"):
         raise FrameError(f"receipt header: unknown kind {fields['kind']!r}")
     header = ReceiptHeader(**fields)  # type: ignore[arg-type]
     check_sender(header.gw, header.kid)

@@ -125,6 +125,7 @@ def test_forged_or_misrouted_gap_notices_are_refused(core: HubCore, tmp_path: Pa
             "missing_batches": 0,
             "dropped_batches": 0,
             "split_batches": 0,
+            "refused_batches": 0,
             "epochs": {},
         }
     }

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from hub.core import HubCore, Outcome, SeqRanges
@@ -28,7 +29,13 @@ from protocols import command, envelope, topics
 from protocols.ed25519 import PrivateKey
 from protocols.gap import GapRange, seal_gap
 from protocols.reading import Reading
-from protocols.receipt import EpochReceipt, HeldRange, parse_receipt, seal_heartbeat
+from protocols.receipt import (
+    EpochReceipt,
+    HeldRange,
+    RefusedRange,
+    parse_receipt,
+    seal_heartbeat,
+)
 from simulator.broker import MosquittoBroker, mosquitto_path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -370,3 +377,157 @@ async def test_the_worker_sends_receipts_after_the_write_and_asks_for_holes(
     assert "vitals_hub_resend_asks_total 1.0" in text
     assert "vitals_hub_hole_batches 0.0" in text
     core.close()
+
+
+# ------------------------------------------------------------ settled: refused for good
+
+
+def _undecodable(epoch: int, seq: int) -> bytes:
+    """A batch the gateway signed whose payload disagrees with its header (n); its
+    clock unsynced, so its times are not what refuses it."""
+    good = envelope.parse(batch(epoch, seq))
+    protected = dict(msgpack.unpackb(good.protected))
+    protected["n"] += 1
+    protected["clock"] = "unsynced"
+    return envelope.sign_message(envelope.BATCH_DOMAIN, protected, good.payload, KEY)
+
+
+def test_an_authentic_batch_refused_for_good_is_settled_not_missing(db: str) -> None:
+    """A hub whose window is 1 s: a batch of an hour ago is too old, an undecodable
+    one a bad payload; both are recorded at once, owed a receipt of kind "refused",
+    never asked for, and counted refused, not missing. An unsynced batch is never
+    refused for its times."""
+    core = new_core(db, window_ms=1000)
+    t = topics.batch(GW)
+    try:
+        assert core.handle(t, batch(1, 0)) == Outcome.TOO_OLD
+        old = [Reading(point=1, ts=T0 - 86_400_000, value=1.0)]
+        unsynced = envelope.seal(old, gateway=GW, key=KEY, epoch=1, seq=1, unsynced=True)
+        assert core.handle(t, unsynced) == Outcome.STORED
+        assert core.handle(t, _undecodable(1, 2)) == Outcome.BAD_PAYLOAD
+        assert core.refusals_due() == [
+            (GW, [RefusedRange(1, 2, 2, "bad_payload"), RefusedRange(1, 0, 0, "too_old")])
+        ]
+        assert core.refusals_due() == []  # said once
+        core.flush()
+        # the gateway still holds all three: the refused ones are no hole to ask for,
+        # and the batch receipt covers only what is stored
+        core.handle(topics.heartbeat(GW), heartbeat(1, 2, [HeldRange(1, 0, 2)]))
+        assert core.holes(GW) == {} and core.missing() == {GW: 0}
+        assert core.receipt(GW) == [EpochReceipt(1, -1, ((1, 1),))]
+        # sent again (the refusal was lost): refused again, owed again, recorded once
+        assert core.handle(t, batch(1, 0)) == Outcome.TOO_OLD
+        assert core.refusals_due() == [(GW, [RefusedRange(1, 0, 0, "too_old")])]
+        core.flush()
+        g = hub_stats(db)["gateways"][GW]
+        assert (g["batches"], g["missing_batches"], g["dropped_batches"]) == (1, 0, 0)
+        assert g["refused_batches"] == 2
+        assert g["epochs"]["1"]["refused_by_hub"] == [
+            {"first": 0, "last": 0, "readings": 3, "reason": "too_old"},
+            {"first": 2, "last": 2, "readings": 4, "reason": "bad_payload"},  # as its header says
+        ]
+        assert g["epochs"]["1"]["dropped_by_gateway"] == []
+        assert hub_stats(db)["rejected"] == {"too_old": 2, "bad_payload": 1}
+    finally:
+        core.close()
+
+
+def test_a_stored_batch_sent_again_after_the_window_is_a_duplicate(db: str) -> None:
+    """Dedup comes before the age window: a batch the hub has is receipted again,
+    never refused (and so never both stored and refused)."""
+    core = new_core(db)
+    try:
+        assert core.handle(topics.batch(GW), batch(1, 0)) == Outcome.STORED
+        core.flush()
+        core.window_ms = 1000
+        assert core.handle(topics.batch(GW), batch(1, 0)) == Outcome.DUPLICATE
+        assert core.refusals_due() == []
+        assert hub_stats(db)["gateways"][GW]["refused_batches"] == 0
+    finally:
+        core.close()
+
+
+# ------------------------------------------------------------ a split stored once
+
+
+def _original(epoch: int, seq: int) -> tuple[bytes, list[Reading]]:
+    rs = [Reading(point=9, ts=T0 + 500_000 + i, value=float(i)) for i in range(6)]
+    return envelope.seal(rs, gateway=GW, key=KEY, epoch=epoch, seq=seq), rs
+
+
+def _parts(rs: list[Reading], epoch: int, first: int, of: tuple[int, int]) -> list[bytes]:
+    """The original's readings re-sealed as two batches naming it (agent.batch.reseal)."""
+    halves = [rs[: len(rs) // 2], rs[len(rs) // 2 :]]
+    return [
+        envelope.seal(h, gateway=GW, key=KEY, epoch=epoch, seq=first + i, split_of=of)
+        for i, h in enumerate(halves)
+    ]
+
+
+def _stored_readings(db: str) -> int:
+    return int(hub_stats(db)["gateways"][GW]["readings"])
+
+
+@pytest.mark.parametrize(
+    "order",
+    ["original, notice, parts", "parts, notice, original", "original, parts, notice"],
+)
+def test_a_split_batch_is_stored_once_whatever_arrives_first(db: str, order: str) -> None:
+    """Seq 1 (6 readings) could not pass and was re-sealed as seqs 3 and 4 (naming
+    seq 1 in their headers), with a gap notice "split"; the broker delivered the
+    original late, or not. Whatever came first is stored, the rest settled: the hub
+    holds the 6 readings once, and accounts every seq."""
+    core = new_core(db)
+    t = topics.batch(GW)
+    original, rs = _original(2, 1)
+    parts = _parts(rs, 2, 3, of=(2, 1))
+    try:
+        for seq in (0, 2):
+            core.handle(t, batch(2, seq))  # 3 readings each
+        outcomes = []
+        for step in order.split(", "):
+            if step == "original":
+                outcomes.append(core.handle(t, original))
+            elif step == "notice":
+                assert core.handle(topics.gap(GW), gap(2, 1, 1, "split", readings=6)) == "gap"
+            else:
+                outcomes.extend(core.handle(t, p) for p in parts)
+        core.flush()
+        first_stored = order.startswith("original")
+        assert outcomes.count(Outcome.STORED) == (1 if first_stored else 2)
+        assert outcomes.count(Outcome.DUPLICATE) == (2 if first_stored else 1)
+        assert _stored_readings(db) == 2 * 3 + 6
+        assert core.receipt(GW) == [EpochReceipt(2, 4)]
+        g = hub_stats(db)["gateways"][GW]
+        assert (g["missing_batches"], g["dropped_batches"]) == (0, 0)
+        assert g["batches"] + g["split_batches"] == 5  # every seq, once
+        # sent again, late: still once
+        for again in (original, *parts):
+            assert core.handle(t, again) == Outcome.DUPLICATE
+        core.flush()
+        assert _stored_readings(db) == 2 * 3 + 6
+    finally:
+        core.close()
+
+
+@pytest.mark.parametrize("first", ["original", "parts"])
+def test_a_split_is_stored_once_across_a_restart(db: str, first: str) -> None:
+    """The hub restarts between the first arrival and the rest (no gap notice yet):
+    what it stored, or the split a part named, is read back from the store."""
+    core = new_core(db)
+    t = topics.batch(GW)
+    original, rs = _original(2, 1)
+    parts = _parts(rs, 2, 3, of=(2, 1))
+    earlier, later = ([original], parts) if first == "original" else (parts, [original])
+    for data in earlier:
+        assert core.handle(t, data) == Outcome.STORED
+    core.close()
+    again = new_core(db)
+    try:
+        for data in later:
+            assert again.handle(t, data) == Outcome.DUPLICATE
+        again.flush()
+        assert _stored_readings(db) == 6
+        assert hub_stats(db)["gateways"][GW]["missing_batches"] == 2  # 0 and 2 never came
+    finally:
+        again.close()
