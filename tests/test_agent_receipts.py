@@ -101,7 +101,9 @@ def _uplink(
     def split(row: SpoolRow) -> list[Row]:  # what agent.service does with the batcher
         assert b is not None
         batch = envelope.parse(row.data)
-        parts = b.reseal(batch.readings(), unsynced=batch.header.unsynced)
+        parts = b.reseal(
+            batch.readings(), unsynced=batch.header.unsynced, split_of=(row.epoch, row.seq)
+        )
         return [(p.epoch, p.seq, p.n, p.t0, p.data) for p in parts]
 
     return Uplink(

@@ -112,6 +112,19 @@ def test_wire_shape_is_the_documented_one() -> None:
     KEY.public_key().verify(signature, pack(["vitals/batch/v1", protected, payload]))
 
 
+def test_a_part_of_a_split_batch_names_its_original() -> None:
+    """Optional, signed: (epoch, seq) of the batch a part was re-sealed from; a batch
+    without it is byte for byte what it was before."""
+    part = parse(sealed(split_of=(2, 41)))
+    h = part.header
+    assert (h.split_epoch, h.split_seq, h.split_of) == (2, 41, (2, 41))
+    part.verify(KEY.public_key())
+    assert parse(sealed()).header.split_of is None
+    assert "split_epoch" not in msgpack.unpackb(msgpack.unpackb(sealed())[1])
+    with pytest.raises(LocalError, match="split_seq"):
+        sealed(split_of=(2, -1))
+
+
 def test_key_id() -> None:
     raw = KEY.public_key().public_bytes_raw()
     assert key_id(KEY) == hashlib.sha256(raw).digest()[:8]
@@ -238,6 +251,8 @@ BAD_HEADERS: list[tuple[str, bytes, str]] = [
     ("n huge", pack(header_map(n=10**6)), "n 1000000 is outside"),
     ("t0 negative", pack(header_map(t0=-5)), "t0 -5 is outside"),
     ("t1 before t0", pack(header_map(t1=T - 1)), f"t1 {T - 1} is outside [{T}, "),
+    ("split_seq alone", pack(header_map(split_seq=4)), "split_epoch and split_seq go together"),
+    ("split_seq negative", pack(header_map(split_epoch=1, split_seq=-1)), "split_seq -1 is"),
 ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import sqlite3
 import sys
@@ -531,3 +532,111 @@ def test_a_split_is_stored_once_across_a_restart(db: str, first: str) -> None:
         assert hub_stats(db)["gateways"][GW]["missing_batches"] == 2  # 0 and 2 never came
     finally:
         again.close()
+
+
+async def test_a_real_gateway_deletes_what_the_hub_refused_for_good(
+    mosquitto_log: MosquittoBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real hub worker whose window is 1 s and a real gateway (spool, uplink) whose
+    spool holds two batches of an hour ago, one with a clock not synchronised (never
+    refused for its times) and one the hub cannot decode: the refusals are the hub's
+    final word, signed; the gateway deletes them at once (no resend for a minute),
+    one log line per reason, and `vitals status` and `vitals hub stats` agree."""
+    pytest.importorskip("aiomqtt", reason="the hub needs aiomqtt (the hub extra)")
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+    from agent.config import UplinkConfig
+    from agent.spool import Spool
+    from agent.status import build_status
+    from agent.uplink import Uplink
+    from hub.worker import Hub
+
+    dbfile = tmp_path / "hub.sqlite3"
+    core = new_core(str(dbfile), window_ms=1000)
+    hub = Hub(
+        core,
+        host=mosquitto_log.host,
+        port=mosquitto_log.port,
+        client_id="hub-refuse",
+        hub_key=HUB_KEY,
+        flush_interval_s=0.05,
+    )
+    old = [Reading(point=1, ts=T0 - 86_400_000, value=1.0)]
+    wire = [
+        batch(5, 0),  # an hour ago, clock synchronised: too old for this hub
+        envelope.seal(old, gateway=GW, key=KEY, epoch=5, seq=1, unsynced=True),
+        _undecodable(5, 2),
+        batch(5, 3),
+    ]
+    spool = await Spool.open(tmp_path / "spool.sqlite3", durability="off")
+    await spool.append([(5, seq, 3, T0, data) for seq, data in enumerate(wire)])
+    settings = UplinkConfig(
+        gateway=GW,
+        host=mosquitto_log.host,
+        port=mosquitto_log.port,
+        backoff_min_s=0.05,
+        backoff_max_s=0.2,
+        heartbeat_s=0.5,
+        confirm_timeout_s=60.0,  # nothing is sent twice in this test: the hub settles it
+    )
+
+    def sign_heartbeat(held: object) -> bytes:
+        assert isinstance(held, list)
+        return seal_heartbeat(
+            KEY,
+            GW,
+            epoch=5,
+            sealed=3,
+            held=[HeldRange(*h) for h in held],
+            t_ms=time.time_ns() // 10**6,
+        )
+
+    up = Uplink(
+        settings,
+        spool,
+        gap_signer=lambda ranges: seal_gap(ranges, gateway=GW, key=KEY, epoch=5),
+        hub_key=HUB_KEY.public_key().public_bytes_raw(),
+        heartbeat=sign_heartbeat,
+    )
+    hub_task = asyncio.create_task(hub.run())
+    try:
+        await _hub_subscribed(mosquitto_log, "hub-refuse")
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(spool.run_acks()), tg.create_task(up.run())]
+            try:
+                await asyncio.wait_for(spool.empty.wait(), 30)
+            finally:
+                for task in tasks:
+                    task.cancel()
+    finally:
+        while not hub_task.done():  # its reconnect loop can miss one cancellation
+            hub_task.cancel()
+            await asyncio.wait({hub_task}, timeout=1.0)
+        core.close()
+    assert (spool.refused_by_hub, spool.confirmed, spool.republished) == (3, 1, 0)
+    lines = [r.getMessage() for r in caplog.records if "the hub refused" in r.getMessage()]
+    assert {ln.split("(")[1].split(":")[0] for ln in lines} == {"too_old", "bad_payload"}
+    assert len(lines) <= 3  # one per reason in each receipt of kind "refused"
+    # vitals status says so
+    stats = {"gateway": GW, "epoch": 5, "uptime_s": 1.0, "buses": {}}
+    stats |= {"spool": spool.statistics(), "uplink": up.statistics()}
+    agent = SimpleNamespace(
+        statistics=lambda: stats,
+        config=SimpleNamespace(
+            source=tmp_path / "gw.toml", gateway=SimpleNamespace(state_dir=tmp_path)
+        ),
+    )
+    (tmp_path / "status.json").write_text(json.dumps(build_status(agent)))
+    r = CliRunner().invoke(
+        app, ["status", "--status-file", str(tmp_path / "status.json")], env={"COLUMNS": "200"}
+    )
+    assert r.exit_code == 0, r.output
+    assert "refused by the hub 3" in r.output
+    await spool.close()
+    # and the hub's stats: the same three refused, one stored, nothing missing
+    g = hub_stats(dbfile)["gateways"][GW]
+    assert (g["batches"], g["refused_batches"], g["missing_batches"]) == (1, 3, 0)
+    assert core.counters["refusals_sent"] >= 1

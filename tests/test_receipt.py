@@ -16,10 +16,12 @@ from protocols.receipt import (
     RECEIPT_DOMAIN,
     EpochReceipt,
     HeldRange,
+    RefusedRange,
     parse_heartbeat,
     parse_receipt,
     seal_heartbeat,
     seal_receipt,
+    seal_refusal,
 )
 
 HUB = PrivateKey.from_private_bytes(bytes(range(32)))
@@ -66,6 +68,59 @@ def test_event_receipt_is_its_own_series_under_the_same_signature() -> None:
         forged.verify(RECEIPT_DOMAIN, HUB.public_key(), kid=key_id(HUB))
     with pytest.raises(LocalError):
         seal_receipt(HUB, "gw-1", entries, T, kind="meta")
+
+
+def test_refusal_settles_ranges_with_the_hubs_reason() -> None:
+    """A receipt of kind "refused": batches the hub will never store, each range with
+    its reason, signed like any receipt; it lists no epochs, a batch receipt no
+    refused ranges (one encoding per meaning)."""
+    ranges = [RefusedRange(5, 0, 0, "too_old"), RefusedRange(5, 2, 9, "bad_payload")]
+    r = parse_receipt(seal_refusal(HUB, "gw-1", ranges, T))
+    r.verify(HUB.public_key())
+    assert (r.header.kind, r.header.n, r.refused()) == ("refused", 2, ranges)
+    with pytest.raises(DecodeError, match="refused"):
+        r.epochs()
+    with pytest.raises(DecodeError, match="no refused ranges"):
+        parse_receipt(seal_receipt(HUB, "gw-1", [EpochReceipt(5, 3)], T)).refused()
+    with pytest.raises(SignatureError):
+        r.verify(GW.public_key())
+    # a reason the gateway does not know yet is still the hub's word: taken as it is
+    later = parse_receipt(seal_refusal(HUB, "gw-1", [RefusedRange(1, 4, 4, "quota")], T))
+    assert later.refused() == [RefusedRange(1, 4, 4, "quota")]
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        [],
+        [RefusedRange(1, 0, 0, "too_old")] * 65,
+        [RefusedRange(1, 3, 2, "too_old")],
+        [RefusedRange(1, 0, 0, "Too-Old")],
+        [RefusedRange(1, 0, 0, "")],
+        [RefusedRange(-1, 0, 0, "too_old")],
+    ],
+)
+def test_seal_refusal_refuses_bad_values(ranges: list[RefusedRange]) -> None:
+    with pytest.raises(LocalError):
+        seal_refusal(HUB, "gw-1", ranges, T)
+
+
+@pytest.mark.parametrize(
+    ("payload", "word"),
+    [
+        ([[1, 0, 0]], "range 0 must be"),
+        ([[1, 3, 2, "too_old"]], "first > last"),
+        ([[1, 0, 0, "x" * 33]], "reason"),
+        ([[1, 0, 0, 7]], "reason"),
+        ([[1, -1, 0, "too_old"]], "out of range"),
+        ([[1, 0, 0, "too_old"], [1, 1, 1, "too_old"]], "n=1"),
+    ],
+)
+def test_refusal_payloads_refused(payload: object, word: str) -> None:
+    prot = {"gw": "gw-1", "kid": key_id(HUB), "t": T, "n": 1, "enc": "msgpack", "kind": "refused"}
+    r = parse_receipt(sign_message(RECEIPT_DOMAIN, prot, pack(payload), HUB))
+    with pytest.raises(DecodeError, match=word):
+        r.refused()
 
 
 def test_covers() -> None:
@@ -219,7 +274,7 @@ def test_fuzz_receipts_round_trip(entries: list[EpochReceipt], kind: str) -> Non
     assert r.header.kind == kind
 
 
-@given(st.text(max_size=12).filter(lambda k: k != "event"))
+@given(st.text(max_size=12).filter(lambda k: k not in ("event", "refused")))
 def test_fuzz_receipt_kinds_other_than_event_refused(kind: str) -> None:
     """A batch receipt has no "kind" (one encoding per meaning): an explicit
     "batch", and every other word, is refused before any signature check."""
