@@ -154,7 +154,10 @@ interval_s = 0.2
         proc = await asyncio.create_subprocess_exec(
             *vitals, "run", "--config", str(cfg), stderr=asyncio.subprocess.PIPE
         )
-        await asyncio.sleep(3)
+        for _ in range(600):  # until its batches reach the hub: running, its handlers set
+            if core.counters["readings"] > 20 and core.counters["batches"] >= 2:
+                break
+            await asyncio.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
