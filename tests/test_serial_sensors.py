@@ -69,7 +69,8 @@ async def test_clean_frames_over_a_pty(kind: SensorKind) -> None:
     frames, emu, sensor = await _read_from_emulator(kind, 12)
     assert frames == emu.sent[:12]
     stats = sensor.statistics()
-    assert stats["frames"] == 12
+    # the read that carried the 12th frame may carry the next too (a loaded machine)
+    assert 12 <= stats["frames"] <= len(emu.sent)
     assert stats["bytes_skipped"] == 0
     assert stats["checksum_errors"] == 0
 
