@@ -30,6 +30,7 @@ from simulator.serial_sensors import (
     SensorKind,
     SerialSensorEmulator,
 )
+from tests.virtual_time import VirtualClock
 
 PARSERS: dict[str, Any] = {"pms5003": pms5003.Parser, "sds011": sds011.Parser, "gps": nmea.Parser}
 
@@ -135,21 +136,31 @@ def pipe() -> Iterator[tuple[FdStream, int]]:
         os.close(w)
 
 
-async def test_silent_sensor_raises(pipe: tuple[FdStream, int]) -> None:
+@pytest.mark.virtual_time
+async def test_silent_sensor_raises(
+    pipe: tuple[FdStream, int], virtual_clock: VirtualClock
+) -> None:
     stream, _ = pipe
-    sensor = SerialSensor(reader=stream, parser=sds011.Parser(), frame_timeout=0.2, name="pm")
+    sensor = SerialSensor(reader=stream, parser=sds011.Parser(), name="pm")  # 5 s timeout
+    t0 = virtual_clock.monotonic()
     with pytest.raises(SensorSilent) as err:
         await _take(sensor.frames(), 1)
+    assert virtual_clock.monotonic() - t0 == 5.0
     assert err.value.bytes_received == 0
     assert sensor.statistics()["timeouts"] == 1
 
 
-async def test_garbage_talking_sensor_is_silent_too(pipe: tuple[FdStream, int]) -> None:
+@pytest.mark.virtual_time
+async def test_garbage_talking_sensor_is_silent_too(
+    pipe: tuple[FdStream, int], virtual_clock: VirtualClock
+) -> None:
     stream, w = pipe
     os.write(w, b"\x00\x11garbage at the wrong baud rate" * 4)
-    sensor = SerialSensor(reader=stream, parser=sds011.Parser(), frame_timeout=0.2)
+    sensor = SerialSensor(reader=stream, parser=sds011.Parser())  # 5 s timeout
+    t0 = virtual_clock.monotonic()
     with pytest.raises(SensorSilent) as err:
         await _take(sensor.frames(), 1)
+    assert virtual_clock.monotonic() - t0 == 5.0  # bytes without a frame are silence
     assert err.value.bytes_received == 128
     assert "no valid frame" in str(err.value)
 
