@@ -25,6 +25,7 @@ from agent.diag import diag_app
 from drivers.profiles import load_profile
 from protocols.reading import Quality
 from simulator.tcp import TcpTerminal
+from tests.virtual_time import VirtualClock
 
 runner = CliRunner()
 VITALS_PY = [sys.executable, "-c", "from agent.diag import diag_app; diag_app()"]
@@ -297,14 +298,16 @@ def test_live_table_in_a_real_terminal(terminal: TcpTerminal, tmp_path: Path) ->
     assert [c.strip() for c in rows["overload"].split("│")][2] in ("on", "off")
 
 
-async def test_a_link_that_never_answers_cannot_hang_a_sample() -> None:
+@pytest.mark.virtual_time
+async def test_a_link_that_never_answers_cannot_hang_a_sample(virtual_clock: VirtualClock) -> None:
     """A link whose read never ends (the timerfd fault once made diag read hang for
-    10 minutes): the sample ends as comm-error, the link is closed to start afresh."""
+    10 minutes): the sample ends as comm-error after 3 link timeouts + 2 s, the link
+    is closed to start afresh, and the rest is not tried."""
     from agent.diag.read import read_sample
     from protocols.modbus import plan
 
     class StuckLink:
-        timeout_s = 0.05
+        timeout_s = 0.5
         describe = "stuck"
         closed = False
 
@@ -318,7 +321,9 @@ async def test_a_link_that_never_answers_cannot_hang_a_sample() -> None:
     prof = load_profile("sound_level_meter")
     link = StuckLink()
     requests = plan(prof.specs, max_registers=prof.max_registers, max_gap=prof.max_gap)
+    t0 = virtual_clock.monotonic()
     sample = await read_sample(link, 1, prof, requests, 1)  # type: ignore[arg-type]
+    assert virtual_clock.monotonic() - t0 == 3 * 0.5 + 2
     assert not sample.answered and link.closed
     assert {p.quality for p in sample.points} == {Quality.COMM_ERROR}
     assert len(sample.points) == len(prof.points)
