@@ -18,7 +18,6 @@ import fnmatch
 import ipaddress
 import json
 import re
-import zoneinfo
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1046,6 +1045,8 @@ def _rule(
                     window = (a, b)
         timezone = t.get_str("timezone")
         if timezone:
+            import zoneinfo  # only a rule with a time zone needs it (0.4 MB)
+
             try:
                 zoneinfo.ZoneInfo(timezone)
             except (zoneinfo.ZoneInfoNotFoundError, ValueError):

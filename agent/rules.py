@@ -31,7 +31,6 @@ import logging
 import random
 import ssl
 import time
-import zoneinfo
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +58,11 @@ class _LocalMinutes:
     """Minutes after local midnight of a ms timestamp; the UTC offset is cached per hour."""
 
     def __init__(self, timezone: str) -> None:
-        self._tz: datetime.tzinfo | None = zoneinfo.ZoneInfo(timezone) if timezone else None
+        self._tz: datetime.tzinfo | None = None
+        if timezone:
+            import zoneinfo  # only a rule with a time zone needs it (0.4 MB)
+
+            self._tz = zoneinfo.ZoneInfo(timezone)
         self._hour = -1
         self._offset_ms = 0
 
