@@ -60,7 +60,7 @@ class _LocalMinutes:
     def __init__(self, timezone: str) -> None:
         self._tz: datetime.tzinfo | None = None
         if timezone:
-            import zoneinfo  # only a rule with a time zone needs it (0.4 MB)
+            import zoneinfo  # only a rule with a time zone needs it (~0.2 MB resident)
 
             self._tz = zoneinfo.ZoneInfo(timezone)
         self._hour = -1
