@@ -6,7 +6,11 @@ before it counts as spooled, and deleted only after the hub's signed receipt
 covers it (:meth:`Spool.confirm`; the PUBACK only marks it sent,
 :meth:`Spool.mark_sent`), or, on a gateway that does not know the hub's key,
 after its PUBACK (:meth:`Spool.ack`). Sent batches with no receipt in time
-are handed out again by :meth:`Spool.overdue`. All SQLite calls run on one
+are found by :meth:`Spool.overdue` and queued again (:meth:`Spool.send_again`,
+or :meth:`Spool.resend` when the hub asks). The uplink learns that there is
+something to send from :attr:`Spool.news`, a one-token channel only the spool
+sends on (:class:`agent.channel.Notify`), and reads the rest itself (pending
+batches, :meth:`Spool.due`, :attr:`Spool.has_gaps`). All SQLite calls run on one
 dedicated thread so the event loop never blocks on disk.
 
 Durability policies (``[spool] durability``):
