@@ -63,6 +63,7 @@ from typing import Any, NoReturn
 
 import serial
 
+from agent.clock import libc as c_library
 from agent.portlock import port_error, refused_parity
 from protocols.errors import DeviceException, FrameError, RemoteError
 from protocols.modbus import Space, mbap
@@ -144,7 +145,7 @@ class _Timer:
         self._early = 0.0  # how long before ``when`` the timer is armed (learnt)
         self._libc: Any = None
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
+            libc = c_library()  # once a process: a CDLL a timer would pile up ctypes classes
             fd = libc.timerfd_create(self._CLOCK_MONOTONIC, self._TFD_CLOEXEC | self._TFD_NONBLOCK)
         except (OSError, AttributeError):
             return
