@@ -33,15 +33,13 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from agent.clock import Clock, SystemClock
-from agent.config import RuleConfig, RuleTarget
+from agent.config import RuleConfig, RuleTarget, UplinkConfig
 from agent.mqtt import MqttClient, MqttError
 from agent.spool import Spool
 from agent.uplink import explain
-from protocols import topics
 from protocols.ed25519 import PrivateKey
 from protocols.event import Event, EventState, event_topic, seal_event
 from protocols.reading import Quality, Reading
@@ -371,20 +369,6 @@ class RuleEngine:
 # --------------------------------------------------------------------------- agent side
 
 
-@dataclass(frozen=True)
-class EventLink:
-    """Where and how :meth:`EdgeEvents.publish` connects (the uplink's broker)."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = ""
-    username: str | None = None
-    password: str | None = None
-    prefix: str = topics.DEFAULT_PREFIX
-    keepalive_s: int = 30
-    tls: ssl.SSLContext | None = field(default=None, repr=False)
-
-
 class EdgeEvents:
     """Rules, signer and outbox of one agent.
 
@@ -569,20 +553,21 @@ class EdgeEvents:
         sent = self._sent
         return next((k for k in self.outbox if k not in sent), None)
 
-    async def publish(self, link: EventLink) -> None:
-        """Send the outbox forever on a connection of its own. Cancel to stop."""
-        topic = event_topic(self.gateway, link.prefix)
+    async def publish(self, link: UplinkConfig, tls: ssl.SSLContext | None = None) -> None:
+        """Send the outbox forever on a connection of its own to the uplink's broker
+        (``link``, passed whole; its client id with ``-events``). Cancel to stop."""
+        topic = event_topic(self.gateway, link.topic_prefix)
         attempt = 0
         while True:
             try:
                 async with MqttClient(
                     link.host,
                     link.port,
-                    client_id=link.client_id or f"vitals-{self.gateway}-events",
-                    username=link.username,
-                    password=link.password,
+                    client_id=f"{link.client_id or 'vitals-' + self.gateway}-events",
+                    username=link.username or None,
+                    password=link.password or None,
                     keepalive=link.keepalive_s,
-                    tls=link.tls,
+                    tls=tls,
                     ack_timeout=10.0,  # a PUBACK that late: reconnect and resend
                 ) as client:
                     attempt = 0

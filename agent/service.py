@@ -27,7 +27,7 @@ from agent.commands import CommandExecutor, agent_handlers
 from agent.config import SENSOR_BUS, BusConfig, Config
 from agent.confpush import ConfigReceiver, ConfigStore
 from agent.fwupdate import FirmwareCommands
-from agent.rules import EdgeEvents, EventLink
+from agent.rules import EdgeEvents
 from agent.sdnotify import SdNotifier
 from agent.sensors import SensorReader
 from agent.spool import Row, Spool, SpoolRow
@@ -356,19 +356,9 @@ class Agent:
                 uplink = tg.create_task(self.uplink.run(), name="uplink.mqtt")
                 ticks = events_out = None
                 if self.events is not None:
-                    up = self.config.uplink
-                    link = EventLink(
-                        host=up.host,
-                        port=up.port,
-                        client_id=f"{up.client_id or 'vitals-' + self.config.gateway.id}-events",
-                        username=up.username or None,
-                        password=up.password or None,
-                        prefix=up.topic_prefix,
-                        keepalive_s=up.keepalive_s,
-                        tls=self._tls,
-                    )
                     ticks = tg.create_task(self.events.run_ticks(), name="rules.tick")
-                    events_out = tg.create_task(self.events.publish(link), name="events.publish")
+                    publish = self.events.publish(self.config.uplink, self._tls)
+                    events_out = tg.create_task(publish, name="events.publish")
                 status = tg.create_task(
                     StatusWriter(self, on_write=self._notify_status).run(),
                     name="status.write",

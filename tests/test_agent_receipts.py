@@ -25,7 +25,7 @@ from agent.cli import app
 from agent.clock import SystemClock
 from agent.commands import CommandExecutor
 from agent.config import UplinkConfig
-from agent.rules import EdgeEvents, EventLink
+from agent.rules import EdgeEvents
 from agent.spool import Row, Spool, SpoolRow
 from agent.status import build_status
 from agent.uplink import Uplink
@@ -386,7 +386,7 @@ async def test_event_connection_notices_a_broker_restart_while_idle(tmp_path: Pa
     broker = MosquittoBroker(port)
     await broker.start()
     events = EdgeEvents([], gateway=GW, key=KEY, epoch=EPOCH)
-    link = EventLink(host=broker.host, port=port, keepalive_s=30)
+    link = UplinkConfig(host=broker.host, port=port, keepalive_s=30)
     task = asyncio.create_task(events.publish(link))
     try:
         await _until(lambda: events.connects == 1)

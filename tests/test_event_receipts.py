@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import UplinkConfig
-from agent.rules import EdgeEvents, EventLink
+from agent.rules import EdgeEvents
 from agent.spool import Spool
 from agent.uplink import Uplink
 from hub.core import HubCore, Outcome
@@ -162,7 +162,7 @@ async def test_forged_receipts_delete_nothing(mosquitto: MosquittoBroker, tmp_pa
     )
     tasks = [
         asyncio.create_task(uplink.run()),
-        asyncio.create_task(events.publish(EventLink(host=mosquitto.host, port=mosquitto.port))),
+        asyncio.create_task(events.publish(UplinkConfig(host=mosquitto.host, port=mosquitto.port))),
     ]
     try:
         events._queue([Event("r", "threshold", "fired", "d", "p", 1, 1.0, NOW, NOW, "x")])
