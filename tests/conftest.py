@@ -1,7 +1,9 @@
 """Shared fixtures: a private MQTT broker per test, on a free loopback port.
 
 The suite uses Mosquitto wherever it is installed (CI installs it) and the
-embedded amqtt broker otherwise; the header line of the run says which.
+embedded amqtt broker otherwise; the header line of the run says which. Also
+here: the ``system`` marker, the order of the files for xdist, and
+``@pytest.mark.virtual_time`` (scheduling tests on tests/virtual_time.py's loop).
 """
 
 from __future__ import annotations
@@ -56,33 +58,35 @@ def _is_system(item: pytest.Item) -> bool:
     )
 
 
-# The longest files first, the longest at the top (seconds of one run with four
-# workers on 2 cores). The README's ``-n 4 --dist loadfile`` gives each worker a file
-# at a time in collection order, so these start at once and the many quick files
-# fill the gaps after them; left last (xdist's default order, by number of tests)
-# they made a tail of a minute and a half on one worker. A file not listed keeps
-# its place after these.
+# The longest files first, the longest at the top (seconds of test time in a run of
+# the README's command on 2 shared cores). ``-n 4 --dist loadfile`` hands each worker
+# one file at a time in collection order, so these start at once and the many quick
+# files fill the gaps after them; left to xdist's default order (by number of tests)
+# the long system files ran last and left one worker alone for a minute and a half.
+# A file not listed keeps its place after these; re-measure with
+# ``--junitxml`` when a file grows.
 LONGEST_FIRST = (
-    "test_fwupdate.py",  # 107
-    "test_lying_broker.py",  # 107
-    "test_fault_cmd_flood.py",  # 87
-    "test_outage.py",  # 74
-    "test_fleet.py",  # 54
-    "test_fault_tcp.py",  # 53
-    "test_cli.py",  # 42
+    "test_lying_broker.py",  # 249
+    "test_fwupdate.py",  # 128
+    "test_fault_cmd_flood.py",  # 98
+    "test_cli.py",  # 80
+    "test_outage.py",  # 73
+    "test_fleet.py",  # 63
+    "test_fault_disk.py",  # 59
+    "test_diag_trace.py",  # 55
+    "test_payload.py",  # 45
+    "test_fault_tcp.py",  # 45
+    "test_firmware_hil.py",  # 42
+    "test_hub_pg.py",  # 38
+    "test_installer.py",  # 35 (journeys)
     "test_firmware_push.py",  # 35
-    "test_crash.py",  # 35
-    "test_firmware_hil.py",  # 34
-    "test_diag_trace.py",  # 33
-    "test_fault_disk.py",  # 31
-    "test_installer.py",  # 28 (journeys)
-    "test_payload.py",  # 28
-    "test_hub_resilience.py",  # 28
-    "test_hub_pg.py",  # 26
-    "test_provision.py",  # 25
-    "test_sim_realism.py",  # 24
-    "test_fault_rtu_late.py",  # 22
-    "test_hub_operator.py",  # 19 (journeys)
+    "test_crash.py",  # 34
+    "test_hub_resilience.py",  # 33
+    "test_provision.py",  # 33
+    "test_sim_realism.py",  # 29
+    "test_fault_rtu_late.py",  # 25
+    "test_technician.py",  # 6 to 65 (journeys; sudo)
+    "test_hub_operator.py",  # 17 (journeys)
 )
 
 
@@ -99,9 +103,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if _is_system(item):
             item.add_marker(pytest.mark.system)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(
-        key=lambda item: rank.get(item.path.name, len(rank))
-    )  # stable: a file keeps its order
+    # a stable sort: the tests of a file keep their order
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_asyncio_loop_factories(
