@@ -9,7 +9,7 @@ hub uses too. This module adds what a gateway needs on top of it:
   asked again in 3.1.1, silently, and remembered for this host and port.
   :attr:`MqttClient.max_packet_size` is the CONNACK's Maximum Packet Size when
   the broker names one (MQTT 5): the uplink splits a batch that would exceed
-  it before sending (agent/uplink.py).
+  it before sending (agent/pipeline/uplink.py).
 - **Every waiting publish fails at once when the connection does** (aiomqtt
   leaves each to its own timeout): a publish is a Future in a dict keyed by
   packet id, done on its PUBACK; no task per publish.

@@ -1,6 +1,6 @@
 """``vitals run``: the agent as a service, and the logging set-up of every command.
 
-The typer command is in :mod:`agent.cli`; this module imports neither rich nor
+The typer command is in :mod:`agent.cli.main`; this module imports neither rich nor
 the diagnostics, so the long-running agent does not either (docs/decisions.md, 22).
 """
 
@@ -75,10 +75,10 @@ def run(config: Path, state_dir: Path | None = None, log_level: str | None = Non
     A new configuration that does not load is refused and the running one kept.
     Returns the exit status: 0 after a clean stop, 1 when it cannot start.
     """
-    from agent.config import Config, load_config
-    from agent.confpush import ConfigStore
-    from agent.reload import supervise
-    from agent.sdnotify import SdNotifier
+    from agent.ops.config import Config, load_config
+    from agent.ops.confpush import ConfigStore
+    from agent.ops.reload import supervise
+    from agent.ops.systemd import SdNotifier
     from agent.service import Agent
 
     try:

@@ -20,23 +20,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from agent.batch import Batcher
-from agent.bus import BusPoller, PolledDevice, TcpEngine
 from agent.clock import Clock, SystemClock
-from agent.commands import CommandExecutor, agent_handlers
-from agent.config import SENSOR_BUS, BusConfig, Config
-from agent.confpush import ConfigReceiver, ConfigStore
-from agent.fwupdate import FirmwareCommands
-from agent.rules import EdgeEvents
-from agent.sdnotify import SdNotifier
-from agent.sensors import SensorReader
-from agent.spool import Row, Spool, SpoolRow
-from agent.state import Identity, load_hub_key, load_identity, next_epoch
-from agent.status import StatusWriter, summary
-from agent.tap import serve_tap, tap_socket_path
-from agent.tls import tls_context
-from agent.transport import ModbusLink
-from agent.uplink import GapSigner, HeartbeatSigner, Uplink
+from agent.edge.commands import CommandExecutor, agent_handlers
+from agent.edge.rules import EdgeEvents
+from agent.fieldbus.links import ModbusLink
+from agent.fieldbus.poller import BusPoller, PolledDevice, TcpEngine
+from agent.fieldbus.sensors import SensorReader
+from agent.ops.config import SENSOR_BUS, BusConfig, Config
+from agent.ops.confpush import ConfigReceiver, ConfigStore
+from agent.ops.fwupdate import FirmwareCommands
+from agent.ops.state import Identity, load_hub_key, load_identity, next_epoch
+from agent.ops.status import StatusWriter, summary
+from agent.ops.systemd import SdNotifier
+from agent.ops.tap import serve_tap, tap_socket_path
+from agent.ops.tls import tls_context
+from agent.pipeline.batcher import Batcher
+from agent.pipeline.spool import Row, Spool, SpoolRow
+from agent.pipeline.uplink import GapSigner, HeartbeatSigner, Uplink
 from protocols import envelope
 from protocols.gap import GapRange, seal_gap
 from protocols.payload import PointInfo
@@ -367,7 +367,7 @@ class Agent:
                 if self.confpush is not None:  # a pushed version on trial: keep or roll back
                     extras.append(tg.create_task(self.confpush.run_trial(), name="config.trial"))
                 if self.config.metrics.listen:  # prometheus-client imported only then
-                    from agent.metrics import serve_metrics
+                    from agent.ops.metrics import serve_metrics
 
                     m = self.config.metrics
                     serve = serve_metrics(self, m.host, m.port)

@@ -2,7 +2,7 @@
 
 500 emulated Modbus TCP terminals (30 input registers each, the fleet
 bench's profile) in a child process; in this process the agent's pollers
-(``agent.bus``, one TCP bus per terminal, 1 Hz) with a sink that only counts
+(``agent.fieldbus.poller``, one TCP bus per terminal, 1 Hz) with a sink that only counts
 the readings. After ``--warmup`` seconds this process's ``utime + stime`` is
 sampled, again ``--duration`` seconds later: the CPU that acquisition costs
 (timers, requests, replies, decoding, scheduling), without batching, signing,
@@ -88,9 +88,9 @@ async def _bare(ports: list[int], interval: float, count: Callable[[int], None])
 async def _round(
     driver: str, ports: list[int], profile: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
-    from agent.bus import BusPoller, PolledDevice, TcpEngine
     from agent.clock import SystemClock
-    from agent.transport import ModbusLink
+    from agent.fieldbus.links import ModbusLink
+    from agent.fieldbus.poller import BusPoller, PolledDevice, TcpEngine
     from protocols.reading import Reading
 
     readings = 0

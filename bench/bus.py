@@ -42,9 +42,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from agent.bus import BusPoller, PolledDevice
 from agent.clock import SystemClock
-from agent.transport import ModbusLink
+from agent.fieldbus.links import ModbusLink
+from agent.fieldbus.poller import BusPoller, PolledDevice
 from drivers.profiles import load_profile
 from protocols.modbus import Space
 from protocols.modbus.rtu import frame_time, t35

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import msgpack
 
-from agent.state import create_identity, save_hub_key
+from agent.ops.state import create_identity, save_hub_key
 from drivers.profiles import load_profile
 from protocols import command, envelope, topics
 from protocols.ed25519 import PrivateKey

@@ -55,9 +55,9 @@ def memory() -> dict[str, float]:
 
 
 async def soak(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from agent.bus import BusPoller, PolledDevice, TcpEngine
     from agent.clock import SystemClock
-    from agent.transport import ModbusLink
+    from agent.fieldbus.links import ModbusLink
+    from agent.fieldbus.poller import BusPoller, PolledDevice, TcpEngine
     from drivers.profiles import load_profile
     from protocols.reading import Reading
 

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.config import parse_config
-from agent.metrics import render, snapshot
+from agent.ops.config import parse_config
+from agent.ops.metrics import render, snapshot
+from agent.ops.state import create_identity
+from agent.ops.status import spool_oldest_age_s
 from agent.service import Agent
-from agent.state import create_identity
-from agent.status import spool_oldest_age_s
 
 
 async def measure(devices: int, scrapes: int, interval_s: float) -> dict[str, object]:

@@ -1,7 +1,7 @@
 """Requests per poll of every shipped profile, planned vs naive: ``python -m bench.plan``.
 
 For each profile the points are grouped by poll interval as the scheduler
-does (``agent.bus``), each group planned with the profile's limits
+does (``agent.fieldbus.poller``), each group planned with the profile's limits
 (``protocols.modbus.plan``: ``max_registers``, ``max_gap``). Two figures:
 
 * **per full round**: every point read once (all interval groups), planned

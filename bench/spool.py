@@ -37,10 +37,10 @@ from typing import Any
 
 import aiomqtt
 
-from agent.config import parse_config
+from agent.ops.config import parse_config
+from agent.ops.state import create_identity, next_epoch, save_hub_key
+from agent.pipeline.spool import Spool
 from agent.service import Agent
-from agent.spool import Spool
-from agent.state import create_identity, next_epoch, save_hub_key
 from drivers.profiles import load_profile
 from protocols import ed25519, envelope
 from protocols.reading import Reading

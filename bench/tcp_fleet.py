@@ -202,7 +202,7 @@ async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[s
     # receipts on, as in the field: the hub's key beside its database, its public half
     # in the gateway's state (what enrollment does); a batch leaves the spool on the
     # hub's signed receipt
-    from agent.state import save_hub_key
+    from agent.ops.state import save_hub_key
     from hub.enroll import hub_key_path, load_or_create_hub_key
 
     hub_key = load_or_create_hub_key(hub_key_path(db))

@@ -18,7 +18,7 @@ import json
 import random
 from collections.abc import Iterator
 
-from agent.config import BatchConfig
+from agent.ops.config import BatchConfig
 from drivers.profiles import load_profile
 from protocols import ed25519, envelope, topics
 from protocols.modbus import decode, encode, plan

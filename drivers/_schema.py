@@ -1,6 +1,6 @@
 """Walk parsed TOML and report every problem with its key path (private).
 
-Both loaders (:mod:`drivers.profiles` and ``agent.config``) read their tables
+Both loaders (:mod:`drivers.profiles` and ``agent.ops.config``) read their tables
 through a :class:`Table`. Each getter checks the type and the range of one key
 and, instead of raising, records a problem at the key's path
 (``devices[3].slave``) and returns a usable fallback, so the walk goes on and

@@ -11,7 +11,7 @@ from protocols.modbus import Space, decode, register_count
 
 
 def test_agent_link_reads_every_profile_point(target: Target, bus: Bus) -> None:
-    from agent.transport import ModbusLink
+    from agent.fieldbus.links import ModbusLink
     from drivers.profiles import load_profile
 
     profile = load_profile("sound_level_meter")
@@ -58,8 +58,8 @@ def test_agent_delivers_terminal_readings_to_the_hub(
     embedded one), the reference hub, and the agent polling the terminal on
     ``--port`` with the sound level meter profile.
     """
-    from agent.config import parse_config
-    from agent.state import create_identity
+    from agent.ops.config import parse_config
+    from agent.ops.state import create_identity
     from hub.core import HubCore
     from simulator.broker import make_broker
     from simulator.harness import agent_with_hub

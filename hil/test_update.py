@@ -23,8 +23,8 @@ def test_terminal_takes_a_signed_image(
     target: Target, bus: Bus, request: pytest.FixtureRequest
 ) -> None:
     """The version register shows the image's version once the terminal confirmed it."""
-    from agent.fwupdate import FirmwareUpdate, load_firmware_keys
-    from agent.transport import ModbusLink
+    from agent.fieldbus.links import ModbusLink
+    from agent.ops.fwupdate import FirmwareUpdate, load_firmware_keys
     from protocols import fwimage
     from protocols.modbus import Space
 

@@ -1,6 +1,6 @@
 """``vitals hub``: run a hub worker, issue enrollment tokens, show what the hub has.
 
-Mounted lazily by the ``vitals`` command line (agent/cli.py), so ``vitals run``
+Mounted lazily by the ``vitals`` command line (agent/cli/main.py), so ``vitals run``
 never imports the hub. What only running a worker needs (aiomqtt) is imported
 when it runs: ``vitals hub token`` and ``vitals hub stats`` work without it.
 """

@@ -6,7 +6,7 @@ first part names the firmware key the image must verify with (the hub names
 it, as the issue asks: ``--key``, or ``firmware-keys/*.pub`` beside the hub
 key). The hub verifies the image itself first: a refused image is never sent.
 The gateway verifies it again, then updates the terminal in the idle time of
-its bus (agent/fwupdate.py); ``status`` asks it how far it is, and how it went.
+its bus (agent/ops/fwupdate.py); ``status`` asks it how far it is, and how it went.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The signed edge event: "rule R fired (or cleared) on point P" (sans-IO).
 
-A gateway evaluates rules on every reading (``agent.rules``); when one fires
+A gateway evaluates rules on every reading (``agent.edge.rules``); when one fires
 or clears it sends an event at once, ahead of the batch backlog. An event is a
 signed message of the common envelope (:func:`protocols.envelope.sign_message`)
 with domain ``vitals/event/v1``, published QoS 1 on ``{prefix}/{gateway}/event``

@@ -1,7 +1,7 @@
 """The poll schedule of one bus as a sans-IO machine: what to poll when, and what the answers make of it.
 
 No I/O, no asyncio, no clock: every instant is an argument (seconds on a
-monotonic clock). ``agent.bus`` drives it: :class:`~agent.bus.BusPoller` (one
+monotonic clock). ``agent.fieldbus.poller`` drives it: :class:`~agent.bus.BusPoller` (one
 task per bus, awaiting each transaction) and :class:`~agent.bus.TcpEngine`
 (every Modbus TCP bus from one task, replies from the transport's reactor),
 both through the public methods below only. tests/test_poll.py feeds it

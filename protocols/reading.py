@@ -23,7 +23,7 @@ class Reading(NamedTuple):
     """One value of one point at one instant.
 
     ``point`` is the gateway-wide integer id of the point (assigned from the
-    configuration, see ``agent.config``); ``ts`` is milliseconds since the Unix
+    configuration, see ``agent.ops.config``); ``ts`` is milliseconds since the Unix
     epoch, UTC. Built once by the bus task and never copied through layers.
 
     A named tuple (immutable, ``==`` and hash by value, like the frozen

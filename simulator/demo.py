@@ -26,9 +26,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from agent.config import Config, parse_config
+from agent.ops.config import Config, parse_config
+from agent.ops.state import create_identity
 from agent.service import Agent
-from agent.state import create_identity
 from drivers.profiles import load_profile
 from hub.worker import Hub
 from protocols.address import host_port

@@ -505,7 +505,7 @@ def serve(
     state: str | os.PathLike[str] | None = None,
     seed: int | None = None,
 ) -> int:
-    """``vitals sim firmware`` (options parsed in agent/cli.py): print the serial
+    """``vitals sim firmware`` (options parsed in agent/cli/main.py): print the serial
     port's path alone on the first line, then run until Ctrl-C (or SIGTERM)."""
     terminal = FirmwareTerminal(slave=slave, baud=baud, state=state, seed=seed)
     stop = False
@@ -539,7 +539,7 @@ def serve(
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m simulator.firmware ARGS`` is ``vitals sim firmware ARGS`` (exits)."""
-    from agent.cli import main as cli
+    from agent.cli.main import main as cli
 
     cli(["sim", "firmware", *(sys.argv[1:] if argv is None else argv)])
 

@@ -25,7 +25,7 @@ reports per gateway and in total:
 
 Edge events: when agents publish them (``{prefix}/{gw}/event``) the runner
 collects and verifies them; in any case it replays the hub's stored readings
-through the same :class:`agent.rules.RuleEngine` and lists what fired where
+through the same :class:`agent.edge.rules.RuleEngine` and lists what fired where
 and when (``events`` in the report; ``events_source`` says which).
 
 Exit status: 0 when nothing was lost or duplicated, 1 otherwise.
@@ -368,7 +368,7 @@ def _served_readings(
     config_path: Path, served: dict[str, dict[str, int]], gw: GatewayRun
 ) -> dict[str, int]:
     """Readings the terminals of ``gw`` served, by mapping requests onto the agent's plan."""
-    from agent.config import load_config
+    from agent.ops.config import load_config
     from protocols.modbus import plan
 
     cfg = load_config(config_path)
@@ -446,8 +446,8 @@ def replay_events(
     ``until_ms`` ends the replay at the end of the scenario: the stop phase (every
     agent sealing and draining at once) is not part of the weather.
     """
-    from agent.config import load_config
-    from agent.rules import RuleEngine
+    from agent.edge.rules import RuleEngine
+    from agent.ops.config import load_config
 
     out: list[dict[str, Any]] = []
     con = _HubDb(db_path)
@@ -508,7 +508,7 @@ async def run_fleet(
 ) -> FleetResult:
     from rich.console import Console
 
-    from agent.state import create_identity, save_hub_key
+    from agent.ops.state import create_identity, save_hub_key
     from hub.core import HubCore
     from hub.enroll import load_or_create_hub_key
     from hub.worker import Hub
@@ -600,7 +600,7 @@ async def run_fleet(
                 t.port = ports[f"{t.gateway}:{t.index}"]
             say(f"{len(all_terms)} terminals up in {n_emu} emulator process(es)")
             # agents: identity, enrollment, config, process
-            from agent.config import load_config
+            from agent.ops.config import load_config
             from protocols.errors import ConfigError
 
             for gw in runs:
@@ -1022,7 +1022,7 @@ def serve(
     as_json: bool = False,
     hub_db: str | None = None,
 ) -> int:
-    """``vitals sim fleet`` (options parsed in agent/cli.py): run, print the report
+    """``vitals sim fleet`` (options parsed in agent/cli/main.py): run, print the report
     (one JSON object with ``as_json``); 0 when nothing was lost. ``hub_db``: the hub
     stores into that PostgreSQL database (it must hold no batches yet)."""
     if hub_db:
@@ -1065,7 +1065,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["emulate"]:
         asyncio.run(_emulate(Path(argv[1])))
         raise SystemExit(0)
-    from agent.cli import main as cli
+    from agent.cli.main import main as cli
 
     cli(["sim", "fleet", *argv])
 

@@ -19,9 +19,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import Config
+from agent.ops.config import Config
+from agent.ops.state import Identity, save_hub_key
 from agent.service import Agent
-from agent.state import Identity, save_hub_key
 from hub.core import HubCore
 from hub.enroll import hub_key_path, load_or_create_hub_key
 from hub.worker import Hub

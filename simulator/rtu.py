@@ -37,7 +37,7 @@ hear each other). Ptys refuse parity bits (``tcsetattr`` with PARENB fails
 with EINVAL) and data bits other than 8, so an emulated bus runs 8N1 (or
 8N2); its masters must open it with parity ``N``. (Asked for together with a
 new baud, Linux drops PARENB silently instead: the emulator then sees an 8N1
-master and cannot tell; a master checks what took, as ``agent.transport`` does.)
+master and cannot tell; a master checks what took, as ``agent.fieldbus.links`` does.)
 
 Faults, per slave, settable while the bus runs (``RtuSlave.fault``): ``silent``
 (no reply), ``crc`` (reply with a broken CRC), ``exception`` (answer with
@@ -356,7 +356,7 @@ def serve(
     seed: int = 0,
     duration: float | None = None,
 ) -> int:
-    """``vitals sim rtu`` (its options are parsed and checked in agent/cli.py): run a bus
+    """``vitals sim rtu`` (its options are parsed and checked in agent/cli/main.py): run a bus
     of ``(slave, profile)`` terminals until SIGINT/SIGTERM or ``duration``; print the
     port (open it with parity N) first and the bus's counters as JSON at the end."""
     slaves = [RtuSlave(p, slave=a, seed=seed + i) for i, (a, p) in enumerate(terminals)]
@@ -381,7 +381,7 @@ def serve(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m simulator.rtu ARGS`` is ``vitals sim rtu ARGS`` (exits)."""
-    from agent.cli import main as cli
+    from agent.cli.main import main as cli
 
     cli(["sim", "rtu", *(sys.argv[1:] if argv is None else argv)])
 

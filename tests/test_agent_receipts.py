@@ -20,15 +20,15 @@ import aiomqtt
 import pytest
 from typer.testing import CliRunner
 
-from agent.batch import Batcher
-from agent.cli import app
+from agent.cli.main import app
 from agent.clock import SystemClock
-from agent.commands import CommandExecutor
-from agent.config import UplinkConfig
-from agent.rules import EdgeEvents
-from agent.spool import Row, Spool, SpoolRow
-from agent.status import build_status
-from agent.uplink import Uplink
+from agent.edge.commands import CommandExecutor
+from agent.edge.rules import EdgeEvents
+from agent.ops.config import UplinkConfig
+from agent.ops.status import build_status
+from agent.pipeline.batcher import Batcher
+from agent.pipeline.spool import Row, Spool, SpoolRow
+from agent.pipeline.uplink import Uplink
 from hub.core import HubCore
 from hub.worker import Hub
 from protocols import command as cmdproto

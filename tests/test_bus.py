@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from agent.bus import BusPoller, DeviceState, PolledDevice, _fast
 from agent.clock import SystemClock
-from agent.transport import BadResponse, LinkDown, ModbusLink, NoResponse
+from agent.fieldbus.links import BadResponse, LinkDown, ModbusLink, NoResponse
+from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, _fast
 from drivers.profiles import Point, load_profile
 from protocols.errors import DecodeError, DeviceException
 from protocols.modbus import DataType, Order, PointSpec, Space, decode, encode

@@ -1,4 +1,4 @@
-"""agent.channel: closable channels between the pipeline's tasks, on plain asyncio.
+"""agent.pipeline.channel: closable channels between the pipeline's tasks, on plain asyncio.
 
 No sleeps: a task's progress is looked at after yielding to the loop (``_settle``),
 never after waiting for time.
@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from agent.channel import Channel, ChannelClosed, Notify
+from agent.pipeline.channel import Channel, ChannelClosed, Notify
 from protocols.errors import LocalError
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.status import write_status
+from agent.ops.status import write_status
 
 REPO = Path(__file__).resolve().parent.parent
 VITALS = Path(sys.executable).parent / "vitals"
@@ -104,7 +104,7 @@ def test_every_command_has_the_same_help(command: list[str]) -> None:
 def test_every_option_of_our_commands_says_what_it_is_for() -> None:
     import typer.main
 
-    from agent.cli import app
+    from agent.cli.main import app
 
     group = typer.main.get_command(app)
     seen = 0
@@ -133,8 +133,8 @@ def test_the_running_agent_is_a_fresh_interpreter_without_the_cli(tmp_path: Path
         "import sys\n"
         "from agent.runner import _exec_main\n"
         "assert _exec_main(['/nonexistent/gateway.toml', '', '']) == 1\n"
-        "print(sorted(m for m in ('typer', 'pydantic', 'rich', 'agent.cli', 'agent.diag',"
-        " 'agent.provision') if m in sys.modules))\n"
+        "print(sorted(m for m in ('typer', 'pydantic', 'rich', 'agent.cli.main', 'agent.cli.diag',"
+        " 'agent.ops.provision') if m in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.batch import FIX_BATCHES, Batcher
 from agent.clock import ClockFix, SystemClock, kernel_synced
+from agent.ops.state import create_identity
+from agent.pipeline.batcher import FIX_BATCHES, Batcher
 from agent.service import Agent
-from agent.state import create_identity
 from drivers.profiles import load_profile
 from hub.core import HubCore, Outcome
 from hub.store import open_readings

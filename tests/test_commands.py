@@ -13,16 +13,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.commands import (
+from agent.edge.commands import (
     MAX_COMMAND_BYTES,
     CommandExecutor,
     CommandRefused,
     agent_handlers,
     on_message,
 )
-from agent.config import Config, load_config, parse_config
+from agent.fieldbus.links import ModbusLink
 from agent.mqtt import MqttClient
-from agent.transport import ModbusLink
+from agent.ops.config import Config, load_config, parse_config
 from drivers.profiles import load_profile
 from hub.commander import Commander
 from hub.core import HubCore
@@ -211,7 +211,7 @@ async def test_no_hub_key_means_no_commands() -> None:
 
 
 async def test_refusals_are_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.commands")
+    caplog.set_level(logging.WARNING, logger="agent.edge.commands")
     ex = executor(Clock())
     for _ in range(10):
         assert await ex.handle(b"junk") is None
@@ -378,8 +378,8 @@ async def test_commands_over_mqtt(mosquitto: MosquittoBroker, tmp_path: Path) ->
 async def test_the_agents_reload_command_asks_its_supervisor(tmp_path: Path) -> None:
     """`vitals run` passes SIGHUP's event as the agent's reload: the hub's reload
     command re-reads the file (refusing a bad one) and sets it."""
+    from agent.ops.state import create_identity
     from agent.service import Agent
-    from agent.state import create_identity
 
     cfg_file = tmp_path / "gw.toml"
     cfg_file.write_text(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Config, check, load_config
+from agent.ops.config import Config, check, load_config
 from protocols.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
@@ -506,7 +506,7 @@ def test_check_json_lists_every_problem(tmp_path: Path) -> None:
 def test_configuration_md_documents_every_rule_key_and_links_only_real_files() -> None:
     import re
 
-    from agent.config import _ALL_RULE_KEYS, RULE_KINDS
+    from agent.ops.config import _ALL_RULE_KEYS, RULE_KINDS
 
     doc = (EXAMPLES.parent / "configuration.md").read_text()
     section = doc.split("## `[[rules]]`", 1)[1].split("\n## ", 1)[0]

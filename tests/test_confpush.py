@@ -16,10 +16,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.config import Config, load_config
-from agent.confpush import ConfigReceiver, ConfigStore, judge
-from agent.reload import supervise
-from agent.state import create_identity, save_hub_key
+from agent.ops.config import Config, load_config
+from agent.ops.confpush import ConfigReceiver, ConfigStore, judge
+from agent.ops.reload import supervise
+from agent.ops.state import create_identity, save_hub_key
 from drivers.profiles import load_profile
 from hub.core import HubCore
 from protocols import confpush, ed25519, topics
@@ -348,7 +348,7 @@ async def test_pushes_through_mosquitto_to_a_real_agent(
 def test_config_history_and_rollback_by_hand(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from agent.cli.main import app
 
     state = tmp_path / "state"
     store = ConfigStore.of(state)

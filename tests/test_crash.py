@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.state import save_hub_key
+from agent.ops.state import save_hub_key
 from drivers.profiles import load_profile
 from hub.core import HubCore
 from hub.enroll import hub_key_path, load_or_create_hub_key

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.diag import diag_app
-from agent.diag.bundle import redact_toml
+from agent.cli.diag import diag_app
+from agent.cli.diag.bundle import redact_toml
 
 runner = CliRunner()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.diag import diag_app
-from agent.diag.ports import holders
+from agent.cli.diag import diag_app
+from agent.cli.diag.ports import holders
 
 runner = CliRunner()
 
@@ -93,7 +93,7 @@ def test_a_path_with_brackets_is_shown_as_is(tmp_path: Path) -> None:
     ],
 )  # fmt: skip
 def test_process_names(tmp_path: Path, comm: str, argv: list[str], short: str, long: str) -> None:
-    from agent.portlock import process_name
+    from agent.fieldbus.portlock import process_name
 
     (tmp_path / "42").mkdir()
     (tmp_path / "42" / "comm").write_text(comm + "\n")

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from agent.diag import diag_app
-from agent.diag.probe import probe
+from agent.cli.diag import diag_app
+from agent.cli.diag.probe import probe
 from protocols.modbus import DataType, Order, PointSpec, Space, encode
 
 runner = CliRunner()

@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.diag import diag_app
+from agent.cli.diag import diag_app
 from drivers.profiles import load_profile
 from protocols.reading import Quality
 from simulator.tcp import TcpTerminal
 from tests.virtual_time import VirtualClock
 
 runner = CliRunner()
-VITALS_PY = [sys.executable, "-c", "from agent.diag import diag_app; diag_app()"]
+VITALS_PY = [sys.executable, "-c", "from agent.cli.diag import diag_app; diag_app()"]
 
 
 class ThreadedTerminal:
@@ -303,7 +303,7 @@ async def test_a_link_that_never_answers_cannot_hang_a_sample(virtual_clock: Vir
     """A link whose read never ends (the timerfd fault once made diag read hang for
     10 minutes): the sample ends as comm-error after 3 link timeouts + 2 s, the link
     is closed to start afresh, and the rest is not tried."""
-    from agent.diag.read import read_sample
+    from agent.cli.diag.read import read_sample
     from protocols.modbus import plan
 
     class StuckLink:

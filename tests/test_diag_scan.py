@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.diag import diag_app
-from agent.diag._serial import LateAnswer, LineSettings, RawSerialPort, SettingRefused
-from agent.diag.scan import (
+from agent.cli.diag import diag_app
+from agent.cli.diag._serial import LateAnswer, LineSettings, RawSerialPort, SettingRefused
+from agent.cli.diag.scan import (
     ScanPlan,
     attempt_cost,
     attempt_timeout,
@@ -555,7 +555,7 @@ def test_ctrl_c_shows_what_was_found_so_far(bus: PtyBus, tmp_path: Path) -> None
     sock = f"vitals-scan-{os.getpid()}"
     rc = tmp_path / "rc"
     cmd = (
-        f"'{sys.executable}' -c 'from agent.diag import diag_app; diag_app()' scan --port "
+        f"'{sys.executable}' -c 'from agent.cli.diag import diag_app; diag_app()' scan --port "
         f"{bus.path} --parity N --baud 38400 --slaves 1-247 --turnaround 0.1 --no-ident; "
         f"echo $? > {rc}; sleep 60"
     )

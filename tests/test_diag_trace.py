@@ -31,7 +31,7 @@ from drivers.profiles import load_profile
 from simulator.rtu import RtuBus, RtuSlave
 from simulator.tcp import TcpTerminal
 
-VITALS = [sys.executable, "-c", "from agent.diag import diag_app; diag_app()"]
+VITALS = [sys.executable, "-c", "from agent.cli.diag import diag_app; diag_app()"]
 BAUD = 19200
 TIMEOUT_S = 0.2
 
@@ -195,9 +195,9 @@ def test_live_trace_annotates_a_crc_error_and_a_late_reply(slave: RtuSlave, tmp_
 
 
 async def test_tap_the_running_agents_bus(slave: RtuSlave, tmp_path: Path) -> None:
-    from agent.config import parse_config
+    from agent.ops.config import parse_config
+    from agent.ops.state import create_identity
     from agent.service import Agent
-    from agent.state import create_identity
     from simulator.broker import free_port
 
     with RtuBus([slave], baud=BAUD) as bus:
@@ -385,9 +385,9 @@ async def test_tap_the_running_agents_modbus_tcp_bus(
 ) -> None:
     """``--bus`` on a Modbus TCP bus: the agent's own MBAP frames, tied by transaction id;
     a slow device's replies come after their timeout and are named late."""
-    from agent.config import parse_config
+    from agent.ops.config import parse_config
+    from agent.ops.state import create_identity
     from agent.service import Agent
-    from agent.state import create_identity
     from simulator.broker import free_port
 
     cfg = parse_config(

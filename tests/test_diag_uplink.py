@@ -13,8 +13,8 @@ import aiomqtt
 import pytest
 from typer.testing import CliRunner
 
-from agent.diag import diag_app
-from agent.diag.uplink import UplinkTarget, check_uplink
+from agent.cli.diag import diag_app
+from agent.cli.diag.uplink import UplinkTarget, check_uplink
 from hub.core import HubCore
 from hub.worker import Hub
 from simulator.broker import MosquittoBroker, free_port, mosquitto_path
@@ -94,7 +94,7 @@ def test_refused_endpoint_exits_3_with_a_hint(option: str) -> None:
 
 
 def test_port_is_hidden_and_tcp_port_shown() -> None:
-    import agent.cli  # noqa: F401  (the vitals CLI drops typer's <bool> on flags, for all)
+    import agent.cli.main  # noqa: F401  (the vitals CLI drops typer's <bool> on flags, for all)
 
     r = runner.invoke(diag_app, ["uplink", "--help"], env={"COLUMNS": "200"})
     options = re.findall(r"(?<![\w-])--[\w-]+", r.output)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.batch import Batcher
-from agent.state import create_identity
+from agent.ops.state import create_identity
+from agent.pipeline.batcher import Batcher
 from drivers.profiles import load_profile
 from hub.core import HubCore
 from hub.stats import hub_stats

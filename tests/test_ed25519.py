@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519 as pyca
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import state
+from agent.ops import state
 from protocols import ed25519
 from protocols.ed25519 import PrivateKey, PublicKey
 from protocols.errors import InvalidSignature, KeyFormatError, SignatureError
@@ -341,7 +341,7 @@ def test_garbage_pem_is_refused_with_a_reason(data: bytes, match: str) -> None:
 
 
 def test_key_files_written_by_cryptography_still_load(tmp_path: Path) -> None:
-    """agent/state.py wrote identity.key with cryptography until now: same bytes, same key."""
+    """agent/ops/state.py wrote identity.key with cryptography until now: same bytes, same key."""
     ref = pyca.Ed25519PrivateKey.from_private_bytes(bytes(range(7, 39)))
     path = tmp_path / state.KEY_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.bus import BusPoller, DeviceState, PolledDevice, TcpEngine
 from agent.clock import SystemClock
-from agent.transport import ModbusLink
+from agent.fieldbus.links import ModbusLink
+from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, TcpEngine
 from drivers.profiles import load_profile
 from protocols.modbus import Space
 from protocols.reading import Quality, Reading
@@ -191,16 +191,16 @@ async def test_the_engine_sleeps_while_it_finishes(
     terminals: list[TcpTerminal], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After finish() nothing is due any more: the task waits, it does not spin."""
-    import agent.bus
+    import agent.fieldbus.poller
 
     rings: list[float] = []
-    real = agent.bus._wake
+    real = agent.fieldbus.poller._wake
 
     def counted(fut: asyncio.Future[None]) -> None:
         rings.append(asyncio.get_running_loop().time())
         real(fut)
 
-    monkeypatch.setattr(agent.bus, "_wake", counted)
+    monkeypatch.setattr(agent.fieldbus.poller, "_wake", counted)
     sink = Sink()
     pollers = _pollers(terminals[:2], sink, interval=0.05)
     engine = TcpEngine(pollers, sink, SystemClock())

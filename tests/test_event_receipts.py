@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import UplinkConfig
-from agent.rules import EdgeEvents
-from agent.spool import Spool
-from agent.uplink import Uplink
+from agent.edge.rules import EdgeEvents
+from agent.ops.config import UplinkConfig
+from agent.pipeline.spool import Spool
+from agent.pipeline.uplink import Uplink
 from hub.core import HubCore, Outcome
 from protocols import envelope, topics
 from protocols.ed25519 import PrivateKey

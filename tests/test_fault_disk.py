@@ -36,9 +36,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.spool import Spool
-from agent.state import next_epoch
-from agent.status import write_status
+from agent.ops.state import next_epoch
+from agent.ops.status import write_status
+from agent.pipeline.spool import Spool
 from drivers.profiles import load_profile
 from hub.core import HubCore
 from hub.stats import hub_stats

@@ -40,9 +40,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.bus import BusPoller, PolledDevice
 from agent.clock import SystemClock
-from agent.transport import ModbusLink, TransportError, _RtuLink
+from agent.fieldbus.links import ModbusLink, TransportError, _RtuLink
+from agent.fieldbus.poller import BusPoller, PolledDevice
 from drivers.profiles import Point
 from protocols.errors import DeviceException
 from protocols.modbus import DataType, PointSpec, Space

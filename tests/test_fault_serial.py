@@ -28,11 +28,11 @@ from typing import Any
 
 import pytest
 
-from agent.config import load_config
+from agent.fieldbus.links import _Timer
+from agent.ops.config import load_config
+from agent.ops.state import create_identity
+from agent.ops.status import build_status
 from agent.service import Agent
-from agent.state import create_identity
-from agent.status import build_status
-from agent.transport import _Timer
 from drivers.profiles import load_profile
 from simulator.broker import free_port
 from simulator.rtu import RtuBus, RtuSlave

@@ -29,12 +29,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.bus import BusPoller, DeviceState, PolledDevice, TcpEngine
 from agent.clock import SystemClock
-from agent.config import Config, parse_config
-from agent.state import create_identity
-from agent.status import build_status, summary
-from agent.transport import LinkDown, ModbusLink, TransportError
+from agent.fieldbus.links import LinkDown, ModbusLink, TransportError
+from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, TcpEngine
+from agent.ops.config import Config, parse_config
+from agent.ops.state import create_identity
+from agent.ops.status import build_status, summary
 from drivers.profiles import Point, load_profile
 from protocols.errors import DeviceException
 from protocols.modbus import Space, decode, register_count

@@ -114,7 +114,7 @@ def test_write_file_record_refusals() -> None:
 
 
 def test_vendor_packs_and_shows_an_image(key: ed25519.PrivateKey, tmp_path: Path) -> None:
-    from agent.cli import app
+    from agent.cli.main import app
 
     src = tmp_path / "fw"
     shutil.copytree(FIRMWARE_DIR, src, ignore=shutil.ignore_patterns("__pycache__"))

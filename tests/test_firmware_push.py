@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
+from agent.cli.main import app
 from bench.cmd_flood import enroll, start_agent
 from hub.core import HubCore
 from hub.enroll import hub_key_path

@@ -24,10 +24,10 @@ import pytest
 import serial
 from typer.testing import CliRunner
 
-from agent.bus import BusPoller, PolledDevice
 from agent.clock import SystemClock
-from agent.fwupdate import BusTurns, FirmwareUpdate, Outcome
-from agent.transport import ModbusLink
+from agent.fieldbus.links import ModbusLink
+from agent.fieldbus.poller import BusPoller, PolledDevice
+from agent.ops.fwupdate import BusTurns, FirmwareUpdate, Outcome
 from drivers.profiles import load_profile
 from protocols import ed25519, fwimage
 from protocols.modbus.pdu import ReadRegistersResponse, ReadRequest
@@ -382,7 +382,7 @@ def frames_heard(fw: FirmwareTerminal) -> int:
 
 
 def cli(*args: str) -> tuple[int, str]:
-    from agent.cli import app
+    from agent.cli.main import app
 
     result = CliRunner().invoke(app, list(args))
     return result.exit_code, result.output

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from agent.health import DEGRADED, FAILED, HEALTHY, assess, verdict
-from agent.state import create_identity
+from agent.ops.health import DEGRADED, FAILED, HEALTHY, assess, verdict
+from agent.ops.state import create_identity
 from drivers.profiles import load_profile
 from simulator.broker import MosquittoBroker
 from simulator.tcp import TcpTerminal

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agent.uplink import gap_topic
+from agent.pipeline.uplink import gap_topic
 from hub.core import HubCore
 from hub.stats import hub_stats
 from hub.store import open_readings, shard_dir, shards
@@ -265,7 +265,7 @@ def test_the_hub_without_the_demo_extra_says_what_to_install(
 
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from agent.cli.main import app
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

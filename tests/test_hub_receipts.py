@@ -547,11 +547,11 @@ async def test_a_real_gateway_deletes_what_the_hub_refused_for_good(
 
     from typer.testing import CliRunner
 
-    from agent.cli import app
-    from agent.config import UplinkConfig
-    from agent.spool import Spool
-    from agent.status import build_status
-    from agent.uplink import Uplink
+    from agent.cli.main import app
+    from agent.ops.config import UplinkConfig
+    from agent.ops.status import build_status
+    from agent.pipeline.spool import Spool
+    from agent.pipeline.uplink import Uplink
     from hub.worker import Hub
 
     dbfile = tmp_path / "hub.sqlite3"

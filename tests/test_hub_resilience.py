@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.provision import enroll_key
-from agent.state import create_identity
+from agent.ops.provision import enroll_key
+from agent.ops.state import create_identity
 from drivers.profiles import load_profile
 from hub.core import HubCore, Outcome
 from hub.stats import hub_stats

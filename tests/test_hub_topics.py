@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.state import create_identity
+from agent.ops.state import create_identity
 from drivers.profiles import load_profile
 from hub.core import HubCore, Outcome
 from hub.stats import hub_stats

@@ -4,7 +4,7 @@
 
 Nothing outside simulator/ (and the tests, benches and bench rigs that drive it)
 imports the simulator; agent and hub do not import each other, but for the one
-lazy mount of ``vitals hub`` in agent/cli.py; protocols and drivers import neither.
+lazy mount of ``vitals hub`` in agent/cli/main.py; protocols and drivers import neither.
 Checked on the source (every import statement, at any depth), not by importing.
 """
 
@@ -27,8 +27,8 @@ ALLOWED = {
 OURS = {"protocols", "drivers", "agent", "hub", "simulator", "bench", "hil", "tests", "firmware"}
 # (file, imported module): the only crossings, each a lazy import inside a function
 EXCEPTIONS = {
-    ("agent/cli.py", "hub.cli"),  # `vitals hub`, mounted lazily: `vitals run` never loads it
-    ("agent/cli.py", "simulator"),  # `vitals demo` and `vitals sim ...`, lazily too
+    ("agent/cli/main.py", "hub.cli"),  # `vitals hub`, mounted lazily: `vitals run` never loads it
+    ("agent/cli/main.py", "simulator"),  # `vitals demo` and `vitals sim ...`, lazily too
 }
 
 

@@ -56,10 +56,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.config import load_config
 from agent.mqtt import MqttClient, MqttError
+from agent.ops.config import load_config
+from agent.ops.state import create_identity, save_hub_key
 from agent.service import Agent
-from agent.state import create_identity, save_hub_key
 from drivers.profiles import load_profile
 from hub.enroll import hub_key_path, load_or_create_hub_key
 from protocols import topics

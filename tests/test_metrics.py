@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.config import parse_config
+from agent.ops.config import parse_config
+from agent.ops.state import create_identity, save_hub_key
 from agent.service import Agent
-from agent.state import create_identity, save_hub_key
 from drivers.profiles import load_profile
 from protocols.ed25519 import PrivateKey
 from protocols.errors import ConfigError
@@ -204,8 +204,8 @@ def test_the_agent_without_metrics_does_not_import_prometheus_client() -> None:
 def test_reply_histogram_sums_the_buses_of_each_protocol() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from agent.bus import REPLY_BUCKETS_S, _bucket
-    from agent.metrics import render
+    from agent.fieldbus.poller import REPLY_BUCKETS_S, _bucket
+    from agent.ops.metrics import render
 
     # a bucket holds the replies up to its bound, inclusive (Prometheus' le)
     assert [_bucket(t) for t in (0.0, 0.002, 0.0021, 2.0, 30.0)] == [0, 0, 1, 9, 10]

@@ -28,9 +28,9 @@ import pytest
 # the TLS broker (a CA, a server certificate for 127.0.0.1, mTLS) of test_tls
 from test_tls import Pki, pki  # noqa: F401
 
-from agent.config import TlsConfig
 from agent.mqtt import Message, MqttClient, MqttClosed, MqttError, MqttRefused, topic_matches
-from agent.tls import tls_context
+from agent.ops.config import TlsConfig
+from agent.ops.tls import tls_context
 from protocols.errors import LocalError, RemoteError
 from simulator.broker import HOST, EmbeddedBroker, MosquittoBroker, free_port, mosquitto_path
 
@@ -429,7 +429,10 @@ async def test_a_flood_nobody_takes_never_holds_back_our_pubacks(
                 big = i % 50 == 0
                 payload = b"y" * 900_000 if big else os.urandom(200)
                 await f.publish("gw/cmd", payload, qos=1 if big else 0)
-        for _ in range(500):
+        # every message taken is answered: wait for the consumer (30 s: a loaded CI
+        # machine took more than 10 s for the 588 answers)
+        deadline = asyncio.get_running_loop().time() + 30
+        while asyncio.get_running_loop().time() < deadline:
             if c.counters["received"] == answered and c.in_flight == 0 and answered:
                 break
             await asyncio.sleep(0.02)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import parse_config
+from agent.ops.config import parse_config
+from agent.ops.state import create_identity, save_hub_key
 from agent.service import Agent
-from agent.state import create_identity, save_hub_key
 from drivers.profiles import load_profile
 from hub.core import HubCore
 from hub.enroll import hub_key_path, load_or_create_hub_key

@@ -1,7 +1,7 @@
 """The poll schedule (protocols/poll.py) alone: instants and answers in, what it asks for next out.
 
 No event loop, no link, no sleep: every instant is an argument. The bus's
-drivers (agent/bus.py) are tested on virtual time and real sockets in
+drivers (agent/fieldbus/poller.py) are tested on virtual time and real sockets in
 test_bus.py and test_engine.py.
 """
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import state
-from agent.config import TlsConfig, load_config
-from agent.provision import (
+from agent.ops import state
+from agent.ops.config import TlsConfig, load_config
+from agent.ops.provision import (
     ProvisionError,
     edit_config,
     label_png,
@@ -83,7 +83,7 @@ async def vitals(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "agent.provision",
+        "agent.ops.provision",
         *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -411,7 +411,7 @@ def test_the_prompts_check_each_answer_as_it_is_typed(tmp_path: Path) -> None:
     port = free_port()
     name = f"vitals-prov-{os.getpid()}"
     cmd = shlex.join(
-        [sys.executable, "-m", "agent.provision", "provision",
+        [sys.executable, "-m", "agent.ops.provision", "provision",
          "--config", str(tmp_path / "gw.toml"), "--state-dir", str(tmp_path / "s")]
     )  # fmt: skip
     tmux = ["tmux", "-L", name]
@@ -635,7 +635,7 @@ def test_a_spinner_shows_the_wait_on_a_terminal(tmp_path: Path) -> None:
     name = f"vitals-spin-{os.getpid()}"
     tmux = ["tmux", "-L", name]
     cmd = shlex.join(
-        [sys.executable, "-m", "agent.provision", "provision", "--token", token,
+        [sys.executable, "-m", "agent.ops.provision", "provision", "--token", token,
          "--broker", f"{broker.host}:{broker.port}", "--gateway-id", "gw-0042",
          "--config", str(tmp_path / "gw.toml"), "--state-dir", str(tmp_path / "s"),
          "--timeout", "4"]

@@ -1,7 +1,7 @@
 """Why pymodbus is not the agent's Modbus master (docs/decisions.md 7), shown.
 
 Each test puts pymodbus 3.x's asyncio serial master (``AsyncModbusSerialClient``,
-the one an asyncio agent would use) and ours (``agent.transport.ModbusLink``)
+the one an asyncio agent would use) and ours (``agent.fieldbus.links.ModbusLink``)
 on the same emulated RTU line: the simulator's wire-timed bus on a real pty
 (``simulator.rtu.RtuBus``), given one late reply on demand. For each reason,
 pymodbus shows the fault and our master, in the same test, does not:
@@ -31,7 +31,7 @@ import pytest
 from pymodbus.client import AsyncModbusSerialClient, ModbusSerialClient
 from pymodbus.exceptions import ModbusIOException
 
-from agent.transport import ModbusLink, TransportError
+from agent.fieldbus.links import ModbusLink, TransportError
 from drivers.profiles import load_profile
 from protocols.modbus import Space
 from protocols.modbus.rtu import crc16

@@ -8,9 +8,9 @@ import os
 import signal
 from pathlib import Path
 
-from agent.config import Config, load_config
-from agent.reload import supervise, try_reload
-from agent.sdnotify import SdNotifier
+from agent.ops.config import Config, load_config
+from agent.ops.reload import supervise, try_reload
+from agent.ops.systemd import SdNotifier
 
 
 class Recorder(SdNotifier):

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.bus import BusPoller, DeviceState, PolledDevice
 from agent.clock import SystemClock
-from agent.transport import ModbusLink
+from agent.fieldbus.links import ModbusLink
+from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice
 from drivers.profiles import load_profile
 from protocols.modbus import Space, decode
 from protocols.modbus.rtu import crc16, read_input_registers

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config, parse_config
-from agent.rules import EdgeEvents, RuleEngine
+from agent.edge.rules import EdgeEvents, RuleEngine
+from agent.ops.config import load_config, parse_config
 from protocols.ed25519 import PrivateKey
 from protocols.errors import ConfigError
 from protocols.event import Event, parse_event
@@ -481,7 +481,7 @@ def test_duplicate_rule_id() -> None:
 
 
 def test_local_minutes_follow_dst() -> None:
-    from agent.rules import _LocalMinutes
+    from agent.edge.rules import _LocalMinutes
 
     berlin = _LocalMinutes("Europe/Berlin")
     summer = int(datetime.datetime(2026, 7, 1, 12, 0, tzinfo=datetime.UTC).timestamp() * 1000)

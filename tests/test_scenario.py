@@ -103,7 +103,7 @@ def test_unknown_scenario_name_lists_the_shipped_ones() -> None:
 
 
 def test_generated_gateway_config_loads_with_scenario_rules(tmp_path: Path) -> None:
-    from agent.config import load_config
+    from agent.ops.config import load_config
 
     s = load_scenario("typhoon")
     terms = [TerminalPlan(0, i, p, 1000 + i, i) for i, p in enumerate(s.profiles)]

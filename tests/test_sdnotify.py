@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import SdNotifier
+from agent.ops.systemd import SdNotifier
 from tests.virtual_time import VirtualClock
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from agent.batch import Batcher
-from agent.bus import DeviceState, PolledDevice
-from agent.config import parse_config
-from agent.state import create_identity
+from agent.fieldbus.poller import DeviceState, PolledDevice
+from agent.ops.config import parse_config
+from agent.ops.state import create_identity
+from agent.pipeline.batcher import Batcher
 from protocols.errors import ConfigError
 from protocols.reading import Quality, Reading
 from simulator.broker import EmbeddedBroker, MosquittoBroker
@@ -173,7 +173,7 @@ async def test_a_missing_sensor_port_is_one_warning_with_a_hint_and_the_reader_r
     """A serial sensor whose adapter is not plugged in: the bus goes offline with a
     reason an installer can act on (no raw errno), says it once, and keeps trying
     (after 1, 2, 4 ... s, at most every 60 s; on virtual time, to the instant)."""
-    from agent.sensors import SensorReader
+    from agent.fieldbus.sensors import SensorReader
 
     missing = tmp_path / "ttyUSB9"
     cfg = config(tmp_path, [{**SENSOR_BUS, "port": str(missing)}], [PMS])
@@ -196,7 +196,7 @@ async def test_a_missing_sensor_port_is_one_warning_with_a_hint_and_the_reader_r
         max_backoff_s=60.0,
     )
     reopens_at: dict[float, int] = {}
-    with caplog.at_level("WARNING", logger="agent.sensors"):
+    with caplog.at_level("WARNING", logger="agent.fieldbus.sensors"):
         t0 = virtual_clock.monotonic()
         task = asyncio.create_task(reader.run())
         # reopened at 1, 3, 7, 15, 31, 63, then every 60 s: 123, 183

@@ -437,7 +437,7 @@ def test_a_scan_finds_one_setting_per_bus() -> None:
     ``--first`` stops there (it once reported six settings for one bus)."""
     from typer.testing import CliRunner
 
-    from agent.diag import diag_app
+    from agent.cli.diag import diag_app
 
     with RtuBus([RtuSlave(SLM, slave=3)], baud=4800) as b:
         for extra in ([], ["--first"]):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.clock import SystemClock, kernel_synced, libc
-from agent.transport import _Timer
+from agent.fieldbus.links import _Timer
 
 
 def _ctypes_function_classes() -> int:

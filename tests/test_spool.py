@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.spool import Spool, SpoolError
+from agent.pipeline.spool import Spool, SpoolError
 from protocols.gap import GapRange
 
 MiB = 1 << 20
@@ -257,7 +257,7 @@ async def test_damaged_spool_is_moved_aside_and_a_fresh_one_started(
     else:
         with path.open("r+b") as f:
             f.write(b"\0" * 100)
-    with caplog.at_level(logging.ERROR, logger="agent.spool"):
+    with caplog.at_level(logging.ERROR, logger="agent.pipeline.spool"):
         spool = await Spool.open(path)
     assert spool.statistics()["moved_aside"] == 1
     assert any(

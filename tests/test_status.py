@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
-from agent.status import StatusWriter, build_status, read_status, summary
+from agent.cli.main import app
+from agent.ops.status import StatusWriter, build_status, read_status, summary
 
 runner = CliRunner()
 
@@ -124,7 +124,7 @@ def test_cli_shows_a_bus_down_and_a_full_disk_with_their_reasons(tmp_path: Path)
 
 
 def test_cli_shows_firmware_updates_in_progress_and_done(tmp_path: Path) -> None:
-    from agent.fwupdate import Outcome
+    from agent.ops.fwupdate import Outcome
     from protocols.fwimage import version_text
 
     doc = build_status(_fake_agent(tmp_path))
@@ -184,7 +184,7 @@ def test_no_status_file_is_one_line_and_a_hint(tmp_path: Path) -> None:
 def test_oldest_spool_age_from_the_database(tmp_path: Path) -> None:
     import sqlite3
 
-    from agent.status import spool_oldest_age_s
+    from agent.ops.status import spool_oldest_age_s
 
     db = tmp_path / "spool.sqlite3"
     con = sqlite3.connect(db)
@@ -198,9 +198,9 @@ def test_oldest_spool_age_from_the_database(tmp_path: Path) -> None:
 
 async def test_with_the_real_agent(tmp_path: Path) -> None:
     """The writer beside a real Agent polling an emulated TCP terminal."""
-    from agent.config import load_config
+    from agent.ops.config import load_config
+    from agent.ops.state import create_identity
     from agent.service import Agent
-    from agent.state import create_identity
     from drivers.profiles import load_profile
     from simulator.broker import free_port
     from simulator.tcp import TcpTerminal

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import TlsConfig
-from agent.tls import TlsError, tls_context
+from agent.ops.config import TlsConfig
+from agent.ops.tls import TlsError, tls_context
 from simulator.broker import HOST, MosquittoBroker, free_port, mosquitto_path
 
 pytestmark = pytest.mark.skipif(
@@ -242,7 +242,7 @@ async def test_mtls_with_a_foreign_client_certificate_is_refused(pki: Pki) -> No
 async def test_insecure_connects_and_warns_at_every_start(
     pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.tls")
+    caplog.set_level(logging.WARNING, logger="agent.ops.tls")
     cfg = TlsConfig(enabled=True, ca_file=pki.wrong_ca, insecure=True)
     for _ in range(2):  # two starts, two warnings
         ctx = tls_context(cfg)
@@ -257,7 +257,7 @@ def test_disabled_is_plain_mqtt() -> None:
 
 
 def test_disabled_with_settings_warns(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.tls")
+    caplog.set_level(logging.WARNING, logger="agent.ops.tls")
     assert tls_context(TlsConfig(enabled=False, ca_file=tmp_path / "ca.crt")) is None
     assert "enabled = false" in caplog.text
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from agent.transport import BadResponse, LinkDown, ModbusLink, NoResponse, _Timer
+from agent.fieldbus.links import BadResponse, LinkDown, ModbusLink, NoResponse, _Timer
 from drivers.profiles import load_profile
 from protocols.errors import DeviceException
 from protocols.modbus import Space, decode

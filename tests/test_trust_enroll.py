@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agent import state
+from agent.ops import state
 from hub.cli import hub_app
 from hub.core import HubCore
 from hub.enroll import (

@@ -13,9 +13,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from agent.config import UplinkConfig
-from agent.spool import Spool
-from agent.uplink import Uplink, gap_topic
+from agent.ops.config import UplinkConfig
+from agent.pipeline.spool import Spool
+from agent.pipeline.uplink import Uplink, gap_topic
 from protocols import envelope, topics
 from protocols.ed25519 import PrivateKey
 from protocols.gap import parse_gap, seal_gap
@@ -115,7 +115,7 @@ async def test_unreachable_broker_at_start_is_normal(
     broker = MosquittoBroker(port)
     got: list[tuple[str, bytes]] = []
     ready = asyncio.Event()
-    with caplog.at_level(logging.INFO, logger="agent.uplink"):
+    with caplog.at_level(logging.INFO, logger="agent.pipeline.uplink"):
         async with asyncio.TaskGroup() as tg:
             task = tg.create_task(up.run())
             await _until(lambda: up.connect_failures >= 3)
@@ -240,7 +240,7 @@ async def _run_until(up: Uplink, cond: object, within: float = 20.0) -> None:
 
 
 def _ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "agent.uplink"]
+    return [r for r in caplog.records if r.name == "agent.pipeline.uplink"]
 
 
 def _quick(**kw: object) -> UplinkConfig:
@@ -260,8 +260,8 @@ async def test_an_untrusted_broker_certificate_reaches_warning_at_once_and_again
         pytest.skip("needs the mosquitto binary (apt-get install mosquitto)")
     from test_tls import _ca, _leaf  # the certificates of the TLS tests
 
-    from agent.config import TlsConfig
-    from agent.tls import tls_context
+    from agent.ops.config import TlsConfig
+    from agent.ops.tls import tls_context
 
     ca = _ca(tmp_path, "vitals-test-ca")
     wrong = _ca(tmp_path, "attacker-ca")
@@ -277,7 +277,7 @@ async def test_an_untrusted_broker_certificate_reaches_warning_at_once_and_again
     ctx = tls_context(TlsConfig(enabled=True, ca_file=wrong[2]))
     up = Uplink(_quick(host="127.0.0.1", port=tls_port), spool, tls=ctx)
     try:
-        with caplog.at_level(logging.INFO, logger="agent.uplink"):
+        with caplog.at_level(logging.INFO, logger="agent.pipeline.uplink"):
             await _run_until(
                 up,
                 lambda: len([r for r in _ours(caplog) if "still cannot" in r.getMessage()]) >= 2,
@@ -305,7 +305,7 @@ async def test_a_name_that_does_not_resolve_warns_with_a_hint(
 ) -> None:
     spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
     up = Uplink(_quick(host="broker.nosuch.invalid", port=1883), spool)
-    with caplog.at_level(logging.INFO, logger="agent.uplink"):
+    with caplog.at_level(logging.INFO, logger="agent.pipeline.uplink"):
         await _run_until(up, lambda: up.connect_failures >= 2)
     await spool.close()
     first = _ours(caplog)[0]
@@ -330,7 +330,7 @@ async def test_refused_credentials_warn_with_a_hint(
     spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
     up = Uplink(_quick(port=port), spool)
     try:
-        with caplog.at_level(logging.INFO, logger="agent.uplink"):
+        with caplog.at_level(logging.INFO, logger="agent.pipeline.uplink"):
             await _run_until(up, lambda: up.connect_failures >= 2)
     finally:
         server.close()
@@ -348,7 +348,7 @@ async def test_a_broker_down_for_long_reaches_warning(
     """Not up at boot is normal (INFO); still not up after warn_after_s is a WARNING."""
     spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
     up = Uplink(_quick(port=free_port()), spool)
-    with caplog.at_level(logging.INFO, logger="agent.uplink"):
+    with caplog.at_level(logging.INFO, logger="agent.pipeline.uplink"):
         await _run_until(
             up, lambda: any(r.levelno == logging.WARNING for r in _ours(caplog)), within=10
         )

@@ -341,7 +341,9 @@ def cli_for(user: str, where: Path) -> Path:
     """
     try:
         probe = subprocess.run(
-            [sys.executable, "-c", "import agent.cli"], **_as_user(user, ()), capture_output=True
+            [sys.executable, "-c", "import agent.cli.main"],
+            **_as_user(user, ()),
+            capture_output=True,
         )
         if probe.returncode == 0:
             return VITALS
@@ -370,7 +372,7 @@ def cli_for(user: str, where: Path) -> Path:
     )
     script.chmod(0o755)
     check = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import agent.cli"],
+        [str(venv / "bin" / "python"), "-c", "import agent.cli.main"],
         **_as_user(user, ()),
         check=False,
         capture_output=True,
