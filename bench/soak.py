@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         terminals=args.terminals,
         batch_readings=None,
         profile_agent=None,
+        no_receipts=False,  # batches leave the spool on the hub's receipt, as in the field
         keep=args.keep,
     )
     m = machine()
