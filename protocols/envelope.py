@@ -80,7 +80,8 @@ PublicKeyLike: TypeAlias = ed25519.PublicKey | bytes
 
 _SIGNATURE_LEN: Final = 64
 _KID_LEN: Final = 8
-_U63: Final = 2**63 - 1
+#: the largest epoch, seq or count on the wire (msgpack's signed 64-bit int, not negative)
+MAX_U63: Final = 2**63 - 1
 
 
 def pack(obj: object) -> bytes:
@@ -281,7 +282,7 @@ def _check_common(gw: str, kid: bytes, epoch: int, enc: str) -> None:
     check_sender(gw, kid)
     if enc not in ENCODINGS:
         raise FrameError(f"protected header: unknown enc {enc!r}")
-    _check_range("epoch", epoch, 0, _U63)
+    _check_range("epoch", epoch, 0, MAX_U63)
 
 
 def _check_gateway(gateway: str) -> None:
@@ -290,7 +291,7 @@ def _check_gateway(gateway: str) -> None:
 
 
 def _check_counter(name: str, value: int) -> None:
-    if type(value) is not int or not 0 <= value <= _U63:
+    if type(value) is not int or not 0 <= value <= MAX_U63:
         raise LocalError(f"{name} must be an int in [0, 2**63-1], got {value!r}")
 
 
@@ -454,7 +455,7 @@ def parse(data: bytes) -> SealedBatch:
     f = msg.fields(_BATCH_SCHEMA, _BATCH_OPTIONAL)
     header = BatchHeader(**f)  # type: ignore[arg-type]  # types checked by fields()
     _check_common(header.gw, header.kid, header.epoch, header.enc)
-    _check_range("seq", header.seq, 0, _U63)
+    _check_range("seq", header.seq, 0, MAX_U63)
     _check_range("n", header.n, 1, MAX_READINGS)
     _check_range("t0", header.t0, 0, MAX_TS)
     _check_range("t1", header.t1, header.t0, MAX_TS)
@@ -465,7 +466,7 @@ def parse(data: bytes) -> SealedBatch:
         if not all(has_fix):
             raise FrameError("protected header: fix_offset_ms, fix_until, fix_last_seq go together")
         for name, low, high in zip(
-            _FIX_KEYS, (-_MAX_OFFSET_MS, 0, 0), (_MAX_OFFSET_MS, MAX_TS, _U63), strict=True
+            _FIX_KEYS, (-_MAX_OFFSET_MS, 0, 0), (_MAX_OFFSET_MS, MAX_TS, MAX_U63), strict=True
         ):
             _check_range(name, cast(int, f[name]), low, high)
     has_split = [k in f for k in _SPLIT_KEYS]
@@ -473,7 +474,7 @@ def parse(data: bytes) -> SealedBatch:
         if not all(has_split):
             raise FrameError("protected header: split_epoch and split_seq go together")
         for name in _SPLIT_KEYS:
-            _check_range(name, cast(int, f[name]), 0, _U63)
+            _check_range(name, cast(int, f[name]), 0, MAX_U63)
     return SealedBatch(header, msg.protected, msg.payload, msg.signature)
 
 

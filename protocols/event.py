@@ -29,6 +29,7 @@ from typing import Final, Literal, TypeAlias, get_args
 from protocols import ed25519, topics
 from protocols.envelope import (
     MAX_GATEWAY_LEN,
+    MAX_U63,
     Sealed,
     check_sender,
     key_id,
@@ -60,7 +61,6 @@ EventState: TypeAlias = Literal["fired", "cleared"]
 KINDS: Final[tuple[EventKind, ...]] = get_args(EventKind)
 STATES: Final[tuple[EventState, ...]] = get_args(EventState)
 MAX_TEXT: Final = 256  # rule ids, names and details
-_U63: Final = 2**63 - 1
 _SCHEMA: Final = {"gw": str, "kid": bytes, "epoch": int, "seq": int, "enc": str}
 
 EventValue = int | float | bool | None
@@ -111,13 +111,13 @@ def _check_event(e: Event, err: type[Exception]) -> None:
         raise err(f"event kind {e.kind!r} is not one of {', '.join(KINDS)}")
     if e.state not in STATES:
         raise err(f"event state {e.state!r} is not 'fired' or 'cleared'")
-    if type(e.pid) is not int or not -1 <= e.pid <= _U63:
+    if type(e.pid) is not int or not -1 <= e.pid <= MAX_U63:
         raise err(f"event pid must be an int >= -1, got {e.pid!r}")
     if e.value is not None and type(e.value) not in (int, float, bool):
         raise err(f"event value must be int, float, bool or nil, got {type(e.value).__name__}")
     if type(e.value) is float and not math.isfinite(e.value):
         raise err("event value must be finite")
-    if type(e.value) is int and not -(2**63) <= e.value <= _U63:
+    if type(e.value) is int and not -(2**63) <= e.value <= MAX_U63:
         raise err("event value out of int64 range")
     for name in ("ts", "since"):
         v = getattr(e, name)
@@ -166,7 +166,7 @@ def seal_event(
     if type(gateway) is not str or not 1 <= len(gateway) <= MAX_GATEWAY_LEN:
         raise LocalError(f"gateway id must be a str of 1 to {MAX_GATEWAY_LEN} chars")
     for name, v in (("epoch", epoch), ("seq", seq)):
-        if type(v) is not int or not 0 <= v <= _U63:
+        if type(v) is not int or not 0 <= v <= MAX_U63:
             raise LocalError(f"{name} must be an int in [0, 2**63-1], got {v!r}")
     _check_event(event, LocalError)
     payload = pack(
@@ -201,6 +201,6 @@ def parse_event(data: bytes) -> SealedEvent:
     check_sender(header.gw, header.kid)
     if header.enc != "msgpack":
         raise FrameError(f"event header: unknown enc {header.enc!r}")
-    if not 0 <= header.epoch <= _U63 or not 0 <= header.seq <= _U63:
+    if not 0 <= header.epoch <= MAX_U63 or not 0 <= header.seq <= MAX_U63:
         raise FrameError("event header: epoch or seq out of range")
     return SealedEvent(header, msg)

@@ -26,6 +26,7 @@ from typing import Final, Literal, TypeAlias, get_args
 
 from protocols import ed25519
 from protocols.envelope import (
+    MAX_U63,
     Sealed,
     check_sender,
     key_id,
@@ -55,7 +56,6 @@ GapReason: TypeAlias = Literal["spool_full", "too_old", "disk_full", "not_held",
 REASONS: Final[tuple[GapReason, ...]] = get_args(GapReason)
 #: reasons whose readings are not lost: "split" names a batch re-sealed as smaller ones
 NOT_LOST: Final[frozenset[GapReason]] = frozenset({"split"})
-_U63: Final = 2**63 - 1
 
 _SCHEMA: Final = {"gw": str, "kid": bytes, "epoch": int, "n": int, "enc": str}
 
@@ -98,7 +98,9 @@ class SealedGap(Sealed[GapHeader]):
             epoch, first, last, readings, reason = item
             if not all(type(v) is int for v in (epoch, first, last, readings)):
                 raise DecodeError(f"gap range {i}: epoch, first, last, readings are ints")
-            if not (0 <= epoch <= _U63 and 0 <= first <= last <= _U63 and 0 <= readings <= _U63):
+            if not (
+                0 <= epoch <= MAX_U63 and 0 <= first <= last <= MAX_U63 and 0 <= readings <= MAX_U63
+            ):
                 raise DecodeError(f"gap range {i}: values out of range or first > last")
             if reason not in REASONS:
                 raise DecodeError(f"gap range {i}: unknown reason {reason!r}")
@@ -134,6 +136,6 @@ def parse_gap(data: bytes) -> SealedGap:
     check_sender(header.gw, header.kid)
     if header.enc != "msgpack":
         raise FrameError(f"gap header: unknown enc {header.enc!r}")
-    if not 1 <= header.n <= MAX_RANGES or not 0 <= header.epoch <= _U63:
+    if not 1 <= header.n <= MAX_RANGES or not 0 <= header.epoch <= MAX_U63:
         raise FrameError("gap header: n or epoch out of range")
     return SealedGap(header, msg)

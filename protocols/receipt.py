@@ -53,6 +53,7 @@ from typing import Any, Final, Literal, TypeAlias, get_args
 from protocols import ed25519
 from protocols.envelope import (
     MAX_GATEWAY_LEN,
+    MAX_U63,
     Sealed,
     check_sender,
     key_id,
@@ -93,7 +94,6 @@ MAX_RECEIPT_RANGES: Final = 256
 MAX_RECEIPT_EPOCHS: Final = 64
 #: unconfirmed ranges in one heartbeat
 MAX_HEARTBEAT_RANGES: Final = 64
-_U63: Final = 2**63 - 1
 #: the seq series a receipt names: batches (the header has no ``kind``), edge events,
 #: or batches the hub refused for good
 ReceiptKind: TypeAlias = Literal["batch", "event", "refused"]
@@ -114,7 +114,7 @@ _REASON: Final = re.compile(r"[a-z_]{1,32}")
 
 
 def _is_u63(v: object) -> bool:
-    return type(v) is int and 0 <= v <= _U63
+    return type(v) is int and 0 <= v <= MAX_U63
 
 
 # --------------------------------------------------------------------------- receipt
@@ -146,7 +146,7 @@ class EpochReceipt:
         """What is wrong with this entry, or None."""
         if not _is_u63(self.epoch):
             return "epoch out of range"
-        if type(self.upto) is not int or not -1 <= self.upto < _U63:
+        if type(self.upto) is not int or not -1 <= self.upto < MAX_U63:
             return "upto out of range"
         if len(self.ranges) > MAX_RECEIPT_RANGES:
             return f"more than {MAX_RECEIPT_RANGES} ranges"
@@ -393,7 +393,7 @@ def seal_heartbeat(
             raise LocalError(f"bad held range {h!r}")
     if not 1 <= len(gw) <= MAX_GATEWAY_LEN or not _is_u63(epoch) or not _is_u63(t_ms):
         raise LocalError("bad gateway id, epoch or time for a heartbeat")
-    if type(sealed) is not int or not -1 <= sealed < _U63:
+    if type(sealed) is not int or not -1 <= sealed < MAX_U63:
         raise LocalError(f"sealed must be -1 or a seq, got {sealed!r}")
     payload = pack([[h.epoch, h.first, h.last] for h in held])
     protected: dict[str, str | bytes | int] = {
@@ -414,6 +414,6 @@ def parse_heartbeat(data: bytes) -> SealedHeartbeat:
     check_sender(header.gw, header.kid)
     if header.enc != "msgpack":
         raise FrameError(f"heartbeat header: unknown enc {header.enc!r}")
-    if not _is_u63(header.epoch) or not _is_u63(header.t) or not -1 <= header.sealed < _U63:
+    if not _is_u63(header.epoch) or not _is_u63(header.t) or not -1 <= header.sealed < MAX_U63:
         raise FrameError("heartbeat header: epoch, sealed or t out of range")
     return SealedHeartbeat(header, msg)

@@ -71,8 +71,6 @@ SCANNED = (
     "agent/ops/health.py",
     "agent/ops/status.py",
 )
-# replaced this session by protocols/modbus/ and aiomqtt; their owners remove them
-LEGACY = frozenset({"protocols/rtu.py", "protocols/mqtt.py"})
 
 
 def _builtin_raises(root: Path) -> Counter[str]:
@@ -81,8 +79,6 @@ def _builtin_raises(root: Path) -> Counter[str]:
         path = root / name
         for file in [path] if path.is_file() else sorted(path.rglob("*.py")):
             rel = file.relative_to(root).as_posix()
-            if rel in LEGACY:
-                continue
             for node in ast.walk(ast.parse(file.read_text(), rel)):
                 exc = node.exc if isinstance(node, ast.Raise) else None
                 if isinstance(exc, ast.Call):
