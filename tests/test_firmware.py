@@ -266,7 +266,10 @@ def test_cli_prints_the_port_then_runs_until_ctrl_c() -> None:
         try:
             assert proc.stdout is not None
             port = proc.stdout.readline().strip()
-            assert port.startswith("/dev/")
+            if not port:  # it ended before printing its port: say why
+                assert proc.stderr is not None
+                pytest.fail(f"exit {proc.wait(10)}: {proc.stderr.read()[-2000:]}")
+            assert port.startswith("/dev/"), port
             r = transact(port, ReadRequest(5, 3, 38, 1))
             assert r == ReadRegistersResponse(5, 3, (100,))
             proc.send_signal(signal.SIGINT)
