@@ -419,24 +419,31 @@ class Agent:
     async def _drain(self, until: float) -> None:
         """Wait until the spool is empty (every batch confirmed) or ``until`` (loop
         time); once every batch is sent, receipts get :data:`RECEIPT_GRACE_S` more, so
-        a hub that is away does not hold every stop and reload for the whole bound."""
+        a hub that is away does not hold every stop and reload for the whole bound.
+        It wakes when the spool tells it what waits changed (:attr:`Spool.progress`)
+        or at one of those bounds: no polling."""
         assert self.spool is not None
         loop, spool = asyncio.get_running_loop(), self.spool
         all_sent_at: float | None = None
-        while not spool.empty.is_set() and loop.time() < until:
-            st = spool.statistics()
-            if st["depth_batches"] > st["sent_unconfirmed"]:
+        while not spool.empty.is_set() and (now := loop.time()) < until:
+            if spool.unsent:
                 all_sent_at = None  # some still wait for their PUBACK
             elif all_sent_at is None:
-                all_sent_at = loop.time()
-            elif loop.time() - all_sent_at >= RECEIPT_GRACE_S:
+                all_sent_at = now
+            elif now - all_sent_at >= RECEIPT_GRACE_S:
                 log.info(
                     "stopping: %d sent batches without the hub's receipt yet; they go "
                     "again at the next start (the hub drops what it already has)",
-                    st["sent_unconfirmed"],
+                    spool.statistics()["sent_unconfirmed"],
                 )
                 return
-            await asyncio.sleep(0.05)
+            wake = until if all_sent_at is None else min(until, all_sent_at + RECEIPT_GRACE_S)
+            try:
+                async with asyncio.timeout_at(wake):
+                    if not await spool.progress.wait():
+                        return  # closed: the spool tells nothing more
+            except TimeoutError:
+                pass  # a bound: the loop's test says which
 
     async def _request_reload(self) -> None:
         assert self._reload is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import sqlite3
@@ -406,4 +407,43 @@ async def test_gap_rows_written_while_a_notice_is_out_wake_the_uplink_again(
     assert spool.has_gaps and spool.news.take()  # the second needs a notice of its own
     await spool.gaps_sent([i for i, _ in await spool.gaps()])
     assert not spool.has_gaps and not spool.news.take()
+    await spool.close()
+
+
+async def test_the_stops_drain_waits_on_what_the_spool_tells(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stop's drain (agent.service) is woken by the spool's progress, no polling: a
+    receipt that empties the spool ends it; every batch sent and no receipt: the grace
+    ends it, not the stop's bound (60 s here)."""
+    from agent.ops.config import parse_config
+    from agent.service import Agent
+
+    caplog.set_level(logging.INFO, logger="agent.service")
+    cfg = parse_config(
+        {"gateway": {"id": "gw-drain", "state_dir": str(tmp_path)}}, source="<drain>", base=tmp_path
+    )
+    agent = Agent(cfg)
+    agent.spool = spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    await spool.append(_rows(1, range(3)))
+    rows = await spool.pending(0, 10)
+    assert spool.unsent == 3 and spool.progress.take()
+    spool.mark_sent([rows[0].id])
+    assert spool.unsent == 2 and spool.progress.take() and not spool.progress.take()
+    loop = asyncio.get_running_loop()
+    drain = asyncio.create_task(agent._drain(loop.time() + 60))
+    await asyncio.sleep(0)
+    assert not drain.done()  # it waits for the spool
+    spool.mark_sent([rows[1].id])
+    assert spool.unsent == 1 and not drain.done()
+    assert await spool.confirm([(1, 0, 2)]) == 3  # the receipt, the last PUBACK still out
+    await asyncio.wait_for(drain, 30)
+    assert spool.empty.is_set()
+    assert "without the hub's receipt" not in caplog.text
+
+    await spool.append(_rows(2, range(2)))
+    spool.mark_sent([r.id for r in await spool.pending(0, 10)])
+    assert spool.unsent == 0 and not spool.empty.is_set()
+    await asyncio.wait_for(agent._drain(loop.time() + 60), 30)
+    assert "stopping: 2 sent batches without the hub's receipt yet" in caplog.text
     await spool.close()

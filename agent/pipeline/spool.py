@@ -293,6 +293,10 @@ class Spool:
         self.news = Notify()
         self._due: deque[int] = deque()  # ids to hand out again, oldest first
         self.empty = asyncio.Event()  # set while nothing waits for a PUBACK (or a receipt)
+        #: to the stop's drain (agent.service), its only receiver: what waits for the
+        #: broker or the hub changed (batches added, acknowledged, marked sent,
+        #: confirmed, dropped, split); tokens coalesce, nobody else touches it
+        self.progress = Notify()
         self._ack_wake = asyncio.Event()
 
     @classmethod
@@ -315,8 +319,7 @@ class Spool:
             raise SpoolError(f"unknown durability {durability!r}: use full, normal or off")
         spool = cls(path, durability, max_bytes, max_age_s, max_page_count)
         await spool._call(spool._open_sync)
-        if spool._count == 0:
-            spool.empty.set()
+        spool._held_changed()
         spool.news.send()  # what it holds from before, gap rows too
         return spool
 
@@ -617,10 +620,7 @@ class Spool:
             while len(tail) > _TAIL_MAX:
                 tail.popleft()
         self.appended += len(stored)
-        if stored:
-            self.empty.clear()
-        elif len(self._acked_ids) >= self._count:
-            self.empty.set()
+        self._held_changed()
         if stored or self._has_gaps:
             self.news.send()
         return stored
@@ -833,8 +833,7 @@ class Spool:
             self._tail.clear()
         if self._has_gaps:
             self.news.send()
-        if len(self._acked_ids) >= self._count:
-            self.empty.set()
+        self._held_changed()
 
     def _lost_sync(self, rows: list[tuple[int, int, int]], reason: GapReason) -> None:
         """Batches that never made it into the spool: a gap row, or in memory if even that fails."""
@@ -880,8 +879,7 @@ class Spool:
         self._acks.extend(fresh)
         self._acked_ids.update(fresh)
         self.acked += len(fresh)
-        if len(self._acked_ids) >= self._count:
-            self.empty.set()
+        self._held_changed()
         self._ack_wake.set()
 
     async def flush_acks(self) -> None:
@@ -900,6 +898,7 @@ class Spool:
         if self._tail:  # deleted now, and no longer in _acked_ids: never hand them out again
             gone = set(ids)
             self._tail = deque(r for r in self._tail if r.id not in gone)
+        self._held_changed()  # a delete that failed leaves them to send again
 
     def _sent_sync(self, ids: list[int], now: float) -> list[int]:
         """Mark batches sent in the file; the ids no longer in it (confirmed, dropped)."""
@@ -1000,6 +999,7 @@ class Spool:
             sent[i] = now
         self._sent_new.extend(ids)
         self.sent += len(ids)
+        self.progress.send()
         self._ack_wake.set()
 
     def _purge(self) -> None:
@@ -1032,8 +1032,7 @@ class Spool:
             self.confirmed += len(rows)
             self.confirmed_readings += sum(n for _, n in rows)
         self.last_confirmed_id = max(self.last_confirmed_id, *ids)
-        if len(self._acked_ids) >= self._count:
-            self.empty.set()
+        self._held_changed()
         return len(rows)
 
     def _confirm_sync(self, spans: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
@@ -1198,7 +1197,7 @@ class Spool:
         self._gone.append(old.id)
         self._purge()
         self.split_batches += 1
-        self.empty.clear()
+        self._held_changed()
         self.news.send()
         return True
 
@@ -1444,6 +1443,21 @@ class Spool:
     def _unconfirmed(self) -> int:
         self._purge()
         return len(self._sent)
+
+    def _held_changed(self) -> None:
+        """What waits for a PUBACK or a receipt changed: :attr:`empty` follows it and
+        the stop's drain is told (:attr:`progress`)."""
+        if len(self._acked_ids) >= self._count:
+            self.empty.set()
+        else:
+            self.empty.clear()
+        self.progress.send()
+
+    @property
+    def unsent(self) -> int:
+        """Batches held that the broker has not acknowledged yet (0: every batch left
+        waits only for the hub's receipt, or none is left)."""
+        return self._count - len(self._acked_ids) - self._unconfirmed()
 
     def _oldest_unconfirmed_s(self) -> float | None:
         """How long the batch waiting longest for its receipt has waited since it was
