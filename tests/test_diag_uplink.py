@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
 import time
@@ -14,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.cli.diag import diag_app
-from agent.cli.diag.uplink import UplinkTarget, check_uplink
+from agent.cli.diag.uplink import check_uplink
+from agent.ops.config import TlsConfig, UplinkConfig
 from hub.core import HubCore
 from hub.worker import Hub
 from simulator.broker import MosquittoBroker, free_port, mosquitto_path
@@ -29,7 +31,7 @@ async def test_every_step_against_a_broker_then_clock_from_hub_time() -> None:
     broker = MosquittoBroker()
     await broker.start()
     try:
-        target = UplinkTarget(host="127.0.0.1", port=broker.port, client_id="vitals-gw-1")
+        target = UplinkConfig(host="127.0.0.1", port=broker.port, client_id="vitals-gw-1")
         steps = {s.name: s for s in await check_uplink(target, timeout_s=5)}
         assert [steps[n].status for n in ("dns", "tcp", "mqtt", "round trip")] == ["pass"] * 4
         assert steps["tls"].status == "skip" and "not enabled" in steps["tls"].detail
@@ -45,7 +47,7 @@ async def test_every_step_against_a_broker_then_clock_from_hub_time() -> None:
 
 
 async def test_refused_port_fails_tcp_and_skips_the_rest() -> None:
-    steps = await check_uplink(UplinkTarget(host="127.0.0.1", port=free_port()), timeout_s=2)
+    steps = await check_uplink(UplinkConfig(host="127.0.0.1", port=free_port()), timeout_s=2)
     by = {s.name: s for s in steps}
     assert by["dns"].status == "pass"
     assert by["tcp"].status == "fail" and "refused" in by["tcp"].detail.lower()
@@ -53,7 +55,7 @@ async def test_refused_port_fails_tcp_and_skips_the_rest() -> None:
 
 
 async def test_unknown_host_fails_dns() -> None:
-    steps = await check_uplink(UplinkTarget(host="no-such-host.invalid", port=1883), timeout_s=2)
+    steps = await check_uplink(UplinkConfig(host="no-such-host.invalid", port=1883), timeout_s=2)
     assert steps[0].name == "dns" and steps[0].status == "fail"
     assert all(s.status == "skip" for s in steps[1:])
 
@@ -66,7 +68,7 @@ async def test_clock_checked_against_a_running_hub(tmp_path: Path) -> None:
     core = HubCore(tmp_path / "hub.sqlite3")
     hub = asyncio.create_task(Hub(core, host="127.0.0.1", port=broker.port).run())
     try:
-        target = UplinkTarget(host="127.0.0.1", port=broker.port, client_id="vitals-gw-2")
+        target = UplinkConfig(host="127.0.0.1", port=broker.port, client_id="vitals-gw-2")
         await asyncio.sleep(0.5)
         steps = {s.name: s for s in await check_uplink(target, timeout_s=5)}
     finally:
@@ -124,11 +126,45 @@ def test_a_later_step_fails_exit_1_and_brackets_are_printed_as_is() -> None:
 
 async def test_a_missing_tls_file_is_named_without_an_errno(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as srv:
-        target = UplinkTarget(
-            host="127.0.0.1", port=srv.getsockname()[1], tls=True, ca_file=tmp_path / "ca.pem"
-        )
+        tls = TlsConfig(enabled=True, ca_file=tmp_path / "ca.pem")
+        target = UplinkConfig(host="127.0.0.1", port=srv.getsockname()[1], tls=tls)
         steps = {s.name: s for s in await check_uplink(target, timeout_s=2)}
     assert steps["tls"].status == "fail"
-    assert steps["tls"].detail == f"no such file: ca_file {tmp_path / 'ca.pem'}"
+    assert steps["tls"].detail == f"[uplink.tls] ca_file {tmp_path / 'ca.pem'}: no such file"
     assert "[uplink.tls]" in steps["tls"].hint
     assert [steps[n].status for n in ("mqtt", "round trip", "clock")] == ["skip"] * 3
+
+
+async def test_a_client_key_others_can_read_fails_as_it_fails_the_agent(tmp_path: Path) -> None:
+    """The agent's own TLS context (agent.ops.tls): a client key readable by others is
+    refused here as at the agent's start, before any handshake."""
+    key = tmp_path / "client.key"
+    key.write_text("not read: its mode is checked first\n")
+    key.chmod(0o644)
+    tls = TlsConfig(enabled=True, cert_file=tmp_path / "client.crt", key_file=key)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        target = UplinkConfig(host="127.0.0.1", port=srv.getsockname()[1], tls=tls)
+        steps = {s.name: s for s in await check_uplink(target, timeout_s=2)}
+    assert steps["tls"].status == "fail"
+    assert f"chmod 600 {key}" in steps["tls"].detail
+    assert [steps[n].status for n in ("mqtt", "round trip", "clock")] == ["skip"] * 3
+
+
+@needs_mosquitto
+def test_config_checks_the_gateways_own_connection(tmp_path: Path) -> None:
+    """--config: the gateway's [uplink] as the agent reads it (its client id, with -diag-)."""
+    broker = MosquittoBroker()
+    asyncio.run(broker.start())
+    try:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[gateway]\nid = "gw-diag"\nstate_dir = "{tmp_path}"\n\n'
+            f'[uplink]\nhost = "127.0.0.1"\nport = {broker.port}\nclient_id = "cabinet-7"\n'
+        )
+        r = runner.invoke(diag_app, ["uplink", "--config", str(config), "--json"])
+    finally:
+        asyncio.run(broker.stop())
+    assert r.exit_code == 0, r.output
+    steps = {s["step"]: s for s in json.loads(r.output)["steps"]}
+    assert steps["mqtt"]["status"] == "pass"
+    assert steps["mqtt"]["detail"].startswith("connected as cabinet-7-diag-")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.ops.config import UplinkConfig
 from agent.ops.provision import enroll_key
 from agent.ops.state import create_identity
 from drivers.profiles import load_profile
@@ -259,12 +260,10 @@ interval_s = 0.1
         assert issued.returncode == 0, issued.stderr
         token = issued.stdout.strip()
         result = await enroll_key(
-            gateway="gw-new-1",
+            uplink=UplinkConfig(gateway="gw-new-1", host=HOST, port=broker.port),
             new_key=create_identity(tmp_path / "new-state"),
             token=token,
             pinned_hub_kid=enroll.token_hub_kid(token),
-            host=HOST,
-            port=broker.port,
             timeout_s=20,
         )
         assert result.ok

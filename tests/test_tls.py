@@ -281,8 +281,21 @@ def test_disabled_with_settings_warns(caplog: pytest.LogCaptureFixture, tmp_path
 
 
 def test_missing_ca_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(TlsError, match="ca_file"):
+    with pytest.raises(TlsError) as err:
         tls_context(TlsConfig(enabled=True, ca_file=tmp_path / "nope.crt"))
+    assert str(err.value) == f"[uplink.tls] ca_file {tmp_path / 'nope.crt'}: no such file"
+
+
+async def test_a_key_of_another_certificate_is_named_without_an_errno(pki: Pki) -> None:
+    with pytest.raises(TlsError) as err:
+        tls_context(
+            TlsConfig(
+                enabled=True, ca_file=pki.ca, cert_file=pki.client_crt, key_file=pki.rogue_key
+            )
+        )
+    why = str(err.value)
+    assert why.startswith(f"[uplink.tls] cert_file {pki.client_crt} / key_file {pki.rogue_key}: ")
+    assert "do not match" in why and "Errno" not in why
 
 
 async def test_client_key_readable_by_others_is_refused(pki: Pki) -> None:

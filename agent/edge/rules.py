@@ -39,7 +39,7 @@ from agent.clock import Clock, SystemClock
 from agent.mqtt import MqttClient, MqttError
 from agent.ops.config import RuleConfig, RuleTarget, UplinkConfig
 from agent.pipeline.spool import Spool
-from agent.pipeline.uplink import explain
+from agent.pipeline.uplink import explain, mqtt_client
 from protocols.ed25519 import PrivateKey
 from protocols.event import Event, EventState, event_topic, seal_event
 from protocols.reading import Quality, Reading
@@ -560,14 +560,11 @@ class EdgeEvents:
         attempt = 0
         while True:
             try:
-                async with MqttClient(
-                    link.host,
-                    link.port,
-                    client_id=f"{link.client_id or 'vitals-' + self.gateway}-events",
-                    username=link.username or None,
-                    password=link.password or None,
-                    keepalive=link.keepalive_s,
-                    tls=tls,
+                # the uplink's connection (link whole), as <client id>-events
+                async with mqtt_client(
+                    link,
+                    tls,
+                    role="events",
                     ack_timeout=10.0,  # a PUBACK that late: reconnect and resend
                 ) as client:
                     attempt = 0

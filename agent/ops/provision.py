@@ -52,7 +52,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
@@ -61,7 +61,7 @@ import tomlkit
 import typer
 from tomlkit.exceptions import TOMLKitError
 
-from agent.ops.config import Config, TlsConfig, load_config, parse_config
+from agent.ops.config import Config, TlsConfig, UplinkConfig, load_config, parse_config
 from agent.ops.state import (
     HUB_KEY_FILE,
     KEY_FILE,
@@ -521,29 +521,29 @@ def _quiet(_: str) -> None:
 
 async def enroll_key(
     *,
-    gateway: str,
+    uplink: UplinkConfig,
     new_key: Identity,
     token: str = "",
     signer: Identity | None = None,
     pinned_hub_kid: bytes | None,
-    host: str,
-    port: int,
     tls: ssl.SSLContext | None = None,
-    username: str | None = None,
-    password: str | None = None,
-    prefix: str = topics.DEFAULT_PREFIX,
     timeout_s: float = 30.0,
     progress: Progress = _quiet,
 ) -> enroll.EnrollResult:
-    """Send one enrollment request and return the hub's verified, successful answer.
+    """Send one enrollment request for ``uplink.gateway`` and return the hub's
+    verified, successful answer.
 
+    The connection is the uplink's (``uplink`` whole, its TLS context ``tls``:
+    :func:`agent.pipeline.uplink.mqtt_client`) as ``<client id>-enroll``.
     :class:`EnrollRefused` when the hub says no, :class:`EnrollError` when it
     does not answer in ``timeout_s``, :class:`BrokerUnreachable` when the broker
     cannot be reached. ``progress`` is told each step (for a spinner).
     """
     # imported here: `vitals keygen`, `vitals hub token` need no MQTT client
-    from agent.mqtt import MqttClient, MqttError
-    from agent.pipeline.uplink import explain
+    from agent.mqtt import MqttError
+    from agent.pipeline.uplink import explain, mqtt_client
+
+    gateway, prefix, host, port = uplink.gateway, uplink.topic_prefix, uplink.host, uplink.port
 
     data, nonce = enroll.request(
         gateway=gateway,
@@ -557,14 +557,10 @@ async def enroll_key(
     connected = False
     progress(f"connecting to the broker {host}:{port}")
     try:
-        async with MqttClient(
-            host,
-            port,
-            client_id=f"vitals-{gateway}-enroll",
-            username=username,
-            password=password,
-            tls=tls,
-            connect_timeout=min(timeout_s, 10.0),
+        async with mqtt_client(
+            replace(uplink, connect_timeout_s=min(timeout_s, uplink.connect_timeout_s)),
+            tls,
+            role="enroll",
             ack_timeout=timeout_s,
         ) as client:
             connected = True
@@ -660,16 +656,11 @@ async def provision(
         )
         up = plan.config.uplink
         res = await enroll_key(
-            gateway=plan.gateway_id,
+            uplink=up,
             new_key=identity,
             token=token,
             pinned_hub_kid=pin,
-            host=up.host,
-            port=up.port,
             tls=tls_context(up.tls),
-            username=up.username or None,
-            password=up.password or None,
-            prefix=up.topic_prefix,
             timeout_s=timeout_s,
             progress=progress,
         )
@@ -718,16 +709,11 @@ async def rotate_key(
     up = config.uplink
     try:
         await enroll_key(
-            gateway=config.gateway.id,
+            uplink=up,
             new_key=pending,
             signer=current,
             pinned_hub_kid=envelope.key_id(hub),
-            host=up.host,
-            port=up.port,
             tls=tls_context(up.tls),
-            username=up.username or None,
-            password=up.password or None,
-            prefix=up.topic_prefix,
             timeout_s=timeout_s,
             progress=progress,
         )

@@ -15,6 +15,8 @@ import logging
 import os
 import ssl
 import stat
+from collections.abc import Sequence
+from pathlib import Path
 
 from agent.ops.config import TlsConfig
 from protocols.errors import LocalError
@@ -29,7 +31,12 @@ class TlsError(LocalError):
 
 
 def tls_context(cfg: TlsConfig) -> ssl.SSLContext | None:
-    """The client context ``cfg`` describes, or None when TLS is not enabled."""
+    """The client context ``cfg`` describes, or None when TLS is not enabled.
+
+    :class:`TlsError` names the file and what is wrong with it (missing,
+    unreadable, readable by others, not a certificate or key, not matching),
+    never an errno: the agent refuses to start with it, ``vitals diag uplink``
+    shows it as its tls step."""
     if not cfg.enabled:
         if cfg.insecure or cfg.ca_file or cfg.cert_file:
             log.warning("[uplink.tls] has settings but enabled = false: the uplink is plain MQTT")
@@ -39,15 +46,16 @@ def tls_context(cfg: TlsConfig) -> ssl.SSLContext | None:
             ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file) if cfg.ca_file else None
         )
     except (OSError, ssl.SSLError) as exc:
-        raise TlsError(f"[uplink.tls] ca_file {cfg.ca_file}: {exc}") from exc
+        raise TlsError(_why(exc, [("ca_file", cfg.ca_file)], "no certificate in it")) from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.cert_file is not None and cfg.key_file is not None:
-        _check_key_file(str(cfg.key_file))
+        _check_key_file(cfg.key_file)
         try:
             ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
         except (OSError, ssl.SSLError) as exc:
+            files = [("cert_file", cfg.cert_file), ("key_file", cfg.key_file)]
             raise TlsError(
-                f"[uplink.tls] cert_file {cfg.cert_file} / key_file {cfg.key_file}: {exc}"
+                _why(exc, files, "the certificate or key cannot be used, or they do not match")
             ) from exc
     if cfg.insecure:
         ctx.check_hostname = False
@@ -59,11 +67,27 @@ def tls_context(cfg: TlsConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-def _check_key_file(path: str) -> None:
+def _why(
+    exc: OSError | ssl.SSLError, files: Sequence[tuple[str, Path | None]], unusable: str
+) -> str:
+    """One line naming the file of ``files`` that made ``exc`` and what is wrong with it."""
+    named = [(k, p) for k, p in files if p is not None]
+    where = " / ".join(f"{k} {p}" for k, p in named) or "the system's certificates"
+    for key, path in named:
+        if not path.exists():
+            return f"[uplink.tls] {key} {path}: no such file"
+        if not os.access(path, os.R_OK):
+            return f"[uplink.tls] {key} {path}: cannot read it (permission denied)"
+    if isinstance(exc, ssl.SSLError):
+        return f"[uplink.tls] {where}: {unusable} ({exc.reason or exc.library or 'SSL'})"
+    return f"[uplink.tls] {where}: {exc.strerror or exc}"
+
+
+def _check_key_file(path: Path) -> None:
     try:
-        st = os.stat(path)
+        st = path.stat()
     except OSError as exc:
-        raise TlsError(f"[uplink.tls] key_file {path}: {exc.strerror}") from exc
+        raise TlsError(_why(exc, [("key_file", path)], "")) from exc
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise TlsError(
             f"[uplink.tls] key_file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets other "

@@ -74,6 +74,7 @@ __all__ = [
     "Uplink",
     "explain",
     "gap_topic",
+    "mqtt_client",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,29 @@ SPLIT_AFTER_TRIES = 3
 
 
 gap_topic = topics.gap  # signed gap notices, QoS 1
+
+
+def mqtt_client(
+    config: UplinkConfig, tls: ssl.SSLContext | None, *, role: str = "", **options: Any
+) -> MqttClient:
+    """A connection to the uplink's broker as this gateway: the host, port, user,
+    keepalive, TLS context and connect timeout of ``config``, whoever connects (the
+    uplink, the edge events, enrollment, ``vitals diag uplink``). ``role`` names a
+    connection beside the uplink's (``events``, ``enroll``, ``diag-1a2b3c``): the
+    client id gets it as a suffix, so the broker never drops the uplink's session for
+    it. ``options``: the rest of :class:`MqttClient`'s (the will, the ack timeout, caps)."""
+    client_id = config.client_id or f"vitals-{config.gateway}"
+    return MqttClient(
+        config.host,
+        config.port,
+        client_id=f"{client_id}-{role}" if role else client_id,
+        username=config.username or None,
+        password=config.password or None,
+        keepalive=config.keepalive_s,
+        tls=tls,
+        connect_timeout=config.connect_timeout_s,
+        **options,
+    )
 
 
 @dataclass(frozen=True)
@@ -302,17 +326,11 @@ class Uplink:
 
     def _client(self) -> MqttClient:
         s = self._s
-        return MqttClient(
-            s.host,
-            s.port,
-            client_id=s.client_id or f"vitals-{s.gateway}",
-            username=s.username or None,
-            password=s.password or None,
-            keepalive=s.keepalive_s,
-            tls=self._tls,
+        return mqtt_client(
+            s,
+            self._tls,
             will=(topics.status(s.gateway, s.topic_prefix), b"offline", 1, True),
             farewell=(topics.status(s.gateway, s.topic_prefix), b"offline", 0, True),
-            connect_timeout=s.connect_timeout_s,
             ack_timeout=s.publish_timeout_s,
             # commands (and receipts) are the only messages we receive: larger ones are
             # dropped (under MQTT 5 the broker is told, and does not send them)

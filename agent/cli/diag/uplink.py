@@ -14,6 +14,12 @@
    JSON ``{"t": ...}``) when the hub publishes one; otherwise the step is
    skipped with that reason.
 
+The check makes the connection the agent makes: the same
+:class:`agent.ops.config.UplinkConfig`, the same TLS context
+(:func:`agent.ops.tls.tls_context`: TLS 1.2 at least, the client key refused
+when others can read it) and the same MQTT client options
+(:func:`agent.pipeline.uplink.mqtt_client`), as ``<client id>-diag-xxxxxx``.
+
 Each step passes, fails with the reason, or is skipped because an earlier one
 failed. Exit 0 when none failed; 3 when the broker cannot be reached at all
 (dns or tcp failed: a refused or unreachable endpoint); 1 when a later step
@@ -23,6 +29,7 @@ failed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -50,12 +57,14 @@ from agent.cli.diag._common import (
     escape,
     waiting,
 )
+from agent.ops.config import UplinkConfig, load_config
+from agent.ops.tls import TlsError, tls_context
 from protocols import topics
 
 if TYPE_CHECKING:  # imported when the check runs: `vitals hub token` needs no MQTT
     from agent.mqtt import MqttClient
 
-__all__ = ["Step", "UplinkTarget", "check_uplink", "uplink_command"]
+__all__ = ["Step", "check_uplink", "uplink_command"]
 
 
 @dataclass(slots=True)
@@ -76,38 +85,14 @@ class Step:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class UplinkTarget:
-    host: str
-    port: int
-    client_id: str = ""
-    username: str = ""
-    password: str = ""
-    prefix: str = topics.DEFAULT_PREFIX
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    insecure: bool = False
-
-
-def _tls_context(t: UplinkTarget) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(t.ca_file) if t.ca_file else None)
-    if t.cert_file and t.key_file:
-        ctx.load_cert_chain(str(t.cert_file), str(t.key_file))
-    if t.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 Progress = Callable[[str], None]
 
 
 async def check_uplink(
-    t: UplinkTarget, *, timeout_s: float = 5.0, progress: Progress | None = None
+    t: UplinkConfig, *, timeout_s: float = 5.0, progress: Progress | None = None
 ) -> list[Step]:
-    """Every step in order; ``progress`` is told which step runs (a spinner's text)."""
+    """Every step in order, on the connection ``t`` describes; ``progress`` is told
+    which step runs (a spinner's text)."""
     steps: list[Step] = []
     loop = asyncio.get_running_loop()
     say = progress or (lambda _text: None)
@@ -167,15 +152,24 @@ async def check_uplink(
         return skip("tls", "mqtt", "round trip", "clock")
     # 3. tls
     ctx: ssl.SSLContext | None = None
-    if not t.tls:
+    if not t.tls.enabled:
         steps.append(Step("tls", "skip", "TLS not enabled in [uplink.tls]"))
     else:
         say("tls: handshake")
         t0 = time.perf_counter()
         try:
-            ctx = _tls_context(t)
-        except (OSError, ssl.SSLError) as exc:
-            steps.append(_tls_files_failed(t, exc))
+            ctx = tls_context(t.tls)  # the agent's own: TLS 1.2 at least, the key file checked
+        except TlsError as exc:
+            steps.append(
+                Step(
+                    "tls",
+                    "fail",
+                    str(exc),
+                    hint="check ca_file, cert_file and key_file in [uplink.tls] (the paths, "
+                    "the key matching the certificate, readable by the agent's user alone: "
+                    "run this check as that user or with sudo)",
+                )
+            )
             return skip("mqtt", "round trip", "clock")
         try:
             async with asyncio.timeout(timeout_s):
@@ -211,29 +205,6 @@ async def check_uplink(
     return steps
 
 
-def _tls_files_failed(t: UplinkTarget, exc: OSError | ssl.SSLError) -> Step:
-    """The TLS files of [uplink.tls] cannot be used (missing, unreadable, not matching)."""
-    files = [(k, p) for k, p in (("ca_file", t.ca_file), ("cert_file", t.cert_file),
-                                 ("key_file", t.key_file)) if p is not None]  # fmt: skip
-    missing = [f"{k} {p}" for k, p in files if not p.exists()]
-    unreadable = [f"{k} {p}" for k, p in files if p.exists() and not os.access(p, os.R_OK)]
-    if missing:
-        why = f"no such file: {', '.join(missing)}"
-    elif unreadable:
-        why = f"cannot read {', '.join(unreadable)} (permission denied)"
-    elif isinstance(exc, ssl.SSLError):
-        why = f"the certificate or key cannot be used: {exc.reason or exc}"
-    else:
-        why = f"{exc.filename or 'a TLS file'}: {exc.strerror or exc}"
-    return Step(
-        "tls",
-        "fail",
-        why,
-        hint="check ca_file, cert_file and key_file in [uplink.tls] (paths, readable by you, "
-        "the key matching the certificate)",
-    )
-
-
 def _cert_detail(cert: dict[str, Any] | None, sslobj: Any) -> tuple[str, str]:
     if not cert:
         return (
@@ -253,31 +224,29 @@ def _cert_detail(cert: dict[str, Any] | None, sslobj: Any) -> tuple[str, str]:
 
 
 async def _mqtt_steps(
-    t: UplinkTarget, ctx: ssl.SSLContext | None, timeout_s: float, say: Progress
+    t: UplinkConfig, ctx: ssl.SSLContext | None, timeout_s: float, say: Progress
 ) -> list[Step]:
-    from agent.mqtt import MqttClient, MqttError
+    from agent.mqtt import MqttError
+    from agent.pipeline.uplink import mqtt_client
 
     steps: list[Step] = []
     say("mqtt: connecting")
-    client_id = f"{t.client_id or 'vitals'}-diag-{uuid.uuid4().hex[:6]}"
+    # the agent's connection, but as <client id>-diag-xxxxxx: the running agent stays on
+    client = mqtt_client(
+        dataclasses.replace(t, connect_timeout_s=timeout_s),
+        ctx,
+        role=f"diag-{uuid.uuid4().hex[:6]}",
+        ack_timeout=timeout_s,
+    )
+    client_id = client.client_id
     t0 = time.perf_counter()
     try:
-        client = MqttClient(
-            t.host,
-            t.port,
-            client_id=client_id,
-            username=t.username or None,
-            password=t.password or None,
-            tls=ctx,
-            connect_timeout=timeout_s,
-            ack_timeout=timeout_s,
-        )
         async with client:
             steps.append(
                 Step("mqtt", "pass", f"connected as {client_id}", (time.perf_counter() - t0) * 1000)
             )
             # round trip
-            topic = topics.diag(client_id, t.prefix)
+            topic = topics.diag(client_id, t.topic_prefix)
             say(f"round trip on {topic}")
             token = uuid.uuid4().hex.encode()
             t0 = time.perf_counter()
@@ -307,8 +276,8 @@ async def _mqtt_steps(
                 )
             except MqttError as exc:
                 steps.append(Step("round trip", "fail", f"{exc}"))
-            say(f"clock: waiting for {topics.hub_time(t.prefix)}")
-            steps.append(await _clock_step(client, t.prefix))
+            say(f"clock: waiting for {topics.hub_time(t.topic_prefix)}")
+            steps.append(await _clock_step(client, t.topic_prefix))
     except MqttError as exc:
         steps.append(
             Step(
@@ -444,10 +413,11 @@ def uplink_command(
     raise typer.Exit(code)
 
 
-def _target(config: Path | None, host: str | None, port: int | None) -> UplinkTarget:
+def _target(config: Path | None, host: str | None, port: int | None) -> UplinkConfig:
+    """The gateway's own ``[uplink]`` (``--tcp-port`` may name another port), or a bare
+    broker at ``host`` without credentials or TLS."""
     if host:
-        return UplinkTarget(host=host, port=port or 1883)
-    from agent.ops.config import load_config
+        return UplinkConfig(host=host, port=port or 1883, client_id="vitals")
     from protocols.errors import ConfigError
 
     path = config or Path("/etc/vitals/gateway.toml")
@@ -458,17 +428,4 @@ def _target(config: Path | None, host: str | None, port: int | None) -> UplinkTa
         raise DiagError(
             f"{w}: {m}", f"see every problem with 'vitals config check {path}'"
         ) from None
-    up = cfg.uplink
-    return UplinkTarget(
-        host=up.host,
-        port=port or up.port,
-        client_id=up.client_id,
-        username=up.username,
-        password=up.password,
-        prefix=up.topic_prefix,
-        tls=up.tls.enabled,
-        ca_file=up.tls.ca_file,
-        cert_file=up.tls.cert_file,
-        key_file=up.tls.key_file,
-        insecure=up.tls.insecure,
-    )
+    return dataclasses.replace(cfg.uplink, port=port or cfg.uplink.port)
