@@ -139,11 +139,18 @@ async def test_the_agent_reads_a_pms5003_and_notices_when_it_falls_silent(
             tmp_path / "hub.sqlite3",
             shared=broker.shared_subscriptions,
         ) as run:
-            await asyncio.sleep(1.5)
+            pm25 = next(pid for pid, (_, p) in cfg.points.items() if p.name == "pm2_5")
+            for _ in range(200):  # until ten good frames have arrived
+                await asyncio.sleep(0.05)
+                if sum(r.point == pm25 and r.quality is Quality.GOOD for r in seen) >= 10:
+                    break
             (reader,) = run.agent.sensors
             state_while_talking = reader.devices[0].state
             emitting.cancel()  # the sensor falls silent
-            await asyncio.sleep(1.5)
+            for _ in range(200):  # its frame timeout is 0.5 s
+                await asyncio.sleep(0.05)
+                if reader.devices[0].state is DeviceState.OFFLINE:
+                    break
             state_when_silent = reader.devices[0].state
     core = run.core
     core.close()
