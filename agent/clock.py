@@ -69,10 +69,11 @@ _unavailable_logged = False
 def libc() -> ctypes.CDLL:
     """The C library of this process, loaded once (raises ``OSError`` where there is none).
 
-    Every ``ctypes.CDLL`` defines a new ctypes class, which only a full garbage
-    collection frees, and the running agent makes those rare (decisions 20):
-    loaded once a second by :func:`kernel_synced`, it was the agent's whole RSS
-    growth, ~2 KB a second while the clock is unsynchronised (decisions 45).
+    Every ``ctypes.CDLL`` defines a new ctypes class, which only the cyclic
+    garbage collector frees, and the running agent's collector seldom runs
+    (:mod:`agent.service` freezes the start-up objects and raises the
+    thresholds): loaded once a second by :func:`kernel_synced` while the clock
+    was unsynchronised, it grew the agent's RSS ~2 KB a second (decisions 45).
     """
     return ctypes.CDLL(None, use_errno=True)
 
