@@ -1,10 +1,10 @@
 """What the soak found (bench/README.md, "soak"; decisions 45): nothing the agent
 does again and again may define a new ctypes class.
 
-Each ``ctypes.CDLL`` defines one (its ``_FuncPtr``), which only a full garbage
-collection frees, and the running agent makes those rare (decisions 20). The
-clock asked the kernel once a second through a new ``CDLL`` while unsynchronised:
-~2 KB a second of RSS, the whole growth of ``bench.soak``.
+Each ``ctypes.CDLL`` defines one (its ``_FuncPtr``), which only the cyclic
+collector frees, and the running agent's collector seldom runs (agent.service's
+thresholds). The clock asked the kernel once a second through a new ``CDLL``
+while unsynchronised: ~3 KB a second, the whole RSS growth of ``bench.soak``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _ctypes_function_classes() -> int:
 
 @pytest.fixture
 def no_gc() -> Iterator[None]:
-    """Classes in cycles stay alive, as between the agent's rare full collections."""
+    """Classes in cycles stay alive, as between the agent's rare collections."""
     gc.disable()
     try:
         yield
