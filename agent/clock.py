@@ -73,7 +73,7 @@ def libc() -> ctypes.CDLL:
     garbage collector frees, and the running agent's collector seldom runs
     (:mod:`agent.service` freezes the start-up objects and raises the
     thresholds): loaded once a second by :func:`kernel_synced` while the clock
-    was unsynchronised, it grew the agent's RSS ~2 KB a second (decisions 45).
+    was unsynchronised, it grew the agent's RSS ~3 KB a second (decisions 45).
     """
     return ctypes.CDLL(None, use_errno=True)
 
