@@ -74,7 +74,10 @@ async def test_every_polled_reading_arrives_verified(
         identity = create_identity(config.gateway.state_dir)
         db = tmp_path / "hub.sqlite3"
         async with agent_with_hub(config, identity, mosquitto.host, mosquitto.port, db) as run:
-            await asyncio.sleep(4)
+            for _ in range(300):  # a few batches of every terminal at the hub
+                await asyncio.sleep(0.05)
+                if len(polled) > 150 and run.core.counters["batches"] >= 3:
+                    break
     finally:
         for t in terms.values():
             await t.stop()
