@@ -1,5 +1,5 @@
 """Firmware update: the terminal takes a signed image over its own line, through the
-gateway's update path (agent.fwupdate: control block, function 21 chunks, commit,
+gateway's update path (agent.ops.fwupdate: control block, function 21 chunks, commit,
 trial, confirmation), and then reports the image's version.
 
 Runs only when given an image and the key it is signed with::

@@ -29,7 +29,7 @@ from protocols.errors import KeyFormatError
 
 __all__ = ["firmware_app"]
 
-PART_BYTES = 3000  # as agent.fwupdate.PART_BYTES: a command is at most 4 KiB
+PART_BYTES = 3000  # as agent.ops.fwupdate.PART_BYTES: a command is at most 4 KiB
 
 firmware_app = typer.Typer(
     help="Push a signed firmware image to a terminal behind a gateway; see how it goes.",

@@ -457,7 +457,7 @@ def _original(epoch: int, seq: int) -> tuple[bytes, list[Reading]]:
 
 
 def _parts(rs: list[Reading], epoch: int, first: int, of: tuple[int, int]) -> list[bytes]:
-    """The original's readings re-sealed as two batches naming it (agent.batch.reseal)."""
+    """The original's readings re-sealed as two batches naming it (agent.pipeline.batcher.reseal)."""
     halves = [rs[: len(rs) // 2], rs[len(rs) // 2 :]]
     return [
         envelope.seal(h, gateway=GW, key=KEY, epoch=epoch, seq=first + i, split_of=of)

@@ -2,7 +2,7 @@
 
 The end-to-end test runs a private Mosquitto, the hub (HubCore + Hub worker)
 with its enrollment desk, and an emulated Modbus TCP terminal; the technician's
-command runs as a separate process (``python -m agent.provision provision``,
+command runs as a separate process (``python -m agent.ops.provision provision``,
 the same function ``vitals provision`` calls); then an Agent with the written
 configuration polls the terminal and its batches arrive verified.
 """
@@ -79,7 +79,7 @@ interval_s = 0.2
 
 
 async def vitals(*args: str) -> tuple[int, str, str]:
-    """Run ``python -m agent.provision ARGS`` with no terminal: (exit code, stdout, stderr)."""
+    """Run ``python -m agent.ops.provision ARGS`` with no terminal: (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

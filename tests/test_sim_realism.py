@@ -113,7 +113,7 @@ async def test_pymodbus_reads_the_rtu_bus_at_its_baud_only(bus: RtuBus) -> None:
 def test_a_master_asking_for_parity_is_refused(bus: RtuBus) -> None:
     """A pty refuses PARENB (EINVAL) when parity is all that changes. (Asked for
     together with a new baud, Linux drops it silently and the line stays N: a
-    master that must not talk at N checks what took, as agent.transport does.)"""
+    master that must not talk at N checks what took, as agent.fieldbus.links does.)"""
     with serial.Serial(bus.port, 19200, timeout=0.1) as ser:
         with pytest.raises(termios.error):
             ser.parity = serial.PARITY_EVEN

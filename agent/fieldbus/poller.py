@@ -13,7 +13,7 @@ exactly one interval, so intervals do not drift however long a transaction
 took; when it fell behind by whole intervals it skips them (counted as
 ``overruns``) rather than bursting to catch up. A dead device costs its bus
 at most one timeout per back-off period, and its neighbours keep their
-intervals. "Silent" means :class:`~agent.transport.TransportError`: no reply,
+intervals. "Silent" means :class:`~agent.fieldbus.links.TransportError`: no reply,
 a garbled reply, or the link down.
 
 Quality of readings:
@@ -402,7 +402,7 @@ class BusPoller:
             },
         }
 
-    # a side job's transactions in the bus's idle time (agent.fwupdate.BusTurns): called
+    # a side job's transactions in the bus's idle time (agent.ops.fwupdate.BusTurns): called
     # with the instant the next poll falls due, it runs what fits before it; True when
     # time went by
     idle: Callable[[float], Awaitable[bool]] | None = None

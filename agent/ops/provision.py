@@ -34,7 +34,7 @@ configuration is written 0640 with the group of its directory.
 one, then swaps the key files; the agent must be restarted to use it.
 
 The typer commands here are wired into ``vitals`` by ``agent/cli/main.py``; the
-module also runs alone: ``python -m agent.provision provision ...``.
+module also runs alone: ``python -m agent.ops.provision provision ...``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The installer holds the port (or a Modbus TCP device, or an RTU-over-TCP
 converter): trace polls the device as ``diag read`` does, through the agent's own
-:class:`~agent.transport.ModbusLink`, whose trace hook hands over every byte
+:class:`~agent.fieldbus.links.ModbusLink`, whose trace hook hands over every byte
 sent and received. :class:`Annotator` cuts what is received into frames
 (:func:`protocols.modbus.rtu.response_length`, silence) and names each one: a
 request (numbered), the reply to request #n with its time, an exception
