@@ -428,10 +428,11 @@ def test_slow_slave_right_behind_a_silent_address_is_found() -> None:
 
     profile = load_profile("sound_level_meter")
     slaves = [
-        # the scan waits ~40 ms at 19200 with --turnaround 0.03: 5 answers ~52 ms after
-        # its request, 6 ~28 ms after its own (10 ms after 5's late reply)
-        sim.RtuSlave(profile, 5, fault="late", delay_s=0.045),
-        sim.RtuSlave(profile, 6, fault="slow", delay_s=0.02),
+        # the scan waits ~211 ms at 19200 with --turnaround 0.2: 5 answers ~287 ms after
+        # its request, 6 ~137 ms after its own (~60 ms after 5's late reply); margins of
+        # 60-75 ms each way, which a loaded machine keeps (at 10 ms it did not)
+        sim.RtuSlave(profile, 5, fault="late", delay_s=0.28),
+        sim.RtuSlave(profile, 6, fault="slow", delay_s=0.13),
     ]
     with sim.RtuBus(slaves, baud=19200) as bus:
         r = runner.invoke(
@@ -447,7 +448,7 @@ def test_slow_slave_right_behind_a_silent_address_is_found() -> None:
                 "--parity",
                 "N",
                 "--turnaround",
-                "0.03",
+                "0.2",
                 "--no-ident",
                 "--json",
             ],
@@ -456,19 +457,22 @@ def test_slow_slave_right_behind_a_silent_address_is_found() -> None:
     out = json.loads(r.output.strip().splitlines()[-1])
     assert out["garbled"] == {}
     assert [(f["slave"], f["answer"]) for f in out["found"]] == [(5, "late"), (6, "exception")]
-    assert out["found"][0]["rtt_ms"] > 40
+    assert out["found"][0]["rtt_ms"] > 211
 
 
 def test_late_answer_is_said_with_the_turnaround_to_use() -> None:
     sim = pytest.importorskip("simulator.rtu", reason="simulator/rtu.py not in this tree")
     from drivers.profiles import load_profile
 
-    slave = sim.RtuSlave(load_profile("sound_level_meter"), 9, fault="late", delay_s=0.03)
+    # the scan waits ~161 ms per address (--turnaround 0.15); 9 answers ~230 ms after its
+    # request: ~70 ms late, ~100 ms before 10's wait ends (at 14 ms, a loaded machine
+    # garbled it)
+    slave = sim.RtuSlave(load_profile("sound_level_meter"), 9, fault="late", delay_s=0.22)
     with sim.RtuBus([slave], baud=19200) as bus:
         r = runner.invoke(
             diag_app,
             ["scan", "--port", bus.port, "--slaves", "9-11", "--baud", "19200", "--parity", "N",
-             "--turnaround", "0.01", "--no-ident"],
+             "--turnaround", "0.15", "--no-ident"],
         )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "slave 9 answered after the timeout" in r.output

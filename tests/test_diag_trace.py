@@ -33,13 +33,16 @@ from simulator.tcp import TcpTerminal
 
 VITALS = [sys.executable, "-c", "from agent.cli.diag import diag_app; diag_app()"]
 BAUD = 19200
-TIMEOUT_S = 0.2
+# the master's timeout and the slow device's delay: 0.15 s past the timeout, 0.25 s
+# before the end of the late window (twice the timeout): margins a loaded machine keeps
+TIMEOUT_S = 0.4
+LATE_S = 0.55
 
 
 @pytest.fixture
 def slave() -> RtuSlave:
     s = RtuSlave(load_profile("sound_level_meter"), slave=2)
-    s.delay_s = 0.35  # 'late': after the 0.2 s timeout, within the late window
+    s.delay_s = LATE_S  # 'late': after the timeout, within the late window
     return s
 
 
@@ -304,7 +307,8 @@ def terminal() -> Iterator[_SlowTerminal]:
 
 def _tcp_trace(term: TcpTerminal, samples: int = 1) -> list[dict[str, Any]]:
     args = ["trace", "--host", "127.0.0.1", "--tcp-port", str(term.port), "--slave", "3"]
-    args += ["--profile", "sound_level_meter", "--timeout", str(TIMEOUT_S), "--interval", "0.5"]
+    # the next request a second after the last: a late reply (LATE_S) is read before it
+    args += ["--profile", "sound_level_meter", "--timeout", str(TIMEOUT_S), "--interval", "1.0"]
     r = subprocess.run(
         [*VITALS, *args, "--json", "--samples", str(samples)],
         capture_output=True,
@@ -334,7 +338,7 @@ def test_modbus_tcp_frames_cut_by_mbap_and_matched_by_transaction_id(
     terminal.fault = "garbage"
     garbage = _tcp_trace(terminal)
     terminal.fault = None
-    terminal.delay_s = 0.35  # after the 0.2 s timeout
+    terminal.delay_s = LATE_S  # after the timeout
     late = _tcp_trace(terminal, samples=2)
     # a good poll: each request, then its reply, tied by the transaction id
     assert [(f["dir"], f["kind"], f["request"]) for f in good] == [
@@ -429,7 +433,7 @@ async def test_tap_the_running_agents_modbus_tcp_bus(
                 break
             await asyncio.sleep(0.05)
         good = await tap("--frames", "6")
-        terminal.delay_s = 0.35  # after the bus's 0.2 s timeout
+        terminal.delay_s = LATE_S  # after the bus's timeout
         late = await tap("--frames", "12")
         terminal.delay_s = 0.0
         polls = agent.pollers[0].devices[0].polls

@@ -283,7 +283,9 @@ async def test_rtu_request_never_sooner_than_t35_after_the_last_byte_heard(bus: 
     was read (the timer arms early and spins the rest: never before), including
     after a timeout, when the line is quiet from the timeout on."""
     bus.slaves[7].fault = "silent"
-    link = _link(bus, timeout=0.02)
+    # a timeout a loaded machine's replies keep (the three silent polls cost 0.75 s):
+    # a real slave taken late would count a fourth timeout
+    link = _link(bus, timeout=0.25)
     events: list[tuple[str, float]] = []
     link.trace = lambda direction, _data: events.append((direction, time.monotonic()))
     try:
