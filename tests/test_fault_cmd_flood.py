@@ -11,8 +11,8 @@
    does not send it the payloads over that at all); RSS after the flood is within 5 MB of before; a valid signed
    command sent after the flood is answered.
 2. SIGTERM while the broker and the terminal stop (or the broker freezes) at
-   the same moment, 50 times: the agent exits 0 within its documented bound
-   (10 s; asserted with a margin for a loaded machine).
+   the same moment, 30 times (9 with a frozen broker): the agent exits 0 within
+   its documented bound (10 s; asserted with a margin for a loaded machine).
 
 The rates and the memory are measured by ``python -m bench.cmd_flood``
 (bench/README.md); here they are only bounded.
@@ -188,9 +188,12 @@ async def _stop_all_at_once(lane: int, run: int, rng: random.Random, workdir: Pa
 
 @pytest.mark.timeout(1200)
 async def test_sigterm_ends_the_agent_whatever_broker_and_terminal_do(tmp_path: Path) -> None:
-    """50 times (VITALS_SIGTERM_RUNS), five agents at a time: a run starts as soon as
-    one ends (a round waiting for its slowest run, a frozen broker's, doubled the time)."""
-    runs = int(os.environ.get("VITALS_SIGTERM_RUNS", "50"))
+    """30 times (VITALS_SIGTERM_RUNS: 50 or more before a release), five agents at a
+    time: a run starts as soon as one ends (a round waiting for its slowest run, a
+    frozen broker's, doubled the time). 30 keeps every kind of run several times (9
+    with a frozen broker with the default seed, 21 with a stopped one, the three
+    events in random order within 0.2 s) at 60 % of the suite's time of 50."""
+    runs = int(os.environ.get("VITALS_SIGTERM_RUNS", "30"))
     lanes = 5
     rng = random.Random(int(os.environ.get("VITALS_SIGTERM_SEED", "19")))
     seeds = [rng.random() for _ in range(runs)]
