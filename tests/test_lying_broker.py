@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +323,19 @@ interval_s = 0.1
             con.close()
         return {(e, s) for e, first, last in rows for s in range(first, last + 1)}
 
+    async def until(self, cond: Callable[[], bool], what: str, within: float = 30.0) -> None:
+        """Until ``cond()`` holds (the world's own progress, not a fixed sleep); fail
+        naming ``what`` after ``within`` s (a hang, not a timing)."""
+        async with asyncio.timeout(within):
+            while not cond():
+                assert self.agent_running(), self.tail(self.agent_logs[-1])
+                await asyncio.sleep(0.1)
+
+    async def sealed_more(self, n: int, what: str) -> None:
+        """Until the gateway has sealed ``n`` more batches (from readings) than now."""
+        have = len(self.sealed())
+        await self.until(lambda: len(self.sealed()) >= have + n, f"{n} more batches: {what}")
+
     async def wait_delivered(self, within: float, only: set[tuple[int, int]] | None = None) -> bool:
         """Until every sealed batch (or those of ``only``) is at the hub (or named
         split), at most ``within`` s."""
@@ -370,6 +383,19 @@ interval_s = 0.1
         counted = g["batches"] + g["missing_batches"] + g["dropped_batches"] + g["split_batches"]
         assert counted == len(made), f"the hub counts {counted} batches, the gateway {len(made)}"
         return g
+
+    async def counts_agreeing(self, within: float = 15.0) -> dict[str, Any]:
+        """:meth:`assert_counts_agree`, once the hub has committed what the gateway's stop
+        told it (a moment after the stop): retried until it holds or ``within`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            try:
+                return await self.assert_counts_agree()
+            except AssertionError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.3)
 
     async def assert_exactly_once(self) -> str:
         """Every batch the gateway sealed is stored once (same count and first time
@@ -422,6 +448,7 @@ async def world(
     max_readings: int = 60,
     max_age_s: float = 0.3,
     overrides: dict[str, Any] | None = None,
+    persistent: bool = True,
 ) -> AsyncIterator[tuple[World, MqttProxy | None]]:
     broker = MosquittoBroker(extra_config=broker_config)
     await broker.start()
@@ -437,7 +464,7 @@ async def world(
         w = World(tmp_path, broker, px.port if px else broker.port, terms, max_readings, max_age_s)
         w.overrides = overrides
         w.setup()
-        await w.start_hub()
+        await w.start_hub(persistent=persistent)
         yield w, px
     finally:
         if w is not None:
@@ -513,16 +540,18 @@ async def test_batches_acknowledged_and_dropped(tmp_path: Path, acl: Path, liar:
                 w.broker._proc.send_signal(signal.SIGHUP)  # Mosquitto reloads its ACL
 
         await w.start_agent()
-        await asyncio.sleep(2)
+        await w.until(lambda: len(w.at_hub()) >= 3, "3 batches at the hub before the lies")
         lie(True)
-        await asyncio.sleep(3)
+        await w.sealed_more(8, "sealed while they are dropped")  # ~2.4 s of batches
         lie(False)
-        await asyncio.sleep(2)
+        last = max(s for _, s in w.sealed())
+        await w.until(  # the lie is over: what comes next passes
+            lambda: any(s > last for _, s in w.at_hub()), "a batch at the hub after the lies"
+        )
         lie(True)  # the tail: dropped until the gateway stops
-        await asyncio.sleep(1.5)
+        await w.sealed_more(4, "the tail, dropped")
         await w.stop_agent()
-        await asyncio.sleep(2)  # the hub's last commit
-        g = await w.assert_counts_agree()  # the tail is known while it is missing
+        g = await w.counts_agreeing()  # the tail is known while it is missing
         held = w.status()["spool"]["depth_batches"]  # the gateway's own count of what is due
         assert g["missing_batches"] == held > 0, f"the hub misses {g['missing_batches']}"
         lie(False)
@@ -541,13 +570,13 @@ async def test_broker_restarted_without_persistence(tmp_path: Path) -> None:
     persistence: what it queued is gone, the gateway still has it."""
     async with world(tmp_path) as (w, _):
         await w.start_agent()
-        await asyncio.sleep(2)
+        await w.until(lambda: len(w.at_hub()) >= 3, "3 batches at the hub")
         await w.stop_hub()
-        await asyncio.sleep(3)  # batches acknowledged by the broker, queued for the hub
+        # batches acknowledged by the broker, queued for the hub
+        await w.sealed_more(8, "sealed while the hub is away")
         await w.broker.stop()
         await w.broker.start()  # persistence false: the queue and the session are gone
         await w.start_hub()
-        await asyncio.sleep(2)
         delivered = await w.wait_delivered(45)
         await w.stop_agent()
         delivered = await w.wait_delivered(10) and delivered
@@ -562,16 +591,13 @@ async def test_hub_killed_with_kill_9_and_restarted(tmp_path: Path, session: str
     session (the broker keeps what comes meanwhile) and without one (what the broker
     acknowledged while the hub was dead went nowhere)."""
     persistent = session == "persistent"
-    async with world(tmp_path) as (w, _):
-        await w.stop_hub()
-        await w.start_hub(persistent=persistent)
+    async with world(tmp_path, persistent=persistent) as (w, _):
         await w.start_agent()
-        for pause in (1.3, 2.1, 0.7):
-            await asyncio.sleep(pause)
+        for batches in (4, 7, 2):  # ~1.2, 2.1 and 0.6 s of batches between the kills
+            await w.sealed_more(batches, "sealed while the hub runs")
             await w.kill_hub()
-            await asyncio.sleep(1.5)
+            await w.sealed_more(4, "sealed while the hub is dead")
             await w.start_hub(persistent=persistent)
-        await asyncio.sleep(2)
         delivered = await w.wait_delivered(45)
         await w.stop_agent()
         delivered = await w.wait_delivered(10) and delivered
@@ -624,7 +650,10 @@ async def test_broker_size_limit_below_a_batch(tmp_path: Path, limit: str) -> No
         if proxy is not None:
             proxy.rule = _cut_over_1200
         await w.start_agent()
-        await asyncio.sleep(6.5)
+        await w.until(
+            lambda: sum(1 for n, _ in w.sealed().values() if n >= 700) >= 2,
+            "two batches over the limit",
+        )
         for t in w.terms:  # the devices go quiet: no new batch, the backlog must go
             await t.stop()
         delivered = await w.wait_delivered(40)
@@ -654,7 +683,7 @@ async def test_every_batch_over_the_size_limit_passes_while_traffic_flows(
         if proxy is not None:
             proxy.rule = _cut_over_1200
         await w.start_agent()
-        await asyncio.sleep(6.5)
+        await w.until(lambda: len(w.sealed()) >= 2, "two batches sealed")
         first = set(w.sealed())
         assert all(n >= 700 for n, _ in w.sealed().values()), "a batch under the limit"
         passed = await w.wait_delivered(20, only=first)
