@@ -413,7 +413,17 @@ async def test_agent_on_a_full_disk_polls_restarts_and_loses_nothing_spooled(
             "the disk-full warning", lambda: "the disk is full" in logs[0].read_text(), 60, logs[0]
         )
         before = _status(state)
-        await asyncio.sleep(5)  # runs on, past full
+
+        def ran_on() -> bool:  # past full: polling on, ten batches (2 s) dropped for it
+            doc = _status(state)
+            spool = doc.get("spool")
+            return (
+                isinstance(spool, dict)
+                and spool.get("dropped_disk_full", 0) >= 10
+                and _polls(doc) > _polls(before)
+            )
+
+        await _until("ten batches dropped on the full disk", ran_on, 30, logs[0])
         assert procs[0].returncode is None, logs[0].read_text()[-3000:]
         after = await _running(procs[0], state, logs[0])
         assert _polls(after) > _polls(before) > 0, "polling goes on"
@@ -436,8 +446,10 @@ async def test_agent_on_a_full_disk_polls_restarts_and_loses_nothing_spooled(
         await _until("a batch spooled on the full disk", lambda: _spooled(logs[1:2]), 20, logs[1])
         assert "Traceback" not in logs[1].read_text()
 
-        # (c) kill -9 while the disk is full
-        await asyncio.sleep(2)
+        # (c) kill -9 while the disk is full, a few batches later
+        await _until(
+            "3 batches spooled on the full disk", lambda: len(_spooled(logs[1:2])) >= 3, 20, logs[1]
+        )
         procs[1].kill()
         assert await procs[1].wait() == -signal.SIGKILL
         procs.append(await _start(cfg, logs[2]))
