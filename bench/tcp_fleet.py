@@ -159,6 +159,22 @@ def status_kb(pid: int, key: str) -> int:
     return 0
 
 
+async def rss_trace(proc: subprocess.Popen[bytes], out: list[tuple[float, int, int]]) -> None:
+    """Append ``(seconds since the start, VmRSS kB, VmHWM kB)`` of ``proc`` every 0.5 s.
+
+    From the agent's start, so a start-up peak shows (``vitals run`` replaces itself
+    with ``python -m agent.runner``, the same PID: the counters restart there).
+    """
+    t0 = time.monotonic()
+    while proc.poll() is None:
+        try:
+            rss, hwm = status_kb(proc.pid, "VmRSS"), status_kb(proc.pid, "VmHWM")
+        except OSError:  # it has just ended
+            return
+        out.append((round(time.monotonic() - t0, 1), rss, hwm))
+        await asyncio.sleep(0.5)
+
+
 def hub_stats(db: Path) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "agent", "hub", "--db", str(db), "stats", "--json"],
@@ -221,6 +237,8 @@ async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[s
     prof = ["-m", "cProfile", "-o", str(args.profile_agent)] if args.profile_agent else []
     agent = subprocess.Popen([py, *prof, "-m", "agent", "run", "--config", str(cfg)])  # noqa: ASYNC220
     result: dict[str, Any] = {}
+    trace: list[tuple[float, int, int]] = []  # --rss-trace: (s since start, VmRSS, VmHWM)
+    tracer = asyncio.create_task(rss_trace(agent, trace)) if args.rss_trace else None
     try:
         await asyncio.sleep(args.warmup)
         c0, t0 = cpu_s(agent.pid), time.monotonic()
@@ -237,6 +255,8 @@ async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[s
         emu_c1, hub_c1 = cpu_s(emu.pid), cpu_s(hub.pid)
         hwm = status_kb(agent.pid, "VmHWM")
         rss = status_kb(agent.pid, "VmRSS")
+        if tracer is not None:
+            tracer.cancel()
         agent.send_signal(signal.SIGTERM)
         rc = agent.wait(60)
         emu.send_signal(signal.SIGTERM)
@@ -276,6 +296,8 @@ async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[s
             "rejected": stats["rejected"],
             "duplicates": stats["duplicates"],
         }
+        if trace:
+            result["rss_trace"] = trace
         if sample_s:
             result["samples"] = [(round(t, 1), round(c, 2), kb) for t, c, kb in samples]
     finally:
@@ -303,8 +325,10 @@ def delivered(r: dict[str, Any]) -> bool:
     )
 
 
-CPU_TARGET_PCT = 4.0  # issue 18: of one core, the median of three runs
-RSS_TARGET_MB = 48.0
+# issue 20's bounds, on aiomqtt and cryptography (issue 18's CPU target was 4.0 on our
+# own MQTT client and a ctypes libcrypto binding): of one core, the median of the runs
+CPU_TARGET_PCT = 6.0
+RSS_TARGET_MB = 48.0  # VmHWM, the largest of the runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-readings",
         type=int,
         help="[batch] max_readings of the agent (default: the configuration's default, 5000)",
+    )
+    ap.add_argument(
+        "--rss-trace",
+        action="store_true",
+        help="print the agent's VmRSS and VmHWM every 0.5 s from its start (where the peak is)",
     )
     ap.add_argument(
         "--role", choices=("bench", "emulators"), default="bench", help=argparse.SUPPRESS
@@ -383,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         ("emulators CPU % (not the agent)", f"{r['emulators_cpu_pct']}", "", None),
         ("hub CPU % (not the agent)", f"{r['hub_cpu_pct']}", "", None),
     ]
+    for x in runs if args.rss_trace else ():
+        print("agent s   VmRSS MB   VmHWM MB")
+        for t, kb, hwm_kb in x.get("rss_trace", ()):
+            print(f"{t:>7}   {kb / 1024:8.1f}   {hwm_kb / 1024:8.1f}")
     for name, value, target, ok in rows:
         mark = "" if ok is None else ("PASS" if ok else "FAIL")
         print(f"{name:<40} {value:>14} {target:>8} {mark}")

@@ -73,7 +73,6 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 
 from protocols.errors import DecodeError, LocalError
 
@@ -244,10 +243,20 @@ def decimals(scale: float, offset: float) -> int | None:
     for x in (scale, offset):
         if not math.isfinite(x):
             return None
-        exponent = Decimal(repr(x)).normalize().as_tuple().exponent
-        assert isinstance(exponent, int)  # finite, so not 'n', 'N' or 'F'
-        places = max(places, -exponent)
+        places = max(places, -_exponent(x))
     return places if places <= _MAX_DECIMALS else None
+
+
+def _exponent(x: float) -> int:
+    """The exponent of finite ``x``'s shortest repr with trailing zeros dropped (what
+    ``Decimal(repr(x)).normalize()`` gives, without loading decimal at every start)."""
+    mantissa, _, exp = repr(x).lstrip("-").partition("e")
+    whole, _, frac = mantissa.partition(".")
+    digits = whole + frac
+    kept = digits.rstrip("0")
+    if not kept:
+        return 0  # zero
+    return int(exp or 0) - len(frac) + len(digits) - len(kept)
 
 
 def _is_identity(spec: PointSpec) -> bool:
