@@ -91,7 +91,7 @@ async def _round(
     from agent.clock import SystemClock
     from agent.fieldbus.links import ModbusLink
     from agent.fieldbus.poller import BusPoller, PolledDevice, TcpEngine
-    from protocols.reading import Reading
+    from protocols.reading import Columns
 
     readings = 0
 
@@ -99,7 +99,7 @@ async def _round(
         nonlocal readings
         readings += n
 
-    async def sink(out: list[Reading]) -> None:
+    async def sink(out: Columns) -> None:
         count(len(out))
 
     clock = SystemClock()

@@ -3,7 +3,8 @@
 A batch of the fleet's shape (``bench.tcp_fleet``: 500 devices of the 30
 registers of ``FLEET-30``, u16/i16 scaled by 0.1, polled at 1 Hz on a 100 ms
 grid; the agent's default batch of 5000 readings, so each point appears once),
-values from the simulator's signal models through the real register codecs.
+values from the simulator's signal models through the real register codecs,
+held as columns as the agent's batcher holds them (decisions 47).
 For each payload layout: the bytes (``msgpack+zlib``), the encoder
 (``encode_readings``), the whole seal (``envelope.seal``: encoder, zlib,
 Ed25519), the decoder (``decode_readings``) and the hub's side (``parse``,
@@ -24,7 +25,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.bus import machine
@@ -38,15 +39,16 @@ from protocols.payload import (
     encode_readings,
     encode_readings_span,
 )
-from protocols.reading import Quality, Reading
+from protocols.reading import Columns, Quality, Reading
 from simulator.signals import ProfileRegisters
 
 GATEWAY = "gw-fleet-1"
 T0 = 1_780_000_000_000
 
 
-def fleet_batch(n: int = 5000, devices: int = 500, seed: int = 1) -> list[Reading]:
-    """The first ``n`` readings of the fleet, in arrival order (a device's 30 share a time)."""
+def fleet_batch(n: int = 5000, devices: int = 500, seed: int = 1) -> Columns:
+    """The first ``n`` readings of the fleet, in arrival order (a device's 30 share a
+    time), as columns: what the agent's batcher holds (decisions 47)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fleet30.toml"
         path.write_text(profile_toml())
@@ -64,14 +66,14 @@ def fleet_batch(n: int = 5000, devices: int = 500, seed: int = 1) -> list[Readin
             q = Quality.GOOD if low <= value <= high else Quality.OUT_OF_RANGE  # type: ignore[operator]
             out.append(Reading(dev * POINTS + i, ts, value, q))
             if len(out) == n:
-                return out
-    return out
+                return Columns.of(out)
+    return Columns.of(out)
 
 
 STEPS = ("encode_ms", "seal_ms", "decode_ms", "hub_ms")
 
 
-def steps(readings: list[Reading], layout: int) -> tuple[int, dict[str, Callable[[], object]]]:
+def steps(readings: Sequence[Reading], layout: int) -> tuple[int, dict[str, Callable[[], object]]]:
     """The payload's size and the four timed steps of one batch in ``layout``."""
     key = ed25519.PrivateKey.from_private_bytes(bytes(range(32)))
     pub = key.public_key()
@@ -109,7 +111,7 @@ def steps(readings: list[Reading], layout: int) -> tuple[int, dict[str, Callable
     }
 
 
-def measure(bs: list[list[Reading]], repeat: int) -> dict[str, dict[str, float]]:
+def measure(bs: Sequence[Sequence[Reading]], repeat: int) -> dict[str, dict[str, float]]:
     """Both layouts over the batches ``bs``: rounds alternate the layouts (this
     machine's speed drifts), each figure the median of the rounds' sums."""
     prepared = {layout: [steps(b, layout) for b in bs] for layout in (1, 2)}

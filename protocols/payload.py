@@ -60,7 +60,7 @@ from typing import Any, Final, Literal, TypeAlias, cast, get_args
 import msgpack
 
 from protocols.errors import DecodeError, LocalError
-from protocols.reading import Quality, Reading, Value
+from protocols.reading import Columns, Quality, Reading, Value
 
 __all__ = [
     "COLUMNS_MAX_REPEAT",
@@ -684,10 +684,22 @@ def _columns_payload(
     order of first appearance, each group one block when one kind holds it,
     else a block per kind of value (:func:`_value_kind`).
     """
-    points, stamps, values, quals = cast(
-        tuple[tuple[int, ...], tuple[int, ...], tuple[Value, ...], tuple[Quality, ...]],
-        tuple(zip(*readings, strict=True)),
-    )
+    points: Sequence[int]
+    stamps: Sequence[int]
+    values: Sequence[Value]
+    quals: Sequence[Quality]
+    if isinstance(readings, Columns):  # what the batcher holds: the columns as they are
+        points, stamps, values, quals = (
+            readings.points,
+            readings.stamps,
+            readings.values,
+            readings.quals,
+        )
+    else:
+        points, stamps, values, quals = cast(
+            tuple[tuple[int, ...], tuple[int, ...], tuple[Value, ...], tuple[Quality, ...]],
+            tuple(zip(*readings, strict=True)),
+        )
     if choose and not _few_repeats(points):
         return None
     try:  # one pass of C each: ints in [0, 2**32-1] (== MAX_POINT_ID), ints >= 0

@@ -23,7 +23,7 @@ from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, _fast
 from drivers.profiles import Point, load_profile
 from protocols.errors import DecodeError, DeviceException
 from protocols.modbus import DataType, Order, PointSpec, Space, decode, encode
-from protocols.reading import Quality, Reading
+from protocols.reading import Columns, Quality, Reading
 from tests.virtual_time import VirtualClock, run_virtual
 
 # --------------------------------------------------------------------------- doubles
@@ -91,7 +91,8 @@ class Sink:
     def __init__(self) -> None:
         self.readings: list[Reading] = []
 
-    async def __call__(self, readings: list[Reading]) -> None:
+    async def __call__(self, readings: Columns) -> None:
+        assert type(readings) is Columns  # a poll's readings as columns (decisions 47)
         self.readings.extend(readings)
 
     def of(self, pid: int) -> list[Reading]:

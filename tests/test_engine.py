@@ -21,7 +21,7 @@ from agent.fieldbus.links import ModbusLink
 from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, TcpEngine
 from drivers.profiles import load_profile
 from protocols.modbus import Space
-from protocols.reading import Quality, Reading
+from protocols.reading import Columns, Quality, Reading
 from simulator.tcp import TcpTerminal
 
 SLM = load_profile("sound_level_meter")
@@ -34,7 +34,8 @@ class Sink:
         self.readings: list[Reading] = []
         self.calls = 0
 
-    async def __call__(self, readings: list[Reading]) -> None:
+    async def __call__(self, readings: Columns) -> None:
+        assert type(readings) is Columns  # a poll's readings as columns (decisions 47)
         self.calls += 1
         self.readings.extend(readings)
 

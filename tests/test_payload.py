@@ -33,7 +33,7 @@ from protocols.payload import (
     encode_readings,
     encode_readings_span,
 )
-from protocols.reading import Quality, Reading, Value
+from protocols.reading import Columns, Quality, Reading, Value
 
 T = 1_767_225_600_000
 
@@ -900,3 +900,42 @@ def test_columns_bool_ids_go_out_as_ints() -> None:
     assert (type(t0), type(t1)) == (int, int)
     out = decode_readings(data, enc="msgpack")
     assert key(out) == key([Reading(1, 1, 1.5)])
+
+
+# -- columns: what the batcher holds (decisions 47) -----------------------------------
+
+
+def test_columns_encode_to_the_same_bytes_as_readings() -> None:
+    for seed in range(3):
+        rs = realistic_batch(seed=seed)
+        one_poll = [r for r in rs if r.ts < T + 1000]  # every point once: layout 2
+        for batch in (rs, one_poll):
+            cols = Columns.of(batch)
+            assert list(cols) == batch and cols == batch
+            for layout in (1, 2, None):
+                assert encode_readings(cols, layout=layout) == encode_readings(batch, layout=layout)
+
+
+@settings(max_examples=300)
+@given(batches(), st.sampled_from([1, 2, None]))
+def test_columns_any_readings_same_bytes(rs: list[Reading], layout: int | None) -> None:
+    cols = Columns.of(rs)
+    assert encode_readings(cols, enc="msgpack", layout=layout) == encode_readings(
+        rs, enc="msgpack", layout=layout
+    )
+    assert key(list(cols)) == key(rs)  # the same readings back, bit for bit (NaN too)
+
+
+def test_columns_of_polls_and_slices() -> None:
+    cols = Columns()
+    cols.add(range(10, 13), T, [1.5, 2, None], [Quality.GOOD, Quality.GOOD, Quality.COMM_ERROR])
+    cols.append(20, T + 5, "on", Quality.STALE)
+    assert list(cols) == [
+        Reading(10, T, 1.5),
+        Reading(11, T, 2),
+        Reading(12, T, None, Quality.COMM_ERROR),
+        Reading(20, T + 5, "on", Quality.STALE),
+    ]
+    assert cols[1:3] == [Reading(11, T, 2), Reading(12, T, None, Quality.COMM_ERROR)]
+    assert cols[-1] == Reading(20, T + 5, "on", Quality.STALE)
+    assert decode_readings(encode_readings(cols, layout=2)) == list(cols)

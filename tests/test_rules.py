@@ -13,7 +13,7 @@ from agent.ops.config import load_config, parse_config
 from protocols.ed25519 import PrivateKey
 from protocols.errors import ConfigError
 from protocols.event import Event, parse_event
-from protocols.reading import Quality, Reading
+from protocols.reading import Columns, Quality, Reading
 from tests.virtual_time import VirtualClock
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
@@ -280,6 +280,18 @@ def test_readings_without_rules_cost_one_lookup() -> None:
     assert eng.feed(Reading(ids[("noise-1", "laeq")], T0, 99.0)) is None
     assert eng.statistics()["readings_evaluated"] == 0
     assert eng.feed_many([Reading(ids[("gas-1", "co")], T0, 40.0)])[0].state == "fired"
+    assert eng.statistics()["readings_evaluated"] == 1
+
+
+def test_columns_from_a_bus_feed_only_the_watched_points() -> None:
+    eng, ids = engine(
+        {"id": "gas", "kind": "threshold", "device": "gas-1", "point": "co", "above": 35}
+    )
+    cols = Columns()  # one poll of each device, as the pollers hand them on
+    cols.add([ids[("noise-1", "laeq")]], T0, [99.0], [Quality.GOOD])
+    cols.add([ids[("gas-1", "co")]], T0 + 1, [40.0], [Quality.GOOD])
+    (event,) = eng.feed_many(cols)
+    assert (event.state, event.ts) == ("fired", T0 + 1)
     assert eng.statistics()["readings_evaluated"] == 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -143,7 +144,7 @@ async def _update_on_bus(
     link = link_for(bus)
     polls: dict[str, int] = {}
 
-    async def sink(readings: list[Any]) -> None:
+    async def sink(readings: Sequence[Any]) -> None:
         return None
 
     devices = [

@@ -42,7 +42,7 @@ from agent.pipeline.spool import Spool
 from agent.pipeline.uplink import explain, mqtt_client
 from protocols.ed25519 import PrivateKey
 from protocols.event import Event, EventState, event_topic, seal_event
-from protocols.reading import Quality, Reading
+from protocols.reading import Columns, Quality, Reading
 from protocols.receipt import EpochReceipt
 
 __all__ = ["EdgeEvents", "RuleEngine"]
@@ -335,6 +335,14 @@ class RuleEngine:
     def feed_many(self, readings: Iterable[Reading]) -> list[Event]:
         out: list[Event] = []
         by_pid = self._by_pid
+        if isinstance(readings, Columns):
+            # what a bus hands on: a Reading is built only for a point with a rule
+            for i, pid in enumerate(readings.points):
+                if pid in by_pid:
+                    events = self.feed(readings[i])
+                    if events:
+                        out.extend(events)
+            return out
         for r in readings:
             if r.point in by_pid:
                 events = self.feed(r)

@@ -1,7 +1,9 @@
 """The batcher: readings in, sealed batches out.
 
-A batch is sealed when it holds ``max_readings`` readings or when its oldest
-reading is ``max_age_s`` old, whichever comes first. Sealing (msgpack + Ed25519)
+The open batch is kept as the buses hand it on, as columns
+(:class:`protocols.reading.Columns`, decisions 47), and the payload's layout 2
+encodes them as they are. A batch is sealed when it holds ``max_readings``
+readings or when its oldest reading is ``max_age_s`` old, whichever comes first. Sealing (msgpack + Ed25519)
 happens here, once. Sealed batches go to the spool writer through a closable
 channel (:attr:`Batcher.sealed`, :class:`agent.pipeline.channel.Channel`): a batch is in
 it the moment it is sealed (so cancelling a bus task can never lose one), and
@@ -29,7 +31,7 @@ from agent.pipeline.channel import Channel
 from protocols import envelope
 from protocols.ed25519 import PrivateKey
 from protocols.payload import Encoding
-from protocols.reading import Reading
+from protocols.reading import Columns, Reading
 
 __all__ = ["FIX_BATCHES", "Batcher", "Sealed"]
 
@@ -75,7 +77,8 @@ class Batcher:
         self._clock = clock
         #: sealed batches on their way to the spool writer, its only receiver
         self.sealed: Channel[Sealed] = Channel(max_pending)
-        self._open: list[Reading] = []
+        # the open batch as columns, as the buses hand them (decisions 47)
+        self._open = Columns()
         self._opened_at = 0.0
         self._seq = 0
         self._wake = asyncio.Event()
@@ -102,7 +105,7 @@ class Batcher:
 
     async def add(self, readings: Iterable[Reading]) -> None:
         """Add readings; seals (and waits for room in the spool queue) when full."""
-        items = readings if isinstance(readings, list) else list(readings)
+        items = Columns.of(readings)
         if getattr(self._clock, "synced", True) is not self._synced:
             await self._clock_changed()
         done, n = 0, len(items)
@@ -196,7 +199,7 @@ class Batcher:
                 self._fix, self._fix_left = (fix.offset_ms, fix.until, last), FIX_BATCHES
 
     async def _seal(self) -> None:
-        readings, self._open = self._open, []
+        readings, self._open = self._open, Columns()
         seq = self._seq
         self._seq += 1
         data = envelope.seal(
@@ -211,7 +214,7 @@ class Batcher:
         )
         if self._fix_left > 0:
             self._fix_left -= 1
-        t0 = min(map(_ts, readings))
+        t0 = min(readings.stamps)
         self.batches_sealed += 1
         # in the channel at once; only the wait for room that follows is cancellable
         await self.sealed.send(Sealed(self._epoch, seq, len(readings), t0, data))
