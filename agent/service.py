@@ -18,17 +18,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.clock import Clock, SystemClock
 from agent.edge.commands import CommandExecutor, agent_handlers
 from agent.edge.rules import EdgeEvents
 from agent.fieldbus.links import ModbusLink
 from agent.fieldbus.poller import BusPoller, PolledDevice, TcpEngine
-from agent.fieldbus.sensors import SensorReader
 from agent.ops.config import SENSOR_BUS, BusConfig, Config
 from agent.ops.confpush import ConfigReceiver, ConfigStore
-from agent.ops.fwupdate import FirmwareCommands
 from agent.ops.state import Identity, load_hub_key, load_identity, next_epoch
 from agent.ops.status import StatusWriter, summary
 from agent.ops.systemd import SdNotifier
@@ -42,6 +40,10 @@ from protocols.gap import GapRange, seal_gap
 from protocols.payload import PointInfo
 from protocols.reading import Reading
 from protocols.receipt import HeldRange, seal_heartbeat
+
+if TYPE_CHECKING:  # imported when a serial-sensor bus or a firmware push needs them
+    from agent.fieldbus.sensors import SensorReader
+    from agent.ops.fwupdate import FirmwareCommands
 
 __all__ = ["CLOSE_RESERVE_S", "Agent", "link_for"]
 
@@ -267,6 +269,8 @@ class Agent:
             if not devices:
                 continue
             if bus.kind == SENSOR_BUS:
+                from agent.fieldbus.sensors import SensorReader
+
                 (dev,) = devices  # the config allows one sensor per serial-sensor bus
                 protocol = cfg.device(dev.name).profile.protocol
                 self.sensors.append(
@@ -294,7 +298,6 @@ class Agent:
                     inter_frame_s=bus.frame_gap_s,
                 )
             )
-        self.firmware = FirmwareCommands(cfg, {p.name: p for p in self.pollers}, state)
         self.commands = CommandExecutor(
             cfg.gateway.id,
             hub_key,
@@ -307,7 +310,7 @@ class Agent:
                 ),
                 "resend": self.uplink.resend,
                 # a firmware image the hub pushes, sent in the idle time of the bus
-                "firmware": self.firmware.handle,
+                "firmware": self._firmware,
             },
             seen_path=state / "commands.seen",
         )
@@ -444,6 +447,16 @@ class Agent:
                         return  # closed: the spool tells nothing more
             except TimeoutError:
                 pass  # a bound: the loop's test says which
+
+    async def _firmware(self, args: dict[str, Any]) -> object:
+        """The ``firmware`` command; its module is imported at the first push, not
+        by every gateway at every start (docs/decisions.md, 46)."""
+        if self.firmware is None:
+            from agent.ops.fwupdate import FirmwareCommands
+
+            pollers = {p.name: p for p in self.pollers}
+            self.firmware = FirmwareCommands(self.config, pollers, self.config.gateway.state_dir)
+        return await self.firmware.handle(args)
 
     async def _request_reload(self) -> None:
         assert self._reload is not None
