@@ -916,7 +916,7 @@ def test_columns_encode_to_the_same_bytes_as_readings() -> None:
                 assert encode_readings(cols, layout=layout) == encode_readings(batch, layout=layout)
 
 
-@settings(max_examples=300)
+@settings(max_examples=100)
 @given(batches(), st.sampled_from([1, 2, None]))
 def test_columns_any_readings_same_bytes(rs: list[Reading], layout: int | None) -> None:
     cols = Columns.of(rs)
