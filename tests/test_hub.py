@@ -18,7 +18,7 @@ from protocols.ed25519 import PrivateKey
 from protocols.envelope import sign_message
 from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
 from protocols.gap import GAP_DOMAIN, GapRange, parse_gap, seal_gap
-from protocols.reading import Reading
+from protocols.reading import Quality, Reading
 
 GW = "gw-hub-1"
 KEY = PrivateKey.from_private_bytes(bytes(range(32)))
@@ -204,6 +204,41 @@ def test_two_workers_store_overlapping_batches_exactly_once(tmp_path: Path, shar
     assert again.handle(t, _batch(1, 8)) == "duplicate"
     assert again.delivered(GW) == {(1, s) for s in range(9)}
     again.close()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_stored_rows_are_the_batches_readings(tmp_path: Path, sharded: bool) -> None:
+    """The insert binds a hundred readings a statement and the rest one by one: every
+    reading of a batch of 257 (points repeat: layout 1) and of one of 300 (each point
+    once: layout 2) is one row, every kind of value and quality as it came."""
+    db = tmp_path / "hub.sqlite3"
+    core = HubCore(db, sharded=sharded)
+    core.enroll(GW, PUB)
+    values: list[object] = [1.5, 7, True, "on", None, -0.25]
+    mixed = [
+        Reading(
+            i % 9,
+            T0 + i,
+            values[i % 6],
+            Quality.COMM_ERROR if values[i % 6] is None else Quality(i % 3),
+        )
+        for i in range(257)
+    ]
+    once = [Reading(i, T0 + 1000 + i // 30, i / 10) for i in range(300)]
+    t = topics.batch(GW)
+    for seq, rs in enumerate((mixed, once)):
+        assert core.handle(t, envelope.seal(rs, gateway=GW, key=KEY, epoch=1, seq=seq)) == "stored"
+    core.close()
+    con = open_readings(db)
+    try:
+        rows = con.execute(
+            "SELECT gw, point, ts, value, quality, epoch, seq FROM readings ORDER BY seq, ts, rowid"
+        ).fetchall()
+    finally:
+        con.close()
+    want = [(seq, r) for seq, rs in enumerate((mixed, once)) for r in rs]
+    want.sort(key=lambda sr: (sr[0], sr[1].ts))
+    assert rows == [(GW, r.point, r.ts, r.value, int(r.quality), 1, seq) for seq, r in want]
 
 
 def test_shard_rows_without_a_claim_are_not_readings(tmp_path: Path) -> None:
