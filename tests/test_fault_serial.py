@@ -107,14 +107,21 @@ async def test_pty_that_disappears_mid_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The other end of the pty closes (as a USB adapter pulled out: EIO, then no
-    device node): the bus goes offline with the reason, the agent carries on."""
+    device node): the bus goes offline with the reason, the agent carries on.
+
+    The agent's port is a link to the pty, removed with it as udev removes an
+    adapter's names: a freed /dev/pts number is soon another test's pty on a busy
+    machine, and the agent would open that one."""
     caplog.set_level(logging.INFO)
     bad = RtuBus([RtuSlave(SLM, slave=1)], baud=115200).start()
+    port = tmp_path / "ttyUSB0"
+    port.symlink_to(bad.port)
     try:
-        async with agent_with(tmp_path, bad.port) as run:
+        async with agent_with(tmp_path, str(port)) as run:
             await run.until(lambda: run.polls("bad") >= 3 and run.polls("good") >= 3)
             assert run.status("bad")["state"] == "online"
             bad.stop()  # the master side closes: the pty is gone
+            port.unlink()  # and its name
             await run.until(lambda: run.status("bad")["state"] == "offline")
             lost = run.status("bad")
             good_then = run.polls("good")

@@ -221,14 +221,19 @@ async def test_terminal_power_cut_mid_transfer_resumes(
     cut = threading.Event()
     failed: list[FirmwareError] = []
 
+    powered = threading.Event()
+
     def progress(n: int, size: int, phase: str) -> None:
         gw.progress(n, size, phase)
         if phase == "sending" and n > size // 2 and not cut.is_set():
             cut.set()
             bus.power_cut()  # SIGKILL: mid-transfer, mid-whatever
+        # power back once the gateway has used up a chunk's retries and waits for the
+        # terminal (was: a fixed 5 s, longer than the retries)
+        if phase == "waiting for the terminal" and cut.is_set() and not powered.is_set():
+            powered.set()
 
             def later() -> None:
-                time.sleep(5)  # longer than the retries of a chunk: the gateway waits
                 try:
                     bus.power_on()
                 except FirmwareError as exc:
@@ -239,7 +244,7 @@ async def test_terminal_power_cut_mid_transfer_resumes(
     upd = gw.update(image)
     upd._progress = progress
     out = await gw.run(upd)
-    assert cut.is_set() and not failed, failed
+    assert cut.is_set() and powered.is_set() and not failed, failed
     assert out.ok, out.message + "\n" + bus.output()
     assert version_of(bus) == 101
     assert out.resumed_at and out.resumed_at[0] > image.manifest.size // 2  # not from 0
