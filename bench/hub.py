@@ -1,12 +1,25 @@
-"""Hub throughput: ``python -m bench.hub``.
+"""Hub throughput: ``python -m bench.hub [--cases core|mqtt|all]``.
 
-Pre-built signed batches (``envelope.seal``, 500 readings each, msgpack+zlib,
-from 50 gateways, timestamps an hour old) are verified and stored:
+Pre-built signed batches (``envelope.seal``, msgpack+zlib, from 50 gateways,
+timestamps an hour old) are verified and stored. Two loads of as many readings:
+
+* ``agent``: the agent's default batch (``BatchConfig.max_readings``, 5000
+  readings) of the fleet (``bench.payload.fleet_batch``: 500 devices x 30
+  points, each point once a batch, a third of the fleet's second): the
+  encoder's rule gives them layout 2 (columns);
+* ``mixed``: ``--per-batch`` (500) readings of 64 points, each about eight
+  times: layout 1 (series by point), the load of the figures before issue 18.
+
+The layout each load's batches got is printed. The cases (``--cases``):
 
 1. ``core``: one :class:`~hub.core.HubCore` in this process, fed directly
    (parse, key lookup, Ed25519 verify, dedup, decode, buffered SQLite insert,
-   final flush included): the ceiling of one worker.
-2. ``mqtt x1`` and ``mqtt x2``: a private Mosquitto, one or two hub worker
+   final flush included): the ceiling of one worker. Both loads, ``--repeat``
+   runs each, alternating, the median shown; readings per second of wall time
+   and per CPU second of this process (the machine is shared: the second is
+   what one core does when the worker has it), and the machine's 1-minute
+   load before the runs.
+2. ``mqtt x1`` and ``mqtt x2`` (the ``mqtt`` cases, on the ``mixed`` load): a private Mosquitto, one or two hub worker
    processes (:class:`~hub.worker.Hub`, persistent sessions) on the shared
    subscription ``$share/hub/vitals/v1/+/batch``, one SQLite database. Every
    batch is published (QoS 1) into the broker *before* the workers run: their
@@ -39,16 +52,23 @@ import os
 import random
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from agent.ops.config import BatchConfig
+from bench.payload import fleet_batch
+from bench.tcp_fleet import POINTS
 from hub.core import HubCore
 from hub.store import is_url, open_readings
 from protocols import ed25519, envelope, topics
+from protocols.payload import COLUMNS_TAG
 from protocols.reading import Quality, Reading
 
 T0 = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: inside the hub's age window
@@ -81,12 +101,50 @@ def build(gateways: int, batches: int, per_batch: int) -> tuple[list[tuple[str, 
     return out, pubs
 
 
+def build_agent(
+    gateways: int, readings: int, per_batch: int = BatchConfig().max_readings
+) -> tuple[list[tuple[str, bytes]], dict[str, bytes]]:
+    """``readings`` in signed batches as the agent seals them by default: each gateway
+    polls the fleet (500 devices x 30 points a second) and seals every
+    ``per_batch`` readings; a batch holds each of its points once."""
+    fleet = list(fleet_batch(500 * POINTS))
+    shift = T0 - min(r.ts for r in fleet)  # inside the hub's age window
+    cuts = [fleet[i : i + per_batch] for i in range(0, len(fleet), per_batch)]
+    keys = {f"gw-{g:04d}": ed25519.PrivateKey.generate() for g in range(gateways)}
+    names = list(keys)
+    out: list[tuple[str, bytes]] = []
+    seqs = dict.fromkeys(names, 0)
+    for b in range(max(1, readings // per_batch)):
+        gw = names[b % gateways]
+        seq = seqs[gw]
+        seqs[gw] += 1
+        second, cut = divmod(seq, len(cuts))
+        batch = [r._replace(ts=r.ts + shift + second * 1000) for r in cuts[cut]]
+        data = envelope.seal(batch, gateway=gw, key=keys[gw], epoch=1, seq=seq)
+        out.append((topics.batch(gw), data))
+    pubs = {gw: k.public_key().public_bytes_raw() for gw, k in keys.items()}
+    return out, pubs
+
+
+def layouts(msgs: list[tuple[str, bytes]]) -> dict[int, int]:
+    """How many batches got each payload layout, read from the payloads (a layout 2
+    payload is an array starting with ``COLUMNS_TAG``)."""
+    import msgpack
+
+    def layout(data: bytes) -> int:
+        payload = envelope.parse(data).payload
+        return 2 if msgpack.unpackb(zlib.decompress(payload))[0] == COLUMNS_TAG else 1
+
+    return dict(Counter(layout(d) for _, d in msgs))
+
+
 def bench_core(
     msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], db: str | Path
 ) -> dict[str, float]:
     core = HubCore(db)
     for gw, pub in pubs.items():
         core.enroll(gw, pub)
+    load = os.getloadavg()[0]
     t = time.perf_counter()
     cpu = time.process_time()
     for topic, data in msgs:
@@ -98,7 +156,57 @@ def bench_core(
     core.close()
     stored = _stored_rows(db)
     assert stored == n, (stored, n)
-    return {"readings": n, "seconds": wall, "per_s": n / wall, "cpu_s": cpu}
+    return {
+        "readings": n,
+        "seconds": wall,
+        "per_s": n / wall,
+        "cpu_s": cpu,
+        "per_cpu_s": n / cpu,
+        "load_before": load,
+    }
+
+
+def core_runs(
+    loads: dict[str, tuple[list[tuple[str, bytes]], dict[str, bytes]]], repeat: int, work: Path
+) -> dict[str, dict[str, Any]]:
+    """``repeat`` core runs of each load, alternating; per load the median (by wall
+    readings/s) and every run's figures."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in loads}
+    for i in range(repeat):
+        for name, (msgs, pubs) in loads.items():
+            runs[name].append(bench_core(msgs, pubs, work / f"core-{name}-{i}.sqlite3"))
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in runs.items():
+        out[name] = {
+            **sorted(rs, key=lambda r: r["per_s"])[len(rs) // 2],
+            "median_per_cpu_s": statistics.median(r["per_cpu_s"] for r in rs),
+            "all_per_s": [round(r["per_s"]) for r in rs],
+            "all_per_cpu_s": [round(r["per_cpu_s"]) for r in rs],
+            "all_load_before": [round(r["load_before"], 2) for r in rs],
+        }
+    return out
+
+
+def print_core(
+    core: dict[str, dict[str, Any]], shapes: dict[str, tuple[int, int, dict[int, int]]]
+) -> None:
+    """The core table: per load, its batches and their layouts, the median run."""
+    print(
+        f"core: one HubCore, no broker; median of {len(next(iter(core.values()))['all_per_s'])} runs"
+    )
+    print(
+        f"{'load':<8}{'batches':>9}{'x readings':>12}{'layout':>10}{'readings/s':>12}"
+        f"{'per cpu-s':>12}{'cpu s':>8}  {'all runs (readings/s)':<28}{'load before'}"
+    )
+    for name, r in core.items():
+        batches, per, got = shapes[name]
+        layout = ", ".join(f"{k}: {v}" for k, v in sorted(got.items()))
+        runs = ", ".join(f"{x:,}" for x in r["all_per_s"])
+        loads = ", ".join(f"{x:.1f}" for x in r["all_load_before"])
+        print(
+            f"{name:<8}{batches:>9}{per:>12}{layout:>10}{r['per_s']:>12,.0f}"
+            f"{r['median_per_cpu_s']:>12,.0f}{r['cpu_s']:>8.2f}  {runs:<28}{loads}"
+        )
 
 
 # -- processes ------------------------------------------------------------------
@@ -538,6 +646,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--sharded", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--cases",
+        choices=("core", "mqtt", "all"),
+        default="all",
+        help="core: one HubCore in this process, both loads (seconds); mqtt: the broker"
+        " and worker processes, mixed load (minutes); all: both (default)",
+    )
     args = ap.parse_args(argv)
     if args.worker:
         _worker(args.db if is_url(args.db) else Path(args.db), args.port, args.worker, args.sharded)
@@ -548,9 +663,19 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     msgs, pubs = build(args.gateways, args.batches, args.per_batch)
+    per_agent = BatchConfig().max_readings
+    loads = {
+        "agent": build_agent(args.gateways, args.batches * args.per_batch, per_agent),
+        "mixed": (msgs, pubs),
+    }
+    shapes = {
+        "agent": (len(loads["agent"][0]), per_agent, layouts(loads["agent"][0])),
+        "mixed": (len(msgs), args.per_batch, layouts(msgs)),
+    }
     print(
-        f"built {len(msgs)} signed batches x {args.per_batch} readings from {args.gateways} "
-        f"gateways in {time.perf_counter() - t:.1f} s",
+        f"built {len(msgs)} signed batches x {args.per_batch} readings and"
+        f" {shapes['agent'][0]} x {per_agent} from {args.gateways} gateways in"
+        f" {time.perf_counter() - t:.1f} s",
         file=sys.stderr,
     )
     if args.db:
@@ -559,7 +684,27 @@ def main(argv: list[str] | None = None) -> int:
         return bench_pg(args.db, msgs, pubs, args.repeat, args.per_batch)
     with tempfile.TemporaryDirectory(prefix="vitals-bench-hub-") as tmp:
         work = Path(tmp)
-        core = bench_core(msgs, pubs, work / "core.sqlite3")
+        core = core_runs(loads, args.repeat, work) if args.cases != "mqtt" else {}
+        if core:
+            print_core(core, shapes)
+        core_json = {
+            "core": {
+                name: {
+                    "batches": shapes[name][0],
+                    "readings_per_batch": shapes[name][1],
+                    "layouts": shapes[name][2],
+                    "readings_per_s": round(r["per_s"]),
+                    "readings_per_cpu_s": round(r["median_per_cpu_s"]),
+                    "all_runs_readings_per_s": r["all_per_s"],
+                    "all_runs_readings_per_cpu_s": r["all_per_cpu_s"],
+                    "load_before": r["all_load_before"],
+                }
+                for name, r in core.items()
+            }
+        }
+        if args.cases == "core":
+            print(json.dumps({"bench": "hub", "repeat": args.repeat, **core_json}))
+            return 0
         runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
         for i in range(args.repeat):  # interleaved, so a noisy neighbour hits all alike
             for workers, sharded in ((1, False), (2, False), (1, True), (2, True)):
@@ -585,14 +730,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     dedup_ok = exact(dedup) and exact(dedup_s)
-    print(f"MQTT cases: median of {args.repeat} interleaved runs (by readings/s)")
+    print(f"MQTT cases (mixed load): median of {args.repeat} interleaved runs (by readings/s)")
     print(
         f"{'run':<12}{'readings':>10}{'seconds':>9}{'readings/s':>12}"
         f"{'worker cpu s':>16}{'broker cpu s':>14}{'batches/worker':>16}{'flushes':>10}"
-    )
-    print(
-        f"{'core':<12}{core['readings']:>10}{core['seconds']:>9.2f}{core['per_s']:>12,.0f}"
-        f"{core['cpu_s']:>16.2f}"
     )
     for name, r in (
         ("mqtt x1", one),
@@ -624,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{'sharded' if sh else 'mqtt'}_{w}": [round(r["per_s"]) for r in rs]
                     for (w, sh), rs in runs.items()
                 },
-                "core_readings_per_s": round(core["per_s"]),
+                **core_json,
                 "mqtt_1_worker_readings_per_s": round(one["per_s"]),
                 "mqtt_2_workers_readings_per_s": round(two["per_s"]),
                 "speedup_2_over_1": round(speedup, 2),
