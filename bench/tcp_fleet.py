@@ -15,7 +15,9 @@ Processes, so the agent is measured alone:
 After ``--warmup`` seconds the agent's ``utime + stime`` (``/proc/PID/stat``)
 is sampled, again ``--duration`` seconds later; CPU % of one core is the
 difference over the wall time between. Peak RSS is ``VmHWM`` of
-``/proc/PID/status`` at the end. Then the agent gets SIGTERM (it seals and
+``/proc/PID/status`` at the end (``--rss-trace``: both sampled every 0.5 s from
+the agent's start, to see whether the peak is a start-up transient or the running
+agent's). Then the agent gets SIGTERM (it seals and
 delivers what it holds), and the hub's counts are compared with what the
 emulators served: every served poll is 30 readings that must arrive, except
 the polls in flight when SIGTERM cancelled their bus task (at most one per
@@ -360,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rss-trace",
         action="store_true",
-        help="print the agent's VmRSS and VmHWM every 0.5 s from its start (where the peak is)",
+        help="sample the agent's VmRSS and VmHWM every 0.5 s from its start; print where "
+        "the peak grows (the samples are in the JSON line)",
     )
     ap.add_argument(
         "--role", choices=("bench", "emulators"), default="bench", help=argparse.SUPPRESS
@@ -412,10 +415,14 @@ def main(argv: list[str] | None = None) -> int:
         ("emulators CPU % (not the agent)", f"{r['emulators_cpu_pct']}", "", None),
         ("hub CPU % (not the agent)", f"{r['hub_cpu_pct']}", "", None),
     ]
-    for x in runs if args.rss_trace else ():
-        print("agent s   VmRSS MB   VmHWM MB")
+    for k, x in enumerate(runs if args.rss_trace else (), 1):
+        print(f"run {k}: where the peak grows\n agent s   VmRSS MB   VmHWM MB")
+        last = -1
         for t, kb, hwm_kb in x.get("rss_trace", ()):
-            print(f"{t:>7}   {kb / 1024:8.1f}   {hwm_kb / 1024:8.1f}")
+            if hwm_kb != last:
+                print(f"{t:>8}   {kb / 1024:8.1f}   {hwm_kb / 1024:8.1f}")
+                last = hwm_kb
+        print()
     for name, value, target, ok in rows:
         mark = "" if ok is None else ("PASS" if ok else "FAIL")
         print(f"{name:<40} {value:>14} {target:>8} {mark}")
