@@ -221,8 +221,8 @@ interval_s = 0.1
                 "--worker",
                 "hub-lying",
                 "--persistent" if persistent else "--no-persistent",
-                "--hole-grace",  # ask for holes after 5 s, not the default 30 s
-                "5",
+                "--hole-grace",  # ask for holes after 2 s, not the default 30 s
+                "2",
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
