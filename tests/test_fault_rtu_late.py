@@ -52,9 +52,14 @@ from protocols.reading import Quality, Reading
 TRUE = 7
 LATE = 0xBEEF  # 48879, the value of the issue
 # the master's timeout: long enough that a loaded machine (the suite on four workers
-# on two cores) does not make a genuine reply, sent 4 ms after its request, late too:
+# on two cores) does not make a genuine reply (GENUINE_S after its request) late too:
 # at 50 ms it did, and the link rightly counted more late replies than the slave sent
 TIMEOUT_S = 0.15
+# the slave's genuine turnaround: the master holds a reply after a timeout for twice
+# the slowest reply it heard + 20 ms and counts what comes later as late (rightly: it
+# cannot tell); at 4 ms that left ~25 ms to a loaded machine, which a stall of the
+# event loop overran (a genuine reply counted late: 20 counted, 19 sent); at 30 ms, ~50
+GENUINE_S = 0.03
 
 
 def _reply(slave: int, words: list[int]) -> bytes:
@@ -122,7 +127,7 @@ class LateSlave:
                     else:
                         queue.append((now + self.late_s, late))
                 else:
-                    queue.append((now + 0.004, _reply(1, [TRUE])))
+                    queue.append((now + GENUINE_S, _reply(1, [TRUE])))
                 queue.sort(key=lambda q: q[0])
             while queue and queue[0][0] <= time.monotonic():
                 frame = queue.pop(0)[1]
