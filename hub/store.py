@@ -272,7 +272,7 @@ CREATE TABLE IF NOT EXISTS {schema}.readings (
 """
 # a batch's readings go in _CHUNK at a time, one statement binding the batch's gw,
 # epoch and seq once and four values a reading: half the CPU of a statement a row
-# (bench.hub: 0.44 against 0.97 us a reading); the rest of a batch a row at a time
+# (0.44 against 0.97 us a reading, bench/README.md hub); the rest a row at a time
 _CHUNK = 100
 _INSERT_READINGS = (
     "INSERT INTO {schema}.readings (gw, point, ts, value, quality, epoch, seq)"
