@@ -58,35 +58,35 @@ def _is_system(item: pytest.Item) -> bool:
     )
 
 
-# The longest files first, the longest at the top (seconds of test time in a run of
-# the README's command on 2 shared cores). ``-n 4 --dist loadfile`` hands each worker
-# one file at a time in collection order, so these start at once and the many quick
-# files fill the gaps after them; left to xdist's default order (by number of tests)
-# the long system files ran last and left one worker alone for a minute and a half.
-# A file not listed keeps its place after these; re-measure with
-# ``--junitxml`` when a file grows.
+# The longest files first, the longest at the top (seconds of test time in two runs of
+# the README's command on 2 shared cores, 7 Dec 2026: about 1,200 s of test time in
+# all). ``-n 4 --dist loadfile`` hands each worker one file at a time in collection
+# order, so these start at once and the many quick files fill the gaps after them;
+# left to xdist's default order (by number of tests) the long system files ran last
+# and left one worker alone for a minute and a half. A file not listed keeps its
+# place after these; re-measure with ``--junitxml`` when a file grows.
 LONGEST_FIRST = (
-    "test_lying_broker.py",  # 249
-    "test_fwupdate.py",  # 128
-    "test_fault_cmd_flood.py",  # 98
-    "test_cli.py",  # 80
-    "test_outage.py",  # 73
-    "test_fleet.py",  # 63
-    "test_fault_disk.py",  # 59
-    "test_diag_trace.py",  # 55
-    "test_payload.py",  # 45
-    "test_fault_tcp.py",  # 45
-    "test_firmware_hil.py",  # 42
-    "test_hub_pg.py",  # 38
-    "test_installer.py",  # 35 (journeys)
-    "test_firmware_push.py",  # 35
-    "test_crash.py",  # 34
-    "test_hub_resilience.py",  # 33
-    "test_provision.py",  # 33
-    "test_sim_realism.py",  # 29
-    "test_fault_rtu_late.py",  # 25
-    "test_technician.py",  # 6 to 65 (journeys; sudo)
-    "test_hub_operator.py",  # 17 (journeys)
+    "test_lying_broker.py",  # 132-145
+    "test_fwupdate.py",  # 102
+    "test_outage.py",  # 71 (one test: two 30 s outages)
+    "test_fault_cmd_flood.py",  # 60
+    "test_fault_rtu_late.py",  # 56-59
+    "test_cli.py",  # 52-56
+    "test_fault_disk.py",  # 52-55
+    "test_fleet.py",  # 51-82
+    "test_crash.py",  # 46
+    "test_installer.py",  # 28-43 (journeys)
+    "test_diag_trace.py",  # 36-40
+    "test_provision.py",  # 17-39
+    "test_firmware_hil.py",  # 32
+    "test_firmware_push.py",  # 28
+    "test_hub_resilience.py",  # 26
+    "test_sim_realism.py",  # 20-25
+    "test_fault_tcp.py",  # 23
+    "test_technician.py",  # 9 to 65 (journeys; sudo)
+    "test_hub_pg.py",  # 19-46
+    "test_payload.py",  # 12-19
+    "test_hub_operator.py",  # 8-17 (journeys)
 )
 
 
