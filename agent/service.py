@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from agent.clock import Clock, SystemClock
 from agent.edge.commands import CommandExecutor, agent_handlers
 from agent.edge.rules import EdgeEvents
+from agent.fieldbus.engine import TcpEngine
 from agent.fieldbus.links import ModbusLink
-from agent.fieldbus.poller import BusPoller, PolledDevice, TcpEngine
+from agent.fieldbus.poller import BusPoller, PolledDevice
 from agent.ops.config import SENSOR_BUS, BusConfig, Config
 from agent.ops.confpush import ConfigReceiver, ConfigStore
 from agent.ops.state import Identity, load_hub_key, load_identity, next_epoch

@@ -89,8 +89,9 @@ async def _round(
     driver: str, ports: list[int], profile: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
     from agent.clock import SystemClock
+    from agent.fieldbus.engine import TcpEngine
     from agent.fieldbus.links import ModbusLink
-    from agent.fieldbus.poller import BusPoller, PolledDevice, TcpEngine
+    from agent.fieldbus.poller import BusPoller, PolledDevice
     from protocols.reading import Columns
 
     readings = 0

@@ -56,8 +56,9 @@ def memory() -> dict[str, float]:
 
 async def soak(args: argparse.Namespace) -> list[dict[str, Any]]:
     from agent.clock import SystemClock
+    from agent.fieldbus.engine import TcpEngine
     from agent.fieldbus.links import ModbusLink
-    from agent.fieldbus.poller import BusPoller, PolledDevice, TcpEngine
+    from agent.fieldbus.poller import BusPoller, PolledDevice
     from drivers.profiles import load_profile
     from protocols.reading import Reading
 

@@ -1,8 +1,8 @@
 """The poll schedule of one bus as a sans-IO machine: what to poll when, and what the answers make of it.
 
 No I/O, no asyncio, no clock: every instant is an argument (seconds on a
-monotonic clock). ``agent.fieldbus.poller`` drives it: :class:`~agent.fieldbus.poller.BusPoller` (one
-task per bus, awaiting each transaction) and :class:`~agent.fieldbus.poller.TcpEngine`
+monotonic clock). ``agent.fieldbus`` drives it: :class:`~agent.fieldbus.poller.BusPoller` (one
+task per bus, awaiting each transaction) and :class:`~agent.fieldbus.engine.TcpEngine`
 (every Modbus TCP bus from one task, replies from the transport's reactor),
 both through the public methods below only. tests/test_poll.py feeds it
 instants and answers and checks what it asks for next.

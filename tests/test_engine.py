@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent.clock import SystemClock
+from agent.fieldbus.engine import TcpEngine
 from agent.fieldbus.links import ModbusLink
-from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, TcpEngine
+from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice
 from drivers.profiles import load_profile
 from protocols.modbus import Space
 from protocols.reading import Columns, Quality, Reading
@@ -192,16 +193,16 @@ async def test_the_engine_sleeps_while_it_finishes(
     terminals: list[TcpTerminal], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After finish() nothing is due any more: the task waits, it does not spin."""
-    import agent.fieldbus.poller
+    import agent.fieldbus.engine
 
     rings: list[float] = []
-    real = agent.fieldbus.poller._wake
+    real = agent.fieldbus.engine._wake
 
     def counted(fut: asyncio.Future[None]) -> None:
         rings.append(asyncio.get_running_loop().time())
         real(fut)
 
-    monkeypatch.setattr(agent.fieldbus.poller, "_wake", counted)
+    monkeypatch.setattr(agent.fieldbus.engine, "_wake", counted)
     sink = Sink()
     pollers = _pollers(terminals[:2], sink, interval=0.05)
     engine = TcpEngine(pollers, sink, SystemClock())

@@ -41,8 +41,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.clock import SystemClock
-from agent.fieldbus.links import ModbusLink, TransportError, _RtuLink
+from agent.fieldbus.links import ModbusLink, TransportError
 from agent.fieldbus.poller import BusPoller, PolledDevice
+from agent.fieldbus.rtu import RtuLink
 from drivers.profiles import Point
 from protocols.errors import DeviceException
 from protocols.modbus import DataType, PointSpec, Space
@@ -210,7 +211,7 @@ async def test_always_late_slave_is_never_published() -> None:
     assert slave.late_sent - 1 <= poller.link.statistics()["late_replies"] <= slave.late_sent
 
 
-class _WireLink(_RtuLink):
+class _WireLink(RtuLink):
     """The RTU master on an in-memory line: what it sends is answered by ``chunks``."""
 
     def __init__(self, chunks: list[bytes]) -> None:

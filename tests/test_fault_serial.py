@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from agent.fieldbus.links import _Timer
+from agent.fieldbus.rtu import Timer
 from agent.ops.config import load_config
 from agent.ops.state import create_identity
 from agent.ops.status import build_status
@@ -221,7 +221,7 @@ async def test_the_agent_holds_its_ports_exclusively(tmp_path: Path) -> None:
 async def test_timer_closed_while_it_sleeps() -> None:
     """The port was lost (and the link closed its timer) while the RTU master
     slept on the timerfd: the sleep ends normally, the fd is released after it."""
-    timer = _Timer()
+    timer = Timer()
     if timer._fd < 0:
         pytest.skip("no timerfd on this system: the timer falls back to asyncio.sleep")
     sleep = asyncio.create_task(timer.sleep_until(time.monotonic() + 0.02))

@@ -30,8 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.clock import SystemClock
+from agent.fieldbus.engine import TcpEngine
 from agent.fieldbus.links import LinkDown, ModbusLink, TransportError
-from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, TcpEngine
+from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice
 from agent.ops.config import Config, parse_config
 from agent.ops.state import create_identity
 from agent.ops.status import build_status, summary

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.clock import SystemClock, kernel_synced, libc
-from agent.fieldbus.links import _Timer
+from agent.fieldbus.rtu import Timer
 
 
 def _ctypes_function_classes() -> int:
@@ -58,10 +58,10 @@ def test_an_unsynchronised_clock_stamping_for_minutes_defines_no_ctypes_class() 
 
 @pytest.mark.usefixtures("no_gc")
 def test_a_serial_link_reopened_again_and_again_defines_no_ctypes_class() -> None:
-    _Timer().close()
+    Timer().close()
     before = _ctypes_function_classes()
     for _ in range(50):
-        _Timer().close()
+        Timer().close()
     assert _ctypes_function_classes() == before
 
 

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from agent.fieldbus.links import BadResponse, LinkDown, ModbusLink, NoResponse, _Timer
+from agent.fieldbus.links import BadResponse, LinkDown, ModbusLink, NoResponse
+from agent.fieldbus.rtu import Timer
 from drivers.profiles import load_profile
 from protocols.errors import DeviceException
 from protocols.modbus import Space, decode
@@ -307,7 +308,7 @@ async def test_rtu_request_never_sooner_than_t35_after_the_last_byte_heard(bus: 
 
 
 async def test_precise_timer_never_wakes_before_its_instant() -> None:
-    timer = _Timer()
+    timer = Timer()
     if timer._fd < 0:
         pytest.skip("no timerfd on this system: the timer falls back to asyncio.sleep")
     try:

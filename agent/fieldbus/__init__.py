@@ -1,10 +1,15 @@
 """The field side: links to the terminals and the pollers that drive them.
 
-- :mod:`~agent.fieldbus.links`: Modbus links (RTU on a serial port, Modbus TCP, RTU over
-  TCP) on :mod:`protocols.modbus`; one request at a time on a half-duplex line.
-- :mod:`~agent.fieldbus.poller`: the pollers (one task per RTU bus, one engine for every
-  Modbus TCP terminal) that run :mod:`protocols.poll`'s schedule and turn replies into
-  readings.
+- :mod:`~agent.fieldbus.links`: what every Modbus link shares: the interface the
+  pollers talk to (:class:`~agent.fieldbus.links.ModbusLink`, its factory), the errors.
+- :mod:`~agent.fieldbus.tcp`: Modbus TCP: the link, and the reactor that collects the
+  replies of every TCP link together.
+- :mod:`~agent.fieldbus.rtu`: Modbus RTU on a serial port and RTU over TCP: the master
+  that ties a reply to its request by timing, the microsecond timer.
+- :mod:`~agent.fieldbus.poller`: one task per bus (:class:`~agent.fieldbus.poller.BusPoller`)
+  running :mod:`protocols.poll`'s schedule; the decode of replies into readings.
+- :mod:`~agent.fieldbus.engine`: :class:`~agent.fieldbus.engine.TcpEngine`, every Modbus
+  TCP bus polled from one task with the buses' own pollers.
 - :mod:`~agent.fieldbus.sensors`: serial sensors that stream frames of their own.
 - :mod:`~agent.fieldbus.portlock`: who holds a serial port.
 
@@ -12,4 +17,4 @@ The package imports nothing itself: import the module you need (the rooms import
 other's modules, and ``vitals run`` loads no more than it uses).
 """
 
-__all__ = ["links", "poller", "portlock", "sensors"]
+__all__ = ["engine", "links", "poller", "portlock", "rtu", "sensors", "tcp"]

@@ -11,7 +11,7 @@ machine, with every rule in one place and no IO: which transaction id the
 next request carries, whether a frame that arrives is the reply waited for,
 the late reply of a request that timed out (dropped), or a fault (an id on no
 request out: the stream is not trusted any more). The agent's Modbus TCP link
-(``agent/fieldbus/links.py``) drives it; ``tests/test_modbus_mbap.py`` walks every
+(``agent/fieldbus/tcp.py``) drives it; ``tests/test_modbus_mbap.py`` walks every
 transition without a socket.
 
 Reference: *MODBUS Messaging on TCP/IP Implementation Guide V1.0b*.
