@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_readings=None,
         profile_agent=None,
         no_receipts=False,  # batches leave the spool on the hub's receipt, as in the field
+        rss_trace=False,
         keep=args.keep,
     )
     m = machine()
