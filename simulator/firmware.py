@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import select
 import shutil
 import signal
@@ -258,7 +259,14 @@ class FirmwareTerminal:
     def _wait_ready(self, unit: _Unit) -> None:
         assert unit.proc is not None
         deadline = time.monotonic() + self.ready_timeout_s
-        while READY not in unit.log.read_text(errors="replace"):
+
+        # the whole line: READY and the slave number after it (the firmware's print may
+        # reach the log in two writes; reading between them found no number)
+        def ready() -> re.Match[str] | None:
+            text = unit.log.read_text(errors="replace")
+            return re.match(r"\s*(\d+)\s", text.rsplit(READY, 1)[1]) if READY in text else None
+
+        while (line := ready()) is None:
             if unit.proc.poll() is not None:
                 raise FirmwareError(
                     f"the firmware exited with {unit.proc.returncode}:\n{self.output()}"
@@ -267,8 +275,7 @@ class FirmwareTerminal:
                 raise FirmwareError(f"the firmware did not start in {self.ready_timeout_s} s")
             time.sleep(0.01)
         # then prove it answers: read the firmware version straight on its own pty
-        text = unit.log.read_text(errors="replace")
-        slave = int(text.rsplit(READY, 1)[1].split()[0])
+        slave = int(line[1])
         request = ReadRequest(slave, 3, 38, 1)
         while True:
             if self._probe(unit, request, timeout_s=0.5) is not None:
