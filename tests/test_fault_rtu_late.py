@@ -177,8 +177,11 @@ def _check(readings: list[Reading], poller: BusPoller, slave: LateSlave) -> None
     # the genuine replies behind the late ones come through: most polls are good
     assert len(good) >= len(readings) // 2, [r.quality for r in readings]
     assert slave.late_sent >= 10  # the late replies did go out on the wire
-    # each seen, counted and dropped (the last may still have been on its way)
-    assert slave.late_sent - 1 <= poller.link.statistics()["late_replies"] <= slave.late_sent
+    # each seen, counted and dropped (the last may still have been on its way); a reply
+    # is late only to a request that timed out: on a loaded machine a genuine reply can
+    # miss its request's timeout too, and is then rightly counted late as well
+    late = poller.link.statistics()["late_replies"]
+    assert slave.late_sent - 1 <= late <= poller.schedule.timeouts
 
 
 async def test_timed_late_reply_is_never_published(late_words: int) -> None:
