@@ -60,7 +60,7 @@ def _is_system(item: pytest.Item) -> bool:
 
 # The longest files first, the longest at the top (seconds of test time in two runs of
 # the README's command on 2 shared cores, 7 Dec 2026: about 1,200 s of test time in
-# all). ``-n 4 --dist loadfile`` hands each worker one file at a time in collection
+# all). ``-n 6 --dist loadfile`` hands each worker one file at a time in collection
 # order, so these start at once and the many quick files fill the gaps after them;
 # left to xdist's default order (by number of tests) the long system files ran last
 # and left one worker alone for a minute and a half. A file not listed keeps its
