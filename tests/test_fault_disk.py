@@ -323,6 +323,19 @@ def _status(state: Path) -> dict[str, object]:
     return doc if isinstance(doc, dict) else {}
 
 
+async def _read_status(state: Path, log_file: Path) -> dict[str, object]:
+    """The status file once it reads whole (a read can meet it being replaced: {})."""
+    docs: list[dict[str, object]] = []
+
+    def whole() -> bool:
+        doc = _status(state)
+        docs.append(doc)
+        return isinstance(doc.get("buses"), dict)
+
+    await _until("a status file that reads whole", whole, 10, log_file)
+    return docs[-1]
+
+
 def _polls(doc: dict[str, object]) -> int:
     buses = doc.get("buses")
     assert isinstance(buses, dict)
@@ -371,7 +384,7 @@ async def _running(proc: asyncio.subprocess.Process, state: Path, log_file: Path
         return _polls(doc) > _polls(first)
 
     await _until("a running agent that polls", fresh, 30, log_file)
-    return _status(state)
+    return await _read_status(state, log_file)
 
 
 @pytest.mark.mosquitto
@@ -412,7 +425,7 @@ async def test_agent_on_a_full_disk_polls_restarts_and_loses_nothing_spooled(
         await _until(
             "the disk-full warning", lambda: "the disk is full" in logs[0].read_text(), 60, logs[0]
         )
-        before = _status(state)
+        before = await _read_status(state, logs[0])
 
         def ran_on() -> bool:  # past full: polling on, ten batches (2 s) dropped for it
             doc = _status(state)
@@ -425,7 +438,7 @@ async def test_agent_on_a_full_disk_polls_restarts_and_loses_nothing_spooled(
 
         await _until("ten batches dropped on the full disk", ran_on, 30, logs[0])
         assert procs[0].returncode is None, logs[0].read_text()[-3000:]
-        after = _status(state)  # the status ran_on saw: written after `before`
+        after = await _read_status(state, logs[0])  # written after `before`
         assert _polls(after) > _polls(before) > 0, "polling goes on"
         spool = after["spool"]
         assert isinstance(spool, dict)
