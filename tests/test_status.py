@@ -243,3 +243,20 @@ async def test_with_the_real_agent(tmp_path: Path) -> None:
     assert doc["uplink"]["connected"] is False
     assert "depth_batches" in doc["spool"] and "oldest_age_s" in doc["spool"]
     assert json.loads(path.read_text())["state"] == "stopped"
+
+
+def test_a_status_caught_half_written_is_read_again(tmp_path: Path) -> None:
+    """On a full disk the agent rewrites the status in place: a reader can meet the
+    first half of it. read_status reads again rather than calling it "not JSON"."""
+    import threading
+
+    path = tmp_path / "status.json"
+    whole = json.dumps({"gateway": "gw-1", "written_at": time.time(), "buses": {}})
+    path.write_text(whole[: len(whole) // 2])  # the first half, as a torn read sees it
+    done = threading.Timer(0.06, path.write_text, args=(whole,))
+    done.start()
+    try:
+        found, doc, _ = read_status([path])
+    finally:
+        done.join()
+    assert found == path and doc["gateway"] == "gw-1"

@@ -235,6 +235,18 @@ class StatusUnavailable(LocalError):
         self.hint = hint
 
 
+def _load(path: Path, tries: int = 3) -> Any:
+    """The status document; read again (50 ms apart) while it is not whole JSON: on a
+    full disk the agent rewrites it in place (:func:`_write_in_place`), so a read can
+    meet it half-written."""
+    for _ in range(tries - 1):
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            time.sleep(0.05)
+    return json.loads(path.read_text())
+
+
 def read_status(paths: list[Path], now: float | None = None) -> tuple[Path, dict[str, Any], str]:
     """The first status file found: ``(path, document, freshness)`` where freshness
     is ``""`` when the agent is alive, else why the status is not current. A status
@@ -243,7 +255,7 @@ def read_status(paths: list[Path], now: float | None = None) -> tuple[Path, dict
     now = time.time() if now is None else now
     for p in paths:
         try:
-            doc = json.loads(p.read_text())
+            doc = _load(p)
         except FileNotFoundError:
             continue
         except PermissionError:
