@@ -295,12 +295,21 @@ async def test_gateway_restart_after_the_commit_finds_the_new_version(
 
     upd = gw.update(image)
     upd._progress = progress
+    boots = bus.boots
     first = asyncio.create_task(gw.run(upd))
     await committed.wait()
     first.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await first
     gw.link.close()
+    # The terminal's power-on is a fork of this very process (the emulator's thread):
+    # until the child execs, it shares our closed port's open file and so its flock,
+    # and a gateway opening the port in that instant is told "port busy". A gateway
+    # process of its own would not be; so this one comes up once the terminal is on.
+    deadline = asyncio.get_running_loop().time() + 10
+    while bus.boots == boots and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert bus.boots > boots, "the terminal did not restart into the new image"
     again = Gateway(bus)
     out = await again.run(again.update(image))
     assert out.ok and out.message == "the terminal already runs 1.1", out.message
