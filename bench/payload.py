@@ -46,28 +46,44 @@ GATEWAY = "gw-fleet-1"
 T0 = 1_780_000_000_000
 
 
-def fleet_batch(n: int = 5000, devices: int = 500, seed: int = 1) -> Columns:
+def fleet_batch(
+    n: int = 5000, devices: int = 500, seed: int = 1, mantissas: bool = True
+) -> Columns:
     """The first ``n`` readings of the fleet, in arrival order (a device's 30 share a
-    time), as columns: what the agent's batcher holds (decisions 47)."""
+    time), as columns: what the agent's batcher holds (decisions 47). With
+    ``mantissas``, each poll's values come with their mantissas over 10 (scale 0.1),
+    as the agent's poller hands them on (decisions 51); without, the encoder
+    searches for the decimals itself (an older agent, or a profile that mixes)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fleet30.toml"
         path.write_text(profile_toml())
         profile = load_profile(path)
     rng = random.Random(seed)
-    out: list[Reading] = []
+    out = Columns()
     for dev in range(devices):
         regs = ProfileRegisters(profile, seed=dev)
         ts = T0 + (dev % 10) * 100 + rng.randint(1, 4)  # buses start on a 100 ms grid
         cache: dict[str, object] = {}
-        for i, point in enumerate(profile.points):
+        values: list[float] = []
+        quals: list[Quality] = []
+        for point in profile.points:
             spec = point.spec
             value = decode(spec, encode(spec, regs.value(spec.name, ts / 1000, cache)))
+            assert isinstance(value, float)
             low, high = point.range or (value, value)
-            q = Quality.GOOD if low <= value <= high else Quality.OUT_OF_RANGE  # type: ignore[operator]
-            out.append(Reading(dev * POINTS + i, ts, value, q))
-            if len(out) == n:
-                return Columns.of(out)
-    return Columns.of(out)
+            values.append(value)
+            quals.append(Quality.GOOD if low <= value <= high else Quality.OUT_OF_RANGE)
+        take = min(POINTS, n - len(out))
+        ids = range(dev * POINTS, dev * POINTS + take)
+        if mantissas:
+            ms = [round(v * 10) for v in values[:take]]
+            assert [m / 10 for m in ms] == values[:take]
+            out.add_decimals(ids, ts, values[:take], quals[:take], ms, 1)
+        else:
+            out.add(ids, ts, list(values[:take]), quals[:take])
+        if len(out) == n:
+            break
+    return out
 
 
 STEPS = ("encode_ms", "seal_ms", "decode_ms", "hub_ms")
@@ -148,14 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from bench.wire import batches, realistic_minute
 
-    cases = {"fleet": [fleet_batch()]}
+    cases = {"fleet": [fleet_batch()], "search": [fleet_batch(mantissas=False)]}
     cases["demo"] = list(batches(realistic_minute(), 500, 5000))
     rows = {name: measure(bs, args.repeat) for name, bs in cases.items()}
     chosen = {name: sorted({choose_layout(b) for b in bs}) for name, bs in cases.items()}
 
     m = machine()
     print(f"machine: {m['cpu']}, {m['nproc']} CPUs, Python {m['python']}")
-    print("fleet: one 5000-reading batch of 500 devices x 30 points (each point once);")
+    print("fleet: one 5000-reading batch of 500 devices x 30 points (each point once),")
+    print("  with the poller's mantissas; search: the same batch without (the encoder")
+    print("  searches for the decimals);")
     print("demo: bench.wire's minute in 12 batches (points repeat). Times: ms of CPU, median.")
     print()
     head = f"{'case':<7}{'layout':>7}{'B/reading':>11}{'encode':>9}{'seal':>9}{'decode':>9}{'hub':>9}{'hub r/s':>11}"

@@ -603,6 +603,23 @@ def _float_column(values: list[float]) -> tuple[int, object] | None:
     return None
 
 
+def _known_decimals(readings: Sequence[Reading]) -> tuple[int, object] | None:
+    """``(DEC + e, mantissas)`` of columns whose poller handed on each value's
+    mantissa over ``10**e`` (:attr:`Columns.mants`, decisions 51) when that is the
+    block :func:`_float_column` would choose (the smallest ``e``, mantissas of at
+    most 3 bytes): the same bytes without the search; else None."""
+    if not isinstance(readings, Columns):
+        return None
+    ms, e = readings.mants, readings.exp
+    if ms is None or not 1 <= e <= _MAX_E or len(ms) != len(readings.values):
+        return None
+    if not any(m % 10 for m in ms[:_SAMPLE]):
+        return None  # the first values might all hold at a smaller exponent: search
+    if not _fits(ms, *_SMALL):
+        return None
+    return Kind.DEC + e, ms
+
+
 def _one_kind_column(values: list[Value], types: set[type]) -> tuple[int, object] | None:
     """``(kind, packed values)`` when one kind holds all ``values`` (not None, of
     ``types``) at the size :func:`_value_kind` would give each, else None."""
@@ -717,7 +734,9 @@ def _columns_payload(
         if _NONE_TYPE in types:
             present = [v for v in present if v is not None]
             types.discard(_NONE_TYPE)
-        one = _one_kind_column(present, types)
+        one = _known_decimals(readings) if float in types else None
+        if one is None:
+            one = _one_kind_column(present, types)
         if one is not None:
             good = len(present) == len(values) and quals.count(_GOOD) == len(quals)
             flags = [] if good else _flags_of(values, quals)

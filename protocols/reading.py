@@ -53,15 +53,27 @@ class Columns(Sequence[Reading]):
     tuple a reading; the batcher keeps the columns, the payload's layout 2
     encodes them as they are. Whoever wants readings one by one gets them:
     indexing and iteration build each :class:`Reading` when asked.
+
+    The decimals as the device sent them (decisions 51): a poller that decodes
+    a reply of scaled registers (``raw * 0.1``) knows each value as an integer
+    mantissa over ``10**exp``, and hands the mantissas on with the values
+    (:meth:`add_decimals`). While every reading of the columns came that way,
+    with one ``exp``, :attr:`mants` holds them (``values[i] == mants[i] /
+    10**exp``, the same division) and the payload encodes them as they are,
+    with no search for the exponent; any other reading sets :attr:`mants` to
+    None for good (the encoder then finds the decimals itself, as before).
     """
 
-    __slots__ = ("points", "quals", "stamps", "values")
+    __slots__ = ("exp", "mants", "points", "quals", "stamps", "values")
 
     def __init__(self) -> None:
         self.points: list[int] = []
         self.stamps: list[int] = []
         self.values: list[Value] = []
         self.quals: list[Quality] = []
+        #: the values' mantissas over ``10**exp``, or None (a reading came without)
+        self.mants: list[int] | None = []
+        self.exp = -1  # -1: no mantissa yet (empty columns take any exponent)
 
     @classmethod
     def of(cls, readings: Iterable[Reading]) -> Columns:
@@ -78,6 +90,7 @@ class Columns(Sequence[Reading]):
         self.stamps.append(ts)
         self.values.append(value)
         self.quals.append(quality)
+        self.mants = None
 
     def add(
         self, points: Sequence[int], ts: int, values: list[Value], quals: Iterable[Quality]
@@ -87,12 +100,43 @@ class Columns(Sequence[Reading]):
         self.stamps += repeat(ts, len(points))
         self.values += values
         self.quals += quals
+        self.mants = None
+
+    def add_decimals(
+        self,
+        points: Sequence[int],
+        ts: int,
+        values: list[float],
+        quals: Iterable[Quality],
+        mants: list[int],
+        exp: int,
+    ) -> None:
+        """As :meth:`add`, for values that are ``mants[i] / 10**exp`` (``exp`` >= 1)."""
+        self.points += points
+        self.stamps += repeat(ts, len(points))
+        self.values += values
+        self.quals += quals
+        own = self.mants
+        if own is not None:
+            if self.exp == exp or self.exp < 0:
+                own += mants
+                self.exp = exp
+            else:
+                self.mants = None
 
     def extend(self, other: Columns) -> None:
         self.points += other.points
         self.stamps += other.stamps
         self.values += other.values
         self.quals += other.quals
+        own, theirs = self.mants, other.mants
+        if own is not None:
+            if theirs is None or (other.exp >= 0 and self.exp >= 0 and other.exp != self.exp):
+                self.mants = None
+            else:
+                own += theirs
+                if self.exp < 0:
+                    self.exp = other.exp
 
     def __len__(self) -> int:
         return len(self.points)
@@ -109,6 +153,8 @@ class Columns(Sequence[Reading]):
             out = Columns()
             out.points, out.stamps = self.points[i], self.stamps[i]
             out.values, out.quals = self.values[i], self.quals[i]
+            out.mants = None if self.mants is None else self.mants[i]
+            out.exp = self.exp
             return out
         return Reading(self.points[i], self.stamps[i], self.values[i], self.quals[i])
 

@@ -16,13 +16,15 @@ import random
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.clock import SystemClock
 from agent.fieldbus.links import BadResponse, LinkDown, ModbusLink, NoResponse
-from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, _fast
+from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, _fast, _mantissas
 from drivers.profiles import Point, load_profile
 from protocols.errors import DecodeError, DeviceException
-from protocols.modbus import DataType, Order, PointSpec, Space, decode, encode
+from protocols.modbus import DataType, Order, PointSpec, Space, decimals, decode, encode
 from protocols.reading import Columns, Quality, Reading
 from tests.virtual_time import VirtualClock, run_virtual
 
@@ -90,10 +92,12 @@ class FakeLink(ModbusLink):
 class Sink:
     def __init__(self) -> None:
         self.readings: list[Reading] = []
+        self.batches: list[Columns] = []
 
     async def __call__(self, readings: Columns) -> None:
         assert type(readings) is Columns  # a poll's readings as columns (decisions 47)
         self.readings.extend(readings)
+        self.batches.append(readings)
 
     def of(self, pid: int) -> list[Reading]:
         return [r for r in self.readings if r.point == pid]
@@ -541,3 +545,72 @@ async def test_sleepers_of_one_instant_share_one_timer_and_are_cancelled_alone()
     assert sleepers[0].cancelled() and not any(t.cancelled() for t in sleepers[1:])
     assert clock._sleepers == {}
     await clock.sleep_until(loop.time() - 1)  # the past: returns at once
+
+
+# --------------------------------------------------------------------------- mantissas (decisions 51)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),  # i16
+            st.sampled_from([(0.1, 0.0), (0.5, 0.0), (0.01, -40.0), (0.3, 0.0), (0.2, 1.4)]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.data(),
+)
+def test_mantissas_are_the_fast_decoders_values(
+    points: list[tuple[bool, tuple[float, float]]], data: st.DataObject
+) -> None:
+    """A request's mantissas over 10**places are exactly what its fast decoders give,
+    whatever the mix of u16/i16, scales and offsets (when one ``places`` holds them all)."""
+    specs = [
+        PointSpec(f"p{k}", Space.INPUT, 2 * k, DataType.I16 if signed else DataType.U16,
+                  scale=scale, offset=offset)
+        for k, (signed, (scale, offset)) in enumerate(points)
+    ]  # fmt: skip
+    offsets = [s.address for s in specs]
+    words = data.draw(st.lists(st.integers(0, 0xFFFF), min_size=2 * len(specs) + 1,
+                               max_size=2 * len(specs) + 1))  # fmt: skip
+    got = _mantissas(specs, offsets)
+    places = {decimals(s.scale, s.offset) for s in specs}
+    if len(places) != 1:
+        assert got is None
+        return
+    assert got is not None
+    exp, mants = got
+    ms = mants(words)
+    assert [m / 10**exp for m in ms] == [
+        decode(s, words[o : o + 1]) for s, o in zip(specs, offsets, strict=True)
+    ]
+    assert all(type(m) is int for m in ms)
+
+
+def test_a_poll_of_scaled_registers_hands_on_its_mantissas() -> None:
+    """The shipped fleet shape (u16 and i16 at 0.1): the poller's columns carry the
+    mantissas, and a point that is not a scaled register (an int) drops them."""
+
+    async def body(clock: VirtualClock) -> None:
+        link = FakeLink(clock)
+        link.regs = {1: {(Space.INPUT, 0): 573, (Space.INPUT, 1): 0xFFF6, (Space.INPUT, 2): 7}}
+        scaled = [
+            _point("a", 0, scale=0.1),
+            _point("b", 1, type=DataType.I16, scale=0.1),
+        ]
+        sink = Sink()
+        poller = BusPoller("b", link, [_device("d", 1, scaled)], sink, clock)
+        await _run_for(poller, 0.5)
+        cols = sink.batches[0]
+        assert isinstance(cols, Columns)
+        assert cols.values == [57.3, -1.0] and cols.mants == [573, -10] and cols.exp == 1
+        sink2 = Sink()
+        mixed = [*scaled, _point("c", 2)]
+        poller = BusPoller("b", link, [_device("d", 1, mixed)], sink2, clock)
+        await _run_for(poller, 0.5)
+        cols = sink2.batches[0]
+        assert cols.values == [57.3, -1.0, 7] and cols.mants is None
+
+    run_virtual(body)

@@ -939,3 +939,70 @@ def test_columns_of_polls_and_slices() -> None:
     assert cols[1:3] == [Reading(11, T, 2), Reading(12, T, None, Quality.COMM_ERROR)]
     assert cols[-1] == Reading(20, T + 5, "on", Quality.STALE)
     assert decode_readings(encode_readings(cols, layout=2)) == list(cols)
+
+
+# --------------------------------------------------------------------------- the poller's mantissas
+
+
+@st.composite
+def decimal_polls(draw: st.DrawFn) -> list[tuple[int, list[int], list[int], int]]:
+    """Polls as a poller hands them on (decisions 51): point ids, a time, mantissas, exp."""
+    polls = []
+    pid = draw(st.integers(0, 1000))
+    ts = T
+    small = st.integers(-(2**15), 2**16 - 1)
+    for _ in range(draw(st.integers(1, 6))):
+        n = draw(st.integers(1, 8))
+        exp = draw(st.sampled_from([1, 1, 1, 2, 3, 6, 7]))  # 7: beyond the payload's
+        ms = draw(st.lists(st.one_of(small, st.integers(-(2**40), 2**40)), min_size=n,
+                           max_size=n))  # fmt: skip
+        polls.append((pid, ms, [], exp))
+        pid += n + draw(st.integers(0, 3))
+        ts += draw(st.integers(0, 1000))
+        polls[-1][2].append(ts)
+    return polls
+
+
+@settings(max_examples=300)
+@given(decimal_polls(), st.booleans())
+def test_the_pollers_mantissas_give_the_same_bytes(
+    polls: list[tuple[int, list[int], list[int], int]], out_of_range: bool
+) -> None:
+    """Columns that carry the mantissas encode to the bytes the search for the
+    decimals gives (whether the known ones are used or not), and decode back."""
+    known, searched = Columns(), Columns()
+    for pid, ms, (ts,), exp in polls:
+        values = [m / 10**exp for m in ms]
+        quals = [Quality.OUT_OF_RANGE if out_of_range and m % 7 == 0 else Quality.GOOD
+                 for m in ms]  # fmt: skip
+        ids = range(pid, pid + len(ms))
+        known.add_decimals(ids, ts, values, quals, ms, exp)
+        searched.add(ids, ts, list(values), quals)
+    assert searched.mants is None
+    for layout in (2, None):
+        assert encode_readings(known, layout=layout) == encode_readings(searched, layout=layout)
+    # (a batch of mixed kinds decodes block by block: compare as sets of readings)
+    assert sorted(decode_readings(encode_readings(known, layout=2))) == sorted(searched)
+
+
+def test_columns_keep_mantissas_only_while_every_reading_has_one() -> None:
+    a = Columns()
+    a.add_decimals(range(3), T, [0.1, 0.2, 0.3], [Quality.GOOD] * 3, [1, 2, 3], 1)
+    b = Columns()
+    b.add_decimals(range(3, 5), T, [0.4, 0.5], [Quality.GOOD] * 2, [4, 5], 1)
+    a.extend(b)
+    assert (a.mants, a.exp) == ([1, 2, 3, 4, 5], 1)
+    assert (a[1:3].mants, a[1:3].exp) == ([2, 3], 1)
+    c = Columns()
+    c.extend(a)  # empty columns take the other's exponent
+    assert (c.mants, c.exp) == ([1, 2, 3, 4, 5], 1)
+    other = Columns()
+    other.add_decimals(range(9, 10), T, [0.01], [Quality.GOOD], [1], 2)
+    c.extend(other)  # another exponent: the search for the decimals, as before
+    assert c.mants is None
+    a.append(7, T, None, Quality.COMM_ERROR)
+    assert a.mants is None
+    d = Columns()
+    d.add_decimals(range(2), T, [0.1, 0.2], [Quality.GOOD] * 2, [1, 2], 1)
+    d.add(range(2, 3), T, [4], [Quality.GOOD])
+    assert d.mants is None

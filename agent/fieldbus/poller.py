@@ -47,9 +47,11 @@ import bisect
 import functools
 import logging
 import math
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import itemgetter, truediv
 
 from agent.clock import Clock
 from agent.fieldbus.links import LinkDown, ModbusLink, TransportError
@@ -178,6 +180,78 @@ def _fast_for(
     return lambda w, o: (w[o] * big_s + big_o) / p10
 
 
+def _mantissa(spec: PointSpec) -> tuple[bool, int, int, int] | None:
+    """``(signed, S, O, places)`` of a u16/i16 point whose value is the mantissa
+    ``raw * S + O`` over ``10**places`` with ``places >= 1`` (what its fast decoder
+    divides), else None."""
+    if spec.space.is_bits or spec.type not in (DataType.U16, DataType.I16):
+        return None
+    if spec.order not in (Order.ABCD, Order.CDAB) or (spec.scale == 1 and spec.offset == 0):
+        return None
+    places = decimals(spec.scale, spec.offset)
+    if places is None or places < 1:
+        return None
+    p10 = 10**places
+    return spec.type is DataType.I16, round(spec.scale * p10), round(spec.offset * p10), places
+
+
+@functools.lru_cache(maxsize=64)
+def _words(n: int) -> tuple[struct.Struct, struct.Struct]:
+    """Packers of ``n`` registers unsigned and signed: the signed view of a reply in C."""
+    return struct.Struct(f">{n}H"), struct.Struct(f">{n}h")
+
+
+def _mantissas(
+    specs: Sequence[PointSpec], offsets: Sequence[int]
+) -> tuple[int, Callable[[Sequence[int]], list[int]]] | None:
+    """For a request whose points are all scaled u16/i16 of one ``places``: ``(places,
+    f)`` where ``f(registers)`` gives their mantissas in order (decisions 51); else None.
+
+    The common case (scale ``10**-places``, no offset) is taken by C: an
+    ``itemgetter`` over the reply's registers and, for i16 points, the same
+    registers unpacked signed.
+    """
+    info = [_mantissa(spec) for spec in specs]
+    if not info or None in info:
+        return None
+    known = [i for i in info if i is not None]
+    places = {i[3] for i in known}
+    if len(places) != 1:
+        return None
+    exp = places.pop()
+    if all(big_s == 1 and big_o == 0 for _, big_s, big_o, _ in known):
+        if not any(signed for signed, *_ in known):
+            get = itemgetter(*offsets)
+            if len(offsets) == 1:
+                return exp, lambda w: [get(w)]
+            return exp, lambda w: list(get(w))
+        span = max(offsets) + 1
+        get = itemgetter(
+            *(o + span if signed else o for (signed, *_), o in zip(known, offsets, strict=True))
+        )
+
+        u16, s16 = _words(span)
+
+        def both(w: Sequence[int]) -> list[int]:
+            part = w[:span] if len(w) != span else w
+            out = get((*part, *s16.unpack(u16.pack(*part))))
+            return [out] if len(offsets) == 1 else list(out)
+
+        return exp, both
+    calls = [
+        (o, signed, big_s, big_o)
+        for (signed, big_s, big_o, _), o in zip(known, offsets, strict=True)
+    ]
+
+    def each(w: Sequence[int]) -> list[int]:
+        return [
+            (w[o] - 0x10000 if signed and w[o] & 0x8000 else w[o]) * big_s + big_o
+            for o, signed, big_s, big_o in calls
+        ]
+
+    return exp, each
+
+
 class _Request:
     """One planned read request, compiled: what to do with each register of the reply.
 
@@ -185,7 +259,8 @@ class _Request:
     (:func:`_compiled`): 500 devices of one profile hold one plan, not 500.
     """
 
-    __slots__ = ("bounds", "calls", "fast", "fast_k", "idx", "names", "request", "slow")
+    __slots__ = ("bounds", "calls", "dec", "divs", "fast", "fast_k", "idx", "names",
+                 "request", "slow")  # fmt: skip
 
     def __init__(self, request: ReadRequest, items: list[_Item]) -> None:
         self.request = request
@@ -204,6 +279,12 @@ class _Request:
             self.bounds = None
         self.names = tuple(point.spec.name for _, point, _, fast, _, _ in items if fast)
         self.slow: tuple[_Item, ...] = tuple(item for item in items if item[3] is None)
+        # every point a scaled u16/i16 of one number of decimals: (places, mantissas of
+        # the registers), and the divisor of each (decisions 51)
+        self.dec = None
+        if not self.slow:
+            self.dec = _mantissas([item[1].spec for item in items], [item[2] for item in items])
+        self.divs = () if self.dec is None else (10 ** self.dec[0],) * len(items)
 
 
 @functools.lru_cache(maxsize=256)
@@ -536,7 +617,25 @@ class BusPoller:
             dev.last_error = f"reply of {len(regs)} items to a read of {req.count}"
             return False
         append = out.append
-        if creq.fast:
+        if creq.dec is not None:  # scaled registers: their mantissas, then the values
+            job.regs[n] = regs
+            ms = creq.dec[1](regs)
+            floats = list(map(truediv, ms, creq.divs))  # as the fast decoders divide
+            bounds = creq.bounds
+            out.add_decimals(
+                job.fast_ids[n],
+                ts,
+                floats,
+                repeat(_GOOD, len(floats))
+                if bounds is None
+                else [
+                    _GOOD if lo <= v <= hi else _OUT
+                    for v, (lo, hi) in zip(floats, bounds, strict=True)
+                ],
+                ms,
+                creq.dec[0],
+            )
+        elif creq.fast:
             job.regs[n] = regs  # the fast points are registers
             values: list[PointValue] = [fast(regs, off) for fast, off in creq.calls]
             bounds = creq.bounds
