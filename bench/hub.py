@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -139,19 +140,24 @@ def layouts(msgs: list[tuple[str, bytes]]) -> dict[int, int]:
 
 
 def bench_core(
-    msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], db: str | Path
+    msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], db: str | Path, gc_worker: bool = True
 ) -> dict[str, float]:
+    """One core run; with ``gc_worker`` the collector set as a worker sets it once
+    started (:func:`hub.worker.steady_gc`), else Python's defaults."""
+    from hub.worker import steady_gc
+
     core = HubCore(db)
     for gw, pub in pubs.items():
         core.enroll(gw, pub)
     load = os.getloadavg()[0]
-    t = time.perf_counter()
-    cpu = time.process_time()
-    for topic, data in msgs:
-        core.handle(topic, data)
-    core.flush()
-    wall = time.perf_counter() - t
-    cpu = time.process_time() - cpu
+    with steady_gc() if gc_worker else contextlib.nullcontext():
+        t = time.perf_counter()
+        cpu = time.process_time()
+        for topic, data in msgs:
+            core.handle(topic, data)
+        core.flush()
+        wall = time.perf_counter() - t
+        cpu = time.process_time() - cpu
     n = core.counters["readings"]
     core.close()
     stored = _stored_rows(db)
@@ -167,14 +173,18 @@ def bench_core(
 
 
 def core_runs(
-    loads: dict[str, tuple[list[tuple[str, bytes]], dict[str, bytes]]], repeat: int, work: Path
+    loads: dict[str, tuple[list[tuple[str, bytes]], dict[str, bytes]]],
+    repeat: int,
+    work: Path,
+    gc_worker: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """``repeat`` core runs of each load, alternating; per load the median (by wall
     readings/s) and every run's figures."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in loads}
     for i in range(repeat):
         for name, (msgs, pubs) in loads.items():
-            runs[name].append(bench_core(msgs, pubs, work / f"core-{name}-{i}.sqlite3"))
+            db = work / f"core-{name}-{i}.sqlite3"
+            runs[name].append(bench_core(msgs, pubs, db, gc_worker))
     out: dict[str, dict[str, Any]] = {}
     for name, rs in runs.items():
         out[name] = {
@@ -653,6 +663,13 @@ def main(argv: list[str] | None = None) -> int:
         help="core: one HubCore in this process, both loads (seconds); mqtt: the broker"
         " and worker processes, mixed load (minutes); all: both (default)",
     )
+    ap.add_argument(
+        "--gc",
+        choices=("worker", "default"),
+        default="worker",
+        help="core: the collector as a running worker sets it (frozen start-up objects,"
+        " gen-0 threshold 20,000; default) or Python's defaults (before decisions 49)",
+    )
     args = ap.parse_args(argv)
     if args.worker:
         _worker(args.db if is_url(args.db) else Path(args.db), args.port, args.worker, args.sharded)
@@ -684,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
         return bench_pg(args.db, msgs, pubs, args.repeat, args.per_batch)
     with tempfile.TemporaryDirectory(prefix="vitals-bench-hub-") as tmp:
         work = Path(tmp)
-        core = core_runs(loads, args.repeat, work) if args.cases != "mqtt" else {}
+        core = (
+            core_runs(loads, args.repeat, work, args.gc == "worker") if args.cases != "mqtt" else {}
+        )
         if core:
             print_core(core, shapes)
         core_json = {

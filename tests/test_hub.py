@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import sqlite3
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from protocols.envelope import sign_message
 from protocols.errors import DecodeError, FrameError, LocalError, SignatureError
 from protocols.gap import GAP_DOMAIN, GapRange, parse_gap, seal_gap
 from protocols.reading import Quality, Reading
+from simulator.broker import MosquittoBroker
 
 GW = "gw-hub-1"
 KEY = PrivateKey.from_private_bytes(bytes(range(32)))
@@ -339,3 +343,30 @@ def test_an_outage_is_one_warning_and_one_info_with_capped_jittered_back_off(
     ]
     assert o.outages == 1
     assert o.down(OSError("x")) <= 0.25  # the back-off starts again after a recovery
+
+
+async def test_a_running_worker_freezes_what_start_up_built(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Once running (store open, keys loaded), a worker freezes the collector's view of
+    start-up's objects and raises the gen-0 threshold, as the agent does; at stop it
+    gives both back (bench/README.md, "the worker's collector", has the CPU it saves)."""
+    pytest.importorskip("aiomqtt", reason="the hub needs aiomqtt (the hub extra)")
+    from hub.worker import Hub
+
+    before = gc.get_threshold()
+    core = HubCore(tmp_path / "hub.sqlite3")
+    core.enroll(GW, PUB)
+    hub = Hub(core, host=mosquitto.host, port=mosquitto.port, shared=False)
+    task = asyncio.create_task(hub.run())
+    try:
+        await asyncio.wait_for(hub.subscribed.wait(), 10)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (20_000, 20, 100)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        core.close()
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
