@@ -86,6 +86,7 @@ _MALFORMED: dict[topics.TopicKind, Outcome] = {
     "event": Outcome.MALFORMED_EVENT,
     "hb": Outcome.MALFORMED_HEARTBEAT,
 }
+_REFUSALS = {str(o): o for o in (Outcome.TOO_OLD, Outcome.BAD_PAYLOAD)}  # for good
 _RECHECK_S = 5.0
 _S = TypeVar("_S", bound=envelope.Sealed[Any])
 _MAX_ASK_RANGES = 64  # protocols.command.MAX_RESEND_RANGES
@@ -195,9 +196,13 @@ class HubCore:
             self._split.setdefault((gw, epoch), SeqRanges()).add(first, last)
         # authentic batches refused for good (too_old, bad_payload), settled: recorded
         # (gaps table, reason "refused:<why>"), never asked for again, and owed a
-        # receipt of kind "refused" (gw -> (epoch, reason) -> seqs) that deletes them
-        self._refused: dict[tuple[str, int], SeqRanges] = {}
+        # receipt of kind "refused" (gw -> (epoch, reason) -> seqs) that deletes them.
+        # Loaded at start (rare rows): one sent again after a restart gets the same
+        # answer from the store, not a second refusal
+        self._refused: dict[tuple[str, int], dict[str, SeqRanges]] = {}
         self._refusals: dict[str, dict[tuple[int, str], SeqRanges]] = {}
+        for gw, epoch, first, last, why in store.refused():
+            self._refused.setdefault((gw, epoch), {}).setdefault(why, SeqRanges()).add(first, last)
         self.closed = False
         # per buffered batch: its claim row and its readings
         self._batch_rows: list[BatchRow] = []
@@ -322,6 +327,10 @@ class HubCore:
         # are theirs): a duplicate, and the gateway missed a receipt: another
         if h.seq in seen or (split is not None and not split.missing(h.seq, h.seq)):
             return self._duplicate(h.gw, h.n)
+        why = self._refused_why(h.gw, h.epoch, h.seq)
+        if why is not None:  # refused for good before (maybe before a restart): settled
+            self._owe_refusal(h.gw, h.epoch, h.seq, why)
+            return _REFUSALS.get(why, Outcome.TOO_OLD)
         # a gateway whose clock is not synchronised may be weeks behind: its batches are
         # never refused for their times (replay protection is the (gw, epoch, seq) key)
         now_ms = time.time_ns() // 1_000_000
@@ -387,18 +396,25 @@ class HubCore:
     def _settle_refused(self, reason: Outcome, h: envelope.BatchHeader, detail: str) -> Outcome:
         """Refuse an authentic batch for good, and settle it: recorded at once (the gaps
         table, reason "refused:<reason>"), and a receipt of kind "refused" owed to the
-        gateway, which deletes it. Sent again, it is refused (and owed) again."""
-        self._refuse(reason, h.gw, detail)
-        done = self._refused.setdefault((h.gw, h.epoch), SeqRanges())
-        if done.missing(h.seq, h.seq):
-            now_ms = time.time_ns() // 1_000_000
-            self.store.write_gaps(
-                [(h.gw, h.epoch, h.seq, h.seq, h.n, REFUSED + str(reason), now_ms)]
-            )
-            done.add(h.seq, h.seq)
-        owed = self._refusals.setdefault(h.gw, {})
-        owed.setdefault((h.epoch, str(reason)), SeqRanges()).add(h.seq, h.seq)
+        gateway, which deletes it. Counted and logged once, by the worker whose row
+        went in (sent again, even to another worker, it is answered, not counted)."""
+        row = (h.gw, h.epoch, h.seq, h.seq, h.n, REFUSED + str(reason), time.time_ns() // 10**6)
+        if self.store.write_gaps([row]):
+            self._refuse(reason, h.gw, detail)
+        self._owe_refusal(h.gw, h.epoch, h.seq, str(reason))
         return reason
+
+    def _refused_why(self, gw: str, epoch: int, seq: int) -> str | None:
+        """Why batch ``seq`` was refused for good, if it was (as far as memory knows)."""
+        for why, seqs in self._refused.get((gw, epoch), {}).items():
+            if not seqs.missing(seq, seq):
+                return why
+        return None
+
+    def _owe_refusal(self, gw: str, epoch: int, seq: int, why: str) -> None:
+        self._refused.setdefault((gw, epoch), {}).setdefault(why, SeqRanges()).add(seq, seq)
+        owed = self._refusals.setdefault(gw, {})
+        owed.setdefault((epoch, why), SeqRanges()).add(seq, seq)
 
     def refusals_due(self) -> list[tuple[str, list[RefusedRange]]]:
         """The receipts of kind "refused" to send now (each at most MAX_RECEIPT_EPOCHS
@@ -498,7 +514,8 @@ class HubCore:
             )
             refused = sum(
                 min(hi, top) - lo + 1
-                for lo, hi in self._refused.get((gw, epoch), SeqRanges()).r
+                for seqs in self._refused.get((gw, epoch), {}).values()
+                for lo, hi in seqs.r
                 if lo <= top
             )
             n = top + 1 - len(self._seen.get((gw, epoch), ())) - dropped - refused
@@ -676,8 +693,7 @@ class HubCore:
         for e, w in want.items():
             have = self._epoch(gw, e)
             missing = [m for lo, hi in w.r for m in have.missing(lo, hi)]
-            refused = self._refused.get((gw, e))
-            if refused is not None:  # settled: refused for good, never asked for
+            for refused in self._refused.get((gw, e), {}).values():  # settled: never asked
                 missing = [p for a, b in missing for p in refused.missing(a, b)]
             if missing:
                 out[e] = missing

@@ -79,6 +79,11 @@ class Store(Protocol):
         """Every range recorded split (gap reason "split"): (gateway, epoch, first, last)."""
         ...
 
+    def refused(self) -> Iterable[tuple[str, int, int, int, str]]:
+        """Every range the hub refused for good (gap reason :data:`REFUSED` + why):
+        (gateway, epoch, first, last, why)."""
+        ...
+
     def has_batch(self, gateway: str, epoch: int, seq: int) -> bool:
         """Whether batch (gateway, epoch, seq) is stored."""
         ...
@@ -457,6 +462,15 @@ class SqlStore:
             (str(gw), int(e), int(a), int(b))
             for gw, e, a, b in self._run(
                 "SELECT gw, epoch, first, last FROM gaps WHERE reason = 'split'"
+            ).fetchall()
+        ]
+
+    def refused(self) -> Iterable[tuple[str, int, int, int, str]]:
+        return [
+            (str(gw), int(e), int(a), int(b), str(why)[len(REFUSED) :])
+            for gw, e, a, b, why in self._run(
+                "SELECT gw, epoch, first, last, reason FROM gaps WHERE substr(reason, 1, ?) = ?",
+                (len(REFUSED), REFUSED),
             ).fetchall()
         ]
 

@@ -416,7 +416,7 @@ def test_an_authentic_batch_refused_for_good_is_settled_not_missing(db: str) -> 
         core.handle(topics.heartbeat(GW), heartbeat(1, 2, [HeldRange(1, 0, 2)]))
         assert core.holes(GW) == {} and core.missing() == {GW: 0}
         assert core.receipt(GW) == [EpochReceipt(1, -1, ((1, 1),))]
-        # sent again (the refusal was lost): refused again, owed again, recorded once
+        # sent again (the refusal was lost): owed again, recorded and counted once
         assert core.handle(t, batch(1, 0)) == Outcome.TOO_OLD
         assert core.refusals_due() == [(GW, [RefusedRange(1, 0, 0, "too_old")])]
         core.flush()
@@ -428,7 +428,7 @@ def test_an_authentic_batch_refused_for_good_is_settled_not_missing(db: str) -> 
             {"first": 2, "last": 2, "readings": 4, "reason": "bad_payload"},  # as its header says
         ]
         assert g["epochs"]["1"]["dropped_by_gateway"] == []
-        assert hub_stats(db)["rejected"] == {"too_old": 2, "bad_payload": 1}
+        assert hub_stats(db)["rejected"] == {"too_old": 1, "bad_payload": 1}
     finally:
         core.close()
 
@@ -446,6 +446,98 @@ def test_a_stored_batch_sent_again_after_the_window_is_a_duplicate(db: str) -> N
         assert hub_stats(db)["gateways"][GW]["refused_batches"] == 0
     finally:
         core.close()
+
+
+def test_a_refusal_is_answered_from_the_store_after_a_restart_and_by_another_worker(
+    db: str,
+) -> None:
+    """Refused for good, then the hub restarts: the store says so (loaded at start), so
+    the gateway's heartbeat naming them asks for nothing, and the batches sent again
+    get the same refusal without a second count or log line. A second worker on the
+    same database that had started before the refusal (``--shared``) finds the row
+    there: it answers, and counts nothing either."""
+    core = new_core(db, window_ms=1000)
+    other = new_core(db, window_ms=1000, worker="w1")  # type: ignore[arg-type]
+    t = topics.batch(GW)
+    assert core.handle(t, batch(1, 0)) == Outcome.TOO_OLD
+    assert core.handle(t, _undecodable(1, 1)) == Outcome.BAD_PAYLOAD
+    assert len(core.refusals_due()) == 1
+    core.close()
+    again = new_core(db, window_ms=1000)
+    try:
+        again.handle(topics.heartbeat(GW), heartbeat(1, 1, [HeldRange(1, 0, 1)]))
+        assert again.holes(GW) == {} and again.missing() == {GW: 0}
+        assert again.handle(t, batch(1, 0)) == Outcome.TOO_OLD
+        assert again.handle(t, _undecodable(1, 1)) == Outcome.BAD_PAYLOAD
+        owed = [RefusedRange(1, 1, 1, "bad_payload"), RefusedRange(1, 0, 0, "too_old")]
+        assert again.refusals_due() == [(GW, owed)]
+        assert other.handle(t, batch(1, 0)) == Outcome.TOO_OLD
+        assert other.handle(t, _undecodable(1, 1)) == Outcome.BAD_PAYLOAD
+        assert other.refusals_due() == [(GW, owed)]
+        again.flush()
+        other.flush()
+        assert hub_stats(db)["rejected"] == {"too_old": 1, "bad_payload": 1}
+        assert hub_stats(db)["gateways"][GW]["refused_batches"] == 2
+    finally:
+        again.close()
+        other.close()
+
+
+async def test_a_restarted_worker_answers_a_refused_batch_sent_again(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A real worker refuses a batch for good (too old for its 1 s window) and says so
+    in a signed receipt of kind "refused"; it stops, a new worker starts on the same
+    database, the gateway (which lost that receipt) sends the batch again: a refused
+    receipt again, and `vitals hub stats` counts one refusal."""
+    aiomqtt = pytest.importorskip("aiomqtt", reason="the hub needs aiomqtt (the hub extra)")
+    from hub.worker import Hub
+
+    dbfile = tmp_path / "hub.sqlite3"
+    refused: list[RefusedRange] = []
+    got = asyncio.Event()
+
+    async def gateway(client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            assert isinstance(msg.payload, bytes)
+            r = parse_receipt(msg.payload)
+            r.verify(HUB_KEY.public_key())
+            if r.header.kind == "refused":
+                refused.extend(r.refused())
+                got.set()
+
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+        await client.subscribe(topics.receipt(GW), qos=1)
+        listener = asyncio.create_task(gateway(client))
+        try:
+            for run in range(2):  # the first worker, then one restarted on its database
+                core = new_core(str(dbfile), window_ms=1000)
+                hub = Hub(
+                    core,
+                    host=mosquitto.host,
+                    port=mosquitto.port,
+                    hub_key=HUB_KEY,
+                    flush_interval_s=0.05,
+                )
+                hub_task = asyncio.create_task(hub.run())
+                try:
+                    await asyncio.wait_for(hub.subscribed.wait(), 20)
+                    got.clear()
+                    await client.publish(topics.batch(GW), batch(4, 7), qos=1)
+                    await asyncio.wait_for(got.wait(), 20)
+                finally:
+                    while not hub_task.done():  # its reconnect loop can miss one cancellation
+                        hub_task.cancel()
+                        await asyncio.wait({hub_task}, timeout=1.0)
+                    core.close()
+                assert refused == [RefusedRange(4, 7, 7, "too_old")] * (run + 1)
+                assert hub.results == {Outcome.TOO_OLD: 1}
+        finally:
+            listener.cancel()
+            await asyncio.wait({listener})
+    s = hub_stats(dbfile)
+    assert s["rejected"] == {"too_old": 1}
+    assert s["gateways"][GW]["refused_batches"] == 1
 
 
 # ------------------------------------------------------------ a split stored once
