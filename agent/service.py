@@ -39,7 +39,6 @@ from agent.pipeline.uplink import GapSigner, HeartbeatSigner, Uplink
 from protocols import envelope
 from protocols.gap import GapRange, seal_gap
 from protocols.payload import PointInfo
-from protocols.reading import Reading
 from protocols.receipt import HeldRange, seal_heartbeat
 
 if TYPE_CHECKING:  # imported when a serial-sensor bus or a firmware push needs them
@@ -212,15 +211,6 @@ class Agent:
             max_age_s=cfg.spool.max_age_h * 3600.0,
             max_page_count=self._spool_max_pages,
         )
-        self.batcher = Batcher(
-            gateway=cfg.gateway.id,
-            key=identity.private_key,
-            epoch=self.epoch,
-            max_readings=cfg.batch.max_readings,
-            max_age_s=cfg.batch.max_age_s,
-            encoding=cfg.batch.encoding,
-            clock=self.clock,
-        )
         if cfg.rules:
             self.events = EdgeEvents(
                 cfg.rules,
@@ -229,6 +219,17 @@ class Agent:
                 epoch=self.epoch,
                 clock=self.clock,
             )
+        # the buses' sink: the edge rules look at each reading, then the batcher takes it
+        self.batcher = Batcher(
+            gateway=cfg.gateway.id,
+            key=identity.private_key,
+            epoch=self.epoch,
+            max_readings=cfg.batch.max_readings,
+            max_age_s=cfg.batch.max_age_s,
+            encoding=cfg.batch.encoding,
+            clock=self.clock,
+            observe=self.events.observe if self.events is not None else None,
+        )
         self._tls = tls_context(cfg.uplink.tls)
         hub_key = await asyncio.to_thread(load_hub_key, state)
         settings = replace(cfg.uplink, **self._uplink_overrides)  # tests: quicker timings
@@ -282,7 +283,7 @@ class Agent:
                         timeout_s=bus.timeout_s,
                         protocol=protocol,
                         device=dev,
-                        sink=self._sink,
+                        sink=self.batcher.add,
                         clock=self.clock,
                     )
                 )
@@ -293,7 +294,7 @@ class Agent:
                     bus.name,
                     link,
                     devices,
-                    self._sink,
+                    self.batcher.add,
                     self.clock,
                     retries=bus.retries,
                     inter_frame_s=bus.frame_gap_s,
@@ -352,10 +353,10 @@ class Agent:
                 ] + [tg.create_task(s.run(), name=f"bus[{s.name}].sensor") for s in self.sensors]
                 engine = None
                 if by_engine:
-                    engine = TcpEngine(by_engine, self._sink, self.clock)
+                    engine = TcpEngine(by_engine, self.batcher.add, self.clock)
                     pollers.append(tg.create_task(engine.run(), name="bus[tcp].engine"))
                 aging = tg.create_task(self.batcher.run(), name="batch.age")
-                writer = tg.create_task(self._write_spool(), name="spool.write")
+                writer = tg.create_task(self.spool.keep(self.batcher.sealed), name="spool.write")
                 acks = tg.create_task(self.spool.run_acks(), name="spool.ack")
                 uplink = tg.create_task(self.uplink.run(), name="uplink.mqtt")
                 ticks = events_out = None
@@ -463,27 +464,8 @@ class Agent:
         assert self._reload is not None
         self._reload()  # the supervisor re-reads the file: a bad one is refused, this one kept
 
-    async def _sink(self, readings: Sequence[Reading]) -> None:
-        """Where a bus delivers its readings (columns from the pollers, decisions 47;
-        a list from the serial sensors): the edge rules, then the batcher."""
-        if self.events is not None:
-            self.events.observe(readings)
-        assert self.batcher is not None
-        await self.batcher.add(readings)
-
     def _notify_status(self, doc: dict[str, Any]) -> None:
         self.notifier.status(summary(doc))
-
-    async def _write_spool(self) -> None:
-        """The batcher's sealed batches into the spool, until the batcher closes them."""
-        assert self.batcher is not None and self.spool is not None
-        # group commit: one fsync for all that waits
-        while items := await self.batcher.sealed.receive(64):
-            stored = await self.spool.append([(s.epoch, s.seq, s.n, s.t0, s.data) for s in items])
-            if log.isEnabledFor(logging.DEBUG):
-                # the crash test's record of what was reported as spooled
-                for epoch, seq, n, t0, _ in stored:
-                    log.debug("spooled epoch=%d seq=%d n=%d t0=%d", epoch, seq, n, t0)
 
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {

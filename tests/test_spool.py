@@ -447,3 +447,34 @@ async def test_the_stops_drain_waits_on_what_the_spool_tells(
     await asyncio.wait_for(agent._drain(loop.time() + 60), 30)
     assert "stopping: 2 sent batches without the hub's receipt yet" in caplog.text
     await spool.close()
+
+
+async def test_keep_spools_what_waits_in_the_channel_in_one_append(tmp_path: Path) -> None:
+    """`Spool.keep` (the writer loop, issue 20): the sealed batches that wait go in one
+    append (one fsync), later ones as they come; the channel closed and emptied, it ends."""
+    from agent.pipeline.batcher import Sealed
+    from agent.pipeline.channel import Channel
+
+    spool = await Spool.open(tmp_path / "s.sqlite3", durability="off")
+    calls: list[int] = []
+    append = spool.append
+
+    async def counted(batches):  # type: ignore[no-untyped-def]
+        calls.append(len(batches))
+        return await append(batches)
+
+    spool.append = counted  # type: ignore[method-assign]
+    sealed: Channel[Sealed] = Channel(64)
+    for epoch, seq, n, t0, data in _rows(3, range(3)):
+        await sealed.send(Sealed(epoch, seq, n, t0, data))
+    spool.news.take()  # the open's news
+    keep = asyncio.create_task(spool.keep(sealed))
+    assert await asyncio.wait_for(spool.news.wait(), 30)  # the first append is done
+    assert spool.appended == 3
+    (epoch, seq, n, t0, data) = _rows(3, range(3, 4))[0]
+    await sealed.send(Sealed(epoch, seq, n, t0, data))
+    sealed.close()
+    await asyncio.wait_for(keep, 30)
+    assert calls == [3, 1]
+    assert [r.seq for r in await spool.pending(0, 10)] == [0, 1, 2, 3]
+    await spool.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -67,8 +67,11 @@ class Batcher:
         encoding: Encoding,
         clock: Clock,
         max_pending: int = 64,
+        observe: Callable[[Iterable[Reading]], None] | None = None,
     ) -> None:
         self._gateway = gateway
+        #: who else looks at each reading on its way in (the edge rules), before it is taken
+        self._observe = observe
         self._key = key
         self._epoch = epoch
         self._max = max_readings
@@ -104,7 +107,13 @@ class Batcher:
         }
 
     async def add(self, readings: Iterable[Reading]) -> None:
-        """Add readings; seals (and waits for room in the spool queue) when full."""
+        """Add readings; seals (and waits for room in the spool queue) when full.
+
+        The buses' sink: :class:`~protocols.reading.Columns` from the pollers, a list
+        from the serial sensors (the observer walks them first: not a one-shot iterator).
+        """
+        if self._observe is not None:
+            self._observe(readings)
         items = Columns.of(readings)
         if getattr(self._clock, "synced", True) is not self._synced:
             await self._clock_changed()

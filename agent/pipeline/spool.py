@@ -1,6 +1,7 @@
 """The spool: every sealed batch on disk until the hub has confirmed it.
 
-SQLite in WAL mode, one row per batch. The spool is the single source of truth
+SQLite in WAL mode, one row per batch; :meth:`Spool.keep` takes the batcher's
+sealed batches off their channel. The spool is the single source of truth
 for delivery: a batch is appended (and, with durability ``full``, fsynced)
 before it counts as spooled, and deleted only after the hub's signed receipt
 covers it (:meth:`Spool.confirm`; the PUBACK only marks it sent,
@@ -75,11 +76,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from agent.pipeline.channel import Notify
+from agent.pipeline.channel import Channel, Notify
 from protocols.errors import LocalError
 from protocols.gap import GapRange, GapReason
+
+if TYPE_CHECKING:  # the batcher sends, the spool takes: no import at run time
+    from agent.pipeline.batcher import Sealed
 
 __all__ = ["Spool", "SpoolError", "SpoolRow"]
 
@@ -597,6 +601,18 @@ class Spool:
         return progress
 
     # -- writes ---------------------------------------------------------------
+
+    async def keep(self, sealed: Channel[Sealed], limit: int = 64) -> None:
+        """Spool every batch the batcher seals (:attr:`Batcher.sealed
+        <agent.pipeline.batcher.Batcher.sealed>`) until it closes the channel and
+        all is spooled. Group commit: what waits (up to ``limit``) goes in one
+        append, one fsync."""
+        while items := await sealed.receive(limit):
+            stored = await self.append([(s.epoch, s.seq, s.n, s.t0, s.data) for s in items])
+            if log.isEnabledFor(logging.DEBUG):
+                # the crash tests' record of what was reported as spooled
+                for epoch, seq, n, t0, _ in stored:
+                    log.debug("spooled epoch=%d seq=%d n=%d t0=%d", epoch, seq, n, t0)
 
     async def append(self, batches: Sequence[Row]) -> list[Row]:
         """Append rows in one transaction; returns, once durable, the rows spooled.
