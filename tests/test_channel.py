@@ -97,7 +97,7 @@ async def test_a_writer_loop_ends_when_its_input_closes() -> None:
     ch: Channel[int] = Channel(2)
     written: list[list[int]] = []
 
-    async def writer() -> None:  # the shape of agent.service's spool writer
+    async def writer() -> None:  # the shape of Spool.keep, the spool's writer
         while items := await ch.receive(64):
             written.append(items)
 
