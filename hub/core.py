@@ -368,26 +368,25 @@ class HubCore:
 
     def _part_of_new(self, h: envelope.BatchHeader) -> bool:
         """A part of a split batch (its header names the original): True to store it,
-        the original then counted split (so it is refused if it comes later); False if
-        the original was stored first (the broker delivered it late): the part is
-        settled as split, never stored, so no reading is stored twice."""
+        the original then recorded split (its claim fails, here or at another worker,
+        and it is a duplicate if it comes later); False if the original is stored
+        (the broker delivered it first): the part is settled as split, never stored.
+        The store decides (:meth:`~hub.store.Store.settle_part`), so with ``--shared``
+        the original and a part reaching two workers at once are never both stored."""
         assert h.split_of is not None
         epoch, seq = h.split_of
+        if seq in self._seen.get((h.gw, epoch), ()):
+            self.flush()  # the original this worker holds, claimed before the store decides
         now_ms = time.time_ns() // 1_000_000
-        if seq in self._seen.get((h.gw, epoch), ()) or self.store.has_batch(h.gw, epoch, seq):
-            self.flush()  # the original durable before a receipt settles its part
-            self._write_split(h.gw, h.epoch, h.seq, h.n, now_ms)
-            self.counters["split_parts_settled"] += 1
-            return False
-        split = self._split.get((h.gw, epoch))
-        if split is None or split.missing(seq, seq):
-            # durable before the part is: a restart must still refuse the original
-            self._write_split(h.gw, epoch, seq, 0, now_ms)
-        return True
+        if self.store.settle_part(h.gw, h.epoch, h.seq, h.n, h.split_of, now_ms):
+            self._split_seen(h.gw, epoch, seq)
+            return True
+        self._split_seen(h.gw, h.epoch, h.seq)
+        self.counters["split_parts_settled"] += 1
+        return False
 
-    def _write_split(self, gw: str, epoch: int, seq: int, n: int, now_ms: int) -> None:
-        """Record batch ``seq`` as split (its readings stored in other batches)."""
-        self.store.write_gaps([(gw, epoch, seq, seq, n, "split", now_ms)])
+    def _split_seen(self, gw: str, epoch: int, seq: int) -> None:
+        """Batch ``seq`` is recorded split (its readings stored in other batches)."""
         self._split.setdefault((gw, epoch), SeqRanges()).add(seq, seq)
         self._dropped.setdefault((gw, epoch), set()).add((seq, seq))
         self._epoch(gw, epoch).add(seq, seq)

@@ -78,6 +78,9 @@ SEEN_MS = 3_600_000
 RETRY_S = 60.0  # how long a write waits for a lost server before the hub gives up
 _T = TypeVar("_T")
 _LOCK = 0x76697461  # pg_advisory_xact_lock key for schema changes ("vita")
+# a split's part against its original: every claim transaction holds this shared, a
+# part's decision (settle_part) exclusive, so each sees the other's commit
+_SPLIT_LOCK = _LOCK + 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateways (
@@ -156,10 +159,14 @@ _COPY = (
 _SIGNATURE = b"PGCOPY\n\xff\r\n\0" + bytes(8)
 _TRAILER = b"\xff\xff"
 _NULL = -1
+# a claim: not if the batch is there, nor if it was split and a part stored instead
+# (hub.store's _INSERT_BATCH)
 _CLAIM = """
 INSERT INTO batches (gw, epoch, seq, n, t0, t1, received_ms, worker)
 SELECT * FROM unnest(%s::text[], %s::int8[], %s::int8[], %s::int4[], %s::int8[], %s::int8[],
-                     %s::int8[], %s::text[])
+                     %s::int8[], %s::text[]) AS b (gw, epoch, seq, n, t0, t1, received_ms, worker)
+WHERE NOT EXISTS (SELECT 1 FROM gaps g WHERE g.gw = b.gw AND g.epoch = b.epoch
+                  AND g.first = b.seq AND g.last = b.seq AND g.reason = 'split')
 ON CONFLICT DO NOTHING
 RETURNING gw, epoch, seq
 """
@@ -419,6 +426,7 @@ class PgStore(SqlStore):
         cols = list(zip(*(batches[i] for i in order), strict=True)) if batches else [()] * 8
         with self.db.transaction():
             cur = self.db.cursor()
+            cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_SPLIT_LOCK,))
             cur.execute(_CLAIM, [list(c) for c in cols])
             claimed = {(gw, epoch, seq) for gw, epoch, seq in cur.fetchall()}
             won = [b[:3] in claimed for b in batches]
@@ -507,8 +515,15 @@ class PgStore(SqlStore):
     def top(self, gateway: str, epoch: int) -> int:
         return self._retry(lambda: SqlStore.top(self, gateway, epoch))
 
-    def has_batch(self, gateway: str, epoch: int, seq: int) -> bool:
-        return self._retry(lambda: SqlStore.has_batch(self, gateway, epoch, seq))
+    def settle_part(
+        self, gateway: str, epoch: int, seq: int, n: int, of: tuple[int, int], now_ms: int
+    ) -> bool:
+        def settle() -> bool:
+            with self.db.transaction():
+                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_SPLIT_LOCK,))
+                return self._settle_part(gateway, epoch, seq, n, of, now_ms)
+
+        return self._retry(settle)
 
     def write_tails(self, rows: list[TailRow]) -> None:
         self._retry(lambda: self._write_tails(rows))

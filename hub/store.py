@@ -12,7 +12,9 @@ Dedup across workers: several workers may share one store (a shared
 subscription), and a batch redelivered to another worker is not in that
 worker's memory, so the store's unique key on (gw, epoch, seq) decides:
 :meth:`Store.write_batches` claims each batch and keeps the readings only of
-the batches whose claim went in.
+the batches whose claim went in. A split's part and its original reaching two
+workers are decided the same way: :meth:`Store.settle_part` records one of
+them split, and a claim of a batch recorded split fails.
 """
 
 from __future__ import annotations
@@ -84,10 +86,6 @@ class Store(Protocol):
         (gateway, epoch, first, last, why)."""
         ...
 
-    def has_batch(self, gateway: str, epoch: int, seq: int) -> bool:
-        """Whether batch (gateway, epoch, seq) is stored."""
-        ...
-
     def counters(self) -> dict[str, int]:
         """This worker's counters as last saved."""
         ...
@@ -113,7 +111,8 @@ class Store(Protocol):
         readings: list[list[Reading]],
         counters: Callable[[list[bool]], Mapping[str, int]],
     ) -> list[bool]:
-        """Claim each batch and store the readings of those whose claim went in; then
+        """Claim each batch and store the readings of those whose claim went in (not
+        one stored already, nor an original :meth:`settle_part` recorded split); then
         save ``counters(won)`` (this worker's, corrected for the batches it lost).
         One transaction where the database allows it. Returns ``won``."""
         ...
@@ -122,6 +121,16 @@ class Store(Protocol):
 
     def write_gaps(self, rows: list[GapRow]) -> int:
         """Insert gap ranges (a range already there is skipped); how many were new."""
+        ...
+
+    def settle_part(
+        self, gateway: str, epoch: int, seq: int, n: int, of: tuple[int, int], now_ms: int
+    ) -> bool:
+        """Decide, for every worker at once, between a split's part (``epoch``, ``seq``,
+        ``n`` readings) and its original ``of`` (epoch, seq): True if the original is
+        not stored (it is recorded split, gap reason "split", so its claim in
+        :meth:`write_batches` fails from now on, whichever worker makes it): store the
+        part; False if it is: the part is recorded split instead (never stored)."""
         ...
 
     def write_event(self, row: EventRow) -> bool:
@@ -283,9 +292,12 @@ _INSERT_READINGS = (
     "INSERT INTO {schema}.readings (gw, point, ts, value, quality, epoch, seq)"
     " SELECT ?1, column1, column2, column3, column4, ?2, ?3 FROM (VALUES {rows})"
 )
+# a claim: not if the batch is there, nor if it was split and a part stored instead
+# (Store.settle_part's row; the claims and settle_part take SQLite's write lock in turn)
 _INSERT_BATCH = (
     "INSERT OR IGNORE INTO batches (gw, epoch, seq, n, t0, t1, received_ms, worker)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE NOT EXISTS (SELECT 1 FROM gaps"
+    " WHERE gw = ?1 AND epoch = ?2 AND first = ?3 AND last = ?3 AND reason = 'split')"
 )
 # a tail only grows: a heartbeat delivered late never lowers it
 UPSERT_TAIL = (
@@ -474,14 +486,26 @@ class SqlStore:
             ).fetchall()
         ]
 
-    def has_batch(self, gateway: str, epoch: int, seq: int) -> bool:
-        return (
+    def _settle_part(
+        self, gateway: str, epoch: int, seq: int, n: int, of: tuple[int, int], now_ms: int
+    ) -> bool:
+        """:meth:`Store.settle_part`'s statements: the caller holds the transaction and
+        whatever orders it against the claims (SQLite's write lock, hub.pg's advisory
+        lock)."""
+        stored = (
             self._run(
-                "SELECT 1 FROM batches WHERE gw = ? AND epoch = ? AND seq = ?",
-                (gateway, epoch, seq),
+                "SELECT 1 FROM batches WHERE gw = ? AND epoch = ? AND seq = ?", (gateway, *of)
             ).fetchone()
             is not None
         )
+        # a claim looks for exactly this row (first = last = its seq): a primary key lookup
+        row = (gateway, epoch, seq, seq, n) if stored else (gateway, *of, of[1], 0)
+        self._run(
+            "INSERT INTO gaps (gw, epoch, first, last, readings, reason, received_ms)"
+            " VALUES (?, ?, ?, ?, ?, 'split', ?) ON CONFLICT DO NOTHING",
+            (*row, now_ms),
+        )
+        return not stored
 
     # -- start-up -------------------------------------------------------------
 
@@ -707,6 +731,12 @@ class SqliteStore(SqlStore):
                 rows,
             )
         return max(0, cur.rowcount)
+
+    def settle_part(
+        self, gateway: str, epoch: int, seq: int, n: int, of: tuple[int, int], now_ms: int
+    ) -> bool:
+        with self._transaction("BEGIN IMMEDIATE"):
+            return self._settle_part(gateway, epoch, seq, n, of, now_ms)
 
     def write_tails(self, rows: list[TailRow]) -> None:
         with self._transaction():

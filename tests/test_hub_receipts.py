@@ -26,6 +26,7 @@ import pytest
 
 from hub.core import HubCore, Outcome, SeqRanges
 from hub.stats import hub_stats
+from hub.store import open_readings
 from protocols import command, envelope, topics
 from protocols.ed25519 import PrivateKey
 from protocols.gap import GapRange, seal_gap
@@ -544,7 +545,7 @@ async def test_a_restarted_worker_answers_a_refused_batch_sent_again(
 
 
 def _original(epoch: int, seq: int) -> tuple[bytes, list[Reading]]:
-    rs = [Reading(point=9, ts=T0 + 500_000 + i, value=float(i)) for i in range(6)]
+    rs = [Reading(point=9, ts=T0 + 500_000 + 100 * seq + i, value=float(i)) for i in range(6)]
     return envelope.seal(rs, gateway=GW, key=KEY, epoch=epoch, seq=seq), rs
 
 
@@ -559,6 +560,21 @@ def _parts(rs: list[Reading], epoch: int, first: int, of: tuple[int, int]) -> li
 
 def _stored_readings(db: str) -> int:
     return int(hub_stats(db)["gateways"][GW]["readings"])
+
+
+def _reading_rows(db: str) -> tuple[int, int]:
+    """The readings table itself (GW's only): (rows, distinct stamps)."""
+    q = "SELECT count(*), count(DISTINCT ts) FROM readings"
+    if not db.startswith("postgresql://"):
+        with contextlib.closing(open_readings(Path(db))) as con:
+            rows, stamps = con.execute(q).fetchone()
+            return int(rows), int(stamps)
+    import psycopg
+
+    with psycopg.connect(db) as pg:
+        row = pg.execute(q).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
 
 
 @pytest.mark.parametrize(
@@ -624,6 +640,90 @@ def test_a_split_is_stored_once_across_a_restart(db: str, first: str) -> None:
         assert hub_stats(db)["gateways"][GW]["missing_batches"] == 2  # 0 and 2 never came
     finally:
         again.close()
+
+
+def test_a_part_and_its_original_at_two_workers_are_stored_once(db: str) -> None:
+    """``--shared``: the original reaches worker A and a part worker B before either
+    writes. B's part asks the store, which records the original split; A's claim of
+    the original then fails (a duplicate across workers). And the other way: A's
+    original written first, B's part finds it and is settled. The readings, once."""
+    a = new_core(db, worker="a")  # type: ignore[arg-type]
+    b = new_core(db, worker="b")  # type: ignore[arg-type]
+    t = topics.batch(GW)
+    try:
+        original, rs = _original(2, 1)
+        parts = _parts(rs, 2, 3, of=(2, 1))
+        assert a.handle(t, original) == Outcome.STORED  # buffered, not written
+        assert b.handle(t, parts[0]) == Outcome.STORED  # the store: the original is split
+        a.flush()
+        assert b.handle(t, parts[1]) == Outcome.STORED
+        b.flush()
+        assert a.counters["duplicates_across_workers"] == 1
+        original, rs = _original(2, 10)
+        parts = _parts(rs, 2, 11, of=(2, 10))
+        assert a.handle(t, original) == Outcome.STORED
+        a.flush()
+        assert [b.handle(t, p) for p in parts] == [Outcome.DUPLICATE] * 2
+        b.flush()
+        assert _stored_readings(db) == 12
+        assert _reading_rows(db) == (12, 12)
+        g = hub_stats(db)["gateways"][GW]
+        assert (g["batches"], g["split_batches"]) == (3, 3)  # seqs 3, 4, 10 and 1, 11, 12
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_two_shared_workers_store_a_split_once_whatever_the_interleaving(
+    mosquitto: MosquittoBroker, db: str
+) -> None:
+    """Two real workers on one database share the batch topic (``$share``); 40 batches
+    that were split are published with their parts right behind them (half of them
+    parts first), so the original and its parts land on both workers in the same
+    flush. Each group's readings are stored once: the original's or its parts'."""
+    pytest.importorskip("aiomqtt", reason="the hub needs aiomqtt (the hub extra)")
+    import aiomqtt
+
+    from hub.worker import Hub
+
+    groups = 40
+    wire: list[bytes] = []
+    for i in range(groups):
+        rs = [Reading(point=9, ts=T0 + 100 * i + j, value=float(j)) for j in range(6)]
+        original = envelope.seal(rs, gateway=GW, key=KEY, epoch=2, seq=3 * i)
+        parts = _parts(rs, 2, 3 * i + 1, of=(2, 3 * i))
+        wire += [original, *parts] if i % 2 else [parts[0], original, parts[1]]
+    cores = [new_core(db, worker=f"w{k}") for k in range(2)]  # type: ignore[arg-type]
+    hubs = [
+        Hub(c, host=mosquitto.host, port=mosquitto.port, shared=True, flush_interval_s=0.05)
+        for c in cores
+    ]
+    tasks = [asyncio.create_task(h.run()) for h in hubs]
+    try:
+        for h in hubs:
+            await asyncio.wait_for(h.subscribed.wait(), 20)
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+            for data in wire:
+                await client.publish(topics.batch(GW), data, qos=1)
+        deadline = time.monotonic() + 30
+        while sum(sum(h.results.values()) for h in hubs) < len(wire) or any(
+            c.buffered for c in cores
+        ):
+            assert time.monotonic() < deadline, [h.results for h in hubs]
+            await asyncio.sleep(0.05)
+    finally:
+        for task in tasks:
+            while not task.done():  # its reconnect loop can miss one cancellation
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+        for c in cores:
+            c.close()
+    assert all(sum(h.results.values()) > 0 for h in hubs)  # both workers took a share
+    g = hub_stats(db)["gateways"][GW]
+    assert _stored_readings(db) == 6 * groups
+    assert _reading_rows(db) == (6 * groups, 6 * groups)  # each reading once
+    assert g["batches"] + g["split_batches"] == 3 * groups  # every seq settled
+    assert g["missing_batches"] == 0
 
 
 async def test_a_real_gateway_deletes_what_the_hub_refused_for_good(
