@@ -145,7 +145,8 @@ class HubCore:
     Several workers may share one database (a shared subscription): each keeps
     its own counters, and the store's unique key on (gw, epoch, seq) decides
     who stores a batch redelivered to another worker
-    (:meth:`~hub.store.Store.write_batches`).
+    (:meth:`~hub.store.Store.write_batches`), and the store also decides between
+    a split's part and its original (:meth:`~hub.store.Store.settle_part`).
 
     ``store`` is a :class:`~hub.store.Store` or what ``--db`` takes: an SQLite
     path or a ``postgresql://`` URL. ``sharded`` (SQLite only): readings into
