@@ -53,7 +53,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, pairwise, repeat
+from itertools import accumulate, islice, pairwise, repeat
 from operator import itemgetter, mul, sub, truediv
 from typing import Any, Final, Literal, TypeAlias, cast, get_args
 
@@ -675,8 +675,8 @@ def _block(
     packed: object,
     flags: list[int],
 ) -> list[object]:
-    pd = [int(points[0]), *map(sub, points[1:], points)]  # int(): a point id of bool or IntEnum
-    td = [stamps[0] - base, *map(sub, stamps[1:], stamps)]
+    pd = [int(points[0]), *map(sub, islice(points, 1, None), points)]  # int(): bool, IntEnum
+    td = [stamps[0] - base, *map(sub, islice(stamps, 1, None), stamps)]
     return [kind, pd, td, packed, flags] if flags else [kind, pd, td, packed]
 
 
@@ -728,15 +728,19 @@ def _columns_payload(
     if last > MAX_TS:
         raise _bad_reading(readings)
     out: list[object] = [COLUMNS_TAG, base]
+    # the poller's mantissas: every value a float (the mantissa divided), none missing
+    one = _known_decimals(readings)
+    if one is not None:
+        flags = [] if quals.count(_GOOD) == len(quals) else _flags_of(values, quals)
+        out.append(_block(one[0], points, stamps, base, one[1], flags))
+        return out, base, last
     types = set(map(type, values))
     if len(types) == 1 or (len(types) == 2 and _NONE_TYPE in types):
         present: list[Value] = list(values)
         if _NONE_TYPE in types:
             present = [v for v in present if v is not None]
             types.discard(_NONE_TYPE)
-        one = _known_decimals(readings) if float in types else None
-        if one is None:
-            one = _one_kind_column(present, types)
+        one = _one_kind_column(present, types)
         if one is not None:
             good = len(present) == len(values) and quals.count(_GOOD) == len(quals)
             flags = [] if good else _flags_of(values, quals)
