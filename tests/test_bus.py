@@ -612,5 +612,18 @@ def test_a_poll_of_scaled_registers_hands_on_its_mantissas() -> None:
         await _run_for(poller, 0.5)
         cols = sink2.batches[0]
         assert cols.values == [57.3, -1.0, 7] and cols.mants is None
+        # a valid range: in range GOOD, out of it OUT_OF_RANGE, mantissas kept
+        sink3 = Sink()
+        ranged = [_point("a", 0, scale=0.1, range=(0.0, 50.0)),
+                  _point("b", 1, type=DataType.I16, scale=0.1, range=(-5.0, 5.0))]  # fmt: skip
+        poller = BusPoller("b", link, [_device("d", 1, ranged)], sink3, clock)
+        await _run_for(poller, 0.5)
+        cols = sink3.batches[0]
+        assert cols.quals == [Quality.OUT_OF_RANGE, Quality.GOOD] and cols.mants == [573, -10]
+        link.regs[1][(Space.INPUT, 0)] = 500  # 50.0: on the bound is in range
+        sink4 = Sink()
+        poller = BusPoller("b", link, [_device("d", 1, ranged)], sink4, clock)
+        await _run_for(poller, 0.5)
+        assert sink4.batches[0].quals == [Quality.GOOD, Quality.GOOD]
 
     run_virtual(body)
