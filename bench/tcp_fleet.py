@@ -243,6 +243,11 @@ async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[s
     tracer = asyncio.create_task(rss_trace(agent, trace)) if args.rss_trace else None
     try:
         await asyncio.sleep(args.warmup)
+        if agent.poll() is not None:  # e.g. a configuration it refused: say so, measure nothing
+            raise SystemExit(
+                f"bench.tcp_fleet: the agent exited with {agent.returncode} during the "
+                "warm-up (its error is above)"
+            )
         c0, t0 = cpu_s(agent.pid), time.monotonic()
         emu_c0, hub_c0 = cpu_s(emu.pid), cpu_s(hub.pid)
         samples = [(0.0, c0, status_kb(agent.pid, "VmRSS"))]
@@ -321,7 +326,8 @@ async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[s
 def delivered(r: dict[str, Any]) -> bool:
     """Every served poll arrived (but those in flight at SIGTERM), no gap, no rejection."""
     return (
-        r["readings_expected"] - r["readings_at_hub"] <= r["terminals"] * POINTS
+        r["readings_expected"] > 0
+        and r["readings_expected"] - r["readings_at_hub"] <= r["terminals"] * POINTS
         and not r["rejected"]
         and r["missing_batch_ranges"] == 0
     )
