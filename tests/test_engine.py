@@ -196,13 +196,13 @@ async def test_the_engine_sleeps_while_it_finishes(
     import agent.fieldbus.engine
 
     rings: list[float] = []
-    real = agent.fieldbus.engine._wake
+    real = agent.fieldbus.engine.wake
 
     def counted(fut: asyncio.Future[None]) -> None:
         rings.append(asyncio.get_running_loop().time())
         real(fut)
 
-    monkeypatch.setattr(agent.fieldbus.engine, "_wake", counted)
+    monkeypatch.setattr(agent.fieldbus.engine, "wake", counted)
     sink = Sink()
     pollers = _pollers(terminals[:2], sink, interval=0.05)
     engine = TcpEngine(pollers, sink, SystemClock())

@@ -15,7 +15,7 @@ import heapq
 from collections.abc import Sequence
 
 from agent.clock import Clock
-from agent.fieldbus.links import TransportError
+from agent.fieldbus.links import TransportError, wake
 from agent.fieldbus.poller import ActivePoll, BusPoller, Sink
 from agent.fieldbus.tcp import drain_input
 from protocols.errors import DeviceException
@@ -84,13 +84,13 @@ class TcpEngine:
                     out, self._out = self._out, Columns()
                     await self._sink(out)
                     continue
-                wake = self._wake = loop.create_future()
+                sleep = self._wake = loop.create_future()
                 # stopping: no timer (the heap's top may be due: it would spin)
                 timer = (
-                    loop.call_at(heap[0][0], _wake, wake) if heap and not self._stopping else None
+                    loop.call_at(heap[0][0], wake, sleep) if heap and not self._stopping else None
                 )
                 try:
-                    await wake
+                    await sleep
                 finally:
                     self._wake = None
                     if timer is not None:
@@ -185,8 +185,3 @@ class TcpEngine:
         w = self._wake
         if w is not None and not w.done():
             w.set_result(None)
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)

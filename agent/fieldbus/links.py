@@ -71,6 +71,7 @@ __all__ = [
     "ModbusLink",
     "NoResponse",
     "TransportError",
+    "wake",
 ]
 
 # what start_read calls back with: the registers or bits read, or the error
@@ -98,6 +99,13 @@ class LinkDown(TransportError):
 # read: there is always room for the next read (a long frame behind another may take
 # two). 500 links: 256 KiB.
 RX_SIZE = 512
+
+
+def wake(fut: asyncio.Future[None]) -> None:
+    """Done ``fut`` unless it is already: the callback of a timer or a reader that
+    wakes a waiting task (the engine's sleep, an RTU link's timer)."""
+    if not fut.done():
+        fut.set_result(None)
 
 
 # --------------------------------------------------------------------------- the link

@@ -18,7 +18,14 @@ import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent.clock import libc as c_library
-from agent.fieldbus.links import RX_SIZE, BadResponse, LinkDown, ModbusLink, NoResponse
+from agent.fieldbus.links import (
+    RX_SIZE,
+    BadResponse,
+    LinkDown,
+    ModbusLink,
+    NoResponse,
+    wake,
+)
 from agent.fieldbus.portlock import port_error, refused_parity
 from protocols.modbus.rtu import adu, crc_ok, frame_time, response_length
 
@@ -91,7 +98,7 @@ class Timer:
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, _wake, fut)
+        loop.add_reader(fd, wake, fut)
         self._sleeping += 1
         try:
             await fut
@@ -122,11 +129,6 @@ class Timer:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def _expire(w: asyncio.Future[bytes]) -> None:
