@@ -78,7 +78,7 @@ def fleet_batch(
         if mantissas:
             ms = [round(v * 10) for v in values[:take]]
             assert [m / 10 for m in ms] == values[:take]
-            out.add_decimals(ids, ts, values[:take], quals[:take], ms, 1)
+            out.add(ids, ts, values[:take], quals[:take], ms, 1)
         else:
             out.add(ids, ts, list(values[:take]), quals[:take])
         if len(out) == n:

@@ -57,7 +57,7 @@ class Columns(Sequence[Reading]):
     The decimals as the device sent them (decisions 51): a poller that decodes
     a reply of scaled registers (``raw * 0.1``) knows each value as an integer
     mantissa over ``10**exp``, and hands the mantissas on with the values
-    (:meth:`add_decimals`). While every reading of the columns came that way,
+    (:meth:`add`'s ``mants``). While every reading of the columns came that way,
     with one ``exp``, :attr:`mants` holds them (``values[i] == mants[i] /
     10**exp``, the same division) and the payload encodes them as they are,
     with no search for the exponent; any other reading sets :attr:`mants` to
@@ -93,50 +93,41 @@ class Columns(Sequence[Reading]):
         self.mants = None
 
     def add(
-        self, points: Sequence[int], ts: int, values: list[Value], quals: Iterable[Quality]
-    ) -> None:
-        """Readings of ``points`` at one time ``ts`` (a poll's reply)."""
-        self.points += points
-        self.stamps += repeat(ts, len(points))
-        self.values += values
-        self.quals += quals
-        self.mants = None
-
-    def add_decimals(
         self,
         points: Sequence[int],
         ts: int,
-        values: list[float],
+        values: list[Value],
         quals: Iterable[Quality],
-        mants: list[int],
-        exp: int,
+        mants: list[int] | None = None,
+        exp: int = -1,
     ) -> None:
-        """As :meth:`add`, for values that are ``mants[i] / 10**exp`` (``exp`` >= 1)."""
+        """Readings of ``points`` at one time ``ts`` (a poll's reply); with ``mants``,
+        values that are ``mants[i] / 10**exp`` (``exp`` >= 1)."""
         self.points += points
         self.stamps += repeat(ts, len(points))
         self.values += values
         self.quals += quals
-        own = self.mants
-        if own is not None:
-            if self.exp == exp or self.exp < 0:
-                own += mants
-                self.exp = exp
-            else:
-                self.mants = None
+        self._merge(mants, exp)
 
     def extend(self, other: Columns) -> None:
         self.points += other.points
         self.stamps += other.stamps
         self.values += other.values
         self.quals += other.quals
-        own, theirs = self.mants, other.mants
-        if own is not None:
-            if theirs is None or (other.exp >= 0 and self.exp >= 0 and other.exp != self.exp):
-                self.mants = None
-            else:
-                own += theirs
-                if self.exp < 0:
-                    self.exp = other.exp
+        self._merge(other.mants, other.exp)
+
+    def _merge(self, mants: list[int] | None, exp: int) -> None:
+        """The mantissas of readings just added: kept while they share one exponent
+        (-1: none yet, as in empty columns), else None for good."""
+        own = self.mants
+        if own is None:
+            return
+        if mants is None or (exp >= 0 and self.exp >= 0 and exp != self.exp):
+            self.mants = None
+            return
+        own += mants
+        if self.exp < 0:
+            self.exp = exp
 
     def __len__(self) -> int:
         return len(self.points)

@@ -976,7 +976,7 @@ def test_the_pollers_mantissas_give_the_same_bytes(
         quals = [Quality.OUT_OF_RANGE if out_of_range and m % 7 == 0 else Quality.GOOD
                  for m in ms]  # fmt: skip
         ids = range(pid, pid + len(ms))
-        known.add_decimals(ids, ts, values, quals, ms, exp)
+        known.add(ids, ts, values, quals, ms, exp)
         searched.add(ids, ts, list(values), quals)
     assert searched.mants is None
     for layout in (2, None):
@@ -987,9 +987,9 @@ def test_the_pollers_mantissas_give_the_same_bytes(
 
 def test_columns_keep_mantissas_only_while_every_reading_has_one() -> None:
     a = Columns()
-    a.add_decimals(range(3), T, [0.1, 0.2, 0.3], [Quality.GOOD] * 3, [1, 2, 3], 1)
+    a.add(range(3), T, [0.1, 0.2, 0.3], [Quality.GOOD] * 3, [1, 2, 3], 1)
     b = Columns()
-    b.add_decimals(range(3, 5), T, [0.4, 0.5], [Quality.GOOD] * 2, [4, 5], 1)
+    b.add(range(3, 5), T, [0.4, 0.5], [Quality.GOOD] * 2, [4, 5], 1)
     a.extend(b)
     assert (a.mants, a.exp) == ([1, 2, 3, 4, 5], 1)
     assert (a[1:3].mants, a[1:3].exp) == ([2, 3], 1)
@@ -997,12 +997,12 @@ def test_columns_keep_mantissas_only_while_every_reading_has_one() -> None:
     c.extend(a)  # empty columns take the other's exponent
     assert (c.mants, c.exp) == ([1, 2, 3, 4, 5], 1)
     other = Columns()
-    other.add_decimals(range(9, 10), T, [0.01], [Quality.GOOD], [1], 2)
+    other.add(range(9, 10), T, [0.01], [Quality.GOOD], [1], 2)
     c.extend(other)  # another exponent: the search for the decimals, as before
     assert c.mants is None
     a.append(7, T, None, Quality.COMM_ERROR)
     assert a.mants is None
     d = Columns()
-    d.add_decimals(range(2), T, [0.1, 0.2], [Quality.GOOD] * 2, [1, 2], 1)
+    d.add(range(2), T, [0.1, 0.2], [Quality.GOOD] * 2, [1, 2], 1)
     d.add(range(2, 3), T, [4], [Quality.GOOD])
     assert d.mants is None

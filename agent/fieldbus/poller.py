@@ -162,94 +162,81 @@ def _fast_for(
         if signed:
             return lambda w, o: w[o] - 0x10000 if w[o] & 0x8000 else w[o]
         return lambda w, o: w[o]
-    # the same rounding as protocols.modbus.decode: to the decimals of scale and offset
-    places = decimals(scale, offset)
-    if places is None:
+    dec = _decimal(scale, offset)
+    if dec is None:  # too many decimals: not rounded (as protocols.modbus.decode)
         if signed:
             return lambda w, o: (w[o] - 0x10000 if w[o] & 0x8000 else w[o]) * scale + offset
         return lambda w, o: w[o] * scale + offset
-    # raw * scale + offset, rounded to those decimals, is exactly the integer
-    # (raw * S + O) over 10**places (S, O: scale and offset in those decimals), and
-    # dividing exact integers rounds once, correctly: the same double, 6x faster
+    big_s, big_o, places = dec
     p10 = 10**places
-    big_s, big_o = round(scale * p10), round(offset * p10)
-    if abs(big_s - scale * p10) > 1e-6 or abs(big_o - offset * p10) > 1e-6:
-        return None  # pragma: no cover - decimals said they are whole
     if signed:
         return lambda w, o: ((w[o] - 0x10000 if w[o] & 0x8000 else w[o]) * big_s + big_o) / p10
     return lambda w, o: (w[o] * big_s + big_o) / p10
 
 
-def _mantissa(spec: PointSpec) -> tuple[bool, int, int, int] | None:
-    """``(signed, S, O, places)`` of a u16/i16 point whose value is the mantissa
-    ``raw * S + O`` over ``10**places`` with ``places >= 1`` (what its fast decoder
-    divides), else None."""
-    if spec.space.is_bits or spec.type not in (DataType.U16, DataType.I16):
-        return None
-    if spec.order not in (Order.ABCD, Order.CDAB) or (spec.scale == 1 and spec.offset == 0):
-        return None
-    places = decimals(spec.scale, spec.offset)
-    if places is None or places < 1:
+def _decimal(scale: float, offset: float) -> tuple[int, int, int] | None:
+    """``(S, O, places)``: ``raw * scale + offset`` rounded to the decimals of scale
+    and offset (as protocols.modbus.decode rounds) is exactly the integer
+    ``raw * S + O`` over ``10**places``, and dividing exact integers rounds once,
+    correctly: the same double, 6x faster. None: too many decimals."""
+    places = decimals(scale, offset)
+    if places is None:
         return None
     p10 = 10**places
-    return spec.type is DataType.I16, round(spec.scale * p10), round(spec.offset * p10), places
-
-
-@functools.lru_cache(maxsize=64)
-def _words(n: int) -> tuple[struct.Struct, struct.Struct]:
-    """Packers of ``n`` registers unsigned and signed: the signed view of a reply in C."""
-    return struct.Struct(f">{n}H"), struct.Struct(f">{n}h")
+    big_s, big_o = round(scale * p10), round(offset * p10)
+    if abs(big_s - scale * p10) > 1e-6 or abs(big_o - offset * p10) > 1e-6:
+        return None  # pragma: no cover - decimals said they are whole
+    return big_s, big_o, places
 
 
 def _mantissas(
     specs: Sequence[PointSpec], offsets: Sequence[int]
 ) -> tuple[int, Callable[[Sequence[int]], list[int]]] | None:
-    """For a request whose points are all scaled u16/i16 of one ``places``: ``(places,
-    f)`` where ``f(registers)`` gives their mantissas in order (decisions 51); else None.
+    """For a request whose points are all u16/i16 of one scale's ``places`` >= 1
+    (values ``(raw * S + O) / 10**places``, :func:`_decimal`): ``(places, f)`` where
+    ``f(registers)`` gives their mantissas ``raw * S + O`` in order (decisions 51);
+    else None.
 
     The common case (scale ``10**-places``, no offset) is taken by C: an
     ``itemgetter`` over the reply's registers and, for i16 points, the same
     registers unpacked signed.
     """
-    info = [_mantissa(spec) for spec in specs]
-    if not info or None in info:
-        return None
-    known = [i for i in info if i is not None]
-    places = {i[3] for i in known}
+    calls: list[tuple[int, bool, int, int]] = []  # (offset, signed, S, O)
+    places = set()
+    for spec, off in zip(specs, offsets, strict=True):
+        if _fast(spec) is None or spec.type not in (DataType.U16, DataType.I16):
+            return None
+        dec = None if spec.scale == 1 and spec.offset == 0 else _decimal(spec.scale, spec.offset)
+        if dec is None or dec[2] < 1:
+            return None
+        calls.append((off, spec.type is DataType.I16, dec[0], dec[1]))
+        places.add(dec[2])
     if len(places) != 1:
         return None
     exp = places.pop()
-    if all(big_s == 1 and big_o == 0 for _, big_s, big_o, _ in known):
-        if not any(signed for signed, *_ in known):
-            get = itemgetter(*offsets)
-            if len(offsets) == 1:
-                return exp, lambda w: [get(w)]
-            return exp, lambda w: list(get(w))
-        span = max(offsets) + 1
-        get = itemgetter(
-            *(o + span if signed else o for (signed, *_), o in zip(known, offsets, strict=True))
-        )
+    if any(big_s != 1 or big_o != 0 for _, _, big_s, big_o in calls):
 
-        u16, s16 = _words(span)
+        def each(w: Sequence[int]) -> list[int]:
+            return [
+                (w[o] - 0x10000 if signed and w[o] & 0x8000 else w[o]) * big_s + big_o
+                for o, signed, big_s, big_o in calls
+            ]
 
-        def both(w: Sequence[int]) -> list[int]:
-            part = w[:span] if len(w) != span else w
-            out = get((*part, *s16.unpack(u16.pack(*part))))
-            return [out] if len(offsets) == 1 else list(out)
+        return exp, each
+    one = len(calls) == 1
+    if not any(signed for _, signed, _, _ in calls):
+        get = itemgetter(*offsets)
+        return exp, (lambda w: [get(w)]) if one else (lambda w: list(get(w)))
+    span = max(offsets) + 1  # i16: the same registers unpacked signed, after them
+    get = itemgetter(*(o + span if signed else o for o, signed, _, _ in calls))
+    u16, s16 = struct.Struct(f">{span}H"), struct.Struct(f">{span}h")
 
-        return exp, both
-    calls = [
-        (o, signed, big_s, big_o)
-        for (signed, big_s, big_o, _), o in zip(known, offsets, strict=True)
-    ]
+    def both(w: Sequence[int]) -> list[int]:
+        part = w[:span] if len(w) != span else w
+        out = get((*part, *s16.unpack(u16.pack(*part))))
+        return [out] if one else list(out)
 
-    def each(w: Sequence[int]) -> list[int]:
-        return [
-            (w[o] - 0x10000 if signed and w[o] & 0x8000 else w[o]) * big_s + big_o
-            for o, signed, big_s, big_o in calls
-        ]
-
-    return exp, each
+    return exp, both
 
 
 class _Request:
@@ -620,28 +607,17 @@ class BusPoller:
             dev.last_error = f"reply of {len(regs)} items to a read of {req.count}"
             return False
         append = out.append
-        if creq.dec is not None:  # scaled registers: their mantissas, then the values
-            job.regs[n] = regs
-            ms = creq.dec[1](regs)
-            floats = list(map(truediv, ms, creq.divs))  # as the fast decoders divide
-            bounds = creq.bounds
-            out.add_decimals(
-                job.fast_ids[n],
-                ts,
-                floats,
-                repeat(_GOOD, len(floats))
-                if bounds is None
-                or (all(map(le, creq.lows, floats)) and all(map(le, floats, creq.highs)))
-                else [
-                    _GOOD if lo <= v <= hi else _OUT
-                    for v, (lo, hi) in zip(floats, bounds, strict=True)
-                ],
-                ms,
-                creq.dec[0],
-            )
-        elif creq.fast:
+        if creq.fast:
             job.regs[n] = regs  # the fast points are registers
-            values: list[PointValue] = [fast(regs, off) for fast, off in creq.calls]
+            ms: list[int] | None = None
+            exp = -1
+            values: list[PointValue]
+            if creq.dec is None:
+                values = [fast(regs, off) for fast, off in creq.calls]
+            else:  # scaled registers: their mantissas, divided as the fast decoders divide
+                exp, mants_of = creq.dec
+                ms = mants_of(regs)
+                values = list(map(truediv, ms, creq.divs))
             bounds = creq.bounds
             out.add(
                 job.fast_ids[n],
@@ -649,10 +625,14 @@ class BusPoller:
                 values,  # type: ignore[arg-type]  # PointValue is a Value
                 repeat(_GOOD, len(values))
                 if bounds is None
+                # all in range (the common case): two map()s of C
+                or (all(map(le, creq.lows, values)) and all(map(le, values, creq.highs)))
                 else [
                     _GOOD if lo <= v <= hi else _OUT  # type: ignore[operator]
                     for v, (lo, hi) in zip(values, bounds, strict=True)
                 ],
+                ms,
+                exp,
             )
         last = self._last
         names = dev.decoded
