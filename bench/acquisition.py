@@ -39,6 +39,7 @@ from typing import Any
 
 from bench.bus import machine
 from bench.tcp_fleet import POINTS, profile_toml
+from drivers.collector import STEADY_THRESHOLDS
 
 DRIVERS = ("TcpEngine", "task per bus", "bare")
 
@@ -176,7 +177,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     # as the agent does once started (agent.service): the start-up objects frozen
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 20, 100)
+    gc.set_threshold(*STEADY_THRESHOLDS)
     rounds = []
     try:
         for _ in range(args.rounds):

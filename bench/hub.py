@@ -143,8 +143,8 @@ def bench_core(
     msgs: list[tuple[str, bytes]], pubs: dict[str, bytes], db: str | Path, gc_worker: bool = True
 ) -> dict[str, float]:
     """One core run; with ``gc_worker`` the collector set as a worker sets it once
-    started (:func:`hub.worker.steady_gc`), else Python's defaults."""
-    from hub.worker import steady_gc
+    started (:func:`drivers.collector.steady_gc`), else Python's defaults."""
+    from drivers.collector import steady_gc
 
     core = HubCore(db)
     for gw, pub in pubs.items():

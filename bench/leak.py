@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.tcp_fleet import POINTS, profile_toml
+from drivers.collector import STEADY_THRESHOLDS
 
 
 def memory() -> dict[str, float]:
@@ -101,7 +102,7 @@ async def soak(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.gc == "agent":  # as agent.service once started
         gc.collect()
         gc.freeze()
-        gc.set_threshold(20_000, 20, 100)
+        gc.set_threshold(*STEADY_THRESHOLDS)
     libc = ctypes.CDLL(None)
     if args.tracemalloc:
         tracemalloc.start(1)

@@ -7,28 +7,25 @@ Several workers split the load of one broker through a shared subscription
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import gc
 import logging
 import ssl
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from drivers.collector import steady_gc
 from hub.core import HubCore
 from hub.reconnect import Outage
 from protocols import command, topics
 from protocols.receipt import seal_receipt, seal_refusal
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import aiomqtt
 
     from protocols import ed25519
 
-__all__ = ["Hub", "publish", "quiet_closed_sockets", "steady_gc"]
+__all__ = ["Hub", "publish", "quiet_closed_sockets"]
 
 log = logging.getLogger(__name__)
 # the MQTT client's own log: it says "failed to receive on socket" (at ERROR) for every
@@ -59,33 +56,6 @@ def quiet_closed_sockets(loop: asyncio.AbstractEventLoop, context: dict[str, Any
         log.debug("a socket closed under the MQTT client: %s", context.get("message"))
         return
     loop.default_exception_handler(context)
-
-
-_gc_users = 0
-_gc_thresholds = gc.get_threshold()
-
-
-@contextlib.contextmanager
-def steady_gc() -> Iterator[None]:
-    """The collector as a running worker wants it (as the agent's, agent.service):
-    what start-up built (the store, the keys, the seqs seen) frozen out of its scans,
-    and a gen-0 threshold of 20,000 (each batch allocates hundreds of tuples, none of
-    them in a cycle). Undone when the last worker of the process stops (tests run
-    several in one process)."""
-    global _gc_users, _gc_thresholds
-    if _gc_users == 0:
-        gc.collect()
-        gc.freeze()
-        _gc_thresholds = gc.get_threshold()
-        gc.set_threshold(20_000, 20, 100)
-    _gc_users += 1
-    try:
-        yield
-    finally:
-        _gc_users -= 1
-        if _gc_users == 0:
-            gc.unfreeze()
-            gc.set_threshold(*_gc_thresholds)
 
 
 class Hub:
