@@ -236,8 +236,22 @@ async def orchestrate(args: argparse.Namespace, sample_s: float = 0.0) -> dict[s
         gateway_toml(state, profile, ports, (broker.host, broker.port), args.batch_readings)
     )
     await asyncio.sleep(1.0)  # the hub subscribes
-    prof = ["-m", "cProfile", "-o", str(args.profile_agent)] if args.profile_agent else []
-    agent = subprocess.Popen([py, *prof, "-m", "agent", "run", "--config", str(cfg)])  # noqa: ASYNC220
+    # ``vitals run`` execs ``python -m agent.runner`` (agent/runner.py): profiled, that is
+    # the process to start, or cProfile would profile the CLI and lose it at the exec
+    cmd = ["-m", "agent", "run", "--config", str(cfg)]
+    if args.profile_agent:
+        cmd = [
+            "-m",
+            "cProfile",
+            "-o",
+            str(args.profile_agent),
+            "-m",
+            "agent.runner",
+            str(cfg),
+            "",
+            "",
+        ]
+    agent = subprocess.Popen([py, *cmd])  # noqa: ASYNC220
     result: dict[str, Any] = {}
     trace: list[tuple[float, int, int]] = []  # --rss-trace: (s since start, VmRSS, VmHWM)
     tracer = asyncio.create_task(rss_trace(agent, trace)) if args.rss_trace else None
