@@ -51,7 +51,7 @@ import math
 import struct
 import zlib
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice, pairwise, repeat
 from operator import itemgetter, mul, sub, truediv
@@ -611,7 +611,7 @@ def _known_decimals(readings: Sequence[Reading]) -> tuple[int, object] | None:
     if not isinstance(readings, Columns):
         return None
     ms, e = readings.mants, readings.exp
-    if ms is None or not 1 <= e <= _MAX_E or len(ms) != len(readings.values):
+    if ms is None or not 1 <= e <= _MAX_E or len(ms) != len(readings.points):
         return None
     if not any(m % 10 for m in ms[:_SAMPLE]):
         return None  # the first values might all hold at a smaller exponent: search
@@ -680,7 +680,7 @@ def _block(
     return [kind, pd, td, packed, flags] if flags else [kind, pd, td, packed]
 
 
-def _flags_of(values: Sequence[Value], quals: Sequence[Quality]) -> list[int]:
+def _flags_of(values: Iterable[Value], quals: Iterable[Quality]) -> list[int]:
     flags: list[int] = []
     for i, (v, q) in enumerate(zip(values, quals, strict=True)):
         f = _quality(q) | (_NO_VALUE if v is None else 0)
@@ -706,12 +706,7 @@ def _columns_payload(
     values: Sequence[Value]
     quals: Sequence[Quality]
     if isinstance(readings, Columns):  # what the batcher holds: the columns as they are
-        points, stamps, values, quals = (
-            readings.points,
-            readings.stamps,
-            readings.values,
-            readings.quals,
-        )
+        points, stamps, quals = readings.points, readings.stamps, readings.quals
     else:
         points, stamps, values, quals = cast(
             tuple[tuple[int, ...], tuple[int, ...], tuple[Value, ...], tuple[Quality, ...]],
@@ -731,9 +726,12 @@ def _columns_payload(
     # the poller's mantissas: every value a float (the mantissa divided), none missing
     one = _known_decimals(readings)
     if one is not None:
-        flags = [] if quals.count(_GOOD) == len(quals) else _flags_of(values, quals)
+        good = quals.count(_GOOD) == len(quals)
+        flags = [] if good else _flags_of(repeat(0, len(quals)), quals)
         out.append(_block(one[0], points, stamps, base, one[1], flags))
         return out, base, last
+    if isinstance(readings, Columns):
+        values = readings.values
     types = set(map(type, values))
     if len(types) == 1 or (len(types) == 2 and _NONE_TYPE in types):
         present: list[Value] = list(values)

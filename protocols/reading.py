@@ -45,6 +45,11 @@ class Reading(NamedTuple):
 _reading = functools.partial(tuple.__new__, Reading)  # a Reading from a 4-tuple, in C
 
 
+def _divided(mants: list[int], exp: int) -> list[Value]:
+    """The values of mantissas over ``10**exp``: the division the poller's decoders make."""
+    return list(map(operator.truediv, mants, repeat(10**exp, len(mants))))
+
+
 class Columns(Sequence[Reading]):
     """Readings held as four columns: point ids, times, values, qualities.
 
@@ -56,24 +61,37 @@ class Columns(Sequence[Reading]):
 
     The decimals as the device sent them (decisions 51): a poller that decodes
     a reply of scaled registers (``raw * 0.1``) knows each value as an integer
-    mantissa over ``10**exp``, and hands the mantissas on with the values
+    mantissa over ``10**exp``, and hands the mantissas on instead of the values
     (:meth:`add`'s ``mants``). While every reading of the columns came that way,
-    with one ``exp``, :attr:`mants` holds them (``values[i] == mants[i] /
-    10**exp``, the same division) and the payload encodes them as they are,
-    with no search for the exponent; any other reading sets :attr:`mants` to
-    None for good (the encoder then finds the decimals itself, as before).
+    with one ``exp``, :attr:`mants` holds them and the payload encodes them as
+    they are, with no search for the exponent; any other reading sets
+    :attr:`mants` to None for good (the encoder then finds the decimals itself,
+    as before). The values of such readings are made only when someone asks
+    (:attr:`values`, an index, iteration: ``mants[i] / 10**exp``, the division
+    the poller's decoders make), not a float a reading on the way to the payload
+    (decisions 52).
     """
 
-    __slots__ = ("exp", "mants", "points", "quals", "stamps", "values")
+    __slots__ = ("_values", "exp", "mants", "points", "quals", "stamps")
 
     def __init__(self) -> None:
         self.points: list[int] = []
         self.stamps: list[int] = []
-        self.values: list[Value] = []
         self.quals: list[Quality] = []
         #: the values' mantissas over ``10**exp``, or None (a reading came without)
         self.mants: list[int] | None = []
         self.exp = -1  # -1: no mantissa yet (empty columns take any exponent)
+        # the values; None while each is its mantissa over 10**exp (made when asked)
+        self._values: list[Value] | None = None
+
+    @property
+    def values(self) -> list[Value]:
+        """The values, one a reading (those of mantissas made now, once)."""
+        v = self._values
+        if v is None:
+            assert self.mants is not None  # None only with the values made
+            v = self._values = _divided(self.mants, self.exp)
+        return v
 
     @classmethod
     def of(cls, readings: Iterable[Reading]) -> Columns:
@@ -86,9 +104,9 @@ class Columns(Sequence[Reading]):
         return out
 
     def append(self, point: int, ts: int, value: Value, quality: Quality) -> None:
+        self.values.append(value)
         self.points.append(point)
         self.stamps.append(ts)
-        self.values.append(value)
         self.quals.append(quality)
         self.mants = None
 
@@ -96,35 +114,41 @@ class Columns(Sequence[Reading]):
         self,
         points: Sequence[int],
         ts: int,
-        values: list[Value],
+        values: list[Value] | None,
         quals: Iterable[Quality],
         mants: list[int] | None = None,
         exp: int = -1,
     ) -> None:
-        """Readings of ``points`` at one time ``ts`` (a poll's reply); with ``mants``,
-        values that are ``mants[i] / 10**exp`` (``exp`` >= 1)."""
+        """Readings of ``points`` at one time ``ts`` (a poll's reply): their ``values``,
+        or (None) their ``mants`` over ``10**exp`` (``exp`` >= 1)."""
         self.points += points
         self.stamps += repeat(ts, len(points))
-        self.values += values
         self.quals += quals
-        self._merge(mants, exp)
+        self._more(values, mants, exp)
 
     def extend(self, other: Columns) -> None:
         self.points += other.points
         self.stamps += other.stamps
-        self.values += other.values
         self.quals += other.quals
-        self._merge(other.mants, other.exp)
+        self._more(other._values, other.mants, other.exp)
 
-    def _merge(self, mants: list[int] | None, exp: int) -> None:
-        """The mantissas of readings just added: kept while they share one exponent
-        (-1: none yet, as in empty columns), else None for good."""
+    def _more(self, values: list[Value] | None, mants: list[int] | None, exp: int) -> None:
+        """The values of readings just added: ``values``, or (None) ``mants`` over
+        ``10**exp``. The mantissas are kept while they share one exponent (-1: none
+        yet, as in empty columns), else None for good; the values are made then."""
         own = self.mants
-        if own is None:
-            return
-        if mants is None or (exp >= 0 and self.exp >= 0 and exp != self.exp):
+        keep = (
+            own is not None and mants is not None and (exp < 0 or self.exp < 0 or exp == self.exp)
+        )
+        if not keep or self._values is not None:
+            if values is None:
+                assert mants is not None
+                values = _divided(mants, exp)
+            self.values.extend(values)  # the values so far made first, if they were not
+        if not keep:
             self.mants = None
             return
+        assert own is not None and mants is not None
         own += mants
         if self.exp < 0:
             self.exp = exp
@@ -143,11 +167,14 @@ class Columns(Sequence[Reading]):
         if isinstance(i, slice):
             out = Columns()
             out.points, out.stamps = self.points[i], self.stamps[i]
-            out.values, out.quals = self.values[i], self.quals[i]
+            out.quals = self.quals[i]
+            out._values = None if self._values is None else self._values[i]
             out.mants = None if self.mants is None else self.mants[i]
             out.exp = self.exp
             return out
-        return Reading(self.points[i], self.stamps[i], self.values[i], self.quals[i])
+        v = self._values
+        value = v[i] if v is not None else self.mants[i] / 10**self.exp  # type: ignore[index]
+        return Reading(self.points[i], self.stamps[i], value, self.quals[i])
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Sequence) and not isinstance(other, str | bytes):

@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 
 from agent.clock import SystemClock
 from agent.fieldbus.links import BadResponse, LinkDown, ModbusLink, NoResponse
-from agent.fieldbus.poller import BusPoller, DeviceState, PolledDevice, _fast, _mantissas
+from agent.fieldbus.poller import (
+    BusPoller,
+    DeviceState,
+    PolledDevice,
+    _fast,
+    _mantissa_range,
+    _mantissas,
+)
 from drivers.profiles import Point, load_profile
 from protocols.errors import DecodeError, DeviceException
 from protocols.modbus import DataType, Order, PointSpec, Space, decimals, decode, encode
@@ -587,6 +594,30 @@ def test_mantissas_are_the_fast_decoders_values(
         decode(s, words[o : o + 1]) for s, o in zip(specs, offsets, strict=True)
     ]
     assert all(type(m) is int for m in ms)
+
+
+_bound = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-1e6, 1e6).map(lambda x: round(x, 3)),  # ranges as profiles write them
+    st.integers(-70_000, 70_000).map(lambda k: k / 10),
+)
+
+
+@settings(max_examples=500)
+@given(_bound, _bound, st.integers(1, 9), st.data())
+def test_a_range_checked_on_the_mantissas_is_the_range_of_the_values(
+    lo: float, hi: float, places: int, data: st.DataObject
+) -> None:
+    """``lo <= m / 10**places <= hi`` exactly when ``m`` is in :func:`_mantissa_range`
+    (decisions 52): the poller checks the mantissas and makes no value; near the
+    bounds, at them, and anywhere."""
+    div = 10**places
+    m_lo, m_hi = _mantissa_range(lo, hi, div)
+    near = [int(b * div) + d for b in (lo, hi) if math.isfinite(b) and abs(b * div) < 2**70
+            for d in range(-3, 4)]  # fmt: skip
+    wide = data.draw(st.lists(st.integers(-(2**40), 2**40), max_size=20))
+    for m in [*near, *wide, 0, -1, 1, 65535, -32768]:
+        assert (m_lo <= m <= m_hi) == (lo <= m / div <= hi), (m, lo, hi, div, m_lo, m_hi)
 
 
 def test_a_poll_of_scaled_registers_hands_on_its_mantissas() -> None:

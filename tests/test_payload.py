@@ -964,19 +964,20 @@ def decimal_polls(draw: st.DrawFn) -> list[tuple[int, list[int], list[int], int]
 
 
 @settings(max_examples=300)
-@given(decimal_polls(), st.booleans())
+@given(decimal_polls(), st.booleans(), st.booleans())
 def test_the_pollers_mantissas_give_the_same_bytes(
-    polls: list[tuple[int, list[int], list[int], int]], out_of_range: bool
+    polls: list[tuple[int, list[int], list[int], int]], out_of_range: bool, lazy: bool
 ) -> None:
-    """Columns that carry the mantissas encode to the bytes the search for the
-    decimals gives (whether the known ones are used or not), and decode back."""
+    """Columns that carry the mantissas (with their values, or, as the poller hands
+    them on, without) encode to the bytes the search for the decimals gives
+    (whether the known ones are used or not), and decode back."""
     known, searched = Columns(), Columns()
     for pid, ms, (ts,), exp in polls:
         values = [m / 10**exp for m in ms]
         quals = [Quality.OUT_OF_RANGE if out_of_range and m % 7 == 0 else Quality.GOOD
                  for m in ms]  # fmt: skip
         ids = range(pid, pid + len(ms))
-        known.add(ids, ts, values, quals, ms, exp)
+        known.add(ids, ts, None if lazy else values, quals, ms, exp)
         searched.add(ids, ts, list(values), quals)
     assert searched.mants is None
     for layout in (2, None):
@@ -1006,3 +1007,54 @@ def test_columns_keep_mantissas_only_while_every_reading_has_one() -> None:
     d.add(range(2), T, [0.1, 0.2], [Quality.GOOD] * 2, [1, 2], 1)
     d.add(range(2, 3), T, [4], [Quality.GOOD])
     assert d.mants is None
+
+
+# one step on columns: add with mantissas only (as the poller), with values only,
+# with both; append one reading; extend by columns of one such add
+_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["mants", "values", "both", "append", "extend"]),
+        st.lists(st.integers(-(2**17), 2**17), min_size=0, max_size=5),
+        st.sampled_from([1, 2, 3]),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300)
+@given(_steps, st.integers(-8, 8), st.integers(-8, 8))
+def test_columns_made_of_mantissas_read_as_if_made_of_values(
+    steps: list[tuple[str, list[int], int]], lo: int, hi: int
+) -> None:
+    """Columns whose values are made only when asked (decisions 52) hold what
+    columns given every value hold: readings, values, slices; the mantissas
+    only while every reading had one of one exponent."""
+    cols, want, exps = Columns(), Columns(), set()
+    every = True  # every reading came with a mantissa
+    for i, (how, ms, exp) in enumerate(steps):
+        ids = range(100 * i, 100 * i + len(ms))
+        values: list[Value] = [m / 10**exp for m in ms]
+        quals = [Quality.GOOD] * len(ms)
+        want.add(ids, T + i, list(values), quals)
+        if how == "append":
+            for pid, v in zip(ids, values, strict=True):
+                cols.append(pid, T + i, v, Quality.GOOD)
+            every = every and not ms
+            continue
+        part = Columns() if how == "extend" else cols
+        if how == "values":
+            part.add(ids, T + i, values, quals)
+            every = False  # (even none: an add without mantissas)
+        else:
+            part.add(ids, T + i, values if how == "both" else None, quals, ms, exp)
+            exps.add(exp)  # (even of none: empty columns take the first exponent given)
+        if how == "extend":
+            cols.extend(part)
+    every = every and len(exps) <= 1
+    assert cols.values == want.values and list(cols) == list(want)
+    assert [cols[k] for k in range(len(want))] == [cols[k - len(want)] for k in range(len(want))]
+    assert [cols[k] for k in range(len(want))] == list(want)
+    assert cols[lo:hi] == want[lo:hi] and cols[lo:hi].values == want[lo:hi].values
+    assert (cols.mants is not None) == every
+    if cols.mants is not None:
+        assert [m / 10**cols.exp for m in cols.mants] == want.values

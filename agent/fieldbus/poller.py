@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import logging
 import math
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import itemgetter, le, truediv
+from operator import itemgetter, le
 
 from agent.clock import Clock
 from agent.fieldbus.links import LinkDown, ModbusLink, TransportError
@@ -189,6 +190,25 @@ def _decimal(scale: float, offset: float) -> tuple[int, int, int] | None:
     return big_s, big_o, places
 
 
+def _mantissa_range(lo: float, hi: float, div: int) -> tuple[float, float]:
+    """The mantissas ``m`` whose value ``m / div`` lies in ``[lo, hi]``, as the range
+    ``[m_lo, m_hi]``: the same test on the integer, exact (``m / div`` rounds once,
+    so it never falls as ``m`` grows); infinite bounds stay infinite."""
+    if math.isnan(lo) or math.isnan(hi):
+        return math.inf, -math.inf  # no value is in range (nan compares false)
+
+    def least(holds: Callable[[int], bool]) -> int:  # the least m where holds() turns true
+        a, b = -(2**80), 2**80
+        while a < b:
+            mid = (a + b) // 2
+            a, b = (a, mid) if holds(mid) else (mid + 1, b)
+        return a
+
+    m_lo = lo if lo == -math.inf else least(lambda m: m / div >= lo)
+    m_hi = hi if hi == math.inf else least(lambda m: m / div > hi) - 1
+    return m_lo, m_hi
+
+
 def _mantissas(
     specs: Sequence[PointSpec], offsets: Sequence[int]
 ) -> tuple[int, Callable[[Sequence[int]], list[int]]] | None:
@@ -227,9 +247,16 @@ def _mantissas(
     if not any(signed for _, signed, _, _ in calls):
         get = itemgetter(*offsets)
         return exp, (lambda w: [get(w)]) if one else (lambda w: list(get(w)))
-    span = max(offsets) + 1  # i16: the same registers unpacked signed, after them
+    span = max(offsets) + 1
+    u16 = struct.Struct(f">{span}H")
+    if all(a < b for a, b in itertools.pairwise(offsets)):  # a register a point, in order
+        # the registers packed, then unpacked each as its point's type ('x': skipped)
+        kinds = dict.fromkeys(range(span), "2x") | {o: "h" if s else "H" for o, s, _, _ in calls}
+        mixed = struct.Struct(">" + "".join(kinds.values()))
+        return exp, lambda w: list(mixed.unpack(u16.pack(*(w[:span] if len(w) != span else w))))
+    # i16: the same registers unpacked signed, after them
     get = itemgetter(*(o + span if signed else o for o, signed, _, _ in calls))
-    u16, s16 = struct.Struct(f">{span}H"), struct.Struct(f">{span}h")
+    s16 = struct.Struct(f">{span}h")
 
     def both(w: Sequence[int]) -> list[int]:
         part = w[:span] if len(w) != span else w
@@ -246,7 +273,7 @@ class _Request:
     (:func:`_compiled`): 500 devices of one profile hold one plan, not 500.
     """
 
-    __slots__ = ("bounds", "calls", "dec", "divs", "fast", "fast_k", "highs", "idx", "lows",
+    __slots__ = ("bounds", "calls", "dec", "fast", "fast_k", "highs", "idx", "lows",
                  "names", "request", "slow")  # fmt: skip
 
     def __init__(self, request: ReadRequest, items: list[_Item]) -> None:
@@ -270,11 +297,16 @@ class _Request:
         self.names = tuple(point.spec.name for _, point, _, fast, _, _ in items if fast)
         self.slow: tuple[_Item, ...] = tuple(item for item in items if item[3] is None)
         # every point a scaled u16/i16 of one number of decimals: (places, mantissas of
-        # the registers), and the divisor of each (decisions 51)
+        # the registers), handed on instead of the values (decisions 51, 52), their
+        # ranges checked on the mantissas
         self.dec = None
         if not self.slow:
             self.dec = _mantissas([item[1].spec for item in items], [item[2] for item in items])
-        self.divs = () if self.dec is None else (10 ** self.dec[0],) * len(items)
+        if self.dec is not None and self.bounds is not None:
+            div = 10 ** self.dec[0]
+            self.bounds = tuple(_mantissa_range(lo, hi, div) for lo, hi in self.bounds)
+            self.lows = tuple(lo for lo, _ in self.bounds)
+            self.highs = tuple(hi for _, hi in self.bounds)
 
 
 @functools.lru_cache(maxsize=256)
@@ -611,25 +643,25 @@ class BusPoller:
             job.regs[n] = regs  # the fast points are registers
             ms: list[int] | None = None
             exp = -1
-            values: list[PointValue]
+            values: list[PointValue] | None = None
+            checked: Sequence[PointValue]  # what the bounds bound: the mantissas if any
             if creq.dec is None:
-                values = [fast(regs, off) for fast, off in creq.calls]
-            else:  # scaled registers: their mantissas, divided as the fast decoders divide
+                checked = values = [fast(regs, off) for fast, off in creq.calls]
+            else:  # scaled registers: their mantissas, the values made when asked
                 exp, mants_of = creq.dec
-                ms = mants_of(regs)
-                values = list(map(truediv, ms, creq.divs))
+                checked = ms = mants_of(regs)
             bounds = creq.bounds
             out.add(
                 job.fast_ids[n],
                 ts,
                 values,  # type: ignore[arg-type]  # PointValue is a Value
-                repeat(_GOOD, len(values))
+                repeat(_GOOD, len(checked))
                 if bounds is None
                 # all in range (the common case): two map()s of C
-                or (all(map(le, creq.lows, values)) and all(map(le, values, creq.highs)))
+                or (all(map(le, creq.lows, checked)) and all(map(le, checked, creq.highs)))
                 else [
                     _GOOD if lo <= v <= hi else _OUT  # type: ignore[operator]
-                    for v, (lo, hi) in zip(values, bounds, strict=True)
+                    for v, (lo, hi) in zip(checked, bounds, strict=True)
                 ],
                 ms,
                 exp,
