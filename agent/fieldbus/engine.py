@@ -37,8 +37,9 @@ class TcpEngine:
     on to its next request, retry or end. Each bus keeps its own schedule,
     states, back-off and deferral (its :class:`protocols.poll.Schedule`, and the
     poll steps of :class:`BusPoller` its task would use), and its
-    one-transaction-at-a-time rule. The readings of all polls that ended
-    together go to the sink in one call.
+    one-transaction-at-a-time rule. The answers add their readings straight
+    to the columns the sink gets next (no copy a poll), and the readings of
+    all the replies that came together go to the sink in one call.
 
     A poll whose link cannot start a read at once (not connected yet, or a
     command holds it) goes through :meth:`ModbusLink.read` in a short task,
@@ -127,7 +128,7 @@ class TcpEngine:
                 w.set_result(None)  # earlier than the engine sleeps for
             return
         self._in_flight += 1
-        self._send(i, p, p.begin(job))
+        self._send(i, p, p.begin(job, self._out))
 
     def _send(self, i: int, p: BusPoller, poll: ActivePoll) -> None:
         """Send the poll's request in turn, or end the poll."""
@@ -137,7 +138,7 @@ class TcpEngine:
             if self._stopping and not self._in_flight:
                 self._quiet.set()
             now = self._clock.monotonic()
-            self._out.extend(p.end(poll, now))
+            p.end(poll, now)  # its readings are in the columns the sink gets next
             p.schedule.done(poll.job, now)
             w = self._wake
             if w is not None and not w.done():
@@ -173,6 +174,7 @@ class TcpEngine:
         if not self._running:
             return  # stopped while the read was on the wire
         clock = self._clock
+        poll.out = self._out  # handed on since the poll began: into the next ones
         try:
             p.answer(poll, result, clock.monotonic(), clock.now_ms())
             self._send(i, p, poll)

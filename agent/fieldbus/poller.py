@@ -357,19 +357,21 @@ class _Job(Job):
 
 
 class ActivePoll:
-    """One poll of a job in progress: the machine's steps, and the readings so far.
+    """One poll of a job in progress: the machine's steps, and where its readings go.
 
     The same steps whoever carries the transactions: :meth:`BusPoller._run_job`
     awaits them one by one, :class:`~agent.fieldbus.engine.TcpEngine` gets them back from the reactor;
-    both hand each result to :meth:`BusPoller.answer`.
+    both hand each result to :meth:`BusPoller.answer`. ``out``: the columns the
+    answers add their readings to, the poll's own unless given (the engine gives
+    the columns it hands on next, shared by every poll: no copy a poll).
     """
 
     __slots__ = ("job", "out", "step", "t_start")
 
-    def __init__(self, step: Poll[_Job]) -> None:
+    def __init__(self, step: Poll[_Job], out: Columns | None = None) -> None:
         self.step = step
         self.job = step.job
-        self.out = Columns()
+        self.out = Columns() if out is None else out
         self.t_start = 0.0  # of the try in turn: the reply time is the answered request's
 
     @property
@@ -549,9 +551,10 @@ class BusPoller:
     # A poll's steps, shared by this bus's task (run) and the TcpEngine that polls
     # every Modbus TCP bus from one task: begin, answer each request, end.
 
-    def begin(self, job: _Job) -> ActivePoll:
-        """A poll of ``job``, which the schedule said is due."""
-        return ActivePoll(self.schedule.poll(job))
+    def begin(self, job: _Job, out: Columns | None = None) -> ActivePoll:
+        """A poll of ``job``, which the schedule said is due; its readings into ``out``
+        (its own columns if None)."""
+        return ActivePoll(self.schedule.poll(job), out)
 
     def answer(
         self,
@@ -560,18 +563,20 @@ class BusPoller:
         now: float,
         ts: int,
     ) -> None:
-        """What the request in turn got (registers or bits, or the error): readings, next step.
+        """What the request in turn got (registers or bits, or the error): its readings
+        into ``poll.out``, the next step.
 
         ``result`` is a reply, a :class:`DeviceException` or a
         :class:`TransportError`; any other exception is a bug, raised here.
         """
-        job, step = poll.job, poll.step
+        job, step, out = poll.job, poll.step, poll.out
+        had = len(out)
         if not isinstance(result, Exception):  # registers or bits: the common case
             rtt = now - poll.t_start
             job.device.last_rtt_ms = rtt * 1000
             self.reply_counts[_bucket(rtt)] += 1  # the histogram: two additions per reply
             self.reply_sum_s += rtt
-            ok = self._decode(job, step.n, result, ts, poll.out)
+            ok = self._decode(job, step.n, result, ts, out)
             answer = Answer.REPLY if ok else Answer.PARTIAL
         elif isinstance(result, DeviceException):
             answer = Answer.EXCEPTION
@@ -587,13 +592,12 @@ class BusPoller:
             self._link_said(was_down)
         if failed is not None:
             job.device.last_error = str(result)
-            self._failed(job, failed, poll.out, ts)
+            self._failed(job, failed, out, ts)
+        self.readings += len(out) - had
 
     def end(self, poll: ActivePoll, now: float) -> Columns:
-        """The poll is over: its device's state moves on; its readings."""
-        dev = poll.job.device
-        dev.said(poll.step.finish(now))
-        self.readings += len(poll.out)
+        """The poll is over: its device's state moves on; the columns of its readings."""
+        poll.job.device.said(poll.step.finish(now))
         return poll.out
 
     def _link_said(self, was_down: str) -> None:
