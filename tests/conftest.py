@@ -9,7 +9,8 @@ here: the ``system`` marker, the order of the files for xdist, and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import pytest
 
@@ -126,6 +127,25 @@ async def virtual_clock() -> VirtualClock:
     if not isinstance(loop, VirtualLoop):
         pytest.fail("virtual_clock needs @pytest.mark.virtual_time on the test", pytrace=False)
     return VirtualClock(loop)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found() -> Iterator[None]:
+    """Each test leaves the levels of the root, ``agent`` and ``hub`` loggers, and
+    the handlers of the last two, as it found them. A test that runs an agent in
+    this process at DEBUG once left ``agent`` there, and every later test on its
+    worker captured the agent's INFO and DEBUG records (one of them named a test's
+    directory, ``test_clock_stepped_...``, and a search for "stepped" found three
+    clock steps of two). The root's handlers are pytest's own, per phase."""
+    named = [logging.getLogger(n) for n in ("agent", "hub")]
+    root = logging.getLogger()
+    levels = [(lg, lg.level) for lg in (root, *named)]
+    handlers = [(lg, list(lg.handlers)) for lg in named]
+    yield
+    for lg, level in levels:
+        lg.setLevel(level)
+    for lg, hs in handlers:
+        lg.handlers[:] = hs
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -102,6 +102,7 @@ class World:
     _task: asyncio.Task[None] | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _log_handler: logging.Handler = field(default_factory=logging.NullHandler)
+    _log_level: int = logging.NOTSET  # the "agent" logger's before an agent in this process
 
     @property
     def db(self) -> Path:
@@ -161,6 +162,7 @@ interval_s = 0.1
         if self.overrides is not None:
             self._log_handler = logging.FileHandler(log_file)
             self._log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            self._log_level = logging.getLogger("agent").level
             logging.getLogger("agent").addHandler(self._log_handler)
             logging.getLogger("agent").setLevel(logging.DEBUG)
             self._stop = asyncio.Event()
@@ -197,6 +199,7 @@ interval_s = 0.1
                 await asyncio.wait_for(task, 40)
             finally:
                 logging.getLogger("agent").removeHandler(self._log_handler)
+                logging.getLogger("agent").setLevel(self._log_level)
                 self._log_handler.close()
             return
         proc, self.agent = self.agent, None
