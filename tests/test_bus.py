@@ -620,6 +620,17 @@ def test_a_range_checked_on_the_mantissas_is_the_range_of_the_values(
         assert (m_lo <= m <= m_hi) == (lo <= m / div <= hi), (m, lo, hi, div, m_lo, m_hi)
 
 
+def test_two_points_of_one_register_one_signed_get_no_mantissas() -> None:
+    """The mantissas are one struct unpack, a type a register: a register read as
+    u16 and as i16 is left to the fast decoders (its values are searched)."""
+    both = [PointSpec("u", Space.INPUT, 3, DataType.U16, scale=0.1),
+            PointSpec("s", Space.INPUT, 3, DataType.I16, scale=0.1)]  # fmt: skip
+    assert _mantissas(both, [0, 0]) is None
+    unsigned = [both[0], PointSpec("v", Space.INPUT, 3, DataType.U16, scale=0.1)]
+    got = _mantissas(unsigned, [0, 0])
+    assert got is not None and got[0] == 1 and got[1]([0xFFF6]) == [0xFFF6, 0xFFF6]
+
+
 def test_a_poll_of_scaled_registers_hands_on_its_mantissas() -> None:
     """The shipped fleet shape (u16 and i16 at 0.1): the poller's columns carry the
     mantissas, and a point that is not a scaled register (an int) drops them."""

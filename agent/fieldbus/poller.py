@@ -218,8 +218,8 @@ def _mantissas(
     else None.
 
     The common case (scale ``10**-places``, no offset) is taken by C: an
-    ``itemgetter`` over the reply's registers and, for i16 points, the same
-    registers unpacked signed.
+    ``itemgetter`` over the reply's registers, or, with i16 points, one ``struct``
+    unpack of them each with its point's type.
     """
     calls: list[tuple[int, bool, int, int]] = []  # (offset, signed, S, O)
     places = set()
@@ -243,27 +243,18 @@ def _mantissas(
             ]
 
         return exp, each
-    one = len(calls) == 1
     if not any(signed for _, signed, _, _ in calls):
         get = itemgetter(*offsets)
-        return exp, (lambda w: [get(w)]) if one else (lambda w: list(get(w)))
+        return exp, (lambda w: [get(w)]) if len(calls) == 1 else (lambda w: list(get(w)))
+    if any(a >= b for a, b in itertools.pairwise(offsets)):
+        return None  # two points of one register, one signed (rare): their values are searched
+    # the plan orders the points by address: the registers packed, then unpacked each
+    # as its point's type ('2x': a register no point reads)
     span = max(offsets) + 1
     u16 = struct.Struct(f">{span}H")
-    if all(a < b for a, b in itertools.pairwise(offsets)):  # a register a point, in order
-        # the registers packed, then unpacked each as its point's type ('x': skipped)
-        kinds = dict.fromkeys(range(span), "2x") | {o: "h" if s else "H" for o, s, _, _ in calls}
-        mixed = struct.Struct(">" + "".join(kinds.values()))
-        return exp, lambda w: list(mixed.unpack(u16.pack(*(w[:span] if len(w) != span else w))))
-    # i16: the same registers unpacked signed, after them
-    get = itemgetter(*(o + span if signed else o for o, signed, _, _ in calls))
-    s16 = struct.Struct(f">{span}h")
-
-    def both(w: Sequence[int]) -> list[int]:
-        part = w[:span] if len(w) != span else w
-        out = get((*part, *s16.unpack(u16.pack(*part))))
-        return [out] if one else list(out)
-
-    return exp, both
+    kinds = dict.fromkeys(range(span), "2x") | {o: "h" if s else "H" for o, s, _, _ in calls}
+    mixed = struct.Struct(">" + "".join(kinds.values()))
+    return exp, lambda w: list(mixed.unpack(u16.pack(*(w[:span] if len(w) != span else w))))
 
 
 class _Request:
