@@ -229,6 +229,19 @@ class FdStream:
             self._close()
 
 
+def empty_read_is_hang_up(fd: int) -> None:
+    """Set VMIN = 1, VTIME = 0 on the tty ``fd`` (non-blocking, as pyserial leaves it).
+
+    pyserial leaves VMIN = VTIME = 0, with which read() on a tty returns b"" when no
+    byte is waiting: the same as after a hang-up (an adapter pulled out), and what a
+    read callback gets whose bytes another reader took first. With VMIN = 1 "nothing
+    yet" is EAGAIN, so b"" means only the end of the stream. Raises termios.error."""
+    attrs = termios.tcgetattr(fd)
+    attrs[6][termios.VMIN] = 1
+    attrs[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
 def open_serial(
     port: str,
     *,
@@ -254,14 +267,9 @@ def open_serial(
     except (serial.SerialException, ValueError, OSError, termios.error) as exc:
         # termios.error: a port that refuses the settings (a pty asked for parity)
         raise LinkError(f"cannot open {port} at {baudrate} baud: {exc}") from exc
-    # pyserial leaves VMIN = VTIME = 0, with which read() on a tty returns b"" when no
-    # byte is waiting; VMIN = 1 makes "nothing yet" EAGAIN, so b"" means end of stream.
     fd = link.fileno()
     try:
-        attrs = termios.tcgetattr(fd)
-        attrs[6][termios.VMIN] = 1
-        attrs[6][termios.VTIME] = 0
-        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+        empty_read_is_hang_up(fd)
     except termios.error as exc:
         link.close()
         raise LinkError(f"cannot set {port} to raw reads: {exc}") from exc

@@ -485,13 +485,23 @@ class PgStore(SqlStore):
                     lost = True
                 time.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 5.0)
-                if self.db.closed or self.db.broken:
-                    with contextlib.suppress(psycopg.OperationalError):
-                        self.db = self._connect()
+                if not (exc.sqlstate or "").startswith("40"):  # class 40: rolled back
+                    self._reconnect()
                 continue
             if lost:
                 log.warning("PostgreSQL at %s is back", _safe(self.url))
             return out
+
+    def _reconnect(self) -> None:
+        """A new connection in place of one that failed. Only a rolled-back transaction
+        (a deadlock) leaves the connection sound; after any other failure it is not
+        trusted, whatever ``closed`` and ``broken`` say: a socket error that psycopg
+        raises while libpq still awaits a reply leaves both false, and every later
+        command fails ("another command is already in progress")."""
+        with contextlib.suppress(psycopg.Error):
+            self.db.close()
+        with contextlib.suppress(psycopg.OperationalError):
+            self.db = self._connect()
 
     def write_gaps(self, rows: list[GapRow]) -> int:
         return self._retry(lambda: self._write_gaps(rows))

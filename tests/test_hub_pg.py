@@ -337,6 +337,34 @@ def test_a_lost_connection_is_taken_up_again(pg_url: str, caplog: pytest.LogCapt
     assert len(said) == 2 and "retrying" in said[0] and "is back" in said[1], said
 
 
+def test_a_connection_lost_mid_command_is_taken_up_again(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What CI met once in hundreds of runs of the test above: the terminated
+    backend's socket reported an error while libpq still awaited a reply, so
+    psycopg raised "connection socket closed" and left libpq mid-command. The
+    connection then says neither ``closed`` nor ``broken``, and every later
+    command fails with "another command is already in progress". The race is made
+    here for certain: a command libpq sent and never read, then the kill."""
+    import hub.pg
+
+    monkeypatch.setattr(hub.pg, "RETRY_S", 5.0)
+    core = _core(pg_url)
+    assert core.handle(*_batch("gw-pg-0", 1, 0)) == "stored"
+    core.flush()
+    db = core.store.db  # type: ignore[attr-defined]
+    db.pgconn.send_query(b"SELECT 1")  # libpq's own call: sent, its reply never read
+    _kill_backends(pg_url)
+    assert not db.closed and not db.broken  # psycopg cannot tell
+    assert core.handle(*_batch("gw-pg-0", 1, 1)) == "stored"
+    core.flush()
+    core.close()
+    assert _query(pg_url, "SELECT count(*) FROM batches") == [(2,)]
+    assert _query(pg_url, "SELECT count(*) FROM readings") == [(10,)]
+    said = [r.getMessage() for r in caplog.records if r.name == "hub.pg"]
+    assert len(said) == 2 and "retrying" in said[0] and "is back" in said[1], said
+
+
 def test_a_server_gone_for_good_stops_the_hub_with_one_line(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,6 +27,7 @@ from agent.fieldbus.links import (
     wake,
 )
 from agent.fieldbus.portlock import port_error, refused_parity
+from drivers.serial_sensors import empty_read_is_hang_up
 from protocols.modbus.rtu import adu, crc_ok, frame_time, response_length
 
 if TYPE_CHECKING:
@@ -270,6 +271,10 @@ class RtuLink(ModbusLink):
             if late > self._late.get(slave, 0.0):
                 self._late[slave] = late
 
+    def _lost_why(self) -> LinkDown:
+        """The error for a port found closed between exchanges."""
+        return LinkDown(f"{self.describe}: port lost")
+
     def _fail(self, exc: Exception) -> None:
         w = self._waiter
         if w is not None and not w.done():
@@ -415,7 +420,7 @@ class RtuLink(ModbusLink):
             await self._timer.sleep_until(quiet_at)
             self._drain_input()
             if not self.connected:
-                raise LinkDown(f"{self.describe}: port lost")
+                raise self._lost_why()
             now = time.monotonic()
             if max(self._last_rx, self._quiet_from) + self.inter_frame_s <= now:
                 return
@@ -487,6 +492,13 @@ class SerialLink(RtuLink):
         if not cflag & termios.PARENB:
             s.close()
             raise LinkDown(f"{self.describe}: {refused_parity(parity)}")
+        try:
+            # else a read callback whose bytes _drain_input took first in the loop's
+            # round (the wait for a quiet line) reads b"" and calls the port lost
+            empty_read_is_hang_up(s.fileno())
+        except termios.error as exc:
+            s.close()
+            raise LinkDown(f"{self.describe}: cannot set raw reads: {exc}") from exc
         self._serial = s
         self._fd = s.fileno()
         self._loop = asyncio.get_running_loop()
@@ -506,6 +518,10 @@ class SerialLink(RtuLink):
             self._down(None)
             return
         self._received(data)
+
+    def _lost_why(self) -> LinkDown:
+        untold, self._untold = self._untold, None  # with its reason, told once
+        return untold or super()._lost_why()
 
     def _down(self, exc: OSError | None) -> None:
         why = "hang-up (adapter unplugged, or the other end closed)"
@@ -528,7 +544,8 @@ class SerialLink(RtuLink):
             except OSError as exc:
                 self._down(exc)
                 break
-            if not data:  # nothing left (VMIN 0); a hang-up shows in _readable
+            if not data:  # a hang-up (VMIN 1: nothing waiting is EAGAIN)
+                self._down(None)
                 break
             self._received(data)
 
