@@ -55,7 +55,7 @@ from protocols.reading import Reading
 
 try:
     import psycopg
-    from psycopg import sql
+    from psycopg import pq, sql
 except ImportError:
     raise LocalError(
         "a postgresql:// --db needs psycopg: pip install 'vitals-gateway[postgresql]'"
@@ -76,6 +76,7 @@ PAST_DAYS = 10
 # batches a day, ~150 bytes each in a Python set.
 SEEN_MS = 3_600_000
 RETRY_S = 60.0  # how long a write waits for a lost server before the hub gives up
+_IN_TRANSACTION = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _T = TypeVar("_T")
 _LOCK = 0x76697461  # pg_advisory_xact_lock key for schema changes ("vita")
 # a split's part against its original: every claim transaction holds this shared, a
@@ -385,7 +386,13 @@ class PgStore(SqlStore):
     # -- start-up -------------------------------------------------------------
 
     def _run(self, text: str, params: Sequence[object] = ()) -> psycopg.Cursor[Any]:
-        return self.db.execute(_pg(text), params)
+        """One statement of the shared queries (keys, the enrollment desk, receipts):
+        on its own it is retried like a write, so a key looked up for a batch just
+        after PostgreSQL restarted costs a pause, not the worker; inside a
+        transaction the caller's retry runs the whole transaction again."""
+        if self.db.info.transaction_status in _IN_TRANSACTION:
+            return self.db.execute(_pg(text), params)
+        return self._retry(lambda: self.db.execute(_pg(text), params))
 
     def seen(self) -> Iterable[tuple[str, int, int]]:
         since = time.time_ns() // 1_000_000 - SEEN_MS

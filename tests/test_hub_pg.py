@@ -365,6 +365,27 @@ def test_a_connection_lost_mid_command_is_taken_up_again(
     assert len(said) == 2 and "retrying" in said[0] and "is back" in said[1], said
 
 
+def test_a_key_looked_up_after_the_server_restarted(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch whose key another worker enrolled comes just after PostgreSQL lost
+    every connection: this worker looks the key up (its first statement on the dead
+    connection), reconnects, stores the batch. The worker used to stop on it."""
+    core = _core(pg_url)  # its keys loaded at start: not gw-new's, enrolled after
+    other = _core(pg_url, worker="w1")
+    kid = other.enroll("gw-new", KEYS["gw-pg-1"].public_key().public_bytes_raw())
+    other.close()
+    _kill_backends(pg_url)
+    rs = [Reading(i, T0 + i, float(i), Quality.GOOD) for i in range(5)]
+    wire = envelope.seal(rs, gateway="gw-new", key=KEYS["gw-pg-1"], epoch=1, seq=0)
+    assert core.handle(topics.batch("gw-new"), wire) == "stored"
+    core.flush()
+    core.close()
+    assert kid and _query(pg_url, "SELECT gw, seq, n FROM batches") == [("gw-new", 0, 5)]
+    said = [r.getMessage() for r in caplog.records if r.name == "hub.pg"]
+    assert len(said) == 2 and "retrying" in said[0] and "is back" in said[1], said
+
+
 def test_a_server_gone_for_good_stops_the_hub_with_one_line(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
