@@ -27,7 +27,6 @@ from agent.fieldbus.links import (
     wake,
 )
 from agent.fieldbus.portlock import port_error, refused_parity
-from drivers.serial_sensors import empty_read_is_hang_up
 from protocols.modbus.rtu import adu, crc_ok, frame_time, response_length
 
 if TYPE_CHECKING:
@@ -474,6 +473,8 @@ class SerialLink(RtuLink):
             raise untold
         parity = str(self._settings["parity"])
         import serial
+
+        from drivers.serial_sensors import empty_read_is_hang_up
 
         try:
             # exclusive: flock(LOCK_EX | LOCK_NB) on the descriptor, held while the port
