@@ -407,6 +407,28 @@ async def test_rtu_a_wake_up_whose_bytes_were_taken_is_no_hang_up(bus: RtuBus) -
         link.close()
 
 
+async def test_rtu_slow_device_that_missed_one_timeout_is_read_again(bus: RtuBus) -> None:
+    """A slave that answers in 60 % of the timeout misses it once. The next
+    exchanges are suspect (its late reply may still come), and its reply is held
+    until its usual time is over; here that time reaches the timeout itself. The
+    held reply is then taken, not dropped: dropping it made every exchange after
+    the first timeout a timeout again, and the slave was never read again."""
+    bus.slaves[1].fault = "slow"
+    bus.slaves[1].delay_s = 0.06
+    link = _link(bus, timeout=0.1)
+    try:
+        assert len(await link.read(Space.INPUT, 0, 10, 1)) == 10
+        bus.slaves[1].fault = "silent"
+        with pytest.raises(NoResponse):
+            await link.read(Space.INPUT, 0, 10, 1)
+        bus.slaves[1].fault = "slow"
+        for _ in range(3):
+            assert len(await link.read(Space.INPUT, 0, 10, 1)) == 10
+        assert link.statistics()["timeouts"] == 1
+    finally:
+        link.close()
+
+
 async def test_rtu_slow_device_inside_the_timeout(bus: RtuBus) -> None:
     bus.slaves[1].fault = "slow"
     bus.slaves[1].delay_s = 0.05

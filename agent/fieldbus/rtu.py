@@ -369,17 +369,24 @@ class RtuLink(ModbusLink):
         except TimeoutError:
             if self._candidate is None:
                 self._timed_out(slave, expiry, echo)
-            # one reply, and this slave's usual time is not known: it may be the
-            # late reply to the request before; we cannot tell, so it is not taken
-            self._learn_late(slave, self._candidate_at)
-            self.timeouts += 1
-            self.bad_frames += 1
-            self._expired[slave] = expiry
-            self._hold_until = expiry + self.late_cap_s  # after that, no doubt is left
-            raise BadResponse(
-                f"{self.describe}: slave {slave} answered, but a reply to an earlier "
-                "request cannot be ruled out after its timeout; dropped"
-            ) from None
+            if self._usual_known:
+                # its usual time ends with the timeout itself (a slave that answers in
+                # about half of it): the reply held within that time is taken, as
+                # _confirm would; dropped, the next exchange would be suspect again,
+                # and so on: the slave was never read again
+                reply = self._candidate[1:-2]
+            else:
+                # one reply, and this slave's usual time is not known: it may be the
+                # late reply to the request before; we cannot tell, so it is not taken
+                self._learn_late(slave, self._candidate_at)
+                self.timeouts += 1
+                self.bad_frames += 1
+                self._expired[slave] = expiry
+                self._hold_until = expiry + self.late_cap_s  # after that, no doubt is left
+                raise BadResponse(
+                    f"{self.describe}: slave {slave} answered, but a reply to an earlier "
+                    "request cannot be ruled out after its timeout; dropped"
+                ) from None
         finally:
             timer.cancel()
             if confirm is not None:
