@@ -316,7 +316,15 @@ async def test_a_hub_started_before_its_broker_waits_for_it(tmp_path: Path) -> N
             stderr=out,
         )
     try:
-        await asyncio.sleep(3)  # a few attempts, with back-off
+        # until it has tried (a loaded machine takes seconds to start the hub), then
+        # a few more attempts, with back-off
+        tried = ("hub worker cannot reach", "enrollment desk cannot reach")
+        await _wait(
+            "the hub's first attempts",
+            lambda: hub.poll() is not None or all(t in hub_log.read_text() for t in tried),
+            60,
+        )
+        await asyncio.sleep(2)
         assert hub.poll() is None, hub_log.read_text()
         await broker.start()
         await _hub_time_after(broker.port, 0.0)
