@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -488,21 +489,32 @@ interval_s = 0.1
         cwd=tmp_path,
         stderr=asyncio.subprocess.PIPE,
     )
+
+    async def hub_stats() -> tuple[dict[str, Any], dict[str, Any]]:
+        out = await asyncio.to_thread(run, "hub", "--db", pg_url, "stats", "--json")
+        stats = json.loads(out.stdout)
+        return stats, stats["gateways"].get("gw-pg-e2e", {})
+
     try:
         await _subscribed(broker, "vitals-hub-pg-e2e")
         agent = await asyncio.create_subprocess_exec(
             *vitals, "run", "--config", str(cfg), stderr=asyncio.subprocess.PIPE
         )
-        await asyncio.sleep(4)
-        agent.send_signal(signal.SIGTERM)
+        # until three batches are in (not a fixed time: a loaded machine takes seconds
+        # to start the agent), then the stop, then until none is missing
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and agent.returncode is None:
+            stats, g = await hub_stats()
+            if g.get("batches", 0) >= 3:
+                break
+            await asyncio.sleep(0.5)
+        if agent.returncode is None:
+            agent.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(agent.communicate(), 30)
         assert agent.returncode == 0, err.decode()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            stats = json.loads(
-                (await asyncio.to_thread(run, "hub", "--db", pg_url, "stats", "--json")).stdout
-            )
-            g = stats["gateways"].get("gw-pg-e2e", {})
+            stats, g = await hub_stats()
             if g.get("batches", 0) >= 3 and g.get("missing_batches", 1) == 0:
                 break
             await asyncio.sleep(0.5)
