@@ -403,8 +403,8 @@ class PgStore(SqlStore):
     # -- keys -----------------------------------------------------------------
 
     def enroll(self, gateway: str, kid: bytes, public_raw: bytes, at: float) -> None:
-        self.db.execute(
-            "INSERT INTO gateways (gw, kid, pubkey, revoked, enrolled) VALUES (%s, %s, %s, false, %s)"
+        self._run(  # the enrollment desk calls it while the hub runs: retried
+            "INSERT INTO gateways (gw, kid, pubkey, revoked, enrolled) VALUES (?, ?, ?, false, ?)"
             " ON CONFLICT (gw, kid) DO UPDATE SET pubkey = excluded.pubkey, revoked = false,"
             " enrolled = excluded.enrolled",
             (gateway, kid, public_raw, at),
@@ -525,12 +525,6 @@ class PgStore(SqlStore):
                 )
                 new += cur.rowcount
         return new
-
-    def accounted(self, gateway: str, epoch: int, lo: int, hi: int) -> list[tuple[int, int]]:
-        return self._retry(lambda: SqlStore.accounted(self, gateway, epoch, lo, hi))
-
-    def top(self, gateway: str, epoch: int) -> int:
-        return self._retry(lambda: SqlStore.top(self, gateway, epoch))
 
     def settle_part(
         self, gateway: str, epoch: int, seq: int, n: int, of: tuple[int, int], now_ms: int

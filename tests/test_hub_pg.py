@@ -325,6 +325,12 @@ def _kill_backends(url: str) -> None:
         )
 
 
+def _said_lost_then_back(caplog: pytest.LogCaptureFixture) -> None:
+    """The hub said once that it lost PostgreSQL, and once that it is back."""
+    said = [r.getMessage() for r in caplog.records if r.name == "hub.pg"]
+    assert len(said) == 2 and "retrying" in said[0] and "is back" in said[1], said
+
+
 def test_a_lost_connection_is_taken_up_again(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
     core = _core(pg_url)
     assert core.handle(*_batch("gw-pg-0", 1, 0)) == "stored"
@@ -334,8 +340,7 @@ def test_a_lost_connection_is_taken_up_again(pg_url: str, caplog: pytest.LogCapt
     core.close()
     assert _query(pg_url, "SELECT count(*) FROM batches") == [(2,)]
     assert _query(pg_url, "SELECT count(*) FROM readings") == [(10,)]
-    said = [r.getMessage() for r in caplog.records if r.name == "hub.pg"]
-    assert len(said) == 2 and "retrying" in said[0] and "is back" in said[1], said
+    _said_lost_then_back(caplog)
 
 
 def test_a_connection_lost_mid_command_is_taken_up_again(
@@ -362,8 +367,7 @@ def test_a_connection_lost_mid_command_is_taken_up_again(
     core.close()
     assert _query(pg_url, "SELECT count(*) FROM batches") == [(2,)]
     assert _query(pg_url, "SELECT count(*) FROM readings") == [(10,)]
-    said = [r.getMessage() for r in caplog.records if r.name == "hub.pg"]
-    assert len(said) == 2 and "retrying" in said[0] and "is back" in said[1], said
+    _said_lost_then_back(caplog)
 
 
 def test_a_key_looked_up_after_the_server_restarted(
@@ -383,8 +387,20 @@ def test_a_key_looked_up_after_the_server_restarted(
     core.flush()
     core.close()
     assert kid and _query(pg_url, "SELECT gw, seq, n FROM batches") == [("gw-new", 0, 5)]
-    said = [r.getMessage() for r in caplog.records if r.name == "hub.pg"]
-    assert len(said) == 2 and "retrying" in said[0] and "is back" in said[1], said
+    _said_lost_then_back(caplog)
+
+
+def test_an_enrollment_after_the_server_restarted(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The enrollment desk trusts a new key just after PostgreSQL lost every
+    connection: the worker reconnects and stores it (it used to stop)."""
+    core = _core(pg_url)
+    _kill_backends(pg_url)
+    kid = core.enroll("gw-late", KEYS["gw-pg-2"].public_key().public_bytes_raw())
+    core.close()
+    assert _query(pg_url, "SELECT gw, kid FROM gateways WHERE gw = 'gw-late'") == [("gw-late", kid)]
+    _said_lost_then_back(caplog)
 
 
 def test_a_server_gone_for_good_stops_the_hub_with_one_line(
